@@ -1,0 +1,34 @@
+"""dreampool_gpu: long-term memory of dreams on a CUDA (or CPU) tensor bank.
+
+Gated adds, exact and FAISS k-NN, batched MMR and hybrid re-ranking, utility
+feedback and a memory budget. See README.md for a tour.
+"""
+
+from __future__ import annotations
+
+from dreampool_gpu.config import PoolConfig
+from dreampool_gpu.devices import resolve_device
+from dreampool_gpu.errors import DreamPoolError
+from dreampool_gpu.pool import DreamPool, Retrieval
+from dreampool_gpu.rerank import HybridWeights, mmr
+from dreampool_gpu.solver import score_dreams
+from dreampool_gpu.spectral import spectral_features
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # pool
+    "DreamPool",
+    "Retrieval",
+    # config
+    "PoolConfig",
+    "HybridWeights",
+    # building blocks
+    "mmr",
+    "score_dreams",
+    "spectral_features",
+    "resolve_device",
+    # errors
+    "DreamPoolError",
+    "__version__",
+]

@@ -1,0 +1,79 @@
+"""Shared checks for tensors arriving at the public boundary.
+
+Each check raises a typed error from :mod:`dreampool_gpu.errors` naming what was
+expected and what arrived; none of them mutates its input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
+
+
+def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch.Tensor:
+    """Return ``x`` as a tensor on ``device`` (numpy arrays and nested lists accepted)."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        try:
+            t = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InvalidInputError(name, "a tensor, array or list of numbers", type(x).__name__) from exc
+    if device is not None and t.device != device:
+        t = t.to(device)
+    return t
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    """Require a floating-point dtype."""
+    if not t.is_floating_point():
+        raise InvalidInputError(name, "a floating-point tensor", f"dtype {t.dtype}")
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Require every value to be finite (no NaN or inf)."""
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise InvalidInputError(name, "finite values", "NaN or inf")
+
+
+def check_range(t: torch.Tensor, name: str, low: float, high: float) -> None:
+    """Require every value to lie in ``[low, high]`` (NaN fails)."""
+    if t.numel() and not bool(((t >= low) & (t <= high)).all()):
+        lo, hi = float(t.nan_to_num(nan=float("inf")).min()), float(t.nan_to_num(nan=float("-inf")).max())
+        raise InvalidInputError(name, f"values in [{low}, {high}]", f"values in [{lo:.6g}, {hi:.6g}]")
+
+
+def check_shape(t: torch.Tensor, expected: tuple[int | None, ...], name: str) -> None:
+    """Require ``t.shape`` to match ``expected`` (``None`` matches any size)."""
+    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    if not ok:
+        shown = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise DimensionMismatchError(shown, list(t.shape), name)
+
+
+def check_int(t: torch.Tensor, name: str) -> None:
+    """Require an integer dtype."""
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise InvalidInputError(name, "an integer tensor", f"dtype {t.dtype}")
+
+
+def check_count(k: Any, name: str) -> int:
+    """Require a non-negative Python int (bools refused) and return it."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        if isinstance(k, torch.Tensor) and k.dim() == 0 and not k.is_floating_point():
+            k = int(k)
+        else:
+            raise InvalidInputError(name, "a non-negative int", repr(k))
+    if k < 0:
+        raise InvalidInputError(name, "a non-negative int", k)
+    return k
+
+
+def check_number(x: Any, name: str, low: float, high: float) -> float:
+    """Require a real Python number in ``[low, high]`` (bools and NaN refused) and return it."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not low <= x <= high:
+        raise InvalidInputError(name, f"a number in [{low}, {high}]", repr(x))
+    return float(x)

@@ -1,0 +1,187 @@
+"""TensorBank: the pool's entries as preallocated columns on one device.
+
+The bank is the one copy of every entry (dream, features, embedding, metadata).
+Ids are int64, increasing and never reused; a free slot holds id -1. Every
+write and removal bumps :attr:`TensorBank.revision`, which derived structures
+(search indexes, the id->slot map) use to know when they are stale.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dreampool_gpu.spectral import SPECTRAL_DIM
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """Shape (after the capacity dimension), dtype and fill value of one column."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fill: float | int
+
+
+def column_specs(
+    dream_shape: tuple[int, int, int], embedding_dim: int, dream_dtype: torch.dtype
+) -> dict[str, ColumnSpec]:
+    """The bank's columns, in a fixed order (also the checkpoint layout)."""
+    nan = float("nan")
+    return {
+        "ids": ColumnSpec((), torch.int64, -1),
+        "embeddings": ColumnSpec((embedding_dim,), torch.float32, 0.0),
+        "dreams": ColumnSpec((*dream_shape, 3), dream_dtype, 0.0),
+        "chroma": ColumnSpec((3,), torch.float32, 0.0),
+        "spectral": ColumnSpec((SPECTRAL_DIM,), torch.float32, 0.0),
+        "coherence": ColumnSpec((), torch.float32, 0.0),
+        "energy": ColumnSpec((), torch.float32, 0.0),
+        "violation": ColumnSpec((), torch.float32, 0.0),
+        "utility": ColumnSpec((), torch.float32, nan),
+        "util_mean": ColumnSpec((), torch.float32, 0.0),
+        "feedback_count": ColumnSpec((), torch.int32, 0),
+        "usage": ColumnSpec((), torch.int32, 0),
+        "class_label": ColumnSpec((), torch.int8, -1),
+        "hue_category": ColumnSpec((), torch.int8, 0),
+        "inserted_at": ColumnSpec((), torch.float64, 0.0),
+    }
+
+
+class TensorBank:
+    """Fixed-capacity columns ``[capacity, ...]`` on ``device``.
+
+    Args:
+        capacity: number of slots, allocated once.
+        dream_shape: ``(rows, cols, layers)``.
+        embedding_dim: D.
+
+    Keyword Args:
+        device: where every column lives.
+        dream_dtype: storage dtype of the ``dreams`` column.
+
+    Attributes:
+        columns: name -> tensor ``[capacity, ...]``. ``ids`` is -1 on free slots.
+        size: number of live entries (host int).
+        next_id: the id the next written entry gets.
+        revision: bumped on every write, removal and clear.
+        extent: one past the highest slot ever written; scans stop there.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        dream_shape: tuple[int, int, int],
+        embedding_dim: int,
+        *,
+        device: torch.device,
+        dream_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.capacity = capacity
+        self.dream_shape = dream_shape
+        self.embedding_dim = embedding_dim
+        self.device = device
+        self.specs = column_specs(dream_shape, embedding_dim, dream_dtype)
+        self.columns: dict[str, torch.Tensor] = {
+            name: torch.full((capacity, *spec.shape), spec.fill, dtype=spec.dtype, device=device)
+            for name, spec in self.specs.items()
+        }
+        self.size = 0
+        self.next_id = 0
+        self.revision = 0
+        self.extent = 0
+        self._order_revision = -1
+        self._sorted_ids = self.columns["ids"]
+        self._sorted_slots = self.columns["ids"]
+
+    # ----------------------------------------------------------------- reads
+    def alive(self) -> torch.Tensor:
+        """``[capacity]`` bool, True on occupied slots."""
+        return self.columns["ids"] >= 0
+
+    def _refresh_order(self) -> None:
+        if self._order_revision != self.revision:
+            self._sorted_ids, self._sorted_slots = torch.sort(self.columns["ids"], stable=True)
+            self._order_revision = self.revision
+
+    def slots_by_age(self) -> torch.Tensor:
+        """``[size]`` int64 slots of live entries, oldest first."""
+        self._refresh_order()
+        return self._sorted_slots[self.capacity - self.size :]
+
+    def slots_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Slots of ``ids`` (any shape, int64, on this device); -1 where absent.
+
+        Evicted ids, never-issued ids and the padding id -1 all map to -1.
+        """
+        self._refresh_order()
+        flat = ids.reshape(-1)
+        pos = torch.searchsorted(self._sorted_ids, flat).clamp_(max=self.capacity - 1)
+        found = (self._sorted_ids[pos] == flat) & (flat >= 0)
+        slots = torch.where(found, self._sorted_slots[pos], torch.full_like(flat, -1))
+        return slots.reshape(ids.shape)
+
+    def gather(self, name: str, slots: torch.Tensor) -> torch.Tensor:
+        """Rows of column ``name`` at ``slots`` (any shape); fill value where slot is -1."""
+        column = self.columns[name]
+        valid = slots >= 0
+        rows = column[slots.clamp(min=0)]
+        fill = torch.tensor(self.specs[name].fill, dtype=column.dtype, device=column.device)
+        mask = valid.reshape(*valid.shape, *([1] * (rows.dim() - valid.dim())))
+        return torch.where(mask, rows, fill)
+
+    def nbytes(self) -> dict[str, int]:
+        """Exact bytes per column (``numel * element_size``)."""
+        return {name: t.numel() * t.element_size() for name, t in self.columns.items()}
+
+    def entry_nbytes(self) -> int:
+        """Exact bytes one slot occupies across all columns."""
+        return sum(self.nbytes().values()) // self.capacity
+
+    # ---------------------------------------------------------------- writes
+    def free_slots(self, n: int) -> torch.Tensor:
+        """The ``n`` lowest free slots, ``[n]`` int64 (caller ensures enough are free)."""
+        return torch.nonzero(self.columns["ids"] < 0).squeeze(1)[:n]
+
+    def write(self, slots: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Write new entries into free ``slots`` ``[m]``; return their new ids ``[m]``.
+
+        ``values`` holds a ``[m, ...]`` tensor for any columns other than ``ids``,
+        ``usage``, ``feedback_count`` and ``inserted_at``; missing columns get
+        their fill value.
+        """
+        m = int(slots.numel())
+        ids = torch.arange(self.next_id, self.next_id + m, dtype=torch.int64, device=self.device)
+        now = time.time()
+        for name, spec in self.specs.items():
+            column = self.columns[name]
+            if name == "ids":
+                column[slots] = ids
+            elif name == "inserted_at":
+                column[slots] = now
+            elif name in values:
+                column[slots] = values[name].to(dtype=column.dtype)
+            else:
+                column[slots] = spec.fill
+        self.next_id += m
+        self.size += m
+        if m:
+            self.extent = max(self.extent, int(slots.max()) + 1)
+        self.revision += 1
+        return ids
+
+    def remove(self, slots: torch.Tensor) -> None:
+        """Free ``slots`` ``[m]`` (live slots, no duplicates)."""
+        if slots.numel() == 0:
+            return
+        self.columns["ids"][slots] = -1
+        self.size -= int(slots.numel())
+        self.revision += 1
+
+    def clear(self) -> None:
+        """Free every slot; ids keep increasing afterwards."""
+        self.columns["ids"].fill_(-1)
+        self.size = 0
+        self.extent = 0
+        self.revision += 1

@@ -1,0 +1,233 @@
+"""Pool configuration: a frozen, validated dataclass and YAML presets.
+
+Every field has the default of DOMAIN.md (original defaults where the original
+had the field). An out-of-range value raises
+:class:`~dreampool_gpu.errors.InvalidConfigurationError` naming the field and
+the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dreampool_gpu.errors import InvalidConfigurationError, InvalidInputError
+
+
+class Metric(str, Enum):
+    """Similarity of embeddings: cosine (inner product of unit vectors) or euclidean."""
+
+    COSINE = "cosine"
+    EUCLIDEAN = "euclidean"
+
+
+class RetrievalMode(str, Enum):
+    """Retrieval methods of DOMAIN.md section 2; ``hard`` is an alias of ``similar``."""
+
+    SIMILAR = "similar"
+    CLASS = "class"
+    BALANCED = "balanced"
+    UTILITY = "utility"
+    DIVERSE = "diverse"
+    SOFT = "soft"
+    HYBRID = "hybrid"
+    CATEGORY = "category"
+    NEAREST = "nearest"
+
+    @classmethod
+    def parse(cls, value: str | RetrievalMode, name: str = "mode") -> RetrievalMode:
+        """Parse a mode name (``"hard"`` means ``"similar"``)."""
+        if isinstance(value, cls):
+            return value
+        if value == "hard":
+            return cls.SIMILAR
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls) + ", hard"
+            raise InvalidInputError(name, f"one of {choices}", repr(value)) from None
+
+
+class EvictionPolicy(str, Enum):
+    """Which entries leave first when the pool needs room."""
+
+    FIFO = "fifo"
+    LOWEST_COHERENCE = "lowest_coherence"
+    LOWEST_UTILITY = "lowest_utility"
+    LEAST_USED = "least_used"
+
+
+DREAM_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _parse_enum(enum: type[Enum], value: Any, name: str) -> Any:
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(value)
+    except ValueError:
+        choices = ", ".join(str(m.value) for m in enum)  # type: ignore[attr-defined]
+        raise InvalidConfigurationError(name, value, f"one of {choices}") from None
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise InvalidConfigurationError(name, value, "a number in [0, 1]")
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    bad = isinstance(value, bool) or not isinstance(value, int) or value < low
+    if bad or (high is not None and value > high):
+        upper = "" if high is None else f" and <= {high}"
+        raise InvalidConfigurationError(name, value, f"an int >= {low}{upper}")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Everything a :class:`~dreampool_gpu.pool.DreamPool` needs to know up front.
+
+    Attributes:
+        dream_shape: ``(rows, cols, layers)`` of every stored dream.
+        capacity: maximum number of entries (the original's ``max_size``).
+        coherence_threshold: dreams with coherence below it are rejected.
+        retrieval_limit: default k of :meth:`DreamPool.retrieve`.
+        retrieval_mode: default method; ``hard`` (= similar), any method name.
+        embedding_dim: D of the embedding; must not be 3 (3-wide queries are chroma).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        metric: ``cosine`` or ``euclidean`` for embedding k-NN.
+        dream_dtype: storage dtype of dreams; ``auto`` = float16 on CUDA, float32 on CPU.
+        eviction_policy: which entries leave first at capacity.
+        query_cache_size: LRU size of the query-embedding cache (0 disables it).
+        window: spectral window (``hann``, ``hamming``, ``none``).
+        include_spectral / include_class / include_utility: encoder feature parts.
+        encoder_seed: seed of the encoder's fixed projection.
+        alpha, beta, gamma, delta: hybrid weights (similarity, utility, class, duplicate penalty).
+        mmr_lambda: MMR trade-off; 1 = pure relevance, 0 = pure diversity.
+        fetch_factor: re-ranking methods work on ``fetch_factor * k`` candidates.
+        search_chunk_mb: bound on the ``[B, n]`` score block of exact search, in MiB.
+        rerank_chunk_mb: bound on the ``[B, fetch_k, fetch_k]`` block of MMR, in MiB.
+    """
+
+    dream_shape: tuple[int, int, int] = (16, 16, 4)
+    capacity: int = 1000
+    coherence_threshold: float = 0.75
+    retrieval_limit: int = 3
+    retrieval_mode: str = "hybrid"
+    embedding_dim: int = 64
+    device: str = "auto"
+    metric: Metric = Metric.COSINE
+    dream_dtype: str = "auto"
+    eviction_policy: EvictionPolicy = EvictionPolicy.FIFO
+    query_cache_size: int = 128
+    window: str = "hann"
+    include_spectral: bool = True
+    include_class: bool = True
+    include_utility: bool = True
+    encoder_seed: int = 0
+    alpha: float = 0.65
+    beta: float = 0.20
+    gamma: float = 0.10
+    delta: float = 0.05
+    mmr_lambda: float = 0.7
+    fetch_factor: int = 4
+    search_chunk_mb: float = 64.0
+    rerank_chunk_mb: float = 64.0
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.dream_shape) if isinstance(self.dream_shape, (list, tuple)) else None
+        if shape is None or len(shape) != 3 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape
+        ):
+            raise InvalidConfigurationError(
+                "dream_shape", self.dream_shape, "three positive ints (rows, cols, layers)"
+            )
+        object.__setattr__(self, "dream_shape", shape)
+        _check_int("capacity", self.capacity, 1)
+        _check_unit("coherence_threshold", self.coherence_threshold)
+        _check_int("retrieval_limit", self.retrieval_limit, 0)
+        try:
+            RetrievalMode.parse(self.retrieval_mode, "retrieval_mode")
+        except InvalidInputError as exc:
+            raise InvalidConfigurationError("retrieval_mode", self.retrieval_mode, exc.expected) from None
+        _check_int("embedding_dim", self.embedding_dim, 1)
+        if self.embedding_dim == 3:
+            raise InvalidConfigurationError(
+                "embedding_dim", 3, "an int >= 1 other than 3 (3-wide queries are chroma signatures)"
+            )
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        ):
+            raise InvalidConfigurationError("device", self.device, '"auto", "cpu", "cuda" or "cuda:N"')
+        object.__setattr__(self, "metric", _parse_enum(Metric, self.metric, "metric"))
+        if self.dream_dtype not in DREAM_DTYPES:
+            raise InvalidConfigurationError("dream_dtype", self.dream_dtype, f"one of {', '.join(DREAM_DTYPES)}")
+        object.__setattr__(
+            self, "eviction_policy", _parse_enum(EvictionPolicy, self.eviction_policy, "eviction_policy")
+        )
+        _check_int("query_cache_size", self.query_cache_size, 0)
+        if self.window not in ("hann", "hamming", "none"):
+            raise InvalidConfigurationError("window", self.window, "one of hann, hamming, none")
+        for name in ("include_spectral", "include_class", "include_utility"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidConfigurationError(name, getattr(self, name), "true or false")
+        _check_int("encoder_seed", self.encoder_seed, 0)
+        for name in ("alpha", "beta", "gamma", "delta", "mmr_lambda"):
+            _check_unit(name, getattr(self, name))
+        _check_int("fetch_factor", self.fetch_factor, 1)
+        for name in ("search_chunk_mb", "rerank_chunk_mb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0 < value < math.inf
+            ):
+                raise InvalidConfigurationError(name, value, "a positive number of MiB")
+
+    @property
+    def default_mode(self) -> RetrievalMode:
+        """The parsed :attr:`retrieval_mode`."""
+        return RetrievalMode.parse(self.retrieval_mode, "retrieval_mode")
+
+    def replace(self, **changes: Any) -> PoolConfig:
+        """Return a copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-safe dict of every field."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, Enum) else (
+                list(value) if isinstance(value, tuple) else value
+            )
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PoolConfig:
+        """Build from a dict; unknown keys raise InvalidConfigurationError."""
+        if not isinstance(data, dict):
+            raise InvalidConfigurationError("<config>", type(data).__name__, "a mapping of field: value")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidConfigurationError(unknown[0], data[unknown[0]], f"a known field ({', '.join(sorted(known))})")
+        values = dict(data)
+        if "dream_shape" in values and isinstance(values["dream_shape"], list):
+            values["dream_shape"] = tuple(values["dream_shape"])
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PoolConfig:
+        """Load a YAML preset such as ``configs/default.yaml``."""
+        try:
+            text = Path(path).read_text()
+            data = yaml.safe_load(text)
+        except OSError as exc:
+            raise InvalidConfigurationError("<file>", str(path), "a readable YAML file") from exc
+        except yaml.YAMLError as exc:
+            raise InvalidConfigurationError("<file>", str(path), f"valid YAML ({exc})") from exc
+        return cls.from_dict(data or {})

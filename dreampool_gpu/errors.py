@@ -1,0 +1,91 @@
+"""Exception hierarchy of dreampool_gpu.
+
+Every error derives from :class:`DreamPoolError` and from the builtin a caller
+would naturally catch (``ValueError`` for bad input, ``RuntimeError`` for bad
+state), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DreamPoolError(Exception):
+    """Base class of every error raised by dreampool_gpu."""
+
+
+class InvalidConfigurationError(DreamPoolError, ValueError):
+    """A configuration field is outside its allowed range.
+
+    Attributes:
+        field: name of the offending field.
+        value: the value that arrived.
+        expected: what the field accepts.
+    """
+
+    def __init__(self, field: str, value: Any, expected: str) -> None:
+        self.field = field
+        self.value = value
+        self.expected = expected
+        super().__init__(f"invalid configuration {field}={value!r}: expected {expected}")
+
+
+class InvalidInputError(DreamPoolError, ValueError):
+    """An argument has a bad value: NaN/inf, out of range, wrong dtype, unknown name.
+
+    Attributes:
+        name: the argument.
+        expected: what was expected.
+        got: what arrived.
+    """
+
+    def __init__(self, name: str, expected: str, got: Any) -> None:
+        self.name = name
+        self.expected = expected
+        self.got = got
+        super().__init__(f"invalid {name}: expected {expected}, got {got}")
+
+
+class DimensionMismatchError(DreamPoolError, ValueError):
+    """A tensor has the wrong shape.
+
+    Attributes:
+        expected: the expected shape (or dimension), as text.
+        got: the shape that arrived.
+        context: the argument or operation concerned.
+    """
+
+    def __init__(self, expected: Any, got: Any, context: str) -> None:
+        self.expected = expected
+        self.got = got
+        self.context = context
+        super().__init__(f"{context}: expected shape {expected}, got {got}")
+
+
+class IndexNotBuiltError(DreamPoolError, RuntimeError):
+    """A search index was queried before it was built."""
+
+
+class IndexStaleError(DreamPoolError, RuntimeError):
+    """A derived structure was built from an older bank revision."""
+
+
+class CapacityExceededError(DreamPoolError, RuntimeError):
+    """An add does not fit the pool's capacity or memory budget (strict mode)."""
+
+
+class DeviceUnavailableError(DreamPoolError, RuntimeError):
+    """An explicitly requested device (e.g. ``cuda:1``) is not present."""
+
+
+class CheckpointCorruptError(DreamPoolError, RuntimeError):
+    """A checkpoint file is missing, truncated or fails its checksum.
+
+    Attributes:
+        path: the file concerned.
+    """
+
+    def __init__(self, path: Any, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"corrupt checkpoint file {path}: {reason}")

@@ -1,0 +1,559 @@
+"""DreamPool: the facade that wires validation, features, bank, search and re-ranking."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dreampool_gpu import _validation as v
+from dreampool_gpu.bank import TensorBank
+from dreampool_gpu.budget import eviction_order
+from dreampool_gpu.cache import QueryCache, query_keys
+from dreampool_gpu.config import Metric, PoolConfig, RetrievalMode
+from dreampool_gpu.devices import resolve_device
+from dreampool_gpu.dreams import NUM_CLASSES, chroma_signature, hue_category, validate_dreams
+from dreampool_gpu.encoders import FeatureEncoder
+from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
+from dreampool_gpu.rerank import HybridWeights, class_match, hybrid_scores, mmr
+from dreampool_gpu.search import ExactSearch, make_index, stable_topk
+from dreampool_gpu.spectral import spectral_features
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CHROMA_MODES = {
+    RetrievalMode.SIMILAR,
+    RetrievalMode.CLASS,
+    RetrievalMode.BALANCED,
+    RetrievalMode.UTILITY,
+    RetrievalMode.DIVERSE,
+}
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """Result of :meth:`DreamPool.retrieve`, on the pool's device.
+
+    Attributes:
+        ids: ``[B, k]`` int64 entry ids, best first, -1 padding.
+        scores: ``[B, k]`` float32, higher is better, ``-inf`` padding. Chroma
+            methods: chroma cosine; nearest: embedding similarity (cosine, or minus
+            the euclidean distance); soft/hybrid: hybrid base score; diverse: chroma
+            cosine of each pick (the order is MMR's).
+        dreams: ``[B, k, R, C, L, 3]`` when asked for with ``with_dreams=True``
+            (zeros at padding), else None.
+    """
+
+    ids: torch.Tensor
+    scores: torch.Tensor
+    dreams: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """``[B, k]`` bool, True where a result is present."""
+        return self.ids >= 0
+
+
+@dataclass
+class _Queries:
+    """Parsed queries: whatever features the input carried, all ``[B, ...]``."""
+
+    count: int
+    chroma: torch.Tensor | None = None
+    spectral: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+
+
+class DreamPool:
+    """Long-term memory of dreams: gated adds, a tensor bank, k-NN, MMR, feedback.
+
+    Every public method is thread-safe (one re-entrant lock) and validates its
+    input before touching state: a rejected call leaves the pool as it was.
+
+    Args:
+        config: the pool's :class:`PoolConfig` (defaults when None).
+
+    Examples:
+        >>> pool = DreamPool(PoolConfig(dream_shape=(8, 8, 2), device="cpu"))
+        >>> ids = pool.add(dreams, coherence=c, energy=e, violation=v)   # -1 where rejected
+        >>> hits = pool.retrieve(dreams[:4], k=5, mode="hybrid")
+        >>> pool.feedback(hits.ids, torch.rand(4, 5))
+    """
+
+    def __init__(self, config: PoolConfig | None = None) -> None:
+        self.config = config if config is not None else PoolConfig()
+        self.device = resolve_device(self.config.device)
+        if self.config.dream_dtype == "auto":
+            dream_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        else:
+            dream_dtype = _DTYPES[self.config.dream_dtype]
+        self.bank = TensorBank(
+            self.config.capacity,
+            self.config.dream_shape,
+            self.config.embedding_dim,
+            device=self.device,
+            dream_dtype=dream_dtype,
+        )
+        self.encoder = FeatureEncoder(
+            self.config.embedding_dim,
+            include_spectral=self.config.include_spectral,
+            include_class=self.config.include_class,
+            include_utility=self.config.include_utility,
+            seed=self.config.encoder_seed,
+            device=self.device,
+        )
+        self.index = make_index(self.bank, self.config)
+        # filtered k-NN (category mode) scans the bank exactly whatever the engine
+        self._exact = ExactSearch(self.bank, self.config.metric, chunk_bytes=int(self.config.search_chunk_mb * 2**20))
+        self.cache = QueryCache(self.config.query_cache_size)
+        self.weights = HybridWeights(
+            self.config.alpha, self.config.beta, self.config.gamma, self.config.delta, self.config.mmr_lambda
+        )
+        self.counters = {"added": 0, "rejected": 0, "evicted": 0, "dropped": 0, "queries": 0, "feedback": 0}
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return self.bank.size
+
+    # ------------------------------------------------------------------ add
+    def add(
+        self,
+        dreams: Any,
+        *,
+        coherence: Any,
+        energy: Any = None,
+        violation: Any = None,
+        class_labels: Any = None,
+        force: bool = False,
+    ) -> torch.Tensor:
+        """Add a batch of dreams; those below the coherence threshold are rejected.
+
+        Features (chroma, spectral, hue category, embedding) are computed for
+        the whole batch at once. At capacity the eviction policy makes room
+        first; when more dreams pass the gate than the pool holds, the newest
+        ``capacity`` are kept and the rest count as dropped.
+
+        Args:
+            dreams: ``[N, R, C, L, 3]`` float, values in [0, 1], any device.
+
+        Keyword Args:
+            coherence: ``[N]`` in [0, 1]. energy: ``[N]`` >= 0 (default 0).
+            violation: ``[N]`` in [0, 1] (default 0).
+            class_labels: ``[N]`` int in 0..9, -1 = none; or None.
+            force: bypass the coherence gate.
+
+        Returns:
+            ``[N]`` int64 ids on the pool's device; -1 where rejected or dropped.
+
+        Raises:
+            InvalidInputError, DimensionMismatchError: bad input (pool unchanged).
+        """
+        with self._lock:
+            batch = validate_dreams(dreams, dream_shape=self.config.dream_shape)
+            n = batch.shape[0]
+            coh = self._per_dream(coherence, n, "coherence", 0.0, 1.0)
+            eng = self._per_dream(energy, n, "energy", 0.0, float("inf"))
+            vio = self._per_dream(violation, n, "violation", 0.0, 1.0)
+            labels = self._labels(class_labels, n, "class_labels")
+            batch = batch.to(self.device)
+
+            passed = coh >= self.config.coherence_threshold
+            if force:
+                passed = torch.ones_like(passed)
+            accepted = torch.nonzero(passed).squeeze(1)
+            self.counters["rejected"] += n - int(accepted.numel())
+            dropped = max(0, int(accepted.numel()) - self.config.capacity)
+            accepted = accepted[dropped:]
+            self.counters["dropped"] += dropped
+            out = torch.full((n,), -1, dtype=torch.int64, device=self.device)
+            m = int(accepted.numel())
+            if m == 0:
+                return out
+
+            kept = batch[accepted]
+            chroma = chroma_signature(kept)
+            spectral = spectral_features(kept, window=self.config.window)
+            kept_labels = labels[accepted]
+            embeddings = self._embed(self.encoder.encode(chroma, spectral=spectral, class_labels=kept_labels))
+            values = {
+                "dreams": kept,
+                "chroma": chroma,
+                "spectral": spectral,
+                "embeddings": embeddings,
+                "coherence": coh[accepted],
+                "energy": eng[accepted],
+                "violation": vio[accepted],
+                "class_label": kept_labels,
+                "hue_category": hue_category(chroma),
+            }
+            self._make_room(self.bank.size + m - self.config.capacity)
+            slots = self.bank.free_slots(m)
+            ids = self.bank.write(slots, values)
+            self.index.add(slots)
+            self.counters["added"] += m
+            out[accepted] = ids
+            return out
+
+    def _make_room(self, count: int) -> None:
+        if count <= 0:
+            return
+        victims = eviction_order(self.bank, self.config.eviction_policy)[:count]
+        self.index.remove(victims)
+        self.bank.remove(victims)
+        self.counters["evicted"] += int(victims.numel())
+
+    # ------------------------------------------------------------- retrieve
+    def retrieve(
+        self,
+        queries: Any,
+        *,
+        k: int | None = None,
+        mode: str | RetrievalMode | None = None,
+        class_hint: Any = None,
+        classes: Sequence[int] | None = None,
+        category: Any = None,
+        utility_threshold: float = 0.0,
+        utility_prior: Any = None,
+        fetch_k: int | None = None,
+        mmr_lambda: float | None = None,
+        min_dispersion: float = 0.0,
+        with_dreams: bool = False,
+    ) -> Retrieval:
+        """Retrieve up to k entries per query, most relevant first.
+
+        Args:
+            queries: ``[B, R, C, L, 3]`` dreams, ``[B, 3]`` chroma signatures, or
+                ``[B, D]`` embeddings (soft, hybrid, category and nearest only).
+
+        Keyword Args:
+            k: results per query (per class for ``balanced``); default ``retrieval_limit``.
+            mode: ``similar`` (``hard``), ``class``, ``balanced``, ``utility``, ``diverse``,
+                ``soft``, ``hybrid``, ``category`` or ``nearest``; default from config.
+            class_hint: int or ``[B]`` int in 0..9 (-1 none): the class for ``class``
+                (required) and the class match of ``soft``/``hybrid``.
+            classes: class labels for ``balanced``.
+            category: int or ``[B]`` hue category 0..11 for ``category``; default the
+                query chroma's own category.
+            utility_threshold: minimum utility for ``utility``.
+            utility_prior: float or ``[B]`` in [0, 1], the utility feature of soft queries.
+            fetch_k: candidates re-ranked by ``soft``/``hybrid`` (default ``fetch_factor * k``).
+            mmr_lambda: MMR trade-off for ``diverse``/``hybrid`` (default config; ``soft`` uses 1).
+            min_dispersion: stop ``diverse``/``hybrid`` picks early below this dispersion.
+            with_dreams: also gather the dreams of the results.
+
+        Returns:
+            :class:`Retrieval` with ``[B, k]`` ids and scores on the pool's device.
+
+        Raises:
+            InvalidInputError, DimensionMismatchError: bad input (pool unchanged).
+        """
+        with self._lock:
+            mode_ = self.config.default_mode if mode is None else RetrievalMode.parse(mode)
+            k_ = self.config.retrieval_limit if k is None else v.check_count(k, "k")
+            q = self._parse_queries(queries, mode_)
+            b = q.count
+            hint = self._labels(class_hint, b, "class_hint")
+            prior = self._per_dream(utility_prior, b, "utility_prior", 0.0, 1.0)
+            if mode_ is RetrievalMode.CLASS and class_hint is None:
+                raise InvalidInputError("class_hint", "a class label for mode 'class'", None)
+            if mode_ is RetrievalMode.BALANCED:
+                balanced = self._class_list(classes)
+            lam = self.weights.mmr_lambda if mmr_lambda is None else v.check_number(mmr_lambda, "mmr_lambda", 0.0, 1.0)
+            v.check_number(min_dispersion, "min_dispersion", 0.0, float("inf"))
+            v.check_number(utility_threshold, "utility_threshold", float("-inf"), float("inf"))
+            fetch = max(k_, self.config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
+            cats = self._categories(category, q, mode_)
+
+            if mode_ is RetrievalMode.SIMILAR:
+                scores, slots = self._chroma_topk(q, k_)
+            elif mode_ is RetrievalMode.CLASS:
+                scores, slots = self._chroma_topk(q, k_, self.bank.columns["class_label"].long()[None, :] == hint[:, None])
+            elif mode_ is RetrievalMode.BALANCED:
+                parts = [self._chroma_topk(q, k_, self._class_mask(c, b)) for c in balanced]
+                scores = torch.cat([p[0] for p in parts], dim=1) if parts else self._empty(b)[0]
+                slots = torch.cat([p[1] for p in parts], dim=1) if parts else self._empty(b)[1]
+            elif mode_ is RetrievalMode.UTILITY:
+                util = self.bank.columns["utility"]
+                scores, slots = self._chroma_topk(q, k_, (util >= utility_threshold)[None, :])
+            elif mode_ is RetrievalMode.DIVERSE:
+                scores, slots = self._diverse(q, k_, lam, min_dispersion)
+            elif mode_ is RetrievalMode.NEAREST:
+                scores, slots = self.index.search(self._query_embeddings(q, hint, prior), k_)
+            elif mode_ is RetrievalMode.CATEGORY:
+                mask = self.bank.columns["hue_category"].long()[None, :] == cats[:, None]
+                scores, slots = self._exact.search(self._query_embeddings(q, hint, prior), k_, mask=mask)
+            else:
+                lam_ = 1.0 if mode_ is RetrievalMode.SOFT and mmr_lambda is None else lam
+                scores, slots = self._hybrid(q, hint, prior, k_, fetch, lam_, min_dispersion)
+
+            ids = self.bank.gather("ids", slots)
+            present = slots[slots >= 0]
+            usage = self.bank.columns["usage"]
+            usage.index_add_(0, present, torch.ones_like(present, dtype=usage.dtype))
+            self.counters["queries"] += b
+            dreams = self.bank.gather("dreams", slots) if with_dreams else None
+            return Retrieval(ids=ids, scores=scores, dreams=dreams)
+
+    # -------------------------------------------------------------- feedback
+    def feedback(self, ids: Any, utility: Any) -> int:
+        """Record utility feedback for entries; padding ids (-1) are ignored.
+
+        Each entry keeps the last utility and the running mean ``util_mean`` used
+        by hybrid scoring. Ids evicted since they were returned are skipped.
+
+        Args:
+            ids: int64 ids, any shape. utility: same shape (or a scalar), in [0, 1].
+
+        Returns:
+            The number of (id, utility) pairs recorded.
+
+        Raises:
+            InvalidInputError: utility out of range or not finite, ids never issued.
+        """
+        with self._lock:
+            id_t = v.as_tensor(ids, "ids", device=self.device)
+            v.check_int(id_t, "ids")
+            u = v.as_tensor(utility, "utility", device=self.device)
+            v.check_float(u, "utility")
+            if u.dim() == 0:
+                u = u.expand(id_t.shape)
+            if u.shape != id_t.shape:
+                raise DimensionMismatchError(list(id_t.shape), list(u.shape), "utility")
+            v.check_finite(u, "utility")
+            v.check_range(u, "utility", 0.0, 1.0)
+            flat_ids = id_t.reshape(-1).long()
+            if flat_ids.numel() and bool(((flat_ids < -1) | (flat_ids >= self.bank.next_id)).any()):
+                raise InvalidInputError("ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})", "unknown ids")
+            slots = self.bank.slots_of(flat_ids)
+            found = slots >= 0
+            slots, values = slots[found], u.reshape(-1)[found].float()
+            if slots.numel() == 0:
+                return 0
+            cols = self.bank.columns
+            count = cols["feedback_count"]
+            total = cols["util_mean"] * count + torch.zeros_like(cols["util_mean"]).index_add_(0, slots, values)
+            count.index_add_(0, slots, torch.ones_like(slots, dtype=count.dtype))
+            touched = torch.zeros_like(cols["util_mean"], dtype=torch.bool).index_fill_(0, slots, True)
+            cols["util_mean"] = torch.where(touched, total / count.clamp(min=1), cols["util_mean"])
+            order = torch.arange(slots.numel(), device=self.device)
+            last = torch.full_like(count, -1, dtype=torch.int64).scatter_reduce_(0, slots, order, "amax")
+            cols["utility"][touched] = values[last[touched]]
+            self.counters["feedback"] += int(slots.numel())
+            return int(slots.numel())
+
+    # --------------------------------------------------------------- gather
+    def dreams(self, ids: Any) -> torch.Tensor:
+        """Dreams of ``ids`` (any shape) as ``[..., R, C, L, 3]``; zeros where absent."""
+        with self._lock:
+            return self.bank.gather("dreams", self._slots(ids))
+
+    def metadata(self, ids: Any) -> dict[str, torch.Tensor]:
+        """Every column except dreams for ``ids`` (any shape), plus ``found`` (bool)."""
+        with self._lock:
+            slots = self._slots(ids)
+            out = {name: self.bank.gather(name, slots) for name in self.bank.columns if name != "dreams"}
+            out["found"] = slots >= 0
+            return out
+
+    def stats(self) -> dict[str, Any]:
+        """Size, counters, bytes by column, engine, cache and score means."""
+        with self._lock:
+            alive = self.bank.alive()
+            cols = self.bank.columns
+            size = self.bank.size
+
+            def mean(name: str) -> float:
+                return float(cols[name][alive].float().mean()) if size else 0.0
+
+            bytes_by_column = self.bank.nbytes()
+            return {
+                "size": size,
+                "capacity": self.config.capacity,
+                "device": str(self.device),
+                "engine": self.index.kind,
+                "next_id": self.bank.next_id,
+                **self.counters,
+                "acceptance_rate": self.counters["added"] / max(1, self.counters["added"] + self.counters["rejected"]),
+                "mean_coherence": mean("coherence"),
+                "mean_energy": mean("energy"),
+                "mean_violation": mean("violation"),
+                "bytes_by_column": bytes_by_column,
+                "bank_bytes": sum(bytes_by_column.values()),
+                "index_bytes": self.index.nbytes(),
+                "cache": {"size": len(self.cache), "hits": self.cache.hits, "misses": self.cache.misses,
+                          "hit_rate": self.cache.hit_rate},
+            }
+
+    # ------------------------------------------------------------- helpers
+    def _embed(self, z: torch.Tensor) -> torch.Tensor:
+        """Bank form of encoder output: unit vectors for cosine, raw for euclidean."""
+        return F.normalize(z, dim=1) if self.config.metric is Metric.COSINE else z
+
+    def _per_dream(self, x: Any, n: int, name: str, low: float, high: float) -> torch.Tensor:
+        if x is None:
+            return torch.zeros(n, device=self.device)
+        t = v.as_tensor(x, name, device=self.device)
+        if t.dtype == torch.bool or t.is_complex():
+            raise InvalidInputError(name, "real numbers", f"dtype {t.dtype}")
+        t = t.float()
+        if t.dim() == 0:
+            t = t.expand(n)
+        v.check_shape(t, (n,), name)
+        v.check_finite(t, name)
+        v.check_range(t, name, low, high)
+        return t
+
+    def _labels(self, x: Any, n: int, name: str) -> torch.Tensor:
+        if x is None:
+            return torch.full((n,), -1, dtype=torch.int64, device=self.device)
+        t = v.as_tensor(x, name, device=self.device)
+        v.check_int(t, name)
+        t = t.long()
+        if t.dim() == 0:
+            t = t.expand(n)
+        v.check_shape(t, (n,), name)
+        if t.numel() and bool(((t < -1) | (t >= NUM_CLASSES)).any()):
+            raise InvalidInputError(name, f"class labels in 0..{NUM_CLASSES - 1} or -1", t.unique().tolist())
+        return t
+
+    def _class_list(self, classes: Sequence[int] | None) -> list[int]:
+        if classes is None or isinstance(classes, (str, bytes)):
+            raise InvalidInputError("classes", "a sequence of class labels for mode 'balanced'", repr(classes))
+        out = []
+        for c in classes:
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < NUM_CLASSES:
+                raise InvalidInputError("classes", f"class labels in 0..{NUM_CLASSES - 1}", repr(c))
+            out.append(c)
+        return out
+
+    def _class_mask(self, label: int, b: int) -> torch.Tensor:
+        return (self.bank.columns["class_label"].long() == label)[None, :]
+
+    def _categories(self, category: Any, q: _Queries, mode: RetrievalMode) -> torch.Tensor:
+        if mode is not RetrievalMode.CATEGORY:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        if category is None:
+            if q.chroma is None:
+                raise InvalidInputError("category", "a hue category 0..11 for embedding queries", None)
+            return hue_category(q.chroma)
+        t = v.as_tensor(category, "category", device=self.device)
+        v.check_int(t, "category")
+        t = t.long().expand(q.count) if t.dim() == 0 else t.long()
+        v.check_shape(t, (q.count,), "category")
+        if t.numel() and bool(((t < 0) | (t > 11)).any()):
+            raise InvalidInputError("category", "hue categories in 0..11", t.unique().tolist())
+        return t
+
+    def _slots(self, ids: Any) -> torch.Tensor:
+        t = v.as_tensor(ids, "ids", device=self.device)
+        v.check_int(t, "ids")
+        t = t.long()
+        if t.numel() and bool(((t < -1) | (t >= self.bank.next_id)).any()):
+            raise InvalidInputError("ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})", "unknown ids")
+        return self.bank.slots_of(t)
+
+    def _parse_queries(self, queries: Any, mode: RetrievalMode) -> _Queries:
+        t = v.as_tensor(queries, "queries", device=self.device)
+        v.check_float(t, "queries")
+        d = self.config.embedding_dim
+        if t.dim() == 5:
+            batch = validate_dreams(t, dream_shape=self.config.dream_shape, name="queries")
+            return _Queries(batch.shape[0], chroma=chroma_signature(batch),
+                            spectral=spectral_features(batch, window=self.config.window))
+        if t.dim() == 2 and t.shape[1] == 3:
+            v.check_finite(t, "queries")
+            v.check_range(t, "queries", 0.0, 1.0)
+            return _Queries(t.shape[0], chroma=t.float())
+        if t.dim() == 2 and t.shape[1] == d and mode not in _CHROMA_MODES:
+            v.check_finite(t, "queries")
+            return _Queries(t.shape[0], embeddings=self._embed(t.float()))
+        expected = "[B, R, C, L, 3] dreams or [B, 3] chroma"
+        if mode not in _CHROMA_MODES:
+            expected += f" or [B, {d}] embeddings"
+        raise DimensionMismatchError(expected, list(t.shape), f"queries for mode {mode.value!r}")
+
+    def _query_embeddings(self, q: _Queries, hint: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        if q.embeddings is not None:
+            return q.embeddings
+        chroma = q.chroma
+        if chroma is None:  # unreachable: _parse_queries always sets one of the two
+            raise InvalidInputError("queries", "dreams, chroma or embeddings", None)
+
+        def compute(rows: torch.Tensor) -> torch.Tensor:
+            spectral = None if q.spectral is None else q.spectral[rows]
+            z = self.encoder.encode(chroma[rows], spectral=spectral, class_labels=hint[rows], utility=prior[rows])
+            return self._embed(z)
+
+        every = torch.arange(q.count, device=self.device)
+        if q.spectral is not None or self.cache.capacity == 0:
+            return compute(every)
+        out = torch.empty(q.count, self.config.embedding_dim, device=self.device)
+        return self.cache.get_or_compute(query_keys(chroma, hint, prior), compute, out)
+
+    def _empty(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.empty(b, 0, device=self.device), torch.empty(b, 0, dtype=torch.int64, device=self.device))
+
+    def _chroma_similarity(self, q: _Queries, slots: torch.Tensor) -> torch.Tensor:
+        """``[B, len(slots)]`` chroma cosine (0 against a zero vector)."""
+        if q.chroma is None:
+            raise InvalidInputError("queries", "dreams or chroma for a chroma method", "embeddings")
+        entries = F.normalize(self.bank.columns["chroma"][slots], dim=1)
+        return F.normalize(q.chroma, dim=1) @ entries.T
+
+    def _chroma_topk(
+        self, q: _Queries, k: int, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stable top-k by chroma cosine over live entries (oldest wins ties)."""
+        by_age = self.bank.slots_by_age()
+        sim = self._chroma_similarity(q, by_age)
+        if mask is not None:
+            sim = sim.masked_fill(~mask[:, by_age].expand_as(sim), float("-inf"))
+        values, index = stable_topk(sim, k)
+        slots = by_age[index]
+        return self._pad(values, slots, k)
+
+    def _pad(self, values: torch.Tensor, slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        found = torch.isfinite(values) & (slots >= 0)
+        slots = torch.where(found, slots, torch.full_like(slots, -1))
+        values = values.masked_fill(~found, float("-inf"))
+        missing = k - values.shape[1]
+        if missing > 0:
+            values = F.pad(values, (0, missing), value=float("-inf"))
+            slots = F.pad(slots, (0, missing), value=-1)
+        return values, slots
+
+    def _diverse(self, q: _Queries, k: int, lam: float, min_dispersion: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """MMR over the whole pool on chroma signatures (candidates oldest first)."""
+        by_age = self.bank.slots_by_age()
+        chroma = self.bank.columns["chroma"][by_age]
+        relevance = self._chroma_similarity(q, by_age)
+        picks, scores = mmr(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma)
+        slots = torch.where(picks >= 0, by_age[picks.clamp(min=0)] if by_age.numel() else picks, picks)
+        return scores, slots
+
+    def _hybrid(
+        self,
+        q: _Queries,
+        hint: torch.Tensor,
+        prior: torch.Tensor,
+        k: int,
+        fetch_k: int,
+        lam: float,
+        min_dispersion: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft candidates (fetch_k k-NN) -> hybrid base score -> MMR on embeddings -> k."""
+        similarity, candidates = self.index.search(self._query_embeddings(q, hint, prior), max(fetch_k, k))
+        valid = candidates >= 0
+        util = self.bank.gather("util_mean", candidates)
+        match = class_match(self.bank.gather("class_label", candidates).long(), hint)
+        base = hybrid_scores(similarity.masked_fill(~valid, float("-inf")), util, match, self.weights)
+        vectors = self.bank.gather("embeddings", candidates)
+        chroma = self.bank.gather("chroma", candidates)
+        picks, scores = mmr(
+            base, vectors, k, mmr_lambda=lam, delta=self.weights.delta, min_dispersion=min_dispersion, points=chroma
+        )
+        slots = torch.where(picks >= 0, candidates.gather(1, picks.clamp(min=0)), picks)
+        return scores, slots

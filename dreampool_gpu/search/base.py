@@ -1,0 +1,50 @@
+"""The ``SearchIndex`` contract every k-NN engine of the pool fulfils."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class SearchIndex(ABC):
+    """k-NN over the live rows of a :class:`~dreampool_gpu.bank.TensorBank`'s embeddings.
+
+    Engines read the bank's ``embeddings`` column; they may keep derived state
+    (compressed codes, a trained quantiser) but never a second full copy of the
+    vectors. Results are slots, not ids: the pool maps them.
+    """
+
+    kind: str = "abstract"
+
+    def add(self, slots: torch.Tensor) -> None:  # noqa: B027 - optional hook
+        """Entries were written at ``slots`` ``[m]`` (int64, bank device)."""
+
+    def remove(self, slots: torch.Tensor) -> None:  # noqa: B027 - optional hook
+        """Entries at ``slots`` ``[m]`` were evicted; they must never be returned."""
+
+    def reset(self) -> None:  # noqa: B027 - optional hook
+        """The bank was cleared or reloaded; drop every derived structure."""
+
+    def nbytes(self) -> int:
+        """Bytes of derived state held by the engine (0 for pure scans)."""
+        return 0
+
+    @abstractmethod
+    def search(
+        self, queries: torch.Tensor, k: int, *, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k live entries for each query.
+
+        Args:
+            queries: ``[B, D]`` float32 on the bank's device (unit vectors for cosine).
+            k: neighbours per query (may exceed the pool size).
+
+        Keyword Args:
+            mask: optional ``[capacity]`` or ``[B, capacity]`` bool; only True slots qualify.
+
+        Returns:
+            ``(scores, slots)``, each ``[B, k]``: scores float32 (cosine, or minus the
+            euclidean distance; higher is better), slots int64, best first,
+            padded with ``-inf`` / ``-1``.
+        """

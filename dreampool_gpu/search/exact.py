@@ -1,0 +1,93 @@
+"""Exact k-NN by torch matmul + topk, chunked over the bank, and a stable top-k."""
+
+from __future__ import annotations
+
+import torch
+
+from dreampool_gpu.bank import TensorBank
+from dreampool_gpu.config import Metric
+from dreampool_gpu.search.base import SearchIndex
+
+
+def pairwise_scores(queries: torch.Tensor, rows: torch.Tensor, metric: Metric) -> torch.Tensor:
+    """``[B, n]`` similarity of ``queries`` ``[B, D]`` to ``rows`` ``[n, D]``.
+
+    Cosine assumes unit vectors (inner product); euclidean returns minus the distance.
+    """
+    dots = queries @ rows.T
+    if metric is Metric.COSINE:
+        return dots
+    sq = (queries * queries).sum(1, keepdim=True) + (rows * rows).sum(1) - 2.0 * dots
+    return -sq.clamp_(min=0.0).sqrt_()
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of ``scores`` ``[B, M]``, ties broken by lower column index.
+
+    ``torch.topk`` is not stable; this selects the set exactly (all values above
+    the k-th value, then the lowest-index equals) and orders it by value, then
+    index. Cost: two ``topk`` passes over ``[B, M]``.
+
+    Returns:
+        ``(values, indices)``, each ``[B, min(k, M)]``.
+    """
+    b, m = scores.shape
+    k = min(k, m)
+    if k == 0:
+        return scores.new_empty(b, 0), torch.empty(b, 0, dtype=torch.int64, device=scores.device)
+    kth = scores.topk(k, dim=1).values[:, -1:]
+    rank = (scores > kth).long() * 2 + (scores == kth).long()
+    position = torch.arange(m, device=scores.device)
+    key = rank * (m + 1) + (m - position)
+    chosen = key.topk(k, dim=1).indices.sort(dim=1).values
+    values = scores.gather(1, chosen)
+    order = values.sort(dim=1, descending=True, stable=True).indices
+    return values.gather(1, order), chosen.gather(1, order)
+
+
+class ExactSearch(SearchIndex):
+    """Brute-force scan of the bank's embeddings with torch matmul + topk.
+
+    Reads ``bank.columns["embeddings"]`` in place, in row chunks so that no
+    ``[B, rows]`` score block exceeds ``chunk_bytes``. Runs on any device.
+    """
+
+    kind = "exact-torch"
+
+    def __init__(self, bank: TensorBank, metric: Metric, *, chunk_bytes: int) -> None:
+        self.bank = bank
+        self.metric = metric
+        self.chunk_bytes = chunk_bytes
+
+    def search(
+        self, queries: torch.Tensor, k: int, *, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`SearchIndex.search`."""
+        b = queries.shape[0]
+        extent = self.bank.extent
+        k_eff = min(k, extent)
+        best_scores = queries.new_full((b, k), float("-inf"))
+        best_slots = torch.full((b, k), -1, dtype=torch.int64, device=queries.device)
+        if k_eff == 0 or b == 0:
+            return best_scores, best_slots
+        alive = self.bank.alive()[:extent]
+        keep = alive if mask is None else alive & mask[..., :extent]
+        embeddings = self.bank.columns["embeddings"]
+        rows_per_chunk = max(k_eff, self.chunk_bytes // (4 * max(b, 1)))
+        top_scores = queries.new_empty(b, 0)
+        top_slots = torch.empty(b, 0, dtype=torch.int64, device=queries.device)
+        for start in range(0, extent, rows_per_chunk):
+            stop = min(start + rows_per_chunk, extent)
+            scores = pairwise_scores(queries, embeddings[start:stop], self.metric)
+            chunk_keep = keep[..., start:stop]
+            scores.masked_fill_(~chunk_keep.expand_as(scores), float("-inf"))
+            values, index = scores.topk(min(k_eff, stop - start), dim=1)
+            top_scores = torch.cat([top_scores, values], dim=1)
+            top_slots = torch.cat([top_slots, index + start], dim=1)
+            if top_scores.shape[1] > k_eff:
+                top_scores, pick = top_scores.topk(k_eff, dim=1)
+                top_slots = top_slots.gather(1, pick)
+        found = torch.isfinite(top_scores)
+        best_scores[:, :k_eff] = top_scores
+        best_slots[:, :k_eff] = torch.where(found, top_slots, torch.full_like(top_slots, -1))
+        return best_scores, best_slots

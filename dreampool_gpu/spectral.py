@@ -1,0 +1,155 @@
+"""Windowed 2-D FFT features of dreams (DOMAIN.md section 4).
+
+Per dream and channel: mean over layers, separable window, unnormalised
+``fft2``, PSD ``|F|^2`` flattened row-major to length ``n = R * C``. Bands split
+that flat index into ``[0, n//4)``, ``[n//4, 3n//4)`` and ``[3n//4, n)`` (the
+original's definition). Everything is batched over dreams and channels.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any
+
+import torch
+
+from dreampool_gpu._validation import check_count, check_finite
+from dreampool_gpu.dreams import as_dream_batch
+from dreampool_gpu.errors import InvalidInputError
+
+SPECTRAL_FEATURES = (
+    "entropy",
+    "low",
+    "mid",
+    "high",
+    "mean_psd",
+    "dominant_r",
+    "dominant_g",
+    "dominant_b",
+)
+SPECTRAL_DIM = len(SPECTRAL_FEATURES)
+
+_P_MIN = 1e-10
+_TOTAL_MIN = 1e-10
+
+
+class Window(str, Enum):
+    """Window applied along rows and cols before the FFT; plain strings accepted."""
+
+    HANN = "hann"
+    HAMMING = "hamming"
+    NONE = "none"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Window:
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.strip().lower():
+                    return member
+        raise InvalidInputError("window", f"one of {[m.value for m in cls]}", repr(value))
+
+
+def window_vector(
+    n: int,
+    window: Window | str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Periodic window of length ``n``.
+
+    Hann ``0.5 - 0.5 cos(2πi/n)``, Hamming ``0.54 - 0.46 cos(2πi/n)``, none = ones.
+
+    Returns:
+        ``[n]`` tensor of ``dtype`` on ``device``.
+
+    Raises:
+        InvalidInputError: ``n`` is not a non-negative int, or an unknown window.
+    """
+    n = check_count(n, "n")
+    kind = Window(window)
+    if kind is Window.NONE:
+        return torch.ones(n, device=device, dtype=dtype)
+    a0, a1 = (0.5, 0.5) if kind is Window.HANN else (0.54, 0.46)
+    phase = torch.arange(n, device=device, dtype=dtype) * (2.0 * math.pi / max(n, 1))
+    return a0 - a1 * torch.cos(phase)
+
+
+def _band_energies(psd: torch.Tensor) -> torch.Tensor:
+    """Sums of a flat PSD ``[..., n]`` over ``[0, n//4)``, ``[n//4, 3n//4)``, ``[3n//4, n)``.
+
+    Returns ``[..., 3]`` (low, mid, high) in the PSD's dtype and device.
+    """
+    n = psd.shape[-1]
+    q1, q3 = n // 4, 3 * n // 4
+    return torch.stack(
+        (psd[..., :q1].sum(dim=-1), psd[..., q1:q3].sum(dim=-1), psd[..., q3:].sum(dim=-1)),
+        dim=-1,
+    )
+
+
+def _dominant_index(psd: torch.Tensor) -> torch.Tensor:
+    """Index of the largest value of a flat PSD ``[..., n]``, ties to the last index.
+
+    Returns ``[...]`` int64; an all-equal (e.g. all-zero) PSD gives ``n - 1``.
+    """
+    n = psd.shape[-1]
+    return (n - 1) - torch.argmax(psd.flip(-1), dim=-1)
+
+
+def _normalised_entropy(psd: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of ``psd / total`` over the last dim, divided by ``ln n``.
+
+    Terms with ``p <= 1e-10`` are skipped; 0 where ``total < 1e-10`` or ``n == 1``.
+    """
+    n = psd.shape[-1]
+    live = total >= _TOTAL_MIN
+    p = psd / torch.where(live, total, torch.ones_like(total))[..., None]
+    keep = p > _P_MIN
+    terms = torch.where(keep, p * torch.log(torch.where(keep, p, torch.ones_like(p))), 0.0)
+    entropy = -terms.sum(dim=-1) / (math.log(n) if n > 1 else 1.0)
+    return torch.where(live, entropy, torch.zeros_like(entropy))
+
+
+def spectral_features(dreams: Any, *, window: Window | str = Window.HANN) -> torch.Tensor:
+    """Spectral features of a batch of dreams, in the order of :data:`SPECTRAL_FEATURES`.
+
+    Entropy and the three band energies are means over channels; ``mean_psd`` is
+    the total PSD of the three channels over ``3n``; the dominant (flat) PSD
+    index is kept per channel, as a float. Sums accumulate in float32.
+
+    Args:
+        dreams: ``[N, R, C, L, 3]`` floating tensor (any float dtype), finite; ``N`` may be 0.
+
+    Keyword Args:
+        window: ``"hann"`` (default), ``"hamming"`` or ``"none"``.
+
+    Returns:
+        ``[N, 8]`` float32 on the input's device.
+
+    Raises:
+        InvalidInputError: not floating point, NaN/inf present, or an unknown window.
+        DimensionMismatchError: not ``[N, R, C, L, 3]``.
+    """
+    kind = Window(window)
+    x = as_dream_batch(dreams)
+    check_finite(x, "dreams")
+    n_dreams, rows, cols = x.shape[0], x.shape[1], x.shape[2]
+    n = rows * cols
+    if n_dreams == 0:  # MKL's FFT rejects an empty batch
+        return torch.zeros(0, SPECTRAL_DIM, device=x.device)
+
+    image = x.mean(dim=3, dtype=torch.float32)  # [N, R, C, 3]
+    w_rows = window_vector(rows, kind, device=x.device)
+    w_cols = window_vector(cols, kind, device=x.device)
+    image = image * (w_rows[:, None] * w_cols[None, :])[..., None]
+    spectrum = torch.fft.fft2(image.permute(0, 3, 1, 2))  # [N, 3, R, C], one batched call
+    psd = (spectrum.real.square() + spectrum.imag.square()).reshape(n_dreams, 3, n)
+
+    total = psd.sum(dim=-1)  # [N, 3]
+    entropy = _normalised_entropy(psd, total).mean(dim=-1, keepdim=True)
+    bands = _band_energies(psd).mean(dim=1)  # [N, 3]
+    mean_psd = total.sum(dim=-1, keepdim=True) / (3 * n)
+    dominant = _dominant_index(psd).to(torch.float32)  # [N, 3]
+    return torch.cat((entropy, bands, mean_psd, dominant), dim=-1)

@@ -1,0 +1,38 @@
+"""Shared fixtures: device parametrisation, RNG restore, GPU skips in one place."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dreampool_gpu.devices import cuda_available, faiss_gpu_available
+
+DEVICES = ["cpu"] + (["cuda"] if cuda_available() else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    probes = {"gpu": cuda_available(), "faiss_gpu": faiss_gpu_available()}
+    for item in items:
+        for name, ok in probes.items():
+            if name in item.keywords and not ok:
+                item.add_marker(pytest.mark.skip(reason=f"{name} unavailable"))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Every available device: cpu, plus cuda when present."""
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _restore_rng():
+    torch_state = torch.get_rng_state()
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    yield
+    torch.set_rng_state(torch_state)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
