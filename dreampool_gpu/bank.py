@@ -116,7 +116,7 @@ class TensorBank:
         Evicted ids, never-issued ids and the padding id -1 all map to -1.
         """
         self._refresh_order()
-        flat = ids.reshape(-1)
+        flat = ids.reshape(-1).contiguous()
         pos = torch.searchsorted(self._sorted_ids, flat).clamp_(max=self.capacity - 1)
         found = (self._sorted_ids[pos] == flat) & (flat >= 0)
         slots = torch.where(found, self._sorted_slots[pos], torch.full_like(flat, -1))

@@ -545,6 +545,8 @@ class DreamPool:
         min_dispersion: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft candidates (fetch_k k-NN) -> hybrid base score -> MMR on embeddings -> k."""
+        if k == 0:
+            return self._empty(q.count)
         similarity, candidates = self.index.search(self._query_embeddings(q, hint, prior), max(fetch_k, k))
         valid = candidates >= 0
         util = self.bank.gather("util_mean", candidates)

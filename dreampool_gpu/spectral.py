@@ -106,9 +106,8 @@ def _normalised_entropy(psd: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     n = psd.shape[-1]
     live = total >= _TOTAL_MIN
     p = psd / torch.where(live, total, torch.ones_like(total))[..., None]
-    keep = p > _P_MIN
-    terms = torch.where(keep, p * torch.log(torch.where(keep, p, torch.ones_like(p))), 0.0)
-    entropy = -terms.sum(dim=-1) / (math.log(n) if n > 1 else 1.0)
+    terms = torch.special.entr(torch.where(p > _P_MIN, p, 0.0))  # -p ln p, 0 at p = 0
+    entropy = terms.sum(dim=-1) / (math.log(n) if n > 1 else 1.0)
     return torch.where(live, entropy, torch.zeros_like(entropy))
 
 
@@ -129,23 +128,26 @@ def spectral_features(dreams: Any, *, window: Window | str = Window.HANN) -> tor
         ``[N, 8]`` float32 on the input's device.
 
     Raises:
-        InvalidInputError: not floating point, NaN/inf present, or an unknown window.
+        InvalidInputError: not floating point, NaN/inf present (or a layer sum overflows
+            float32), or an unknown window.
         DimensionMismatchError: not ``[N, R, C, L, 3]``.
     """
     kind = Window(window)
     x = as_dream_batch(dreams)
-    check_finite(x, "dreams")
     n_dreams, rows, cols = x.shape[0], x.shape[1], x.shape[2]
     n = rows * cols
     if n_dreams == 0:  # MKL's FFT rejects an empty batch
         return torch.zeros(0, SPECTRAL_DIM, device=x.device)
 
-    image = x.mean(dim=3, dtype=torch.float32)  # [N, R, C, 3]
+    # [N, 3, R, C] contiguous: channels first so fft2 runs over the last two dims.
+    image = x.permute(0, 4, 1, 2, 3).mean(dim=-1, dtype=torch.float32)
+    # NaN/inf in a dream reaches its layer mean; checking the L-times smaller mean is cheaper.
+    check_finite(image, "dreams")
     w_rows = window_vector(rows, kind, device=x.device)
     w_cols = window_vector(cols, kind, device=x.device)
-    image = image * (w_rows[:, None] * w_cols[None, :])[..., None]
-    spectrum = torch.fft.fft2(image.permute(0, 3, 1, 2))  # [N, 3, R, C], one batched call
-    psd = (spectrum.real.square() + spectrum.imag.square()).reshape(n_dreams, 3, n)
+    spectrum = torch.view_as_real(torch.fft.fft2(image * (w_rows[:, None] * w_cols[None, :])))
+    re, im = spectrum.unbind(-1)
+    psd = (re * re + im * im).reshape(n_dreams, 3, n)  # one batched fft2 over N and channels
 
     total = psd.sum(dim=-1)  # [N, 3]
     entropy = _normalised_entropy(psd, total).mean(dim=-1, keepdim=True)

@@ -30,6 +30,13 @@ class SearchIndex(ABC):
         """Bytes of derived state held by the engine (0 for pure scans)."""
         return 0
 
+    def serialize(self) -> bytes | None:
+        """Derived state worth saving in a checkpoint (None: rebuild from the bank)."""
+        return None
+
+    def deserialize(self, data: bytes) -> None:  # noqa: B027 - optional hook
+        """Restore what :meth:`serialize` returned, for the bank it was saved with."""
+
     @abstractmethod
     def search(
         self, queries: torch.Tensor, k: int, *, mask: torch.Tensor | None = None
