@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import NUM_CLASSES, chroma_signature, hue_category, validate_dreams
 from dreampool_gpu.encoders import FeatureEncoder
 from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
+from dreampool_gpu.metrics import PoolMetrics
 from dreampool_gpu.rerank import HybridWeights, class_match, hybrid_scores, mmr
 from dreampool_gpu.search import ExactSearch, make_index, stable_topk
 from dreampool_gpu.spectral import spectral_features
@@ -114,6 +116,7 @@ class DreamPool:
         )
         self.counters = {"added": 0, "rejected": 0, "evicted": 0, "dropped": 0, "queries": 0, "feedback": 0}
         self._lock = threading.RLock()
+        self.metrics: PoolMetrics | None = None
 
     def __len__(self) -> int:
         return self.bank.size
@@ -250,6 +253,7 @@ class DreamPool:
         Raises:
             InvalidInputError, DimensionMismatchError: bad input (pool unchanged).
         """
+        start = time.perf_counter()
         with self._lock:
             mode_ = self.config.default_mode if mode is None else RetrievalMode.parse(mode)
             k_ = self.config.retrieval_limit if k is None else v.check_count(k, "k")
@@ -295,6 +299,8 @@ class DreamPool:
             usage.index_add_(0, present, torch.ones_like(present, dtype=usage.dtype))
             self.counters["queries"] += b
             dreams = self.bank.gather("dreams", slots) if with_dreams else None
+            if self.metrics is not None:
+                self.metrics.observe_retrieve(time.perf_counter() - start, b)
             return Retrieval(ids=ids, scores=scores, dreams=dreams)
 
     # -------------------------------------------------------------- feedback
@@ -343,6 +349,16 @@ class DreamPool:
             cols["utility"][touched] = values[last[touched]]
             self.counters["feedback"] += int(slots.numel())
             return int(slots.numel())
+
+    def enable_metrics(self, *, registry: Any = None) -> PoolMetrics:
+        """Start Prometheus metrics for this pool (needs prometheus-client); returns them.
+
+        Counters and gauges are read from :meth:`stats` at scrape time; retrieve
+        latency and batch size are observed per call from now on.
+        """
+        with self._lock:
+            self.metrics = PoolMetrics(self, registry=registry)
+            return self.metrics
 
     # --------------------------------------------------------------- gather
     def dreams(self, ids: Any) -> torch.Tensor:

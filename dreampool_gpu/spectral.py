@@ -145,13 +145,14 @@ def spectral_features(dreams: Any, *, window: Window | str = Window.HANN) -> tor
     check_finite(image, "dreams")
     w_rows = window_vector(rows, kind, device=x.device)
     w_cols = window_vector(cols, kind, device=x.device)
+    # One batched fft2 over dreams and channels.
     spectrum = torch.view_as_real(torch.fft.fft2(image * (w_rows[:, None] * w_cols[None, :])))
     re, im = spectrum.unbind(-1)
-    psd = (re * re + im * im).reshape(n_dreams, 3, n)  # one batched fft2 over N and channels
+    psd = torch.addcmul(re * re, im, im).reshape(n_dreams, 3, n)  # [N, 3, n]
 
-    total = psd.sum(dim=-1)  # [N, 3]
+    bands = _band_energies(psd)  # [N, 3 channels, 3 bands]; they partition the PSD
+    total = bands.sum(dim=-1)  # [N, 3]
     entropy = _normalised_entropy(psd, total).mean(dim=-1, keepdim=True)
-    bands = _band_energies(psd).mean(dim=1)  # [N, 3]
     mean_psd = total.sum(dim=-1, keepdim=True) / (3 * n)
     dominant = _dominant_index(psd).to(torch.float32)  # [N, 3]
-    return torch.cat((entropy, bands, mean_psd, dominant), dim=-1)
+    return torch.cat((entropy, bands.mean(dim=1), mean_psd, dominant), dim=-1)
