@@ -96,6 +96,7 @@ def test_batched_torch(benchmark, dreams_cpu, bench_device, record_median):
     assert out.shape == (N_DREAMS, SPECTRAL_DIM)
     assert out.device == bench_device
     benchmark.extra_info["device"] = str(bench_device)
+    benchmark.extra_info["torch_threads"] = torch.get_num_threads()
     if bench_device.type == "cuda":
         benchmark.extra_info["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(bench_device)
     record_median(benchmark, "batched")

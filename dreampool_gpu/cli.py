@@ -36,6 +36,36 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def environment_info() -> dict[str, object]:
+    """torch, CUDA, FAISS and NVML facts of this machine (never raises)."""
+    import torch
+
+    from dreampool_gpu.devices import cuda_available, faiss_gpu_available, nvml_available
+
+    info: dict[str, object] = {"torch": torch.__version__, "cuda_available": cuda_available()}
+    if cuda_available():
+        info["cuda_version"] = torch.version.cuda
+        info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    try:
+        import faiss
+
+        info["faiss"] = faiss.__version__
+    except ImportError:
+        info["faiss"] = None
+    info["faiss_gpu"] = faiss_gpu_available()
+    info["nvml"] = nvml_available()
+    return info
+
+
+def _info(args: argparse.Namespace) -> int:
+    info = environment_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print("\n".join(f"{key:15} {value}" for key, value in info.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``dreampool`` command."""
     parser = argparse.ArgumentParser(prog="dreampool", description="GPU dream pool tools.")
@@ -52,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(run=_demo)
+
+    info = commands.add_parser("info", help="show torch, CUDA, FAISS and NVML facts of this machine")
+    info.add_argument("--json", action="store_true", help="print as JSON")
+    info.set_defaults(run=_info)
     return parser
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dreampool_gpu import _validation as v
+from dreampool_gpu import persist
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.budget import eviction_order
 from dreampool_gpu.cache import QueryCache, query_keys
@@ -575,3 +576,66 @@ class DreamPool:
         )
         slots = torch.where(picks >= 0, candidates.gather(1, picks.clamp(min=0)), picks)
         return scores, slots
+
+    # ----------------------------------------------------------- persistence
+    def save(self, path: persist.PathArg) -> None:
+        """Write a checkpoint directory at ``path``, atomically (see :mod:`dreampool_gpu.persist`).
+
+        The pool's state is copied under its lock, then written while other
+        threads keep using the pool. Readers of ``path`` see the previous
+        checkpoint or this one, never a mix.
+
+        Raises:
+            InvalidInputError: ``path`` is not a path, or names something that is
+                not a dreampool checkpoint (it is never overwritten).
+            OSError: the filesystem failed; the previous checkpoint is intact.
+        """
+        with persist.WRITE_LOCK:  # saves land in the order their snapshots were taken
+            with self._lock:
+                snap = persist.snapshot(self)
+            persist.write_checkpoint(snap, path)
+
+    @classmethod
+    def load(cls, path: persist.PathArg, *, device: str | torch.device | None = None) -> DreamPool:
+        """Build a pool from the checkpoint at ``path``, verifying every checksum.
+
+        Keyword Args:
+            device: where the new pool lives (default: the saved configuration's
+                device). A pool saved on CUDA loads on CPU and the reverse; the
+                dreams keep their saved dtype.
+
+        Raises:
+            CheckpointCorruptError: a missing, truncated or altered file (named in
+                the error), or a format version newer than this library.
+            DeviceUnavailableError: ``device`` is CUDA and absent.
+        """
+        snap = persist.read_checkpoint(path)
+        pool = cls(persist.config_for_load(snap, device))
+        with pool._lock:
+            persist.restore(pool, snap)
+        return pool
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pool's state as a dict of CPU tensors, bytes and plain values.
+
+        Round-trips through ``torch.save`` / ``torch.load(weights_only=True)``, so
+        the pool can ride in a training checkpoint.
+        """
+        with self._lock:
+            return persist.to_state_dict(persist.snapshot(self))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Replace this pool's entries, counters and index with ``state_dict``'s.
+
+        The pool keeps its own configuration; fields that shape the stored data
+        (dream shape, embedding, encoder, metric, window) must match, and the
+        capacity must hold the saved entries. Dreams are cast to this pool's dtype.
+
+        Raises:
+            InvalidInputError: not a state dict of this format, or a malformed part.
+            InvalidConfigurationError: the state does not fit this pool's configuration.
+            (On error the pool is unchanged.)
+        """
+        snap = persist.from_state_dict(state_dict)
+        with self._lock:
+            persist.restore(self, snap)

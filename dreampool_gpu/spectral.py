@@ -33,6 +33,13 @@ SPECTRAL_DIM = len(SPECTRAL_FEATURES)
 _P_MIN = 1e-10
 _TOTAL_MIN = 1e-10
 
+# PSD values ([chunk, 3, n]) computed per chunk of dreams. On CPU small chunks keep the
+# temporaries warm in cache and avoid page faults on fresh large allocations (about 1.6x
+# faster at 10K dreams of 16x16x4); elsewhere large chunks fill the device and only bound
+# peak memory.
+_CHUNK_PSD_VALUES = {"cpu": 1 << 20}
+_DEFAULT_CHUNK_PSD_VALUES = 1 << 26
+
 
 class Window(str, Enum):
     """Window applied along rows and cols before the FFT; plain strings accepted."""
@@ -111,12 +118,34 @@ def _normalised_entropy(psd: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return torch.where(live, entropy, torch.zeros_like(entropy))
 
 
+def _chunk_features(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Features ``[B, 8]`` float32 of a non-empty chunk ``[B, R, C, L, 3]``; ``weights`` is ``[R, C]``."""
+    n_dreams, rows, cols = x.shape[:3]
+    n = rows * cols
+    # [B, 3, R, C] contiguous: channels first so fft2 runs over the last two dims.
+    image = x.permute(0, 4, 1, 2, 3).mean(dim=-1, dtype=torch.float32)
+    # NaN/inf in a dream reaches its layer mean; checking the L-times smaller mean is cheaper.
+    check_finite(image, "dreams")
+    # One batched fft2 over dreams and channels.
+    spectrum = torch.view_as_real(torch.fft.fft2(image * weights))
+    re, im = spectrum.unbind(-1)
+    psd = torch.addcmul(re * re, im, im).reshape(n_dreams, 3, n)  # [B, 3, n]
+
+    bands = _band_energies(psd)  # [B, 3 channels, 3 bands]; they partition the PSD
+    total = bands.sum(dim=-1)  # [B, 3]
+    entropy = _normalised_entropy(psd, total).mean(dim=-1, keepdim=True)
+    mean_psd = total.sum(dim=-1, keepdim=True) / (3 * n)
+    dominant = _dominant_index(psd).to(torch.float32)  # [B, 3]
+    return torch.cat((entropy, bands.mean(dim=1), mean_psd, dominant), dim=-1)
+
+
 def spectral_features(dreams: Any, *, window: Window | str = Window.HANN) -> torch.Tensor:
     """Spectral features of a batch of dreams, in the order of :data:`SPECTRAL_FEATURES`.
 
     Entropy and the three band energies are means over channels; ``mean_psd`` is
     the total PSD of the three channels over ``3n``; the dominant (flat) PSD
-    index is kept per channel, as a float. Sums accumulate in float32.
+    index is kept per channel, as a float. Sums accumulate in float32. Large
+    batches run in chunks of dreams to bound temporary memory.
 
     Args:
         dreams: ``[N, R, C, L, 3]`` floating tensor (any float dtype), finite; ``N`` may be 0.
@@ -134,25 +163,12 @@ def spectral_features(dreams: Any, *, window: Window | str = Window.HANN) -> tor
     """
     kind = Window(window)
     x = as_dream_batch(dreams)
-    n_dreams, rows, cols = x.shape[0], x.shape[1], x.shape[2]
-    n = rows * cols
+    n_dreams, rows, cols = x.shape[:3]
     if n_dreams == 0:  # MKL's FFT rejects an empty batch
         return torch.zeros(0, SPECTRAL_DIM, device=x.device)
-
-    # [N, 3, R, C] contiguous: channels first so fft2 runs over the last two dims.
-    image = x.permute(0, 4, 1, 2, 3).mean(dim=-1, dtype=torch.float32)
-    # NaN/inf in a dream reaches its layer mean; checking the L-times smaller mean is cheaper.
-    check_finite(image, "dreams")
-    w_rows = window_vector(rows, kind, device=x.device)
-    w_cols = window_vector(cols, kind, device=x.device)
-    # One batched fft2 over dreams and channels.
-    spectrum = torch.view_as_real(torch.fft.fft2(image * (w_rows[:, None] * w_cols[None, :])))
-    re, im = spectrum.unbind(-1)
-    psd = torch.addcmul(re * re, im, im).reshape(n_dreams, 3, n)  # [N, 3, n]
-
-    bands = _band_energies(psd)  # [N, 3 channels, 3 bands]; they partition the PSD
-    total = bands.sum(dim=-1)  # [N, 3]
-    entropy = _normalised_entropy(psd, total).mean(dim=-1, keepdim=True)
-    mean_psd = total.sum(dim=-1, keepdim=True) / (3 * n)
-    dominant = _dominant_index(psd).to(torch.float32)  # [N, 3]
-    return torch.cat((entropy, bands.mean(dim=1), mean_psd, dominant), dim=-1)
+    weights = torch.outer(
+        window_vector(rows, kind, device=x.device), window_vector(cols, kind, device=x.device)
+    )
+    budget = _CHUNK_PSD_VALUES.get(x.device.type, _DEFAULT_CHUNK_PSD_VALUES)
+    chunk = max(1, budget // (3 * rows * cols))
+    return torch.cat([_chunk_features(part, weights) for part in x.split(chunk)])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dreampool_gpu import spectral
 from dreampool_gpu.dreams import synthetic_dreams
 from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
 from dreampool_gpu.spectral import (
@@ -183,6 +184,16 @@ class TestSpectralFeatures:
         bad[0, 0, 1, 1, 2] = float("inf")
         with pytest.raises(InvalidInputError, match="finite"):
             spectral_features(bad)
+
+    def test_chunks_that_do_not_divide_the_batch(self, device, monkeypatch):
+        g = torch.Generator().manual_seed(12)
+        dreams = torch.rand((17, 3, 4, 2, 3), generator=g).to(device)
+        whole = spectral_features(dreams)
+        # 3 * n * 5 PSD values per chunk -> chunks of 5 dreams (5, 5, 5, 2)
+        monkeypatch.setattr(spectral, "_CHUNK_PSD_VALUES", {device.type: 3 * 12 * 5})
+        torch.testing.assert_close(spectral_features(dreams), whole)
+        monkeypatch.setattr(spectral, "_CHUNK_PSD_VALUES", {device.type: 1})
+        torch.testing.assert_close(spectral_features(dreams), whole)
 
     def test_input_not_mutated(self):
         dreams = torch.rand(2, 4, 4, 2, 3)

@@ -1,0 +1,621 @@
+"""Checkpoint format of a :class:`~dreampool_gpu.pool.DreamPool`: save, load, verify, recover.
+
+A checkpoint is a directory::
+
+    manifest.json      format name and version, sha256 + size of every other file,
+                       and a digest of the manifest itself
+    config.json        PoolConfig.to_dict()
+    state.json         bank scalars (size, next_id, extent), counters, index kind
+    bank.safetensors   every bank column, rows [0, extent) (slot layout preserved)
+    index.bin          the search engine's serialized state, when it has any
+
+:func:`write_checkpoint` builds the directory in a temporary sibling, fsyncs it
+and swaps it into place (``renameat2(RENAME_EXCHANGE)`` on Linux, otherwise two
+renames with the old copy kept until the new one is in place), so a reader sees
+the old checkpoint or the new one, never half of one. :func:`read_checkpoint`
+verifies every checksum on the very bytes it parses. A missing or corrupt index
+file is recovered by rebuilding from the bank (with a
+:class:`CheckpointRecoveryWarning`); anything else that is wrong raises
+:class:`~dreampool_gpu.errors.CheckpointCorruptError` naming the file. Loading
+never writes to disk.
+
+The same content travels as a plain dict (:func:`to_state_dict`,
+:func:`from_state_dict`) that survives ``torch.save`` /
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import psutil
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from dreampool_gpu.bank import column_specs
+from dreampool_gpu.config import DREAM_DTYPES, PoolConfig
+from dreampool_gpu.devices import resolve_device
+from dreampool_gpu.errors import (
+    CheckpointCorruptError,
+    DreamPoolError,
+    InvalidConfigurationError,
+    InvalidInputError,
+)
+
+if TYPE_CHECKING:
+    from dreampool_gpu.pool import DreamPool
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "dreampool-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+STATE = "state.json"
+BANK = "bank.safetensors"
+INDEX = "index.bin"
+_REQUIRED = (CONFIG, STATE, BANK)
+_PART_FILE = {"config": CONFIG, "state": STATE, "bank": BANK}
+# Config fields that shape what the bank stores: a state can only go into a pool that agrees on them.
+_STRUCTURAL = (
+    "dream_shape", "embedding_dim", "metric", "window",
+    "include_spectral", "include_class", "include_utility", "encoder_seed",
+)
+
+PathArg: TypeAlias = "str | os.PathLike[str]"
+
+WRITE_LOCK = threading.RLock()
+"""Serialises checkpoint writes within the process (taken before the pool's lock)."""
+
+
+class CheckpointRecoveryWarning(UserWarning):
+    """A checkpoint was loaded after recovering from a damaged or missing part."""
+
+
+@dataclass
+class PoolSnapshot:
+    """Everything a checkpoint holds, host-side.
+
+    Attributes:
+        config: the pool's configuration.
+        size, next_id, extent: bank scalars.
+        counters: the pool's counters.
+        columns: name -> ``[extent, ...]`` CPU tensor, one per bank column.
+        index_kind: ``SearchIndex.kind`` of the engine that produced ``index_bytes``.
+        index_bytes: serialized engine state, or None (rebuild from the bank).
+    """
+
+    config: PoolConfig
+    size: int
+    next_id: int
+    extent: int
+    counters: dict[str, int]
+    columns: dict[str, torch.Tensor]
+    index_kind: str
+    index_bytes: bytes | None
+
+
+class _Invalid(Exception):
+    """Internal: part ``where`` (config, state, bank) of a snapshot is malformed."""
+
+    def __init__(self, where: str, expected: str, got: Any) -> None:
+        super().__init__(f"expected {expected}, got {got}")
+        self.where, self.expected, self.got = where, expected, got
+
+
+# ------------------------------------------------------------------ snapshot
+def snapshot(pool: DreamPool) -> PoolSnapshot:
+    """Copy the pool's persistent state to the host (caller holds the pool's lock).
+
+    Columns are copied (not viewed), so the pool may change as soon as the lock
+    is released.
+    """
+    bank = pool.bank
+    extent = bank.extent
+    columns = {name: t[:extent].detach().to("cpu", copy=True).contiguous() for name, t in bank.columns.items()}
+    return PoolSnapshot(
+        config=pool.config,
+        size=bank.size,
+        next_id=bank.next_id,
+        extent=extent,
+        counters=dict(pool.counters),
+        columns=columns,
+        index_kind=pool.index.kind,
+        index_bytes=pool.index.serialize(),
+    )
+
+
+def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
+    """Replace the pool's bank, counters and index with ``snap`` (caller holds the lock).
+
+    Every check runs before the first write: on error the pool is unchanged.
+    Dreams are cast to the pool's dream dtype. The query cache is cleared; the
+    index is restored from ``snap.index_bytes`` when its engine kind matches and
+    rebuilt from the bank otherwise.
+
+    Raises:
+        InvalidConfigurationError: the pool's configuration cannot hold ``snap``
+            (a structural field differs, or ``capacity`` is below the saved extent).
+    """
+    for name in _STRUCTURAL:
+        mine, theirs = getattr(pool.config, name), getattr(snap.config, name)
+        if mine != theirs:
+            raise InvalidConfigurationError(name, _plain(theirs), f"{_plain(mine)!r}, the value this pool was built with")
+    if snap.extent > pool.config.capacity:
+        raise InvalidConfigurationError(
+            "capacity", pool.config.capacity, f"at least {snap.extent} (the saved extent) to hold this state"
+        )
+    bank = pool.bank
+    for name, column in bank.columns.items():
+        column[: snap.extent].copy_(snap.columns[name])
+        column[snap.extent :].fill_(bank.specs[name].fill)
+    bank.size, bank.next_id, bank.extent = snap.size, snap.next_id, snap.extent
+    bank.revision += 1
+    pool.counters.update({key: snap.counters.get(key, 0) for key in pool.counters})
+    pool.cache.clear()
+    _restore_index(pool, snap)
+
+
+def _restore_index(pool: DreamPool, snap: PoolSnapshot) -> None:
+    index = pool.index
+    index.reset()
+    if snap.index_bytes is not None and snap.index_kind == index.kind:
+        try:
+            index.deserialize(snap.index_bytes)
+            return
+        except Exception as exc:  # any engine failure is recoverable: the bank is the truth
+            warnings.warn(
+                f"search index ({snap.index_kind}) could not be restored ({exc!r}); rebuilt from the bank",
+                CheckpointRecoveryWarning,
+                stacklevel=4,
+            )
+            index.reset()
+    elif snap.index_bytes is not None:
+        logger.info("checkpoint index is %s, pool uses %s: rebuilding from the bank", snap.index_kind, index.kind)
+    index.add(pool.bank.slots_by_age())
+
+
+def config_for_load(snap: PoolSnapshot, device: str | torch.device | None) -> PoolConfig:
+    """The configuration a pool loaded from ``snap`` onto ``device`` is built with.
+
+    ``device`` None keeps the saved device. The dream dtype follows the saved
+    column: an ``auto`` dtype that would pick another dtype on ``device`` is
+    replaced by the saved dtype's name.
+
+    Raises:
+        InvalidConfigurationError: ``device`` names no device.
+        DeviceUnavailableError: ``device`` (or the saved one) is CUDA and absent.
+    """
+    config = snap.config
+    if device is not None:
+        if not isinstance(device, (str, torch.device)):
+            raise InvalidConfigurationError("device", device, '"auto", "cpu", "cuda" or "cuda:N"')
+        config = config.replace(device=str(device))
+    saved = _dtype_name(snap.columns["dreams"].dtype)
+    if config.dream_dtype == "auto":
+        auto = "float16" if resolve_device(config.device).type == "cuda" else "float32"
+        if auto != saved:
+            config = config.replace(dream_dtype=saved)
+    return config
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _plain(value: Any) -> Any:
+    return getattr(value, "value", value)
+
+
+# ---------------------------------------------------------------- validation
+def _check_int(value: Any, where: str, name: str, low: int, high: int | None = None) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        bound = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
+        raise _Invalid(where, f"{name}: {bound}", repr(value))
+    return value
+
+
+def _build(config: Any, state: Any, columns: Any, index_bytes: Any) -> PoolSnapshot:
+    """Validate the parts of a snapshot against each other and assemble it."""
+    if not isinstance(config, dict):
+        raise _Invalid("config", "a mapping of PoolConfig fields", type(config).__name__)
+    try:
+        cfg = PoolConfig.from_dict(config)
+    except DreamPoolError as exc:
+        raise _Invalid("config", "a valid PoolConfig", str(exc)) from None
+    if not isinstance(state, dict):
+        raise _Invalid("state", "a mapping", type(state).__name__)
+    missing = sorted({"size", "next_id", "extent", "counters", "index_kind"} - set(state))
+    if missing:
+        raise _Invalid("state", "keys size, next_id, extent, counters, index_kind", f"no {missing[0]!r}")
+    extent = _check_int(state["extent"], "state", "extent", 0, cfg.capacity)
+    size = _check_int(state["size"], "state", "size", 0, extent)
+    next_id = _check_int(state["next_id"], "state", "next_id", 0)
+    counters = state["counters"]
+    if not isinstance(counters, dict) or not all(isinstance(k, str) for k in counters):
+        raise _Invalid("state", "counters: a mapping of name -> int", repr(counters)[:80])
+    for key, value in counters.items():
+        _check_int(value, "state", f"counters[{key!r}]", 0)
+    if not isinstance(state["index_kind"], str):
+        raise _Invalid("state", "index_kind: a string", repr(state["index_kind"])[:80])
+    if index_bytes is not None and not isinstance(index_bytes, bytes):
+        raise _Invalid("index", "bytes or None", type(index_bytes).__name__)
+    _check_columns(columns, cfg, extent, size, next_id)
+    return PoolSnapshot(cfg, size, next_id, extent, dict(counters), dict(columns), state["index_kind"], index_bytes)
+
+
+def _check_columns(columns: Any, cfg: PoolConfig, extent: int, size: int, next_id: int) -> None:
+    if not isinstance(columns, dict):
+        raise _Invalid("bank", "a mapping of column name -> tensor", type(columns).__name__)
+    specs = column_specs(cfg.dream_shape, cfg.embedding_dim, torch.float32)
+    if set(columns) != set(specs):
+        diff = sorted(set(specs) ^ set(columns), key=str)
+        raise _Invalid("bank", f"exactly the columns {', '.join(specs)}", f"a difference in {diff[0]!r}")
+    for name, spec in specs.items():
+        t = columns[name]
+        if not isinstance(t, torch.Tensor):
+            raise _Invalid("bank", f"column {name!r}: a tensor", type(t).__name__)
+        if tuple(t.shape) != (extent, *spec.shape):
+            raise _Invalid("bank", f"column {name!r} of shape {[extent, *spec.shape]}", list(t.shape))
+        if name == "dreams":
+            allowed = [n for n in DREAM_DTYPES if n != "auto"] if cfg.dream_dtype == "auto" else [cfg.dream_dtype]
+            if _dtype_name(t.dtype) not in allowed:
+                raise _Invalid("bank", f"column 'dreams' of dtype {' or '.join(allowed)}", str(t.dtype))
+        elif t.dtype != spec.dtype:
+            raise _Invalid("bank", f"column {name!r} of dtype {spec.dtype}", str(t.dtype))
+    ids = columns["ids"]
+    live = ids[ids >= 0]
+    if bool((ids < -1).any()) or bool((live >= next_id).any()):
+        raise _Invalid("bank", f"ids in -1..{next_id - 1} (next_id)", "ids outside it")
+    if live.numel() != size:
+        raise _Invalid("bank", f"{size} live ids (state size)", live.numel())
+    if live.unique().numel() != live.numel():
+        raise _Invalid("bank", "unique live ids", "duplicates")
+    _check_values(columns, ids >= 0)
+
+
+def _check_values(columns: dict[str, torch.Tensor], alive: torch.Tensor) -> None:
+    """Value ranges of live rows, as :meth:`DreamPool.add` and feedback would have left them."""
+    ranges = {
+        "dreams": (0.0, 1.0), "chroma": (0.0, 1.0), "coherence": (0.0, 1.0), "violation": (0.0, 1.0),
+        "energy": (0.0, float("inf")), "util_mean": (0.0, 1.0), "feedback_count": (0, None),
+        "usage": (0, None), "class_label": (-1, 9), "hue_category": (0, 11),
+    }
+    for name, t in columns.items():
+        rows = t[alive].float() if t.dtype in (torch.float16, torch.bfloat16) else t[alive]
+        if name == "utility":  # NaN until the first feedback
+            rows = rows[~rows.isnan()]
+            low, high = 0.0, 1.0
+        elif name in ranges:
+            low, high = ranges[name]
+        else:
+            low, high = None, None
+        if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
+            raise _Invalid("bank", f"finite values in column {name!r}", "NaN or inf")
+        if low is None or not rows.numel():
+            continue
+        if bool((rows < low).any()) or (high is not None and bool((rows > high).any())):
+            raise _Invalid("bank", f"column {name!r} in [{low}, {high}]", "values outside it")
+
+
+# ---------------------------------------------------------------- state dict
+def to_state_dict(snap: PoolSnapshot) -> dict[str, Any]:
+    """The snapshot as plain containers, tensors and bytes (``torch.load(weights_only=True)``-safe)."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": snap.config.to_dict(),
+        "state": _state_fields(snap),
+        "bank": dict(snap.columns),
+        "index": snap.index_bytes,
+    }
+
+
+def from_state_dict(state_dict: Any) -> PoolSnapshot:
+    """Validate a dict made by :func:`to_state_dict` (possibly via torch.save/load).
+
+    Raises:
+        InvalidInputError: not such a dict, a newer format version, or a malformed part.
+    """
+    if not isinstance(state_dict, dict) or state_dict.get("format") != FORMAT_NAME:
+        raise InvalidInputError("state_dict", f"a dict from DreamPool.state_dict() (format {FORMAT_NAME!r})",
+                                type(state_dict).__name__)
+    version = state_dict.get("format_version")
+    _check_version(version, lambda reason: InvalidInputError("state_dict", reason, repr(version)))
+    try:
+        return _build(state_dict.get("config"), state_dict.get("state"), state_dict.get("bank"),
+                      state_dict.get("index"))
+    except _Invalid as exc:
+        raise InvalidInputError(f"state_dict[{exc.where!r}]", exc.expected, exc.got) from None
+
+
+def _state_fields(snap: PoolSnapshot) -> dict[str, Any]:
+    return {"size": snap.size, "next_id": snap.next_id, "extent": snap.extent,
+            "counters": dict(snap.counters), "index_kind": snap.index_kind}
+
+
+def _check_version(version: Any, fail: Any) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise fail(f"a format version between 1 and {FORMAT_VERSION}")
+    if version > FORMAT_VERSION:
+        raise fail(
+            f"format version <= {FORMAT_VERSION}: version {version} was written by a newer "
+            "dreampool_gpu; upgrade dreampool_gpu to load it"
+        )
+
+
+# --------------------------------------------------------------------- write
+def write_checkpoint(snap: PoolSnapshot, path: PathArg) -> Path:
+    """Write ``snap`` as a checkpoint directory at ``path``, atomically.
+
+    The directory is built in a hidden sibling, fsynced, then swapped into
+    place; the previous checkpoint at ``path`` (if any) stays intact until the
+    new one is complete. Parent directories are created. Writes within the
+    process are serialised by :data:`WRITE_LOCK`.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        InvalidInputError: ``path`` is not a path, or names something other than
+            a dreampool checkpoint (which would be overwritten).
+        OSError: the filesystem failed (nothing at ``path`` changed).
+    """
+    target = _as_path(path)
+    with WRITE_LOCK:
+        return _write_locked(snap, target)
+
+
+def _write_locked(snap: PoolSnapshot, target: Path) -> Path:
+    if os.path.lexists(target) and not _is_checkpoint(target):
+        raise InvalidInputError("path", "a new path or an existing dreampool checkpoint directory", str(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        files = {
+            CONFIG: _json_bytes(snap.config.to_dict()),
+            STATE: _json_bytes(_state_fields(snap)),
+            BANK: save_safetensors(snap.columns),
+        }
+        if snap.index_bytes is not None:
+            files[INDEX] = snap.index_bytes
+        entries = {name: _write_file(tmp / name, data) for name, data in files.items()}
+        body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "files": entries}
+        _write_file(tmp / MANIFEST, _json_bytes({**body, "digest": _digest(body)}))
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _remove_stale_siblings(target)
+    return target
+
+
+def _as_path(path: Any) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidInputError("path", "a str or os.PathLike", type(path).__name__)
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise InvalidInputError("path", "a non-empty str path without NUL bytes", repr(text)[:80])
+    return Path(text)
+
+
+def _is_checkpoint(target: Path) -> bool:
+    """True when ``target`` is a directory whose manifest names this format (replaceable)."""
+    try:
+        manifest = json.loads((target / MANIFEST).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode()
+
+
+def _digest(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _write_file(path: Path, data: bytes) -> dict[str, Any]:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Put ``tmp`` at ``target``; the old ``target`` survives until the new one is there."""
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+        return
+    if _rename_exchange(tmp, target):  # one atomic step: tmp now holds the old checkpoint
+        _fsync_dir(target.parent)
+        shutil.rmtree(tmp)
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    os.rename(target, old)  # a crash here leaves the complete old copy; read_checkpoint finds it
+    os.rename(tmp, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(old)
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """libc's ``renameat2`` on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``RENAME_EXCHANGE``); False where unsupported."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _siblings(target: Path, kind: str) -> list[Path]:
+    prefix = f".{target.name}.{kind}-"
+    try:
+        return [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return []
+
+
+def _owner_gone(path: Path) -> bool:
+    pid_text = path.name.rsplit("-", 2)[-2]
+    return not pid_text.isdigit() or int(pid_text) == os.getpid() or not psutil.pid_exists(int(pid_text))
+
+
+def _remove_stale_siblings(target: Path) -> None:
+    """Drop leftovers of interrupted saves (their writers are gone) now that ``target`` is complete."""
+    for leftover in _siblings(target, "tmp") + _siblings(target, "old"):
+        if _owner_gone(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- read
+def read_checkpoint(path: PathArg) -> PoolSnapshot:
+    """Read and verify the checkpoint at ``path``; never writes to disk.
+
+    When ``path`` is missing but an interrupted save left the previous
+    checkpoint in a hidden ``.old`` sibling, that copy is read (with a
+    :class:`CheckpointRecoveryWarning`).
+
+    Raises:
+        CheckpointCorruptError: the manifest or a required file is missing,
+            malformed or fails its checksum; or the format version is newer than
+            this library (the message says so). The error's ``path`` names the file.
+        InvalidInputError: ``path`` is not a path.
+    """
+    target = _as_path(path)
+    if not target.is_dir():
+        recovered = sorted(_siblings(target, "old"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if os.path.lexists(target) or not recovered:
+            raise CheckpointCorruptError(target, "no checkpoint directory here")
+        warnings.warn(f"{target} is missing after an interrupted save; reading the previous checkpoint "
+                      f"{recovered[0]}", CheckpointRecoveryWarning, stacklevel=3)
+        target = recovered[0]
+    files = _read_manifest(target)
+    extra = sorted(p.name for p in target.iterdir() if p.name != MANIFEST and p.name not in files)
+    if extra:
+        warnings.warn(f"{target}: ignoring files the manifest does not list: {', '.join(extra)}",
+                      CheckpointRecoveryWarning, stacklevel=3)
+    data = {name: _read_verified(target / name, files[name]) for name in _REQUIRED}
+    index_bytes = None
+    if INDEX in files:
+        try:
+            index_bytes = _read_verified(target / INDEX, files[INDEX])
+        except CheckpointCorruptError as exc:
+            warnings.warn(f"{exc}; the search index will be rebuilt from the bank",
+                          CheckpointRecoveryWarning, stacklevel=3)
+    config = _parse_json(target / CONFIG, data[CONFIG])
+    state = _parse_json(target / STATE, data[STATE])
+    try:
+        columns = load_safetensors(data[BANK])
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise CheckpointCorruptError(target / BANK, f"not a readable safetensors file ({exc})") from None
+    try:
+        return _build(config, state, columns, index_bytes)
+    except _Invalid as exc:
+        raise CheckpointCorruptError(target / _PART_FILE[exc.where], str(exc)) from None
+
+
+def _read_manifest(target: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's file table, after checking format, version and digest."""
+    where = target / MANIFEST
+    try:
+        manifest = json.loads(where.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointCorruptError(where, "missing") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointCorruptError(where, f"not readable JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CheckpointCorruptError(where, f"not a {FORMAT_NAME} manifest")
+
+    def fail(reason: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(where, f"expected {reason}, got {manifest.get('format_version')!r}")
+
+    _check_version(manifest.get("format_version"), fail)
+    body = {key: value for key, value in manifest.items() if key != "digest"}
+    if manifest.get("digest") != _digest(body):
+        raise CheckpointCorruptError(where, "manifest digest mismatch (the manifest was altered)")
+    files = manifest.get("files")
+    known = (*_REQUIRED, INDEX)
+    if not isinstance(files, dict) or not all(name in files for name in _REQUIRED):
+        raise CheckpointCorruptError(where, f"a file table listing {', '.join(_REQUIRED)}")
+    for name, entry in files.items():
+        ok = (
+            name in known
+            and isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("bytes"), int)
+        )
+        if not ok:
+            raise CheckpointCorruptError(where, f"file entry {name!r} is not one of {', '.join(known)} "
+                                                "with sha256 and bytes")
+    return files
+
+
+def _read_verified(path: Path, entry: dict[str, Any]) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointCorruptError(path, "missing") from None
+    except OSError as exc:
+        raise CheckpointCorruptError(path, f"unreadable ({exc})") from None
+    if len(data) != entry["bytes"]:
+        raise CheckpointCorruptError(path, f"expected {entry['bytes']} bytes, found {len(data)} (truncated?)")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != entry["sha256"]:
+        raise CheckpointCorruptError(path, f"sha256 mismatch: manifest says {entry['sha256']}, file has {actual}")
+    return data
+
+
+def _parse_json(path: Path, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointCorruptError(path, f"not valid JSON ({exc})") from None
