@@ -31,10 +31,13 @@ def bench_device() -> torch.device:
 def record_median(request):
     """Store a finished benchmark's median under ``(group, role)`` for the summary.
 
-    Roles ``"baseline"`` and ``"batched"`` of one group are printed as a ratio.
+    Roles ``"baseline"`` and ``"batched"`` of one group are printed as a ratio. The
+    role also lands in the JSON (``extra_info["role"]``), where ``benchmarks/report.py``
+    turns every non-baseline role into a cost ratio against its group's baseline.
     """
 
     def record(benchmark, role: str) -> None:
+        benchmark.extra_info["role"] = role
         if benchmark.stats is None:  # --benchmark-disable: nothing was timed
             return
         medians = request.config.stash.setdefault(_MEDIANS, {})

@@ -103,5 +103,4 @@ class TestRetrieve:
             sync(bench_device)
 
         benchmark.pedantic(retrieve, rounds=10, warmup_rounds=1)
-        if mode == "nearest":
-            record_median(benchmark, "batched")
+        record_median(benchmark, "batched" if mode == "nearest" else f"pool-{mode}")

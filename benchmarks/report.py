@@ -1,0 +1,175 @@
+"""Turn a pytest-benchmark JSON into the suite's results file, plots and regression check.
+
+    python benchmarks/report.py RAW.json --machine NAME [--check BASELINE.json] [--write-baseline BASELINE.json]
+
+Writes ``benchmarks/results/<machine>.json`` (machine and device described
+inside, every benchmark's timings, and cost ratios) and PNG plots beside it.
+
+A *cost ratio* is a benchmark's median divided by the median of the benchmark
+with role ``baseline`` in the same group (roles come from ``extra_info["role"]``,
+set by the ``record_median`` fixture). Ratios, unlike absolute times, carry from
+one machine to another; ``--check`` fails when a ratio is more than 25% worse
+(higher) than the committed baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+TOLERANCE = 1.25
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine_info(device: str) -> dict[str, object]:
+    import torch
+
+    info: dict[str, object] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import faiss
+
+        info["faiss"] = faiss.__version__
+    except ImportError:
+        info["faiss"] = None
+    return info
+
+
+def cost_ratios(benchmarks: list[dict]) -> dict[str, float]:
+    """``{"group :: name": median / baseline median}`` for every non-baseline with a role."""
+    baselines = {
+        b["group"]: b["stats"]["median"] for b in benchmarks if b.get("extra_info", {}).get("role") == "baseline"
+    }
+    ratios = {}
+    for b in benchmarks:
+        role = b.get("extra_info", {}).get("role")
+        if role and role != "baseline" and b["group"] in baselines:
+            ratios[f"{b['group']} :: {b['name']}"] = b["stats"]["median"] / baselines[b["group"]]
+    return ratios
+
+
+def check(ratios: dict[str, float], baseline: dict[str, float]) -> list[str]:
+    """Lines describing every ratio more than 25% worse than its baseline."""
+    failures = []
+    for key, want in sorted(baseline.items()):
+        got = ratios.get(key)
+        if got is not None and got > want * TOLERANCE:
+            failures.append(f"{key}: cost ratio {got:.3f} vs baseline {want:.3f} (> {TOLERANCE:.2f}x worse)")
+    return failures
+
+
+def _series(benchmarks: list[dict], module: str, x: str, series: str, y: str | None) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for b in benchmarks:
+        info = b.get("extra_info", {})
+        if module in b["fullname"] and x in info and series in info:
+            value = info[y] if y else b["stats"]["median"] * 1e3
+            out.setdefault(str(info[series]), []).append((info[x], value))
+    return {name: sorted(points) for name, points in out.items()}
+
+
+def plot(benchmarks: list[dict], machine: str) -> list[Path]:
+    """Latency vs pool size per engine, MMR time vs k, memory per entry vs n."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = [
+        ("search", "test_search", "n", "engine", None, "pool size n", "median latency (ms)", True),
+        ("mmr", "test_rerank", "k", "impl", None, "k", "median time (ms)", False),
+        ("memory", "test_memory", "n", "what", "bytes_per_entry", "entries n", "bytes per entry", False),
+    ]
+    written = []
+    for name, module, x, series, y, xlabel, ylabel, loglog in specs:
+        data = _series(benchmarks, module, x, series, y)
+        if not data:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, points in sorted(data.items()):
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set_xscale("log" if loglog or name == "memory" else "linear")
+        if loglog:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{name} ({machine})")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = RESULTS / f"{machine}-{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("raw", type=Path, help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("--machine", required=True, help="name of this machine (file name of the results)")
+    parser.add_argument("--device", default=os.environ.get("DREAMPOOL_BENCH_DEVICE", "cpu"))
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--check", type=Path, help="fail when a ratio is >25%% worse than this baseline")
+    parser.add_argument("--write-baseline", type=Path, help="write this run's ratios as the new baseline")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+
+    raw = json.loads(args.raw.read_text())
+    benchmarks = raw["benchmarks"]
+    ratios = cost_ratios(benchmarks)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {
+        "machine": args.machine,
+        "profile": args.profile,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine_info": machine_info(args.device),
+        "ratios": ratios,
+        "benchmarks": [
+            {
+                "group": b["group"],
+                "name": b["name"],
+                "median_s": b["stats"]["median"],
+                "mean_s": b["stats"]["mean"],
+                "stddev_s": b["stats"]["stddev"],
+                "rounds": b["stats"]["rounds"],
+                "extra_info": b.get("extra_info", {}),
+            }
+            for b in benchmarks
+        ],
+    }
+    if not args.check:
+        (RESULTS / f"{args.machine}.json").write_text(json.dumps(result, indent=2) + "\n")
+        if not args.no_plots:
+            for path in plot(benchmarks, args.machine):
+                print(f"wrote {path}")
+        print(f"wrote {RESULTS / f'{args.machine}.json'} ({len(benchmarks)} benchmarks, {len(ratios)} ratios)")
+    if args.write_baseline:
+        args.write_baseline.write_text(json.dumps(dict(sorted(ratios.items())), indent=2) + "\n")
+        print(f"wrote baseline {args.write_baseline}")
+    if args.check:
+        baseline = json.loads(args.check.read_text())
+        failures = check(ratios, baseline)
+        compared = len(set(baseline) & set(ratios))
+        if failures:
+            print(f"regression check FAILED ({len(failures)} of {compared} ratios):")
+            print("\n".join(f"  {line}" for line in failures))
+            return 1
+        print(f"regression check passed: {compared} ratios within {TOLERANCE:.2f}x of the baseline")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
