@@ -211,15 +211,18 @@ def synthetic_dreams(
     """
     n = check_count(n, "n")
     shape = tuple(dream_shape)
-    if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+    bad_dim = any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape)
+    if len(shape) != 3 or bad_dim:
         raise InvalidInputError("dream_shape", "three positive ints (R, C, L)", dream_shape)
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise < math.inf:
+    is_real = isinstance(noise, (int, float)) and not isinstance(noise, bool)
+    if not is_real or not 0.0 <= noise < math.inf:
         raise InvalidInputError("noise", "a finite float >= 0", noise)
     pool = torch.arange(NUM_CLASSES) if classes is None else as_tensor(classes, "classes")
     check_int(pool, "classes")
     pool = pool.reshape(-1).to(device="cpu", dtype=torch.int64)
     if pool.numel() == 0 or bool(((pool < 0) | (pool >= NUM_CLASSES)).any()):
-        raise InvalidInputError("classes", f"a non-empty set of ints in [0, {NUM_CLASSES - 1}]", pool.tolist())
+        expected = f"a non-empty set of ints in [0, {NUM_CLASSES - 1}]"
+        raise InvalidInputError("classes", expected, pool.tolist())
 
     out_device = torch.device("cpu") if device is None else torch.device(device)
     draw_device = generator.device if generator is not None else out_device

@@ -387,7 +387,8 @@ def _write_locked(snap: PoolSnapshot, target: Path) -> Path:
     if os.path.lexists(target) and not _is_checkpoint(target):
         raise InvalidInputError("path", "a new path or an existing dreampool checkpoint directory", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    shutil.rmtree(target, ignore_errors=True)
+    tmp = target
     tmp.mkdir()
     try:
         files = {
@@ -401,7 +402,6 @@ def _write_locked(snap: PoolSnapshot, target: Path) -> Path:
         body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "files": entries}
         _write_file(tmp / MANIFEST, _json_bytes({**body, "digest": _digest(body)}))
         _fsync_dir(tmp)
-        _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -86,4 +86,3 @@ def score_dreams(dreams: Any) -> SolverScores:
     raw = out_of_gamut.to(torch.float32) + excess_sat + 0.5 * jumps.to(torch.float32)
     violation = (raw / cells).clamp(max=1.0)
     return SolverScores(coherence=coherence, energy=energy, violation=violation)
-

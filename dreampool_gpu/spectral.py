@@ -119,7 +119,7 @@ def _normalised_entropy(psd: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_features(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Features ``[B, 8]`` float32 of a non-empty chunk ``[B, R, C, L, 3]``; ``weights`` is ``[R, C]``."""
+    """Features ``[B, 8]`` float32 of a non-empty chunk ``[B, R, C, L, 3]``; weights ``[R, C]``."""
     n_dreams, rows, cols = x.shape[:3]
     n = rows * cols
     # [B, 3, R, C] contiguous: channels first so fft2 runs over the last two dims.
@@ -171,4 +171,4 @@ def spectral_features(dreams: Any, *, window: Window | str = Window.HANN) -> tor
     )
     budget = _CHUNK_PSD_VALUES.get(x.device.type, _DEFAULT_CHUNK_PSD_VALUES)
     chunk = max(1, budget // (3 * rows * cols))
-    return torch.cat([_chunk_features(part, weights) for part in x.split(chunk)])
+    return torch.cat([_chunk_features(part, weights) for part in torch.split(x, chunk)])

@@ -1,0 +1,618 @@
+"""Checkpoints: round trips, state dicts, corruption, recovery, refusals, nothing overwritten."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from dreampool_gpu import DreamPool, PoolConfig, persist
+from dreampool_gpu.devices import cuda_available
+from dreampool_gpu.errors import (
+    CheckpointCorruptError,
+    DeviceUnavailableError,
+    InvalidConfigurationError,
+    InvalidInputError,
+)
+from dreampool_gpu.persist import BANK, CONFIG, INDEX, MANIFEST, STATE, CheckpointRecoveryWarning
+from dreampool_gpu.search import ExactSearch
+
+SHAPE = (3, 4, 2)
+MODES = [
+    ("similar", {}), ("class", {"class_hint": 3}), ("balanced", {"classes": [1, 2, 5]}),
+    ("utility", {"utility_threshold": 0.3}), ("diverse", {}), ("soft", {}), ("hybrid", {"class_hint": 2}),
+    ("category", {}), ("nearest", {}),
+]
+
+
+def make_config(**overrides):
+    values = {"dream_shape": SHAPE, "capacity": 32, "device": "cpu", "coherence_threshold": 0.3}
+    values.update(overrides)
+    return PoolConfig(**values)
+
+
+def churned_pool(config=None, *, rounds=6, seed=0):
+    """A pool after adds with rejections and evictions, queries and feedback."""
+    pool = DreamPool(config or make_config(eviction_policy="lowest_utility"))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(rounds):
+        n = 12
+        dreams = (torch.rand(n, 1, 1, 1, 3, generator=g) + 0.05 * torch.rand(n, *SHAPE, 3, generator=g)).clamp(0, 1)
+        pool.add(dreams, coherence=torch.rand(n, generator=g), energy=torch.rand(n, generator=g),
+                 class_labels=torch.randint(-1, 10, (n,), generator=g))
+        hits = pool.retrieve(torch.rand(3, 3, generator=g), k=4, mode="hybrid")
+        pool.feedback(hits.ids, torch.rand(3, 4, generator=g))
+    return pool
+
+
+def bits(t):
+    """Integer view of a tensor, so equality is bit for bit (NaN == NaN)."""
+    width = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(width) if t.is_floating_point() else t
+
+
+def assert_same_pool(a, b, *, ignore=()):
+    assert (a.bank.size, a.bank.next_id, a.bank.extent) == (b.bank.size, b.bank.next_id, b.bank.extent)
+    assert a.counters == b.counters
+    assert torch.equal(a.bank.slots_by_age().cpu(), b.bank.slots_by_age().cpu())  # derived order is fresh
+    assert a.bank.columns.keys() == b.bank.columns.keys()
+    for name, col in a.bank.columns.items():
+        if name in ignore:
+            continue
+        other = b.bank.columns[name].to(col.device)
+        assert col.dtype == other.dtype, name
+        assert torch.equal(bits(col), bits(other)), name
+
+
+def assert_same_answers(a, b, *, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    queries = torch.rand(4, 3, generator=g)
+    for mode, kwargs in MODES:
+        ra = a.retrieve(queries.to(a.device), k=5, mode=mode, **kwargs)
+        rb = b.retrieve(queries.to(b.device), k=5, mode=mode, **kwargs)
+        assert torch.equal(ra.ids.cpu(), rb.ids.cpu()), mode
+        assert torch.allclose(ra.scores.cpu(), rb.scores.cpu(), atol=1e-6), mode
+
+
+def tree_digest(root):
+    """sha256 of every file under ``root`` (names and bytes), to prove nothing changed."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def rewrite(ckpt, name, data):
+    """Replace one file and re-sign the manifest: a consistent checkpoint written elsewhere."""
+    (ckpt / name).write_bytes(data)
+    manifest = json.loads((ckpt / MANIFEST).read_bytes())
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    resign(ckpt, manifest)
+
+
+def resign(ckpt, manifest):
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    (ckpt / MANIFEST).write_text(json.dumps({**body, "digest": digest}))
+
+
+def siblings(ckpt):
+    return sorted(p.name for p in ckpt.parent.iterdir() if p.name != ckpt.name)
+
+
+class RecordingSearch(ExactSearch):
+    """Exact search that serializes the slots it was given, to exercise the index file."""
+
+    kind = "recording-test"
+
+    def __init__(self, bank, metric, *, chunk_bytes):
+        super().__init__(bank, metric, chunk_bytes=chunk_bytes)
+        self.slots: list[int] = []
+        self.restored: bytes | None = None
+
+    def add(self, slots):
+        self.slots += slots.tolist()
+
+    def remove(self, slots):
+        gone = set(slots.tolist())
+        self.slots = [s for s in self.slots if s not in gone]
+
+    def reset(self):
+        self.slots = []
+        self.restored = None
+
+    def serialize(self):
+        return json.dumps(self.slots).encode()
+
+    def deserialize(self, data):
+        self.slots = [int(s) for s in json.loads(data)]
+        self.restored = data
+
+
+@pytest.fixture
+def recording_index(monkeypatch):
+    monkeypatch.setattr("dreampool_gpu.pool.make_index",
+                        lambda bank, config: RecordingSearch(bank, config.metric, chunk_bytes=2**20))
+
+
+# ------------------------------------------------------------------ round trips
+class TestRoundTrip:
+    def test_empty_pool(self, tmp_path):
+        pool = DreamPool(make_config())
+        pool.save(tmp_path / "ck")
+        loaded = DreamPool.load(tmp_path / "ck")
+        assert_same_pool(pool, loaded)
+        assert len(loaded) == 0
+        hits = loaded.retrieve(torch.rand(2, 3), k=3, mode="hybrid")
+        assert bool((hits.ids == -1).all())
+        assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted([MANIFEST, CONFIG, STATE, BANK])
+
+    def test_after_churn_bit_exact_and_same_answers(self, tmp_path):
+        pool = churned_pool()
+        assert pool.counters["evicted"] > 0 and pool.counters["rejected"] > 0
+        pool.save(tmp_path / "ck")
+        loaded = DreamPool.load(tmp_path / "ck")
+        assert loaded.config == pool.config
+        assert_same_pool(pool, loaded)
+        assert torch.equal(pool.bank.slots_by_age(), loaded.bank.slots_by_age())
+        assert_same_answers(pool, loaded)
+        # the next add goes to the same slots with the same ids
+        dreams = torch.rand(5, *SHAPE, 3, generator=torch.Generator().manual_seed(9))
+        assert torch.equal(pool.add(dreams, coherence=torch.ones(5)), loaded.add(dreams, coherence=torch.ones(5)))
+        assert_same_pool(pool, loaded, ignore=("inserted_at",))  # the new entries' clock readings differ
+
+    @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+    def test_dream_dtype_kept(self, tmp_path, dtype):
+        pool = churned_pool(make_config(dream_dtype=dtype))
+        pool.save(tmp_path / "ck")
+        loaded = DreamPool.load(tmp_path / "ck")
+        assert loaded.bank.columns["dreams"].dtype == getattr(torch, dtype)
+        assert_same_pool(pool, loaded)
+
+    def test_overwrite_replaces_and_leaves_no_siblings(self, tmp_path):
+        ck = tmp_path / "ck"
+        pool = churned_pool(rounds=2)
+        pool.save(ck)
+        pool.add(torch.rand(4, *SHAPE, 3), coherence=torch.ones(4))
+        pool.save(str(ck))
+        loaded = DreamPool.load(ck)
+        assert loaded.bank.next_id == pool.bank.next_id
+        assert siblings(ck) == []
+
+    @pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
+    def test_both_swap_paths(self, tmp_path, monkeypatch, exchange):
+        if not exchange:
+            monkeypatch.setattr(persist, "_rename_exchange", lambda a, b: False)
+        ck = tmp_path / "ck"
+        pool = churned_pool(rounds=1)
+        for _ in range(3):
+            pool.add(torch.rand(3, *SHAPE, 3), coherence=torch.ones(3))
+            pool.save(ck)
+            assert DreamPool.load(ck).bank.next_id == pool.bank.next_id
+        assert siblings(ck) == []
+
+    def test_load_then_save_again(self, tmp_path):
+        pool = churned_pool()
+        pool.save(tmp_path / "a")
+        DreamPool.load(tmp_path / "a").save(tmp_path / "b")
+        a, b = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "b")
+        assert a == b  # same content, same bytes: the format is deterministic
+
+    def test_index_file_saved_and_restored(self, tmp_path, recording_index):
+        pool = churned_pool()
+        pool.save(tmp_path / "ck")
+        manifest = json.loads((tmp_path / "ck" / MANIFEST).read_bytes())
+        assert INDEX in manifest["files"]
+        loaded = DreamPool.load(tmp_path / "ck")
+        assert loaded.index.restored == (tmp_path / "ck" / INDEX).read_bytes()
+        assert loaded.index.slots == pool.index.slots
+
+    def test_other_engine_kind_rebuilds_quietly(self, tmp_path, recording_index, monkeypatch):
+        churned_pool().save(tmp_path / "ck")
+        monkeypatch.setattr(RecordingSearch, "kind", "another-engine")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loaded = DreamPool.load(tmp_path / "ck")
+        assert loaded.index.restored is None
+        assert loaded.index.slots == loaded.bank.slots_by_age().tolist()
+
+
+class TestDevices:
+    def make_foreign(self, tmp_path, **config_changes):
+        """A CPU checkpoint edited to read as written on CUDA with float16 dreams."""
+        pool = churned_pool(make_config(dream_dtype="float16"))
+        ck = tmp_path / "ck"
+        pool.save(ck)
+        config = json.loads((ck / CONFIG).read_bytes())
+        config.update(config_changes)
+        rewrite(ck, CONFIG, json.dumps(config).encode())
+        return pool, ck
+
+    def test_cuda_saved_pool_loads_on_cpu(self, tmp_path):
+        pool, ck = self.make_foreign(tmp_path, device="cuda:0", dream_dtype="auto")
+        loaded = DreamPool.load(ck, device="cpu")
+        assert loaded.device == torch.device("cpu")
+        assert loaded.config.device == "cpu"
+        assert loaded.config.dream_dtype == "float16"  # follows the saved column, not CPU's auto choice
+        assert_same_pool(pool, loaded)
+        assert_same_answers(pool, loaded)
+
+    @pytest.mark.skipif(cuda_available(), reason="needs a machine without CUDA")
+    def test_saved_cuda_device_absent_raises(self, tmp_path):
+        _, ck = self.make_foreign(tmp_path, device="cuda:0", dream_dtype="auto")
+        with pytest.raises(DeviceUnavailableError):
+            DreamPool.load(ck)
+
+    def test_bad_device_argument(self, tmp_path):
+        churned_pool(rounds=1).save(tmp_path / "ck")
+        with pytest.raises(InvalidConfigurationError, match="device"):
+            DreamPool.load(tmp_path / "ck", device="tpu")
+        with pytest.raises(InvalidConfigurationError, match="device"):
+            DreamPool.load(tmp_path / "ck", device=3)
+
+    @pytest.mark.gpu
+    def test_cuda_to_cpu_and_back(self, tmp_path):
+        pool = churned_pool(make_config(device="cuda", eviction_policy="lowest_utility"))
+        assert pool.bank.columns["dreams"].dtype == torch.float16
+        pool.save(tmp_path / "gpu")
+        on_cpu = DreamPool.load(tmp_path / "gpu", device="cpu")
+        assert on_cpu.device.type == "cpu" and on_cpu.bank.columns["dreams"].dtype == torch.float16
+        assert_same_pool(pool, on_cpu)
+        assert_same_answers(pool, on_cpu)
+        on_cpu.save(tmp_path / "cpu")
+        back = DreamPool.load(tmp_path / "cpu", device="cuda")
+        assert back.device.type == "cuda"
+        assert_same_pool(pool, back)
+        sd = io.BytesIO()
+        torch.save(pool.state_dict(), sd)
+        sd.seek(0)
+        fresh = DreamPool(make_config(eviction_policy="lowest_utility", dream_dtype="float16"))
+        fresh.load_state_dict(torch.load(sd, weights_only=True))
+        assert_same_pool(pool, fresh)
+
+
+# ------------------------------------------------------------------ state dict
+class TestStateDict:
+    def roundtrip(self, sd):
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=True)
+
+    def test_rides_in_a_training_checkpoint(self, recording_index):
+        pool = churned_pool()
+        model = torch.nn.Linear(3, 2)
+        ckpt = self.roundtrip({"model": model.state_dict(), "pool": pool.state_dict(), "step": 7})
+        busy = churned_pool(seed=7)  # other entries, a warm order cache and query cache
+        assert len(busy.cache) > 0
+        busy.load_state_dict(ckpt["pool"])
+        assert len(busy.cache) == 0
+        fresh = DreamPool(make_config(eviction_policy="lowest_utility"))
+        fresh.load_state_dict(ckpt["pool"])
+        assert_same_pool(pool, fresh)
+        assert_same_pool(pool, busy)
+        assert_same_answers(pool, busy)
+        assert busy.index.restored is not None and busy.index.slots == pool.index.slots
+        assert fresh.index.restored is not None and fresh.index.slots == pool.index.slots
+
+    def test_is_a_copy(self):
+        pool = churned_pool()
+        sd = pool.state_dict()
+        usage = sd["bank"]["usage"].clone()
+        pool.retrieve(torch.rand(3, 3), k=5, mode="similar")
+        assert torch.equal(sd["bank"]["usage"], usage)
+        assert all(t.device.type == "cpu" for t in sd["bank"].values())
+
+    def test_empty_pool(self):
+        pool = DreamPool(make_config())
+        fresh = churned_pool()
+        fresh.load_state_dict(self.roundtrip(pool.state_dict()))
+        assert_same_pool(pool, fresh)
+
+    def test_keeps_own_tuning_and_casts_dreams(self):
+        pool = churned_pool()
+        target = DreamPool(make_config(coherence_threshold=0.9, capacity=40, dream_dtype="float16",
+                                       eviction_policy="lowest_utility"))
+        target.load_state_dict(pool.state_dict())
+        assert target.config.coherence_threshold == 0.9 and target.config.capacity == 40
+        assert target.bank.columns["dreams"].dtype == torch.float16
+        assert target.bank.size == pool.bank.size
+        live = pool.bank.slots_by_age()
+        assert torch.equal(target.bank.slots_by_age(), live)
+        assert torch.allclose(target.bank.columns["dreams"][live].float(), pool.bank.columns["dreams"][live],
+                              atol=1e-3)
+
+    @pytest.mark.parametrize("change", [{"embedding_dim": 32}, {"dream_shape": (3, 4, 1)}, {"encoder_seed": 1},
+                                        {"metric": "euclidean"}, {"capacity": 8}])
+    def test_incompatible_config_refused_pool_unchanged(self, change):
+        source = churned_pool()
+        target = DreamPool(make_config(**change))
+        target.add(torch.rand(3, *target.config.dream_shape, 3), coherence=torch.ones(3))
+        before = {k: v.clone() for k, v in target.bank.columns.items()}
+        counters = dict(target.counters)
+        field = next(iter(change))
+        with pytest.raises(InvalidConfigurationError, match=field):
+            target.load_state_dict(source.state_dict())
+        assert target.counters == counters
+        assert all(torch.equal(bits(before[k]), bits(v)) for k, v in target.bank.columns.items())
+
+    def test_newer_version_refused(self):
+        pool = churned_pool(rounds=1)
+        sd = pool.state_dict()
+        sd["format_version"] = persist.FORMAT_VERSION + 1
+        with pytest.raises(InvalidInputError, match="newer.*upgrade"):
+            DreamPool(make_config()).load_state_dict(sd)
+
+    @pytest.mark.parametrize("damage", ["not-a-dict", "no-format", "bank-shape", "bank-dtype", "missing-column",
+                                        "duplicate-ids", "size", "next-id", "nan-embedding", "label-range",
+                                        "config", "counters", "index-type"])
+    def test_malformed_refused_pool_unchanged(self, damage):
+        sd = churned_pool().state_dict()
+        bank, state = sd["bank"], sd["state"]
+        live = torch.nonzero(bank["ids"] >= 0).squeeze(1)
+        if damage == "not-a-dict":
+            sd = [sd]
+        elif damage == "no-format":
+            del sd["format"]
+        elif damage == "bank-shape":
+            bank["chroma"] = bank["chroma"][:, :2]
+        elif damage == "bank-dtype":
+            bank["usage"] = bank["usage"].float()
+        elif damage == "missing-column":
+            del bank["spectral"]
+        elif damage == "duplicate-ids":
+            bank["ids"][live[1]] = bank["ids"][live[0]]
+        elif damage == "size":
+            state["size"] += 1
+        elif damage == "next-id":
+            state["next_id"] = int(bank["ids"].max())
+        elif damage == "nan-embedding":
+            bank["embeddings"][live[0], 0] = float("nan")
+        elif damage == "label-range":
+            bank["class_label"][live[0]] = 11
+        elif damage == "config":
+            sd["config"]["capacity"] = -4
+        elif damage == "counters":
+            state["counters"]["added"] = -1
+        elif damage == "index-type":
+            sd["index"] = "not bytes"
+        target = churned_pool(seed=4)
+        before = target.state_dict()
+        with pytest.raises(InvalidInputError, match="state_dict"):
+            target.load_state_dict(sd)
+        after = target.state_dict()
+        assert before["state"] == after["state"]
+        assert all(torch.equal(bits(before["bank"][k]), bits(after["bank"][k])) for k in before["bank"])
+
+
+# ------------------------------------------------------------ damaged checkpoints
+@pytest.fixture
+def saved(tmp_path):
+    pool = churned_pool()
+    ck = tmp_path / "ck"
+    pool.save(ck)
+    return pool, ck
+
+
+def flip_byte(path, offset=None):
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0x41
+    path.write_bytes(bytes(data))
+
+
+class TestCorruption:
+    @pytest.mark.parametrize("name", [BANK, CONFIG, STATE])
+    def test_flipped_byte_names_the_file(self, saved, name):
+        _, ck = saved
+        flip_byte(ck / name)
+        before = tree_digest(ck.parent)
+        with pytest.raises(CheckpointCorruptError, match="sha256") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / name
+        assert tree_digest(ck.parent) == before  # loading never repairs or rewrites
+
+    @pytest.mark.parametrize("name", [BANK, CONFIG, STATE, MANIFEST])
+    def test_missing_file_names_it(self, saved, name):
+        _, ck = saved
+        (ck / name).unlink()
+        with pytest.raises(CheckpointCorruptError, match="missing") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / name
+
+    def test_truncated_safetensors(self, saved):
+        _, ck = saved
+        data = (ck / BANK).read_bytes()
+        (ck / BANK).write_bytes(data[: len(data) // 3])
+        with pytest.raises(CheckpointCorruptError, match="truncated") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / BANK
+
+    def test_manifest_not_json(self, saved):
+        _, ck = saved
+        (ck / MANIFEST).write_bytes(b"{\"format\": \"dreampool-checkpoint\", ")
+        with pytest.raises(CheckpointCorruptError, match="JSON") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / MANIFEST
+
+    def test_manifest_hash_edited(self, saved):
+        _, ck = saved
+        manifest = json.loads((ck / MANIFEST).read_bytes())
+        manifest["files"][BANK]["sha256"] = "0" * 64
+        (ck / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointCorruptError, match="digest") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / MANIFEST
+
+    def test_manifest_resigned_with_wrong_hash(self, saved):
+        _, ck = saved
+        manifest = json.loads((ck / MANIFEST).read_bytes())
+        manifest["files"][STATE]["sha256"] = "0" * 64
+        resign(ck, manifest)
+        with pytest.raises(CheckpointCorruptError, match="sha256") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / STATE
+
+    @pytest.mark.parametrize("entry", [{"../escape": {"sha256": "0" * 64, "bytes": 1}}, {BANK: "nope"}])
+    def test_manifest_bad_file_table(self, saved, entry):
+        _, ck = saved
+        manifest = json.loads((ck / MANIFEST).read_bytes())
+        manifest["files"].update(entry)
+        resign(ck, manifest)
+        with pytest.raises(CheckpointCorruptError, match="file entry") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / MANIFEST
+
+    def test_consistent_but_invalid_bank(self, saved):
+        """Hashes match but the content breaks an invariant: still refused, naming the bank."""
+        pool, ck = saved
+        sd = pool.state_dict()
+        live = torch.nonzero(sd["bank"]["ids"] >= 0).squeeze(1)
+        sd["bank"]["ids"][live[0]] = sd["bank"]["ids"][live[1]]
+        from safetensors.torch import save as save_safetensors
+
+        rewrite(ck, BANK, save_safetensors(sd["bank"]))
+        with pytest.raises(CheckpointCorruptError, match="unique") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / BANK
+
+    def test_consistent_garbage_bank(self, saved):
+        _, ck = saved
+        rewrite(ck, BANK, b"\xff" * 64)
+        with pytest.raises(CheckpointCorruptError, match="safetensors") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / BANK
+
+    def test_consistent_but_invalid_state(self, saved):
+        _, ck = saved
+        state = json.loads((ck / STATE).read_bytes())
+        state["extent"] = 10_000
+        rewrite(ck, STATE, json.dumps(state).encode())
+        with pytest.raises(CheckpointCorruptError, match="extent") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / STATE
+
+    def test_newer_format_version_refused(self, saved):
+        _, ck = saved
+        manifest = json.loads((ck / MANIFEST).read_bytes())
+        manifest["format_version"] = persist.FORMAT_VERSION + 1
+        resign(ck, manifest)
+        with pytest.raises(CheckpointCorruptError, match=r"newer dreampool_gpu; upgrade") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / MANIFEST
+
+    def test_not_a_checkpoint(self, tmp_path):
+        with pytest.raises(CheckpointCorruptError, match="no checkpoint"):
+            DreamPool.load(tmp_path / "nothing-here")
+        (tmp_path / "dir").mkdir()
+        (tmp_path / "dir" / MANIFEST).write_text('{"format": "something-else"}')
+        with pytest.raises(CheckpointCorruptError, match="not a dreampool-checkpoint manifest"):
+            DreamPool.load(tmp_path / "dir")
+
+    def test_extra_file_warns_and_loads(self, saved):
+        pool, ck = saved
+        (ck / "notes.txt").write_text("hello")
+        with pytest.warns(CheckpointRecoveryWarning, match="notes.txt"):
+            loaded = DreamPool.load(ck)
+        assert_same_pool(pool, loaded)
+
+    @pytest.mark.parametrize("damage", ["missing", "corrupt", "undecodable"])
+    def test_bad_index_file_rebuilt_with_warning(self, tmp_path, recording_index, damage):
+        pool = churned_pool()
+        ck = tmp_path / "ck"
+        pool.save(ck)
+        if damage == "missing":
+            (ck / INDEX).unlink()
+        elif damage == "corrupt":
+            flip_byte(ck / INDEX, offset=0)
+        else:
+            rewrite(ck, INDEX, b"not json")
+        before = tree_digest(tmp_path)
+        with pytest.warns(CheckpointRecoveryWarning, match="rebuilt"):
+            loaded = DreamPool.load(ck)
+        assert loaded.index.restored is None
+        assert loaded.index.slots == loaded.bank.slots_by_age().tolist()
+        assert sorted(loaded.index.slots) == sorted(pool.index.slots)
+        assert_same_pool(pool, loaded)
+        assert tree_digest(tmp_path) == before
+
+
+class TestNothingOverwritten:
+    def test_failed_save_keeps_previous(self, saved, monkeypatch):
+        pool, ck = saved
+        before = tree_digest(ck.parent)
+
+        def broken(tensors):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(persist, "save_safetensors", broken)
+        pool.add(torch.rand(3, *SHAPE, 3), coherence=torch.ones(3))
+        with pytest.raises(OSError, match="disk full"):
+            pool.save(ck)
+        assert tree_digest(ck.parent) == before
+        assert siblings(ck) == []
+
+    def test_failed_serialize_keeps_previous(self, tmp_path, recording_index, monkeypatch):
+        pool = churned_pool()
+        ck = tmp_path / "ck"
+        pool.save(ck)
+        before = tree_digest(tmp_path)
+        monkeypatch.setattr(RecordingSearch, "serialize", lambda self: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            pool.save(ck)
+        assert tree_digest(tmp_path) == before
+
+    def test_refuses_foreign_directory_and_file(self, tmp_path):
+        pool = churned_pool(rounds=1)
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "thesis.tex").write_text("precious")
+        (tmp_path / "file").write_text("precious")
+        before = tree_digest(tmp_path)
+        for target in ("mine", "file"):
+            with pytest.raises(InvalidInputError, match="path"):
+                pool.save(tmp_path / target)
+        assert tree_digest(tmp_path) == before
+
+    @pytest.mark.parametrize("path", [None, 3, b"bytes", "", "a\0b"])
+    def test_bad_path_type(self, path):
+        pool = DreamPool(make_config())
+        with pytest.raises(InvalidInputError, match="path"):
+            pool.save(path)
+        with pytest.raises(InvalidInputError, match="path"):
+            DreamPool.load(path)
+
+
+class TestRecovery:
+    def test_interrupted_two_rename_swap(self, saved):
+        """Killed between the two renames: the checkpoint path is gone but its old copy remains."""
+        pool, ck = saved
+        old = ck.parent / f".{ck.name}.old-999999999-abc"
+        os.rename(ck, old)
+        with pytest.warns(CheckpointRecoveryWarning, match="interrupted save"):
+            loaded = DreamPool.load(ck)
+        assert_same_pool(pool, loaded)
+        loaded.save(ck)
+        assert siblings(ck) == []
+        assert_same_pool(pool, DreamPool.load(ck))
+
+    def test_stale_temp_of_dead_writer_removed(self, saved):
+        pool, ck = saved
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                               text=True, check=True)
+        stale = ck.parent / f".{ck.name}.tmp-{int(child.stdout)}-deadbeef"
+        stale.mkdir()
+        (stale / BANK).write_bytes(b"half")
+        live = ck.parent / f".{ck.name}.tmp-{os.getppid()}-cafe"  # a running process's save: kept
+        live.mkdir()
+        pool.save(ck)
+        assert siblings(ck) == [live.name]
