@@ -23,7 +23,10 @@ def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch
         except (TypeError, ValueError, RuntimeError) as exc:
             raise InvalidInputError(name, "a tensor, array or list of numbers", type(x).__name__) from exc
     if device is not None and t.device != device:
-        t = t.to(device)
+        try:
+            t = t.to(device)
+        except (RuntimeError, NotImplementedError) as exc:  # e.g. a meta tensor has no data to copy
+            raise InvalidInputError(name, f"a tensor that can move to {device}", f"a tensor on {t.device}") from exc
     return t
 
 
@@ -60,15 +63,16 @@ def check_int(t: torch.Tensor, name: str) -> None:
         raise InvalidInputError(name, "an integer tensor", f"dtype {t.dtype}")
 
 
-def check_count(k: Any, name: str) -> int:
-    """Require a non-negative Python int (bools refused) and return it."""
+def check_count(k: Any, name: str, *, high: int | None = None) -> int:
+    """Require a non-negative Python int (bools refused), at most ``high`` if given, and return it."""
+    expected = "a non-negative int" if high is None else f"an int in [0, {high}]"
     if isinstance(k, bool) or not isinstance(k, int):
-        if isinstance(k, torch.Tensor) and k.dim() == 0 and not k.is_floating_point():
+        if isinstance(k, torch.Tensor) and k.dim() == 0 and not k.is_floating_point() and k.dtype != torch.bool:
             k = int(k)
         else:
-            raise InvalidInputError(name, "a non-negative int", repr(k))
-    if k < 0:
-        raise InvalidInputError(name, "a non-negative int", k)
+            raise InvalidInputError(name, expected, repr(k))
+    if k < 0 or (high is not None and k > high):
+        raise InvalidInputError(name, expected, k)
     return k
 
 

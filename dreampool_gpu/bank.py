@@ -128,7 +128,7 @@ class TensorBank:
         valid = slots >= 0
         rows = column[slots.clamp(min=0)]
         fill = torch.tensor(self.specs[name].fill, dtype=column.dtype, device=column.device)
-        mask = valid.reshape(*valid.shape, *([1] * (rows.dim() - valid.dim())))
+        mask = valid.reshape(tuple(valid.shape) + (1,) * (rows.dim() - valid.dim()))  # tuple: 0-dim slots too
         return torch.where(mask, rows, fill)
 
     def nbytes(self) -> dict[str, int]:

@@ -1,27 +1,508 @@
-"""Eviction: which entries leave first when the pool needs room."""
+"""Memory budget: exact accounting, device memory through NVML, eviction order and counts.
+
+Accounting (DOMAIN.md section 7, measured instead of estimated by hand):
+
+- ``E``, the bytes of one bank slot: ``numel x element_size`` summed over every
+  column (:meth:`TensorBank.entry_nbytes`; :func:`entry_nbytes` before a bank exists).
+- ``usage = live entries x E + index.nbytes()``: what the pool's entries hold,
+  the search index's real footprint included.
+- ``allocated = capacity x E + index.nbytes()``: what the pool has allocated (the
+  bank is preallocated, so its part is fixed at construction).
+- ``limit = floor(threshold x budget)``, threshold 0.9 by default.
+
+The pool stays within the budget in two ways. :func:`fit_capacity` sizes the
+preallocated bank so that ``capacity x E + index_nbytes_estimate(capacity) <= limit``;
+and :meth:`MemoryBudget.eviction_count` makes the pool evict, by its policy,
+whenever ``usage`` would pass ``limit`` (an index can outgrow its estimate). The
+original multiplied usage by an ``ann_overhead`` of 2.0 while HNSW was active to
+guess the graph's size; here the index reports its bytes, so the factor is 1 and
+every quantity in the eviction count is raw bytes (ORIGINAL.md flaw 21 mixed
+adjusted and raw bytes).
+
+Device memory is read for :meth:`MemoryBudget.stats` and to resolve a budget
+given as ``"N%"`` of the device: on CUDA through NVML (``nvidia-ml-py``), the GPU
+found by its PCI bus id so ``CUDA_VISIBLE_DEVICES`` cannot mix GPUs up; without
+NVML through ``torch.cuda.mem_get_info``; on CPU the process's RSS and the host's
+RAM through psutil; without psutil the pool's own bytes. Every reading says its
+source. Nothing here raises for a missing driver or library.
+"""
 
 from __future__ import annotations
 
+import importlib
+import math
+import os
+import weakref
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from dreampool_gpu.bank import TensorBank
-from dreampool_gpu.config import EvictionPolicy
+from dreampool_gpu.bank import ColumnSpec, TensorBank
+from dreampool_gpu.config import EvictionPolicy, PoolConfig, parse_memory_budget
+from dreampool_gpu.errors import InvalidConfigurationError
+from dreampool_gpu.search.base import SearchIndex
+
+MIB = 1 << 20
+DEFAULT_THRESHOLD = 0.9  # DOMAIN.md section 7
+
+
+# ------------------------------------------------------------ device memory
+@dataclass(frozen=True)
+class MemoryReading:
+    """Memory of the pool's device at one moment.
+
+    Attributes:
+        used_bytes: bytes in use on the device (CUDA), or the process's RSS (CPU);
+            None when unknown.
+        total_bytes: the device's memory (CUDA) or the host's RAM (CPU); None when unknown.
+        source: ``"nvml"``, ``"torch.cuda.mem_get_info"``, ``"psutil-rss"`` or ``"pool-bytes"``.
+        note: why a fallback source was used ("" for the preferred source).
+    """
+
+    used_bytes: int | None
+    total_bytes: int | None
+    source: str
+    note: str = ""
+
+
+class MemoryProbe(ABC):
+    """Reads a device's used and total memory; :meth:`close` releases what it holds."""
+
+    @abstractmethod
+    def read(self) -> MemoryReading:
+        """The current reading (never raises)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release library handles (idempotent)."""
+
+
+def pci_bus_id(device: torch.device) -> str:
+    """``"dddddddd:bb:dd.0"`` PCI bus id of CUDA ``device``, the form NVML looks GPUs up by.
+
+    torch's device index counts only the GPUs ``CUDA_VISIBLE_DEVICES`` shows, NVML's
+    counts all of them; the bus id names the same GPU in both.
+    """
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+
+
+class NvmlMemory(MemoryProbe):
+    """Used and total memory of one GPU through NVML.
+
+    Initialises NVML once per probe and shuts it down on :meth:`close`, when the
+    probe is garbage-collected, or at interpreter exit, whichever comes first
+    (NVML counts initialisations, so probes do not disturb each other).
+
+    Args:
+        bus_id: the GPU's PCI bus id (:func:`pci_bus_id`).
+
+    Keyword Args:
+        nvml: the NVML binding (default: ``pynvml`` from nvidia-ml-py); tests pass a fake.
+
+    Raises:
+        Exception: whatever the binding raises when NVML or the GPU is missing
+            (:func:`open_probe` turns that into a fallback).
+    """
+
+    source = "nvml"
+
+    def __init__(self, bus_id: str, *, nvml: Any = None) -> None:
+        self.nvml = nvml if nvml is not None else importlib.import_module("pynvml")
+        self.bus_id = bus_id
+        self.nvml.nvmlInit()
+        try:
+            self._handle = self.nvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+        except Exception:
+            self.nvml.nvmlShutdown()
+            raise
+        self._finalizer = weakref.finalize(self, self.nvml.nvmlShutdown)
+
+    def read(self) -> MemoryReading:
+        """Used and total bytes of the GPU; a reading of Nones with the reason if NVML fails."""
+        if not self._finalizer.alive:
+            return MemoryReading(None, None, self.source, "NVML probe closed")
+        try:
+            info = self.nvml.nvmlDeviceGetMemoryInfo(self._handle)
+        except Exception as exc:  # a lost GPU or driver reads as "unknown", not a crash
+            return MemoryReading(None, None, self.source, f"NVML read failed: {exc}")
+        return MemoryReading(int(info.used), int(info.total), self.source)
+
+    def close(self) -> None:
+        """Shut NVML down (once)."""
+        self._finalizer()
+
+
+class CudaMemory(MemoryProbe):
+    """Used and total memory of a CUDA device through ``torch.cuda.mem_get_info``.
+
+    Args:
+        device: the CUDA device.
+
+    Keyword Args:
+        note: why NVML is not used.
+    """
+
+    source = "torch.cuda.mem_get_info"
+
+    def __init__(self, device: torch.device, *, note: str = "") -> None:
+        self.device = device
+        self.note = note
+
+    def read(self) -> MemoryReading:
+        """Used (total - free) and total bytes of the device."""
+        try:
+            free, total = torch.cuda.mem_get_info(self.device)
+        except Exception as exc:
+            return MemoryReading(None, None, self.source, f"{self.note}; mem_get_info failed: {exc}")
+        return MemoryReading(int(total - free), int(total), self.source, self.note)
+
+
+class ProcessMemory(MemoryProbe):
+    """The process's RSS and the host's RAM, for a pool on CPU.
+
+    Uses psutil; without it ``used_bytes`` is None (the budget reports the pool's own
+    bytes instead) and the total comes from ``os.sysconf``.
+
+    Keyword Args:
+        note: why this probe is used.
+    """
+
+    def __init__(self, *, note: str = "") -> None:
+        self.note = note
+        try:
+            self._psutil: Any = importlib.import_module("psutil")
+        except ImportError:
+            self._psutil = None
+
+    def read(self) -> MemoryReading:
+        """RSS and host RAM (psutil), or host RAM alone."""
+        if self._psutil is not None:
+            try:
+                rss = self._psutil.Process().memory_info().rss
+                total = self._psutil.virtual_memory().total
+                return MemoryReading(int(rss), int(total), "psutil-rss", self.note)
+            except Exception as exc:
+                note = f"psutil failed: {exc}"
+        else:
+            note = "psutil missing"
+        try:
+            ram: int | None = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # sysconf names are platform-specific
+            ram = None
+        return MemoryReading(None, ram, "pool-bytes", "; ".join(filter(None, (self.note, note))))
+
+
+def open_probe(device: torch.device, *, nvml: Any = None) -> MemoryProbe:
+    """The best memory probe for ``device``: NVML on CUDA, else the fallbacks.
+
+    Never raises: a missing NVML library, driver or GPU falls back to
+    ``torch.cuda.mem_get_info`` (CUDA) or process accounting (CPU), and the
+    reading's ``note`` says why.
+
+    Keyword Args:
+        nvml: the NVML binding to use (default ``pynvml``).
+    """
+    if device.type != "cuda":
+        return ProcessMemory(note="CPU pool: process accounting")
+    try:
+        return NvmlMemory(pci_bus_id(device), nvml=nvml)
+    except Exception as exc:
+        return CudaMemory(device, note=f"NVML unavailable ({type(exc).__name__}: {exc})")
+
+
+# ------------------------------------------------------------- sizes
+def entry_nbytes(specs: dict[str, ColumnSpec]) -> int:
+    """Bytes one bank slot takes across the columns ``specs`` (= ``TensorBank.entry_nbytes()``)."""
+    return sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs.values())
+
+
+def _uses_ivf(config: PoolConfig, device: torch.device) -> bool:
+    """Whether the configured engine builds an IVF index (``auto`` does so on CPU only)."""
+    return config.engine == "faiss-ivf" or (config.engine == "auto" and device.type == "cpu")
+
+
+def index_nbytes_estimate(config: PoolConfig, device: torch.device, n: int) -> int:
+    """Bytes the configured search index holds at ``n`` entries, at most (0 for exact engines).
+
+    Exact engines scan the bank in place. The IVF-PQ engine (``faiss-ivf``, and
+    ``auto`` on CPU) exists from ``ann_threshold`` entries on and holds, per
+    :meth:`IVFSearch.nbytes`: ``m + 8`` bytes per code (``m`` PQ bytes, an int64
+    label), with up to ``churn_rebuild_fraction x n`` stale codes and as many
+    pending int64 slots before a refresh; plus ``nlist x D`` float32 centroids
+    (``nlist`` as the index picks it at ``n``) and ``256 x D`` float32 codebooks.
+    Non-decreasing in ``n``.
+    """
+    if not _uses_ivf(config, device):
+        return 0
+    from dreampool_gpu.search import faiss_ivf  # loads FAISS: only for IVF pools
+
+    if n < max(config.ann_threshold, faiss_ivf.MIN_TRAIN_ROWS):
+        return 0
+    d = config.embedding_dim
+    code = faiss_ivf.pq_subquantizers(d) * faiss_ivf.PQ_BITS // 8 + faiss_ivf.LABEL_BYTES
+    stale = math.ceil(config.churn_rebuild_fraction * n)
+    nlist = max(1, min(config.ivf_nlist or faiss_ivf.auto_nlist(n), n // 39))
+    return (n + stale) * code + stale * 8 + (nlist + (1 << faiss_ivf.PQ_BITS)) * d * 4
+
+
+def fit_capacity(
+    config: PoolConfig,
+    *,
+    entry_bytes: int,
+    budget_bytes: int | None,
+    device: torch.device,
+) -> int:
+    """The pool's capacity: ``config.capacity``, lowered so the bank fits the budget.
+
+    With a budget, capacity is the largest ``n`` (at most ``config.capacity`` when
+    that is set) with ``n x entry_bytes + index_nbytes_estimate(n) <= floor(threshold
+    x budget_bytes)``, threshold = ``config.budget_threshold``; for the exact engines
+    this is ``floor(floor(threshold x budget) / entry_bytes)``. Without a budget it is
+    ``config.capacity``.
+
+    Raises:
+        InvalidConfigurationError: the budget cannot hold a single entry.
+    """
+    if budget_bytes is None:
+        if config.capacity is None:  # PoolConfig forbids this; kept for direct callers
+            raise InvalidConfigurationError("capacity", None, "an int >= 1 (None only with a memory budget)")
+        return config.capacity
+    threshold = config.budget_threshold
+    limit = math.floor(threshold * budget_bytes)
+    low, high = 0, limit // entry_bytes
+    if config.capacity is not None:
+        high = min(high, config.capacity)
+    while low < high:  # bytes(n) is increasing: the largest n that fits
+        mid = (low + high + 1) // 2
+        if mid * entry_bytes + index_nbytes_estimate(config, device, mid) <= limit:
+            low = mid
+        else:
+            high = mid - 1
+    if low == 0:
+        need = math.ceil(entry_bytes / threshold) / MIB
+        raise InvalidConfigurationError(
+            "memory_budget_mb",
+            config.memory_budget_mb,
+            f"a budget holding at least one entry of {entry_bytes} bytes at threshold {threshold} "
+            f"(>= {need:.4f} MiB; resolved to {budget_bytes} bytes)",
+        )
+    return low
+
+
+# ---------------------------------------------------------------- eviction
+def eviction_key(bank: TensorBank, policy: EvictionPolicy) -> torch.Tensor | None:
+    """``[capacity]`` float64 key per slot, lowest leaves first; None for FIFO (age alone).
+
+    - ``lowest_coherence``: the coherence.
+    - ``least_used``: the usage count.
+    - ``lowest_utility``: the running mean of feedback (``util_mean``). An entry
+      without feedback ranks as an average entry: at the mean ``util_mean`` of the
+      live entries that have feedback (0 while none has). Counting it as 0 would
+      evict every newcomer before it could be retrieved and rated, keeping rated
+      entries forever; ranking it at the mean lets below-average entries go first.
+    """
+    cols = bank.columns
+    if policy is EvictionPolicy.LOWEST_COHERENCE:
+        return cols["coherence"].double()
+    if policy is EvictionPolicy.LEAST_USED:
+        return cols["usage"].double()
+    if policy is EvictionPolicy.LOWEST_UTILITY:
+        util = cols["util_mean"].double()
+        rated = (cols["feedback_count"] > 0) & bank.alive()
+        prior = (util * rated).sum() / rated.sum().clamp(min=1)  # no host sync
+        return torch.where(rated, util, prior)
+    return None
 
 
 def eviction_order(bank: TensorBank, policy: EvictionPolicy) -> torch.Tensor:
     """``[size]`` int64 slots of live entries, first to leave first.
 
-    fifo: oldest first. lowest_coherence / lowest_utility (running mean of
-    feedback; entries without feedback count as 0) / least_used: lowest value
-    first, ties oldest first.
+    FIFO: oldest first. Other policies: lowest :func:`eviction_key` first, ties oldest first.
     """
     by_age = bank.slots_by_age()
-    if policy is EvictionPolicy.FIFO:
+    key = eviction_key(bank, policy)
+    if key is None:
         return by_age
-    column = {
-        EvictionPolicy.LOWEST_COHERENCE: "coherence",
-        EvictionPolicy.LOWEST_UTILITY: "util_mean",
-        EvictionPolicy.LEAST_USED: "usage",
-    }[policy]
-    key = bank.columns[column][by_age]
-    return by_age[torch.sort(key, stable=True).indices]
+    return by_age[torch.sort(key[by_age], stable=True).indices]
+
+
+def batch_survivors(coherence: torch.Tensor, policy: EvictionPolicy, room: int) -> torch.Tensor:
+    """Positions of the dreams of one batch that the pool keeps when only ``room`` fit.
+
+    The best ``room`` by the policy's order, as if the whole batch were stored and
+    then evicted down to ``room``: new entries have no usage and no feedback, so
+    only ``lowest_coherence`` looks at a value (highest coherence kept, ties to the
+    later dream); the other policies keep the newest, the batch's last dreams.
+
+    Args:
+        coherence: ``[m]`` float, the batch's coherence.
+        policy: the pool's eviction policy.
+        room: how many fit (>= 0).
+
+    Returns:
+        ``[min(m, room)]`` int64 positions into the batch, ascending (batch order).
+    """
+    m = coherence.shape[0]
+    positions = torch.arange(m, device=coherence.device)
+    if m <= room:
+        return positions
+    if policy is EvictionPolicy.LOWEST_COHERENCE:
+        positions = torch.sort(coherence, stable=True).indices
+    return positions[m - room :].sort().values
+
+
+# ------------------------------------------------------------------ budget
+class MemoryBudget:
+    """A pool's memory budget: exact usage, the eviction count, device memory.
+
+    Args:
+        spec: ``PoolConfig.memory_budget_mb``: None (unlimited), MiB, or ``"N%"`` of
+            the device's total memory (the GPU's on CUDA, the host's RAM on CPU).
+
+    Keyword Args:
+        device: the pool's device.
+        threshold: share of the budget the pool may use, in (0, 1].
+        probe: where device memory is read (default :func:`open_probe` for
+            ``device``, opened on first use); tests pass fakes.
+
+    Attributes:
+        budget_bytes: the budget in bytes (None: unlimited).
+        limit_bytes: ``floor(threshold x budget_bytes)`` (None: unlimited).
+
+    Raises:
+        InvalidConfigurationError: a bad ``spec`` or ``threshold``, or ``"N%"`` where the
+            device's total memory cannot be read.
+    """
+
+    def __init__(
+        self,
+        spec: float | str | None = None,
+        *,
+        device: torch.device,
+        threshold: float = DEFAULT_THRESHOLD,
+        probe: MemoryProbe | None = None,
+    ) -> None:
+        mib, share = parse_memory_budget(spec)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+            raise InvalidConfigurationError("budget_threshold", threshold, "a number in (0, 1]")
+        self.spec = spec
+        self.device = device
+        self.threshold = float(threshold)
+        self._probe = probe
+        self.budget_bytes: int | None = None
+        if mib is not None:
+            self.budget_bytes = int(mib * MIB)
+        elif share is not None:
+            total = self.read().total_bytes
+            if total is None:
+                raise InvalidConfigurationError(
+                    "memory_budget_mb", spec, f"MiB: the total memory of {device} cannot be read here"
+                )
+            self.budget_bytes = int(share * total)
+        self.limit_bytes = None if self.budget_bytes is None else math.floor(self.threshold * self.budget_bytes)
+
+    # ------------------------------------------------------------- device
+    @property
+    def probe(self) -> MemoryProbe:
+        """The device-memory probe, opened on first use."""
+        if self._probe is None:
+            self._probe = open_probe(self.device)
+        return self._probe
+
+    def read(self) -> MemoryReading:
+        """Current device memory (see :class:`MemoryReading`)."""
+        return self.probe.read()
+
+    def close(self) -> None:
+        """Release the probe (shuts NVML down); a later read opens a new one."""
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+
+    # ---------------------------------------------------------- accounting
+    @staticmethod
+    def usage(bank: TensorBank, index: SearchIndex) -> int:
+        """Bytes the live entries account for: ``size x E + index.nbytes()``."""
+        return bank.size * bank.entry_nbytes() + index.nbytes()
+
+    def room(self, bank: TensorBank, index: SearchIndex) -> int | None:
+        """Entries an emptied pool could take: ``(limit - index bytes) // E`` (None: unlimited)."""
+        if self.limit_bytes is None:
+            return None
+        return max(0, (self.limit_bytes - index.nbytes()) // bank.entry_nbytes())
+
+    def eviction_count(self, bank: TensorBank, index: SearchIndex, incoming: int = 0) -> int:
+        """Entries to evict so that ``incoming`` more fit under the limit (DOMAIN.md section 7).
+
+        ``avg = usage / size`` (``E`` when empty) is what a live entry accounts for,
+        its slot plus its share of the index; ``bytes_to_free = usage + incoming x avg
+        - limit``; the count is ``ceil(bytes_to_free / avg)``, at most ``size``, 0
+        without a budget. All raw bytes. An index need not shrink with evictions
+        (IVF keeps stale codes until its refresh), so the caller evicts again while
+        the count stays positive.
+        """
+        if self.limit_bytes is None or bank.size == 0:
+            return 0
+        usage = self.usage(bank, index)
+        avg = usage / bank.size if bank.size else float(bank.entry_nbytes())
+        to_free = usage + incoming * avg - self.limit_bytes
+        if to_free <= 0:
+            return 0
+        return min(bank.size, math.ceil(to_free / avg))
+
+    def stats(self, bank: TensorBank, index: SearchIndex) -> dict[str, Any]:
+        """Budget, usage and device memory for ``DreamPool.stats()["memory"]``.
+
+        Keys: ``source`` and ``note`` (where device memory came from, and why a
+        fallback), ``device_used_bytes`` (the GPU's used memory, the process's RSS
+        on CPU, or the pool's allocated bytes where nothing can be read) and
+        ``device_total_bytes`` (None when unknown), ``budget_bytes``, ``threshold``,
+        ``limit_bytes`` (None: unlimited), ``usage_bytes``, ``allocated_bytes``,
+        ``entry_bytes``, ``index_bytes``, ``within_budget``.
+        """
+        reading = self.read()
+        index_bytes = index.nbytes()
+        allocated = bank.capacity * bank.entry_nbytes() + index_bytes
+        usage = bank.size * bank.entry_nbytes() + index_bytes
+        used, source, note = reading.used_bytes, reading.source, reading.note
+        if used is None:  # nothing to read: the pool's own bytes stand in
+            used = allocated
+            if source != "pool-bytes":
+                note = "; ".join(filter(None, (note, f"{source} gave no used bytes")))
+                source = "pool-bytes"
+        return {
+            "source": source,
+            "note": note,
+            "device_used_bytes": used,
+            "device_total_bytes": reading.total_bytes,
+            "budget_bytes": self.budget_bytes,
+            "threshold": self.threshold,
+            "limit_bytes": self.limit_bytes,
+            "usage_bytes": usage,
+            "allocated_bytes": allocated,
+            "entry_bytes": bank.entry_nbytes(),
+            "index_bytes": index_bytes,
+            "within_budget": self.limit_bytes is None or usage <= self.limit_bytes,
+        }
+
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "MIB",
+    "CudaMemory",
+    "MemoryBudget",
+    "MemoryProbe",
+    "MemoryReading",
+    "NvmlMemory",
+    "ProcessMemory",
+    "batch_survivors",
+    "entry_nbytes",
+    "eviction_key",
+    "eviction_order",
+    "fit_capacity",
+    "index_nbytes_estimate",
+    "open_probe",
+    "pci_bus_id",
+]

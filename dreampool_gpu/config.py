@@ -45,7 +45,7 @@ class RetrievalMode(str, Enum):
         """Parse a mode name (``"hard"`` means ``"similar"``)."""
         if isinstance(value, cls):
             return value
-        if value == "hard":
+        if isinstance(value, str) and value == "hard":  # type first: arrays compare elementwise
             return cls.SIMILAR
         try:
             return cls(value)
@@ -64,6 +64,7 @@ class EvictionPolicy(str, Enum):
 
 
 DREAM_DTYPES = ("auto", "float32", "float16", "bfloat16")
+ENGINES = ("auto", "torch", "faiss-flat", "faiss-ivf")
 
 
 def _parse_enum(enum: type[Enum], value: Any, name: str) -> Any:
@@ -88,13 +89,40 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None
         raise InvalidConfigurationError(name, value, f"an int >= {low}{upper}")
 
 
+def parse_memory_budget(value: Any) -> tuple[float | None, float | None]:
+    """Split a ``memory_budget_mb`` value into ``(MiB, fraction of the device)``; one is None.
+
+    None gives ``(None, None)`` (unlimited); a positive finite number is MiB; ``"N%"``
+    with 0 < N <= 100 is the fraction N/100 of the device's memory.
+
+    Raises:
+        InvalidConfigurationError: anything else.
+    """
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            share = float(text.removesuffix("%")) / 100.0 if text.endswith("%") else math.nan
+        except ValueError:
+            share = math.nan
+        if 0.0 < share <= 1.0:
+            return None, share
+    elif not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf:
+        return float(value), None
+    raise InvalidConfigurationError(
+        "memory_budget_mb", value, 'None, a positive number of MiB, or "N%" of the device (0 < N <= 100)'
+    )
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     """Everything a :class:`~dreampool_gpu.pool.DreamPool` needs to know up front.
 
     Attributes:
         dream_shape: ``(rows, cols, layers)`` of every stored dream.
-        capacity: maximum number of entries (the original's ``max_size``).
+        capacity: maximum number of entries (the original's ``max_size``); None derives
+            it from ``memory_budget_mb`` (see :func:`dreampool_gpu.budget.fit_capacity`).
         coherence_threshold: dreams with coherence below it are rejected.
         retrieval_limit: default k of :meth:`DreamPool.retrieve`.
         retrieval_mode: default method; ``hard`` (= similar), any method name.
@@ -112,10 +140,25 @@ class PoolConfig:
         fetch_factor: re-ranking methods work on ``fetch_factor * k`` candidates.
         search_chunk_mb: bound on the ``[B, n]`` score block of exact search, in MiB.
         rerank_chunk_mb: bound on the ``[B, fetch_k, fetch_k]`` block of MMR, in MiB.
+        engine: k-NN engine: ``auto`` (measured choice per call, see ``search/auto.py``),
+            ``torch`` (exact matmul + topk), ``faiss-flat`` (exact FAISS brute force) or
+            ``faiss-ivf`` (IVF-PQ candidates re-scored exactly, above ``ann_threshold``).
+        ann_threshold: pool size at which the IVF index is trained and takes over (>= 1024).
+        ivf_nlist: IVF coarse centroids; 0 = power of two nearest 2*sqrt(size) at build.
+        ivf_nprobe: IVF lists visited per query.
+        ivf_refine_factor: IVF candidates re-scored exactly per query, as a multiple of k.
+        churn_rebuild_fraction: evictions since the last refresh, as a fraction of the
+            pool size, after which the IVF index is refreshed (DOMAIN.md: 0.1).
+        memory_budget_mb: None (unlimited), MiB (a positive number) or a fraction of the
+            device's memory as ``"N%"`` (GPU memory on CUDA, host RAM on CPU). The
+            preallocated bank is sized to fit it and eviction keeps usage under it.
+        budget_threshold: share of the budget the pool may use (DOMAIN.md: 0.9), in (0, 1].
+        strict_budget: raise CapacityExceededError instead of dropping dreams when an
+            accepted batch is larger than the whole pool (capacity or budget).
     """
 
     dream_shape: tuple[int, int, int] = (16, 16, 4)
-    capacity: int = 1000
+    capacity: int | None = 1000
     coherence_threshold: float = 0.75
     retrieval_limit: int = 3
     retrieval_mode: str = "hybrid"
@@ -138,6 +181,15 @@ class PoolConfig:
     fetch_factor: int = 4
     search_chunk_mb: float = 64.0
     rerank_chunk_mb: float = 64.0
+    engine: str = "auto"
+    ann_threshold: int = 50_000
+    ivf_nlist: int = 0
+    ivf_nprobe: int = 16
+    ivf_refine_factor: int = 16
+    churn_rebuild_fraction: float = 0.1
+    memory_budget_mb: float | str | None = None
+    budget_threshold: float = 0.9
+    strict_budget: bool = False
 
     def __post_init__(self) -> None:
         shape = tuple(self.dream_shape) if isinstance(self.dream_shape, (list, tuple)) else None
@@ -148,7 +200,11 @@ class PoolConfig:
                 "dream_shape", self.dream_shape, "three positive ints (rows, cols, layers)"
             )
         object.__setattr__(self, "dream_shape", shape)
-        _check_int("capacity", self.capacity, 1)
+        parse_memory_budget(self.memory_budget_mb)
+        if self.capacity is None and self.memory_budget_mb is None:
+            raise InvalidConfigurationError("capacity", None, "an int >= 1 (None only with memory_budget_mb set)")
+        if self.capacity is not None:
+            _check_int("capacity", self.capacity, 1)
         _check_unit("coherence_threshold", self.coherence_threshold)
         _check_int("retrieval_limit", self.retrieval_limit, 0)
         try:
@@ -165,13 +221,13 @@ class PoolConfig:
         ):
             raise InvalidConfigurationError("device", self.device, '"auto", "cpu", "cuda" or "cuda:N"')
         object.__setattr__(self, "metric", _parse_enum(Metric, self.metric, "metric"))
-        if self.dream_dtype not in DREAM_DTYPES:
+        if not isinstance(self.dream_dtype, str) or self.dream_dtype not in DREAM_DTYPES:
             raise InvalidConfigurationError("dream_dtype", self.dream_dtype, f"one of {', '.join(DREAM_DTYPES)}")
         object.__setattr__(
             self, "eviction_policy", _parse_enum(EvictionPolicy, self.eviction_policy, "eviction_policy")
         )
         _check_int("query_cache_size", self.query_cache_size, 0)
-        if self.window not in ("hann", "hamming", "none"):
+        if not isinstance(self.window, str) or self.window not in ("hann", "hamming", "none"):
             raise InvalidConfigurationError("window", self.window, "one of hann, hamming, none")
         for name in ("include_spectral", "include_class", "include_utility"):
             if not isinstance(getattr(self, name), bool):
@@ -186,6 +242,20 @@ class PoolConfig:
                 0 < value < math.inf
             ):
                 raise InvalidConfigurationError(name, value, "a positive number of MiB")
+        if not isinstance(self.engine, str) or self.engine not in ENGINES:
+            raise InvalidConfigurationError("engine", self.engine, f"one of {', '.join(ENGINES)}")
+        _check_int("ann_threshold", self.ann_threshold, 1024)
+        _check_int("ivf_nlist", self.ivf_nlist, 0)
+        _check_int("ivf_nprobe", self.ivf_nprobe, 1)
+        _check_int("ivf_refine_factor", self.ivf_refine_factor, 1)
+        churn = self.churn_rebuild_fraction
+        if isinstance(churn, bool) or not isinstance(churn, (int, float)) or not 0.0 < churn <= 1.0:
+            raise InvalidConfigurationError("churn_rebuild_fraction", churn, "a number in (0, 1]")
+        share = self.budget_threshold
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
+            raise InvalidConfigurationError("budget_threshold", share, "a number in (0, 1]")
+        if not isinstance(self.strict_budget, bool):
+            raise InvalidConfigurationError("strict_budget", self.strict_budget, "true or false")
 
     @property
     def default_mode(self) -> RetrievalMode:
@@ -212,7 +282,7 @@ class PoolConfig:
         if not isinstance(data, dict):
             raise InvalidConfigurationError("<config>", type(data).__name__, "a mapping of field: value")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=repr)  # keys may be of any type
         if unknown:
             raise InvalidConfigurationError(unknown[0], data[unknown[0]], f"a known field ({', '.join(sorted(known))})")
         values = dict(data)
@@ -226,8 +296,8 @@ class PoolConfig:
         try:
             text = Path(path).read_text()
             data = yaml.safe_load(text)
-        except OSError as exc:
-            raise InvalidConfigurationError("<file>", str(path), "a readable YAML file") from exc
-        except yaml.YAMLError as exc:
+        except (OSError, UnicodeDecodeError, TypeError) as exc:
+            raise InvalidConfigurationError("<file>", repr(path), "a readable UTF-8 YAML file") from exc
+        except (yaml.YAMLError, RecursionError, ValueError) as exc:  # deep nesting; ints over 4300 digits
             raise InvalidConfigurationError("<file>", str(path), f"valid YAML ({exc})") from exc
         return cls.from_dict(data or {})

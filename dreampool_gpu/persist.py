@@ -32,6 +32,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -51,6 +52,7 @@ from safetensors.torch import save as save_safetensors
 from dreampool_gpu.bank import column_specs
 from dreampool_gpu.config import DREAM_DTYPES, PoolConfig
 from dreampool_gpu.devices import resolve_device
+from dreampool_gpu.dreams import NUM_CLASSES, NUM_HUE_CATEGORIES
 from dreampool_gpu.errors import (
     CheckpointCorruptError,
     DreamPoolError,
@@ -78,7 +80,16 @@ _STRUCTURAL = (
     "include_spectral", "include_class", "include_utility", "encoder_seed",
 )
 
+_READ_ATTEMPTS = 5  # reads restarted when a concurrent save swaps the directory mid-read
+
 PathArg: TypeAlias = "str | os.PathLike[str]"
+
+# Value ranges of live rows per column (others: any finite value).
+_RANGES = {
+    "dreams": (0.0, 1.0), "chroma": (0.0, 1.0), "coherence": (0.0, 1.0), "violation": (0.0, 1.0),
+    "utility": (0.0, 1.0), "util_mean": (0.0, 1.0), "energy": (0.0, math.inf), "feedback_count": (0, math.inf),
+    "usage": (0, math.inf), "class_label": (-1, NUM_CLASSES - 1), "hue_category": (0, NUM_HUE_CATEGORIES - 1),
+}
 
 WRITE_LOCK = threading.RLock()
 """Serialises checkpoint writes within the process (taken before the pool's lock)."""
@@ -156,7 +167,8 @@ def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
     for name in _STRUCTURAL:
         mine, theirs = getattr(pool.config, name), getattr(snap.config, name)
         if mine != theirs:
-            raise InvalidConfigurationError(name, _plain(theirs), f"{_plain(mine)!r}, the value this pool was built with")
+            expected = f"{_plain(mine)!r}, the value this pool was built with"
+            raise InvalidConfigurationError(name, _plain(theirs), expected)
     if snap.extent > pool.config.capacity:
         raise InvalidConfigurationError(
             "capacity", pool.config.capacity, f"at least {snap.extent} (the saved extent) to hold this state"
@@ -247,7 +259,7 @@ def _build(config: Any, state: Any, columns: Any, index_bytes: Any) -> PoolSnaps
         raise _Invalid("state", "keys size, next_id, extent, counters, index_kind", f"no {missing[0]!r}")
     extent = _check_int(state["extent"], "state", "extent", 0, cfg.capacity)
     size = _check_int(state["size"], "state", "size", 0, extent)
-    next_id = _check_int(state["next_id"], "state", "next_id", 0)
+    next_id = _check_int(state["next_id"], "state", "next_id", 0, torch.iinfo(torch.int64).max)
     counters = state["counters"]
     if not isinstance(counters, dict) or not all(isinstance(k, str) for k in counters):
         raise _Invalid("state", "counters: a mapping of name -> int", repr(counters)[:80])
@@ -270,8 +282,8 @@ def _check_columns(columns: Any, cfg: PoolConfig, extent: int, size: int, next_i
         raise _Invalid("bank", f"exactly the columns {', '.join(specs)}", f"a difference in {diff[0]!r}")
     for name, spec in specs.items():
         t = columns[name]
-        if not isinstance(t, torch.Tensor):
-            raise _Invalid("bank", f"column {name!r}: a tensor", type(t).__name__)
+        if not isinstance(t, torch.Tensor) or t.is_meta or t.layout != torch.strided:
+            raise _Invalid("bank", f"column {name!r}: a dense tensor with data", repr(t)[:80])
         if tuple(t.shape) != (extent, *spec.shape):
             raise _Invalid("bank", f"column {name!r} of shape {[extent, *spec.shape]}", list(t.shape))
         if name == "dreams":
@@ -293,25 +305,16 @@ def _check_columns(columns: Any, cfg: PoolConfig, extent: int, size: int, next_i
 
 def _check_values(columns: dict[str, torch.Tensor], alive: torch.Tensor) -> None:
     """Value ranges of live rows, as :meth:`DreamPool.add` and feedback would have left them."""
-    ranges = {
-        "dreams": (0.0, 1.0), "chroma": (0.0, 1.0), "coherence": (0.0, 1.0), "violation": (0.0, 1.0),
-        "energy": (0.0, float("inf")), "util_mean": (0.0, 1.0), "feedback_count": (0, None),
-        "usage": (0, None), "class_label": (-1, 9), "hue_category": (0, 11),
-    }
     for name, t in columns.items():
-        rows = t[alive].float() if t.dtype in (torch.float16, torch.bfloat16) else t[alive]
-        if name == "utility":  # NaN until the first feedback
-            rows = rows[~rows.isnan()]
-            low, high = 0.0, 1.0
-        elif name in ranges:
-            low, high = ranges[name]
-        else:
-            low, high = None, None
-        if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
-            raise _Invalid("bank", f"finite values in column {name!r}", "NaN or inf")
-        if low is None or not rows.numel():
-            continue
-        if bool((rows < low).any()) or (high is not None and bool((rows > high).any())):
+        rows = t[alive]
+        if rows.is_floating_point():
+            rows = rows.float()
+            if name == "utility":  # NaN until the first feedback
+                rows = rows[~rows.isnan()]
+            if not bool(torch.isfinite(rows).all()):
+                raise _Invalid("bank", f"finite values in column {name!r}", "NaN or inf")
+        low, high = _RANGES.get(name, (-math.inf, math.inf))
+        if rows.numel() and bool(((rows < low) | (rows > high)).any()):
             raise _Invalid("bank", f"column {name!r} in [{low}, {high}]", "values outside it")
 
 
@@ -334,11 +337,13 @@ def from_state_dict(state_dict: Any) -> PoolSnapshot:
     Raises:
         InvalidInputError: not such a dict, a newer format version, or a malformed part.
     """
-    if not isinstance(state_dict, dict) or state_dict.get("format") != FORMAT_NAME:
+    if not isinstance(state_dict, dict) or not _is_format_name(state_dict.get("format")):
         raise InvalidInputError("state_dict", f"a dict from DreamPool.state_dict() (format {FORMAT_NAME!r})",
                                 type(state_dict).__name__)
     version = state_dict.get("format_version")
-    _check_version(version, lambda reason: InvalidInputError("state_dict", reason, repr(version)))
+    problem = _version_problem(version)
+    if problem is not None:
+        raise InvalidInputError("state_dict", *problem)
     try:
         return _build(state_dict.get("config"), state_dict.get("state"), state_dict.get("bank"),
                       state_dict.get("index"))
@@ -346,19 +351,23 @@ def from_state_dict(state_dict: Any) -> PoolSnapshot:
         raise InvalidInputError(f"state_dict[{exc.where!r}]", exc.expected, exc.got) from None
 
 
+def _is_format_name(value: Any) -> bool:
+    return isinstance(value, str) and value == FORMAT_NAME  # type first: arrays compare elementwise
+
+
 def _state_fields(snap: PoolSnapshot) -> dict[str, Any]:
     return {"size": snap.size, "next_id": snap.next_id, "extent": snap.extent,
             "counters": dict(snap.counters), "index_kind": snap.index_kind}
 
 
-def _check_version(version: Any, fail: Any) -> None:
+def _version_problem(version: Any) -> tuple[str, str] | None:
+    """``(expected, got)`` when ``version`` is not a format version this library reads, else None."""
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise fail(f"a format version between 1 and {FORMAT_VERSION}")
+        return f"a format version between 1 and {FORMAT_VERSION}", repr(version)[:80]
     if version > FORMAT_VERSION:
-        raise fail(
-            f"format version <= {FORMAT_VERSION}: version {version} was written by a newer "
-            "dreampool_gpu; upgrade dreampool_gpu to load it"
-        )
+        return (f"format version <= {FORMAT_VERSION}",
+                f"version {version}, written by a newer dreampool_gpu (not corrupt): upgrade dreampool_gpu to load it")
+    return None
 
 
 # --------------------------------------------------------------------- write
@@ -368,7 +377,8 @@ def write_checkpoint(snap: PoolSnapshot, path: PathArg) -> Path:
     The directory is built in a hidden sibling, fsynced, then swapped into
     place; the previous checkpoint at ``path`` (if any) stays intact until the
     new one is complete. Parent directories are created. Writes within the
-    process are serialised by :data:`WRITE_LOCK`.
+    process are serialised by :data:`WRITE_LOCK`; across processes, give each
+    writer its own path (concurrent readers are fine).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -387,8 +397,7 @@ def _write_locked(snap: PoolSnapshot, target: Path) -> Path:
     if os.path.lexists(target) and not _is_checkpoint(target):
         raise InvalidInputError("path", "a new path or an existing dreampool checkpoint directory", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp = target
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
         files = {
@@ -402,6 +411,7 @@ def _write_locked(snap: PoolSnapshot, target: Path) -> Path:
         body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "files": entries}
         _write_file(tmp / MANIFEST, _json_bytes({**body, "digest": _digest(body)}))
         _fsync_dir(tmp)
+        _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -520,9 +530,11 @@ def _remove_stale_siblings(target: Path) -> None:
 def read_checkpoint(path: PathArg) -> PoolSnapshot:
     """Read and verify the checkpoint at ``path``; never writes to disk.
 
-    When ``path`` is missing but an interrupted save left the previous
-    checkpoint in a hidden ``.old`` sibling, that copy is read (with a
-    :class:`CheckpointRecoveryWarning`).
+    A save that replaces the checkpoint while it is being read is detected (the
+    directory at ``path`` changed) and the read starts again, so a reader gets
+    the old checkpoint or the new one. When ``path`` is missing but an
+    interrupted save left the previous checkpoint in a hidden ``.old`` sibling,
+    that copy is read. Recoveries emit a :class:`CheckpointRecoveryWarning`.
 
     Raises:
         CheckpointCorruptError: the manifest or a required file is missing,
@@ -531,26 +543,61 @@ def read_checkpoint(path: PathArg) -> PoolSnapshot:
         InvalidInputError: ``path`` is not a path.
     """
     target = _as_path(path)
+    for attempt in range(_READ_ATTEMPTS):
+        before = _identity(target)
+        notes: list[str] = []
+        try:
+            snap = _read_once(target, notes)
+        except CheckpointCorruptError:
+            if _identity(target) != before and attempt + 1 < _READ_ATTEMPTS:
+                continue  # replaced under us by a concurrent save: read the new one
+            raise
+        if _identity(target) != before and attempt + 1 < _READ_ATTEMPTS:
+            continue  # parts may come from two checkpoints (e.g. a rebuilt index): read again
+        for note in notes:
+            warnings.warn(note, CheckpointRecoveryWarning, stacklevel=3)
+        return snap
+    raise CheckpointCorruptError(target, "replaced by concurrent saves on every read attempt")
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which directory is at ``path`` now (device, inode, change time); None when absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -math.inf
+
+
+def _read_once(target: Path, notes: list[str]) -> PoolSnapshot:
+    """One read of the checkpoint at ``target``; recoveries are appended to ``notes``."""
     if not target.is_dir():
-        recovered = sorted(_siblings(target, "old"), key=lambda p: p.stat().st_mtime, reverse=True)
+        recovered = sorted(_siblings(target, "old"), key=_mtime, reverse=True)
         if os.path.lexists(target) or not recovered:
             raise CheckpointCorruptError(target, "no checkpoint directory here")
-        warnings.warn(f"{target} is missing after an interrupted save; reading the previous checkpoint "
-                      f"{recovered[0]}", CheckpointRecoveryWarning, stacklevel=3)
+        notes.append(f"{target} is missing after an interrupted save; read the previous checkpoint {recovered[0]}")
         target = recovered[0]
     files = _read_manifest(target)
-    extra = sorted(p.name for p in target.iterdir() if p.name != MANIFEST and p.name not in files)
-    if extra:
-        warnings.warn(f"{target}: ignoring files the manifest does not list: {', '.join(extra)}",
-                      CheckpointRecoveryWarning, stacklevel=3)
     data = {name: _read_verified(target / name, files[name]) for name in _REQUIRED}
     index_bytes = None
     if INDEX in files:
         try:
             index_bytes = _read_verified(target / INDEX, files[INDEX])
         except CheckpointCorruptError as exc:
-            warnings.warn(f"{exc}; the search index will be rebuilt from the bank",
-                          CheckpointRecoveryWarning, stacklevel=3)
+            notes.append(f"{exc}; the search index will be rebuilt from the bank")
+    try:
+        extra = sorted(name for name in os.listdir(target) if name != MANIFEST and name not in files)
+    except OSError as exc:  # removed after the files were read
+        raise CheckpointCorruptError(target, f"unreadable directory ({exc})") from None
+    if extra:
+        notes.append(f"{target}: ignoring files the manifest does not list: {', '.join(extra)}")
     config = _parse_json(target / CONFIG, data[CONFIG])
     state = _parse_json(target / STATE, data[STATE])
     try:
@@ -575,10 +622,9 @@ def _read_manifest(target: Path) -> dict[str, dict[str, Any]]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CheckpointCorruptError(where, f"not a {FORMAT_NAME} manifest")
 
-    def fail(reason: str) -> CheckpointCorruptError:
-        return CheckpointCorruptError(where, f"expected {reason}, got {manifest.get('format_version')!r}")
-
-    _check_version(manifest.get("format_version"), fail)
+    problem = _version_problem(manifest.get("format_version"))
+    if problem is not None:
+        raise CheckpointCorruptError(where, "expected {}, got {}".format(*problem))
     body = {key: value for key, value in manifest.items() if key != "digest"}
     if manifest.get("digest") != _digest(body):
         raise CheckpointCorruptError(where, "manifest digest mismatch (the manifest was altered)")

@@ -13,20 +13,21 @@ import torch.nn.functional as F
 
 from dreampool_gpu import _validation as v
 from dreampool_gpu import persist
-from dreampool_gpu.bank import TensorBank
-from dreampool_gpu.budget import eviction_order
+from dreampool_gpu.bank import TensorBank, column_specs
+from dreampool_gpu.budget import MemoryBudget, batch_survivors, entry_nbytes, eviction_order, fit_capacity
 from dreampool_gpu.cache import QueryCache, query_keys
 from dreampool_gpu.config import Metric, PoolConfig, RetrievalMode
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import NUM_CLASSES, chroma_signature, hue_category, validate_dreams
 from dreampool_gpu.encoders import FeatureEncoder
-from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
+from dreampool_gpu.errors import CapacityExceededError, DimensionMismatchError, InvalidInputError
 from dreampool_gpu.metrics import PoolMetrics
 from dreampool_gpu.rerank import HybridWeights, class_match, hybrid_scores, mmr
 from dreampool_gpu.search import ExactSearch, make_index, stable_topk
 from dreampool_gpu.spectral import spectral_features
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MAX_PADDED_K = 1 << 16  # k past the capacity only pads; capped so that [B, k] results stay allocatable
 _CHROMA_MODES = {
     RetrievalMode.SIMILAR,
     RetrievalMode.CLASS,
@@ -93,6 +94,14 @@ class DreamPool:
             dream_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         else:
             dream_dtype = _DTYPES[self.config.dream_dtype]
+        self.budget = MemoryBudget(self.config.memory_budget_mb, device=self.device,
+                                   threshold=self.config.budget_threshold)
+        # capacity: as configured, lowered (or, when None, derived) so the preallocated bank fits the budget
+        specs = column_specs(self.config.dream_shape, self.config.embedding_dim, dream_dtype)
+        capacity = fit_capacity(self.config, entry_bytes=entry_nbytes(specs),
+                                budget_bytes=self.budget.budget_bytes, device=self.device)
+        if capacity != self.config.capacity:
+            self.config = self.config.replace(capacity=capacity)
         self.bank = TensorBank(
             self.config.capacity,
             self.config.dream_shape,
@@ -136,9 +145,12 @@ class DreamPool:
         """Add a batch of dreams; those below the coherence threshold are rejected.
 
         Features (chroma, spectral, hue category, embedding) are computed for
-        the whole batch at once. At capacity the eviction policy makes room
-        first; when more dreams pass the gate than the pool holds, the newest
-        ``capacity`` are kept and the rest count as dropped.
+        the whole batch at once. Before writing, the eviction policy makes room
+        within the capacity and the memory budget (:mod:`dreampool_gpu.budget`);
+        when the pool returns, its usage is within the budget. When more dreams
+        pass the gate than the whole pool holds, the best that fit by the
+        policy's order are kept (:func:`~dreampool_gpu.budget.batch_survivors`) and
+        the rest count as dropped, or, with ``strict_budget``, the call raises.
 
         Args:
             dreams: ``[N, R, C, L, 3]`` float, values in [0, 1], any device.
@@ -150,28 +162,38 @@ class DreamPool:
             force: bypass the coherence gate.
 
         Returns:
-            ``[N]`` int64 ids on the pool's device; -1 where rejected or dropped.
+            ``[N]`` int64 ids on the pool's device, of the dreams stored; -1 where
+            rejected or dropped.
 
         Raises:
             InvalidInputError, DimensionMismatchError: bad input (pool unchanged).
+            CapacityExceededError: with ``strict_budget``, more dreams passed the gate
+                than the whole pool holds (pool unchanged).
         """
         with self._lock:
-            batch = validate_dreams(dreams, dream_shape=self.config.dream_shape)
+            batch = v.as_tensor(dreams, "dreams", device=self.device)
+            batch = validate_dreams(batch, dream_shape=self.config.dream_shape)
             n = batch.shape[0]
             coh = self._per_dream(coherence, n, "coherence", 0.0, 1.0)
             eng = self._per_dream(energy, n, "energy", 0.0, float("inf"))
             vio = self._per_dream(violation, n, "violation", 0.0, 1.0)
             labels = self._labels(class_labels, n, "class_labels")
-            batch = batch.to(self.device)
 
             passed = coh >= self.config.coherence_threshold
             if force:
                 passed = torch.ones_like(passed)
             accepted = torch.nonzero(passed).squeeze(1)
+            budget_room = self.budget.room(self.bank, self.index)
+            room = self.config.capacity if budget_room is None else min(self.config.capacity, budget_room)
+            if accepted.numel() > room and self.config.strict_budget:
+                raise CapacityExceededError(
+                    f"{accepted.numel()} dreams passed the gate but the pool holds at most {room} "
+                    f"(capacity {self.config.capacity}, budget {self.budget.budget_bytes} bytes); strict_budget is set"
+                )
             self.counters["rejected"] += n - int(accepted.numel())
-            dropped = max(0, int(accepted.numel()) - self.config.capacity)
-            accepted = accepted[dropped:]
-            self.counters["dropped"] += dropped
+            survivors = batch_survivors(coh[accepted], self.config.eviction_policy, room)
+            self.counters["dropped"] += int(accepted.numel()) - int(survivors.numel())
+            accepted = accepted[survivors]
             out = torch.full((n,), -1, dtype=torch.int64, device=self.device)
             m = int(accepted.numel())
             if m == 0:
@@ -193,21 +215,40 @@ class DreamPool:
                 "class_label": kept_labels,
                 "hue_category": hue_category(chroma),
             }
-            self._make_room(self.bank.size + m - self.config.capacity)
+            self._make_room(m)
             slots = self.bank.free_slots(m)
             ids = self.bank.write(slots, values)
             self.index.add(slots)
-            self.counters["added"] += m
             out[accepted] = ids
+            lost = 0
+            if self._make_room(0):  # the index grew past its share: the policy may take new entries too
+                gone = self.bank.slots_of(ids) < 0
+                lost = int(gone.sum())
+                out[accepted[gone]] = -1
+                self.counters["evicted"] -= lost  # reported as dropped: never stored, as the caller sees it
+                self.counters["dropped"] += lost
+            self.counters["added"] += m - lost
             return out
 
-    def _make_room(self, count: int) -> None:
-        if count <= 0:
-            return
-        victims = eviction_order(self.bank, self.config.eviction_policy)[:count]
-        self.index.remove(victims)
-        self.bank.remove(victims)
-        self.counters["evicted"] += int(victims.numel())
+    def _make_room(self, incoming: int) -> int:
+        """Evict by the policy until ``incoming`` more entries fit the capacity and the budget.
+
+        The budget's count is ``ceil(bytes_to_free / average entry bytes)``
+        (:meth:`MemoryBudget.eviction_count`); while the pool is still over (an index
+        need not shrink with evictions), it evicts again, until it fits or is empty.
+        Returns the number evicted.
+        """
+        count = max(self.bank.size + incoming - self.config.capacity,
+                    self.budget.eviction_count(self.bank, self.index, incoming))
+        evicted = 0
+        while count > 0:
+            victims = eviction_order(self.bank, self.config.eviction_policy)[:count]
+            self.index.remove(victims)
+            self.bank.remove(victims)
+            evicted += int(victims.numel())
+            count = self.budget.eviction_count(self.bank, self.index, incoming)
+        self.counters["evicted"] += evicted
+        return evicted
 
     # ------------------------------------------------------------- retrieve
     def retrieve(
@@ -233,7 +274,8 @@ class DreamPool:
                 ``[B, D]`` embeddings (soft, hybrid, category and nearest only).
 
         Keyword Args:
-            k: results per query (per class for ``balanced``); default ``retrieval_limit``.
+            k: results per query (per class for ``balanced``), at most ``max(capacity, 65536)``
+                (more than the pool holds pads the result); default ``retrieval_limit``.
             mode: ``similar`` (``hard``), ``class``, ``balanced``, ``utility``, ``diverse``,
                 ``soft``, ``hybrid``, ``category`` or ``nearest``; default from config.
             class_hint: int or ``[B]`` int in 0..9 (-1 none): the class for ``class``
@@ -257,7 +299,7 @@ class DreamPool:
         start = time.perf_counter()
         with self._lock:
             mode_ = self.config.default_mode if mode is None else RetrievalMode.parse(mode)
-            k_ = self.config.retrieval_limit if k is None else v.check_count(k, "k")
+            k_ = self.config.retrieval_limit if k is None else v.check_count(k, "k", high=max(self.config.capacity, _MAX_PADDED_K))
             q = self._parse_queries(queries, mode_)
             b = q.count
             hint = self._labels(class_hint, b, "class_hint")
@@ -270,6 +312,7 @@ class DreamPool:
             v.check_number(min_dispersion, "min_dispersion", 0.0, float("inf"))
             v.check_number(utility_threshold, "utility_threshold", float("-inf"), float("inf"))
             fetch = max(k_, self.config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
+            fetch = min(fetch, max(k_, self.config.capacity))  # candidates beyond capacity would all be padding
             cats = self._categories(category, q, mode_)
 
             if mode_ is RetrievalMode.SIMILAR:
@@ -376,7 +419,13 @@ class DreamPool:
             return out
 
     def stats(self) -> dict[str, Any]:
-        """Size, counters, bytes by column, engine, cache and score means."""
+        """Size, counters, bytes by column, engine, cache and score means.
+
+        ``search`` holds the engine's facts (``SearchIndex.describe``): its kind, the
+        engine that answered the latest search, index bytes, and IVF state where used.
+        ``memory`` holds the budget, the exact usage and the device's memory with its
+        source (NVML on CUDA, else a fallback; see ``MemoryBudget.stats``).
+        """
         with self._lock:
             alive = self.bank.alive()
             cols = self.bank.columns
@@ -400,6 +449,8 @@ class DreamPool:
                 "bytes_by_column": bytes_by_column,
                 "bank_bytes": sum(bytes_by_column.values()),
                 "index_bytes": self.index.nbytes(),
+                "memory": self.budget.stats(self.bank, self.index),
+                "search": self.index.describe(),
                 "cache": {"size": len(self.cache), "hits": self.cache.hits, "misses": self.cache.misses,
                           "hit_rate": self.cache.hit_rate},
             }

@@ -80,7 +80,7 @@ class TestCrash:
             proc = subprocess.Popen([sys.executable, __file__, str(ck), swap], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
             lines: list[str] = []
-            reader = threading.Thread(target=lambda p=proc: lines.extend(p.stdout), daemon=True)
+            reader = threading.Thread(target=lambda p=proc, out=lines: out.extend(p.stdout), daemon=True)
             reader.start()
             deadline = time.monotonic() + 120
             while not any(line.startswith("start") for line in lines):

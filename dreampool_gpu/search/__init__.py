@@ -11,5 +11,40 @@ __all__ = ["ExactSearch", "SearchIndex", "make_index", "pairwise_scores", "stabl
 
 
 def make_index(bank: TensorBank, config: PoolConfig) -> SearchIndex:
-    """The k-NN engine the pool uses for ``config`` over ``bank``."""
-    return ExactSearch(bank, config.metric, chunk_bytes=int(config.search_chunk_mb * 2**20))
+    """The k-NN engine ``config.engine`` names, over ``bank``.
+
+    ``torch`` is exact matmul + topk; ``faiss-flat`` exact FAISS brute force
+    (torch where FAISS cannot serve); ``faiss-ivf`` IVF-PQ candidates re-scored
+    exactly once the pool holds ``ann_threshold`` entries (torch below);
+    ``auto`` picks per call from measurements (see :mod:`dreampool_gpu.search.auto`).
+    """
+    chunk_bytes = int(config.search_chunk_mb * 2**20)
+    exact = ExactSearch(bank, config.metric, chunk_bytes=chunk_bytes)
+    if config.engine == "torch":
+        return exact
+    # FAISS loads only for the engines that use it
+    from dreampool_gpu.search.auto import AutoSearch, ExactAuto
+    from dreampool_gpu.search.faiss_flat import FaissFlatSearch
+    from dreampool_gpu.search.faiss_ivf import IVFSearch
+
+    flat = FaissFlatSearch(bank, config.metric, fallback=exact, chunk_bytes=chunk_bytes)
+    if config.engine == "faiss-flat":
+        return flat
+
+    def ivf(fallback: SearchIndex) -> IVFSearch:
+        return IVFSearch(
+            bank,
+            config.metric,
+            fallback=fallback,
+            threshold=config.ann_threshold,
+            nlist=config.ivf_nlist,
+            nprobe=config.ivf_nprobe,
+            refine_factor=config.ivf_refine_factor,
+            churn_fraction=config.churn_rebuild_fraction,
+            chunk_bytes=chunk_bytes,
+        )
+
+    if config.engine == "faiss-ivf":
+        return ivf(exact)
+    chooser = ExactAuto(exact, flat)
+    return AutoSearch(chooser, ivf(chooser) if bank.device.type == "cpu" else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -13,9 +14,16 @@ class SearchIndex(ABC):
     Engines read the bank's ``embeddings`` column; they may keep derived state
     (compressed codes, a trained quantiser) but never a second full copy of the
     vectors. Results are slots, not ids: the pool maps them.
+
+    Attributes:
+        kind: the engine's name (stable; checkpoints match serialized state by it).
+        last_engine: ``kind`` of the engine that answered the latest search
+            (engines that delegate, e.g. to exact search for a masked query, say so);
+            None before the first search.
     """
 
     kind: str = "abstract"
+    last_engine: str | None = None
 
     def add(self, slots: torch.Tensor) -> None:  # noqa: B027 - optional hook
         """Entries were written at ``slots`` ``[m]`` (int64, bank device)."""
@@ -29,6 +37,10 @@ class SearchIndex(ABC):
     def nbytes(self) -> int:
         """Bytes of derived state held by the engine (0 for pure scans)."""
         return 0
+
+    def describe(self) -> dict[str, Any]:
+        """Plain facts for ``DreamPool.stats()``: kind, last engine, index bytes."""
+        return {"kind": self.kind, "last_engine": self.last_engine, "index_bytes": self.nbytes()}
 
     def serialize(self) -> bytes | None:
         """Derived state worth saving in a checkpoint (None: rebuild from the bank)."""

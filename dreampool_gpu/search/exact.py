@@ -21,6 +21,27 @@ def pairwise_scores(queries: torch.Tensor, rows: torch.Tensor, metric: Metric) -
     return -sq.clamp_(min=0.0).sqrt_()
 
 
+def refine_euclidean(
+    queries: torch.Tensor, embeddings: torch.Tensor, slots: torch.Tensor, *, chunk_bytes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact minus-distances of the chosen ``slots`` ``[B, k]`` (-1 = none), best first.
+
+    The matmul expansion ``|q|^2 + |v|^2 - 2 q.v`` that fast scans use cancels
+    near zero (a vector's distance to itself comes out around 1e-3); this
+    recomputes ``|q - v|`` for the k winners only, ``chunk_bytes`` of rows at a time.
+    """
+    b, k = slots.shape
+    scores = torch.empty(b, k, dtype=torch.float32, device=slots.device)
+    step = max(1, chunk_bytes // max(1, 4 * k * embeddings.shape[1]))
+    for start in range(0, b, step):
+        part = slots[start : start + step]
+        rows = embeddings[part.clamp(min=0)]
+        distance = torch.linalg.vector_norm(rows - queries[start : start + step, None], dim=2)
+        scores[start : start + step] = (-distance).masked_fill_(part < 0, float("-inf"))
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    return scores.gather(1, order), slots.gather(1, order)
+
+
 def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of ``scores`` ``[B, M]``, ties broken by lower column index.
 
@@ -63,6 +84,8 @@ class ExactSearch(SearchIndex):
         self, queries: torch.Tensor, k: int, *, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """See :meth:`SearchIndex.search`."""
+        self.last_engine = self.kind
+        queries = queries.to(self.bank.columns["embeddings"].dtype)  # e.g. float64 queries
         b = queries.shape[0]
         extent = self.bank.extent
         k_eff = min(k, extent)
@@ -70,8 +93,10 @@ class ExactSearch(SearchIndex):
         best_slots = torch.full((b, k), -1, dtype=torch.int64, device=queries.device)
         if k_eff == 0 or b == 0:
             return best_scores, best_slots
-        alive = self.bank.alive()[:extent]
-        keep = alive if mask is None else alive & mask[..., :extent]
+        keep: torch.Tensor | None = None  # None: every row up to the extent qualifies
+        if mask is not None or self.bank.size < extent:
+            alive = self.bank.alive()[:extent]
+            keep = alive if mask is None else alive & mask[..., :extent]
         embeddings = self.bank.columns["embeddings"]
         rows_per_chunk = max(k_eff, self.chunk_bytes // (4 * max(b, 1)))
         top_scores = queries.new_empty(b, 0)
@@ -79,8 +104,8 @@ class ExactSearch(SearchIndex):
         for start in range(0, extent, rows_per_chunk):
             stop = min(start + rows_per_chunk, extent)
             scores = pairwise_scores(queries, embeddings[start:stop], self.metric)
-            chunk_keep = keep[..., start:stop]
-            scores.masked_fill_(~chunk_keep.expand_as(scores), float("-inf"))
+            if keep is not None:
+                scores.masked_fill_(~keep[..., start:stop].expand_as(scores), float("-inf"))
             values, index = scores.topk(min(k_eff, stop - start), dim=1)
             top_scores = torch.cat([top_scores, values], dim=1)
             top_slots = torch.cat([top_slots, index + start], dim=1)
@@ -88,6 +113,9 @@ class ExactSearch(SearchIndex):
                 top_scores, pick = top_scores.topk(k_eff, dim=1)
                 top_slots = top_slots.gather(1, pick)
         found = torch.isfinite(top_scores)
+        top_slots = torch.where(found, top_slots, torch.full_like(top_slots, -1))
+        if self.metric is Metric.EUCLIDEAN:
+            top_scores, top_slots = refine_euclidean(queries, embeddings, top_slots, chunk_bytes=self.chunk_bytes)
         best_scores[:, :k_eff] = top_scores
-        best_slots[:, :k_eff] = torch.where(found, top_slots, torch.full_like(top_slots, -1))
+        best_slots[:, :k_eff] = top_slots
         return best_scores, best_slots
