@@ -198,6 +198,7 @@ class IVFSearch(SearchIndex):
         index.cp.min_points_per_centroid = 1  # small pools: no "too few points" warning
         index.pq.cp.min_points_per_centroid = 1
         index.pq.cp.max_points_per_centroid = PQ_TRAIN_ROWS >> PQ_BITS
+        index.do_polysemous_training = False  # 10x the training time, for a search mode not used here
         index.use_precomputed_table = -1  # an nlist x 256 x m table would outweigh the codes
         generator = torch.Generator().manual_seed(0)
         sample_size = min(n, max(TRAIN_ROWS_PER_LIST * nlist, PQ_TRAIN_ROWS))
