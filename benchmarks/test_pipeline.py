@@ -5,7 +5,8 @@
 - retrieve: ``pool.retrieve`` (encode, search, re-rank, gather) at k=10 vs a raw
   torch matmul + topk over the same embeddings, B in {1, 256}.
 
-Sizes: n = 10K by default; ``DREAMPOOL_BENCH_FULL=1`` adds n = 100K.
+Sizes: n = 10K by default; ``DREAMPOOL_BENCH_FULL=1`` adds n = 100K, and on CUDA
+n = 1M and B = 1024. Hybrid re-ranks ``fetch_k = 100`` candidates.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from dreampool_gpu.dreams import chroma_signature, synthetic_dreams
 from dreampool_gpu.spectral import spectral_features
 
 SHAPE = (16, 16, 4)
-SIZES = [10_000] + ([100_000] if os.environ.get("DREAMPOOL_BENCH_FULL") else [])
+FULL = bool(os.environ.get("DREAMPOOL_BENCH_FULL"))
+CUDA = os.environ.get("DREAMPOOL_BENCH_DEVICE", "cpu") != "cpu" and torch.cuda.is_available()
+SIZES = [10_000] + ([100_000] if FULL else []) + ([1_000_000] if FULL and CUDA else [])
+BATCHES = [1, 256] + ([1024] if FULL and CUDA else [])
+FETCH_K = 100  # candidates re-ranked by hybrid
 
 
 def sync(device: torch.device) -> None:
@@ -78,7 +83,7 @@ class TestAdd:
 
 
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("b", [1, 256])
+@pytest.mark.parametrize("b", BATCHES)
 class TestRetrieve:
     def test_raw_matmul_topk(self, benchmark, bench_device, pools, n, b, record_median):
         benchmark.group = f"retrieve n={n} B={b} k=10"
@@ -99,7 +104,7 @@ class TestRetrieve:
         queries = torch.rand(b, 3, device=bench_device)
 
         def retrieve():
-            pool.retrieve(queries, k=10, mode=mode)
+            pool.retrieve(queries, k=10, mode=mode, fetch_k=FETCH_K)
             sync(bench_device)
 
         benchmark.pedantic(retrieve, rounds=10, warmup_rounds=1)
