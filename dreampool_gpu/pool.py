@@ -22,7 +22,7 @@ from dreampool_gpu.dreams import NUM_CLASSES, chroma_signature, hue_category, va
 from dreampool_gpu.encoders import FeatureEncoder
 from dreampool_gpu.errors import CapacityExceededError, DimensionMismatchError, InvalidInputError
 from dreampool_gpu.metrics import PoolMetrics
-from dreampool_gpu.rerank import HybridWeights, class_match, hybrid_scores, mmr
+from dreampool_gpu.rerank import HybridWeights, class_match, hybrid_scores, mmr, mmr_row_bytes, row_chunks
 from dreampool_gpu.search import ExactSearch, make_index, stable_topk
 from dreampool_gpu.spectral import spectral_features
 
@@ -594,12 +594,23 @@ class DreamPool:
         return values, slots
 
     def _diverse(self, q: _Queries, k: int, lam: float, min_dispersion: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """MMR over the whole pool on chroma signatures (candidates oldest first)."""
+        """MMR over the whole pool on chroma signatures (candidates oldest first).
+
+        Queries go through in chunks whose ``[b, n]`` relevance and MMR state stay
+        under ``rerank_chunk_mb``; every row is computed as it would be alone.
+        """
         by_age = self.bank.slots_by_age()
         chroma = self.bank.columns["chroma"][by_age]
-        relevance = self._chroma_similarity(q, by_age)
-        picks, scores = mmr(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma)
-        slots = torch.where(picks >= 0, by_age[picks.clamp(min=0)] if by_age.numel() else picks, picks)
+        n = by_age.numel()
+        row_bytes = 4 * n + mmr_row_bytes(n, chroma.shape[1], shared=True)  # relevance + MMR state
+        parts = []
+        for rows in row_chunks(q.count, row_bytes, self.config.rerank_chunk_mb):
+            chunk = q if q.chroma is None else _Queries(rows.stop - rows.start, chroma=q.chroma[rows])
+            relevance = self._chroma_similarity(chunk, by_age)
+            parts.append(mmr(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma))
+        picks = torch.cat([p[0] for p in parts])
+        scores = torch.cat([p[1] for p in parts])
+        slots = torch.where(picks >= 0, by_age[picks.clamp(min=0)] if n else picks, picks)
         return scores, slots
 
     def _hybrid(
@@ -612,21 +623,36 @@ class DreamPool:
         lam: float,
         min_dispersion: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft candidates (fetch_k k-NN) -> hybrid base score -> MMR on embeddings -> k."""
+        """Soft candidates (fetch_k k-NN) -> hybrid base score -> MMR on embeddings -> k.
+
+        The k-NN runs once for all queries (the search chunks itself); the re-ranking
+        runs in query chunks whose gathered ``[b, fetch_k, D]`` vectors and MMR state
+        stay under ``rerank_chunk_mb``. Every row is computed as it would be alone.
+        """
         if k == 0:
             return self._empty(q.count)
         similarity, candidates = self.index.search(self._query_embeddings(q, hint, prior), max(fetch_k, k))
-        valid = candidates >= 0
-        util = self.bank.gather("util_mean", candidates)
-        match = class_match(self.bank.gather("class_label", candidates).long(), hint)
-        base = hybrid_scores(similarity.masked_fill(~valid, float("-inf")), util, match, self.weights)
-        vectors = self.bank.gather("embeddings", candidates)
-        chroma = self.bank.gather("chroma", candidates)
-        picks, scores = mmr(
-            base, vectors, k, mmr_lambda=lam, delta=self.weights.delta, min_dispersion=min_dispersion, points=chroma
-        )
-        slots = torch.where(picks >= 0, candidates.gather(1, picks.clamp(min=0)), picks)
-        return scores, slots
+        m = candidates.shape[1]
+        embeddings, chroma = self.bank.columns["embeddings"], self.bank.columns["chroma"]
+        d, p = embeddings.shape[1], chroma.shape[1]
+        # bank.gather makes two copies of each gathered row; ~8 int64/float [fetch_k] rows for the scores
+        gathered = 2 * m * (d * embeddings.element_size() + p * chroma.element_size()) + 8 * 8 * m
+        row_bytes = gathered + mmr_row_bytes(m, d)
+        score_parts, slot_parts = [], []
+        for rows in row_chunks(q.count, row_bytes, self.config.rerank_chunk_mb):
+            cand = candidates[rows]
+            valid = cand >= 0
+            util = self.bank.gather("util_mean", cand)
+            match = class_match(self.bank.gather("class_label", cand).long(), hint[rows])
+            base = hybrid_scores(similarity[rows].masked_fill(~valid, float("-inf")), util, match, self.weights)
+            vectors = self.bank.gather("embeddings", cand)
+            points = self.bank.gather("chroma", cand)
+            picks, scores = mmr(
+                base, vectors, k, mmr_lambda=lam, delta=self.weights.delta, min_dispersion=min_dispersion, points=points
+            )
+            score_parts.append(scores)
+            slot_parts.append(torch.where(picks >= 0, cand.gather(1, picks.clamp(min=0)), picks))
+        return torch.cat(score_parts), torch.cat(slot_parts)
 
     # ----------------------------------------------------------- persistence
     def save(self, path: persist.PathArg) -> None:

@@ -3,13 +3,11 @@
 Invariants are checked after every step: ids unique and never reissued, size
 within capacity and equal to added - evicted, every returned id alive, the
 evicted entries the lowest by the policy's key; every 25 steps the search index
-is compared with the bank. The whole run is printed with its wall time (the
-issue asks for under 2 minutes in CI; this is reported, not asserted).
+is compared with the bank. Its wall time (the issue asks for under 2 minutes in
+CI) is what ``pytest --durations`` reports; tests assert behaviour, not speed.
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 
@@ -49,7 +47,6 @@ class TestStress:
         g = torch.Generator().manual_seed(0)
         issued = torch.empty(0, dtype=torch.int64)
         offered = returned = evicting_steps = 0
-        start = time.perf_counter()
         step = 0
         while offered < TOTAL_ADDS:
             ids_before, slots_before = live(pool)
@@ -84,12 +81,10 @@ class TestStress:
             if step % 25 == 0:
                 assert index_agrees(pool)
             step += 1
-        elapsed = time.perf_counter() - start
 
         assert torch.equal(issued.sort().values, torch.arange(pool.bank.next_id))  # unique, none lost
         assert index_agrees(pool)
         assert pool.counters["evicted"] > TOTAL_ADDS // 2 and evicting_steps > step // 2
         assert returned > step * 16
         print(f"\nstress: {offered} adds offered, {pool.counters['added']} stored, "
-              f"{pool.counters['evicted']} evicted, {step} query batches of 16, {returned} ids returned: "
-              f"{elapsed:.1f}s")
+              f"{pool.counters['evicted']} evicted, {step} query batches of 16, {returned} ids returned")
