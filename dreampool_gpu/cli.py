@@ -91,7 +91,9 @@ def pool_summary(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[s
 
     where = Path(path)
     if not where.is_dir():
-        raise InvalidInputError("pool", "a directory written by DreamPool.save", f"{where} (no such directory)")
+        raise InvalidInputError(
+            "pool", "a directory written by DreamPool.save", f"{where} (no such directory)"
+        )
     pool = DreamPool.load(where, device=device)
     stats = pool.stats()
     bank = pool.bank
@@ -102,7 +104,11 @@ def pool_summary(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[s
     hue_counts = hues.bincount(minlength=NUM_HUE_CATEGORIES).tolist()
     nbytes = bank.nbytes()
     columns = {
-        name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "bytes": nbytes[name]}
+        name: {
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "bytes": nbytes[name],
+        }
         for name, t in bank.columns.items()
     }
     config = pool.config
@@ -121,10 +127,16 @@ def pool_summary(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[s
         "bank_bytes": stats["bank_bytes"],
         "checkpoint_bytes": sum(f.stat().st_size for f in where.iterdir() if f.is_file()),
         "columns": columns,
-        "classes": {"none": class_counts[0], **dict(zip(CLASS_NAMES, class_counts[1:]))},
+        "classes": {
+            "none": class_counts[0],
+            **dict(zip(CLASS_NAMES, class_counts[1:], strict=False)),
+        },
         "hue_categories": {str(i): c for i, c in enumerate(hue_counts)},
         "means": {name: stats[f"mean_{name}"] for name in ("coherence", "energy", "violation")},
-        "counters": {key: stats[key] for key in ("added", "rejected", "evicted", "dropped", "queries", "feedback")},
+        "counters": {
+            key: stats[key]
+            for key in ("added", "rejected", "evicted", "dropped", "queries", "feedback")
+        },
         "config": config.to_dict(),
     }
 
@@ -143,8 +155,10 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
         f"pool            {s['path']}",
         f"entries         {s['size']} / {s['capacity']} (next id {s['next_id']})",
         f"dreams          {r}x{c}x{layers}x3, embeddings {s['embedding_dim']}-d {s['metric']}",
-        f"engine          {s['engine']} (index {_size(s['index_bytes'])}, last used {s['index']['last_engine']})",
-        f"bank            {_size(s['bank_bytes'])} on {s['device']}; checkpoint {_size(s['checkpoint_bytes'])}",
+        f"engine          {s['engine']} (index {_size(s['index_bytes'])}, "
+        f"last used {s['index']['last_engine']})",
+        f"bank            {_size(s['bank_bytes'])} on {s['device']}; "
+        f"checkpoint {_size(s['checkpoint_bytes'])}",
         "means           " + ", ".join(f"{k} {v:.4f}" for k, v in s["means"].items()),
         "counters        " + ", ".join(f"{k} {v}" for k, v in s["counters"].items()),
         "columns",
@@ -170,37 +184,66 @@ def _classes(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class labels such as 0,3,7, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated class labels such as 0,3,7, got {text!r}"
+        ) from None
 
 
 def _retrieve(args: argparse.Namespace) -> int:
     from dreampool_gpu.batch import run_retrieval_job, work_dir
 
-    names = ("class_hint", "classes", "category", "utility_threshold", "utility_prior", "fetch_k",
-             "mmr_lambda", "min_dispersion")
+    names = (
+        "class_hint",
+        "classes",
+        "category",
+        "utility_threshold",
+        "utility_prior",
+        "fetch_k",
+        "mmr_lambda",
+        "min_dispersion",
+    )
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     try:
         report = run_retrieval_job(
-            args.pool, args.queries, args.out, k=args.k, mode=args.mode, chunk=args.chunk, key=args.key,
-            device=args.device, options=options, progress=not args.no_progress,
+            args.pool,
+            args.queries,
+            args.out,
+            k=args.k,
+            mode=args.mode,
+            chunk=args.chunk,
+            key=args.key,
+            device=args.device,
+            options=options,
+            progress=not args.no_progress,
         )
     except KeyboardInterrupt:
-        print(f"dreampool: interrupted; finished chunks are kept in {work_dir(args.out)}: "
-              "rerun the same command to resume", file=sys.stderr)
+        print(
+            f"dreampool: interrupted; finished chunks are kept in {work_dir(args.out)}: "
+            "rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
     if report.discarded:
-        print(f"dreampool: discarded partial results of a different job in {work_dir(args.out)}", file=sys.stderr)
+        print(
+            f"dreampool: discarded partial results of a different job in {work_dir(args.out)}",
+            file=sys.stderr,
+        )
     if report.already_done:
-        print(f"{report.out} already holds this job's results ({report.queries} queries); nothing to do")
+        print(
+            f"{report.out} already holds this job's results ({report.queries} queries); "
+            "nothing to do"
+        )
         return 0
     rate = report.queries / report.seconds if report.seconds > 0 else float("inf")
     resumed = f", {report.resumed} resumed" if report.resumed else ""
-    print(f"wrote ids and scores [{report.queries}, {report.width}] to {report.out}: "
-          f"{report.chunks} chunks ({report.computed} computed{resumed}) in {report.seconds:.2f} s, "
-          f"{rate:,.0f} queries/s")
+    print(
+        f"wrote ids and scores [{report.queries}, {report.width}] to {report.out}: "
+        f"{report.chunks} chunks ({report.computed} computed{resumed}) in {report.seconds:.2f} s, "
+        f"{rate:,.0f} queries/s"
+    )
     return 0
 
 
@@ -213,8 +256,10 @@ def _bench(args: argparse.Namespace) -> int:
     script = bench_script()
     if not script.is_file():
         raise InvalidInputError(
-            "bench", f"scripts/bench.sh of a source checkout (looked for {script})",
-            "none: the benchmarks ship with the repository, not the installed package; run from a clone",
+            "bench",
+            f"scripts/bench.sh of a source checkout (looked for {script})",
+            "none: the benchmarks ship with the repository, not the installed package; "
+            "run from a clone",
         )
     passthrough = list(args.passthrough)
     if passthrough[:1] == ["--"]:
@@ -230,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the simulated training loop and print a summary")
     demo.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     demo.add_argument("--batch", type=int, default=64, help="dreams per step (default 64)")
-    demo.add_argument("--shape", type=_shape, default=(16, 16, 4), help="dream shape RxCxL (default 16x16x4)")
+    demo.add_argument(
+        "--shape", type=_shape, default=(16, 16, 4), help="dream shape RxCxL (default 16x16x4)"
+    )
     demo.add_argument("--capacity", type=int, default=2000, help="pool capacity (default 2000)")
     demo.add_argument("--threshold", type=float, default=0.6, help="coherence gate (default 0.6)")
     demo.add_argument("--device", default="cpu", help='"cpu", "cuda" or "auto" (default cpu)')
@@ -239,56 +286,97 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(run=_demo)
 
-    info = commands.add_parser("info", help="show torch, CUDA, FAISS and NVML facts of this machine")
+    info = commands.add_parser(
+        "info", help="show torch, CUDA, FAISS and NVML facts of this machine"
+    )
     info.add_argument("--json", action="store_true", help="print as JSON")
     info.set_defaults(run=_info)
 
     inspect = commands.add_parser(
-        "inspect", help="show a saved pool's stats: size, shapes, bytes per column, index, histograms",
-        description="Load a checkpoint written by DreamPool.save (verifying every checksum) and print "
-        "its size, column shapes and bytes, search engine and index, class and hue-category histograms. "
+        "inspect",
+        help="show a saved pool's stats: size, shapes, bytes per column, index, histograms",
+        description="Load a checkpoint written by DreamPool.save (verifying every checksum) and "
+        "print its size, column shapes and bytes, search engine and index, class and hue-category "
+        "histograms. "
         "The checkpoint is not modified.",
     )
     inspect.add_argument("pool", help="checkpoint directory (pool.save(path))")
-    inspect.add_argument("--device", default="cpu", help='where to load it (default cpu; "auto", "cuda")')
+    inspect.add_argument(
+        "--device", default="cpu", help='where to load it (default cpu; "auto", "cuda")'
+    )
     inspect.add_argument("--json", action="store_true", help="print as JSON")
     inspect.set_defaults(run=_inspect)
 
     retrieve = commands.add_parser(
-        "retrieve", help="batch job: answer a file of queries from a saved pool, write ids and scores",
-        description="Answer every query in QUERIES from the pool saved at POOL, in chunks, and write "
-        "ids [B, k] int64 (-1 padding) and scores [B, k] float32 (-inf padding) to OUT (safetensors). "
+        "retrieve",
+        help="batch job: answer a file of queries from a saved pool, write ids and scores",
+        description="Answer every query in QUERIES from the pool saved at POOL, in chunks, and "
+        "write ids [B, k] int64 (-1 padding) and scores [B, k] float32 (-inf padding) to OUT "
+        "(safetensors). "
         "QUERIES is a .npy, .safetensors or .pt file holding [B, R, C, L, 3] dreams, [B, 3] chroma "
-        "signatures or [B, D] embeddings (embedding modes). Finished chunks are kept in OUT.parts/; "
+        "signatures or [B, D] embeddings (embedding modes). Finished chunks are kept in "
+        "OUT.parts/; "
         "rerunning an interrupted job with the same arguments resumes it. The pool is read-only: "
         "usage counts are not written back.",
     )
     retrieve.add_argument("pool", help="checkpoint directory (pool.save(path))")
     retrieve.add_argument("queries", help="queries file: .npy, .safetensors or .pt")
     retrieve.add_argument("--out", required=True, help="results file, ending in .safetensors")
-    retrieve.add_argument("--k", type=int, default=None, help="results per query (default: the pool's retrieval_limit)")
-    retrieve.add_argument("--mode", default="hybrid",
-                          help="similar (hard), class, balanced, utility, diverse, soft, hybrid, category "
-                          "or nearest (default hybrid)")
-    retrieve.add_argument("--chunk", type=int, default=65536, help="queries per chunk (default 65536)")
-    retrieve.add_argument("--key", default=None, help="tensor name in a multi-tensor .safetensors/.pt file")
-    retrieve.add_argument("--device", default="auto", help='where to load the pool (default auto: CUDA when present)')
-    retrieve.add_argument("--class-hint", type=int, default=None, help="class label 0..9 (mode class; soft/hybrid)")
-    retrieve.add_argument("--classes", type=_classes, default=None, help="class labels for mode balanced, e.g. 0,3,7")
-    retrieve.add_argument("--category", type=int, default=None, help="hue category 0..11 for mode category")
-    retrieve.add_argument("--utility-threshold", type=float, default=None, help="minimum utility (mode utility)")
-    retrieve.add_argument("--utility-prior", type=float, default=None, help="utility feature of soft queries, 0..1")
-    retrieve.add_argument("--fetch-k", type=int, default=None, help="candidates re-ranked by soft/hybrid")
-    retrieve.add_argument("--mmr-lambda", type=float, default=None, help="MMR trade-off 0..1 (diverse, hybrid)")
-    retrieve.add_argument("--min-dispersion", type=float, default=None, help="stop MMR picks below this dispersion")
+    retrieve.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="results per query (default: the pool's retrieval_limit)",
+    )
+    retrieve.add_argument(
+        "--mode",
+        default="hybrid",
+        help="similar (hard), class, balanced, utility, diverse, soft, hybrid, category "
+        "or nearest (default hybrid)",
+    )
+    retrieve.add_argument(
+        "--chunk", type=int, default=65536, help="queries per chunk (default 65536)"
+    )
+    retrieve.add_argument(
+        "--key", default=None, help="tensor name in a multi-tensor .safetensors/.pt file"
+    )
+    retrieve.add_argument(
+        "--device", default="auto", help="where to load the pool (default auto: CUDA when present)"
+    )
+    retrieve.add_argument(
+        "--class-hint", type=int, default=None, help="class label 0..9 (mode class; soft/hybrid)"
+    )
+    retrieve.add_argument(
+        "--classes", type=_classes, default=None, help="class labels for mode balanced, e.g. 0,3,7"
+    )
+    retrieve.add_argument(
+        "--category", type=int, default=None, help="hue category 0..11 for mode category"
+    )
+    retrieve.add_argument(
+        "--utility-threshold", type=float, default=None, help="minimum utility (mode utility)"
+    )
+    retrieve.add_argument(
+        "--utility-prior", type=float, default=None, help="utility feature of soft queries, 0..1"
+    )
+    retrieve.add_argument(
+        "--fetch-k", type=int, default=None, help="candidates re-ranked by soft/hybrid"
+    )
+    retrieve.add_argument(
+        "--mmr-lambda", type=float, default=None, help="MMR trade-off 0..1 (diverse, hybrid)"
+    )
+    retrieve.add_argument(
+        "--min-dispersion", type=float, default=None, help="stop MMR picks below this dispersion"
+    )
     retrieve.add_argument("--json", action="store_true", help="print the job report as JSON")
     retrieve.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     retrieve.set_defaults(run=_retrieve)
 
     bench = commands.add_parser(
-        "bench", help="run scripts/bench.sh of this checkout (arguments pass through)",
+        "bench",
+        help="run scripts/bench.sh of this checkout (arguments pass through)",
         description="Run scripts/bench.sh of the source checkout this package was imported from, "
-        "passing every further argument through (e.g. dreampool bench --full, dreampool bench --check). "
+        "passing every further argument through (e.g. dreampool bench --full, "
+        "dreampool bench --check). "
         "Installed without the repository, it exits with an error.",
     )
     bench.add_argument("passthrough", nargs="*", help="arguments for scripts/bench.sh")

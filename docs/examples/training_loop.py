@@ -25,7 +25,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    pool = DreamPool(PoolConfig(dream_shape=(8, 8, 2), capacity=500, coherence_threshold=0.6, device=args.device))
+    pool = DreamPool(
+        PoolConfig(dream_shape=(8, 8, 2), capacity=500, coherence_threshold=0.6, device=args.device)
+    )
     generator = torch.Generator().manual_seed(0)
     for step in range(args.steps):
         fresh, labels = synthetic_dreams(32, (8, 8, 2), generator=generator)
@@ -33,19 +35,29 @@ def main() -> None:
         children, seed_ids = fresh, None
         if len(pool):
             # ask for the stored dream closest to each fresh dream's complementary colour
-            hits = pool.retrieve(1 - fresh.mean(dim=(1, 2, 3)), k=1, mode="hybrid", with_dreams=True)
+            hits = pool.retrieve(
+                1 - fresh.mean(dim=(1, 2, 3)), k=1, mode="hybrid", with_dreams=True
+            )
             seed_ids = hits.ids[:, 0]
             children = 0.5 * fresh + 0.5 * hits.dreams[:, 0].float()
         scores = score_dreams(children)
-        pool.add(children, coherence=scores.coherence, energy=scores.energy,
-                 violation=scores.violation, class_labels=labels.to(pool.device))
+        pool.add(
+            children,
+            coherence=scores.coherence,
+            energy=scores.energy,
+            violation=scores.violation,
+            class_labels=labels.to(pool.device),
+        )
         if seed_ids is not None:
             found = seed_ids >= 0
             pool.feedback(seed_ids[found], scores.coherence[found])
         if step % 10 == 0:
             stats = pool.stats()
-            print(f"step {step:3d}: pool {stats['size']:4d}, accepted {stats['acceptance_rate']:.0%}, "
-                  f"mean coherence {stats['mean_coherence']:.3f}")
+            print(
+                f"step {step:3d}: pool {stats['size']:4d}, "
+                f"accepted {stats['acceptance_rate']:.0%}, "
+                f"mean coherence {stats['mean_coherence']:.3f}"
+            )
 
     checkpoint = io.BytesIO()
     torch.save({"pool": pool.state_dict()}, checkpoint)

@@ -1,0 +1,585 @@
+"""Batch retrieval jobs: queries from a file, chunked, resumable, results to safetensors.
+
+A job reads queries lazily from a ``.npy`` (memory-mapped), ``.safetensors``
+(sliced) or ``.pt`` file (memory-mapped where the file allows it), runs
+:meth:`DreamPool.retrieve` chunk by chunk and writes ``ids`` ``[B, k]`` int64 and
+``scores`` ``[B, k]`` float32 to a safetensors file.
+
+Resuming: every finished chunk is written (atomically) to a work directory next
+to the output, ``<out>.parts/``, together with ``progress.json``, which records
+the job's identity (pool checkpoint digest, queries file size and mtime, k, mode,
+chunk size and retrieval options) and the finished chunks. A rerun of the same
+job skips those chunks; a different job discards them. At the end the chunks are
+merged into ``<out>`` with one atomic rename and the work directory is removed.
+The output's safetensors metadata keeps the job identity, so rerunning a job
+whose output is already complete does nothing.
+
+The pool is loaded read-only: retrievals bump usage counts in memory only and
+the checkpoint is never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from dreampool_gpu.config import RetrievalMode
+from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
+from dreampool_gpu.pool import _CHROMA_MODES, DreamPool
+
+JOB_FORMAT = "dreampool-batch-retrieval"
+JOB_VERSION = 1
+DEFAULT_CHUNK = 65_536
+PROGRESS = "progress.json"
+LOCK = "lock"
+_OWN_PREFIXES = ("chunk-", PROGRESS, LOCK)
+QUERY_SUFFIXES = (".npy", ".safetensors", ".pt")
+_FLOAT_NAMES = {"float16", "bfloat16", "float32", "float64", "F16", "BF16", "F32", "F64"}
+
+
+# ------------------------------------------------------------------ queries
+class QueryFile:
+    """Queries in a file, read lazily one row range at a time.
+
+    Args:
+        path: a ``.npy``, ``.safetensors`` or ``.pt`` file.
+
+    Keyword Args:
+        key: the tensor to read from a ``.safetensors`` file or a ``.pt`` dict;
+            default: the only tensor, else the one named ``queries``.
+
+    Attributes:
+        path: the file. key: the tensor read (None for ``.npy`` and bare ``.pt`` tensors).
+        shape: the full shape ``[B, ...]``. dtype: the stored dtype's name.
+
+    Raises:
+        InvalidInputError: a missing or unreadable file, an unknown suffix, no
+            tensor to read, or a dtype that is not floating point.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, key: str | None = None) -> None:
+        self.path = Path(path)
+        self.key = key
+        if not self.path.is_file():
+            what = "a directory" if self.path.is_dir() else "no such file"
+            raise InvalidInputError(
+                "queries", "a .npy, .safetensors or .pt file", f"{self.path} ({what})"
+            )
+        suffix = self.path.suffix.lower()
+        if suffix not in QUERY_SUFFIXES:
+            raise InvalidInputError(
+                "queries", f"a file ending in {', '.join(QUERY_SUFFIXES)}", str(self.path)
+            )
+        self._read: Callable[[int, int], Any]
+        try:
+            if suffix == ".npy":
+                self._open_npy()
+            elif suffix == ".safetensors":
+                self._open_safetensors()
+            else:
+                self._open_pt()
+        except InvalidInputError:
+            raise
+        except Exception as exc:  # every loader has its own error types; all mean "unreadable"
+            raise InvalidInputError(
+                "queries", f"a readable {suffix} file", f"{self.path} ({type(exc).__name__}: {exc})"
+            ) from None
+        if self.dtype not in _FLOAT_NAMES:
+            raise InvalidInputError(
+                "queries",
+                "a floating-point tensor (float16, bfloat16, float32 or float64)",
+                f"dtype {self.dtype} in {self.path}",
+            )
+        if not self.shape:
+            raise DimensionMismatchError("[B, ...]", [], f"queries in {self.path}")
+
+    def _open_npy(self) -> None:
+        array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        if self.key is not None:
+            raise InvalidInputError(
+                "key", "no key for a .npy file (it holds one array)", repr(self.key)
+            )
+        self.shape = [int(s) for s in array.shape]
+        self.dtype = str(array.dtype)
+        native = array.dtype.newbyteorder("=")
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            return torch.from_numpy(np.array(array[start:stop], dtype=native, copy=True))
+
+        self._read = read
+
+    def _pick(self, keys: list[str]) -> str:
+        if self.key is not None:
+            if self.key not in keys:
+                raise InvalidInputError(
+                    "key", f"one of {', '.join(keys) or '(no tensors)'}", repr(self.key)
+                )
+            return self.key
+        if len(keys) == 1:
+            return keys[0]
+        if "queries" in keys:
+            return "queries"
+        raise InvalidInputError(
+            "queries",
+            f"a single tensor or one named 'queries' (pick one with --key: {', '.join(keys)})",
+            f"{len(keys)} tensors in {self.path}",
+        )
+
+    def _open_safetensors(self) -> None:
+        handle = safe_open(str(self.path), framework="pt")
+        self.key = self._pick(sorted(handle.keys()))
+        part = handle.get_slice(self.key)
+        self.shape = [int(s) for s in part.get_shape()]
+        self.dtype = str(part.get_dtype())
+        self._handle = handle  # the slice reads through it
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            return part[start:stop]
+
+        self._read = read
+
+    def _open_pt(self) -> None:
+        try:
+            value = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            value = torch.load(self.path, map_location="cpu", weights_only=True)
+        if isinstance(value, dict):
+            tensors = {str(k): v for k, v in value.items() if isinstance(v, torch.Tensor)}
+            self.key = self._pick(sorted(tensors))
+            value = tensors[self.key]
+        elif self.key is not None:
+            raise InvalidInputError(
+                "key", "no key for a .pt file holding one tensor", repr(self.key)
+            )
+        if not isinstance(value, torch.Tensor):
+            raise InvalidInputError(
+                "queries", "a tensor or a dict of tensors", type(value).__name__
+            )
+        tensor = value
+        self.shape = list(tensor.shape)
+        self.dtype = str(tensor.dtype).removeprefix("torch.")
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            return tensor[start:stop]
+
+        self._read = read
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` as a CPU tensor of the stored dtype."""
+        return self._read(start, stop)
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies these queries in a job: path, size, mtime, key, shape, dtype."""
+        st = self.path.stat()
+        return {
+            "path": str(self.path.resolve()),
+            "bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "key": self.key,
+            "shape": self.shape,
+            "dtype": self.dtype,
+        }
+
+
+def check_queries(queries: QueryFile, pool: DreamPool, mode: RetrievalMode) -> None:
+    """Check the queries' shape against the pool and mode before any work is done.
+
+    Raises:
+        DimensionMismatchError: not ``[B, R, C, L, 3]`` dreams of the pool's shape,
+            ``[B, 3]`` chroma, or (embedding modes) ``[B, D]`` with the pool's D.
+    """
+    shape = queries.shape
+    r, c, layers = pool.config.dream_shape
+    d = pool.config.embedding_dim
+    if len(shape) == 5 and shape[1:] == [r, c, layers, 3]:
+        return
+    if len(shape) == 2 and (shape[1] == 3 or (shape[1] == d and mode not in _CHROMA_MODES)):
+        return
+    expected = f"[B, {r}, {c}, {layers}, 3] dreams or [B, 3] chroma"
+    if mode in _CHROMA_MODES:
+        expected += f" (mode {mode.value!r} takes no embeddings)"
+    else:
+        expected += f" or [B, {d}] embeddings (the pool's embedding_dim is {d})"
+    raise DimensionMismatchError(
+        expected, shape, f"queries in {queries.path} for mode {mode.value!r}"
+    )
+
+
+# ---------------------------------------------------------------------- job
+@dataclass(frozen=True)
+class BatchReport:
+    """What a batch job did.
+
+    Attributes:
+        out: the results file. queries: rows answered. width: result columns (k,
+        or ``len(classes) * k`` for ``balanced``). chunks: chunks in the job.
+        computed: chunks computed by this run. resumed: chunks reused from an
+        interrupted run. already_done: the output was complete before this run.
+        discarded: partial results of a different job were thrown away.
+        seconds: wall time of this run.
+    """
+
+    out: Path
+    queries: int
+    width: int
+    chunks: int
+    computed: int
+    resumed: int
+    already_done: bool
+    discarded: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form."""
+        return {**self.__dict__, "out": str(self.out)}
+
+
+def work_dir(out: str | os.PathLike[str]) -> Path:
+    """The sidecar directory that holds the finished chunks of ``out``'s job."""
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
+
+
+def _chunk_name(index: int) -> str:
+    return f"chunk-{index:06d}.safetensors"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Make ``tmp`` durable and rename it over ``target``."""
+    _fsync(tmp)
+    os.replace(tmp, target)
+    _fsync(target.parent)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    _replace(tmp, path)
+
+
+def _save_chunk(parts: Path, index: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
+    """Write one finished chunk atomically (a crash leaves it whole or absent)."""
+    target = parts / _chunk_name(index)
+    tmp = parts / f".{target.name}.tmp-{os.getpid()}"
+    save_file({"ids": ids.contiguous(), "scores": scores.contiguous()}, str(tmp))
+    _replace(tmp, target)
+
+
+def _pool_digest(path: Path) -> str | None:
+    """sha256 of the checkpoint's manifest (it holds every file's checksum)."""
+    try:
+        return hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _finished_job(out: Path) -> dict[str, Any] | None:
+    """The job identity stored in an existing output file, if it is one of ours."""
+    if not out.is_file():
+        return None
+    try:
+        with safe_open(str(out), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        job = json.loads(meta.get("job", "null"))
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return job if isinstance(job, dict) else None
+
+
+def _load_progress(parts: Path, job: dict[str, Any]) -> tuple[set[int], bool]:
+    """Finished chunk indices of ``job`` in ``parts``; True when another job's were discarded."""
+    progress = parts / PROGRESS
+    if not progress.is_file():
+        return set(), False
+    try:
+        saved = json.loads(progress.read_text())
+        same = saved.get("job") == job
+        done = {int(i) for i in saved.get("done", [])} if same else set()
+    except (OSError, ValueError, TypeError, AttributeError):
+        same, done = False, set()
+    if not same:
+        _clear_parts(parts, keep_dir=True)
+        return set(), True
+    return {i for i in done if (parts / _chunk_name(i)).is_file()}, False
+
+
+def _clear_parts(parts: Path, *, keep_dir: bool) -> None:
+    """Remove the files this module writes in ``parts`` (nothing else), then the directory."""
+    for entry in parts.iterdir():
+        name = entry.name.lstrip(".")
+        if entry.is_file() and name.startswith(_OWN_PREFIXES):
+            entry.unlink()
+    if not keep_dir:
+        try:
+            parts.rmdir()
+        except OSError:  # someone else's files are in there: leave them
+            pass
+
+
+def run_retrieval_job(
+    pool_path: str | os.PathLike[str],
+    queries_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    k: int | None = None,
+    mode: str | RetrievalMode = "hybrid",
+    chunk: int = DEFAULT_CHUNK,
+    key: str | None = None,
+    device: str = "auto",
+    options: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> BatchReport:
+    """Answer every query in ``queries_path`` from the pool saved at ``pool_path``.
+
+    Args:
+        pool_path: a checkpoint directory written by :meth:`DreamPool.save`.
+        queries_path: ``[B, R, C, L, 3]`` dreams, ``[B, 3]`` chroma or ``[B, D]``
+            embeddings (embedding modes), float, in a ``.npy``, ``.safetensors``
+            or ``.pt`` file.
+        out: the results file (safetensors): ``ids`` ``[B, k]`` int64 (-1
+            padding) and ``scores`` ``[B, k]`` float32 (``-inf`` padding).
+
+    Keyword Args:
+        k: results per query (default: the pool's ``retrieval_limit``).
+        mode: any :class:`RetrievalMode` name.
+        chunk: queries per :meth:`DreamPool.retrieve` call, >= 1.
+        key: the tensor to read from a multi-tensor queries file.
+        device: where the pool is loaded (``"auto"``, ``"cpu"``, ``"cuda[:N]"``).
+        options: further keyword arguments of :meth:`DreamPool.retrieve`, scalars
+            or lists only (``class_hint``, ``classes``, ``category``,
+            ``utility_threshold``, ``fetch_k``, ``mmr_lambda``, ``min_dispersion``).
+        progress: show a tqdm bar on stderr.
+
+    Returns:
+        A :class:`BatchReport`.
+
+    Raises:
+        InvalidInputError: a missing pool or queries file, a bad option.
+        DimensionMismatchError: queries that do not fit the pool and mode.
+        CheckpointCorruptError: the pool checkpoint fails verification.
+        Whatever interrupts the run (``KeyboardInterrupt``) leaves the finished
+        chunks in :func:`work_dir` for the next run.
+    """
+    start = time.perf_counter()
+    pool_dir, out = Path(pool_path), Path(out)
+    mode_ = RetrievalMode.parse(mode)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise InvalidInputError("chunk", "an int >= 1", repr(chunk))
+    if not pool_dir.is_dir():
+        raise InvalidInputError(
+            "pool", "a directory written by DreamPool.save", f"{pool_dir} (no such directory)"
+        )
+    if out.is_dir():
+        raise InvalidInputError("out", "a file path for the results", f"{out} (a directory)")
+    if out.suffix.lower() != ".safetensors":
+        raise InvalidInputError("out", "a path ending in .safetensors", str(out))
+    queries = QueryFile(queries_path, key=key)
+    options = dict(options or {})
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise InvalidInputError(
+            "options", f"names among {', '.join(sorted(_OPTIONS))}", ", ".join(unknown)
+        )
+
+    pool = DreamPool.load(pool_dir, device=device)
+    k_ = pool.config.retrieval_limit if k is None else k
+    check_queries(queries, pool, mode_)
+    total = len(queries)
+    n_chunks = -(-total // chunk)
+    job: dict[str, Any] = {
+        "format": JOB_FORMAT,
+        "version": JOB_VERSION,
+        "pool": {"path": str(pool_dir.resolve()), "manifest_sha256": _pool_digest(pool_dir)},
+        "queries": queries.identity(),
+        "k": k_,
+        "mode": mode_.value,
+        "chunk": chunk,
+        "options": options,
+    }
+    job = json.loads(
+        json.dumps(job)
+    )  # the form it takes in progress.json and the output (tuples -> lists)
+    # one row through the pool's own validation (k, options), before anything is written
+    probe = pool.retrieve(queries.read(0, min(1, total)), k=k_, mode=mode_, **options)
+    width = probe.ids.shape[1]
+
+    def report(
+        computed: int, resumed: int, *, done: bool = False, discarded: bool = False
+    ) -> BatchReport:
+        return BatchReport(
+            out,
+            total,
+            width,
+            n_chunks,
+            computed,
+            resumed,
+            done,
+            discarded,
+            time.perf_counter() - start,
+        )
+
+    if _finished_job(out) == job:
+        return report(0, 0, done=True)
+    parts = work_dir(out)
+    parts.mkdir(parents=True, exist_ok=True)
+    with _JobLock(parts, out):
+        return _run_chunks(
+            pool, queries, parts, out, job, k_, mode_, options, width, progress, report
+        )
+
+
+def _run_chunks(
+    pool: DreamPool,
+    queries: QueryFile,
+    parts: Path,
+    out: Path,
+    job: dict[str, Any],
+    k: int,
+    mode: RetrievalMode,
+    options: dict[str, Any],
+    width: int,
+    progress: bool,
+    report: Callable[..., BatchReport],
+) -> BatchReport:
+    total, chunk = len(queries), int(job["chunk"])
+    n_chunks = -(-total // chunk)
+    done, discarded = _load_progress(parts, job)
+    resumed = len(done)
+    state = {"job": job, "chunks": n_chunks, "done": sorted(done)}
+    _write_json(parts / PROGRESS, state)
+
+    computed = 0
+    bar = _progress_bar(total, progress, initial=sum(_rows(i, chunk, total) for i in done))
+    try:
+        for index in range(n_chunks):
+            if index in done:
+                continue
+            lo = index * chunk
+            hi = min(total, lo + chunk)
+            hits = pool.retrieve(queries.read(lo, hi), k=k, mode=mode, **options)
+            _save_chunk(parts, index, hits.ids.cpu(), hits.scores.float().cpu())
+            done.add(index)
+            state["done"] = sorted(done)
+            _write_json(parts / PROGRESS, state)
+            computed += 1
+            bar.update(hi - lo)
+    finally:
+        bar.close()
+
+    _merge(parts, out, n_chunks, total, width, job)
+    return report(computed, resumed, discarded=discarded)
+
+
+class _JobLock:
+    """An exclusive lock on a work directory, so two runs never write the same chunks."""
+
+    def __init__(self, parts: Path, out: Path) -> None:
+        self.path = parts / LOCK
+        self.out = out
+        self.fd = -1
+
+    def __enter__(self) -> _JobLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise InvalidInputError(
+                "out",
+                "an output no other job is writing",
+                f"{self.out} (another run holds {self.path})",
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)  # closing releases the lock
+        if exc[0] is None:
+            _clear_parts(self.path.parent, keep_dir=False)
+
+
+_OPTIONS = {
+    "class_hint",
+    "classes",
+    "category",
+    "utility_threshold",
+    "utility_prior",
+    "fetch_k",
+    "mmr_lambda",
+    "min_dispersion",
+}
+
+
+def _rows(index: int, chunk: int, total: int) -> int:
+    return max(0, min(total, (index + 1) * chunk) - index * chunk)
+
+
+def _progress_bar(total: int, enabled: bool, *, initial: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="q",
+        unit_scale=True,
+        desc="retrieve",
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
+
+
+def _merge(
+    parts: Path, out: Path, n_chunks: int, total: int, width: int, job: dict[str, Any]
+) -> None:
+    """Concatenate the chunks into ``out`` with one atomic rename."""
+    ids = torch.empty(total, width, dtype=torch.int64)
+    scores = torch.empty(total, width, dtype=torch.float32)
+    row = 0
+    for index in range(n_chunks):
+        part = load_file(str(parts / _chunk_name(index)))
+        n = part["ids"].shape[0]
+        ids[row : row + n] = part["ids"]
+        scores[row : row + n] = part["scores"]
+        row += n
+    if row != total:  # unreachable unless the work directory was edited by hand
+        raise InvalidInputError(str(parts), f"chunks holding {total} rows", f"{row} rows")
+    meta = {
+        "job": json.dumps(job, sort_keys=True),
+        "mode": job["mode"],
+        "k": str(job["k"]),
+        "queries": str(total),
+    }
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    save_file({"ids": ids, "scores": scores}, str(tmp), metadata=meta)
+    _replace(tmp, out)
+
+
+def read_results(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, k] int64, scores [B, k] float32)`` from a batch job's output file."""
+    data = load_file(str(path))
+    return data["ids"], data["scores"]

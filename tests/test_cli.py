@@ -1,0 +1,469 @@
+"""The ``dreampool`` command, in-process: every command, its errors, and resuming a batch job."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import stat
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dreampool_gpu import DreamPool, PoolConfig, cli, score_dreams
+from dreampool_gpu import batch as batch_mod
+from dreampool_gpu.batch import read_results, work_dir
+from dreampool_gpu.dreams import synthetic_dreams
+
+SHAPE = (4, 4, 2)
+N_QUERIES = 1000
+CHUNK = 300  # does not divide N_QUERIES: the last chunk is short
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved 250-entry CPU pool and query files in every accepted format."""
+    root = tmp_path_factory.mktemp("cli")
+    pool = DreamPool(
+        PoolConfig(dream_shape=SHAPE, capacity=300, coherence_threshold=0.0, device="cpu")
+    )
+    generator = torch.Generator().manual_seed(0)
+    dreams, labels = synthetic_dreams(250, SHAPE, generator=generator)
+    scores = score_dreams(dreams)
+    pool.add(
+        dreams,
+        coherence=scores.coherence,
+        energy=scores.energy,
+        violation=scores.violation,
+        class_labels=labels,
+    )
+    pool.save(root / "pool")
+    chroma = torch.rand(N_QUERIES, 3, generator=generator)
+    np.save(root / "chroma.npy", chroma.numpy())
+    np.save(root / "chroma64.npy", chroma.double().numpy())
+    save_file({"queries": chroma}, str(root / "chroma.safetensors"))
+    save_file({"a": chroma.clone(), "b": chroma[:10].clone()}, str(root / "two.safetensors"))
+    query_dreams, _ = synthetic_dreams(40, SHAPE, generator=generator)
+    torch.save(query_dreams, root / "dreams.pt")
+    torch.save({"queries": chroma[:50], "other": torch.zeros(2)}, root / "dict.pt")
+    torch.save(torch.randn(30, 64), root / "emb64.pt")
+    np.save(
+        root / "emb32.npy", np.random.default_rng(0).standard_normal((30, 32)).astype(np.float32)
+    )
+    np.save(root / "ints.npy", np.zeros((10, 3), dtype=np.int64))
+    np.save(root / "wide.npy", np.zeros((10, 7), dtype=np.float32))
+    np.save(root / "nan.npy", np.full((10, 3), np.nan, dtype=np.float32))
+    np.save(root / "empty.npy", np.zeros((0, 3), dtype=np.float32))
+    (root / "notes.txt").write_text("not queries")
+    return root
+
+
+def _run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _retrieve(capsys, saved, queries, out, *extra):
+    return _run(
+        capsys, "retrieve", saved / "pool", saved / queries, "--out", out, "--no-progress", *extra
+    )
+
+
+class TestHelp:
+    @pytest.mark.parametrize("command", ["demo", "info", "inspect", "retrieve", "bench"])
+    def test_every_command_has_help(self, capsys, command):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([command, "--help"])
+        assert exc.value.code == 0
+        assert f"usage: dreampool {command}" in capsys.readouterr().out
+
+    def test_top_level_lists_commands(self, capsys):
+        with pytest.raises(SystemExit):
+            cli.main(["--help"])
+        out = capsys.readouterr().out
+        for command in ("demo", "info", "inspect", "retrieve", "bench"):
+            assert command in out
+
+    def test_unknown_argument_is_a_usage_error(self, capsys):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["info", "--bogus"])
+        assert exc.value.code == 2
+        assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+class TestDemoAndInfo:
+    def test_demo_json(self, capsys):
+        code, out, _ = _run(
+            capsys,
+            "demo",
+            "--steps",
+            "2",
+            "--batch",
+            "8",
+            "--shape",
+            "4x4x1",
+            "--capacity",
+            "16",
+            "--threshold",
+            "0.4",
+            "--json",
+            "--no-progress",
+        )
+        assert code == 0
+        assert json.loads(out)["steps"] == 2
+
+    def test_info_json_and_text(self, capsys):
+        code, out, _ = _run(capsys, "info", "--json")
+        assert code == 0
+        assert json.loads(out)["torch"] == torch.__version__
+        code, out, _ = _run(capsys, "info")
+        assert code == 0 and out.startswith("torch")
+
+
+class TestInspect:
+    def test_json_summary(self, capsys, saved):
+        before = (saved / "pool" / "manifest.json").read_bytes()
+        code, out, err = _run(capsys, "inspect", saved / "pool", "--json")
+        assert code == 0, err
+        s = json.loads(out)
+        assert (s["size"], s["capacity"], s["dream_shape"], s["embedding_dim"]) == (
+            250,
+            300,
+            list(SHAPE),
+            64,
+        )
+        assert s["columns"]["dreams"] == {
+            "shape": [300, *SHAPE, 3],
+            "dtype": "float32",
+            "bytes": 300 * 32 * 3 * 4,
+        }
+        assert s["columns"]["embeddings"]["shape"] == [300, 64]
+        assert s["bank_bytes"] == sum(c["bytes"] for c in s["columns"].values())
+        assert sum(s["classes"].values()) == 250 and s["classes"]["none"] == 0
+        assert list(s["hue_categories"]) == [str(i) for i in range(12)]
+        assert sum(s["hue_categories"].values()) == 250
+        assert s["engine"] == "auto" and s["index"]["kind"] == "auto"
+        assert s["checkpoint_bytes"] > 0
+        assert (saved / "pool" / "manifest.json").read_bytes() == before  # read-only
+
+    def test_text_summary(self, capsys, saved):
+        code, out, _ = _run(capsys, "inspect", saved / "pool")
+        assert code == 0
+        assert "250 / 300" in out
+        assert "hue categories" in out and "red" in out
+        assert "dreams          300x4x4x2x3" in out
+
+    def test_missing_path(self, capsys, saved):
+        code, out, err = _run(capsys, "inspect", saved / "nowhere")
+        assert code == 2 and out == ""
+        assert err.startswith("dreampool: error: invalid pool") and "no such directory" in err
+        assert "Traceback" not in err
+
+    def test_corrupt_checkpoint(self, capsys, saved, tmp_path):
+        broken = tmp_path / "broken"
+        shutil.copytree(saved / "pool", broken)
+        bank = broken / "bank.safetensors"
+        data = bytearray(bank.read_bytes())
+        data[-1] ^= 0xFF
+        bank.chmod(bank.stat().st_mode | stat.S_IWUSR)
+        bank.write_bytes(bytes(data))
+        code, _, err = _run(capsys, "inspect", broken)
+        assert code == 2
+        assert "corrupt checkpoint file" in err and "bank.safetensors" in err
+
+
+class TestRetrieve:
+    def test_nearest_matches_pool_chunk_by_chunk(self, capsys, saved, tmp_path):
+        out = tmp_path / "r.safetensors"
+        code, stdout, err = _retrieve(
+            capsys, saved, "chroma.npy", out, "--k", "5", "--mode", "nearest", "--chunk", CHUNK
+        )
+        assert code == 0, err
+        assert f"[{N_QUERIES}, 5]" in stdout and "4 chunks (4 computed)" in stdout
+        ids, scores = read_results(out)
+        assert ids.dtype == torch.int64 and scores.dtype == torch.float32
+        assert ids.shape == scores.shape == (N_QUERIES, 5)
+        pool = DreamPool.load(saved / "pool", device="cpu")
+        queries = torch.from_numpy(np.load(saved / "chroma.npy"))
+        for lo in range(0, N_QUERIES, CHUNK):
+            ref = pool.retrieve(queries[lo : lo + CHUNK], k=5, mode="nearest")
+            assert torch.equal(ids[lo : lo + CHUNK], ref.ids)
+            # not bitwise: an embedding served by the query cache was computed in another batch
+            torch.testing.assert_close(scores[lo : lo + CHUNK], ref.scores)
+        whole = pool.retrieve(queries, k=5, mode="nearest")
+        torch.testing.assert_close(scores, whole.scores)
+        assert not work_dir(out).exists()
+        with safe_open(str(out), framework="pt") as handle:
+            meta = handle.metadata()
+        assert (meta["mode"], meta["k"], meta["queries"]) == ("nearest", "5", str(N_QUERIES))
+
+    def test_pool_is_not_written_back(self, capsys, saved, tmp_path):
+        before = {p.name: p.read_bytes() for p in (saved / "pool").iterdir()}
+        code, _, err = _retrieve(
+            capsys, saved, "chroma.npy", tmp_path / "r.safetensors", "--k", "3"
+        )
+        assert code == 0, err
+        assert {p.name: p.read_bytes() for p in (saved / "pool").iterdir()} == before
+        assert int(DreamPool.load(saved / "pool", device="cpu").bank.columns["usage"].sum()) == 0
+
+    def test_formats_agree(self, capsys, saved, tmp_path):
+        results = []
+        for name in ("chroma.npy", "chroma64.npy", "chroma.safetensors"):
+            out = tmp_path / f"{name}.safetensors"
+            code, _, err = _retrieve(capsys, saved, name, out, "--k", "4", "--mode", "similar")
+            assert code == 0, err
+            results.append(read_results(out))
+        for ids, scores in results[1:]:
+            assert torch.equal(ids, results[0][0])
+            torch.testing.assert_close(scores, results[0][1])
+        out = tmp_path / "key.safetensors"
+        code, _, err = _retrieve(
+            capsys, saved, "two.safetensors", out, "--key", "b", "--mode", "similar"
+        )
+        assert code == 0, err
+        assert read_results(out)[0].shape == (10, 3)  # the pool's retrieval_limit
+
+    def test_pt_dict_dreams_and_embeddings(self, capsys, saved, tmp_path):
+        code, _, err = _retrieve(capsys, saved, "dict.pt", tmp_path / "d.safetensors", "--k", "2")
+        assert code == 0, err
+        assert read_results(tmp_path / "d.safetensors")[0].shape == (50, 2)
+        code, _, err = _retrieve(
+            capsys,
+            saved,
+            "dreams.pt",
+            tmp_path / "q.safetensors",
+            "--k",
+            "6",
+            "--mode",
+            "hybrid",
+            "--chunk",
+            "16",
+        )
+        assert code == 0, err
+        ids, scores = read_results(tmp_path / "q.safetensors")
+        assert ids.shape == (40, 6) and bool((ids >= 0).all())
+        assert bool((scores[:, :-1] >= -1e9).all())
+        code, _, err = _retrieve(
+            capsys, saved, "emb64.pt", tmp_path / "e.safetensors", "--k", "3", "--mode", "nearest"
+        )
+        assert code == 0, err
+        assert read_results(tmp_path / "e.safetensors")[0].shape == (30, 3)
+
+    def test_mode_options(self, capsys, saved, tmp_path):
+        code, _, err = _retrieve(
+            capsys,
+            saved,
+            "dict.pt",
+            tmp_path / "c.safetensors",
+            "--k",
+            "3",
+            "--mode",
+            "class",
+            "--class-hint",
+            "2",
+        )
+        assert code == 0, err
+        ids, _ = read_results(tmp_path / "c.safetensors")
+        labels = DreamPool.load(saved / "pool", device="cpu").metadata(ids)["class_label"]
+        assert bool((labels == 2).all())
+        code, _, err = _retrieve(
+            capsys,
+            saved,
+            "dict.pt",
+            tmp_path / "b.safetensors",
+            "--k",
+            "2",
+            "--mode",
+            "balanced",
+            "--classes",
+            "0,3,7",
+        )
+        assert code == 0, err
+        assert read_results(tmp_path / "b.safetensors")[0].shape == (50, 6)
+
+    def test_json_report_and_rerun_does_nothing(self, capsys, saved, tmp_path):
+        out = tmp_path / "r.safetensors"
+        code, stdout, _ = _retrieve(
+            capsys, saved, "chroma.npy", out, "--k", "2", "--chunk", "400", "--json"
+        )
+        assert code == 0
+        report = json.loads(stdout)
+        assert (report["queries"], report["chunks"], report["computed"], report["width"]) == (
+            N_QUERIES,
+            3,
+            3,
+            2,
+        )
+        code, stdout, _ = _retrieve(capsys, saved, "chroma.npy", out, "--k", "2", "--chunk", "400")
+        assert code == 0 and "nothing to do" in stdout
+
+    def test_empty_queries(self, capsys, saved, tmp_path):
+        code, _, err = _retrieve(capsys, saved, "empty.npy", tmp_path / "z.safetensors", "--k", "4")
+        assert code == 0, err
+        assert read_results(tmp_path / "z.safetensors")[0].shape == (0, 4)
+
+    @pytest.mark.parametrize(
+        ("queries", "extra", "message"),
+        [
+            ("missing.npy", [], "invalid queries: expected a .npy, .safetensors or .pt file, got"),
+            ("notes.txt", [], "expected a file ending in .npy, .safetensors, .pt"),
+            ("ints.npy", [], "expected a floating-point tensor"),
+            (
+                "wide.npy",
+                [],
+                "expected shape [B, 4, 4, 2, 3] dreams or [B, 3] chroma or [B, 64] embeddings",
+            ),
+            ("emb32.npy", ["--mode", "nearest"], "the pool's embedding_dim is 64), got [30, 32]"),
+            ("emb64.pt", ["--mode", "similar"], "mode 'similar' takes no embeddings"),
+            ("nan.npy", [], "invalid queries: expected finite values"),
+            ("two.safetensors", [], "pick one with --key: a, b"),
+            ("two.safetensors", ["--key", "c"], "invalid key: expected one of a, b"),
+            ("chroma.npy", ["--mode", "bogus"], "invalid mode: expected one of similar"),
+            (
+                "chroma.npy",
+                ["--mode", "class"],
+                "invalid class_hint: expected a class label for mode 'class'",
+            ),
+            ("chroma.npy", ["--k", "-1"], "invalid k: expected an int in [0,"),
+            ("chroma.npy", ["--chunk", "0"], "invalid chunk: expected an int >= 1"),
+            (
+                "chroma.npy",
+                ["--class-hint", "12"],
+                "invalid class_hint: expected class labels in 0..9",
+            ),
+        ],
+    )
+    def test_errors_exit_2_with_a_message(self, capsys, saved, tmp_path, queries, extra, message):
+        out = tmp_path / "r.safetensors"
+        code, stdout, err = _retrieve(capsys, saved, queries, out, *extra)
+        assert code == 2
+        assert stdout == ""
+        assert err.startswith("dreampool: error: ") and message in err
+        assert "Traceback" not in err
+        assert not out.exists() and not work_dir(out).exists()
+
+    def test_missing_pool_and_bad_out(self, capsys, saved, tmp_path):
+        code, _, err = _run(
+            capsys,
+            "retrieve",
+            saved / "nowhere",
+            saved / "chroma.npy",
+            "--out",
+            tmp_path / "r.safetensors",
+        )
+        assert code == 2 and "invalid pool: expected a directory written by DreamPool.save" in err
+        code, _, err = _retrieve(capsys, saved, "chroma.npy", tmp_path / "r.npy")
+        assert code == 2 and "invalid out: expected a path ending in .safetensors" in err
+
+    def test_out_is_required(self, capsys, saved):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["retrieve", str(saved / "pool"), str(saved / "chroma.npy")])
+        assert exc.value.code == 2
+        assert "--out" in capsys.readouterr().err
+
+    def test_second_run_on_the_same_output_is_refused(self, capsys, saved, tmp_path):
+        out = tmp_path / "r.safetensors"
+        parts = work_dir(out)
+        parts.mkdir()
+        with open(parts / batch_mod.LOCK, "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            code, _, err = _retrieve(capsys, saved, "chroma.npy", out)
+        assert code == 2 and "another run holds" in err
+        assert not out.exists()
+
+
+class TestResume:
+    def _interrupt_after(self, monkeypatch, n):
+        real = batch_mod._save_chunk
+        saved_chunks = []
+
+        def save(parts, index, ids, scores):
+            if len(saved_chunks) == n:
+                raise KeyboardInterrupt
+            real(parts, index, ids, scores)
+            saved_chunks.append(index)
+
+        monkeypatch.setattr(batch_mod, "_save_chunk", save)
+        return saved_chunks
+
+    def _record(self, monkeypatch):
+        real = batch_mod._save_chunk
+        indices = []
+
+        def save(parts, index, ids, scores):
+            indices.append(index)
+            real(parts, index, ids, scores)
+
+        monkeypatch.setattr(batch_mod, "_save_chunk", save)
+        return indices
+
+    @pytest.mark.parametrize("mode", ["nearest", "hybrid"])
+    def test_interrupted_job_resumes_to_the_same_result(
+        self, capsys, saved, tmp_path, monkeypatch, mode
+    ):
+        args = ("--k", "5", "--mode", mode, "--chunk", "150")  # 7 chunks, the last one short
+        reference = tmp_path / "reference.safetensors"
+        assert _retrieve(capsys, saved, "chroma.npy", reference, *args)[0] == 0
+
+        out = tmp_path / "out.safetensors"
+        with monkeypatch.context() as patch:
+            first = self._interrupt_after(patch, 2)
+            code, _, err = _retrieve(capsys, saved, "chroma.npy", out, *args)
+        assert code == 130
+        assert "rerun the same command to resume" in err
+        assert first == [0, 1]
+        assert not out.exists()
+        progress = json.loads((work_dir(out) / "progress.json").read_text())
+        assert progress["done"] == [0, 1] and progress["chunks"] == 7
+
+        with monkeypatch.context() as patch:
+            second = self._record(patch)
+            code, stdout, err = _retrieve(capsys, saved, "chroma.npy", out, *args)
+        assert code == 0, err
+        assert second == [2, 3, 4, 5, 6]
+        assert "5 computed, 2 resumed" in stdout
+        assert not work_dir(out).exists()
+        ids, scores = read_results(out)
+        ref_ids, ref_scores = read_results(reference)
+        assert torch.equal(ids, ref_ids)
+        assert torch.equal(scores, ref_scores)
+
+    def test_changed_arguments_discard_partial_results(self, capsys, saved, tmp_path, monkeypatch):
+        out = tmp_path / "out.safetensors"
+        with monkeypatch.context() as patch:
+            self._interrupt_after(patch, 1)
+            assert (
+                _retrieve(capsys, saved, "chroma.npy", out, "--k", "5", "--chunk", "300")[0] == 130
+            )
+        with monkeypatch.context() as patch:
+            recorded = self._record(patch)
+            code, _, err = _retrieve(capsys, saved, "chroma.npy", out, "--k", "4", "--chunk", "300")
+        assert code == 0
+        assert "discarded partial results of a different job" in err
+        assert recorded == [0, 1, 2, 3]
+        assert read_results(out)[0].shape == (N_QUERIES, 4)
+
+
+class TestBench:
+    def test_runs_the_script_with_passthrough_args(self, capfd, tmp_path, monkeypatch):
+        script = tmp_path / "bench.sh"
+        script.write_text('echo "bench args: $*"\nexit 3\n')
+        monkeypatch.setattr(cli, "bench_script", lambda: script)
+        code = cli.main(["bench", "--full", "--check"])
+        assert code == 3
+        assert "bench args: --full --check" in capfd.readouterr().out
+
+    def test_missing_script_is_an_error(self, capsys, tmp_path, monkeypatch):
+        monkeypatch.setattr(cli, "bench_script", lambda: tmp_path / "scripts" / "bench.sh")
+        code, _, err = _run(capsys, "bench")
+        assert code == 2
+        assert err.startswith(
+            "dreampool: error: invalid bench: expected scripts/bench.sh of a source checkout"
+        )
+
+    def test_script_is_found_in_this_checkout(self):
+        assert cli.bench_script().is_file()
