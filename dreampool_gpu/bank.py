@@ -127,9 +127,8 @@ class TensorBank:
         column = self.columns[name]
         valid = slots >= 0
         rows = column[slots.clamp(min=0)]
-        fill = torch.tensor(self.specs[name].fill, dtype=column.dtype, device=column.device)
         mask = valid.reshape(tuple(valid.shape) + (1,) * (rows.dim() - valid.dim()))  # tuple: 0-dim slots too
-        return torch.where(mask, rows, fill)
+        return rows.masked_fill(~mask, self.specs[name].fill)  # a scalar fill: no host-to-device copy
 
     def nbytes(self) -> dict[str, int]:
         """Exact bytes per column (``numel * element_size``)."""

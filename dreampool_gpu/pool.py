@@ -22,7 +22,15 @@ from dreampool_gpu.dreams import NUM_CLASSES, chroma_signature, hue_category, va
 from dreampool_gpu.encoders import FeatureEncoder
 from dreampool_gpu.errors import CapacityExceededError, DimensionMismatchError, InvalidInputError
 from dreampool_gpu.metrics import PoolMetrics
-from dreampool_gpu.rerank import HybridWeights, class_match, hybrid_scores, mmr, mmr_row_bytes, row_chunks
+from dreampool_gpu.rerank import (
+    HybridWeights,
+    class_match,
+    hybrid_scores,
+    mmr,
+    mmr_row_bytes,
+    row_chunks,
+    rowwise_cosine,
+)
 from dreampool_gpu.search import ExactSearch, make_index, stable_topk
 from dreampool_gpu.spectral import spectral_features
 
@@ -338,9 +346,8 @@ class DreamPool:
                 scores, slots = self._hybrid(q, hint, prior, k_, fetch, lam_, min_dispersion)
 
             ids = self.bank.gather("ids", slots)
-            present = slots[slots >= 0]
-            usage = self.bank.columns["usage"]
-            usage.index_add_(0, present, torch.ones_like(present, dtype=usage.dtype))
+            usage = self.bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
+            usage.index_add_(0, slots.clamp(min=0).reshape(-1), (slots >= 0).reshape(-1).to(usage.dtype))
             self.counters["queries"] += b
             dreams = self.bank.gather("dreams", slots) if with_dreams else None
             if self.metrics is not None:
@@ -599,15 +606,18 @@ class DreamPool:
         Queries go through in chunks whose ``[b, n]`` relevance and MMR state stay
         under ``rerank_chunk_mb``; every row is computed as it would be alone.
         """
+        if q.chroma is None:  # unreachable: diverse queries always carry chroma
+            raise InvalidInputError("queries", "dreams or chroma for a chroma method", "embeddings")
         by_age = self.bank.slots_by_age()
         chroma = self.bank.columns["chroma"][by_age]
         n = by_age.numel()
         row_bytes = 4 * n + mmr_row_bytes(n, chroma.shape[1], shared=True)  # relevance + MMR state
         parts = []
         for rows in row_chunks(q.count, row_bytes, self.config.rerank_chunk_mb):
-            chunk = q if q.chroma is None else _Queries(rows.stop - rows.start, chroma=q.chroma[rows])
-            relevance = self._chroma_similarity(chunk, by_age)
-            parts.append(mmr(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma))
+            # chroma cosine as _chroma_similarity, but batch-size invariant so chunks change nothing
+            relevance = rowwise_cosine(q.chroma[rows], chroma)
+            part = mmr(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma)
+            parts.append(part)
         picks = torch.cat([p[0] for p in parts])
         scores = torch.cat([p[1] for p in parts])
         slots = torch.where(picks >= 0, by_age[picks.clamp(min=0)] if n else picks, picks)
@@ -631,11 +641,12 @@ class DreamPool:
         """
         if k == 0:
             return self._empty(q.count)
-        similarity, candidates = self.index.search(self._query_embeddings(q, hint, prior), max(fetch_k, k))
+        embedded = self._query_embeddings(q, hint, prior)
+        similarity, candidates = self.index.search(embedded, max(fetch_k, k))
         m = candidates.shape[1]
         embeddings, chroma = self.bank.columns["embeddings"], self.bank.columns["chroma"]
         d, p = embeddings.shape[1], chroma.shape[1]
-        # bank.gather makes two copies of each gathered row; ~8 int64/float [fetch_k] rows for the scores
+        # bank.gather makes two copies of each gathered row; ~8 [fetch_k] int64/float rows score them
         gathered = 2 * m * (d * embeddings.element_size() + p * chroma.element_size()) + 8 * 8 * m
         row_bytes = gathered + mmr_row_bytes(m, d)
         score_parts, slot_parts = [], []
@@ -644,11 +655,13 @@ class DreamPool:
             valid = cand >= 0
             util = self.bank.gather("util_mean", cand)
             match = class_match(self.bank.gather("class_label", cand).long(), hint[rows])
-            base = hybrid_scores(similarity[rows].masked_fill(~valid, float("-inf")), util, match, self.weights)
+            sim = similarity[rows].masked_fill(~valid, float("-inf"))
+            base = hybrid_scores(sim, util, match, self.weights)
             vectors = self.bank.gather("embeddings", cand)
             points = self.bank.gather("chroma", cand)
             picks, scores = mmr(
-                base, vectors, k, mmr_lambda=lam, delta=self.weights.delta, min_dispersion=min_dispersion, points=points
+                base, vectors, k,
+                mmr_lambda=lam, delta=self.weights.delta, min_dispersion=min_dispersion, points=points,
             )
             score_parts.append(scores)
             slot_parts.append(torch.where(picks >= 0, cand.gather(1, picks.clamp(min=0)), picks))

@@ -99,19 +99,26 @@ class ExactSearch(SearchIndex):
             keep = alive if mask is None else alive & mask[..., :extent]
         embeddings = self.bank.columns["embeddings"]
         rows_per_chunk = max(k_eff, self.chunk_bytes // (4 * max(b, 1)))
-        top_scores = queries.new_empty(b, 0)
-        top_slots = torch.empty(b, 0, dtype=torch.int64, device=queries.device)
-        for start in range(0, extent, rows_per_chunk):
+        starts = range(0, extent, rows_per_chunk)
+        # each chunk's top-k lands in one candidate buffer; a single top-k over it at the end
+        cand_scores = queries.new_empty(b, len(starts) * k_eff)
+        cand_slots = torch.empty(b, len(starts) * k_eff, dtype=torch.int64, device=queries.device)
+        filled = 0
+        for start in starts:
             stop = min(start + rows_per_chunk, extent)
             scores = pairwise_scores(queries, embeddings[start:stop], self.metric)
             if keep is not None:
                 scores.masked_fill_(~keep[..., start:stop].expand_as(scores), float("-inf"))
-            values, index = scores.topk(min(k_eff, stop - start), dim=1)
-            top_scores = torch.cat([top_scores, values], dim=1)
-            top_slots = torch.cat([top_slots, index + start], dim=1)
-            if top_scores.shape[1] > k_eff:
-                top_scores, pick = top_scores.topk(k_eff, dim=1)
-                top_slots = top_slots.gather(1, pick)
+            taken = min(k_eff, stop - start)
+            torch.topk(scores, taken, dim=1, out=(cand_scores[:, filled : filled + taken],
+                                                  cand_slots[:, filled : filled + taken]))
+            if start:
+                cand_slots[:, filled : filled + taken] += start
+            filled += taken
+        top_scores, top_slots = cand_scores[:, :filled], cand_slots[:, :filled]
+        if filled > k_eff:
+            top_scores, pick = top_scores.topk(k_eff, dim=1)
+            top_slots = top_slots.gather(1, pick)
         found = torch.isfinite(top_scores)
         top_slots = torch.where(found, top_slots, torch.full_like(top_slots, -1))
         if self.metric is Metric.EUCLIDEAN:
