@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dreampool_gpu.config import RetrievalMode
-from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
+from dreampool_gpu.errors import DimensionMismatchError, DreamPoolError, InvalidInputError
 from dreampool_gpu.pool import _CHROMA_MODES, DreamPool
 
 JOB_FORMAT = "dreampool-batch-retrieval"
@@ -266,25 +266,31 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    """Make ``tmp`` durable and rename it over ``target``."""
-    _fsync(tmp)
-    os.replace(tmp, target)
+def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
+    """Write ``target`` through a hidden sibling, fsync it and rename it into place.
+
+    A crash leaves ``target`` whole or as it was; an exception (Ctrl-C included)
+    removes the sibling.
+    """
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync(target.parent)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    _replace(tmp, path)
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def _save_chunk(parts: Path, index: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
-    """Write one finished chunk atomically (a crash leaves it whole or absent)."""
-    target = parts / _chunk_name(index)
-    tmp = parts / f".{target.name}.tmp-{os.getpid()}"
-    save_file({"ids": ids.contiguous(), "scores": scores.contiguous()}, str(tmp))
-    _replace(tmp, target)
+    """Write one finished chunk atomically."""
+    tensors = {"ids": ids.contiguous(), "scores": scores.contiguous()}
+    _atomic_write(parts / _chunk_name(index), lambda tmp: save_file(tensors, str(tmp)))
 
 
 def _pool_digest(path: Path) -> str | None:
@@ -478,7 +484,15 @@ def _run_chunks(
                 continue
             lo = index * chunk
             hi = min(total, lo + chunk)
-            hits = pool.retrieve(queries.read(lo, hi), k=k, mode=mode, **options)
+            try:
+                hits = pool.retrieve(queries.read(lo, hi), k=k, mode=mode, **options)
+            except DreamPoolError as exc:
+                if hasattr(exc, "add_note"):  # Python >= 3.11; the CLI prints notes
+                    exc.add_note(
+                        f"in query rows {lo}..{hi - 1} (chunk {index} of {n_chunks}); "
+                        f"the {len(done)} finished chunks are kept in {parts}"
+                    )
+                raise
             _save_chunk(parts, index, hits.ids.cpu(), hits.scores.float().cpu())
             done.add(index)
             state["done"] = sorted(done)
@@ -574,9 +588,8 @@ def _merge(
         "k": str(job["k"]),
         "queries": str(total),
     }
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_file({"ids": ids, "scores": scores}, str(tmp), metadata=meta)
-    _replace(tmp, out)
+    tensors = {"ids": ids, "scores": scores}
+    _atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_results(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor]:

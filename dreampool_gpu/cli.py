@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except DreamPoolError as exc:
-        print(f"dreampool: error: {exc}", file=sys.stderr)
+        notes = "".join(f"\n  {note}" for note in getattr(exc, "__notes__", ()))
+        print(f"dreampool: error: {exc}{notes}", file=sys.stderr)
         return 2
 
 

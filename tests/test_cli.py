@@ -57,6 +57,9 @@ def saved(tmp_path_factory):
     np.save(root / "wide.npy", np.zeros((10, 7), dtype=np.float32))
     np.save(root / "nan.npy", np.full((10, 3), np.nan, dtype=np.float32))
     np.save(root / "empty.npy", np.zeros((0, 3), dtype=np.float32))
+    late_nan = chroma.numpy().copy()
+    late_nan[700] = np.nan  # in the third chunk of CHUNK rows
+    np.save(root / "late_nan.npy", late_nan)
     (root / "notes.txt").write_text("not queries")
     return root
 
@@ -431,6 +434,41 @@ class TestResume:
         ref_ids, ref_scores = read_results(reference)
         assert torch.equal(ids, ref_ids)
         assert torch.equal(scores, ref_scores)
+
+    def test_bad_rows_mid_job_name_the_chunk_and_keep_finished_ones(self, capsys, saved, tmp_path):
+        out = tmp_path / "out.safetensors"
+        code, _, err = _retrieve(capsys, saved, "late_nan.npy", out, "--chunk", CHUNK)
+        assert code == 2
+        assert "invalid queries: expected finite values, got NaN or inf" in err
+        assert "in query rows 600..899 (chunk 2 of 4); the 2 finished chunks are kept in" in err
+        assert "Traceback" not in err
+        parts = work_dir(out)
+        assert sorted(p.name for p in parts.iterdir()) == [
+            "chunk-000000.safetensors",
+            "chunk-000001.safetensors",
+            "lock",
+            "progress.json",
+        ]
+        assert not out.exists()
+
+    def test_interrupt_while_writing_leaves_no_temporary_files(
+        self, capsys, saved, tmp_path, monkeypatch
+    ):
+        out = tmp_path / "out.safetensors"
+        real = batch_mod.save_file
+
+        def fail_on_the_output(tensors, path, metadata=None):
+            real(tensors, path, metadata=metadata)
+            if metadata is not None:  # the merged output: interrupted after the write
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(batch_mod, "save_file", fail_on_the_output)
+        assert _retrieve(capsys, saved, "chroma.npy", out, "--chunk", "400")[0] == 130
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors.parts"]
+        monkeypatch.undo()
+        code, stdout, _ = _retrieve(capsys, saved, "chroma.npy", out, "--chunk", "400")
+        assert code == 0 and "0 computed, 3 resumed" in stdout
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
 
     def test_changed_arguments_discard_partial_results(self, capsys, saved, tmp_path, monkeypatch):
         out = tmp_path / "out.safetensors"
