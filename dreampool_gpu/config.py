@@ -138,7 +138,7 @@ class PoolConfig:
         alpha, beta, gamma, delta: hybrid weights (similarity, utility, class, duplicate penalty).
         mmr_lambda: MMR trade-off; 1 = pure relevance, 0 = pure diversity.
         fetch_factor: re-ranking methods work on ``fetch_factor * k`` candidates.
-        search_chunk_mb: bound on the ``[B, n]`` score block of exact search, in MiB.
+        search_chunk_mb: bound on the ``[B, n]`` score block of exact search and of the chroma methods, in MiB.
         rerank_chunk_mb: bound on the ``[B, fetch_k, fetch_k]`` block of MMR, in MiB.
         engine: k-NN engine: ``auto`` (measured choice per call, see ``search/auto.py``),
             ``torch`` (exact matmul + topk), ``faiss-flat`` (exact FAISS brute force) or

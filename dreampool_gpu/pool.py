@@ -35,6 +35,7 @@ from dreampool_gpu.search import ExactSearch, make_index, stable_topk
 from dreampool_gpu.spectral import spectral_features
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TOPK_BYTES_PER_SCORE = 32  # stable_topk's temporaries per score: the float, int64 rank and key, masks
 _MAX_PADDED_K = 1 << 16  # k past the capacity only pads; capped so that [B, k] results stay allocatable
 _CHROMA_MODES = {
     RetrievalMode.SIMILAR,
@@ -571,23 +572,28 @@ class DreamPool:
     def _empty(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.empty(b, 0, device=self.device), torch.empty(b, 0, dtype=torch.int64, device=self.device))
 
-    def _chroma_similarity(self, q: _Queries, slots: torch.Tensor) -> torch.Tensor:
-        """``[B, len(slots)]`` chroma cosine (0 against a zero vector)."""
-        if q.chroma is None:
-            raise InvalidInputError("queries", "dreams or chroma for a chroma method", "embeddings")
-        entries = F.normalize(self.bank.columns["chroma"][slots], dim=1)
-        return F.normalize(q.chroma, dim=1) @ entries.T
-
     def _chroma_topk(
         self, q: _Queries, k: int, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stable top-k by chroma cosine over live entries (oldest wins ties)."""
+        """Stable top-k by chroma cosine over live entries (oldest wins ties).
+
+        Queries go through in chunks whose ``[b, n]`` scores and tie-break keys
+        stay under ``search_chunk_mb``; rows are batch-size invariant, so chunking
+        changes nothing.
+        """
+        if q.chroma is None:
+            raise InvalidInputError("queries", "dreams or chroma for a chroma method", "embeddings")
         by_age = self.bank.slots_by_age()
-        sim = self._chroma_similarity(q, by_age)
-        if mask is not None:
-            sim = sim.masked_fill(~mask[:, by_age].expand_as(sim), float("-inf"))
-        values, index = stable_topk(sim, k)
-        slots = by_age[index]
+        chroma = self.bank.columns["chroma"][by_age]
+        parts = []
+        for rows in row_chunks(q.count, _TOPK_BYTES_PER_SCORE * by_age.numel(), self.config.search_chunk_mb):
+            sim = rowwise_cosine(q.chroma[rows], chroma)
+            if mask is not None:
+                part_mask = mask[rows] if mask.shape[0] > 1 else mask
+                sim = sim.masked_fill(~part_mask[:, by_age].expand_as(sim), float("-inf"))
+            parts.append(stable_topk(sim, k))
+        values = torch.cat([p[0] for p in parts])
+        slots = by_age[torch.cat([p[1] for p in parts])]
         return self._pad(values, slots, k)
 
     def _pad(self, values: torch.Tensor, slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -614,7 +620,7 @@ class DreamPool:
         row_bytes = 4 * n + mmr_row_bytes(n, chroma.shape[1], shared=True)  # relevance + MMR state
         parts = []
         for rows in row_chunks(q.count, row_bytes, self.config.rerank_chunk_mb):
-            # chroma cosine as _chroma_similarity, but batch-size invariant so chunks change nothing
+            # chroma cosine as in _chroma_topk: batch-size invariant, so chunks change nothing
             relevance = rowwise_cosine(q.chroma[rows], chroma)
             part = mmr(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma)
             parts.append(part)

@@ -297,6 +297,18 @@ class TestRetrieveOracle:
             assert ids_of(result, b) == want
 
 
+class TestChunking:
+    @pytest.mark.parametrize(("mode", "kwargs"), [("similar", {}), ("class", {"class_hint": 3}),
+                                                  ("balanced", {"classes": [1, 4]}), ("utility", {})])
+    def test_chroma_methods_chunked_equal_unchunked(self, mode, kwargs):
+        whole, _, _ = make_pool(60, capacity=64)
+        tiny, _, _ = make_pool(60, capacity=64, search_chunk_mb=1e-4)  # a few queries per chunk
+        queries = coloured_dreams(37, seed=9)
+        want = whole.retrieve(queries, k=7, mode=mode, **kwargs)
+        got = tiny.retrieve(queries, k=7, mode=mode, **kwargs)
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+
+
 class TestEdges:
     @pytest.mark.parametrize("mode", ["similar", "diverse", "soft", "hybrid", "nearest", "category", "utility"])
     def test_empty_pool(self, mode):
