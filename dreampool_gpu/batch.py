@@ -228,9 +228,10 @@ class BatchReport:
         out: the results file. queries: rows answered. width: result columns (k,
         or ``len(classes) * k`` for ``balanced``). chunks: chunks in the job.
         computed: chunks computed by this run. resumed: chunks reused from an
-        interrupted run. already_done: the output was complete before this run.
+        interrupted run. computed_queries: rows computed by this run.
+        already_done: the output was complete before this run.
         discarded: partial results of a different job were thrown away.
-        seconds: wall time of this run.
+        seconds: wall time of this run (loading the pool included).
     """
 
     out: Path
@@ -239,6 +240,7 @@ class BatchReport:
     chunks: int
     computed: int
     resumed: int
+    computed_queries: int
     already_done: bool
     discarded: bool
     seconds: float
@@ -432,7 +434,7 @@ def run_retrieval_job(
     width = probe.ids.shape[1]
 
     def report(
-        computed: int, resumed: int, *, done: bool = False, discarded: bool = False
+        computed: int, resumed: int, rows: int, *, done: bool = False, discarded: bool = False
     ) -> BatchReport:
         return BatchReport(
             out,
@@ -441,13 +443,14 @@ def run_retrieval_job(
             n_chunks,
             computed,
             resumed,
+            rows,
             done,
             discarded,
             time.perf_counter() - start,
         )
 
     if _finished_job(out) == job:
-        return report(0, 0, done=True)
+        return report(0, 0, 0, done=True)
     parts = work_dir(out)
     parts.mkdir(parents=True, exist_ok=True)
     with _JobLock(parts, out):
@@ -476,7 +479,7 @@ def _run_chunks(
     state = {"job": job, "chunks": n_chunks, "done": sorted(done)}
     _write_json(parts / PROGRESS, state)
 
-    computed = 0
+    computed = rows = 0
     bar = _progress_bar(total, progress, initial=sum(_rows(i, chunk, total) for i in done))
     try:
         for index in range(n_chunks):
@@ -498,12 +501,13 @@ def _run_chunks(
             state["done"] = sorted(done)
             _write_json(parts / PROGRESS, state)
             computed += 1
+            rows += hi - lo
             bar.update(hi - lo)
     finally:
         bar.close()
 
     _merge(parts, out, n_chunks, total, width, job)
-    return report(computed, resumed, discarded=discarded)
+    return report(computed, resumed, rows, discarded=discarded)
 
 
 class _JobLock:

@@ -237,12 +237,12 @@ def _retrieve(args: argparse.Namespace) -> int:
             "nothing to do"
         )
         return 0
-    rate = report.queries / report.seconds if report.seconds > 0 else float("inf")
+    rate = report.computed_queries / report.seconds if report.seconds > 0 else float("inf")
     resumed = f", {report.resumed} resumed" if report.resumed else ""
     print(
         f"wrote ids and scores [{report.queries}, {report.width}] to {report.out}: "
         f"{report.chunks} chunks ({report.computed} computed{resumed}) in {report.seconds:.2f} s, "
-        f"{rate:,.0f} queries/s"
+        f"{rate:,.0f} queries/s computed"
     )
     return 0
 

@@ -295,6 +295,7 @@ class TestRetrieve:
         )
         assert code == 0
         report = json.loads(stdout)
+        assert report["computed_queries"] == N_QUERIES and report["resumed"] == 0
         assert (report["queries"], report["chunks"], report["computed"], report["width"]) == (
             N_QUERIES,
             3,
