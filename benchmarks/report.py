@@ -90,7 +90,7 @@ def plot(benchmarks: list[dict], machine: str) -> list[Path]:
 
     specs = [
         ("search", "test_search", "n", "engine", None, "pool size n", "median latency (ms)", True),
-        ("mmr", "test_rerank", "k", "impl", None, "k", "median time (ms)", False),
+        ("mmr", "test_rerank", "k", "impl", None, "k", "median time (ms)", True),
         ("memory", "test_memory", "n", "what", "bytes_per_entry", "entries n", "bytes per entry", False),
     ]
     written = []

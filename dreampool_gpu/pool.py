@@ -610,7 +610,8 @@ class DreamPool:
         """MMR over the whole pool on chroma signatures (candidates oldest first).
 
         Queries go through in chunks whose ``[b, n]`` relevance and MMR state stay
-        under ``rerank_chunk_mb``; every row is computed as it would be alone.
+        under ``rerank_chunk_mb``; on CPU every row is bit-identical to an unchunked
+        run (on CUDA up to cuBLAS rounding, see ``rerank.rowwise_cosine``).
         """
         if q.chroma is None:  # unreachable: diverse queries always carry chroma
             raise InvalidInputError("queries", "dreams or chroma for a chroma method", "embeddings")
@@ -643,7 +644,8 @@ class DreamPool:
 
         The k-NN runs once for all queries (the search chunks itself); the re-ranking
         runs in query chunks whose gathered ``[b, fetch_k, D]`` vectors and MMR state
-        stay under ``rerank_chunk_mb``. Every row is computed as it would be alone.
+        stay under ``rerank_chunk_mb``; on CPU every row is bit-identical to an
+        unchunked run (on CUDA up to cuBLAS rounding, see ``rerank.rowwise_cosine``).
         """
         if k == 0:
             return self._empty(q.count)
