@@ -559,7 +559,7 @@ class DreamPool:
             raise InvalidInputError("queries", "dreams, chroma or embeddings", None)
 
         def compute(rows: torch.Tensor) -> torch.Tensor:
-            spectral = None if q.spectral is None else q.spectral[rows]
+            spectral = self._flat_spectral(chroma[rows]) if q.spectral is None else q.spectral[rows]
             z = self.encoder.encode(chroma[rows], spectral=spectral, class_labels=hint[rows], utility=prior[rows])
             return self._embed(z)
 
@@ -568,6 +568,21 @@ class DreamPool:
             return compute(every)
         out = torch.empty(q.count, self.config.embedding_dim, device=self.device)
         return self.cache.get_or_compute(query_keys(chroma, hint, prior), compute, out)
+
+    def _flat_spectral(self, chroma: torch.Tensor) -> torch.Tensor | None:
+        """Spectral features ``[B, 8]`` of flat dreams of colour ``chroma`` ``[B, 3]``: a chroma query's.
+
+        A query without a dream is encoded as the flat field of its colour (one
+        layer of the pool's rows x cols), not with zero spectral features, which
+        sit nearest the darkest entries whatever the colour asked for
+        (precision@10 of class colours, docs/benchmarks.md: 0.51 with zeros,
+        0.67 with flat fields). None when the encoder has no spectral part.
+        """
+        if not self.encoder.include_spectral:
+            return None
+        rows, cols, _ = self.config.dream_shape
+        flat = chroma.float()[:, None, None, None, :].expand(-1, rows, cols, 1, 3)
+        return spectral_features(flat, window=self.config.window)
 
     def _empty(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.empty(b, 0, device=self.device), torch.empty(b, 0, dtype=torch.int64, device=self.device))

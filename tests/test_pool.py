@@ -309,6 +309,18 @@ class TestChunking:
         assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
 
 
+class TestChromaQueries:
+    @pytest.mark.parametrize("mode", ["nearest", "soft", "hybrid"])
+    def test_chroma_query_is_the_flat_dream_of_its_colour(self, mode):
+        pool, _, _ = make_pool(60, capacity=64, query_cache_size=0)
+        chroma = torch.rand(9, 3, generator=torch.Generator().manual_seed(4))
+        flat = chroma[:, None, None, None, :].expand(-1, *SHAPE, 3).contiguous()
+        by_chroma = pool.retrieve(chroma, k=5, mode=mode)
+        by_dream = pool.retrieve(flat, k=5, mode=mode)
+        assert torch.equal(by_chroma.ids, by_dream.ids)
+        torch.testing.assert_close(by_chroma.scores, by_dream.scores)
+
+
 class TestEdges:
     @pytest.mark.parametrize("mode", ["similar", "diverse", "soft", "hybrid", "nearest", "category", "utility"])
     def test_empty_pool(self, mode):
