@@ -139,7 +139,7 @@ class PoolConfig:
         mmr_lambda: MMR trade-off; 1 = pure relevance, 0 = pure diversity.
         fetch_factor: re-ranking methods work on ``fetch_factor * k`` candidates.
         search_chunk_mb: bound on the ``[B, n]`` score block of exact search and of the chroma methods, in MiB.
-        rerank_chunk_mb: bound on the ``[B, fetch_k, fetch_k]`` block of MMR, in MiB.
+        rerank_chunk_mb: bound on the re-ranking temporaries (gathered ``[b, fetch_k, D]`` candidate vectors and MMR state), in MiB.
         engine: k-NN engine: ``auto`` (measured choice per call, see ``search/auto.py``),
             ``torch`` (exact matmul + topk), ``faiss-flat`` (exact FAISS brute force) or
             ``faiss-ivf`` (IVF-PQ candidates re-scored exactly, above ``ann_threshold``).
