@@ -35,7 +35,7 @@ from dreampool_gpu.search import ExactSearch, make_index, stable_topk
 from dreampool_gpu.spectral import spectral_features
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_TOPK_BYTES_PER_SCORE = 32  # stable_topk's temporaries per score: the float, int64 rank and key, masks
+_TOPK_BYTES_PER_SCORE = 8  # stable_topk's temporaries per score: the float and the tie masks
 _MAX_PADDED_K = 1 << 16  # k past the capacity only pads; capped so that [B, k] results stay allocatable
 _CHROMA_MODES = {
     RetrievalMode.SIMILAR,

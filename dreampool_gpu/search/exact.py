@@ -45,9 +45,11 @@ def refine_euclidean(
 def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of ``scores`` ``[B, M]``, ties broken by lower column index.
 
-    ``torch.topk`` is not stable; this selects the set exactly (all values above
-    the k-th value, then the lowest-index equals) and orders it by value, then
-    index. Cost: two ``topk`` passes over ``[B, M]``.
+    ``torch.topk`` is not stable: when a tie straddles the k-th place it may keep
+    any of the tied columns. One ``topk`` and one equality pass find the rows where
+    that happens (more columns equal the k-th value than were kept); only those
+    rows are re-selected exactly (all values above the k-th value, then the
+    lowest-index equals). The set is then ordered by value, then index.
 
     Returns:
         ``(values, indices)``, each ``[B, min(k, M)]``.
@@ -56,14 +58,24 @@ def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     k = min(k, m)
     if k == 0:
         return scores.new_empty(b, 0), torch.empty(b, 0, dtype=torch.int64, device=scores.device)
-    kth = scores.topk(k, dim=1).values[:, -1:]
-    rank = (scores > kth).long() * 2 + (scores == kth).long()
-    position = torch.arange(m, device=scores.device)
-    key = rank * (m + 1) + (m - position)
-    chosen = key.topk(k, dim=1).indices.sort(dim=1).values
+    values, chosen = scores.topk(k, dim=1)
+    kth = values[:, -1:]
+    straddles = (scores == kth).sum(1) > (values == kth).sum(1)
+    if bool(straddles.any()):
+        rows = torch.nonzero(straddles).squeeze(1)
+        chosen[rows] = _lowest_index_topk(scores[rows], kth[rows], k)
+    chosen = chosen.sort(dim=1).values
     values = scores.gather(1, chosen)
     order = values.sort(dim=1, descending=True, stable=True).indices
     return values.gather(1, order), chosen.gather(1, order)
+
+
+def _lowest_index_topk(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """``[b, k]`` columns: those above ``kth`` ``[b, 1]``, then the lowest-index equals."""
+    m = scores.shape[1]
+    rank = (scores > kth).long() * 2 + (scores == kth).long()
+    key = rank * (m + 1) + (m - torch.arange(m, device=scores.device))
+    return key.topk(k, dim=1).indices
 
 
 class ExactSearch(SearchIndex):
