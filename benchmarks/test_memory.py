@@ -1,7 +1,7 @@
 """Memory per entry: a full pool's bytes against the raw payload it stores.
 
 Each case fills a pool of capacity n (n entries, default config: dreams fp32 on
-CPU, fp16 on CUDA; the ``auto`` engine, which trains its IVF-PQ index from 50K
+CPU, fp16 on CUDA; the ``auto`` engine, which trains its IVF-PQ index from 20K
 entries on CPU) in a fresh subprocess, so that one case's allocations do not
 blur the next one's, and reports per entry:
 

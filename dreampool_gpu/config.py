@@ -182,7 +182,7 @@ class PoolConfig:
     search_chunk_mb: float = 64.0
     rerank_chunk_mb: float = 64.0
     engine: str = "auto"
-    ann_threshold: int = 50_000
+    ann_threshold: int = 20_000
     ivf_nlist: int = 0
     ivf_nprobe: int = 16
     ivf_refine_factor: int = 16
