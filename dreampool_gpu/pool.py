@@ -32,7 +32,7 @@ from dreampool_gpu.rerank import (
     rowwise_cosine,
 )
 from dreampool_gpu.search import ExactSearch, make_index, stable_topk
-from dreampool_gpu.spectral import spectral_features
+from dreampool_gpu.spectral import flat_field_features, spectral_features, window_spectrum
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TOPK_BYTES_PER_SCORE = 8  # stable_topk's temporaries per score: the float and the tie masks
@@ -130,6 +130,8 @@ class DreamPool:
         # filtered k-NN (category mode) scans the bank exactly whatever the engine
         self._exact = ExactSearch(self.bank, self.config.metric, chunk_bytes=int(self.config.search_chunk_mb * 2**20))
         self.cache = QueryCache(self.config.query_cache_size)
+        rows, cols, _ = self.config.dream_shape
+        self._window_spectrum = window_spectrum(rows, cols, window=self.config.window, device=self.device)
         self.weights = HybridWeights(
             self.config.alpha, self.config.beta, self.config.gamma, self.config.delta, self.config.mmr_lambda
         )
@@ -576,13 +578,13 @@ class DreamPool:
         layer of the pool's rows x cols), not with zero spectral features, which
         sit nearest the darkest entries whatever the colour asked for
         (precision@10 of class colours, docs/benchmarks.md: 0.51 with zeros,
-        0.67 with flat fields). None when the encoder has no spectral part.
+        0.67 with flat fields). Computed in closed form from the window's
+        spectrum (:func:`~dreampool_gpu.spectral.flat_field_features`), no FFT per
+        query. None when the encoder has no spectral part.
         """
         if not self.encoder.include_spectral:
             return None
-        rows, cols, _ = self.config.dream_shape
-        flat = chroma.float()[:, None, None, None, :].expand(-1, rows, cols, 1, 3)
-        return spectral_features(flat, window=self.config.window)
+        return flat_field_features(chroma, self._window_spectrum)
 
     def _empty(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.empty(b, 0, device=self.device), torch.empty(b, 0, dtype=torch.int64, device=self.device))
