@@ -4,6 +4,7 @@
 #   scripts/bench.sh --full     adds the large sizes (n = 100K and 1M; 10M and B = 1024 on CUDA)
 #   scripts/bench.sh --check    quick profile, fail when a cost ratio is >25% worse than
 #                               benchmarks/baseline-ratios.json (no results written)
+#   scripts/bench.sh --write-baseline   also merge this run's ratios into that baseline (worst kept)
 # DREAMPOOL_BENCH_DEVICE picks the device (default cpu; "auto" = CUDA when present).
 # DREAMPOOL_BENCH_MACHINE names the results file (default: cpu-<cores>c or the GPU name).
 set -euo pipefail
@@ -16,7 +17,8 @@ for arg in "$@"; do
   case "$arg" in
     --full) profile=full ;;
     --check) mode=check ;;
-    *) echo "usage: scripts/bench.sh [--full] [--check]" >&2; exit 2 ;;
+    --write-baseline) mode=baseline ;;
+    *) echo "usage: scripts/bench.sh [--full] [--check | --write-baseline]" >&2; exit 2 ;;
   esac
 done
 if [ "$profile" = full ]; then export DREAMPOOL_BENCH_FULL=1; fi
@@ -35,7 +37,10 @@ trap 'rm -f "$raw"' EXIT
 "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$raw" --benchmark-columns=median,mean,stddev,rounds
 if [ "$mode" = check ]; then
-  exec "$PY" benchmarks/report.py "$raw" --machine "$machine" --profile "$profile" \
+  "$PY" benchmarks/report.py "$raw" --machine "$machine" --profile "$profile" \
     --check benchmarks/baseline-ratios.json
+  exit $?
 fi
-"$PY" benchmarks/report.py "$raw" --machine "$machine" --profile "$profile"
+extra=()
+if [ "$mode" = baseline ]; then extra=(--write-baseline benchmarks/baseline-ratios.json); fi
+"$PY" benchmarks/report.py "$raw" --machine "$machine" --profile "$profile" "${extra[@]}"
