@@ -86,47 +86,53 @@ def check(ratios: dict[str, float], baseline: dict[str, float]) -> list[str]:
     return failures
 
 
-def _series(benchmarks: list[dict], module: str, x: str, series: str, y: str | None) -> dict[str, list]:
-    out: dict[str, list] = {}
+def _series(
+    benchmarks: list[dict], module: str, x: str, series: str, y: str | None, panel: str | None
+) -> dict[str, dict[str, list]]:
+    """``{panel value: {series value: [(x, y), ...]}}`` (one panel "" when ``panel`` is None)."""
+    out: dict[str, dict[str, list]] = {}
     for b in benchmarks:
         info = b.get("extra_info", {})
         if module in b["fullname"] and x in info and series in info:
             value = info[y] if y else b["stats"]["median"] * 1e3
-            out.setdefault(str(info[series]), []).append((info[x], value))
-    return {name: sorted(points) for name, points in out.items()}
+            where = f"{panel}={info.get(panel)}" if panel else ""
+            out.setdefault(where, {}).setdefault(str(info[series]), []).append((info[x], value))
+    return {where: {name: sorted(points) for name, points in lines.items()} for where, lines in out.items()}
 
 
 def plot(benchmarks: list[dict], machine: str) -> list[Path]:
-    """Latency vs pool size per engine, MMR time vs k, memory per entry vs n."""
+    """Latency vs pool size per engine (a panel per batch size), MMR time vs k, memory per entry vs n."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    specs = [
-        ("search", "test_search", "n", "engine", None, "pool size n", "median latency (ms)", True),
-        ("mmr", "test_rerank", "k", "impl", None, "k", "median time (ms)", True),
-        ("memory", "test_bytes_per_entry", "n", "device", "measured_per_entry", "entries n (16x16x4 dreams)",
+    specs = [  # name, module, x, series, y (None: median ms), panel, x label, y label, log-log
+        ("search", "test_search", "n", "engine", None, "B", "pool size n", "median latency (ms)", True),
+        ("mmr", "test_rerank", "k", "impl", None, None, "k", "median time (ms)", True),
+        ("memory", "test_bytes_per_entry", "n", "device", "measured_per_entry", None, "entries n (16x16x4 dreams)",
          "measured bytes per entry", False),
     ]
     written = []
-    for name, module, x, series, y, xlabel, ylabel, loglog in specs:
-        data = _series(benchmarks, module, x, series, y)
-        if not data:
+    for name, module, x, series, y, panel, xlabel, ylabel, loglog in specs:
+        panels = _series(benchmarks, module, x, series, y, panel)
+        if not panels:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, points in sorted(data.items()):
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-        ax.set_xscale("log" if loglog or name == "memory" else "linear")
-        if loglog:
-            ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{name} ({machine})")
-        ax.legend(fontsize=7)
+        order = sorted(panels, key=lambda p: (len(p), p))
+        fig, axes = plt.subplots(1, len(order), figsize=(5 * len(order), 4), squeeze=False)
+        for ax, where in zip(axes[0], order, strict=True):
+            for label, points in sorted(panels[where].items()):
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            ax.set_xscale("log" if loglog or name == "memory" else "linear")
+            if loglog:
+                ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{name} {where} ({machine})".replace("  ", " "))
+            ax.legend(fontsize=7)
         fig.tight_layout()
         path = RESULTS / f"{machine}-{name}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
     return written
