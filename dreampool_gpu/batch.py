@@ -405,10 +405,10 @@ def run_retrieval_job(
         raise InvalidInputError("out", "a path ending in .safetensors", str(out))
     queries = QueryFile(queries_path, key=key)
     options = dict(options or {})
-    unknown = sorted(set(options) - _OPTIONS)
+    unknown = sorted(set(options) - set(RETRIEVE_OPTIONS))
     if unknown:
         raise InvalidInputError(
-            "options", f"names among {', '.join(sorted(_OPTIONS))}", ", ".join(unknown)
+            "options", f"names among {', '.join(sorted(RETRIEVE_OPTIONS))}", ", ".join(unknown)
         )
 
     pool = DreamPool.load(pool_dir, device=device)
@@ -541,7 +541,7 @@ class _JobLock:
             _clear_parts(self.path.parent, keep_dir=False)
 
 
-_OPTIONS = {
+RETRIEVE_OPTIONS = (
     "class_hint",
     "classes",
     "category",
@@ -550,7 +550,8 @@ _OPTIONS = {
     "fetch_k",
     "mmr_lambda",
     "min_dispersion",
-}
+)
+"""The keyword options of :meth:`DreamPool.retrieve` a batch job passes through."""
 
 
 def _rows(index: int, chunk: int, total: int) -> int:

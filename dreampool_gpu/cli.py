@@ -190,19 +190,9 @@ def _classes(text: str) -> list[int]:
 
 
 def _retrieve(args: argparse.Namespace) -> int:
-    from dreampool_gpu.batch import run_retrieval_job, work_dir
+    from dreampool_gpu.batch import RETRIEVE_OPTIONS, run_retrieval_job, work_dir
 
-    names = (
-        "class_hint",
-        "classes",
-        "category",
-        "utility_threshold",
-        "utility_prior",
-        "fetch_k",
-        "mmr_lambda",
-        "min_dispersion",
-    )
-    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in RETRIEVE_OPTIONS if getattr(args, name) is not None}
     try:
         report = run_retrieval_job(
             args.pool,
