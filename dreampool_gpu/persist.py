@@ -386,7 +386,10 @@ def write_checkpoint(snap: PoolSnapshot, path: PathArg) -> Path:
     Raises:
         InvalidInputError: ``path`` is not a path, or names something other than
             a dreampool checkpoint (which would be overwritten).
-        OSError: the filesystem failed (nothing at ``path`` changed).
+        OSError: the filesystem failed. The previous checkpoint stays readable
+            by :func:`read_checkpoint`: at ``path``, or (a failure between the
+            two renames of the portable swap) in the hidden ``.old`` sibling it
+            falls back to.
     """
     target = _as_path(path)
     with WRITE_LOCK:
@@ -397,7 +400,7 @@ def _write_locked(snap: PoolSnapshot, target: Path) -> Path:
     if os.path.lexists(target) and not _is_checkpoint(target):
         raise InvalidInputError("path", "a new path or an existing dreampool checkpoint directory", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    tmp = _sibling(target, "tmp")
     tmp.mkdir()
     try:
         files = {
@@ -471,11 +474,18 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         _fsync_dir(target.parent)
         shutil.rmtree(tmp)
         return
-    old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    old = _sibling(target, "old")
     os.rename(target, old)  # a crash here leaves the complete old copy; read_checkpoint finds it
     os.rename(tmp, target)
     _fsync_dir(target.parent)
-    shutil.rmtree(old)
+    trash = _sibling(target, "trash")
+    os.rename(old, trash)  # an ".old" sibling is always complete: never delete one in place
+    shutil.rmtree(trash)
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    """A fresh hidden sibling ``.<name>.<kind>-<pid>-<random>`` of ``target``."""
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
 @functools.cache
@@ -521,7 +531,7 @@ def _owner_gone(path: Path) -> bool:
 
 def _remove_stale_siblings(target: Path) -> None:
     """Drop leftovers of interrupted saves (their writers are gone) now that ``target`` is complete."""
-    for leftover in _siblings(target, "tmp") + _siblings(target, "old"):
+    for leftover in _siblings(target, "tmp") + _siblings(target, "old") + _siblings(target, "trash"):
         if _owner_gone(leftover):
             shutil.rmtree(leftover, ignore_errors=True)
 
@@ -578,12 +588,27 @@ def _mtime(path: Path) -> float:
 
 def _read_once(target: Path, notes: list[str]) -> PoolSnapshot:
     """One read of the checkpoint at ``target``; recoveries are appended to ``notes``."""
-    if not target.is_dir():
-        recovered = sorted(_siblings(target, "old"), key=_mtime, reverse=True)
-        if os.path.lexists(target) or not recovered:
-            raise CheckpointCorruptError(target, "no checkpoint directory here")
-        notes.append(f"{target} is missing after an interrupted save; read the previous checkpoint {recovered[0]}")
-        target = recovered[0]
+    if target.is_dir():
+        return _read_directory(target, notes)
+    candidates = sorted(_siblings(target, "old"), key=_mtime, reverse=True)
+    if os.path.lexists(target) or not candidates:
+        raise CheckpointCorruptError(target, "no checkpoint directory here")
+    errors: list[CheckpointCorruptError] = []
+    for candidate in candidates:  # newest first; one that fails to verify is skipped
+        found: list[str] = []
+        try:
+            snap = _read_directory(candidate, found)
+        except CheckpointCorruptError as exc:
+            errors.append(exc)
+            continue
+        notes.append(f"{target} is missing after an interrupted save; read the previous checkpoint {candidate}")
+        notes.extend(found)
+        return snap
+    raise errors[0]
+
+
+def _read_directory(target: Path, notes: list[str]) -> PoolSnapshot:
+    """Read and verify the checkpoint directory ``target``."""
     files = _read_manifest(target)
     data = {name: _read_verified(target / name, files[name]) for name in _REQUIRED}
     index_bytes = None

@@ -6,9 +6,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -630,6 +632,33 @@ class TestRecovery:
             loaded = DreamPool.load(ck)
         assert_same_pool(pool, loaded)
         loaded.save(ck)
+        assert siblings(ck) == []
+        assert_same_pool(pool, DreamPool.load(ck))
+
+    def test_interrupted_swap_skips_an_unreadable_old_copy(self, saved):
+        """Two ``.old`` siblings, the newer one half-deleted: the complete one is read."""
+        pool, ck = saved
+        complete = ck.parent / f".{ck.name}.old-999999998-abc"
+        os.rename(ck, complete)
+        half = ck.parent / f".{ck.name}.old-999999999-def"
+        shutil.copytree(complete, half)
+        (half / "manifest.json").unlink()
+        os.utime(complete, (1, 1))
+        with pytest.warns(CheckpointRecoveryWarning, match=complete.name):
+            loaded = DreamPool.load(ck)
+        assert_same_pool(pool, loaded)
+
+    def test_portable_swap_never_deletes_an_old_copy_in_place(self, saved, monkeypatch):
+        """The two-rename swap renames the old copy away from ``.old`` before deleting it."""
+        pool, ck = saved
+        monkeypatch.setattr(persist, "_rename_exchange", lambda a, b: False)
+        removed: list[str] = []
+        real_rmtree = shutil.rmtree
+        monkeypatch.setattr(persist.shutil, "rmtree",
+                            lambda p, *a, **kw: (removed.append(Path(p).name), real_rmtree(p, *a, **kw)))
+        pool.add(torch.rand(3, *SHAPE, 3), coherence=torch.ones(3))
+        pool.save(ck)
+        assert removed and not any(".old-" in name for name in removed)
         assert siblings(ck) == []
         assert_same_pool(pool, DreamPool.load(ck))
 
