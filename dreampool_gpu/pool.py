@@ -31,7 +31,7 @@ from dreampool_gpu.rerank import (
     row_chunks,
     rowwise_cosine,
 )
-from dreampool_gpu.search import ExactSearch, make_index, stable_topk
+from dreampool_gpu.search import ExactSearch, SearchIndex, make_index, oldest_first_ties, stable_topk
 from dreampool_gpu.spectral import flat_field_features, spectral_features, window_spectrum
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -340,10 +340,10 @@ class DreamPool:
             elif mode_ is RetrievalMode.DIVERSE:
                 scores, slots = self._diverse(q, k_, lam, min_dispersion)
             elif mode_ is RetrievalMode.NEAREST:
-                scores, slots = self.index.search(self._query_embeddings(q, hint, prior), k_)
+                scores, slots = self._knn(self.index, self._query_embeddings(q, hint, prior), k_)
             elif mode_ is RetrievalMode.CATEGORY:
                 mask = self.bank.columns["hue_category"].long()[None, :] == cats[:, None]
-                scores, slots = self._exact.search(self._query_embeddings(q, hint, prior), k_, mask=mask)
+                scores, slots = self._knn(self._exact, self._query_embeddings(q, hint, prior), k_, mask=mask)
             else:
                 lam_ = 1.0 if mode_ is RetrievalMode.SOFT and mmr_lambda is None else lam
                 scores, slots = self._hybrid(q, hint, prior, k_, fetch, lam_, min_dispersion)
@@ -586,6 +586,13 @@ class DreamPool:
             return None
         return flat_field_features(chroma, self._window_spectrum)
 
+    def _knn(
+        self, index: SearchIndex, embedded: torch.Tensor, k: int, *, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``index``'s k-NN ``[B, k]`` (scores, slots), equal scores oldest first (DOMAIN.md section 2)."""
+        scores, slots = index.search(embedded, k, mask=mask)
+        return oldest_first_ties(scores, slots, self.bank.gather("ids", slots))
+
     def _empty(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.empty(b, 0, device=self.device), torch.empty(b, 0, dtype=torch.int64, device=self.device))
 
@@ -667,7 +674,7 @@ class DreamPool:
         if k == 0:
             return self._empty(q.count)
         embedded = self._query_embeddings(q, hint, prior)
-        similarity, candidates = self.index.search(embedded, max(fetch_k, k))
+        similarity, candidates = self._knn(self.index, embedded, max(fetch_k, k))
         m = candidates.shape[1]
         embeddings, chroma = self.bank.columns["embeddings"], self.bank.columns["chroma"]
         d, p = embeddings.shape[1], chroma.shape[1]

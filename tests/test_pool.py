@@ -159,6 +159,18 @@ class TestAdd:
         pool.add(dream.expand(6, *dream.shape[1:]).clone(), coherence=torch.ones(6))
         assert ids_of(pool.retrieve(dream, k=3, mode="similar")) == [0, 1, 2]
 
+    @pytest.mark.parametrize("engine", ["torch", "faiss-flat", "auto"])
+    @pytest.mark.parametrize("mode", ["nearest", "category", "soft", "hybrid"])
+    def test_duplicates_in_reused_slots_come_oldest_first(self, engine, mode):
+        """Slot order differs from age after eviction; equal scores still go oldest first."""
+        pool = DreamPool(PoolConfig(dream_shape=SHAPE, device="cpu", coherence_threshold=0.0, capacity=4,
+                                    engine=engine))
+        dream = coloured_dreams(1)
+        for _ in range(6):  # ids 0..5 through 4 slots: ids 4 and 5 reuse the slots of 0 and 1
+            pool.add(dream, coherence=torch.ones(1))
+        queries = dream.expand(3, *dream.shape[1:])  # 3 queries: FAISS brute force serves them
+        assert pool.retrieve(queries, k=4, mode=mode).ids.tolist() == [[2, 3, 4, 5]] * 3
+
 
 class TestRetrieveOracle:
     @pytest.fixture(params=["cosine", "euclidean"])

@@ -9,7 +9,8 @@ import torch
 
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric, PoolConfig
-from dreampool_gpu.search import ExactSearch, make_index, pairwise_scores, stable_topk
+from dreampool_gpu.search import ExactSearch, make_index, oldest_first_ties, pairwise_scores, stable_topk
+from dreampool_gpu.search.exact import _query_block, block_bytes
 
 D = 16
 
@@ -134,6 +135,27 @@ class TestExactSearch:
         assert_matches_oracle(scores, slots, oracle(bank, queries, 5, metric, mask.cpu()), 5)
         assert slots[2].tolist() == [-1] * 5
 
+    @pytest.mark.parametrize("metric", list(Metric))
+    def test_query_blocks_with_per_query_mask(self, metric, device):
+        """Many queries and a small bound: several query blocks, each with its rows of the mask."""
+        bank = make_bank(300, metric, device)
+        b, k, chunk_bytes = 40, 6, 4096
+        assert 1 < _query_block(chunk_bytes, 300, k) < b
+        mask = torch.rand(b, 300, generator=torch.Generator().manual_seed(3)).to(device) < 0.3
+        queries = make_bank(b, metric, torch.device("cpu"), seed=4).columns["embeddings"].to(device)
+        scores, slots = ExactSearch(bank, metric, chunk_bytes=chunk_bytes).search(queries, k, mask=mask)
+        assert_matches_oracle(scores, slots, oracle(bank, queries, k, metric, mask.cpu()), k)
+
+    @pytest.mark.parametrize("chunk_bytes, extent, k", [
+        (64 << 20, 10_000_000, 10), (64 << 20, 1_000_000, 10), (1 << 20, 20_000, 40),
+        (64 << 20, 100_000, 400), (1 << 20, 100, 1), (4096, 300, 6),
+    ])
+    def test_query_block_bounds_temporaries(self, chunk_bytes, extent, k):
+        """The block's score chunk and candidate buffer stay within the bound, and twice the block would not."""
+        b = _query_block(chunk_bytes, extent, k)
+        assert block_bytes(b, extent, k, chunk_bytes) <= chunk_bytes
+        assert block_bytes(2 * b, extent, k, chunk_bytes) > chunk_bytes
+
     def test_empty_bank_pads(self, device):
         bank = make_bank(0, Metric.COSINE, device, capacity=8)
         scores, slots = ExactSearch(bank, Metric.COSINE, chunk_bytes=1024).search(torch.ones(2, D, device=device), 3)
@@ -153,6 +175,16 @@ class TestExactSearch:
         bank.remove(torch.arange(6, device=device))
         _, slots = ExactSearch(bank, Metric.EUCLIDEAN, chunk_bytes=1024).search(torch.ones(1, D, device=device), 2)
         assert slots.tolist() == [[-1, -1]]
+
+
+class TestOldestFirstTies:
+    def test_equal_scores_ordered_by_id_padding_last(self):
+        scores = torch.tensor([[3.0, 2.0, 2.0, 2.0, float("-inf")], [5.0, 4.0, 3.0, 2.0, 1.0]])
+        slots = torch.tensor([[7, 1, 2, 3, -1], [0, 1, 2, 3, 4]])
+        ids = torch.tensor([[70, 12, 10, 11, -1], [4, 3, 2, 1, 0]])
+        got_scores, got_slots = oldest_first_ties(scores, slots, ids)
+        assert got_slots.tolist() == [[7, 2, 3, 1, -1], [0, 1, 2, 3, 4]]
+        assert got_scores.tolist() == scores.tolist()
 
 
 class TestMakeIndex:

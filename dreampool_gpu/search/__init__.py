@@ -5,9 +5,9 @@ from __future__ import annotations
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import PoolConfig
 from dreampool_gpu.search.base import SearchIndex
-from dreampool_gpu.search.exact import ExactSearch, pairwise_scores, stable_topk
+from dreampool_gpu.search.exact import ExactSearch, oldest_first_ties, pairwise_scores, stable_topk
 
-__all__ = ["ExactSearch", "SearchIndex", "make_index", "pairwise_scores", "stable_topk"]
+__all__ = ["ExactSearch", "SearchIndex", "make_index", "oldest_first_ties", "pairwise_scores", "stable_topk"]
 
 
 def make_index(bank: TensorBank, config: PoolConfig) -> SearchIndex:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dreampool_gpu.bank import TensorBank
@@ -95,7 +97,12 @@ class ExactSearch(SearchIndex):
     def search(
         self, queries: torch.Tensor, k: int, *, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """See :meth:`SearchIndex.search`."""
+        """See :meth:`SearchIndex.search`.
+
+        Queries go through in blocks sized so that neither a ``[b, rows]`` score
+        block nor the per-block candidate buffer (``b x chunks x k`` scores and
+        slots) exceeds ``chunk_bytes``.
+        """
         self.last_engine = self.kind
         queries = queries.to(self.bank.columns["embeddings"].dtype)  # e.g. float64 queries
         b = queries.shape[0]
@@ -109,32 +116,94 @@ class ExactSearch(SearchIndex):
         if mask is not None or self.bank.size < extent:
             alive = self.bank.alive()[:extent]
             keep = alive if mask is None else alive & mask[..., :extent]
+        block = _query_block(self.chunk_bytes, extent, k_eff)
+        for start in range(0, b, block):
+            rows = slice(start, min(start + block, b))
+            part_keep = keep if keep is None or keep.dim() == 1 or keep.shape[0] == 1 else keep[rows]
+            scores, slots = self._search_block(queries[rows], k_eff, part_keep)
+            best_scores[rows, :k_eff] = scores
+            best_slots[rows, :k_eff] = slots
+        return best_scores, best_slots
+
+    def _search_block(
+        self, queries: torch.Tensor, k: int, keep: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[b, k]`` best scores and slots (-1 = none) of one query block."""
+        b = queries.shape[0]
+        extent = self.bank.extent
         embeddings = self.bank.columns["embeddings"]
-        rows_per_chunk = max(k_eff, self.chunk_bytes // (4 * max(b, 1)))
+        rows_per_chunk = max(k, self.chunk_bytes // (4 * b))
         starts = range(0, extent, rows_per_chunk)
         # each chunk's top-k lands in one candidate buffer; a single top-k over it at the end
-        cand_scores = queries.new_empty(b, len(starts) * k_eff)
-        cand_slots = torch.empty(b, len(starts) * k_eff, dtype=torch.int64, device=queries.device)
+        cand_scores = queries.new_empty(b, len(starts) * k)
+        cand_slots = torch.empty(b, len(starts) * k, dtype=torch.int64, device=queries.device)
         filled = 0
         for start in starts:
             stop = min(start + rows_per_chunk, extent)
             scores = pairwise_scores(queries, embeddings[start:stop], self.metric)
             if keep is not None:
                 scores.masked_fill_(~keep[..., start:stop].expand_as(scores), float("-inf"))
-            taken = min(k_eff, stop - start)
+            taken = min(k, stop - start)
             torch.topk(scores, taken, dim=1, out=(cand_scores[:, filled : filled + taken],
                                                   cand_slots[:, filled : filled + taken]))
             if start:
                 cand_slots[:, filled : filled + taken] += start
             filled += taken
         top_scores, top_slots = cand_scores[:, :filled], cand_slots[:, :filled]
-        if filled > k_eff:
-            top_scores, pick = top_scores.topk(k_eff, dim=1)
+        if filled > k:
+            top_scores, pick = top_scores.topk(k, dim=1)
             top_slots = top_slots.gather(1, pick)
         found = torch.isfinite(top_scores)
         top_slots = torch.where(found, top_slots, torch.full_like(top_slots, -1))
         if self.metric is Metric.EUCLIDEAN:
             top_scores, top_slots = refine_euclidean(queries, embeddings, top_slots, chunk_bytes=self.chunk_bytes)
-        best_scores[:, :k_eff] = top_scores
-        best_slots[:, :k_eff] = top_slots
-        return best_scores, best_slots
+        return top_scores, top_slots
+
+
+def block_bytes(queries: int, extent: int, k: int, chunk_bytes: int) -> int:
+    """Peak temporaries of one query block: a ``[b, rows]`` score chunk or the candidate buffer.
+
+    A chunk holds ``max(k, chunk_bytes / 4b)`` rows; the buffer holds every
+    chunk's top-k, 4 + 8 bytes (score and slot) each.
+    """
+    rows = max(k, chunk_bytes // (4 * queries))
+    return max(4 * queries * rows, 12 * queries * k * -(-extent // rows))
+
+
+def _query_block(chunk_bytes: int, extent: int, k: int) -> int:
+    """The most queries per block whose :func:`block_bytes` fit ``chunk_bytes`` (at least 1).
+
+    Starts from the closed form ``b^2 <= chunk_bytes^2 / (48 k extent)`` (the buffer
+    term) capped by ``4 b k <= chunk_bytes`` (a chunk of k rows), then steps down
+    while rounding leaves it over.
+    """
+    b = max(1, min(math.isqrt(chunk_bytes * chunk_bytes // max(1, 48 * k * extent)), chunk_bytes // (4 * k)))
+    while b > 1 and block_bytes(b, extent, k, chunk_bytes) > chunk_bytes:
+        b = max(1, b * 7 // 8)
+    return b
+
+
+def oldest_first_ties(
+    scores: torch.Tensor, slots: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reorder best-first rows so that equal scores come oldest (lowest id) first.
+
+    Args:
+        scores: ``[B, k]`` best first, -inf for padding. slots, ids: ``[B, k]`` int64
+            of the same entries (ids increase with insertion; -1 = padding).
+
+    Returns:
+        ``(scores, slots)`` reordered, on the input's device. On CPU rows without
+        ties are left as they are (checked first); on CUDA it always sorts, to
+        stay free of host synchronisation.
+    """
+    if scores.shape[1] < 2:
+        return scores, slots
+    if scores.device.type == "cpu":
+        ties = (scores[:, 1:] == scores[:, :-1]) & torch.isfinite(scores[:, 1:])
+        if not bool(ties.any()):
+            return scores, slots
+    order = ids.sort(dim=1, stable=True).indices
+    scores, slots = scores.gather(1, order), slots.gather(1, order)
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    return scores.gather(1, order), slots.gather(1, order)
