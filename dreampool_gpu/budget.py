@@ -353,6 +353,30 @@ def batch_survivors(coherence: torch.Tensor, policy: EvictionPolicy, room: int) 
     return positions[m - room :].sort().values
 
 
+def outranked_newcomers(bank: TensorBank, coherence: torch.Tensor, need: int) -> torch.Tensor:
+    """``lowest_coherence``: positions of incoming dreams that rank among the ``need`` to leave.
+
+    Room for a batch is made from the residents and the batch together: the
+    ``need`` lowest-coherence entries of both leave (ties: older first, residents
+    before the batch, earlier dreams of the batch before later ones). Incoming
+    dreams among them are never stored; the rest of the ``need`` are residents.
+
+    Args:
+        bank: the pool's bank (its live entries are the residents).
+        coherence: ``[m]`` float, the incoming dreams' coherence, on the bank's device.
+        need: how many entries must leave for the batch to fit (<= 0: none).
+
+    Returns:
+        ``[j]`` int64 positions into the batch, ascending.
+    """
+    if need <= 0:
+        return torch.empty(0, dtype=torch.int64, device=coherence.device)
+    residents = bank.columns["coherence"][eviction_order(bank, EvictionPolicy.LOWEST_COHERENCE)]
+    union = torch.cat([residents.double(), coherence.double()])
+    leaving = torch.sort(union, stable=True).indices[:need]
+    return (leaving[leaving >= residents.numel()] - residents.numel()).sort().values
+
+
 # ------------------------------------------------------------------ budget
 class MemoryBudget:
     """A pool's memory budget: exact usage, the eviction count, device memory.

@@ -14,9 +14,16 @@ import torch.nn.functional as F
 from dreampool_gpu import _validation as v
 from dreampool_gpu import persist
 from dreampool_gpu.bank import TensorBank, column_specs
-from dreampool_gpu.budget import MemoryBudget, batch_survivors, entry_nbytes, eviction_order, fit_capacity
+from dreampool_gpu.budget import (
+    MemoryBudget,
+    batch_survivors,
+    entry_nbytes,
+    eviction_order,
+    fit_capacity,
+    outranked_newcomers,
+)
 from dreampool_gpu.cache import QueryCache, query_keys
-from dreampool_gpu.config import Metric, PoolConfig, RetrievalMode
+from dreampool_gpu.config import EvictionPolicy, Metric, PoolConfig, RetrievalMode
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import NUM_CLASSES, chroma_signature, hue_category, validate_dreams
 from dreampool_gpu.encoders import FeatureEncoder
@@ -203,8 +210,13 @@ class DreamPool:
                 )
             self.counters["rejected"] += n - int(accepted.numel())
             survivors = batch_survivors(coh[accepted], self.config.eviction_policy, room)
-            self.counters["dropped"] += int(accepted.numel()) - int(survivors.numel())
             accepted = accepted[survivors]
+            if self.config.eviction_policy is EvictionPolicy.LOWEST_COHERENCE:  # newcomers rank with residents
+                outranked = outranked_newcomers(self.bank, coh[accepted], self._eviction_need(accepted.numel()))
+                keep = torch.ones(accepted.numel(), dtype=torch.bool, device=self.device)
+                keep[outranked] = False
+                accepted = accepted[keep]
+            self.counters["dropped"] += int(passed.sum()) - int(accepted.numel())
             out = torch.full((n,), -1, dtype=torch.int64, device=self.device)
             m = int(accepted.numel())
             if m == 0:
@@ -249,8 +261,7 @@ class DreamPool:
         need not shrink with evictions), it evicts again, until it fits or is empty.
         Returns the number evicted.
         """
-        count = max(self.bank.size + incoming - self.config.capacity,
-                    self.budget.eviction_count(self.bank, self.index, incoming))
+        count = self._eviction_need(incoming)
         evicted = 0
         while count > 0:
             victims = eviction_order(self.bank, self.config.eviction_policy)[:count]
@@ -260,6 +271,11 @@ class DreamPool:
             count = self.budget.eviction_count(self.bank, self.index, incoming)
         self.counters["evicted"] += evicted
         return evicted
+
+    def _eviction_need(self, incoming: int) -> int:
+        """How many entries must leave before ``incoming`` more fit the capacity and the budget."""
+        return max(self.bank.size + incoming - self.config.capacity,
+                   self.budget.eviction_count(self.bank, self.index, incoming))
 
     # ------------------------------------------------------------- retrieve
     def retrieve(

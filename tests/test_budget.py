@@ -191,8 +191,13 @@ class TestSizes:
 
 
 # ---------------------------------------------------------------- eviction
-def oracle_victims(pool: DreamPool, policy: str, count: int) -> list[int]:
-    """Ids the policy evicts first, by plain Python over metadata (id order = age)."""
+def oracle_leavers(pool: DreamPool, policy: str, incoming: list[float]) -> tuple[set[int], set[int]]:
+    """(resident ids evicted, batch positions never stored) for a batch of ``incoming`` coherences.
+
+    Plain Python over metadata (id order = age). ``lowest_coherence`` ranks the batch
+    with the residents (the batch comes after them in age); the other policies
+    always store the batch and evict residents.
+    """
     ids = sorted(live_ids(pool))
     meta = pool.metadata(torch.tensor(ids, dtype=torch.int64))
     rated = [int(c) > 0 for c in meta["feedback_count"]]
@@ -208,8 +213,13 @@ def oracle_victims(pool: DreamPool, policy: str, count: int) -> list[int]:
             return float(meta["usage"][j])
         return means[j] if rated[j] else prior
 
-    order = sorted(range(len(ids)), key=lambda j: (key(j), ids[j]))
-    return [ids[j] for j in order[:count]]
+    count = len(ids) + len(incoming) - pool.config.capacity
+    entries = [(key(j), ids[j], "resident") for j in range(len(ids))]
+    if policy == "lowest_coherence":
+        entries += [(c, pool.bank.next_id + i, "incoming") for i, c in enumerate(incoming)]
+    leaving = sorted(entries, key=lambda e: (e[0], e[1]))[:max(0, count)]
+    return ({i for _, i, who in leaving if who == "resident"},
+            {i - pool.bank.next_id for _, i, who in leaving if who == "incoming"})
 
 
 class TestEvictionPolicies:
@@ -226,11 +236,23 @@ class TestEvictionPolicies:
         pool.feedback(rated, torch.randint(0, 3, (rated.numel(),), generator=g) / 2)
         for step in range(4):
             count = int(torch.randint(1, 6, (), generator=g))
-            expected = set(oracle_victims(pool, policy, count))
+            coherence = torch.randint(0, 4, (count,), generator=g) / 4
+            victims, never_stored = oracle_leavers(pool, policy, coherence.tolist())
             before = live_ids(pool)
-            new = pool.add(dreams(count, 100 + step), coherence=torch.rand(count, generator=g))
-            assert before - live_ids(pool) == expected
-            assert set(new.tolist()) <= live_ids(pool)
+            new = pool.add(dreams(count, 100 + step), coherence=coherence)
+            assert before - live_ids(pool) == victims
+            assert {i for i, id_ in enumerate(new.tolist()) if id_ < 0} == never_stored
+            assert set(new.tolist()) - {-1} <= live_ids(pool)
+            assert len(pool) == 12
+
+    def test_lowest_coherence_keeps_better_residents(self):
+        """A full pool of coherent entries is not displaced by worse newcomers."""
+        pool = make_pool(capacity=4, eviction_policy="lowest_coherence")
+        pool.add(dreams(4), coherence=torch.tensor([0.9, 0.95, 0.2, 0.9]))  # ids 0..3
+        new = pool.add(dreams(2, 1), coherence=torch.tensor([0.1, 0.5]))
+        assert new.tolist() == [-1, 4]  # ids go to stored dreams only
+        assert live_ids(pool) == {0, 1, 3, 4}
+        assert pool.stats()["dropped"] == 1
 
     def test_fifo_is_oldest_first(self):
         pool = make_pool(capacity=5)
