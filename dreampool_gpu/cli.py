@@ -26,6 +26,16 @@ def _shape(text: str) -> tuple[int, int, int]:
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dreampool_gpu.demo import run_demo
 
@@ -47,24 +57,39 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def environment_info() -> dict[str, object]:
-    """torch, CUDA, FAISS and NVML facts of this machine (never raises)."""
+    """torch, CUDA, FAISS and NVML facts of this machine, with a memory reading per device (never raises)."""
     import torch
 
+    from dreampool_gpu.budget import open_probe
     from dreampool_gpu.devices import cuda_available, faiss_gpu_available, nvml_available
 
     info: dict[str, object] = {"torch": torch.__version__, "cuda_available": cuda_available()}
+    devices = [torch.device("cpu")]
     if cuda_available():
         info["cuda_version"] = torch.version.cuda
         info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     try:
         import faiss
 
         info["faiss"] = faiss.__version__
+        info["faiss_build"] = faiss.get_compile_options().strip() if hasattr(faiss, "get_compile_options") else None
     except ImportError:
         info["faiss"] = None
     info["faiss_gpu"] = faiss_gpu_available()
     info["nvml"] = nvml_available()
+    info["memory"] = {str(device): _memory_reading(open_probe, device) for device in devices}
     return info
+
+
+def _memory_reading(open_probe: Any, device: Any) -> dict[str, object]:
+    """What the pool's memory probe for ``device`` reads now: used, total, source."""
+    probe = open_probe(device)
+    try:
+        reading = probe.read()
+    finally:
+        probe.close()
+    return {"used_bytes": reading.used_bytes, "total_bytes": reading.total_bytes, "source": reading.source}
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -263,12 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run the simulated training loop and print a summary")
-    demo.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
-    demo.add_argument("--batch", type=int, default=64, help="dreams per step (default 64)")
+    demo.add_argument("--steps", type=_positive_int, default=200, help="training steps (default 200)")
+    demo.add_argument("--batch", type=_positive_int, default=64, help="dreams per step (default 64)")
     demo.add_argument(
         "--shape", type=_shape, default=(16, 16, 4), help="dream shape RxCxL (default 16x16x4)"
     )
-    demo.add_argument("--capacity", type=int, default=2000, help="pool capacity (default 2000)")
+    demo.add_argument("--capacity", type=_positive_int, default=2000, help="pool capacity (default 2000)")
     demo.add_argument("--threshold", type=float, default=0.6, help="coherence gate (default 0.6)")
     demo.add_argument("--device", default="cpu", help='"cpu", "cuda" or "auto" (default cpu)')
     demo.add_argument("--seed", type=int, default=0, help="data seed (default 0)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from dreampool_gpu.errors import DreamPoolError
+from dreampool_gpu.errors import DreamPoolError, InvalidInputError
 
 if TYPE_CHECKING:
     from dreampool_gpu.pool import DreamPool
@@ -88,6 +88,8 @@ class PoolMetrics:
 
     def __init__(self, pool: DreamPool, *, registry: Any = None, namespace: str = "dreampool") -> None:
         prom = _prometheus()
+        if registry is not None and not isinstance(registry, prom.CollectorRegistry):
+            raise InvalidInputError("registry", "a prometheus_client.CollectorRegistry or None", type(registry).__name__)
         self.registry = registry if registry is not None else prom.CollectorRegistry()
         self.retrieve_seconds = prom.Histogram(
             f"{namespace}_retrieve_seconds", "retrieve latency", buckets=_LATENCY_BUCKETS, registry=self.registry

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import threading
 import time
 from collections.abc import Sequence
@@ -27,7 +28,12 @@ from dreampool_gpu.config import EvictionPolicy, Metric, PoolConfig, RetrievalMo
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import NUM_CLASSES, chroma_signature, hue_category, validate_dreams
 from dreampool_gpu.encoders import FeatureEncoder
-from dreampool_gpu.errors import CapacityExceededError, DimensionMismatchError, InvalidInputError
+from dreampool_gpu.errors import (
+    CapacityExceededError,
+    DimensionMismatchError,
+    InvalidConfigurationError,
+    InvalidInputError,
+)
 from dreampool_gpu.metrics import PoolMetrics
 from dreampool_gpu.rerank import (
     HybridWeights,
@@ -104,6 +110,8 @@ class DreamPool:
     """
 
     def __init__(self, config: PoolConfig | None = None) -> None:
+        if config is not None and not isinstance(config, PoolConfig):
+            raise InvalidConfigurationError("config", type(config).__name__, "a PoolConfig (or None for the defaults)")
         self.config = config if config is not None else PoolConfig()
         self.device = resolve_device(self.config.device)
         if self.config.dream_dtype == "auto":
@@ -331,8 +339,9 @@ class DreamPool:
             b = q.count
             hint = self._labels(class_hint, b, "class_hint")
             prior = self._per_dream(utility_prior, b, "utility_prior", 0.0, 1.0)
-            if mode_ is RetrievalMode.CLASS and class_hint is None:
-                raise InvalidInputError("class_hint", "a class label for mode 'class'", None)
+            if mode_ is RetrievalMode.CLASS and (class_hint is None or (b and bool((hint < 0).any()))):
+                raise InvalidInputError("class_hint", f"a class label in 0..{NUM_CLASSES - 1} for mode 'class'",
+                                        None if class_hint is None else -1)
             if mode_ is RetrievalMode.BALANCED:
                 balanced = self._class_list(classes)
             lam = self.weights.mmr_lambda if mmr_lambda is None else v.check_number(mmr_lambda, "mmr_lambda", 0.0, 1.0)
@@ -347,7 +356,7 @@ class DreamPool:
             elif mode_ is RetrievalMode.CLASS:
                 scores, slots = self._chroma_topk(q, k_, self.bank.columns["class_label"].long()[None, :] == hint[:, None])
             elif mode_ is RetrievalMode.BALANCED:
-                parts = [self._chroma_topk(q, k_, self._class_mask(c, b)) for c in balanced]
+                parts = [self._chroma_topk(q, k_, self._class_mask(c)) for c in balanced]
                 scores = torch.cat([p[0] for p in parts], dim=1) if parts else self._empty(b)[0]
                 slots = torch.cat([p[1] for p in parts], dim=1) if parts else self._empty(b)[1]
             elif mode_ is RetrievalMode.UTILITY:
@@ -370,6 +379,8 @@ class DreamPool:
             self.counters["queries"] += b
             dreams = self.bank.gather("dreams", slots) if with_dreams else None
             if self.metrics is not None:
+                if self.device.type == "cuda":  # latency, not launch time; only pools with metrics wait here
+                    torch.cuda.synchronize(self.device)
                 self.metrics.observe_retrieve(time.perf_counter() - start, b)
             return Retrieval(ids=ids, scores=scores, dreams=dreams)
 
@@ -518,12 +529,16 @@ class DreamPool:
             raise InvalidInputError("classes", "a sequence of class labels for mode 'balanced'", repr(classes))
         out = []
         for c in classes:
-            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < NUM_CLASSES:
+            try:
+                label = None if isinstance(c, bool) else operator.index(c)  # int, numpy or 0-dim torch ints
+            except TypeError:
+                label = None
+            if label is None or not 0 <= label < NUM_CLASSES:
                 raise InvalidInputError("classes", f"class labels in 0..{NUM_CLASSES - 1}", repr(c))
-            out.append(c)
+            out.append(label)
         return out
 
-    def _class_mask(self, label: int, b: int) -> torch.Tensor:
+    def _class_mask(self, label: int) -> torch.Tensor:
         return (self.bank.columns["class_label"].long() == label)[None, :]
 
     def _categories(self, category: Any, q: _Queries, mode: RetrievalMode) -> torch.Tensor:

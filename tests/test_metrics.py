@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from dreampool_gpu import DreamPool, PoolConfig
+from dreampool_gpu.errors import InvalidInputError
+from dreampool_gpu.metrics import PoolMetrics
 
 pytest.importorskip("prometheus_client")
 
@@ -28,9 +30,30 @@ def pool():
 
 
 class TestMetrics:
-    def test_disabled_by_default(self, pool):
+    def test_disabled_by_default_never_observes(self, pool, monkeypatch):
+        def observed(*args, **kwargs):
+            raise AssertionError("a pool without metrics observed a retrieve")
+
+        monkeypatch.setattr(PoolMetrics, "observe_retrieve", observed)
         assert pool.metrics is None
-        pool.retrieve(torch.rand(2, 3), k=2, mode="similar")
+        assert pool.retrieve(torch.rand(2, 3), k=2, mode="similar").ids.shape == (2, 2)
+
+    def test_registry_must_be_a_collector_registry(self, pool):
+        with pytest.raises(InvalidInputError, match="registry"):
+            pool.enable_metrics(registry={"not": "a registry"})
+        assert pool.metrics is None
+
+    def test_gauges_follow_stats(self, pool):
+        metrics = pool.enable_metrics()
+        query = torch.tensor([[0.2, 0.4, 0.6]])
+        for _ in range(4):
+            pool.retrieve(query, k=1, mode="nearest")  # one miss, three hits
+        text = metrics.exposition().decode()
+        assert metric_value(text, "dreampool_cache_hit_rate") == pytest.approx(0.75)
+        assert metric_value(text, "dreampool_capacity") == 4
+        memory = pool.stats()["memory"]
+        if memory.get("device_used_bytes") is not None:
+            assert metric_value(text, "dreampool_device_used_bytes") > 0
 
     def test_counters_and_histograms(self, pool):
         metrics = pool.enable_metrics()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from dreampool_gpu import DreamPool, PoolConfig
-from dreampool_gpu.errors import DimensionMismatchError, DreamPoolError, InvalidInputError
+from dreampool_gpu.errors import DimensionMismatchError, DreamPoolError, InvalidConfigurationError, InvalidInputError
 
 SHAPE = (3, 4, 2)
 
@@ -410,6 +411,19 @@ def assert_same(a, b):
         assert torch.equal(cols_a[name].nan_to_num(-7.0), cols_b[name].nan_to_num(-7.0)), name
 
 
+class TestArgumentTypes:
+    def test_config_must_be_a_pool_config(self):
+        for junk in ("junk", {"capacity": 4}, 3):
+            with pytest.raises(InvalidConfigurationError, match="config"):
+                DreamPool(junk)
+
+    def test_balanced_accepts_numpy_and_torch_integers(self):
+        pool, dreams, _ = make_pool(20)
+        plain = pool.retrieve(dreams[:2], k=2, mode="balanced", classes=[0, 1])
+        other = pool.retrieve(dreams[:2], k=2, mode="balanced", classes=[np.int64(0), torch.tensor(1)])
+        assert torch.equal(plain.ids, other.ids)
+
+
 class TestErrorsLeaveStateUnchanged:
     BAD_ADDS = [
         ({"dreams": "nan"}, InvalidInputError),
@@ -451,6 +465,10 @@ class TestErrorsLeaveStateUnchanged:
             ({"mode": "telepathy"}, InvalidInputError),
             ({"mode": "class"}, InvalidInputError),
             ({"mode": "class", "class_hint": 12}, InvalidInputError),
+            ({"mode": "class", "class_hint": -1}, InvalidInputError),
+            ({"mode": "class", "class_hint": torch.tensor([3, -1])}, InvalidInputError),
+            ({"mode": "balanced", "classes": [1.0]}, InvalidInputError),
+            ({"mode": "balanced", "classes": [True]}, InvalidInputError),
             ({"mode": "balanced", "classes": [1, 99]}, InvalidInputError),
             ({"mode": "hybrid", "mmr_lambda": 1.5}, InvalidInputError),
             ({"mode": "category", "category": 12}, InvalidInputError),
