@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the benchmark suite, write benchmarks/results/<machine>.json and PNG plots.
 #   scripts/bench.sh            quick profile (CI-sized pools)
-#   scripts/bench.sh --full     adds the large sizes (n = 100K and 1M; 10M and B = 1024 on CUDA)
+#   scripts/bench.sh --full     adds the large sizes (k-NN at n = 1M, the pipeline at 100K; 10M and B = 1024 on CUDA)
 #   scripts/bench.sh --check    quick profile, fail when a cost ratio is >25% worse than
 #                               benchmarks/baseline-ratios.json (no results written)
 #   scripts/bench.sh --write-baseline   also merge this run's ratios into that baseline (worst kept)
