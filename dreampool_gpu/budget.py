@@ -528,5 +528,6 @@ __all__ = [
     "fit_capacity",
     "index_nbytes_estimate",
     "open_probe",
+    "outranked_newcomers",
     "pci_bus_id",
 ]

@@ -4,4 +4,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/_env.sh" test
 cd "$ROOT"
-exec "$PY" -m pytest -q "$@"
+exec "$PY" -m pytest -q --durations=10 "$@"

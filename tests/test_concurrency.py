@@ -4,7 +4,8 @@ Writers add (with eviction churn), give feedback and save to one shared path;
 readers retrieve in every mode and read dreams, metadata and stats. Afterwards:
 every issued id is unique and ids form 0..next_id-1 with no gaps, the size stays
 within capacity and matches the counters, every returned id was alive when
-returned, and the search index agrees with the bank.
+returned, the memory budget (which sizes the pool) holds, and the search index
+agrees with the bank.
 
 "Alive when returned" is checked two ways. With FIFO eviction the live ids are
 always the newest ``size <= capacity`` issued, so an id below
@@ -26,6 +27,7 @@ from dreampool_gpu import DreamPool, PoolConfig, persist
 
 SHAPE = (4, 4, 2)
 CAPACITY = 200
+BUDGET_MB = 0.1  # holds ~120 entries of SHAPE: the budget, not CAPACITY, bounds the pool
 THREADS = 4
 OPS_PER_THREAD = 1250  # 8 threads x 1250 = 10,000 operations
 MODES = [
@@ -107,13 +109,13 @@ class Workload:
                 if meta is not None:
                     assert bool((meta["ids"][meta["found"]] == ids[meta["found"]]).all())
                 stats = pool.stats()
-                assert stats["size"] <= CAPACITY
+                assert stats["size"] <= pool.config.capacity and stats["memory"]["within_budget"]
                 continue
             mode, kwargs = MODES[rng.randrange(len(MODES))]
             queries = torch.rand(rng.randint(1, 4), 3, generator=g)
             k = rng.randint(0, 12)
             strict = op % 8 == 0
-            floor = pool.bank.next_id - CAPACITY  # ids below this were dead before the call
+            floor = pool.bank.next_id - pool.config.capacity  # ids below this were dead before the call
             if strict:
                 with pool._lock:
                     hits = pool.retrieve(queries, k=k, mode=mode, **kwargs)
@@ -138,8 +140,9 @@ class Workload:
 class TestThreads:
     def test_four_writers_four_readers(self, tmp_path):
         config = PoolConfig(dream_shape=SHAPE, capacity=CAPACITY, device="cpu", coherence_threshold=0.3,
-                            eviction_policy="fifo", query_cache_size=32)
+                            eviction_policy="fifo", query_cache_size=32, memory_budget_mb=BUDGET_MB)
         pool = DreamPool(config)
+        assert pool.config.capacity < CAPACITY  # derived from the budget
         work = Workload(pool, tmp_path / "ck")
         with ThreadPoolExecutor(2 * THREADS) as ex:
             futures = [ex.submit(work.writer, 100 + i) for i in range(THREADS)]
@@ -151,7 +154,8 @@ class TestThreads:
         assert sorted(work.issued) == list(range(bank.next_id))  # unique, no gaps, none lost
         assert counters["added"] == bank.next_id
         assert counters["added"] + counters["rejected"] + counters["dropped"] == work.offered
-        assert bank.size == counters["added"] - counters["evicted"] <= CAPACITY
+        assert bank.size == counters["added"] - counters["evicted"] <= pool.config.capacity
+        assert pool.stats()["memory"]["within_budget"]
         live = live_ids(pool)
         assert len(live) == bank.size
         assert live == set(range(bank.next_id - bank.size, bank.next_id))  # FIFO keeps the newest
@@ -163,7 +167,7 @@ class TestThreads:
         saved = DreamPool.load(tmp_path / "ck")
         assert saved.bank.next_id <= bank.next_id
         saved_live = live_ids(saved)
-        assert len(saved_live) == saved.bank.size <= CAPACITY
+        assert len(saved_live) == saved.bank.size <= pool.config.capacity
         assert saved_live == set(range(saved.bank.next_id - saved.bank.size, saved.bank.next_id))
         assert_index_agrees(saved)
 

@@ -88,3 +88,30 @@ class TestStress:
         assert returned > step * 16
         print(f"\nstress: {offered} adds offered, {pool.counters['added']} stored, "
               f"{pool.counters['evicted']} evicted, {step} query batches of 16, {returned} ids returned")
+
+    def test_budget_held_with_ivf_churn(self):
+        """A pool sized by a memory budget, on the IVF engine, under churn: within budget after every add."""
+        pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=100_000, memory_budget_mb=4.0, device="cpu",
+                                    engine="faiss-ivf", ann_threshold=1024, coherence_threshold=0.0,
+                                    eviction_policy="lowest_coherence"))
+        g = torch.Generator().manual_seed(1)
+        capacity = pool.config.capacity  # derived from the budget
+        assert capacity < 100_000
+        for step in range(3 * capacity // 250):
+            ids_before, slots_before = live(pool)
+            coherence_before = pool.bank.columns["coherence"][slots_before].clone()
+            coherence = torch.rand(250, generator=g)
+            added = pool.add(torch.rand(250, *SHAPE, 3, generator=g), coherence=coherence)
+            memory = pool.stats()["memory"]
+            assert memory["within_budget"] and memory["usage_bytes"] <= memory["limit_bytes"]
+            ids_after, _ = live(pool)
+            gone = ~torch.isin(ids_before, ids_after)
+            if bool(gone.any()):  # lowest coherence left, residents and newcomers ranked together
+                kept = torch.cat([coherence_before[~gone], coherence[added >= 0]])
+                assert float(coherence_before[gone].max()) <= float(kept.min())
+            hits = pool.retrieve(torch.rand(8, 3, generator=g), k=10, mode="nearest")
+            assert bool(torch.isin(hits.ids[hits.ids >= 0], ids_after).all())
+            if step % 10 == 0:
+                assert index_agrees(pool)
+        assert pool.stats()["search"]["last_engine"] == "faiss-ivf"
+        assert pool.counters["evicted"] > capacity
