@@ -38,6 +38,7 @@ from dreampool_gpu.metrics import PoolMetrics
 from dreampool_gpu.rerank import (
     HybridWeights,
     class_match,
+    diversity_stats,
     hybrid_scores,
     mmr,
     mmr_row_bytes,
@@ -454,6 +455,22 @@ class DreamPool:
             out = {name: self.bank.gather(name, slots) for name in self.bank.columns if name != "dreams"}
             out["found"] = slots >= 0
             return out
+
+    def diversity(self, ids: Any) -> dict[str, torch.Tensor]:
+        """Diversity of each result set: mean, min and max pairwise chroma distance (DOMAIN.md section 5).
+
+        Args:
+            ids: ``[B, k]`` int ids, e.g. ``retrieve(...).ids``; -1 and evicted ids are left out.
+
+        Returns:
+            ``{"mean", "min", "max"}``, each ``[B]`` float32 on the pool's device; NaN for
+            a set with fewer than two live entries.
+        """
+        with self._lock:
+            slots = self._slots(ids)
+            if slots.dim() != 2:
+                raise DimensionMismatchError("[B, k] ids", list(slots.shape), "ids")
+            return diversity_stats(self.bank.gather("chroma", slots), slots >= 0)
 
     def stats(self) -> dict[str, Any]:
         """Size, counters, bytes by column, engine, cache and score means.

@@ -411,6 +411,26 @@ def assert_same(a, b):
         assert torch.equal(cols_a[name].nan_to_num(-7.0), cols_b[name].nan_to_num(-7.0)), name
 
 
+class TestDiversity:
+    def test_matches_pairwise_loop_and_skips_padding(self):
+        pool, dreams, _ = make_pool(30)
+        hits = pool.retrieve(dreams[:3], k=5, mode="diverse")
+        ids = hits.ids.clone()
+        ids[2, 1:] = -1  # one live entry: no pairs
+        got = pool.diversity(ids)
+        for b in range(2):
+            chroma = pool.metadata(ids[b])["chroma"].double()
+            d = [float((chroma[i] - chroma[j]).norm()) for i in range(5) for j in range(i + 1, 5)]
+            assert got["mean"][b].item() == pytest.approx(sum(d) / len(d), abs=1e-5)
+            assert (got["min"][b].item(), got["max"][b].item()) == pytest.approx((min(d), max(d)), abs=1e-5)
+        assert all(math.isnan(got[key][2].item()) for key in ("mean", "min", "max"))
+
+    def test_needs_a_batch_of_result_sets(self):
+        pool, _, _ = make_pool(5)
+        with pytest.raises(DimensionMismatchError):
+            pool.diversity(torch.tensor([0, 1, 2]))
+
+
 class TestArgumentTypes:
     def test_config_must_be_a_pool_config(self):
         for junk in ("junk", {"capacity": 4}, 3):
