@@ -17,7 +17,7 @@ SHAPE = (3, 2, 2)
 DIM = 8
 
 
-def make_bank(device: torch.device, capacity: int = 6, dtype: torch.dtype = torch.float32) -> TensorBank:
+def make_bank(device: torch.device, capacity: int = 6, dtype=torch.float32) -> TensorBank:
     return TensorBank(capacity, SHAPE, DIM, device=device, dream_dtype=dtype)
 
 
@@ -61,8 +61,9 @@ class TestColumns:
         bank = make_bank(device, capacity=capacity, dtype=dtype)
         nbytes = bank.nbytes()
         for name, spec in column_specs(SHAPE, DIM, dtype).items():
-            by_hand = capacity * math.prod(spec.shape) * torch.empty((), dtype=spec.dtype).element_size()
-            assert nbytes[name] == by_hand == bank.columns[name].numel() * bank.columns[name].element_size(), name
+            column = bank.columns[name]
+            by_hand = capacity * math.prod(spec.shape) * spec.dtype.itemsize
+            assert nbytes[name] == by_hand == column.numel() * column.element_size(), name
         assert nbytes["dreams"] == capacity * math.prod(SHAPE) * 3 * dtype.itemsize
         assert nbytes["ids"] == capacity * 8 and nbytes["class_label"] == capacity
 
@@ -94,7 +95,8 @@ class TestIds:
         bank = make_bank(device)
         add(bank, 4)
         evict_oldest(bank, 1)
-        query = torch.tensor([[3, 0], [-1, 99]], device=device)  # live, evicted / padding, never issued
+        # live, evicted / padding, never issued
+        query = torch.tensor([[3, 0], [-1, 99]], device=device)
         slots = bank.slots_of(query)
         assert slots.shape == (2, 2)
         assert slots.tolist() == [[3, -1], [-1, -1]]

@@ -10,14 +10,14 @@ from dreampool_gpu.cache import QueryCache, query_keys
 D = 4
 
 
-def keys_of(*chromas: tuple[float, float, float], hint: int = -1, prior: float = 0.0) -> list[tuple[int, ...]]:
+def keys_of(*chromas: tuple[float, float, float], hint: int = -1, prior: float = 0.0) -> list:
     chroma = torch.tensor(chromas, dtype=torch.float32)
     n = chroma.shape[0]
     return query_keys(chroma, torch.full((n,), hint), torch.full((n,), prior))
 
 
 class Recorder:
-    """``compute`` callback: embedding of row i is ``[tag + i] * D``; records the rows it was asked for."""
+    """``compute`` callback: row i embeds as ``[tag + i] * D``; records the rows asked for."""
 
     def __init__(self, tag: float = 0.0) -> None:
         self.tag = tag
@@ -67,7 +67,8 @@ class TestQueryCache:
     def test_only_missing_rows_are_computed(self):
         cache = QueryCache(8)
         lookup(cache, keys_of((0.1, 0.2, 0.3)), tag=10.0)
-        out, calls = lookup(cache, keys_of((0.7, 0.7, 0.7), (0.1, 0.2, 0.3), (0.9, 0.1, 0.1)), tag=20.0)
+        keys = keys_of((0.7, 0.7, 0.7), (0.1, 0.2, 0.3), (0.9, 0.1, 0.1))
+        out, calls = lookup(cache, keys, tag=20.0)
         assert calls == [[0, 2]]
         assert out[:, 0].tolist() == [20.0, 10.0, 22.0]
 
