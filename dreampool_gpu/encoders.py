@@ -136,6 +136,8 @@ class FeatureEncoder:
         """``[N, dim]`` float32 embeddings on ``chroma``'s device (mean 0, variance ~1 per row)."""
         f = self.features(chroma, spectral=spectral, class_labels=class_labels, utility=utility)
         z = f @ self.projection.to(f.device)
+        if z.shape[0] == 0:
+            return z
         mean = z.mean(1, keepdim=True)
-        var = z.var(1, unbiased=False, keepdim=True)
+        var = z.var(1, correction=0, keepdim=True)
         return (z - mean) / torch.sqrt(var + _EPS)

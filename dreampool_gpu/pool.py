@@ -639,7 +639,7 @@ class DreamPool:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``index``'s k-NN ``[B, k]`` (scores, slots), equal scores oldest first (DOMAIN.md section 2)."""
         scores, slots = index.search(embedded, k, mask=mask)
-        return oldest_first_ties(scores, slots, self.bank.gather("ids", slots))
+        return oldest_first_ties(scores, slots, self.bank.columns["ids"])
 
     def _empty(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.empty(b, 0, device=self.device), torch.empty(b, 0, dtype=torch.int64, device=self.device))

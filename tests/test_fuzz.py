@@ -282,8 +282,9 @@ class TestFuzzRetrieve:
         shapes = [(b, *SHAPE, 3), (b, 3)] + ([] if clean and chroma_only else [(b, DIM)])
         queries = draw(tensors(draw(st.sampled_from(shapes)), clean=clean))
         k = draw(st.one_of(st.none(), st.integers(0, CAPACITY)) if clean else st.one_of(st.none(), counts))
-        hint_optional = not (clean and mode == "class")  # class mode needs a hint
-        class_hint = draw(argument((b,), kind="int", low=-1, high=9, optional=hint_optional, clean=clean))
+        class_mode = clean and mode == "class"  # class mode needs a hint naming a class
+        class_hint = draw(argument((b,), kind="int", low=0 if class_mode else -1, high=9, optional=not class_mode,
+                                   clean=clean))
         class_lists = st.one_of(st.lists(st.integers(0, 9), max_size=4), st.lists(st.integers(0, 9)).map(tuple))
         classes = draw(class_lists if clean else st.one_of(
             st.none(), class_lists, st.lists(st.integers(-2, 12), max_size=4), junk))

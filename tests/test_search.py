@@ -180,10 +180,10 @@ class TestExactSearch:
 class TestOldestFirstTies:
     def test_equal_scores_ordered_by_id_padding_last(self):
         scores = torch.tensor([[3.0, 2.0, 2.0, 2.0, float("-inf")], [5.0, 4.0, 3.0, 2.0, 1.0]])
-        slots = torch.tensor([[7, 1, 2, 3, -1], [0, 1, 2, 3, 4]])
-        ids = torch.tensor([[70, 12, 10, 11, -1], [4, 3, 2, 1, 0]])
-        got_scores, got_slots = oldest_first_ties(scores, slots, ids)
-        assert got_slots.tolist() == [[7, 2, 3, 1, -1], [0, 1, 2, 3, 4]]
+        slots = torch.tensor([[7, 1, 2, 3, -1], [4, 3, 2, 1, 0]])
+        slot_ids = torch.tensor([1, 12, 10, 11, 0, -1, -1, 70])  # id per slot
+        got_scores, got_slots = oldest_first_ties(scores, slots, slot_ids)
+        assert got_slots.tolist() == [[7, 2, 3, 1, -1], [4, 3, 2, 1, 0]]
         assert got_scores.tolist() == scores.tolist()
 
 

@@ -153,7 +153,7 @@ class ExactSearch(SearchIndex):
         if filled > k:
             top_scores, pick = top_scores.topk(k, dim=1)
             top_slots = top_slots.gather(1, pick)
-        found = torch.isfinite(top_scores)
+        found = top_scores > float("-inf")  # scores are finite or masked to -inf
         top_slots = torch.where(found, top_slots, torch.full_like(top_slots, -1))
         if self.metric is Metric.EUCLIDEAN:
             top_scores, top_slots = refine_euclidean(queries, embeddings, top_slots, chunk_bytes=self.chunk_bytes)
@@ -184,26 +184,24 @@ def _query_block(chunk_bytes: int, extent: int, k: int) -> int:
 
 
 def oldest_first_ties(
-    scores: torch.Tensor, slots: torch.Tensor, ids: torch.Tensor
+    scores: torch.Tensor, slots: torch.Tensor, slot_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reorder best-first rows so that equal scores come oldest (lowest id) first.
 
     Args:
-        scores: ``[B, k]`` best first, -inf for padding. slots, ids: ``[B, k]`` int64
-            of the same entries (ids increase with insertion; -1 = padding).
+        scores: ``[B, k]`` best first, -inf for padding. slots: ``[B, k]`` int64 (-1 = padding).
+        slot_ids: ``[capacity]`` int64, the bank's id per slot (ids increase with insertion).
 
     Returns:
-        ``(scores, slots)`` reordered, on the input's device. On CPU rows without
-        ties are left as they are (checked first); on CUDA it always sorts, to
-        stay free of host synchronisation.
+        ``(scores, slots)`` reordered, on the input's device. On CPU rows are
+        checked for ties first and returned as they are without any; on CUDA it
+        always sorts, to stay free of host synchronisation.
     """
     if scores.shape[1] < 2:
         return scores, slots
-    if scores.device.type == "cpu":
-        ties = (scores[:, 1:] == scores[:, :-1]) & torch.isfinite(scores[:, 1:])
-        if not bool(ties.any()):
-            return scores, slots
-    order = ids.sort(dim=1, stable=True).indices
+    if scores.device.type == "cpu" and not bool((scores[:, 1:] == scores[:, :-1]).any()):
+        return scores, slots  # (padding's -inf ties take the sort: harmless, -inf stays last)
+    order = slot_ids[slots.clamp(min=0)].sort(dim=1, stable=True).indices
     scores, slots = scores.gather(1, order), slots.gather(1, order)
     order = scores.sort(dim=1, descending=True, stable=True).indices
     return scores.gather(1, order), slots.gather(1, order)
