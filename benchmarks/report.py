@@ -8,9 +8,12 @@ inside, every benchmark's timings, and cost ratios) and PNG plots beside it.
 A *cost ratio* is a benchmark's median divided by the median of the benchmark
 with role ``baseline`` in the same group (roles come from ``extra_info["role"]``,
 set by the ``record_median`` fixture). Ratios, unlike absolute times, carry from
-one machine to another; ``--check`` fails when a ratio is more than 25% worse
-(higher) than the committed baseline. Only groups whose baseline runs at least
-``MIN_BASELINE_S`` are checked (shorter ones are too noisy to compare).
+one machine to another far better, but not across CPU models: the baseline
+records the facts it depends on (:data:`COMPARABLE_KEYS`) and ``--check``
+refuses (exit 2) on another machine. On the same one it fails (exit 1) when a
+ratio is more than 25% worse (higher) than the committed baseline. Only groups
+whose baseline runs at least ``MIN_BASELINE_S`` are checked (shorter ones are
+too noisy to compare).
 """
 
 from __future__ import annotations
@@ -28,12 +31,41 @@ MIN_BASELINE_S = 5e-4  # groups whose baseline runs shorter are reported but not
 RESULTS = Path(__file__).parent / "results"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_simd() -> list[str]:
+    """The vector extensions torch and FAISS kernels pick from (``/proc/cpuinfo`` flags)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags)
+    except OSError:
+        pass
+    return []
+
+
+# the facts a cost ratio depends on: a baseline is only comparable on the same ones
+COMPARABLE_KEYS = ("cpu_model", "cpu_simd", "cpu_count", "device", "gpu", "torch", "faiss")
+
+
 def machine_info(device: str) -> dict[str, object]:
     import torch
 
     info: dict[str, object] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_simd": cpu_simd(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -74,6 +106,19 @@ def checked_ratios(benchmarks: list[dict]) -> dict[str, float]:
         if b.get("extra_info", {}).get("role") == "baseline" and b["stats"]["median"] >= MIN_BASELINE_S
     }
     return {key: r for key, r in cost_ratios(benchmarks).items() if key.split(" :: ")[0] in long_enough}
+
+
+def comparable(info: dict[str, object]) -> dict[str, object]:
+    """The part of :func:`machine_info` that must match for ratios to be compared."""
+    return {key: info.get(key) for key in COMPARABLE_KEYS}
+
+
+def read_baseline(path: Path) -> dict[str, object]:
+    """``{"machine": comparable facts or None (an old flat file), "ratios": {key: ratio}}``."""
+    body = json.loads(path.read_text())
+    if "ratios" in body and "machine" in body:
+        return body
+    return {"machine": None, "ratios": body}
 
 
 def check(ratios: dict[str, float], baseline: dict[str, float]) -> list[str]:
@@ -187,18 +232,28 @@ def main(argv: list[str] | None = None) -> int:
             for path in plot(benchmarks, args.machine):
                 print(f"wrote {path}")
         print(f"wrote {RESULTS / f'{args.machine}.json'} ({len(benchmarks)} benchmarks, {len(ratios)} ratios)")
+    here = comparable(result["machine_info"])
     if args.write_baseline:
         merged = checked_ratios(benchmarks)
-        if args.write_baseline.exists():  # keep the worst ratio seen: the baseline is a noise envelope
-            for key, old in json.loads(args.write_baseline.read_text()).items():
-                merged[key] = max(old, merged.get(key, old))
-        args.write_baseline.write_text(json.dumps(dict(sorted(merged.items())), indent=2) + "\n")
+        old = read_baseline(args.write_baseline) if args.write_baseline.exists() else None
+        if old is not None and old["machine"] == here:  # keep the worst seen: the baseline is a noise envelope
+            for key, ratio in old["ratios"].items():
+                merged[key] = max(ratio, merged.get(key, ratio))
+        elif old is not None:
+            print(f"baseline {args.write_baseline} came from another machine ({old['machine']}): started afresh")
+        body = {"machine": here, "ratios": dict(sorted(merged.items()))}
+        args.write_baseline.write_text(json.dumps(body, indent=2) + "\n")
         print(f"wrote baseline {args.write_baseline}")
     if args.check:
-        baseline = json.loads(args.check.read_text())
+        baseline = read_baseline(args.check)
+        if baseline["machine"] != here:
+            print(f"regression check NOT RUN: the baseline was recorded on {baseline['machine']}, this machine is "
+                  f"{here}. Cost ratios move between CPU models (FAISS vs torch moved 2.4x between two 2-core "
+                  f"sandboxes); record a baseline here first: scripts/bench.sh --write-baseline (three times).")
+            return 2
         measured = cost_ratios(benchmarks)
-        failures = check(measured, baseline)
-        compared = len(baseline)
+        failures = check(measured, baseline["ratios"])
+        compared = len(baseline["ratios"])
         if failures:
             print(f"regression check FAILED ({len(failures)} of {compared} ratios):")
             print("\n".join(f"  {line}" for line in failures))

@@ -96,19 +96,38 @@ class TestCheck:
 class TestMain:
     """``--check`` and ``--write-baseline`` end to end; results go to tmp_path."""
 
+    MACHINE = {"device": "cpu", "cpu_model": "Fake CPU 1"}
+
     @pytest.fixture(autouse=True)
     def _results_in_tmp(self, tmp_path, monkeypatch):
         monkeypatch.setattr(report, "RESULTS", tmp_path / "results")
-        monkeypatch.setattr(report, "machine_info", lambda device: {"device": device})
+        monkeypatch.setattr(report, "machine_info", lambda device: dict(self.MACHINE))
+
+    def write_baseline(self, tmp_path, machine=None) -> Path:
+        baseline = tmp_path / "baseline.json"
+        body = {"machine": report.comparable(machine or self.MACHINE), "ratios": report.checked_ratios(run())}
+        baseline.write_text(json.dumps(body))
+        return baseline
 
     @pytest.mark.parametrize(("factor", "rc"), [(1.0, 0), (1.2, 0), (1.3, 1)])
     def test_check_exit_code(self, tmp_path, capsys, factor, rc):
-        baseline = tmp_path / "baseline.json"
-        baseline.write_text(json.dumps(report.checked_ratios(run())))
+        baseline = self.write_baseline(tmp_path)
         raw = write_raw(tmp_path, run(factor))
         assert report.main([str(raw), "--machine", "fake", "--check", str(baseline)]) == rc
         assert ("FAILED" in capsys.readouterr().out) == bool(rc)
         assert not (tmp_path / "results" / "fake.json").exists()  # --check writes no results
+
+    @pytest.mark.parametrize("recorded", [{"device": "cpu", "cpu_model": "Fake CPU 2"}, None])
+    def test_check_refuses_another_machine(self, tmp_path, capsys, recorded):
+        if recorded is None:  # a flat file of ratios, from before machines were recorded
+            baseline = tmp_path / "baseline.json"
+            baseline.write_text(json.dumps(report.checked_ratios(run())))
+        else:
+            baseline = self.write_baseline(tmp_path, recorded)
+        raw = write_raw(tmp_path, run())
+        assert report.main([str(raw), "--machine", "fake", "--check", str(baseline)]) == 2
+        out = capsys.readouterr().out
+        assert "regression check NOT RUN" in out and "Fake CPU 1" in out
 
     def test_write_baseline_keeps_the_worst(self, tmp_path):
         baseline = tmp_path / "baseline.json"
@@ -117,8 +136,18 @@ class TestMain:
             args = [str(raw), "--machine", "fake", "--no-plots", "--write-baseline", str(baseline)]
             assert report.main(args) == 0
         merged = json.loads(baseline.read_text())
+        assert merged["machine"] == report.comparable(self.MACHINE)
         worst = {"search :: test_faiss": 3.3, "search :: test_ivf": 0.55}  # from the 1.1x run
-        assert merged == pytest.approx({**EXPECTED, **worst})
+        assert merged["ratios"] == pytest.approx({**EXPECTED, **worst})
         results = json.loads((tmp_path / "results" / "fake.json").read_text())
         last = {"search :: test_faiss": 2.7, "search :: test_ivf": 0.45}  # results file: last run
         assert results["ratios"] == pytest.approx({**EXPECTED, **last})
+
+    def test_write_baseline_from_another_machine_starts_afresh(self, tmp_path):
+        baseline = self.write_baseline(tmp_path, {"device": "cpu", "cpu_model": "Fake CPU 2"})
+        body = json.loads(baseline.read_text())
+        body["ratios"] = {key: 100.0 for key in body["ratios"]}
+        baseline.write_text(json.dumps(body))
+        raw = write_raw(tmp_path, run())
+        assert report.main([str(raw), "--machine", "fake", "--no-plots", "--write-baseline", str(baseline)]) == 0
+        assert json.loads(baseline.read_text())["ratios"] == pytest.approx(EXPECTED)
