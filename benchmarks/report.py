@@ -1,6 +1,7 @@
 """Turn a pytest-benchmark JSON into the suite's results file, plots and regression check.
 
-    python benchmarks/report.py RAW.json --machine NAME [--check BASELINE.json] [--write-baseline BASELINE.json]
+    python benchmarks/report.py RAW.json [RAW2.json ...] --machine NAME [--check BASELINE.json]
+                                [--write-baseline BASELINE.json]
 
 Writes ``benchmarks/results/<machine>.json`` (machine and device described
 inside, every benchmark's timings, and cost ratios) and PNG plots beside it.
@@ -108,6 +109,19 @@ def checked_ratios(benchmarks: list[dict]) -> dict[str, float]:
     return {key: r for key, r in cost_ratios(benchmarks).items() if key.split(" :: ")[0] in long_enough}
 
 
+def best_ratios(runs: list[list[dict]]) -> dict[str, float]:
+    """Each ratio's lowest value over several runs of the suite.
+
+    On a shared machine a neighbour's burst slows one benchmark of a group and
+    not its baseline, in one run; a real regression shows in every run.
+    """
+    best: dict[str, float] = {}
+    for benchmarks in runs:
+        for key, ratio in cost_ratios(benchmarks).items():
+            best[key] = min(ratio, best.get(key, ratio))
+    return best
+
+
 def comparable(info: dict[str, object]) -> dict[str, object]:
     """The part of :func:`machine_info` that must match for ratios to be compared."""
     return {key: info.get(key) for key in COMPARABLE_KEYS}
@@ -192,7 +206,9 @@ def plot(benchmarks: list[dict], machine: str) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("raw", type=Path, help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("raw", type=Path, nargs="+",
+                        help="pytest-benchmark --benchmark-json output; with --check, several runs of the "
+                             "same suite are compared by each ratio's best run")
     parser.add_argument("--machine", required=True, help="name of this machine (file name of the results)")
     parser.add_argument("--device", default=os.environ.get("DREAMPOOL_BENCH_DEVICE", "cpu"))
     parser.add_argument("--profile", default="quick")
@@ -203,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
 
-    raw = json.loads(args.raw.read_text())
-    benchmarks = raw["benchmarks"]
+    runs = [json.loads(path.read_text())["benchmarks"] for path in args.raw]
+    benchmarks = runs[-1]
     ratios = cost_ratios(benchmarks)
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {
@@ -251,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{here}. Cost ratios move between CPU models (FAISS vs torch moved 2.4x between two 2-core "
                   f"sandboxes); record a baseline here first: scripts/bench.sh --write-baseline (three times).")
             return 2
-        measured = cost_ratios(benchmarks)
+        measured = best_ratios(runs)
         failures = check(measured, baseline["ratios"])
         compared = len(baseline["ratios"])
         if failures:

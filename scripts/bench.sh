@@ -3,7 +3,8 @@
 #   scripts/bench.sh            quick profile (CI-sized pools)
 #   scripts/bench.sh --full     adds the large sizes (k-NN at n = 1M, the pipeline at 100K; 10M and B = 1024 on CUDA)
 #   scripts/bench.sh --check    quick profile, fail when a cost ratio is >25% worse than
-#                               benchmarks/baseline-ratios.json (no results written)
+#                               benchmarks/baseline-ratios.json in each of up to 3 runs
+#                               (no results written; exit 2 when the baseline is another machine's)
 #   scripts/bench.sh --write-baseline   also merge this run's ratios into that baseline (worst kept)
 # DREAMPOOL_BENCH_DEVICE picks the device (default cpu; "auto" = CUDA when present).
 # DREAMPOOL_BENCH_MACHINE names the results file (default: cpu-<cores>c or the GPU name).
@@ -32,15 +33,29 @@ else:
     print(f"cpu-{os.cpu_count()}c")
 PY
 )}"
-raw="$(mktemp -t dreampool-bench-XXXX.json)"
-trap 'rm -f "$raw"' EXIT
-"$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
-  --benchmark-json="$raw" --benchmark-columns=median,mean,stddev,rounds
+scratch="$(mktemp -d -t dreampool-bench-XXXX)"
+trap 'rm -rf "$scratch"' EXIT
+run_suite() {  # $1: where the pytest-benchmark JSON goes
+  "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json="$1" --benchmark-columns=median,mean,stddev,rounds
+}
 if [ "$mode" = check ]; then
-  "$PY" benchmarks/report.py "$raw" --machine "$machine" --profile "$profile" \
-    --check benchmarks/baseline-ratios.json
-  exit $?
+  # A ratio over the limit is confirmed by up to two more runs of the suite: each
+  # ratio counts by its best run, so a neighbour's burst on a shared machine does
+  # not fail the check, while a real regression shows in every run.
+  runs=()
+  for attempt in 1 2 3; do
+    runs+=("$scratch/run-$attempt.json")
+    run_suite "${runs[-1]}"
+    rc=0
+    "$PY" benchmarks/report.py "${runs[@]}" --machine "$machine" --profile "$profile" \
+      --check benchmarks/baseline-ratios.json || rc=$?
+    if [ "$rc" -ne 1 ] || [ "$attempt" -eq 3 ]; then exit "$rc"; fi
+    echo "ratios over the limit after run $attempt of 3: running the suite again to tell noise from a regression"
+  done
 fi
+raw="$scratch/run.json"
+run_suite "$raw"
 extra=()
 if [ "$mode" = baseline ]; then extra=(--write-baseline benchmarks/baseline-ratios.json); fi
 "$PY" benchmarks/report.py "$raw" --machine "$machine" --profile "$profile" "${extra[@]}"

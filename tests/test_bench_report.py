@@ -117,6 +117,14 @@ class TestMain:
         assert ("FAILED" in capsys.readouterr().out) == bool(rc)
         assert not (tmp_path / "results" / "fake.json").exists()  # --check writes no results
 
+    def test_check_counts_each_ratio_by_its_best_run(self, tmp_path):
+        """A burst in one run is outvoted by a clean run; a regression in every run still fails."""
+        baseline = self.write_baseline(tmp_path)
+        noisy, clean, slow = (write_raw(tmp_path, run(f), f"run-{f}.json") for f in (1.5, 1.0, 1.4))
+        args = ["--machine", "fake", "--check", str(baseline)]
+        assert report.main([str(noisy), str(clean), *args]) == 0
+        assert report.main([str(noisy), str(slow), *args]) == 1
+
     @pytest.mark.parametrize("recorded", [{"device": "cpu", "cpu_model": "Fake CPU 2"}, None])
     def test_check_refuses_another_machine(self, tmp_path, capsys, recorded):
         if recorded is None:  # a flat file of ratios, from before machines were recorded
