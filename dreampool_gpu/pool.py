@@ -45,12 +45,13 @@ from dreampool_gpu.rerank import (
     row_chunks,
     rowwise_cosine,
 )
-from dreampool_gpu.search import ExactSearch, SearchIndex, make_index, oldest_first_ties, stable_topk
+from dreampool_gpu.search import SearchIndex, make_index, oldest_first_ties, stable_topk
 from dreampool_gpu.spectral import flat_field_features, spectral_features, window_spectrum
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TOPK_BYTES_PER_SCORE = 8  # stable_topk's temporaries per score: the float and the tie masks
 _MAX_PADDED_K = 1 << 16  # k past the capacity only pads; capped so that [B, k] results stay allocatable
+_FILTERED_MODES = {RetrievalMode.CATEGORY, RetrievalMode.NEAREST, RetrievalMode.SOFT, RetrievalMode.HYBRID}
 _CHROMA_MODES = {
     RetrievalMode.SIMILAR,
     RetrievalMode.CLASS,
@@ -143,8 +144,6 @@ class DreamPool:
             device=self.device,
         )
         self.index = make_index(self.bank, self.config)
-        # filtered k-NN (category mode) scans the bank exactly whatever the engine
-        self._exact = ExactSearch(self.bank, self.config.metric, chunk_bytes=int(self.config.search_chunk_mb * 2**20))
         self.cache = QueryCache(self.config.query_cache_size)
         rows, cols, _ = self.config.dream_shape
         self._window_spectrum = window_spectrum(rows, cols, window=self.config.window, device=self.device)
@@ -317,8 +316,9 @@ class DreamPool:
             class_hint: int or ``[B]`` int in 0..9 (-1 none): the class for ``class``
                 (required) and the class match of ``soft``/``hybrid``.
             classes: class labels for ``balanced``.
-            category: int or ``[B]`` hue category 0..11 for ``category``; default the
-                query chroma's own category.
+            category: int or ``[B]`` hue category 0..11: the category of ``category`` mode
+                (default the query chroma's own), and a candidate filter for ``nearest``,
+                ``soft`` and ``hybrid`` (default none); the chroma modes ignore it.
             utility_threshold: minimum utility for ``utility``.
             utility_prior: float or ``[B]`` in [0, 1], the utility feature of soft queries.
             fetch_k: candidates re-ranked by ``soft``/``hybrid`` (default ``fetch_factor * k``).
@@ -350,7 +350,7 @@ class DreamPool:
             v.check_number(utility_threshold, "utility_threshold", float("-inf"), float("inf"))
             fetch = max(k_, self.config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
             fetch = min(fetch, max(k_, self.config.capacity))  # candidates beyond capacity would all be padding
-            cats = self._categories(category, q, mode_)
+            category_mask = self._category_mask(category, q, mode_)
 
             if mode_ is RetrievalMode.SIMILAR:
                 scores, slots = self._chroma_topk(q, k_)
@@ -365,14 +365,11 @@ class DreamPool:
                 scores, slots = self._chroma_topk(q, k_, (util >= utility_threshold)[None, :])
             elif mode_ is RetrievalMode.DIVERSE:
                 scores, slots = self._diverse(q, k_, lam, min_dispersion)
-            elif mode_ is RetrievalMode.NEAREST:
-                scores, slots = self._knn(self.index, self._query_embeddings(q, hint, prior), k_)
-            elif mode_ is RetrievalMode.CATEGORY:
-                mask = self.bank.columns["hue_category"].long()[None, :] == cats[:, None]
-                scores, slots = self._knn(self._exact, self._query_embeddings(q, hint, prior), k_, mask=mask)
+            elif mode_ in (RetrievalMode.NEAREST, RetrievalMode.CATEGORY):
+                scores, slots = self._knn(self.index, self._query_embeddings(q, hint, prior), k_, mask=category_mask)
             else:
                 lam_ = 1.0 if mode_ is RetrievalMode.SOFT and mmr_lambda is None else lam
-                scores, slots = self._hybrid(q, hint, prior, k_, fetch, lam_, min_dispersion)
+                scores, slots = self._hybrid(q, hint, prior, k_, fetch, lam_, min_dispersion, category_mask)
 
             ids = self.bank.gather("ids", slots)
             usage = self.bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
@@ -542,10 +539,15 @@ class DreamPool:
         return t
 
     def _class_list(self, classes: Sequence[int] | None) -> list[int]:
+        expected = "a sequence of class labels for mode 'balanced'"
         if classes is None or isinstance(classes, (str, bytes)):
-            raise InvalidInputError("classes", "a sequence of class labels for mode 'balanced'", repr(classes))
+            raise InvalidInputError("classes", expected, repr(classes))
+        try:
+            items = list(classes)
+        except TypeError:  # not iterable (an object, a 0-d tensor)
+            raise InvalidInputError("classes", expected, type(classes).__name__) from None
         out = []
-        for c in classes:
+        for c in items:
             try:
                 label = None if isinstance(c, bool) else operator.index(c)  # int, numpy or 0-dim torch ints
             except TypeError:
@@ -558,9 +560,17 @@ class DreamPool:
     def _class_mask(self, label: int) -> torch.Tensor:
         return (self.bank.columns["class_label"].long() == label)[None, :]
 
-    def _categories(self, category: Any, q: _Queries, mode: RetrievalMode) -> torch.Tensor:
-        if mode is not RetrievalMode.CATEGORY:
-            return torch.empty(0, dtype=torch.int64, device=self.device)
+    def _category_mask(self, category: Any, q: _Queries, mode: RetrievalMode) -> torch.Tensor | None:
+        """``[B, capacity]`` bool: the slots in each query's hue category; None = no filter.
+
+        ``category`` mode defaults to the query chroma's own category; ``nearest``,
+        ``soft`` and ``hybrid`` filter their candidates only when one is given.
+        """
+        if mode not in _FILTERED_MODES or (category is None and mode is not RetrievalMode.CATEGORY):
+            return None
+        return self.bank.columns["hue_category"].long()[None, :] == self._categories(category, q)[:, None]
+
+    def _categories(self, category: Any, q: _Queries) -> torch.Tensor:
         if category is None:
             if q.chroma is None:
                 raise InvalidInputError("category", "a hue category 0..11 for embedding queries", None)
@@ -711,8 +721,9 @@ class DreamPool:
         fetch_k: int,
         lam: float,
         min_dispersion: float,
+        mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft candidates (fetch_k k-NN) -> hybrid base score -> MMR on embeddings -> k.
+        """Soft candidates (fetch_k k-NN, within ``mask``) -> hybrid base score -> MMR on embeddings -> k.
 
         The k-NN runs once for all queries (the search chunks itself); the re-ranking
         runs in query chunks whose gathered ``[b, fetch_k, D]`` vectors and MMR state
@@ -722,7 +733,7 @@ class DreamPool:
         if k == 0:
             return self._empty(q.count)
         embedded = self._query_embeddings(q, hint, prior)
-        similarity, candidates = self._knn(self.index, embedded, max(fetch_k, k))
+        similarity, candidates = self._knn(self.index, embedded, max(fetch_k, k), mask=mask)
         m = candidates.shape[1]
         embeddings, chroma = self.bank.columns["embeddings"], self.bank.columns["chroma"]
         d, p = embeddings.shape[1], chroma.shape[1]

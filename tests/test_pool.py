@@ -411,6 +411,32 @@ def assert_same(a, b):
         assert torch.equal(cols_a[name].nan_to_num(-7.0), cols_b[name].nan_to_num(-7.0)), name
 
 
+class TestCategoryFilter:
+    @pytest.mark.parametrize("mode", ["nearest", "soft", "hybrid"])
+    def test_candidates_restricted_to_the_category(self, mode):
+        pool, dreams, _ = make_pool(60)
+        queries = dreams[:4]
+        wanted = torch.tensor([0, 3, 6, 9])
+        hits = pool.retrieve(queries, k=5, mode=mode, category=wanted)
+        for b in range(4):
+            found = hits.ids[b][hits.ids[b] >= 0]
+            assert bool((pool.metadata(found)["hue_category"] == wanted[b]).all())
+        in_category = pool.bank.columns["hue_category"][pool.bank.alive()]
+        for b in range(4):  # as many as the category holds, up to k
+            assert int((hits.ids[b] >= 0).sum()) == min(5, int((in_category == wanted[b]).sum()))
+
+    def test_nearest_with_a_category_equals_category_mode(self):
+        pool, dreams, _ = make_pool(60)
+        a = pool.retrieve(dreams[:5], k=6, mode="nearest", category=2)
+        b = pool.retrieve(dreams[:5], k=6, mode="category", category=2)
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.scores, b.scores)
+
+    def test_no_category_no_filter(self):
+        pool, dreams, _ = make_pool(60)
+        a = pool.retrieve(dreams[:3], k=6, mode="hybrid")
+        assert len({int(c) for c in pool.metadata(a.ids[a.ids >= 0])["hue_category"]}) > 1
+
+
 class TestDiversity:
     def test_matches_pairwise_loop_and_skips_padding(self):
         pool, dreams, _ = make_pool(30)
