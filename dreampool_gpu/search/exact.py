@@ -108,15 +108,17 @@ class ExactSearch(SearchIndex):
         b = queries.shape[0]
         extent = self.bank.extent
         k_eff = min(k, extent)
+        keep: torch.Tensor | None = None  # None: every row up to the extent qualifies
+        if k_eff and (mask is not None or self.bank.size < extent):
+            alive = self.bank.alive()[:extent]
+            keep = alive if mask is None else alive & mask[..., :extent]
+        block = _query_block(self.chunk_bytes, extent, max(k_eff, 1))
+        if 0 < b <= block and k_eff == k > 0:  # one block filling all k columns: its result is the answer
+            return self._search_block(queries, k, keep)
         best_scores = queries.new_full((b, k), float("-inf"))
         best_slots = torch.full((b, k), -1, dtype=torch.int64, device=queries.device)
         if k_eff == 0 or b == 0:
             return best_scores, best_slots
-        keep: torch.Tensor | None = None  # None: every row up to the extent qualifies
-        if mask is not None or self.bank.size < extent:
-            alive = self.bank.alive()[:extent]
-            keep = alive if mask is None else alive & mask[..., :extent]
-        block = _query_block(self.chunk_bytes, extent, k_eff)
         for start in range(0, b, block):
             rows = slice(start, min(start + block, b))
             part_keep = keep if keep is None or keep.dim() == 1 or keep.shape[0] == 1 else keep[rows]
