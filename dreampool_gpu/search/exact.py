@@ -135,8 +135,28 @@ class ExactSearch(SearchIndex):
         extent = self.bank.extent
         embeddings = self.bank.columns["embeddings"]
         rows_per_chunk = max(k, self.chunk_bytes // (4 * b))
+        if rows_per_chunk >= extent:  # one chunk: its top-k is the answer
+            scores = pairwise_scores(queries, embeddings[:extent], self.metric)
+            if keep is not None:
+                scores.masked_fill_(~keep.expand_as(scores), float("-inf"))
+            top_scores, top_slots = scores.topk(k, dim=1)
+        else:
+            top_scores, top_slots = self._chunked_topk(queries, k, keep, rows_per_chunk)
+        found = top_scores > float("-inf")  # scores are finite or masked to -inf
+        top_slots = torch.where(found, top_slots, torch.full_like(top_slots, -1))
+        if self.metric is Metric.EUCLIDEAN:
+            top_scores, top_slots = refine_euclidean(queries, embeddings, top_slots, chunk_bytes=self.chunk_bytes)
+        return top_scores, top_slots
+
+
+    def _chunked_topk(
+        self, queries: torch.Tensor, k: int, keep: torch.Tensor | None, rows_per_chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k over the bank in chunks of ``rows_per_chunk``: each chunk's top-k lands in
+        one candidate buffer, and one top-k over the buffer gives the answer."""
+        b, extent = queries.shape[0], self.bank.extent
+        embeddings = self.bank.columns["embeddings"]
         starts = range(0, extent, rows_per_chunk)
-        # each chunk's top-k lands in one candidate buffer; a single top-k over it at the end
         cand_scores = queries.new_empty(b, len(starts) * k)
         cand_slots = torch.empty(b, len(starts) * k, dtype=torch.int64, device=queries.device)
         filled = 0
@@ -155,10 +175,6 @@ class ExactSearch(SearchIndex):
         if filled > k:
             top_scores, pick = top_scores.topk(k, dim=1)
             top_slots = top_slots.gather(1, pick)
-        found = top_scores > float("-inf")  # scores are finite or masked to -inf
-        top_slots = torch.where(found, top_slots, torch.full_like(top_slots, -1))
-        if self.metric is Metric.EUCLIDEAN:
-            top_scores, top_slots = refine_euclidean(queries, embeddings, top_slots, chunk_bytes=self.chunk_bytes)
         return top_scores, top_slots
 
 
