@@ -138,7 +138,8 @@ class PoolConfig:
         alpha, beta, gamma, delta: hybrid weights (similarity, utility, class, duplicate penalty).
         mmr_lambda: MMR trade-off; 1 = pure relevance, 0 = pure diversity.
         fetch_factor: re-ranking methods work on ``fetch_factor * k`` candidates.
-        search_chunk_mb: bound on the ``[B, n]`` score block of exact search and of the chroma methods, in MiB.
+        search_chunk_mb: bound, in MiB, on the temporaries of exact search (score chunks and the
+            candidate buffer of a query block) and on the ``[B, n]`` scores of the chroma methods.
         rerank_chunk_mb: bound on the re-ranking temporaries (gathered ``[b, fetch_k, D]`` candidate vectors and MMR state), in MiB.
         engine: k-NN engine: ``auto`` (measured choice per call, see ``search/auto.py``),
             ``torch`` (exact matmul + topk), ``faiss-flat`` (exact FAISS brute force) or
