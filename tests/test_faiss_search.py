@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_search import assert_matches_oracle, make_bank, oracle  # tests/ is on sys.path (rootless)
 
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric, PoolConfig
@@ -13,7 +14,6 @@ from dreampool_gpu.search import ExactSearch, make_index
 from dreampool_gpu.search.auto import AutoSearch, ExactAuto, prefer_faiss_flat
 from dreampool_gpu.search.faiss_flat import FaissFlatSearch
 from dreampool_gpu.search.faiss_ivf import IVFSearch, auto_nlist, pq_subquantizers
-from test_search import assert_matches_oracle, make_bank, oracle  # tests/ is on sys.path (rootless)
 
 D = 64
 DEFAULTS = PoolConfig()

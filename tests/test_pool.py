@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from dreampool_gpu import DreamPool, PoolConfig
-from dreampool_gpu.errors import DimensionMismatchError, DreamPoolError, InvalidConfigurationError, InvalidInputError
+from dreampool_gpu.errors import (
+    DimensionMismatchError,
+    DreamPoolError,
+    InvalidConfigurationError,
+    InvalidInputError,
+)
 
 SHAPE = (3, 4, 2)
 

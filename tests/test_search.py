@@ -9,7 +9,13 @@ import torch
 
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric, PoolConfig
-from dreampool_gpu.search import ExactSearch, make_index, oldest_first_ties, pairwise_scores, stable_topk
+from dreampool_gpu.search import (
+    ExactSearch,
+    make_index,
+    oldest_first_ties,
+    pairwise_scores,
+    stable_topk,
+)
 from dreampool_gpu.search.exact import _query_block, block_bytes
 
 D = 16
