@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,7 @@ from dreampool_gpu.rerank import (
     row_chunks,
     rowwise_cosine,
 )
-from dreampool_gpu.search import SearchIndex, make_index, oldest_first_ties, stable_topk
+from dreampool_gpu.search import make_index, oldest_first_ties, stable_topk
 from dreampool_gpu.spectral import flat_field_features, spectral_features, window_spectrum
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -93,6 +93,34 @@ class _Queries:
     chroma: torch.Tensor | None = None
     spectral: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
+
+    def take(self, rows: torch.Tensor) -> _Queries:
+        """The queries at ``rows`` (``[b]`` int64)."""
+        def part(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        return _Queries(int(rows.numel()), part(self.chroma), part(self.spectral), part(self.embeddings))
+
+
+def _by_value(
+    keys: torch.Tensor,
+    width: int,
+    run: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer queries grouped by ``keys`` (``[B]`` int): ``run(rows, value)`` per value present.
+
+    Each call gets the ``[b]`` rows holding one value and returns their
+    ``[b, width]`` (scores, slots); they are scattered back into ``[B, width]``.
+    A per-query filter with few distinct values (classes, hue categories) is
+    then a shared ``[capacity]`` mask per group rather than a ``[B, capacity]`` one.
+    """
+    scores = torch.full((keys.shape[0], width), float("-inf"), device=keys.device)
+    slots = torch.full((keys.shape[0], width), -1, dtype=torch.int64, device=keys.device)
+    for value in keys.unique().tolist():
+        rows = torch.nonzero(keys == value).squeeze(1)
+        part_scores, part_slots = run(rows, value)
+        scores[rows], slots[rows] = part_scores.float(), part_slots
+    return scores, slots
 
 
 class DreamPool:
@@ -350,12 +378,14 @@ class DreamPool:
             v.check_number(utility_threshold, "utility_threshold", float("-inf"), float("inf"))
             fetch = max(k_, self.config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
             fetch = min(fetch, max(k_, self.config.capacity))  # candidates beyond capacity would all be padding
-            category_mask = self._category_mask(category, q, mode_)
+            categories = self._category_filter(category, q, mode_)
 
             if mode_ is RetrievalMode.SIMILAR:
                 scores, slots = self._chroma_topk(q, k_)
             elif mode_ is RetrievalMode.CLASS:
-                scores, slots = self._chroma_topk(q, k_, self.bank.columns["class_label"].long()[None, :] == hint[:, None])
+                labels = self.bank.columns["class_label"].long()
+                scores, slots = _by_value(hint, k_, lambda rows, c: self._chroma_topk(
+                    q.take(rows), k_, (labels == c)[None, :]))
             elif mode_ is RetrievalMode.BALANCED:
                 parts = [self._chroma_topk(q, k_, self._class_mask(c)) for c in balanced]
                 scores = torch.cat([p[0] for p in parts], dim=1) if parts else self._empty(b)[0]
@@ -366,10 +396,10 @@ class DreamPool:
             elif mode_ is RetrievalMode.DIVERSE:
                 scores, slots = self._diverse(q, k_, lam, min_dispersion)
             elif mode_ in (RetrievalMode.NEAREST, RetrievalMode.CATEGORY):
-                scores, slots = self._knn(self.index, self._query_embeddings(q, hint, prior), k_, mask=category_mask)
+                scores, slots = self._knn(self._query_embeddings(q, hint, prior), k_, categories)
             else:
                 lam_ = 1.0 if mode_ is RetrievalMode.SOFT and mmr_lambda is None else lam
-                scores, slots = self._hybrid(q, hint, prior, k_, fetch, lam_, min_dispersion, category_mask)
+                scores, slots = self._hybrid(q, hint, prior, k_, fetch, lam_, min_dispersion, categories)
 
             ids = self.bank.gather("ids", slots)
             usage = self.bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
@@ -560,15 +590,15 @@ class DreamPool:
     def _class_mask(self, label: int) -> torch.Tensor:
         return (self.bank.columns["class_label"].long() == label)[None, :]
 
-    def _category_mask(self, category: Any, q: _Queries, mode: RetrievalMode) -> torch.Tensor | None:
-        """``[B, capacity]`` bool: the slots in each query's hue category; None = no filter.
+    def _category_filter(self, category: Any, q: _Queries, mode: RetrievalMode) -> torch.Tensor | None:
+        """``[B]`` int64 hue category each query's candidates must have; None = no filter.
 
         ``category`` mode defaults to the query chroma's own category; ``nearest``,
         ``soft`` and ``hybrid`` filter their candidates only when one is given.
         """
         if mode not in _FILTERED_MODES or (category is None and mode is not RetrievalMode.CATEGORY):
             return None
-        return self.bank.columns["hue_category"].long()[None, :] == self._categories(category, q)[:, None]
+        return self._categories(category, q)
 
     def _categories(self, category: Any, q: _Queries) -> torch.Tensor:
         if category is None:
@@ -645,10 +675,20 @@ class DreamPool:
         return flat_field_features(chroma, self._window_spectrum)
 
     def _knn(
-        self, index: SearchIndex, embedded: torch.Tensor, k: int, *, mask: torch.Tensor | None = None
+        self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``index``'s k-NN ``[B, k]`` (scores, slots), equal scores oldest first (DOMAIN.md section 2)."""
-        scores, slots = index.search(embedded, k, mask=mask)
+        """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (DOMAIN.md section 2).
+
+        With ``categories`` (``[B]`` hue categories) each query searches only its
+        category: one masked search per category present, so no ``[B, capacity]``
+        mask is ever built.
+        """
+        if categories is None:
+            scores, slots = self.index.search(embedded, k)
+        else:
+            hue = self.bank.columns["hue_category"].long()
+            scores, slots = _by_value(categories, k, lambda rows, c: self.index.search(
+                embedded[rows], k, mask=hue == c))
         return oldest_first_ties(scores, slots, self.bank.columns["ids"])
 
     def _empty(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -721,9 +761,9 @@ class DreamPool:
         fetch_k: int,
         lam: float,
         min_dispersion: float,
-        mask: torch.Tensor | None,
+        categories: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft candidates (fetch_k k-NN, within ``mask``) -> hybrid base score -> MMR on embeddings -> k.
+        """Soft candidates (fetch_k k-NN, within ``categories``) -> hybrid base score -> MMR on embeddings -> k.
 
         The k-NN runs once for all queries (the search chunks itself); the re-ranking
         runs in query chunks whose gathered ``[b, fetch_k, D]`` vectors and MMR state
@@ -733,7 +773,7 @@ class DreamPool:
         if k == 0:
             return self._empty(q.count)
         embedded = self._query_embeddings(q, hint, prior)
-        similarity, candidates = self._knn(self.index, embedded, max(fetch_k, k), mask=mask)
+        similarity, candidates = self._knn(embedded, max(fetch_k, k), categories)
         m = candidates.shape[1]
         embeddings, chroma = self.bank.columns["embeddings"], self.bank.columns["chroma"]
         d, p = embeddings.shape[1], chroma.shape[1]

@@ -99,6 +99,15 @@ class TestStableTopk:
             want = sorted(range(20), key=lambda j: (-row[j], j))[:7]
             assert got_i == want and got_v == [row[j] for j in want]
 
+    def test_excluded_columns_only_pad(self):
+        """-inf columns fill rows short of k finite values; the finite ones are exact and first."""
+        inf = float("-inf")
+        scores = torch.tensor([[inf, 2.0, inf, 2.0, inf], [inf] * 5])
+        values, index = stable_topk(scores, 3)
+        assert index[0, :2].tolist() == [1, 3] and values[0].tolist() == [2.0, 2.0, inf]
+        assert index[0, 2].item() in (0, 2, 4)
+        assert bool(torch.isneginf(values[1]).all()) and sorted(index[1].tolist()) == sorted(set(index[1].tolist()))
+
     def test_k_beyond_columns_and_zero(self):
         values, index = stable_topk(torch.tensor([[2.0, 1.0]]), 5)
         assert index.tolist() == [[0, 1]] and values.tolist() == [[2.0, 1.0]]

@@ -51,7 +51,9 @@ def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     any of the tied columns. One ``topk`` and one equality pass find the rows where
     that happens (more columns equal the k-th value than were kept); only those
     rows are re-selected exactly (all values above the k-th value, then the
-    lowest-index equals). The set is then ordered by value, then index.
+    lowest-index equals). The set is then ordered by value, then index. ``-inf``
+    marks excluded columns: a row with fewer than k finite values is filled with
+    some ``-inf`` columns, in no set order (callers treat them as padding).
 
     Returns:
         ``(values, indices)``, each ``[B, min(k, M)]``.
@@ -62,7 +64,7 @@ def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
         return scores.new_empty(b, 0), torch.empty(b, 0, dtype=torch.int64, device=scores.device)
     values, chosen = scores.topk(k, dim=1)
     kth = values[:, -1:]
-    straddles = (scores == kth).sum(1) > (values == kth).sum(1)
+    straddles = ((scores == kth).sum(1) > (values == kth).sum(1)) & (kth[:, 0] > float("-inf"))
     if bool(straddles.any()):
         rows = torch.nonzero(straddles).squeeze(1)
         chosen[rows] = _lowest_index_topk(scores[rows], kth[rows], k)
