@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ _STRUCTURAL = (
     "include_spectral", "include_class", "include_utility", "encoder_seed",
 )
 
-_READ_ATTEMPTS = 5  # reads restarted when a concurrent save swaps the directory mid-read
+_READ_ATTEMPTS = 20  # reads restarted (with a growing pause) when a concurrent save swaps the directory
 
 PathArg: TypeAlias = "str | os.PathLike[str]"
 
@@ -559,8 +560,11 @@ def read_checkpoint(path: PathArg) -> PoolSnapshot:
         try:
             snap = _read_once(target, notes)
         except CheckpointCorruptError:
-            if _identity(target) != before and attempt + 1 < _READ_ATTEMPTS:
-                continue  # replaced under us by a concurrent save: read the new one
+            after = _identity(target)
+            # replaced under us by a concurrent save (or caught between its two renames): read again
+            if (before is None or after is None or after != before) and attempt + 1 < _READ_ATTEMPTS:
+                time.sleep(min(0.05, 0.001 * 2**attempt))
+                continue
             raise
         if _identity(target) != before and attempt + 1 < _READ_ATTEMPTS:
             continue  # parts may come from two checkpoints (e.g. a rebuilt index): read again
@@ -570,13 +574,19 @@ def read_checkpoint(path: PathArg) -> PoolSnapshot:
     raise CheckpointCorruptError(target, "replaced by concurrent saves on every read attempt")
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """Which directory is at ``path`` now (device, inode, change time); None when absent."""
+def _identity(path: Path) -> tuple[int, int, int, str] | None:
+    """Which checkpoint is at ``path`` now: (device, inode, change time, manifest digest); None when absent.
+
+    The manifest's own digest is part of it because a deleted directory's inode
+    can be reused by the next save within one coarse timestamp tick, so
+    (device, inode, ctime) alone may repeat across two different checkpoints.
+    """
     try:
         st = os.stat(path)
+        manifest = (path / MANIFEST).read_bytes()
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_ctime_ns
+    return st.st_dev, st.st_ino, st.st_ctime_ns, hashlib.sha256(manifest).hexdigest()
 
 
 def _mtime(path: Path) -> float:
