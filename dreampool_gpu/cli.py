@@ -83,13 +83,17 @@ def environment_info() -> dict[str, object]:
 
 
 def _memory_reading(open_probe: Any, device: Any) -> dict[str, object]:
-    """What the pool's memory probe for ``device`` reads now: used, total, source."""
-    probe = open_probe(device)
+    """What the pool's memory probe for ``device`` reads now: used, total, source, note (never raises)."""
     try:
-        reading = probe.read()
-    finally:
-        probe.close()
-    return {"used_bytes": reading.used_bytes, "total_bytes": reading.total_bytes, "source": reading.source}
+        probe = open_probe(device)
+        try:
+            reading = probe.read()
+        finally:
+            probe.close()
+    except Exception as exc:  # a broken driver or NVML must not break `dreampool info`
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"used_bytes": reading.used_bytes, "total_bytes": reading.total_bytes, "source": reading.source,
+            "note": reading.note}
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -534,6 +534,13 @@ def _remove_stale_siblings(target: Path) -> None:
     """Drop leftovers of interrupted saves (their writers are gone) now that ``target`` is complete."""
     for leftover in _siblings(target, "tmp") + _siblings(target, "old") + _siblings(target, "trash"):
         if _owner_gone(leftover):
+            if ".old-" in leftover.name:  # never delete an .old copy in place (see _swap_into_place)
+                trash = _sibling(target, "trash")
+                try:
+                    os.rename(leftover, trash)
+                except OSError:
+                    continue
+                leftover = trash
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -561,8 +568,10 @@ def read_checkpoint(path: PathArg) -> PoolSnapshot:
             snap = _read_once(target, notes)
         except CheckpointCorruptError:
             after = _identity(target)
-            # replaced under us by a concurrent save (or caught between its two renames): read again
-            if (before is None or after is None or after != before) and attempt + 1 < _READ_ATTEMPTS:
+            # replaced under us by a concurrent save, or caught between its two renames (the
+            # target missing while an .old copy exists): read again
+            between_renames = (before is None or after is None) and bool(_siblings(target, "old"))
+            if (after != before or between_renames) and attempt + 1 < _READ_ATTEMPTS:
                 time.sleep(min(0.05, 0.001 * 2**attempt))
                 continue
             raise

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -579,7 +580,8 @@ class DreamPool:
         out = []
         for c in items:
             try:
-                label = None if isinstance(c, bool) else operator.index(c)  # int, numpy or 0-dim torch ints
+                boolean = isinstance(c, bool) or getattr(c, "dtype", None) in (torch.bool, np.bool_)
+                label = None if boolean else operator.index(c)  # int, numpy or 0-dim torch ints
             except TypeError:
                 label = None
             if label is None or not 0 <= label < NUM_CLASSES:
@@ -679,17 +681,59 @@ class DreamPool:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (DOMAIN.md section 2).
 
+        On CPU the engine is asked for one more neighbour; rows where a tie
+        straddles the k-th place (exact duplicates) are re-selected exactly in age
+        order, so the oldest of the tied entries make the cut. On CUDA that check
+        would cost a host synchronisation: there ties are ordered oldest first
+        within the k returned, and the cut is the engine's.
+
         With ``categories`` (``[B]`` hue categories) each query searches only its
-        category: one masked search per category present, so no ``[B, capacity]``
-        mask is ever built.
+        category: on CUDA with one ``[B, capacity]`` mask while it fits
+        ``search_chunk_mb`` (no host synchronisation), otherwise one shared mask
+        per category present.
         """
+        cpu = self.device.type == "cpu"
+        fetch = k + 1 if cpu and 0 < k < self.bank.size else k
+        hue = self.bank.columns["hue_category"].long()
         if categories is None:
-            scores, slots = self.index.search(embedded, k)
+            scores, slots = self.index.search(embedded, fetch)
+        elif not cpu and embedded.shape[0] * self.bank.capacity <= self.config.search_chunk_mb * 2**20:
+            scores, slots = self.index.search(embedded, fetch, mask=hue[None, :] == categories[:, None])
         else:
-            hue = self.bank.columns["hue_category"].long()
-            scores, slots = _by_value(categories, k, lambda rows, c: self.index.search(
-                embedded[rows], k, mask=hue == c))
+            scores, slots = _by_value(categories, fetch, lambda rows, c: self.index.search(
+                embedded[rows], fetch, mask=hue == c))
+        if fetch > k:
+            straddles = (scores[:, k - 1] == scores[:, k]) & (scores[:, k] > float("-inf"))
+            scores, slots = scores[:, :k].clone(), slots[:, :k].clone()
+            if bool(straddles.any()):
+                rows = torch.nonzero(straddles).squeeze(1)
+                scores[rows], slots[rows] = self._oldest_first_exact(
+                    embedded[rows], k, None if categories is None else categories[rows])
         return oldest_first_ties(scores, slots, self.bank.columns["ids"])
+
+    def _oldest_first_exact(
+        self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact k-NN ``[b, k]`` over live entries in age order, ties to the older (stable top-k).
+
+        Queries go in chunks whose ``[b, n]`` scores stay under ``search_chunk_mb``.
+        """
+        by_age = self.bank.slots_by_age()
+        vectors = self.bank.columns["embeddings"][by_age]
+        hue = self.bank.columns["hue_category"].long()[by_age]
+        parts = []
+        for rows in row_chunks(embedded.shape[0], _TOPK_BYTES_PER_SCORE * by_age.numel(), self.config.search_chunk_mb):
+            q = embedded[rows].to(vectors.dtype)
+            if self.config.metric is Metric.COSINE:
+                sim = q @ vectors.T
+            else:  # exact differences, as the engines' euclidean refinement
+                sim = -torch.cdist(q, vectors, compute_mode="donot_use_mm_for_euclid_dist")
+            if categories is not None:
+                sim.masked_fill_(hue[None, :] != categories[rows, None], float("-inf"))
+            parts.append(stable_topk(sim, k))
+        values = torch.cat([p[0] for p in parts])
+        slots = by_age[torch.cat([p[1] for p in parts])]
+        return self._pad(values, slots, k)
 
     def _empty(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.empty(b, 0, device=self.device), torch.empty(b, 0, dtype=torch.int64, device=self.device))

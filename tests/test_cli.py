@@ -127,6 +127,17 @@ class TestDemoAndInfo:
         assert exc.value.code == 2
         assert f"argument {flag}: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
 
+    def test_info_survives_a_failing_memory_probe(self, capsys, monkeypatch):
+        import dreampool_gpu.budget as budget
+
+        def broken(device):
+            raise RuntimeError("driver gone")
+
+        monkeypatch.setattr(budget, "open_probe", broken)
+        code, out, _ = _run(capsys, "info", "--json")
+        assert code == 0
+        assert json.loads(out)["memory"]["cpu"] == {"error": "RuntimeError: driver gone"}
+
     def test_info_json_and_text(self, capsys):
         code, out, _ = _run(capsys, "info", "--json")
         assert code == 0

@@ -635,6 +635,18 @@ class TestRecovery:
         assert siblings(ck) == []
         assert_same_pool(pool, DreamPool.load(ck))
 
+    def test_missing_checkpoint_is_not_retried(self, tmp_path, monkeypatch):
+        """No directory and no .old copy: nothing is being saved, so the first failure is final."""
+        reads = []
+        real = persist._read_once
+        monkeypatch.setattr(persist, "_read_once", lambda target, notes: (reads.append(target), real(target, notes))[1])
+        (tmp_path / "empty").mkdir()
+        for path in (tmp_path / "absent", tmp_path / "empty"):
+            reads.clear()
+            with pytest.raises(CheckpointCorruptError):
+                DreamPool.load(path)
+            assert len(reads) == 1
+
     def test_interrupted_swap_skips_an_unreadable_old_copy(self, saved):
         """Two ``.old`` siblings, the newer one half-deleted: the complete one is read."""
         pool, ck = saved

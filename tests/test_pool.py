@@ -165,6 +165,19 @@ class TestAdd:
         pool.add(dream.expand(6, *dream.shape[1:]).clone(), coherence=torch.ones(6))
         assert ids_of(pool.retrieve(dream, k=3, mode="similar")) == [0, 1, 2]
 
+    @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+    @pytest.mark.parametrize("engine", ["torch", "faiss-flat", "faiss-ivf"])
+    @pytest.mark.parametrize("mode", ["nearest", "category"])
+    def test_the_oldest_duplicates_make_the_cut(self, engine, mode, metric):
+        """More equal scores than k: the k oldest are returned, whatever the slot order."""
+        pool = DreamPool(PoolConfig(dream_shape=SHAPE, device="cpu", coherence_threshold=0.0, capacity=64,
+                                    engine=engine, metric=metric))
+        dream = coloured_dreams(1)
+        for _ in range(3):  # ids 0..95 through 64 slots: the oldest live ids (32..63) are not in slot order
+            pool.add(dream.expand(32, *dream.shape[1:]).clone(), coherence=torch.ones(32))
+        hits = pool.retrieve(dream.expand(3, *dream.shape[1:]), k=3, mode=mode)
+        assert hits.ids.tolist() == [[32, 33, 34]] * 3
+
     @pytest.mark.parametrize("engine", ["torch", "faiss-flat", "auto"])
     @pytest.mark.parametrize("mode", ["nearest", "category", "soft", "hybrid"])
     def test_duplicates_in_reused_slots_come_oldest_first(self, engine, mode):
@@ -520,6 +533,8 @@ class TestErrorsLeaveStateUnchanged:
             ({"mode": "class", "class_hint": torch.tensor([3, -1])}, InvalidInputError),
             ({"mode": "balanced", "classes": [1.0]}, InvalidInputError),
             ({"mode": "balanced", "classes": [True]}, InvalidInputError),
+            ({"mode": "balanced", "classes": torch.tensor([True, False])}, InvalidInputError),
+            ({"mode": "balanced", "classes": object()}, InvalidInputError),
             ({"mode": "balanced", "classes": [1, 99]}, InvalidInputError),
             ({"mode": "hybrid", "mmr_lambda": 1.5}, InvalidInputError),
             ({"mode": "category", "category": 12}, InvalidInputError),
