@@ -60,7 +60,6 @@ def environment_info() -> dict[str, object]:
     """torch, CUDA, FAISS and NVML facts of this machine, with a memory reading per device (never raises)."""
     import torch
 
-    from dreampool_gpu.budget import open_probe
     from dreampool_gpu.devices import cuda_available, faiss_gpu_available, nvml_available
 
     info: dict[str, object] = {"torch": torch.__version__, "cuda_available": cuda_available()}
@@ -78,12 +77,14 @@ def environment_info() -> dict[str, object]:
         info["faiss"] = None
     info["faiss_gpu"] = faiss_gpu_available()
     info["nvml"] = nvml_available()
-    info["memory"] = {str(device): _memory_reading(open_probe, device) for device in devices}
+    info["memory"] = {str(device): _memory_reading(device) for device in devices}
     return info
 
 
-def _memory_reading(open_probe: Any, device: Any) -> dict[str, object]:
+def _memory_reading(device: Any) -> dict[str, object]:
     """What the pool's memory probe for ``device`` reads now: used, total, source, note (never raises)."""
+    from dreampool_gpu.budget import open_probe
+
     try:
         probe = open_probe(device)
         try:

@@ -479,9 +479,22 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     os.rename(target, old)  # a crash here leaves the complete old copy; read_checkpoint finds it
     os.rename(tmp, target)
     _fsync_dir(target.parent)
+    _discard(target, old)
+
+
+def _discard(target: Path, leftover: Path) -> None:
+    """Remove a sibling of ``target``: renamed to ``.trash-`` first, then deleted.
+
+    An ``.old`` sibling is thereby always complete (what :func:`read_checkpoint`
+    falls back to): a removal cut short leaves a partial ``.trash`` sibling,
+    which later saves clean up, never a partial ``.old`` one.
+    """
     trash = _sibling(target, "trash")
-    os.rename(old, trash)  # an ".old" sibling is always complete: never delete one in place
-    shutil.rmtree(trash)
+    try:
+        os.rename(leftover, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _sibling(target: Path, kind: str) -> Path:
@@ -534,14 +547,7 @@ def _remove_stale_siblings(target: Path) -> None:
     """Drop leftovers of interrupted saves (their writers are gone) now that ``target`` is complete."""
     for leftover in _siblings(target, "tmp") + _siblings(target, "old") + _siblings(target, "trash"):
         if _owner_gone(leftover):
-            if ".old-" in leftover.name:  # never delete an .old copy in place (see _swap_into_place)
-                trash = _sibling(target, "trash")
-                try:
-                    os.rename(leftover, trash)
-                except OSError:
-                    continue
-                leftover = trash
-            shutil.rmtree(leftover, ignore_errors=True)
+            _discard(target, leftover)
 
 
 # ---------------------------------------------------------------------- read

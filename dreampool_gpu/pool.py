@@ -384,7 +384,7 @@ class DreamPool:
             if mode_ is RetrievalMode.SIMILAR:
                 scores, slots = self._chroma_topk(q, k_)
             elif mode_ is RetrievalMode.CLASS:
-                labels = self.bank.columns["class_label"].long()
+                labels = self.bank.columns["class_label"]
                 scores, slots = _by_value(hint, k_, lambda rows, c: self._chroma_topk(
                     q.take(rows), k_, (labels == c)[None, :]))
             elif mode_ is RetrievalMode.BALANCED:
@@ -590,7 +590,7 @@ class DreamPool:
         return out
 
     def _class_mask(self, label: int) -> torch.Tensor:
-        return (self.bank.columns["class_label"].long() == label)[None, :]
+        return (self.bank.columns["class_label"] == label)[None, :]
 
     def _category_filter(self, category: Any, q: _Queries, mode: RetrievalMode) -> torch.Tensor | None:
         """``[B]`` int64 hue category each query's candidates must have; None = no filter.
@@ -694,7 +694,7 @@ class DreamPool:
         """
         cpu = self.device.type == "cpu"
         fetch = k + 1 if cpu and 0 < k < self.bank.size else k
-        hue = self.bank.columns["hue_category"].long()
+        hue = self.bank.columns["hue_category"]
         if categories is None:
             scores, slots = self.index.search(embedded, fetch)
         elif not cpu and embedded.shape[0] * self.bank.capacity <= self.config.search_chunk_mb * 2**20:
@@ -720,9 +720,9 @@ class DreamPool:
         """
         by_age = self.bank.slots_by_age()
         vectors = self.bank.columns["embeddings"][by_age]
-        hue = self.bank.columns["hue_category"].long()[by_age]
-        parts = []
-        for rows in row_chunks(embedded.shape[0], _TOPK_BYTES_PER_SCORE * by_age.numel(), self.config.search_chunk_mb):
+        hue = self.bank.columns["hue_category"][by_age]
+
+        def scores(rows: slice) -> torch.Tensor:
             q = embedded[rows].to(vectors.dtype)
             if self.config.metric is Metric.COSINE:
                 sim = q @ vectors.T
@@ -730,7 +730,20 @@ class DreamPool:
                 sim = -torch.cdist(q, vectors, compute_mode="donot_use_mm_for_euclid_dist")
             if categories is not None:
                 sim.masked_fill_(hue[None, :] != categories[rows, None], float("-inf"))
-            parts.append(stable_topk(sim, k))
+            return sim
+
+        return self._stable_topk_by_age(by_age, embedded.shape[0], k, scores)
+
+    def _stable_topk_by_age(
+        self, by_age: torch.Tensor, count: int, k: int, scores: Callable[[slice], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stable top-k of ``scores(rows)`` (``[b, n]``, columns in ``by_age`` order), padded to ``[count, k]``.
+
+        Queries go in chunks whose ``[b, n]`` scores and tie-break keys stay under
+        ``search_chunk_mb``; ties go to the lower column, i.e. the older entry.
+        """
+        parts = [stable_topk(scores(rows), k)
+                 for rows in row_chunks(count, _TOPK_BYTES_PER_SCORE * by_age.numel(), self.config.search_chunk_mb)]
         values = torch.cat([p[0] for p in parts])
         slots = by_age[torch.cat([p[1] for p in parts])]
         return self._pad(values, slots, k)
@@ -749,18 +762,19 @@ class DreamPool:
         """
         if q.chroma is None:
             raise InvalidInputError("queries", "dreams or chroma for a chroma method", "embeddings")
+        query_chroma = q.chroma
         by_age = self.bank.slots_by_age()
         chroma = self.bank.columns["chroma"][by_age]
-        parts = []
-        for rows in row_chunks(q.count, _TOPK_BYTES_PER_SCORE * by_age.numel(), self.config.search_chunk_mb):
-            sim = rowwise_cosine(q.chroma[rows], chroma)
+        shared = None if mask is None or mask.shape[0] > 1 else ~mask[:, by_age]  # one gather for every chunk
+
+        def scores(rows: slice) -> torch.Tensor:
+            sim = rowwise_cosine(query_chroma[rows], chroma)
             if mask is not None:
-                part_mask = mask[rows] if mask.shape[0] > 1 else mask
-                sim = sim.masked_fill(~part_mask[:, by_age].expand_as(sim), float("-inf"))
-            parts.append(stable_topk(sim, k))
-        values = torch.cat([p[0] for p in parts])
-        slots = by_age[torch.cat([p[1] for p in parts])]
-        return self._pad(values, slots, k)
+                excluded = shared if shared is not None else ~mask[rows][:, by_age]
+                sim = sim.masked_fill(excluded.expand_as(sim), float("-inf"))
+            return sim
+
+        return self._stable_topk_by_age(by_age, q.count, k, scores)
 
     def _pad(self, values: torch.Tensor, slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         found = torch.isfinite(values) & (slots >= 0)

@@ -150,7 +150,6 @@ class ExactSearch(SearchIndex):
             top_scores, top_slots = refine_euclidean(queries, embeddings, top_slots, chunk_bytes=self.chunk_bytes)
         return top_scores, top_slots
 
-
     def _chunked_topk(
         self, queries: torch.Tensor, k: int, keep: torch.Tensor | None, rows_per_chunk: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
