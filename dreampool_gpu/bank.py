@@ -43,7 +43,7 @@ def column_specs(
         "util_mean": ColumnSpec((), torch.float32, 0.0),
         "feedback_count": ColumnSpec((), torch.int32, 0),
         "usage": ColumnSpec((), torch.int32, 0),
-        "class_label": ColumnSpec((), torch.int8, -1),
+        "class_label": ColumnSpec((), torch.int32, -1),
         "hue_category": ColumnSpec((), torch.int8, 0),
         "inserted_at": ColumnSpec((), torch.float64, 0.0),
     }

@@ -65,6 +65,8 @@ class EvictionPolicy(str, Enum):
 
 DREAM_DTYPES = ("auto", "float32", "float16", "bfloat16")
 ENGINES = ("auto", "torch", "faiss-flat", "faiss-ivf")
+ENCODERS = ("features", "learned")
+MAX_CLASSES = 1 << 16  # the feature encoder's class block is num_classes + 1 wide
 
 
 def _parse_enum(enum: type[Enum], value: Any, name: str) -> Any:
@@ -134,7 +136,10 @@ class PoolConfig:
         query_cache_size: LRU size of the query-embedding cache (0 disables it).
         window: spectral window (``hann``, ``hamming``, ``none``).
         include_spectral / include_class / include_utility: encoder feature parts.
-        encoder_seed: seed of the encoder's fixed projection.
+        encoder_seed: seed of the encoder's fixed projection (and the learned encoder's initial weights).
+        encoder: ``features`` (fixed features, standardised on the bank) or ``learned``
+            (a small CNN trained by :meth:`DreamPool.fit_encoder`); see docs/spec.md "Encoders".
+        num_classes: class labels are 0..num_classes-1 (-1 = none).
         alpha, beta, gamma, delta: hybrid weights (similarity, utility, class, duplicate penalty).
         mmr_lambda: MMR trade-off; 1 = pure relevance, 0 = pure diversity.
         fetch_factor: re-ranking methods work on ``fetch_factor * k`` candidates.
@@ -174,6 +179,8 @@ class PoolConfig:
     include_class: bool = True
     include_utility: bool = True
     encoder_seed: int = 0
+    encoder: str = "features"
+    num_classes: int = 10
     alpha: float = 0.65
     beta: float = 0.20
     gamma: float = 0.10
@@ -234,6 +241,11 @@ class PoolConfig:
             if not isinstance(getattr(self, name), bool):
                 raise InvalidConfigurationError(name, getattr(self, name), "true or false")
         _check_int("encoder_seed", self.encoder_seed, 0)
+        if not isinstance(self.encoder, str) or self.encoder not in ENCODERS:
+            raise InvalidConfigurationError("encoder", self.encoder, f"one of {', '.join(ENCODERS)}")
+        _check_int("num_classes", self.num_classes, 1)
+        if self.num_classes > MAX_CLASSES:
+            raise InvalidConfigurationError("num_classes", self.num_classes, f"an int in [1, {MAX_CLASSES}]")
         for name in ("alpha", "beta", "gamma", "delta", "mmr_lambda"):
             _check_unit(name, getattr(self, name))
         _check_int("fetch_factor", self.fetch_factor, 1)

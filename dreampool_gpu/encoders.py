@@ -1,43 +1,89 @@
 """Encoders: from an entry's or a query's features to a D-dimensional embedding.
 
-The feature vector follows DOMAIN.md section 3 (chroma 3, spectral 6, class
-one-hot 10, utility + bias weight 2 = 21 values when all parts are on). Two
-changes from the original, both to stop a few raw magnitudes dominating:
+:class:`Encoder` is the plug-in point: the pool calls ``encode_entries`` on every
+add (and when it re-embeds its bank) and ``encode_queries`` on every retrieve.
+Two implementations ship: the :class:`FeatureEncoder` here (fixed features,
+no training) and :class:`~dreampool_gpu.learned.LearnedEncoder` (a small CNN
+trained by :meth:`DreamPool.fit_encoder`). docs/spec.md section "Encoders" gives
+the formulas.
 
-- spectral magnitudes (band energies, mean PSD, mean dominant index) enter as
-  ``log1p(x)``; the original fed raw |FFT|^2 sums of 10^2..10^4;
-- a fixed, seeded orthogonal projection ``[F, D]`` replaces cyclic tiling,
-  followed by the same layer norm (subtract mean, divide by sqrt(var + 1e-8)).
+The feature encoder's vector is four blocks, each with its own role:
+
+- content: chroma (3) and spectral summary (6: entropy, log1p of 4 band
+  energies, log1p of the mean of PSD mean / dominant indices), standardised
+  with statistics fitted on the bank, each block scaled to unit expected
+  variance, then normalised to unit length;
+- class (``num_classes + 1``): an entry labelled c carries ``w`` in slot c, an
+  unlabelled entry ``w`` in the last ("unknown") slot; a query with a class hint
+  carries ``w`` in slot c and a query without one zeros. Every entry then has the
+  same norm, so an unhinted query ranks entries by content alone (labels never
+  hurt), and a hinted one adds ``w**2`` to the dot product of matching entries;
+- utility: ``[u, 0.5] * 0.1``, the query's utility prior (entries 0);
+- a fixed, seeded projection with orthonormal rows ``[F, D]`` (D >= F keeps every
+  inner product exactly).
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import math
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 from dreampool_gpu.dreams import NUM_CLASSES
 
-_EPS = 1e-8
-_UNKNOWN_CLASS = 0.1
+_CLASS_WEIGHT = 0.5  # a hinted query's cosine to a matching entry gains w**2 / (1 + w**2) = 0.2
+_UTILITY_WEIGHT = 0.1
 _NO_BIAS_WEIGHT = 0.5
+_STD_FLOOR = 1e-4  # a feature constant over the bank standardises to ~0, not to inf
+_CONTENT_SPECTRAL = 6
 
 
 @runtime_checkable
 class Encoder(Protocol):
-    """Maps features of N entries or queries to ``[N, dim]`` float32 embeddings."""
+    """What a pool needs of an encoder; every tensor on the pool's device.
+
+    ``version`` changes whenever the mapping changes (new weights, refitted
+    statistics): a pool whose stored embeddings were made at another version
+    refuses to answer from them (:class:`~dreampool_gpu.errors.IndexStaleError`)
+    until :meth:`DreamPool.reembed` runs.
+    """
 
     dim: int
 
-    def encode(
-        self,
-        chroma: torch.Tensor,
-        *,
-        spectral: torch.Tensor | None = None,
-        class_labels: torch.Tensor | None = None,
-        utility: torch.Tensor | None = None,
+    @property
+    def version(self) -> int:
+        """A number that changes whenever the encoder's mapping changes."""
+        ...
+
+    def encode_entries(
+        self, dreams: torch.Tensor, *, chroma: torch.Tensor, spectral: torch.Tensor, class_labels: torch.Tensor
     ) -> torch.Tensor:
-        """Embed a batch; see :meth:`FeatureEncoder.encode`."""
+        """``[N, dim]`` embeddings of entries: dreams ``[N, R, C, L, 3]``, chroma ``[N, 3]``,
+        spectral ``[N, 8]``, class_labels ``[N]`` int64 (-1 = unlabelled)."""
+        ...
+
+    def encode_queries(
+        self,
+        *,
+        dreams: torch.Tensor | None,
+        chroma: torch.Tensor,
+        spectral: torch.Tensor | None,
+        class_labels: torch.Tensor,
+        utility: torch.Tensor,
+    ) -> torch.Tensor:
+        """``[B, dim]`` embeddings of queries: dreams ``[B, R, C, L, 3]`` or None (chroma-only
+        queries), chroma ``[B, 3]``, spectral ``[B, 8]`` or None, class hints ``[B]`` (-1 none),
+        utility prior ``[B]``."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors that, loaded into an encoder of the same construction, reproduce it."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any:
+        """Load :meth:`state_dict`'s output."""
         ...
 
 
@@ -54,15 +100,16 @@ def _projection(n_features: int, dim: int, seed: int) -> torch.Tensor:
 
 
 class FeatureEncoder:
-    """Deterministic feature encoder: features -> seeded projection -> layer norm.
+    """Deterministic feature encoder: standardised content + class + utility -> projection.
 
     Args:
         dim: embedding width D.
 
     Keyword Args:
-        include_spectral, include_class, include_utility: feature parts on/off.
+        include_spectral, include_class, include_utility: feature blocks on/off.
+        num_classes: class labels 0..num_classes-1 (the class block has one more slot).
         seed: seed of the projection; the same seed gives the same encoder on every device.
-        device: where the projection lives and embeddings are produced.
+        device: where the projection and statistics live.
     """
 
     def __init__(
@@ -72,6 +119,7 @@ class FeatureEncoder:
         include_spectral: bool = True,
         include_class: bool = True,
         include_utility: bool = True,
+        num_classes: int = NUM_CLASSES,
         seed: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -79,65 +127,131 @@ class FeatureEncoder:
         self.include_spectral = include_spectral
         self.include_class = include_class
         self.include_utility = include_utility
+        self.num_classes = num_classes
         self.seed = seed
-        self.feature_dim = 3 + 6 * include_spectral + NUM_CLASSES * include_class + 2 * include_utility
+        self.content_dim = 3 + _CONTENT_SPECTRAL * include_spectral
+        self.feature_dim = self.content_dim + (num_classes + 1) * include_class + 2 * include_utility
         self.projection = _projection(self.feature_dim, dim, seed).to(device)
+        self.mean = torch.zeros(self.content_dim, device=device)
+        self.std = torch.ones(self.content_dim, device=device)
+        self.fitted_on = 0  # entries added to the pool when the statistics were fitted
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        """Bumped by :meth:`fit_statistics` and :meth:`load_state_dict`."""
+        return self._version
+
+    def to(self, device: torch.device | str) -> FeatureEncoder:
+        """Move projection and statistics to ``device`` (in place); returns self."""
+        self.projection = self.projection.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    # ------------------------------------------------------------ features
+    def content(self, chroma: torch.Tensor, spectral: torch.Tensor | None) -> torch.Tensor:
+        """Raw content features ``[N, content_dim]``: chroma, then the spectral summary.
+
+        ``spectral`` None (a query without a dream) gives zeros in the spectral part.
+        """
+        parts = [chroma.float()]
+        if self.include_spectral:
+            if spectral is None:
+                parts.append(torch.zeros(chroma.shape[0], _CONTENT_SPECTRAL, device=chroma.device))
+            else:
+                s = spectral.float()
+                magnitudes = torch.cat([s[:, 1:5], s[:, 5:8].mean(1, keepdim=True)], dim=1)
+                parts.append(torch.cat([s[:, :1], torch.log1p(magnitudes.clamp(min=0))], dim=1))
+        return torch.cat(parts, dim=1)
+
+    def fit_statistics(self, chroma: torch.Tensor, spectral: torch.Tensor, *, fitted_on: int) -> None:
+        """Fit the content standardisation on entries' chroma ``[N, 3]`` and spectral ``[N, 8]``.
+
+        ``fitted_on`` records the pool's count of added entries at this fit
+        (the pool refits when that count doubles). Bumps :attr:`version`.
+        """
+        c = self.content(chroma, spectral).double()
+        if c.shape[0] > 0:
+            self.mean = c.mean(0).float()
+            self.std = torch.sqrt(c.var(0, correction=0) + _STD_FLOOR**2).float()
+        self.fitted_on = fitted_on
+        self._version += 1
+
+    def needs_refit(self, added: int) -> bool:
+        """Whether the statistics are due: never fitted, or ``added`` doubled since the last fit."""
+        return added > 0 and added >= 2 * self.fitted_on
+
+    def _content_block(self, chroma: torch.Tensor, spectral: torch.Tensor | None) -> torch.Tensor:
+        z = (self.content(chroma, spectral) - self.mean) / self.std
+        if self.include_spectral and spectral is None:  # no dream, no spectral evidence: the bank's mean
+            z = torch.cat([z[:, :3], torch.zeros_like(z[:, 3:])], dim=1)
+        if self.include_spectral:  # each block contributes unit expected variance
+            z = torch.cat([z[:, :3] / math.sqrt(3.0), z[:, 3:] / math.sqrt(_CONTENT_SPECTRAL)], dim=1)
+        return F.normalize(z, dim=1, eps=1e-12)
+
+    def _class_block(self, labels: torch.Tensor, *, entries: bool) -> torch.Tensor:
+        labels = labels.long()
+        slot = torch.where(labels >= 0, labels, torch.full_like(labels, self.num_classes))
+        block = F.one_hot(slot, self.num_classes + 1).float() * _CLASS_WEIGHT
+        if not entries:  # a query without a hint says nothing about classes
+            block = block * (labels >= 0)[:, None]
+        return block
 
     def features(
         self,
         chroma: torch.Tensor,
         *,
-        spectral: torch.Tensor | None = None,
-        class_labels: torch.Tensor | None = None,
+        spectral: torch.Tensor | None,
+        class_labels: torch.Tensor,
         utility: torch.Tensor | None = None,
+        entries: bool,
     ) -> torch.Tensor:
-        """``[N, feature_dim]`` float32 feature vectors.
-
-        Args:
-            chroma: ``[N, 3]`` mean RGB.
-
-        Keyword Args:
-            spectral: ``[N, 8]`` from :func:`~dreampool_gpu.spectral.spectral_features`;
-                None gives zeros (queries without a dream).
-            class_labels: ``[N]`` int, -1 = unknown (0.1 in every slot); None = all unknown.
-            utility: ``[N]`` float; None or NaN gives 0.
-        """
-        n = chroma.shape[0]
-        device = chroma.device
-        parts = [chroma.float()]
-        if self.include_spectral:
-            if spectral is None:
-                parts.append(torch.zeros(n, 6, device=device))
-            else:
-                s = spectral.float()
-                magnitudes = torch.cat([s[:, 1:5], s[:, 5:8].mean(1, keepdim=True)], dim=1)
-                parts.append(torch.cat([s[:, :1], torch.log1p(magnitudes.clamp(min=0))], dim=1))
+        """``[N, feature_dim]`` float32 feature vectors before the projection."""
+        parts = [self._content_block(chroma, spectral)]
         if self.include_class:
-            one_hot = torch.full((n, NUM_CLASSES), _UNKNOWN_CLASS, device=device)
-            if class_labels is not None:
-                labels = class_labels.long()
-                known = labels >= 0
-                hot = torch.nn.functional.one_hot(labels.clamp(min=0), NUM_CLASSES).float()
-                one_hot = torch.where(known[:, None], hot, one_hot)
-            parts.append(one_hot)
+            parts.append(self._class_block(class_labels, entries=entries))
         if self.include_utility:
-            u = torch.zeros(n, device=device) if utility is None else utility.float().nan_to_num(0.0)
-            parts.append(torch.stack([u, torch.full_like(u, _NO_BIAS_WEIGHT)], dim=1))
+            n = chroma.shape[0]
+            u = torch.zeros(n, device=chroma.device) if utility is None else utility.float().nan_to_num(0.0)
+            parts.append(torch.stack([u, torch.full_like(u, _NO_BIAS_WEIGHT)], dim=1) * _UTILITY_WEIGHT)
         return torch.cat(parts, dim=1)
 
-    def encode(
-        self,
-        chroma: torch.Tensor,
-        *,
-        spectral: torch.Tensor | None = None,
-        class_labels: torch.Tensor | None = None,
-        utility: torch.Tensor | None = None,
+    # ------------------------------------------------------------- encode
+    def encode_entries(
+        self, dreams: torch.Tensor, *, chroma: torch.Tensor, spectral: torch.Tensor, class_labels: torch.Tensor
     ) -> torch.Tensor:
-        """``[N, dim]`` float32 embeddings on ``chroma``'s device (mean 0, variance ~1 per row)."""
-        f = self.features(chroma, spectral=spectral, class_labels=class_labels, utility=utility)
-        z = f @ self.projection.to(f.device)
-        if z.shape[0] == 0:
-            return z
-        mean = z.mean(1, keepdim=True)
-        var = z.var(1, correction=0, keepdim=True)
-        return (z - mean) / torch.sqrt(var + _EPS)
+        """``[N, dim]`` float32 entry embeddings (``dreams`` unused: features are stored)."""
+        f = self.features(chroma, spectral=spectral, class_labels=class_labels, entries=True)
+        return f @ self.projection
+
+    def encode_queries(
+        self,
+        *,
+        dreams: torch.Tensor | None,
+        chroma: torch.Tensor,
+        spectral: torch.Tensor | None,
+        class_labels: torch.Tensor,
+        utility: torch.Tensor,
+    ) -> torch.Tensor:
+        """``[B, dim]`` float32 query embeddings (``dreams`` unused: spectral carries them)."""
+        f = self.features(chroma, spectral=spectral, class_labels=class_labels, utility=utility, entries=False)
+        return f @ self.projection
+
+    # -------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Statistics and projection (CPU tensors)."""
+        return {
+            "projection": self.projection.cpu(),
+            "mean": self.mean.cpu(),
+            "std": self.std.cpu(),
+            "fitted_on": torch.tensor(self.fitted_on, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load :meth:`state_dict`'s output (shapes checked by the caller); bumps :attr:`version`."""
+        device = self.projection.device
+        self.projection = state["projection"].to(device, torch.float32)
+        self.mean = state["mean"].to(device, torch.float32)
+        self.std = state["std"].to(device, torch.float32)
+        self.fitted_on = int(state["fitted_on"])
+        self._version += 1

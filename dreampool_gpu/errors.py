@@ -70,6 +70,10 @@ class IndexStaleError(DreamPoolError, RuntimeError):
     """A derived structure was built from an older bank revision."""
 
 
+class EncoderFitError(DreamPoolError, RuntimeError):
+    """Training an encoder failed (the loss diverged); the pool is unchanged."""
+
+
 class CapacityExceededError(DreamPoolError, RuntimeError):
     """An add does not fit the pool's capacity or memory budget (strict mode)."""
 

@@ -7,7 +7,11 @@ A checkpoint is a directory::
     config.json        PoolConfig.to_dict()
     state.json         bank scalars (size, next_id, extent), counters, index kind
     bank.safetensors   every bank column, rows [0, extent) (slot layout preserved)
+    encoder.safetensors the encoder's state (statistics or weights) the embeddings were made with
     index.bin          the search engine's serialized state, when it has any
+
+Format 1 (before encoders had state) is still read: its embeddings came from an
+older feature encoder, so a pool loaded from it re-embeds its bank.
 
 :func:`write_checkpoint` builds the directory in a temporary sibling, fsyncs it
 and swaps it into place (``renameat2(RENAME_EXCHANGE)`` on Linux, otherwise two
@@ -27,6 +31,7 @@ The same content travels as a plain dict (:func:`to_state_dict`,
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -53,7 +58,7 @@ from safetensors.torch import save as save_safetensors
 from dreampool_gpu.bank import column_specs
 from dreampool_gpu.config import DREAM_DTYPES, PoolConfig
 from dreampool_gpu.devices import resolve_device
-from dreampool_gpu.dreams import NUM_CLASSES, NUM_HUE_CATEGORIES
+from dreampool_gpu.dreams import NUM_HUE_CATEGORIES
 from dreampool_gpu.errors import (
     CheckpointCorruptError,
     DreamPoolError,
@@ -67,18 +72,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "dreampool-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 STATE = "state.json"
 BANK = "bank.safetensors"
 INDEX = "index.bin"
+ENCODER = "encoder.safetensors"
 _REQUIRED = (CONFIG, STATE, BANK)
-_PART_FILE = {"config": CONFIG, "state": STATE, "bank": BANK}
+_PART_FILE = {"config": CONFIG, "state": STATE, "bank": BANK, "encoder": ENCODER}
 # Config fields that shape what the bank stores: a state can only go into a pool that agrees on them.
 _STRUCTURAL = (
     "dream_shape", "embedding_dim", "metric", "window",
-    "include_spectral", "include_class", "include_utility", "encoder_seed",
+    "include_spectral", "include_class", "include_utility", "encoder_seed", "encoder", "num_classes",
 )
 
 _READ_ATTEMPTS = 20  # reads restarted (with a growing pause) when a concurrent save swaps the directory
@@ -89,7 +95,7 @@ PathArg: TypeAlias = "str | os.PathLike[str]"
 _RANGES = {
     "dreams": (0.0, 1.0), "chroma": (0.0, 1.0), "coherence": (0.0, 1.0), "violation": (0.0, 1.0),
     "utility": (0.0, 1.0), "util_mean": (0.0, 1.0), "energy": (0.0, math.inf), "feedback_count": (0, math.inf),
-    "usage": (0, math.inf), "class_label": (-1, NUM_CLASSES - 1), "hue_category": (0, NUM_HUE_CATEGORIES - 1),
+    "usage": (0, math.inf), "hue_category": (0, NUM_HUE_CATEGORIES - 1),
 }
 
 WRITE_LOCK = threading.RLock()
@@ -111,6 +117,9 @@ class PoolSnapshot:
         columns: name -> ``[extent, ...]`` CPU tensor, one per bank column.
         index_kind: ``SearchIndex.kind`` of the engine that produced ``index_bytes``.
         index_bytes: serialized engine state, or None (rebuild from the bank).
+        encoder_kind: ``features``, ``learned``, ``module`` (a user's nn.Module) or ``custom``.
+        encoder_state: the encoder's ``state_dict()`` as CPU tensors; None for a format-1
+            checkpoint (the loading pool re-embeds its bank).
     """
 
     config: PoolConfig
@@ -121,6 +130,8 @@ class PoolSnapshot:
     columns: dict[str, torch.Tensor]
     index_kind: str
     index_bytes: bytes | None
+    encoder_kind: str = "features"
+    encoder_state: dict[str, torch.Tensor] | None = None
 
 
 class _Invalid(Exception):
@@ -150,7 +161,37 @@ def snapshot(pool: DreamPool) -> PoolSnapshot:
         columns=columns,
         index_kind=pool.index.kind,
         index_bytes=pool.index.serialize(),
+        encoder_kind=encoder_kind(pool.encoder),
+        encoder_state={name: t.detach().to("cpu", copy=True).contiguous()
+                       for name, t in pool.encoder.state_dict().items()},
     )
+
+
+def encoder_kind(encoder: Any) -> str:
+    """The checkpoint's name for the kind of ``encoder``."""
+    from dreampool_gpu.encoders import FeatureEncoder
+    from dreampool_gpu.learned import LearnedEncoder, ModuleEncoder
+
+    kinds = ((FeatureEncoder, "features"), (LearnedEncoder, "learned"), (ModuleEncoder, "module"))
+    return next((name for cls, name in kinds if isinstance(encoder, cls)), "custom")
+
+
+def _check_encoder(pool: DreamPool, snap: PoolSnapshot) -> None:
+    """The saved encoder state fits ``pool.encoder``: same kind, names, shapes and dtypes."""
+    if snap.encoder_state is None:
+        return
+    mine = encoder_kind(pool.encoder)
+    if mine != snap.encoder_kind:
+        raise InvalidConfigurationError(
+            "encoder", mine, f"a {snap.encoder_kind!r} encoder, as the state was saved with "
+            "(pass encoder= a module of the saved architecture for a 'module' or 'custom' encoder)")
+    current = pool.encoder.state_dict()
+    for name in sorted(set(current) | set(snap.encoder_state)):
+        a, b = current.get(name), snap.encoder_state.get(name)
+        if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
+            got = "absent" if b is None else f"{list(b.shape)} {b.dtype}"
+            want = "absent" if a is None else f"{list(a.shape)} {a.dtype}"
+            raise InvalidConfigurationError("encoder", f"state {name!r}: {got}", want)
 
 
 def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
@@ -174,6 +215,7 @@ def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
         raise InvalidConfigurationError(
             "capacity", pool.config.capacity, f"at least {snap.extent} (the saved extent) to hold this state"
         )
+    _check_encoder(pool, snap)
     bank = pool.bank
     for name, column in bank.columns.items():
         column[: snap.extent].copy_(snap.columns[name])
@@ -182,6 +224,9 @@ def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
     bank.revision += 1
     pool.counters.update({key: snap.counters.get(key, 0) for key in pool.counters})
     pool.cache.clear()
+    pool._restore_encoder(snap.encoder_state)  # noqa: SLF001 - the pool's hook for its checkpoint
+    if snap.encoder_state is None:  # format 1: the saved index holds the older encoder's embeddings
+        snap = dataclasses.replace(snap, index_bytes=None)
     _restore_index(pool, snap)
 
 
@@ -245,7 +290,9 @@ def _check_int(value: Any, where: str, name: str, low: int, high: int | None = N
     return value
 
 
-def _build(config: Any, state: Any, columns: Any, index_bytes: Any) -> PoolSnapshot:
+def _build(
+    config: Any, state: Any, columns: Any, index_bytes: Any, encoder_state: Any = None
+) -> PoolSnapshot:
     """Validate the parts of a snapshot against each other and assemble it."""
     if not isinstance(config, dict):
         raise _Invalid("config", "a mapping of PoolConfig fields", type(config).__name__)
@@ -270,8 +317,26 @@ def _build(config: Any, state: Any, columns: Any, index_bytes: Any) -> PoolSnaps
         raise _Invalid("state", "index_kind: a string", repr(state["index_kind"])[:80])
     if index_bytes is not None and not isinstance(index_bytes, bytes):
         raise _Invalid("index", "bytes or None", type(index_bytes).__name__)
+    columns = _upgrade_columns(columns)
     _check_columns(columns, cfg, extent, size, next_id)
-    return PoolSnapshot(cfg, size, next_id, extent, dict(counters), dict(columns), state["index_kind"], index_bytes)
+    kind = state.get("encoder_kind", "features")
+    if not isinstance(kind, str) or kind not in ("features", "learned", "module", "custom"):
+        raise _Invalid("state", "encoder_kind: features, learned, module or custom", repr(kind)[:80])
+    if encoder_state is not None and not (
+        isinstance(encoder_state, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                for k, t in encoder_state.items())
+    ):
+        raise _Invalid("encoder", "a mapping of name -> tensor", type(encoder_state).__name__)
+    return PoolSnapshot(cfg, size, next_id, extent, dict(counters), dict(columns), state["index_kind"], index_bytes,
+                        kind, None if encoder_state is None else dict(encoder_state))
+
+
+def _upgrade_columns(columns: Any) -> Any:
+    """Format 1 stored class labels as int8; they are int32 now."""
+    if isinstance(columns, dict) and isinstance(columns.get("class_label"), torch.Tensor) \
+            and columns["class_label"].dtype == torch.int8:
+        return {**columns, "class_label": columns["class_label"].to(torch.int32)}
+    return columns
 
 
 def _check_columns(columns: Any, cfg: PoolConfig, extent: int, size: int, next_id: int) -> None:
@@ -301,10 +366,10 @@ def _check_columns(columns: Any, cfg: PoolConfig, extent: int, size: int, next_i
         raise _Invalid("bank", f"{size} live ids (state size)", live.numel())
     if live.unique().numel() != live.numel():
         raise _Invalid("bank", "unique live ids", "duplicates")
-    _check_values(columns, ids >= 0)
+    _check_values(columns, ids >= 0, cfg.num_classes)
 
 
-def _check_values(columns: dict[str, torch.Tensor], alive: torch.Tensor) -> None:
+def _check_values(columns: dict[str, torch.Tensor], alive: torch.Tensor, num_classes: int) -> None:
     """Value ranges of live rows, as :meth:`DreamPool.add` and feedback would have left them."""
     for name, t in columns.items():
         rows = t[alive]
@@ -314,7 +379,7 @@ def _check_values(columns: dict[str, torch.Tensor], alive: torch.Tensor) -> None
                 rows = rows[~rows.isnan()]
             if not bool(torch.isfinite(rows).all()):
                 raise _Invalid("bank", f"finite values in column {name!r}", "NaN or inf")
-        low, high = _RANGES.get(name, (-math.inf, math.inf))
+        low, high = (-1, num_classes - 1) if name == "class_label" else _RANGES.get(name, (-math.inf, math.inf))
         if rows.numel() and bool(((rows < low) | (rows > high)).any()):
             raise _Invalid("bank", f"column {name!r} in [{low}, {high}]", "values outside it")
 
@@ -329,6 +394,7 @@ def to_state_dict(snap: PoolSnapshot) -> dict[str, Any]:
         "state": _state_fields(snap),
         "bank": dict(snap.columns),
         "index": snap.index_bytes,
+        "encoder": snap.encoder_state,
     }
 
 
@@ -347,7 +413,7 @@ def from_state_dict(state_dict: Any) -> PoolSnapshot:
         raise InvalidInputError("state_dict", *problem)
     try:
         return _build(state_dict.get("config"), state_dict.get("state"), state_dict.get("bank"),
-                      state_dict.get("index"))
+                      state_dict.get("index"), state_dict.get("encoder"))
     except _Invalid as exc:
         raise InvalidInputError(f"state_dict[{exc.where!r}]", exc.expected, exc.got) from None
 
@@ -358,7 +424,7 @@ def _is_format_name(value: Any) -> bool:
 
 def _state_fields(snap: PoolSnapshot) -> dict[str, Any]:
     return {"size": snap.size, "next_id": snap.next_id, "extent": snap.extent,
-            "counters": dict(snap.counters), "index_kind": snap.index_kind}
+            "counters": dict(snap.counters), "index_kind": snap.index_kind, "encoder_kind": snap.encoder_kind}
 
 
 def _version_problem(version: Any) -> tuple[str, str] | None:
@@ -411,6 +477,8 @@ def _write_locked(snap: PoolSnapshot, target: Path) -> Path:
         }
         if snap.index_bytes is not None:
             files[INDEX] = snap.index_bytes
+        if snap.encoder_state is not None:
+            files[ENCODER] = save_safetensors(snap.encoder_state)
         entries = {name: _write_file(tmp / name, data) for name, data in files.items()}
         body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "files": entries}
         _write_file(tmp / MANIFEST, _json_bytes({**body, "digest": _digest(body)}))
@@ -654,8 +722,14 @@ def _read_directory(target: Path, notes: list[str]) -> PoolSnapshot:
         columns = load_safetensors(data[BANK])
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise CheckpointCorruptError(target / BANK, f"not a readable safetensors file ({exc})") from None
+    encoder_state = None
+    if ENCODER in files:
+        try:
+            encoder_state = load_safetensors(_read_verified(target / ENCODER, files[ENCODER]))
+        except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+            raise CheckpointCorruptError(target / ENCODER, f"not a readable safetensors file ({exc})") from None
     try:
-        return _build(config, state, columns, index_bytes)
+        return _build(config, state, columns, index_bytes, encoder_state)
     except _Invalid as exc:
         raise CheckpointCorruptError(target / _PART_FILE[exc.where], str(exc)) from None
 
@@ -679,7 +753,7 @@ def _read_manifest(target: Path) -> dict[str, dict[str, Any]]:
     if manifest.get("digest") != _digest(body):
         raise CheckpointCorruptError(where, "manifest digest mismatch (the manifest was altered)")
     files = manifest.get("files")
-    known = (*_REQUIRED, INDEX)
+    known = (*_REQUIRED, INDEX, ENCODER)
     if not isinstance(files, dict) or not all(name in files for name in _REQUIRED):
         raise CheckpointCorruptError(where, f"a file table listing {', '.join(_REQUIRED)}")
     for name, entry in files.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 import threading
 import time
@@ -27,14 +28,17 @@ from dreampool_gpu.budget import (
 from dreampool_gpu.cache import QueryCache, query_keys
 from dreampool_gpu.config import EvictionPolicy, Metric, PoolConfig, RetrievalMode
 from dreampool_gpu.devices import resolve_device
-from dreampool_gpu.dreams import NUM_CLASSES, chroma_signature, hue_category, validate_dreams
-from dreampool_gpu.encoders import FeatureEncoder
+from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
+from dreampool_gpu.encoders import Encoder, FeatureEncoder
 from dreampool_gpu.errors import (
     CapacityExceededError,
     DimensionMismatchError,
+    IndexStaleError,
     InvalidConfigurationError,
     InvalidInputError,
 )
+from dreampool_gpu.fitting import FitReport, train_encoder
+from dreampool_gpu.learned import LearnedEncoder, ModuleEncoder
 from dreampool_gpu.metrics import PoolMetrics
 from dreampool_gpu.rerank import (
     HybridWeights,
@@ -47,10 +51,11 @@ from dreampool_gpu.rerank import (
     rowwise_cosine,
 )
 from dreampool_gpu.search import make_index, oldest_first_ties, stable_topk
-from dreampool_gpu.spectral import flat_field_features, spectral_features, window_spectrum
+from dreampool_gpu.spectral import spectral_features
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TOPK_BYTES_PER_SCORE = 8  # stable_topk's temporaries per score: the float and the tie masks
+_EMBED_CHUNK = 4096  # entries embedded per encoder call when the whole bank is re-embedded
 _MAX_PADDED_K = 1 << 16  # k past the capacity only pads; capped so that [B, k] results stay allocatable
 _FILTERED_MODES = {RetrievalMode.CATEGORY, RetrievalMode.NEAREST, RetrievalMode.SOFT, RetrievalMode.HYBRID}
 _CHROMA_MODES = {
@@ -94,13 +99,15 @@ class _Queries:
     chroma: torch.Tensor | None = None
     spectral: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
+    dreams: torch.Tensor | None = None
 
     def take(self, rows: torch.Tensor) -> _Queries:
         """The queries at ``rows`` (``[b]`` int64)."""
         def part(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows]
 
-        return _Queries(int(rows.numel()), part(self.chroma), part(self.spectral), part(self.embeddings))
+        return _Queries(int(rows.numel()), part(self.chroma), part(self.spectral), part(self.embeddings),
+                        part(self.dreams))
 
 
 def _by_value(
@@ -133,6 +140,13 @@ class DreamPool:
     Args:
         config: the pool's :class:`PoolConfig` (defaults when None).
 
+    Keyword Args:
+        encoder: the embedding's encoder: None for ``config.encoder`` (``features`` or
+            ``learned``), any :class:`~dreampool_gpu.encoders.Encoder`, or a
+            ``torch.nn.Module`` mapping dreams ``[N, R, C, L, 3]`` to ``[N, embedding_dim]``
+            (wrapped in :class:`~dreampool_gpu.learned.ModuleEncoder`). It is moved to the
+            pool's device.
+
     Examples:
         >>> pool = DreamPool(PoolConfig(dream_shape=(8, 8, 2), device="cpu"))
         >>> ids = pool.add(dreams, coherence=c, energy=e, violation=v)   # -1 where rejected
@@ -140,7 +154,7 @@ class DreamPool:
         >>> pool.feedback(hits.ids, torch.rand(4, 5))
     """
 
-    def __init__(self, config: PoolConfig | None = None) -> None:
+    def __init__(self, config: PoolConfig | None = None, *, encoder: Any = None) -> None:
         if config is not None and not isinstance(config, PoolConfig):
             raise InvalidConfigurationError("config", type(config).__name__, "a PoolConfig (or None for the defaults)")
         self.config = config if config is not None else PoolConfig()
@@ -164,18 +178,10 @@ class DreamPool:
             device=self.device,
             dream_dtype=dream_dtype,
         )
-        self.encoder = FeatureEncoder(
-            self.config.embedding_dim,
-            include_spectral=self.config.include_spectral,
-            include_class=self.config.include_class,
-            include_utility=self.config.include_utility,
-            seed=self.config.encoder_seed,
-            device=self.device,
-        )
+        self.encoder: Encoder = self._make_encoder(encoder)
+        self._embedded_version = self.encoder.version  # the encoder version the bank's embeddings come from
         self.index = make_index(self.bank, self.config)
         self.cache = QueryCache(self.config.query_cache_size)
-        rows, cols, _ = self.config.dream_shape
-        self._window_spectrum = window_spectrum(rows, cols, window=self.config.window, device=self.device)
         self.weights = HybridWeights(
             self.config.alpha, self.config.beta, self.config.gamma, self.config.delta, self.config.mmr_lambda
         )
@@ -233,6 +239,7 @@ class DreamPool:
             eng = self._per_dream(energy, n, "energy", 0.0, float("inf"))
             vio = self._per_dream(violation, n, "violation", 0.0, 1.0)
             labels = self._labels(class_labels, n, "class_labels")
+            self._check_fresh()
 
             passed = coh >= self.config.coherence_threshold
             if force:
@@ -245,6 +252,14 @@ class DreamPool:
                     f"{accepted.numel()} dreams passed the gate but the pool holds at most {room} "
                     f"(capacity {self.config.capacity}, budget {self.budget.budget_bytes} bytes); strict_budget is set"
                 )
+            if isinstance(self.encoder, FeatureEncoder) and accepted.numel() \
+                    and self.encoder.needs_refit(self.counters["added"] + int(accepted.numel())):
+                # before admission: the rebuilt index may change what the budget holds
+                newcomers = batch[accepted]
+                self._refit_statistics(chroma_signature(newcomers),
+                                       spectral_features(newcomers, window=self.config.window))
+                budget_room = self.budget.room(self.bank, self.index)
+                room = self.config.capacity if budget_room is None else min(self.config.capacity, budget_room)
             self.counters["rejected"] += n - int(accepted.numel())
             survivors = batch_survivors(coh[accepted], self.config.eviction_policy, room)
             accepted = accepted[survivors]
@@ -263,7 +278,9 @@ class DreamPool:
             chroma = chroma_signature(kept)
             spectral = spectral_features(kept, window=self.config.window)
             kept_labels = labels[accepted]
-            embeddings = self._embed(self.encoder.encode(chroma, spectral=spectral, class_labels=kept_labels))
+            embeddings = self._embed(
+                self.encoder.encode_entries(kept, chroma=chroma, spectral=spectral, class_labels=kept_labels)
+            )
             values = {
                 "dreams": kept,
                 "chroma": chroma,
@@ -275,7 +292,7 @@ class DreamPool:
                 "class_label": kept_labels,
                 "hue_category": hue_category(chroma),
             }
-            self._make_room(m)
+            self._make_room(m, settle=False)
             slots = self.bank.free_slots(m)
             ids = self.bank.write(slots, values)
             self.index.add(slots)
@@ -290,13 +307,15 @@ class DreamPool:
             self.counters["added"] += m - lost
             return out
 
-    def _make_room(self, incoming: int) -> int:
+    def _make_room(self, incoming: int, *, settle: bool = True) -> int:
         """Evict by the policy until ``incoming`` more entries fit the capacity and the budget.
 
         The budget's count is ``ceil(bytes_to_free / average entry bytes)``
-        (:meth:`MemoryBudget.eviction_count`); while the pool is still over (an index
-        need not shrink with evictions), it evicts again, until it fits or is empty.
-        Returns the number evicted.
+        (:meth:`MemoryBudget.eviction_count`); with ``settle``, while the pool is still
+        over (an index need not shrink with evictions), it evicts again, until it fits
+        or is empty. Before a write ``settle`` is off: the estimate frees the slots, and
+        any remaining excess is settled after the write, when newcomers rank with
+        residents. Returns the number evicted.
         """
         count = self._eviction_need(incoming)
         evicted = 0
@@ -305,7 +324,7 @@ class DreamPool:
             self.index.remove(victims)
             self.bank.remove(victims)
             evicted += int(victims.numel())
-            count = self.budget.eviction_count(self.bank, self.index, incoming)
+            count = self.budget.eviction_count(self.bank, self.index, incoming) if settle else 0
         self.counters["evicted"] += evicted
         return evicted
 
@@ -369,8 +388,11 @@ class DreamPool:
             b = q.count
             hint = self._labels(class_hint, b, "class_hint")
             prior = self._per_dream(utility_prior, b, "utility_prior", 0.0, 1.0)
+            if mode_ not in _CHROMA_MODES:
+                self._check_fresh()
             if mode_ is RetrievalMode.CLASS and (class_hint is None or (b and bool((hint < 0).any()))):
-                raise InvalidInputError("class_hint", f"a class label in 0..{NUM_CLASSES - 1} for mode 'class'",
+                raise InvalidInputError("class_hint", f"a class label in 0..{self.config.num_classes - 1} "
+                                        "for mode 'class'",
                                         None if class_hint is None else -1)
             if mode_ is RetrievalMode.BALANCED:
                 balanced = self._class_list(classes)
@@ -470,6 +492,174 @@ class DreamPool:
             self.metrics = PoolMetrics(self, registry=registry)
             return self.metrics
 
+    # -------------------------------------------------------------- encoder
+    def fit_encoder(
+        self,
+        *,
+        steps: int = 200,
+        batch_size: int = 256,
+        lr: float = 2e-3,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> FitReport:
+        """Train the pool's encoder on its entries, then re-embed the bank: all or nothing.
+
+        Supervised contrastive training on two augmented views of each sampled
+        entry (class labels as positives where present, utility feedback as anchor
+        weights; :mod:`dreampool_gpu.fitting`). A copy of the encoder is trained;
+        only when training and re-embedding succeed are the new encoder and the
+        embeddings swapped in, the index rebuilt and the query cache cleared.
+        A diverged loss, Ctrl-C or an out-of-memory error leaves the pool exactly
+        as it was. The pool's lock is held throughout (other threads wait).
+        Deterministic on CPU for a ``seed``.
+
+        Keyword Args:
+            steps: optimizer steps (>= 1). batch_size: entries per step (>= 2).
+            lr: AdamW learning rate (> 0). seed: sampling and augmentation seed.
+            progress: show a tqdm bar with the loss.
+
+        Returns:
+            :class:`~dreampool_gpu.fitting.FitReport` (loss per step, seconds, entries).
+
+        Raises:
+            InvalidConfigurationError: the encoder is not trainable (the ``features`` encoder).
+            InvalidInputError: bad arguments, or fewer than 2 entries in the pool.
+            EncoderFitError: the loss became NaN or infinite.
+        """
+        with self._lock:
+            if not isinstance(self.encoder, (LearnedEncoder, ModuleEncoder)):
+                raise InvalidConfigurationError(
+                    "encoder", type(self.encoder).__name__,
+                    "a trainable encoder: PoolConfig(encoder='learned') or DreamPool(config, encoder=<nn.Module>)",
+                )
+            steps, batch_size, seed = v.check_count(steps, "steps"), v.check_count(batch_size, "batch_size"), \
+                v.check_count(seed, "seed")
+            lr = v.check_number(lr, "lr", 0.0, 1.0)
+            for name, value, ok, expected in (("steps", steps, steps >= 1, "an int >= 1"),
+                                              ("batch_size", batch_size, batch_size >= 2, "an int >= 2"),
+                                              ("lr", lr, lr > 0.0, "a learning rate in (0, 1]")):
+                if not ok:
+                    raise InvalidInputError(name, expected, value)
+            self._check_fresh()
+            slots = self.bank.slots_by_age()
+            if slots.numel() < 2:
+                raise InvalidInputError("pool", "at least 2 entries to fit the encoder on", f"{slots.numel()} entries")
+            start = time.perf_counter()
+            cols = self.bank.columns
+            labels = cols["class_label"].long()
+            weights = 1.0 + torch.where(cols["feedback_count"] > 0, cols["util_mean"], torch.zeros_like(cols["util_mean"]))
+            candidate = copy.deepcopy(self.encoder)
+            losses = train_encoder(candidate, cols["dreams"], slots, labels, weights, steps=steps,
+                                   batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+            live, embeddings = self._embed_live(candidate)
+            self._install_embeddings(live, embeddings, candidate)
+            return FitReport(losses=losses, steps=steps, seconds=time.perf_counter() - start,
+                             entries=int(slots.numel()), labelled=int((labels[slots] >= 0).sum()))
+
+    def reembed(self) -> None:
+        """Recompute every entry's embedding with the current encoder; rebuild the index.
+
+        Call it after changing a user encoder's weights outside :meth:`fit_encoder`
+        (embedding retrievals raise :class:`~dreampool_gpu.errors.IndexStaleError`
+        until then). All or nothing, like :meth:`fit_encoder`.
+        """
+        with self._lock:
+            live, embeddings = self._embed_live(self.encoder)
+            self._install_embeddings(live, embeddings, self.encoder)
+
+    def _make_encoder(self, encoder: Any) -> Encoder:
+        """The pool's encoder on its device, from the ``encoder`` argument or the config."""
+        cfg, d = self.config, self.config.embedding_dim
+        if encoder is None:
+            if cfg.encoder == "learned":
+                return LearnedEncoder(cfg.dream_shape, d, seed=cfg.encoder_seed).to(self.device).eval()
+            return FeatureEncoder(d, include_spectral=cfg.include_spectral, include_class=cfg.include_class,
+                                  include_utility=cfg.include_utility, num_classes=cfg.num_classes,
+                                  seed=cfg.encoder_seed, device=self.device)
+        if isinstance(encoder, Encoder):
+            if getattr(encoder, "dim", None) != d:
+                raise InvalidConfigurationError("encoder", f"an encoder of dim {getattr(encoder, 'dim', None)}",
+                                                f"dim {d} (embedding_dim)")
+            mover = getattr(encoder, "to", None)
+            moved = mover(self.device) if callable(mover) else encoder
+            return moved.eval() if isinstance(moved, torch.nn.Module) else moved
+        if isinstance(encoder, torch.nn.Module):
+            return ModuleEncoder(encoder.to(self.device).eval(), cfg.dream_shape, d)
+        raise InvalidConfigurationError(
+            "encoder", type(encoder).__name__, "None, an Encoder, or a torch.nn.Module mapping [N, R, C, L, 3] to [N, D]"
+        )
+
+    def _check_fresh(self) -> None:
+        """Raise when the encoder changed since the bank's embeddings were computed."""
+        if self.encoder.version != self._embedded_version:
+            raise IndexStaleError(
+                f"the encoder changed (version {self.encoder.version}) since the bank was embedded "
+                f"(version {self._embedded_version}): call pool.reembed() (or pool.fit_encoder())"
+            )
+
+    def _embed_live(self, encoder: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
+        """Live slots in age order ``[n]`` and their embeddings ``[n, D]`` under ``encoder``."""
+        slots = self.bank.slots_by_age()
+        cols = self.bank.columns
+        parts = [torch.empty(0, self.config.embedding_dim, device=self.device)]
+        for start in range(0, slots.numel(), _EMBED_CHUNK):
+            s = slots[start:start + _EMBED_CHUNK]
+            z = encoder.encode_entries(cols["dreams"][s].float(), chroma=cols["chroma"][s],
+                                       spectral=cols["spectral"][s], class_labels=cols["class_label"][s].long())
+            parts.append(self._embed(z.float()))
+        return slots, torch.cat(parts)
+
+    def _install_embeddings(self, slots: torch.Tensor, embeddings: torch.Tensor, encoder: Encoder) -> None:
+        """Swap in ``encoder`` and its ``embeddings`` of ``slots``; rebuild the index; clear the cache.
+
+        All or nothing: on any failure (including KeyboardInterrupt) the previous
+        rows, encoder and index come back before the error propagates.
+        """
+        column = self.bank.columns["embeddings"]
+        previous = (column[slots].clone(), self.encoder, self._embedded_version)
+        try:
+            column[slots] = embeddings
+            self.encoder, self._embedded_version = encoder, encoder.version
+            self.bank.revision += 1
+            self.index.reset()
+            self.index.add(slots)
+        except BaseException:
+            column[slots] = previous[0]
+            self.encoder, self._embedded_version = previous[1], previous[2]
+            self.index.reset()
+            self.index.add(slots)
+            raise
+        self.cache.clear()
+
+    def _restore_encoder(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Checkpoint hook (bank already restored): load the saved encoder state.
+
+        A format-1 checkpoint has none: its embeddings came from an older feature
+        encoder, so the statistics are fitted on the bank and every entry re-embedded
+        (the caller rebuilds the index).
+        """
+        if state is not None:
+            self.encoder.load_state_dict(state)
+        elif isinstance(self.encoder, FeatureEncoder):
+            live = self.bank.slots_by_age()
+            cols = self.bank.columns
+            self.encoder.fit_statistics(cols["chroma"][live], cols["spectral"][live], fitted_on=self.counters["added"])
+            slots, embeddings = self._embed_live(self.encoder)
+            cols["embeddings"][slots] = embeddings
+        self._embedded_version = self.encoder.version
+
+    def _refit_statistics(self, chroma: torch.Tensor, spectral: torch.Tensor) -> None:
+        """Refit the feature encoder's standardisation on the bank plus a new batch; re-embed the bank."""
+        if not isinstance(self.encoder, FeatureEncoder):
+            return
+        live = self.bank.slots_by_age()
+        cols = self.bank.columns
+        candidate = copy.deepcopy(self.encoder)
+        candidate.fit_statistics(torch.cat([cols["chroma"][live], chroma]), torch.cat([cols["spectral"][live], spectral]),
+                                 fitted_on=self.counters["added"] + chroma.shape[0])
+        slots, embeddings = self._embed_live(candidate)
+        self._install_embeddings(slots, embeddings, candidate)
+
     # --------------------------------------------------------------- gather
     def dreams(self, ids: Any) -> torch.Tensor:
         """Dreams of ``ids`` (any shape) as ``[..., R, C, L, 3]``; zeros where absent."""
@@ -565,8 +755,9 @@ class DreamPool:
         if t.dim() == 0:
             t = t.expand(n)
         v.check_shape(t, (n,), name)
-        if t.numel() and bool(((t < -1) | (t >= NUM_CLASSES)).any()):
-            raise InvalidInputError(name, f"class labels in 0..{NUM_CLASSES - 1} or -1", t.unique().tolist())
+        top = self.config.num_classes
+        if t.numel() and bool(((t < -1) | (t >= top)).any()):
+            raise InvalidInputError(name, f"class labels in 0..{top - 1} or -1", t.unique().tolist()[:10])
         return t
 
     def _class_list(self, classes: Sequence[int] | None) -> list[int]:
@@ -584,8 +775,8 @@ class DreamPool:
                 label = None if boolean else operator.index(c)  # int, numpy or 0-dim torch ints
             except TypeError:
                 label = None
-            if label is None or not 0 <= label < NUM_CLASSES:
-                raise InvalidInputError("classes", f"class labels in 0..{NUM_CLASSES - 1}", repr(c))
+            if label is None or not 0 <= label < self.config.num_classes:
+                raise InvalidInputError("classes", f"class labels in 0..{self.config.num_classes - 1}", repr(c))
             out.append(label)
         return out
 
@@ -629,8 +820,10 @@ class DreamPool:
         d = self.config.embedding_dim
         if t.dim() == 5:
             batch = validate_dreams(t, dream_shape=self.config.dream_shape, name="queries")
-            return _Queries(batch.shape[0], chroma=chroma_signature(batch),
-                            spectral=spectral_features(batch, window=self.config.window))
+            spectral = None
+            if isinstance(self.encoder, FeatureEncoder) and self.encoder.include_spectral:
+                spectral = spectral_features(batch, window=self.config.window)
+            return _Queries(batch.shape[0], chroma=chroma_signature(batch), spectral=spectral, dreams=batch)
         if t.dim() == 2 and t.shape[1] == 3:
             v.check_finite(t, "queries")
             v.check_range(t, "queries", 0.0, 1.0)
@@ -651,30 +844,17 @@ class DreamPool:
             raise InvalidInputError("queries", "dreams, chroma or embeddings", None)
 
         def compute(rows: torch.Tensor) -> torch.Tensor:
-            spectral = self._flat_spectral(chroma[rows]) if q.spectral is None else q.spectral[rows]
-            z = self.encoder.encode(chroma[rows], spectral=spectral, class_labels=hint[rows], utility=prior[rows])
+            dreams = None if q.dreams is None else q.dreams[rows]
+            spectral = None if q.spectral is None else q.spectral[rows]  # None: a chroma-only query
+            z = self.encoder.encode_queries(dreams=dreams, chroma=chroma[rows], spectral=spectral,
+                                            class_labels=hint[rows], utility=prior[rows])
             return self._embed(z)
 
         every = torch.arange(q.count, device=self.device)
-        if q.spectral is not None or self.cache.capacity == 0:
+        if q.dreams is not None or self.cache.capacity == 0:
             return compute(every)
         out = torch.empty(q.count, self.config.embedding_dim, device=self.device)
         return self.cache.get_or_compute(query_keys(chroma, hint, prior), compute, out)
-
-    def _flat_spectral(self, chroma: torch.Tensor) -> torch.Tensor | None:
-        """Spectral features ``[B, 8]`` of flat dreams of colour ``chroma`` ``[B, 3]``: a chroma query's.
-
-        A query without a dream is encoded as the flat field of its colour (one
-        layer of the pool's rows x cols), not with zero spectral features, which
-        sit nearest the darkest entries whatever the colour asked for
-        (precision@10 of class colours, docs/benchmarks.md: 0.51 with zeros,
-        0.67 with flat fields). Computed in closed form from the window's
-        spectrum (:func:`~dreampool_gpu.spectral.flat_field_features`), no FFT per
-        query. None when the encoder has no spectral part.
-        """
-        if not self.encoder.include_spectral:
-            return None
-        return flat_field_features(chroma, self._window_spectrum)
 
     def _knn(
         self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None = None

@@ -139,39 +139,6 @@ def _chunk_features(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.cat((entropy, bands.mean(dim=1), mean_psd, dominant), dim=-1)
 
 
-def window_spectrum(
-    rows: int, cols: int, *, window: Window | str = Window.HANN, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Flat PSD ``[rows * cols]`` float32 of the separable window itself, ``|fft2(w w^T)|^2``."""
-    kind = Window(window)
-    weights = torch.outer(window_vector(rows, kind, device=device), window_vector(cols, kind, device=device))
-    return torch.fft.fft2(weights).abs().square().reshape(-1)
-
-
-def flat_field_features(chroma: torch.Tensor, spectrum: torch.Tensor) -> torch.Tensor:
-    """Spectral features ``[B, 8]`` of flat dreams, each cell the colour ``chroma[i]``, without FFTs.
-
-    A flat channel of value ``c`` has PSD ``c^2 * spectrum`` (the window's own
-    spectrum, :func:`window_spectrum`), so bands and mean PSD scale with ``c^2``,
-    the normalised entropy and the dominant index are the window's own (0 and
-    ``n - 1`` for a black channel). Equal to :func:`spectral_features` of such
-    dreams up to float rounding, at O(B) cost.
-
-    Args:
-        chroma: ``[B, 3]`` float colours. spectrum: ``[n]`` from :func:`window_spectrum`,
-            on ``chroma``'s device.
-    """
-    n = spectrum.shape[0]
-    c2 = chroma.float().square()  # [B, 3]
-    total = spectrum.sum()
-    live = c2 * total >= _TOTAL_MIN  # channels whose PSD is not all (near) zero
-    entropy = (live * _normalised_entropy(spectrum[None], total[None])).mean(dim=1, keepdim=True)
-    bands = c2.mean(dim=1, keepdim=True) * _band_energies(spectrum)
-    mean_psd = c2.sum(dim=1, keepdim=True) * (total / (3 * n))
-    dominant = torch.where(c2 > 0, _dominant_index(spectrum).to(torch.float32), float(n - 1))
-    return torch.cat((entropy, bands, mean_psd, dominant), dim=1)
-
-
 def spectral_features(dreams: Any, *, window: Window | str = Window.HANN) -> torch.Tensor:
     """Spectral features of a batch of dreams, in the order of :data:`SPECTRAL_FEATURES`.
 

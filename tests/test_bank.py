@@ -65,7 +65,7 @@ class TestColumns:
             by_hand = capacity * math.prod(spec.shape) * spec.dtype.itemsize
             assert nbytes[name] == by_hand == column.numel() * column.element_size(), name
         assert nbytes["dreams"] == capacity * math.prod(SHAPE) * 3 * dtype.itemsize
-        assert nbytes["ids"] == capacity * 8 and nbytes["class_label"] == capacity
+        assert nbytes["ids"] == capacity * 8 and nbytes["class_label"] == capacity * 4
 
     def test_bytes_do_not_change_with_occupancy(self, device):
         bank = make_bank(device)

@@ -430,7 +430,7 @@ def mutate_state_dict(draw, sd):
 
 
 def copy_state_dict(sd):
-    return {k: ({n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in v.items()} if k == "bank"
+    return {k: ({n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in v.items()} if k in ("bank", "encoder")
                 else json.loads(json.dumps(v)) if isinstance(v, dict) else v) for k, v in sd.items()}
 
 

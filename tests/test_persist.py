@@ -23,7 +23,7 @@ from dreampool_gpu.errors import (
     InvalidConfigurationError,
     InvalidInputError,
 )
-from dreampool_gpu.persist import BANK, CONFIG, INDEX, MANIFEST, STATE, CheckpointRecoveryWarning
+from dreampool_gpu.persist import BANK, CONFIG, ENCODER, INDEX, MANIFEST, STATE, CheckpointRecoveryWarning
 from dreampool_gpu.search import ExactSearch
 
 SHAPE = (3, 4, 2)
@@ -157,7 +157,7 @@ class TestRoundTrip:
         assert len(loaded) == 0
         hits = loaded.retrieve(torch.rand(2, 3), k=3, mode="hybrid")
         assert bool((hits.ids == -1).all())
-        assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted([MANIFEST, CONFIG, STATE, BANK])
+        assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted([MANIFEST, CONFIG, STATE, BANK, ENCODER])
 
     def test_after_churn_bit_exact_and_same_answers(self, tmp_path):
         pool = churned_pool()

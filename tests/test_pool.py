@@ -97,6 +97,18 @@ def mmr_loop(cands, rel, vecs, k, lam, delta=0.0):
     return [cands[i] for i in chosen]
 
 
+def query_embeddings(pool, queries, hint=None):
+    """``[B, D]`` embeddings the pool gives dream ``queries`` (the encoder's query side, normalised as stored)."""
+    from dreampool_gpu.dreams import chroma_signature
+    from dreampool_gpu.spectral import spectral_features
+
+    b = queries.shape[0]
+    hint = torch.full((b,), -1) if hint is None else hint
+    z = pool.encoder.encode_queries(dreams=queries, chroma=chroma_signature(queries), spectral=spectral_features(queries),
+                                    class_labels=hint, utility=torch.zeros(b))
+    return pool._embed(z)
+
+
 def ids_of(result, row=0):
     return [int(i) for i in result.ids[row] if i >= 0]
 
@@ -267,7 +279,7 @@ class TestRetrieveOracle:
         pool, _, _ = make_pool(metric=metric)
         queries = coloured_dreams(4, seed=8)
         result = pool.retrieve(queries, k=7, mode="nearest")
-        q_emb = pool.metadata(pool.add(queries, coherence=torch.ones(4)))["embeddings"]
+        q_emb = query_embeddings(pool, queries)
         entries = [e for e in live_entries(pool) if e["id"] < 40]
         for b in range(4):
             q = q_emb[b].double().tolist()
@@ -289,13 +301,13 @@ class TestRetrieveOracle:
         pool, _, _ = make_pool()
         queries = coloured_dreams(3, seed=10)
         result = pool.retrieve(queries, k=4, mode="category")
-        hits = pool.add(queries, coherence=torch.ones(3))
-        meta = pool.metadata(hits)
+        q_emb = query_embeddings(pool, queries)
+        meta = pool.metadata(pool.add(queries, coherence=torch.ones(3)))
         entries = [e for e in live_entries(pool) if e["id"] < 40]
         for b in range(3):
             cat = int(meta["hue_category"][b])
             same = [e for e in entries if e["category"] == cat]
-            q = meta["embeddings"][b].double().tolist()
+            q = q_emb[b].double().tolist()
             assert ids_of(result, b) == [i for i, _ in ranked(same, lambda e: cos(q, e["emb"]), 4)]
 
     @pytest.mark.parametrize("mode,lam", [("soft", 1.0), ("hybrid", 0.7), ("hybrid", 0.0)])
@@ -307,8 +319,7 @@ class TestRetrieveOracle:
         hint = torch.tensor([1, -1, 4])
         kwargs = {} if mode == "soft" else {"mmr_lambda": lam}
         result = pool.retrieve(queries, k=5, mode=mode, class_hint=hint, fetch_k=12, **kwargs)
-        emb_rows = pool.add(queries, coherence=torch.ones(3), class_labels=hint)
-        q_emb = pool.metadata(emb_rows)["embeddings"]
+        q_emb = query_embeddings(pool, queries, hint)
         entries = [e for e in live_entries(pool) if e["id"] < 40]
         w = pool.weights
         for b in range(3):
@@ -342,14 +353,21 @@ class TestChunking:
 
 class TestChromaQueries:
     @pytest.mark.parametrize("mode", ["nearest", "soft", "hybrid"])
-    def test_chroma_query_is_the_flat_dream_of_its_colour(self, mode):
+    def test_chroma_query_carries_no_spectral_evidence(self, mode):
+        """A chroma query is its colour with the bank's mean spectral features (docs/spec.md, Encoders)."""
         pool, _, _ = make_pool(60, capacity=64, query_cache_size=0)
         chroma = torch.rand(9, 3, generator=torch.Generator().manual_seed(4))
-        flat = chroma[:, None, None, None, :].expand(-1, *SHAPE, 3).contiguous()
+        enc = pool.encoder
+        z = enc.encode_queries(dreams=None, chroma=chroma, spectral=None, class_labels=torch.full((9,), -1),
+                               utility=torch.zeros(9))
+        content = enc.content(chroma, None)
+        standardised = (content - enc.mean) / enc.std
+        assert torch.equal(enc._content_block(chroma, None)[:, 3:], torch.zeros(9, 6))
+        assert standardised[:, :3].abs().sum() > 0
         by_chroma = pool.retrieve(chroma, k=5, mode=mode)
-        by_dream = pool.retrieve(flat, k=5, mode=mode)
-        assert torch.equal(by_chroma.ids, by_dream.ids)
-        torch.testing.assert_close(by_chroma.scores, by_dream.scores)
+        by_embedding = pool.retrieve(z, k=5, mode=mode)
+        assert torch.equal(by_chroma.ids, by_embedding.ids)
+        torch.testing.assert_close(by_chroma.scores, by_embedding.scores)
 
 
 class TestEdges:

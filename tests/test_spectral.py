@@ -199,16 +199,3 @@ class TestSpectralFeatures:
         before = dreams.clone()
         spectral_features(dreams)
         torch.testing.assert_close(dreams, before)
-
-
-class TestFlatFieldFeatures:
-    @pytest.mark.parametrize("window", ["hann", "hamming", "none"])
-    @pytest.mark.parametrize(("rows", "cols"), [(16, 16), (5, 7), (1, 1)])
-    def test_equals_spectral_features_of_flat_dreams(self, window, rows, cols, device):
-        chroma = torch.rand(64, 3, generator=torch.Generator().manual_seed(2)).to(device)
-        chroma[0] = 0.0  # black: zero PSD, entropy 0, dominant index n - 1
-        chroma[1, 1] = 0.0  # one black channel
-        flat = chroma[:, None, None, None, :].expand(-1, rows, cols, 2, 3)
-        want = spectral.spectral_features(flat, window=window)
-        got = spectral.flat_field_features(chroma, spectral.window_spectrum(rows, cols, window=window, device=device))
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
