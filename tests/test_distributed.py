@@ -8,7 +8,10 @@ holding the union in global id order, and replays every rank's calls on it.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,3 +255,14 @@ def test_sharded_pool_needs_an_initialised_group() -> None:
         pytest.skip("a process group is already initialised")
     with pytest.raises(DreamPoolError):
         ShardedDreamPool(_config(10))
+
+
+def test_ddp_example_runs_with_three_ranks(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "docs/examples/ddp_training_loop.py"), str(tmp_path / "ckpt")],
+                          capture_output=True, text=True, timeout=120, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "3 ranks, 288 entries" in done.stdout
+    assert "checkpoint holds 288 entries" in done.stdout
+    assert len(DreamPool.load(tmp_path / "ckpt")) == 288
