@@ -93,3 +93,18 @@ class CheckpointCorruptError(DreamPoolError, RuntimeError):
         self.path = path
         self.reason = reason
         super().__init__(f"corrupt checkpoint file {path}: {reason}")
+
+
+class CollectiveError(DreamPoolError, RuntimeError):
+    """A torch.distributed collective of a sharded pool failed or timed out.
+
+    Attributes:
+        rank: the rank that saw the failure.
+        collective: the operation concerned (``all_gather``, ``all_to_all``, ...).
+    """
+
+    def __init__(self, rank: int, collective: str, reason: str) -> None:
+        self.rank = rank
+        self.collective = collective
+        super().__init__(f"rank {rank}: collective {collective} failed (a rank that did not take part, "
+                         f"or a timeout): {reason}")

@@ -1058,6 +1058,9 @@ class DreamPool:
     def load(cls, path: persist.PathArg, *, device: str | torch.device | None = None) -> DreamPool:
         """Build a pool from the checkpoint at ``path``, verifying every checksum.
 
+        A sharded checkpoint (:meth:`ShardedDreamPool.save`) opens as one pool holding
+        every shard's entries, ids unchanged (:func:`dreampool_gpu.distributed.load_merged`).
+
         Keyword Args:
             device: where the new pool lives (default: the saved configuration's
                 device). A pool saved on CUDA loads on CPU and the reverse; the
@@ -1068,6 +1071,10 @@ class DreamPool:
                 the error), or a format version newer than this library.
             DeviceUnavailableError: ``device`` is CUDA and absent.
         """
+        from dreampool_gpu import distributed  # imports this module
+
+        if distributed.is_sharded_checkpoint(path):  # a ShardedDreamPool's checkpoint, as one pool
+            return distributed.load_merged(path, device=device)
         snap = persist.read_checkpoint(path)
         pool = cls(persist.config_for_load(snap, device))
         with pool._lock:

@@ -27,6 +27,7 @@ from dreampool_gpu.errors import (
 _FLAT_RANGE = 1e-6
 _NORM_EPS = 1e-12  # as F.normalize: a zero vector stays zero
 _STATE_ROWS = 8  # [M]-sized working rows of mmr per query, for mmr_row_bytes
+_ELEMENTWISE_MAX_E = 8  # rowwise_cosine sums component products one by one up to this width
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,12 @@ def rowwise_cosine(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     for another batch count, so values can differ in the last bit. Zero vectors
     have cosine 0 with everything.
 
+    Narrow vectors (``E <= 8``, e.g. chroma signatures) are multiplied and summed
+    element by element instead (one multiply and one add per component, never
+    fused): a score then depends only on its query and key, not on how many keys
+    come along, so a shard of a pool scores its entries exactly as the whole pool
+    does (a ``[1, E] x [E, M]`` product rounds differently for different M).
+
     Args:
         queries: ``[B, E]`` float. keys: ``[M, E]`` float on the same device.
 
@@ -186,7 +193,12 @@ def rowwise_cosine(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     keys_t = _unit_columns(keys, torch.linalg.vector_norm(keys, dim=-1, dtype=dtype))
     query_norms = torch.linalg.vector_norm(queries, dim=-1, keepdim=True, dtype=dtype)
     unit_q = queries.to(dtype) / query_norms.clamp_min(_NORM_EPS)
-    return _row_products(unit_q, keys_t)
+    if keys_t.shape[0] > _ELEMENTWISE_MAX_E:
+        return _row_products(unit_q, keys_t)
+    out = unit_q[:, :1] * keys_t[0]
+    for e in range(1, keys_t.shape[0]):
+        out = out + unit_q[:, e : e + 1] * keys_t[e]
+    return out
 
 
 def _row_products(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,913 @@
+"""ShardedDreamPool: one pool across the ranks of a torch.distributed group.
+
+Every rank holds one shard, a :class:`~dreampool_gpu.pool.DreamPool` on its own
+device with its own capacity, budget and eviction. Methods other than a local
+``add`` are collectives: every rank of the group calls them, in the same order.
+
+Ids are global: ``id = tag << 40 | counter``. A fresh shard issues ids in tag
+``rank``; the owner of an id is ``tag % world_size``. A shard stores the global
+ids in its bank, so ids survive save and load, and a re-sharded load (another
+world size) keeps every id. The pool's age order, used to break ties (oldest
+first), is the global id order: tag first, then insertion order within the tag.
+A single :class:`DreamPool` that received the same entries in global id order
+answers every retrieval exactly as the sharded pool does.
+
+Every collective call first agrees on a status (one ``all_gather`` of a few
+int64): a rank whose input is bad makes every rank raise the same error class,
+and no rank is left waiting in a data collective. A failed or timed-out
+collective raises :class:`~dreampool_gpu.errors.CollectiveError`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dreampool_gpu import _validation as v
+from dreampool_gpu import errors, persist
+from dreampool_gpu.config import PoolConfig, RetrievalMode
+from dreampool_gpu.devices import resolve_device
+from dreampool_gpu.dreams import validate_dreams
+from dreampool_gpu.errors import (
+    CheckpointCorruptError,
+    CollectiveError,
+    DreamPoolError,
+    InvalidConfigurationError,
+    InvalidInputError,
+)
+from dreampool_gpu.merge import merge_candidates
+from dreampool_gpu.pool import (
+    _CHROMA_MODES,
+    _MAX_PADDED_K,
+    DreamPool,
+    Retrieval,
+    _by_value,
+    _Queries,
+)
+from dreampool_gpu.rerank import class_match, hybrid_scores, mmr, mmr_row_bytes, row_chunks, rowwise_cosine
+
+TAG_BITS = 40
+SHARDED_FORMAT = "dreampool-sharded-checkpoint"
+SHARDED_VERSION = 1
+_MANIFEST = "manifest.json"
+_MODES = list(RetrievalMode)
+_EMBEDDING_MODES = {RetrievalMode.NEAREST, RetrievalMode.CATEGORY, RetrievalMode.SOFT, RetrievalMode.HYBRID}
+_RERANK_MODES = {RetrievalMode.SOFT, RetrievalMode.HYBRID}
+# fields of PoolConfig that may differ between shards; every other field must agree
+_PER_SHARD_FIELDS = ("capacity", "device", "memory_budget_mb")
+
+
+def owner_of(ids: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Rank owning each global id (any shape, int64): ``(id >> 40) % world_size``; 0 for -1."""
+    return torch.where(ids >= 0, (ids >> TAG_BITS) % world_size, torch.zeros_like(ids))
+
+
+# ---------------------------------------------------------------- byte rows
+_Layout = list[tuple[str, torch.dtype, tuple[int, ...]]]
+
+
+def _pack(columns: dict[str, torch.Tensor], rows: int) -> tuple[torch.Tensor, _Layout]:
+    """``[rows, width]`` uint8: every ``[rows, ...]`` column's bytes side by side, and their layout."""
+    parts, layout = [], []
+    for name, t in columns.items():
+        shape = tuple(t.shape[1:])
+        width = math.prod(shape)
+        parts.append(t.reshape(rows, width).contiguous().view(torch.uint8))
+        layout.append((name, t.dtype, shape))
+    return torch.cat(parts, dim=1), layout
+
+
+def _unpack(buf: torch.Tensor, layout: _Layout) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`_pack` on ``[..., width]`` uint8 rows."""
+    lead = tuple(buf.shape[:-1])
+    flat = buf.reshape(-1, buf.shape[-1])
+    out, start = {}, 0
+    for name, dtype, shape in layout:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        part = flat[:, start : start + size].clone(memory_format=torch.contiguous_format).view(dtype)
+        out[name] = part.reshape(*lead, *shape)
+        start += size
+    return out
+
+
+def _bits(x: float) -> int:
+    """The float64 bit pattern of ``x`` as an int (exact comparison across ranks)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _crc(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+@dataclass
+class _Request:
+    """One rank's validated retrieve arguments."""
+
+    mode: RetrievalMode
+    k: int
+    fetch: int
+    lam: float
+    min_dispersion: float
+    threshold: float
+    classes: list[int]
+    q: _Queries
+    hint: torch.Tensor
+    categories: torch.Tensor | None
+    embedded: torch.Tensor | None
+    with_dreams: bool
+
+    def fields(self, shard_size: int) -> list[int]:
+        """Status fields: this rank's counts, then the arguments every rank must share."""
+        return [self.q.count, shard_size, _MODES.index(self.mode), self.k, self.fetch, _bits(self.lam),
+                _bits(self.min_dispersion), _bits(self.threshold), _crc(repr(self.classes)),
+                int(self.categories is not None), int(self.with_dreams)]
+
+
+class ShardedDreamPool:
+    """A dream pool sharded over the ranks of a torch.distributed group.
+
+    Create it on every rank after ``torch.distributed.init_process_group`` (gloo on
+    CPU, NCCL on CUDA). With a CUDA device in ``config`` and no index, each rank's
+    shard goes to ``torch.cuda.current_device()`` (set it to the local rank, as DDP does).
+
+    Args:
+        config: the pool configuration; every field but capacity, device and
+            memory budget must be the same on every rank.
+
+    Keyword Args:
+        group: the process group (default: the world).
+        encoder: handed to each shard's :class:`DreamPool` when given.
+
+    Attributes:
+        shard: this rank's :class:`DreamPool`. rank, world_size: within ``group``.
+    """
+
+    def __init__(
+        self, config: PoolConfig | None = None, *, group: Any = None, encoder: Any = None
+    ) -> None:
+        _require_group()
+        config = config if config is not None else PoolConfig()
+        if not isinstance(config, PoolConfig):
+            raise InvalidConfigurationError("config", type(config).__name__, "a PoolConfig (or None)")
+        rank = dist.get_rank(group)
+        extra = {} if encoder is None else {"encoder": encoder}
+        shard = DreamPool(_rank_config(config), **extra)
+        shard.bank.next_id = rank << TAG_BITS
+        self._attach(shard, group, {rank: rank << TAG_BITS})
+
+    def _attach(self, shard: DreamPool, group: Any, watermarks: dict[int, int]) -> None:
+        """Adopt ``shard`` and agree with the other ranks on the configuration (collective)."""
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.shard = shard
+        backend = str(dist.get_backend(group))
+        cuda = shard.device.type == "cuda" and "nccl" in backend
+        self._comm = shard.device if cuda else torch.device("cpu")
+        # tags this shard owns -> the next id it would issue there; the issuing tag's is bank.next_id
+        self._watermarks = dict(watermarks)
+        self._issuing = max(self._watermarks, key=lambda t: self._watermarks[t])
+        shared = {k: val for k, val in shard.config.to_dict().items() if k not in _PER_SHARD_FIELDS}
+        table = self._agree([_crc(json.dumps(shared, sort_keys=True, default=str)),
+                             shard.config.capacity or 0], None)
+        if bool((table[:, 0] != table[0, 0]).any()):
+            raise InvalidConfigurationError("config", "differs between ranks",
+                                            f"the same configuration on every rank (except {_PER_SHARD_FIELDS})")
+        self.total_capacity = int(table[:, 1].sum())
+
+    # ----------------------------------------------------------- collectives
+    def _run(self, name: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except DreamPoolError:
+            raise
+        except RuntimeError as exc:  # gloo/NCCL failures and timeouts (DistBackendError is one)
+            raise CollectiveError(self.rank, name, str(exc).splitlines()[0] if str(exc) else repr(exc)) from exc
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``[W, *t.shape]`` on the communication device: every rank's ``t``."""
+        t = t.to(self._comm).contiguous()
+        out = torch.empty((self.world_size, *t.shape), dtype=t.dtype, device=self._comm)
+        self._run("all_gather", lambda: dist.all_gather(list(out.unbind(0)), t, group=self.group))
+        return out
+
+    def _all_to_all(self, rows: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        """Send ``send[r]`` consecutive rows of ``rows`` to rank r; receive ``recv[r]`` from each."""
+        rows = rows.to(self._comm).contiguous()
+        out = torch.empty((sum(recv), *rows.shape[1:]), dtype=rows.dtype, device=self._comm)
+        self._run("all_to_all", lambda: dist.all_to_all_single(
+            out, rows, output_split_sizes=recv, input_split_sizes=send, group=self.group))
+        return out
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self._comm).contiguous()
+        self._run("all_reduce", lambda: dist.all_reduce(t, group=self.group))
+        return t
+
+    def _agree(self, fields: list[int], error: BaseException | None) -> torch.Tensor:
+        """All-gather ``[failed, *fields]`` int64; raise on every rank when any rank failed.
+
+        The failing rank re-raises its own error; the others raise the same error
+        class with the failing rank's message. Returns the ``[W, len(fields)]`` fields.
+        """
+        row = torch.tensor([0 if error is None else 1, *fields], dtype=torch.int64)
+        table = self._all_gather(row).cpu()
+        if bool(table[:, 0].any()):
+            self._raise_everywhere(error)
+        return table[:, 1:]
+
+    def _raise_everywhere(self, error: BaseException | None) -> None:
+        info = None
+        if error is not None:
+            attrs = {k: val if isinstance(val, (str, int, float, bool, type(None))) else repr(val)
+                     for k, val in vars(error).items()}
+            info = (type(error).__name__, str(error), attrs)
+        infos: list[Any] = [None] * self.world_size
+        self._run("all_gather_object", lambda: dist.all_gather_object(infos, info, group=self.group))
+        if error is not None:
+            raise error
+        first = next(r for r, i in enumerate(infos) if i is not None)
+        name, message, attrs = infos[first]
+        cls = getattr(errors, name, None)
+        builtin = getattr(builtins, name, None)
+        if isinstance(cls, type) and issubclass(cls, DreamPoolError):
+            exc = cls.__new__(cls)
+            Exception.__init__(exc, f"rank {first}: {message}")
+            exc.__dict__.update(attrs)
+        elif isinstance(builtin, type) and issubclass(builtin, Exception):  # OSError from a save, ...
+            exc = builtin(f"rank {first}: {message}")
+        else:
+            exc = DreamPoolError(f"rank {first}: {name}: {message}")
+        raise exc
+
+    def _local(self, fn: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+        try:
+            return fn(), None
+        except Exception as exc:  # reported to every rank by _agree, then re-raised here
+            return None, exc
+
+    # ------------------------------------------------------------------- add
+    def add(self, dreams: Any, *, coherence: Any, energy: Any = None, violation: Any = None,
+            class_labels: Any = None, force: bool = False, route: str = "local") -> torch.Tensor:
+        """Add a batch of dreams; returns ``[N]`` global ids (-1 where rejected or dropped).
+
+        ``route="local"`` (default) adds to this rank's shard, with no communication:
+        only this rank calls it. ``route="least_full"`` is a collective: every rank
+        passes its batch (any size, 0 included), and the shard with the lowest fill
+        fraction (ties to the lower rank) adds every rank's batch, in rank order, as
+        one :meth:`DreamPool.add`. The coherence gate is the same on every shard.
+        Arguments as :meth:`DreamPool.add`.
+        """
+        if route == "local":
+            return self.shard.add(dreams, coherence=coherence, energy=energy, violation=violation,
+                                  class_labels=class_labels, force=force)
+        if route != "least_full":
+            raise InvalidInputError("route", "'local' or 'least_full'", repr(route))
+        return self._add_routed(dreams, coherence, energy, violation, class_labels, force)
+
+    def _add_routed(self, dreams: Any, coherence: Any, energy: Any, violation: Any,
+                    class_labels: Any, force: bool) -> torch.Tensor:
+        shard = self.shard
+
+        def parse() -> dict[str, torch.Tensor]:
+            batch = validate_dreams(v.as_tensor(dreams, "dreams", device=shard.device),
+                                    dream_shape=shard.config.dream_shape)
+            n = batch.shape[0]
+            return {"dreams": batch.float(),
+                    "coherence": shard._per_dream(coherence, n, "coherence", 0.0, 1.0),
+                    "energy": shard._per_dream(energy, n, "energy", 0.0, float("inf")),
+                    "violation": shard._per_dream(violation, n, "violation", 0.0, 1.0),
+                    "class_labels": shard._labels(class_labels, n, "class_labels")}
+
+        cols, error = self._local(parse)
+        n = 0 if cols is None else int(cols["coherence"].shape[0])
+        table = self._agree([n, int(bool(force)), shard.bank.size, shard.config.capacity], error)
+        if bool((table[:, 1] != table[0, 1]).any()):
+            raise InvalidInputError("force", "the same on every rank", table[:, 1].tolist())
+        counts = table[:, 0].tolist()
+        fill = table[:, 2].double() / table[:, 3].double()
+        owner = int(torch.argmin(fill))  # the first minimum: ties to the lower rank
+        nmax = max(counts)
+        rows, layout = _pack({name: _pad_rows(t, nmax) for name, t in cols.items()}, nmax)
+        gathered = [torch.empty_like(rows, device=self._comm) for _ in range(self.world_size)]
+        self._run("gather", lambda: dist.gather(rows.to(self._comm), gathered if self.rank == owner else None,
+                                                dst=owner, group=self.group))
+        ids, error = None, None
+        if self.rank == owner:
+            parts = [_unpack(g[:c], layout) for g, c in zip(gathered, counts)]
+            union = {name: torch.cat([p[name] for p in parts]).to(shard.device) for name, _, _ in layout}
+            ids, error = self._local(lambda: shard.add(
+                union["dreams"], coherence=union["coherence"], energy=union["energy"],
+                violation=union["violation"], class_labels=union["class_labels"], force=bool(force)))
+        self._agree([], error)
+        out = ids.to(self._comm) if ids is not None else torch.empty(sum(counts), dtype=torch.int64,
+                                                                     device=self._comm)
+        self._run("broadcast", lambda: dist.broadcast(out, src=owner, group=self.group))
+        start = sum(counts[: self.rank])
+        return out[start : start + n].to(shard.device)
+
+    # -------------------------------------------------------------- retrieve
+    def retrieve(self, queries: Any, *, k: int | None = None, mode: str | RetrievalMode | None = None,
+                 class_hint: Any = None, classes: Sequence[int] | None = None, category: Any = None,
+                 utility_threshold: float = 0.0, utility_prior: Any = None, fetch_k: int | None = None,
+                 mmr_lambda: float | None = None, min_dispersion: float = 0.0,
+                 with_dreams: bool = False) -> Retrieval:
+        """Retrieve over the whole pool for this rank's queries (collective; any B, 0 included).
+
+        Arguments and result as :meth:`DreamPool.retrieve`; every rank must pass the
+        same mode, k, fetch_k, mmr_lambda, min_dispersion, utility_threshold, classes,
+        with_dreams, and give a category filter or not alike. The result equals that
+        of one :class:`DreamPool` holding every shard's entries in global id order.
+        """
+        shard = self.shard
+        req, error = self._local(lambda: self._parse(
+            queries, k, mode, class_hint, classes, category, utility_threshold, utility_prior,
+            fetch_k, mmr_lambda, min_dispersion, with_dreams))
+        fields = [0] * 11 if req is None else req.fields(shard.bank.size)
+        table = self._agree(fields, error)
+        if bool((table[:, 2:] != table[0, 2:]).any()):
+            raise InvalidInputError("retrieve arguments", "the same mode, k, fetch_k, mmr_lambda, "
+                                    "min_dispersion, utility_threshold, classes, category filter and "
+                                    "with_dreams on every rank", "different values")
+        counts, sizes = table[:, 0].tolist(), table[:, 1].tolist()
+        if req.mode is RetrievalMode.DIVERSE:
+            scores, ids = self._diverse(req, sizes)
+        else:
+            scores, ids = self._sharded_topk(req, counts)
+        with shard._lock:
+            shard.counters["queries"] += req.q.count
+        flat = ids.reshape(-1)
+        self._count_usage(flat, [c * ids.shape[1] for c in counts])
+        dreams = None
+        if req.with_dreams:
+            found = self._lookup(flat, [c * ids.shape[1] for c in counts], ("dreams",))
+            dreams = found["dreams"].reshape(*ids.shape, *found["dreams"].shape[1:])
+        return Retrieval(ids=ids, scores=scores, dreams=dreams)
+
+    def _parse(self, queries: Any, k: Any, mode: Any, class_hint: Any, classes: Any, category: Any,
+               utility_threshold: Any, utility_prior: Any, fetch_k: Any, mmr_lambda: Any,
+               min_dispersion: Any, with_dreams: Any) -> _Request:
+        """This rank's retrieve arguments, validated as :meth:`DreamPool.retrieve` does."""
+        shard = self.shard
+        with shard._lock:
+            config = shard.config
+            mode_ = config.default_mode if mode is None else RetrievalMode.parse(mode)
+            high = max(self.total_capacity, _MAX_PADDED_K)
+            k_ = config.retrieval_limit if k is None else v.check_count(k, "k", high=high)
+            q = shard._parse_queries(queries, mode_)
+            b = q.count
+            hint = shard._labels(class_hint, b, "class_hint")
+            prior = shard._per_dream(utility_prior, b, "utility_prior", 0.0, 1.0)
+            if mode_ is RetrievalMode.CLASS and (class_hint is None or (b and bool((hint < 0).any()))):
+                raise InvalidInputError("class_hint", "a class label in 0..9 for mode 'class'",
+                                        None if class_hint is None else -1)
+            balanced = shard._class_list(classes) if mode_ is RetrievalMode.BALANCED else []
+            lam = shard.weights.mmr_lambda if mmr_lambda is None else v.check_number(
+                mmr_lambda, "mmr_lambda", 0.0, 1.0)
+            if mode_ is RetrievalMode.SOFT and mmr_lambda is None:
+                lam = 1.0
+            disp = v.check_number(min_dispersion, "min_dispersion", 0.0, float("inf"))
+            thr = v.check_number(utility_threshold, "utility_threshold", float("-inf"), float("inf"))
+            fetch = max(k_, config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
+            fetch = min(fetch, max(k_, self.total_capacity))
+            categories = shard._category_filter(category, q, mode_)
+            embedded = shard._query_embeddings(q, hint, prior) if mode_ in _EMBEDDING_MODES else None
+            return _Request(mode_, k_, fetch, lam, disp, thr, balanced, q, hint, categories, embedded,
+                            bool(with_dreams))
+
+    def _sharded_topk(self, req: _Request, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather queries, take each shard's candidates, send them to the owners, merge (and re-rank)."""
+        shard, mode, b = self.shard, req.mode, req.q.count
+        nmax = max(counts)
+        if mode in _EMBEDDING_MODES:
+            cats = req.categories if req.categories is not None else torch.full((b,), -1, device=shard.device)
+            mine = {"embedded": req.embedded, "category": cats.long()}
+        else:
+            mine = {"chroma": req.q.chroma, "hint": req.hint}
+        rows, layout = _pack({name: _pad_rows(t, nmax) for name, t in mine.items()}, nmax)
+        table = self._all_gather(rows)
+        everyone = _unpack(torch.cat([table[r, :c] for r, c in enumerate(counts)]), layout)
+        everyone = {name: t.to(shard.device) for name, t in everyone.items()}
+        width = max(req.fetch, req.k) if mode in _RERANK_MODES else req.k
+        with shard._lock:
+            cand = self._candidates(req, everyone, width)
+        blocks = cand["scores"].shape[1]
+        packed, cand_layout = _pack(cand, cand["scores"].shape[0])
+        received = self._all_to_all(packed, counts, [b] * self.world_size)
+        got = _unpack(received.reshape(self.world_size, b, packed.shape[1]).transpose(0, 1), cand_layout)
+        got = {name: t.to(shard.device) for name, t in got.items()}  # each [b, W, blocks, width, ...]
+        if mode not in _RERANK_MODES:
+            parts = [merge_candidates(got["scores"][:, :, j], got["ids"][:, :, j], req.k)[:2]
+                     for j in range(blocks)]
+            return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+        return self._rerank(req, got, width)
+
+    def _candidates(self, req: _Request, q_all: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
+        """This shard's best ``width`` per gathered query: ``[T, blocks, width]`` scores and ids (+ payload)."""
+        shard, mode = self.shard, req.mode
+        bank = shard.bank
+        if mode in _EMBEDDING_MODES:
+            embedded = q_all["embedded"]
+            cats = q_all["category"] if req.categories is not None else None
+            scores, slots = shard._knn(embedded, width, cats) if embedded.shape[0] else shard._empty(0)
+            if scores.shape[1] < width:  # no queries: keep the [0, width] layout
+                scores, slots = shard._pad(scores, slots, width)
+            out = {"scores": scores.float()[:, None], "ids": bank.gather("ids", slots)[:, None]}
+            if mode in _RERANK_MODES:
+                out.update(util=bank.gather("util_mean", slots)[:, None],
+                           label=bank.gather("class_label", slots)[:, None],
+                           vectors=bank.gather("embeddings", slots)[:, None],
+                           points=bank.gather("chroma", slots)[:, None])
+            return out
+        q = _Queries(int(q_all["chroma"].shape[0]), chroma=q_all["chroma"])
+        k = req.k
+        if mode is RetrievalMode.SIMILAR:
+            parts = [shard._chroma_topk(q, k)]
+        elif mode is RetrievalMode.CLASS:
+            labels = bank.columns["class_label"]
+            parts = [_by_value(q_all["hint"], k, lambda rows, c: shard._chroma_topk(
+                q.take(rows), k, (labels == c)[None, :]))]
+        elif mode is RetrievalMode.BALANCED:
+            parts = [shard._chroma_topk(q, k, shard._class_mask(c)) for c in req.classes]
+        else:  # utility
+            parts = [shard._chroma_topk(q, k, (bank.columns["utility"] >= req.threshold)[None, :])]
+        if not parts:
+            return {"scores": torch.empty(q.count, 0, k, device=shard.device),
+                    "ids": torch.empty(q.count, 0, k, dtype=torch.int64, device=shard.device)}
+        return {"scores": torch.stack([p[0].float() for p in parts], dim=1),
+                "ids": torch.stack([bank.gather("ids", p[1]) for p in parts], dim=1)}
+
+    def _rerank(self, req: _Request, got: dict[str, torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft/hybrid at the query's owner: merged candidates -> hybrid base score -> MMR -> k."""
+        shard, b = self.shard, req.q.count
+        if req.k == 0:
+            return shard._empty(b)
+        sim, cand, pos = merge_candidates(got["scores"][:, :, 0], got["ids"][:, :, 0], width)
+        valid = cand >= 0
+        take = pos.clamp(min=0)
+
+        def column(name: str, fill: float) -> torch.Tensor:
+            flat = got[name][:, :, 0].reshape(b, self.world_size * width, *got[name].shape[4:])
+            idx = take.reshape(b, width, *([1] * (flat.dim() - 2))).expand(b, width, *flat.shape[2:])
+            picked = flat.gather(1, idx)
+            mask = valid.reshape(b, width, *([1] * (picked.dim() - 2)))
+            return picked.masked_fill(~mask, fill)
+
+        util, label = column("util", 0.0), column("label", -1)
+        vectors, points = column("vectors", 0.0), column("points", 0.0)
+        d, p = vectors.shape[2], points.shape[2]
+        row_bytes = 2 * width * (4 * d + 4 * p) + 64 * width + mmr_row_bytes(width, d)
+        score_parts, id_parts = [], []
+        for rows in row_chunks(b, row_bytes, shard.config.rerank_chunk_mb):
+            match = class_match(label[rows].long(), req.hint[rows])
+            base = hybrid_scores(sim[rows].masked_fill(~valid[rows], float("-inf")), util[rows], match,
+                                 shard.weights)
+            picks, scores = mmr(base, vectors[rows], req.k, mmr_lambda=req.lam, delta=shard.weights.delta,
+                                min_dispersion=req.min_dispersion, points=points[rows])
+            score_parts.append(scores)
+            id_parts.append(torch.where(picks >= 0, cand[rows].gather(1, picks.clamp(min=0)), picks))
+        return torch.cat(score_parts), torch.cat(id_parts)
+
+    def _diverse(self, req: _Request, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """MMR over the whole pool: every shard's (id, chroma) gathered, then run at the query's owner."""
+        shard, q = self.shard, req.q
+        nmax = max(sizes)
+        with shard._lock:
+            by_age = shard.bank.slots_by_age()
+            mine = {"ids": shard.bank.columns["ids"][by_age], "chroma": shard.bank.columns["chroma"][by_age]}
+            rows, layout = _pack({name: _pad_rows(t, nmax) for name, t in mine.items()}, nmax)
+        table = self._all_gather(rows)
+        union = _unpack(torch.cat([table[r, :c] for r, c in enumerate(sizes)]), layout)
+        order = union["ids"].argsort(stable=True)
+        ids = union["ids"][order].to(shard.device)
+        chroma = union["chroma"][order].to(shard.device)
+        n = ids.numel()
+        row_bytes = 4 * n + mmr_row_bytes(n, chroma.shape[1], shared=True)
+        parts = []
+        for part_rows in row_chunks(q.count, row_bytes, shard.config.rerank_chunk_mb):
+            relevance = rowwise_cosine(q.chroma[part_rows], chroma)
+            parts.append(mmr(relevance, chroma, req.k, mmr_lambda=req.lam,
+                             min_dispersion=req.min_dispersion, points=chroma))
+        picks = torch.cat([p[0] for p in parts])
+        scores = torch.cat([p[1] for p in parts])
+        out = torch.where(picks >= 0, ids[picks.clamp(min=0)] if n else picks, picks)
+        return scores, out
+
+    def _count_usage(self, ids: torch.Tensor, counts: list[int]) -> None:
+        """Add 1 to the usage of every returned entry, on its owner (one all_gather of the result ids)."""
+        table = self._all_gather(_pad_rows(ids, max(counts)))
+        flat = torch.cat([table[r, :c] for r, c in enumerate(counts)]).to(self.shard.device)
+        with self.shard._lock:
+            slots = self.shard.bank.slots_of(self._mine(flat))
+            usage = self.shard.bank.columns["usage"]
+            usage.index_add_(0, slots.clamp(min=0), (slots >= 0).to(usage.dtype))
+
+    def _mine(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` where this rank owns them, -1 elsewhere."""
+        return torch.where((ids >= 0) & (owner_of(ids, self.world_size) == self.rank), ids,
+                           torch.full_like(ids, -1))
+
+    def _issued(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[n]`` bool: ids (owned by this rank) that this shard has issued or inherited."""
+        tags = ids >> TAG_BITS
+        ok = torch.zeros_like(ids, dtype=torch.bool)
+        for tag, mark in self._watermarks.items():
+            mark = self.shard.bank.next_id if tag == self._issuing else mark
+            ok |= (tags == tag) & (ids < mark)
+        return ok
+
+    # ---------------------------------------------------------- id routing
+    def _route_ids(
+        self, ids: Any, error: BaseException | None = None
+    ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """Validate this rank's ids, agree, gather and check every id at its owner (collective).
+
+        ``error``: this rank's input already failed (the ranks still agree, then raise).
+        Returns this rank's flat ``[n]`` ids, every rank's count and every rank's
+        ids concatenated in rank order.
+        """
+        def parse() -> torch.Tensor:
+            t = v.as_tensor(ids, "ids", device=self.shard.device)
+            v.check_int(t, "ids")
+            t = t.long()
+            if t.numel() and bool((t < -1).any()):
+                raise InvalidInputError("ids", "global ids >= 0, or -1 padding", "ids below -1")
+            return t
+
+        t, error = self._local(parse) if error is None else (None, error)
+        table = self._agree([0 if t is None else t.numel()], error)
+        counts = table[:, 0].tolist()
+        flat = t.reshape(-1)
+        everyone = self._all_gather(_pad_rows(flat, max(counts)))
+        gathered = torch.cat([everyone[r, :c] for r, c in enumerate(counts)]).to(self.shard.device)
+        mine = self._mine(gathered)
+        unknown = torch.zeros(self.world_size, dtype=torch.int64)
+        with self.shard._lock:
+            unknown[self.rank] = int(((mine >= 0) & ~self._issued(mine)).any())
+        unknown = self._all_reduce(unknown).cpu()
+        if bool(unknown.any()):
+            owners = torch.nonzero(unknown).squeeze(1).tolist()
+            raise InvalidInputError("ids", "ids issued by this sharded pool (or -1)",
+                                    f"unknown ids owned by rank(s) {owners}")
+        return flat, counts, gathered
+
+    def _lookup(self, ids: torch.Tensor, counts: list[int], names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Columns ``names`` (plus ``found``) of valid ``ids`` ``[n]``, each fetched from its owner."""
+        nmax = max(counts)
+        table = self._all_gather(_pad_rows(ids, nmax)).to(self.shard.device)  # [W, nmax]
+        with self.shard._lock:
+            slots = self.shard.bank.slots_of(self._mine(table))
+            cols = {name: self.shard.bank.gather(name, slots) for name in names}
+            cols["found"] = slots >= 0
+        rows, layout = _pack({n: c.reshape(self.world_size * nmax, *c.shape[2:]) for n, c in cols.items()},
+                             self.world_size * nmax)
+        counts_out = [nmax] * self.world_size
+        received = self._all_to_all(rows, counts_out, counts_out).reshape(self.world_size, nmax, rows.shape[1])
+        got = _unpack(received[:, : ids.numel()], layout)  # [W sources, n, ...]
+        source = owner_of(ids, self.world_size).to(self._comm)
+        pick = torch.arange(ids.numel(), device=self._comm)
+        return {name: t[source, pick].to(self.shard.device) for name, t in got.items()}
+
+    def feedback(self, ids: Any, utility: Any) -> int:
+        """Record utility feedback for global ids, at their owners (collective).
+
+        Arguments as :meth:`DreamPool.feedback`. When several ranks give feedback to
+        one entry, it is recorded in rank order (the last utility is the highest rank's).
+
+        Returns:
+            The number of this rank's (id, utility) pairs recorded.
+        """
+        shard = self.shard
+
+        def parse() -> tuple[torch.Tensor, torch.Tensor]:
+            id_t = v.as_tensor(ids, "ids", device=shard.device)
+            v.check_int(id_t, "ids")
+            u = v.as_tensor(utility, "utility", device=shard.device)
+            v.check_float(u, "utility")
+            if u.dim() == 0:
+                u = u.expand(id_t.shape)
+            if u.shape != id_t.shape:
+                raise errors.DimensionMismatchError(list(id_t.shape), list(u.shape), "utility")
+            v.check_finite(u, "utility")
+            v.check_range(u, "utility", 0.0, 1.0)
+            return id_t, u.reshape(-1).float()
+
+        parsed, error = self._local(parse)
+        _, counts, everyone_ids = self._route_ids(None if parsed is None else parsed[0], error)
+        values = self._all_gather(_pad_rows(parsed[1], max(counts)))
+        everyone_u = torch.cat([values[r, :c] for r, c in enumerate(counts)]).to(shard.device)
+        mine = self._mine(everyone_ids)
+        with shard._lock:
+            found = (shard.bank.slots_of(mine) >= 0).to(torch.int64)
+        per_source = torch.stack([part.sum() for part in found.split(counts)])
+        recorded = self._all_reduce(per_source).cpu()
+        keep = mine >= 0
+        shard.feedback(mine[keep], everyone_u[keep])
+        return int(recorded[self.rank])
+
+    def dreams(self, ids: Any) -> torch.Tensor:
+        """Dreams of global ``ids`` (any shape) as ``[..., R, C, L, 3]``; zeros where absent (collective)."""
+        flat, counts, _ = self._route_ids(ids)
+        shape = v.as_tensor(ids, "ids").shape
+        out = self._lookup(flat, counts, ("dreams",))["dreams"]
+        return out.reshape(*shape, *out.shape[1:])
+
+    def metadata(self, ids: Any) -> dict[str, torch.Tensor]:
+        """Every column except dreams for global ``ids`` (any shape), plus ``found`` (collective)."""
+        flat, counts, _ = self._route_ids(ids)
+        shape = v.as_tensor(ids, "ids").shape
+        names = [n for n in self.shard.bank.columns if n != "dreams"]
+        out = self._lookup(flat, counts, names)
+        return {n: t.reshape(*shape, *t.shape[1:]) for n, t in out.items()}
+
+    def stats(self) -> dict[str, Any]:
+        """Totals over the shards (size, capacity, counters) and each shard's :meth:`DreamPool.stats`."""
+        mine = self.shard.stats()
+        every: list[Any] = [None] * self.world_size
+        self._run("all_gather_object", lambda: dist.all_gather_object(every, mine, group=self.group))
+        totals = {key: sum(s[key] for s in every) for key in ("size", "capacity", *self.shard.counters)}
+        return {"world_size": self.world_size, **totals, "shards": every}
+
+    # ----------------------------------------------------------- persistence
+    def save(self, path: persist.PathArg) -> None:
+        """Write a sharded checkpoint directory at ``path`` (collective; a shared filesystem).
+
+        Each rank writes its shard into a new generation directory; after every rank
+        has written, rank 0 replaces ``manifest.json`` atomically and removes older
+        generations. Until then the previous manifest and its shards stay as they were,
+        so a failure or crash of any rank leaves the previous checkpoint loadable.
+
+        Raises:
+            InvalidInputError: ``path`` is not a path, differs between ranks, or names
+                something other than a sharded checkpoint or an empty directory.
+            OSError: (on every rank) a rank's filesystem failed.
+        """
+        root, error = self._local(lambda: _check_target(path))
+        self._agree([_crc(str(root)) if root is not None else 0], error)
+        token = torch.randint(0, 2**62, (1,), dtype=torch.int64) if self.rank == 0 else torch.zeros(1, dtype=torch.int64)
+        token = token.to(self._comm)
+        self._run("broadcast", lambda: dist.broadcast(token, src=0, group=self.group))
+        generation = f"gen-{int(token):016x}"
+
+        def write() -> dict[str, Any]:
+            with persist.WRITE_LOCK:
+                with self.shard._lock:
+                    snap = persist.snapshot(self.shard)
+                    marks = {**self._watermarks, self._issuing: self.shard.bank.next_id}
+                persist.write_checkpoint(snap, root / generation / f"shard-{self.rank:05d}")
+            return {"path": f"{generation}/shard-{self.rank:05d}", "size": snap.size,
+                    "watermarks": {str(t): m for t, m in sorted(marks.items())}, "counters": snap.counters,
+                    "config": snap.config.to_dict(), "dream_dtype": str(snap.columns["dreams"].dtype)[6:]}
+
+        entry, error = self._local(write)
+        self._agree([], error)
+        entries: list[Any] = [None] * self.world_size
+        self._run("all_gather_object", lambda: dist.all_gather_object(entries, entry, group=self.group))
+        error = None
+        if self.rank == 0:
+            _, error = self._local(lambda: _commit_manifest(root, generation, entries))
+        self._agree([], error)
+        if self.rank == 0:
+            for stale in root.glob("gen-*"):
+                if stale.name != generation:
+                    shutil.rmtree(stale, ignore_errors=True)
+
+    @classmethod
+    def load(cls, path: persist.PathArg, *, group: Any = None,
+             device: str | torch.device | None = None) -> ShardedDreamPool:
+        """Open a sharded checkpoint (collective), at its world size or another one.
+
+        At the saved world size each rank reads its own shard. At another, each rank
+        reads the shards holding ids it now owns (``(id >> 40) % world_size``) and
+        keeps those entries, ids and all columns unchanged; capacities grow to hold them.
+
+        Raises:
+            CheckpointCorruptError: (on every rank) a missing or altered manifest or shard.
+        """
+        _require_group()
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        built, error = None, None
+        try:
+            built = _open_rank(Path(os.fspath(path)), rank, world, device)
+        except Exception as exc:  # reported to every rank below
+            error = exc
+        pool = cls.__new__(cls)
+        pool.group, pool.rank, pool.world_size = group, rank, world
+        pool._comm = torch.device("cpu")
+        if built is not None and built[0].device.type == "cuda" and "nccl" in str(dist.get_backend(group)):
+            pool._comm = built[0].device
+        pool._agree([], error)
+        pool._attach(built[0], group, built[1])
+        return pool
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard as a dict (``torch.save``-safe), tagged with rank and world size."""
+        with self.shard._lock:
+            marks = {**self._watermarks, self._issuing: self.shard.bank.next_id}
+        return {"format": "dreampool-shard", "rank": self.rank, "world_size": self.world_size,
+                "watermarks": {str(t): m for t, m in marks.items()}, "shard": self.shard.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Replace every shard with the state this rank saved (collective; same rank and world size).
+
+        On any rank's error every rank raises and every shard is left as it was.
+        """
+        shard = self.shard
+
+        def apply() -> tuple[Any, dict[int, int]]:
+            if not isinstance(state_dict, dict) or state_dict.get("format") != "dreampool-shard":
+                raise InvalidInputError("state_dict", "a ShardedDreamPool.state_dict()", type(state_dict).__name__)
+            where = (state_dict.get("rank"), state_dict.get("world_size"))
+            if where != (self.rank, self.world_size):
+                raise InvalidInputError("state_dict", f"the state of rank {self.rank} of {self.world_size}",
+                                        f"rank {where[0]} of {where[1]}")
+            marks = {int(t): int(m) for t, m in state_dict["watermarks"].items()}
+            with shard._lock:
+                backup = persist.snapshot(shard)
+                shard.load_state_dict(state_dict["shard"])
+            return backup, marks
+
+        done, error = self._local(apply)
+        try:
+            self._agree([], error)
+        except DreamPoolError:
+            if done is not None:
+                with shard._lock:
+                    persist.restore(shard, done[0])
+            raise
+        self._watermarks = done[1]
+        self._issuing = max(self._watermarks, key=lambda t: self._watermarks[t])
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` ``[n, ...]`` padded with zeros (or -1 for int64 ids) to ``[rows, ...]``."""
+    missing = rows - t.shape[0]
+    if missing <= 0:
+        return t
+    fill = -1 if t.dtype == torch.int64 else 0
+    return torch.cat([t, torch.full((missing, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
+
+
+def _require_group() -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InvalidConfigurationError("torch.distributed", "not initialised",
+                                        "init_process_group called on every rank first")
+
+
+def _rank_config(config: PoolConfig) -> PoolConfig:
+    """``config`` with a bare CUDA device pinned to this process's current CUDA device."""
+    if resolve_device(config.device).type == "cuda" and config.device in ("auto", "cuda"):
+        return config.replace(device=f"cuda:{torch.cuda.current_device()}")
+    return config
+
+
+# ------------------------------------------------------------ checkpoints
+def is_sharded_checkpoint(path: Any) -> bool:
+    """True when ``path`` is a directory holding a sharded checkpoint's manifest."""
+    try:
+        manifest = json.loads((Path(os.fspath(path)) / _MANIFEST).read_bytes())
+    except (OSError, TypeError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == SHARDED_FORMAT
+
+
+def _check_target(path: Any) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidInputError("path", "a str or os.PathLike", type(path).__name__)
+    root = Path(os.fspath(path))
+    if root.exists() and not is_sharded_checkpoint(root) and (not root.is_dir() or any(root.iterdir())):
+        raise InvalidInputError("path", "a sharded checkpoint, an empty directory or a new path",
+                                f"{root}, which holds something else")
+    return root
+
+
+def _digest(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _commit_manifest(root: Path, generation: str, shards: list[dict[str, Any]]) -> None:
+    """Write ``root/manifest.json`` naming ``generation``'s shards: temp file, fsync, rename, fsync dir."""
+    body = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "world_size": len(shards),
+            "tag_bits": TAG_BITS, "generation": generation, "shards": shards}
+    data = json.dumps({**body, "digest": _digest(body)}, indent=2, sort_keys=True).encode()
+    tmp = root / f".{_MANIFEST}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / _MANIFEST)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The verified manifest of the sharded checkpoint at ``root``.
+
+    Raises:
+        CheckpointCorruptError: missing, unparsable, altered, or a newer version.
+    """
+    target = root / _MANIFEST
+    try:
+        manifest = json.loads(target.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointCorruptError(target, f"unreadable sharded manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
+        raise CheckpointCorruptError(target, f"not a {SHARDED_FORMAT} manifest")
+    body = {k: val for k, val in manifest.items() if k != "digest"}
+    if manifest.get("digest") != _digest(body):
+        raise CheckpointCorruptError(target, "digest mismatch")
+    if manifest.get("version") != SHARDED_VERSION or manifest.get("tag_bits") != TAG_BITS:
+        raise CheckpointCorruptError(target, f"version {manifest.get('version')} (this library reads "
+                                     f"{SHARDED_VERSION})")
+    return manifest
+
+
+def _open_rank(root: Path, rank: int, world: int, device: Any) -> tuple[DreamPool, dict[int, int]]:
+    """This rank's shard of the checkpoint at ``root`` for ``world`` ranks, and its tag watermarks."""
+    manifest = read_manifest(root)
+    shards = manifest["shards"]
+    if manifest["world_size"] == world:  # same layout: the rank's own shard, as saved
+        entry = shards[rank]
+        snap = persist.read_checkpoint(root / entry["path"])
+        pool = DreamPool(_rank_config(persist.config_for_load(snap, device)))
+        with pool._lock:
+            persist.restore(pool, snap)
+        return pool, {int(t): m for t, m in entry["watermarks"].items()}
+    return _collect(root, manifest, lambda tag: tag % world == rank, lambda s: s % world == rank, device,
+                    default_tag=rank)
+
+
+def load_merged(path: persist.PathArg, *, device: str | torch.device | None = None) -> DreamPool:
+    """The whole sharded checkpoint at ``path`` as one :class:`DreamPool` (ids unchanged).
+
+    New ids continue after the highest id ever issued. Used by :meth:`DreamPool.load`.
+    """
+    root = Path(os.fspath(path))
+    pool, _ = _collect(root, read_manifest(root), lambda tag: True, lambda s: True, device, default_tag=0)
+    return pool
+
+
+def _collect(root: Path, manifest: dict[str, Any], keep_tag: Callable[[int], bool],
+             keep_counters: Callable[[int], bool], device: Any, *, default_tag: int
+             ) -> tuple[DreamPool, dict[int, int]]:
+    """A pool of the entries whose tags ``keep_tag`` accepts, read from every shard holding some.
+
+    Counters of the old shards ``keep_counters`` accepts are summed; the new pool
+    issues ids in its highest kept tag, after that tag's watermark.
+    """
+    shards = manifest["shards"]
+    marks = {int(t): m for entry in shards for t, m in entry["watermarks"].items() if keep_tag(int(t))}
+    if not marks:
+        marks = {default_tag: default_tag << TAG_BITS}
+    parts: list[dict[str, torch.Tensor]] = []
+    for entry in shards:
+        if not any(keep_tag(int(t)) for t in entry["watermarks"]):
+            continue
+        snap = persist.read_checkpoint(root / entry["path"])
+        ids = snap.columns["ids"]
+        keep = (ids >= 0) & torch.tensor([keep_tag(int(t)) for t in (ids >> TAG_BITS).tolist()],
+                                         dtype=torch.bool)
+        parts.append({name: col[keep] for name, col in snap.columns.items()})
+    config = PoolConfig.from_dict(shards[0]["config"])
+    if device is not None:
+        config = config.replace(device=str(device))
+    if config.dream_dtype == "auto":
+        config = config.replace(dream_dtype=shards[0]["dream_dtype"])
+    columns: dict[str, torch.Tensor] = {}
+    if parts:
+        columns = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        order = columns["ids"].argsort(stable=True)
+        columns = {name: col[order] for name, col in columns.items()}
+    size = int(columns["ids"].numel()) if columns else 0
+    if config.capacity is not None and size > config.capacity:
+        config = config.replace(capacity=size)
+    pool = DreamPool(_rank_config(config))
+    if not columns:
+        columns = {name: col[:0].cpu() for name, col in pool.bank.columns.items()}
+    counters: dict[str, int] = {}
+    for s, entry in enumerate(shards):
+        if keep_counters(s):
+            for key, value in entry["counters"].items():
+                counters[key] = counters.get(key, 0) + int(value)
+    issuing = max(marks, key=lambda t: marks[t])
+    snap = persist.PoolSnapshot(config=pool.config, size=size, next_id=marks[issuing], extent=size,
+                                counters=counters, columns=columns, index_kind="", index_bytes=None)
+    with pool._lock:
+        persist.restore(pool, snap)
+    return pool, marks
