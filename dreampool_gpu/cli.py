@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dreampool_gpu.demo import ARMS
 from dreampool_gpu.errors import DreamPoolError, InvalidInputError
+from dreampool_gpu.synthetic import DATASETS
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -36,23 +38,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _arms(text: str) -> str:
+    unknown = [a for a in text.split(",") if a not in ARMS]
+    if unknown or not text:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(ARMS)}, got {text!r}")
+    return text
+
+
 def _demo(args: argparse.Namespace) -> int:
+    import torch
+
     from dreampool_gpu.demo import run_demo
 
-    summary = run_demo(
+    torch.set_num_threads(1)  # every arm gets the same compute, whatever else shares the CPU
+    report = run_demo(
         steps=args.steps,
-        batch=args.batch,
+        fresh=args.batch,
+        dataset=args.dataset,
         dream_shape=args.shape,
         capacity=args.capacity,
-        threshold=args.threshold,
+        arms=tuple(args.arms.split(",")),
         device=args.device,
         seed=args.seed,
         progress=not args.no_progress,
     )
     if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
+        print(json.dumps(report.to_dict(), indent=2))
     else:
-        print("\n".join(summary.lines()))
+        print("\n".join(report.lines()))
     return 0
 
 
@@ -292,17 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreampool", description="GPU dream pool tools.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="run the simulated training loop and print a summary")
-    demo.add_argument("--steps", type=_positive_int, default=200, help="training steps (default 200)")
-    demo.add_argument("--batch", type=_positive_int, default=64, help="dreams per step (default 64)")
-    demo.add_argument(
-        "--shape", type=_shape, default=(16, 16, 4), help="dream shape RxCxL (default 16x16x4)"
+    demo = commands.add_parser(
+        "demo", help="train a small CNN on a noisy labelled stream with and without the pool; compare"
     )
-    demo.add_argument("--capacity", type=_positive_int, default=2000, help="pool capacity (default 2000)")
-    demo.add_argument("--threshold", type=float, default=0.6, help="coherence gate (default 0.6)")
+    demo.add_argument("--steps", type=_positive_int, default=300, help="training steps (default 300)")
+    demo.add_argument("--batch", type=_positive_int, default=8, help="fresh stream dreams per step (default 8)")
+    demo.add_argument(
+        "--shape", type=_shape, default=(16, 16, 2), help="dream shape RxCxL (default 16x16x2)"
+    )
+    demo.add_argument("--capacity", type=_positive_int, default=4000, help="pool capacity (default 4000)")
+    demo.add_argument(
+        "--dataset", default="frequency_orientation", choices=sorted(DATASETS),
+        help="labelled set of the stream (default frequency_orientation)",
+    )
+    demo.add_argument(
+        "--arms", type=_arms, default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}"
+    )
     demo.add_argument("--device", default="cpu", help='"cpu", "cuda" or "auto" (default cpu)')
     demo.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
-    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.add_argument("--json", action="store_true", help="print the comparison and every run as JSON")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(run=_demo)
 

@@ -112,13 +112,13 @@ class TestDemoAndInfo:
             "4x4x1",
             "--capacity",
             "16",
-            "--threshold",
-            "0.4",
+            "--arms",
+            "none,random",
             "--json",
             "--no-progress",
         )
         assert code == 0
-        assert json.loads(out)["steps"] == 2
+        assert json.loads(out)["spec"]["steps"] == 2
 
     @pytest.mark.parametrize("flag, value", [("--steps", "-1"), ("--batch", "0"), ("--capacity", "two")])
     def test_demo_rejects_non_positive_counts(self, capsys, flag, value):

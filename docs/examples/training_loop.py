@@ -1,11 +1,13 @@
-"""A training loop that seeds each step from the pool and feeds utility back.
+"""A classifier that learns from a noisy labelled stream, replaying dreams retrieved from the pool.
 
-    python docs/examples/training_loop.py [--steps 50] [--device cpu]
+    python docs/examples/training_loop.py [--steps 300] [--device cpu]
 
-Each step: propose dreams, mix each with a seed retrieved from the pool, score
-the children with the reference solver, add the coherent ones, and tell the pool
-how useful each seed was (the child's coherence). The pool rides in the
-training checkpoint through ``state_dict()``.
+Each step: 8 fresh labelled dreams arrive (20% of labels wrong); the pool is asked,
+for each, for 3 stored dreams (hybrid mode, the label as class hint); the CNN trains
+on fresh + replayed; each replayed dream's utility is how much the step lowered the
+CNN's loss on it, ``(1 - clamp(loss_after - loss_before, -1, 1)) / 2`` in [0, 1];
+the fresh dreams enter the pool. The pool rides in the checkpoint via ``state_dict()``.
+``dreampool demo`` runs this loop against no pool and random replay.
 """
 
 from __future__ import annotations
@@ -14,53 +16,59 @@ import argparse
 import io
 
 import torch
+from torch.nn import functional as F
 
-from dreampool_gpu import DreamPool, PoolConfig, score_dreams
-from dreampool_gpu.dreams import synthetic_dreams
+from dreampool_gpu import DreamPool, PoolConfig
+from dreampool_gpu.demo import SmallCNN, utility_from_losses
+from dreampool_gpu.synthetic import make_dataset
+
+SHAPE, FRESH, REPLAY = (16, 16, 2), 8, 3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    pool = DreamPool(
-        PoolConfig(dream_shape=(8, 8, 2), capacity=500, coherence_threshold=0.6, device=args.device)
-    )
-    generator = torch.Generator().manual_seed(0)
+    stream = make_dataset("frequency_orientation", args.steps * FRESH, shape=SHAPE, seed=0)
+    val = make_dataset("frequency_orientation", 500, shape=SHAPE, seed=1)
+    g = torch.Generator().manual_seed(0)
+    wrong = torch.rand(len(stream.labels), generator=g) < 0.2  # label noise
+    labels = torch.where(wrong, torch.randint(0, stream.num_classes, stream.labels.shape, generator=g),
+                         stream.labels)
+
+    pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=4000, device=args.device))
+    torch.manual_seed(0)
+    model = SmallCNN(SHAPE[2], stream.num_classes).to(pool.device)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(args.steps):
-        fresh, labels = synthetic_dreams(32, (8, 8, 2), generator=generator)
-        fresh = fresh.to(pool.device)
-        children, seed_ids = fresh, None
-        if len(pool):
-            # ask for the stored dream closest to each fresh dream's complementary colour
-            hits = pool.retrieve(
-                1 - fresh.mean(dim=(1, 2, 3)), k=1, mode="hybrid", with_dreams=True
-            )
-            seed_ids = hits.ids[:, 0]
-            children = 0.5 * fresh + 0.5 * hits.dreams[:, 0].float()
-        scores = score_dreams(children)
-        pool.add(
-            children,
-            coherence=scores.coherence,
-            energy=scores.energy,
-            violation=scores.violation,
-            class_labels=labels.to(pool.device),
-        )
-        if seed_ids is not None:
-            found = seed_ids >= 0
-            pool.feedback(seed_ids[found], scores.coherence[found])
-        if step % 10 == 0:
-            stats = pool.stats()
-            print(
-                f"step {step:3d}: pool {stats['size']:4d}, "
-                f"accepted {stats['acceptance_rate']:.0%}, "
-                f"mean coherence {stats['mean_coherence']:.3f}"
-            )
+        x = stream.dreams[step * FRESH:(step + 1) * FRESH].to(pool.device)
+        y = labels[step * FRESH:(step + 1) * FRESH].to(pool.device)
+        hits = pool.retrieve(x, k=REPLAY, mode="hybrid", class_hint=y, fetch_k=64)
+        ids = hits.ids[hits.mask]                                  # [M], M <= FRESH * REPLAY
+        rx = pool.dreams(ids).float()
+        ry = pool.metadata(ids)["class_label"].long()
+
+        losses = F.cross_entropy(model(torch.cat([x, rx])), torch.cat([y, ry]), reduction="none")
+        opt.zero_grad()
+        losses.mean().backward()
+        opt.step()
+        if ids.numel():
+            with torch.no_grad():
+                after = F.cross_entropy(model(rx), ry, reduction="none")
+            pool.feedback(ids, utility_from_losses(losses[FRESH:].detach(), after))
+
+        new = pool.add(x, coherence=1.0, class_labels=y, force=True)  # every labelled dream is kept
+        pool.feedback(new, 0.5)                                      # untried = neutral
+        if step % 50 == 0 or step == args.steps - 1:
+            with torch.no_grad():
+                acc = (model(val.dreams.to(pool.device)).argmax(1).cpu() == val.labels).float().mean()
+            print(f"step {step:3d}: pool {len(pool):4d}, replayed {ids.numel():2d}, "
+                  f"validation accuracy {acc:.3f}")
 
     checkpoint = io.BytesIO()
-    torch.save({"pool": pool.state_dict()}, checkpoint)
+    torch.save({"model": model.state_dict(), "pool": pool.state_dict()}, checkpoint)
     checkpoint.seek(0)
     restored = DreamPool(pool.config)
     restored.load_state_dict(torch.load(checkpoint, weights_only=True)["pool"])
