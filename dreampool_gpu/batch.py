@@ -111,8 +111,8 @@ class QueryFile:
                 "key", "no key for a .npy file (it holds one array)", repr(self.key)
             )
         self.shape = [int(s) for s in array.shape]
-        self.dtype = str(array.dtype)
-        native = array.dtype.newbyteorder("=")
+        native = array.dtype.newbyteorder("=")  # big-endian files are read in native order
+        self.dtype = str(native)
 
         def read(start: int, stop: int) -> torch.Tensor:
             return torch.from_numpy(np.array(array[start:stop], dtype=native, copy=True))

@@ -41,7 +41,7 @@ import torch
 
 from dreampool_gpu.bank import ColumnSpec, TensorBank
 from dreampool_gpu.config import EvictionPolicy, PoolConfig, parse_memory_budget
-from dreampool_gpu.errors import InvalidConfigurationError
+from dreampool_gpu.errors import InsufficientMemoryError, InvalidConfigurationError
 from dreampool_gpu.search.base import SearchIndex
 
 MIB = 1 << 20
@@ -289,6 +289,43 @@ def fit_capacity(
             f"(>= {need:.4f} MiB; resolved to {budget_bytes} bytes)",
         )
     return low
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes that can be allocated on ``device`` now: free GPU memory, or the host's available
+    RAM (psutil); None when unknown (never raises)."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        return int(importlib.import_module("psutil").virtual_memory().available)
+    except Exception:  # no driver, no psutil: the allocation itself will tell
+        return None
+
+
+def check_allocation(config: PoolConfig, specs: dict[str, ColumnSpec], capacity: int, device: torch.device) -> None:
+    """Refuse a bank of ``capacity`` slots of ``specs`` that cannot fit the memory available on ``device``.
+
+    Runs before the bank is allocated, so an impossible size is a typed error naming
+    the field that made it so, not an allocator failure.
+
+    Raises:
+        InsufficientMemoryError: ``capacity x entry bytes`` exceeds what is available.
+    """
+    per_entry = entry_nbytes(specs)
+    needed = capacity * per_entry
+    available = available_bytes(device)
+    if available is None or needed <= available:
+        return
+    if isinstance(config.memory_budget_mb, str):  # "N%" of the total, more than is free now
+        field, value = "memory_budget_mb", config.memory_budget_mb
+    elif per_entry > available:  # not even one entry fits: the entry's shape is the problem
+        dreams = math.prod(specs["dreams"].shape) * specs["dreams"].dtype.itemsize
+        embeddings = math.prod(specs["embeddings"].shape) * specs["embeddings"].dtype.itemsize
+        field, value = ("dream_shape", config.dream_shape) if dreams >= embeddings else (
+            "embedding_dim", config.embedding_dim)
+    else:
+        field, value = "capacity", capacity
+    raise InsufficientMemoryError(field, value, needed, available, device)
 
 
 # ---------------------------------------------------------------- eviction

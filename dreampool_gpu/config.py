@@ -264,7 +264,15 @@ class PoolConfig:
         return RetrievalMode.parse(self.retrieval_mode, "retrieval_mode")
 
     def replace(self, **changes: Any) -> PoolConfig:
-        """Return a copy with ``changes`` applied (validated again)."""
+        """Return a copy with ``changes`` applied (validated again).
+
+        Raises:
+            InvalidConfigurationError: an unknown field, or a value out of range.
+        """
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise InvalidConfigurationError(unknown[0], changes[unknown[0]], f"a known field ({', '.join(sorted(known))})")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

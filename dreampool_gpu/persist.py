@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -56,6 +57,7 @@ from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import NUM_CLASSES, NUM_HUE_CATEGORIES
 from dreampool_gpu.errors import (
     CheckpointCorruptError,
+    CheckpointNotFoundError,
     DreamPoolError,
     InvalidConfigurationError,
     InvalidInputError,
@@ -435,7 +437,7 @@ def _as_path(path: Any) -> Path:
 def _is_checkpoint(target: Path) -> bool:
     """True when ``target`` is a directory whose manifest names this format (replaceable)."""
     try:
-        manifest = json.loads((target / MANIFEST).read_bytes())
+        manifest = json.loads(_read_regular(target / MANIFEST, _MANIFEST_MAX)[0])
     except (OSError, ValueError, RecursionError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
@@ -498,8 +500,25 @@ def _discard(target: Path, leftover: Path) -> None:
 
 
 def _sibling(target: Path, kind: str) -> Path:
-    """A fresh hidden sibling ``.<name>.<kind>-<pid>-<random>`` of ``target``."""
-    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    """A fresh hidden sibling ``.<name>.<kind>-<pid>-<random>`` of ``target`` (see :func:`_sibling_prefix`)."""
+    return target.parent / f"{_sibling_prefix(target, kind)}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+_NAME_MAX = 255  # bytes in one path component (Linux, macOS, Windows)
+_SUFFIX_MAX = 7 + 1 + 12  # "<pid>-<random>": pids up to 7 digits
+
+
+def _sibling_prefix(target: Path, kind: str) -> str:
+    """``.<name>.<kind>-``, the name shortened (to a head and a hash of it) where the sibling's
+    name would pass NAME_MAX: a valid checkpoint name of up to 255 bytes keeps working."""
+    name = target.name
+    budget = _NAME_MAX - _SUFFIX_MAX - len(f"..{kind}-")
+    encoded = os.fsencode(name)
+    if len(encoded) > budget:
+        digest = hashlib.sha256(encoded).hexdigest()[:16]
+        head = encoded[: budget - len(digest) - 1].decode(errors="ignore")
+        name = f"{head}~{digest}"
+    return f".{name}.{kind}-"
 
 
 @functools.cache
@@ -531,7 +550,7 @@ def _rename_exchange(a: Path, b: Path) -> bool:
 
 
 def _siblings(target: Path, kind: str) -> list[Path]:
-    prefix = f".{target.name}.{kind}-"
+    prefix = _sibling_prefix(target, kind)
     try:
         return [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
     except OSError:
@@ -598,7 +617,7 @@ def _identity(path: Path) -> tuple[int, int, int, str] | None:
     """
     try:
         st = os.stat(path)
-        manifest = (path / MANIFEST).read_bytes()
+        manifest, _ = _read_regular(path / MANIFEST, _MANIFEST_MAX)
     except OSError:
         return None
     return st.st_dev, st.st_ino, st.st_ctime_ns, hashlib.sha256(manifest).hexdigest()
@@ -616,8 +635,10 @@ def _read_once(target: Path, notes: list[str]) -> PoolSnapshot:
     if target.is_dir():
         return _read_directory(target, notes)
     candidates = sorted(_siblings(target, "old"), key=_mtime, reverse=True)
-    if os.path.lexists(target) or not candidates:
-        raise CheckpointCorruptError(target, "no checkpoint directory here")
+    if os.path.lexists(target):
+        raise CheckpointCorruptError(target, "a file, not a checkpoint directory (DreamPool.save writes a directory)")
+    if not candidates:
+        raise CheckpointNotFoundError(target)
     errors: list[CheckpointCorruptError] = []
     for candidate in candidates:  # newest first; one that fails to verify is skipped
         found: list[str] = []
@@ -664,9 +685,14 @@ def _read_manifest(target: Path) -> dict[str, dict[str, Any]]:
     """The manifest's file table, after checking format, version and digest."""
     where = target / MANIFEST
     try:
-        manifest = json.loads(where.read_bytes())
+        data, _ = _read_regular(where, _MANIFEST_MAX)
+        if len(data) > _MANIFEST_MAX:
+            raise CheckpointCorruptError(where, f"larger than a manifest can be ({_MANIFEST_MAX} bytes)")
+        manifest = json.loads(data)
     except FileNotFoundError:
         raise CheckpointCorruptError(where, "missing") from None
+    except _NotRegular as exc:
+        raise CheckpointCorruptError(where, exc.strerror) from None
     except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointCorruptError(where, f"not readable JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -696,18 +722,69 @@ def _read_manifest(target: Path) -> dict[str, dict[str, Any]]:
 
 
 def _read_verified(path: Path, entry: dict[str, Any]) -> bytes:
+    expected = entry["bytes"]
+    if expected < 0:
+        raise CheckpointCorruptError(path.parent / MANIFEST, f"a size >= 0 for {path.name}, got {expected}")
     try:
-        data = path.read_bytes()
+        data, on_disk = _read_regular(path, expected)
     except FileNotFoundError:
         raise CheckpointCorruptError(path, "missing") from None
+    except _NotRegular as exc:
+        raise CheckpointCorruptError(path, exc.strerror) from None
     except OSError as exc:
         raise CheckpointCorruptError(path, f"unreadable ({exc})") from None
-    if len(data) != entry["bytes"]:
-        raise CheckpointCorruptError(path, f"expected {entry['bytes']} bytes, found {len(data)} (truncated?)")
+    if len(data) < expected:
+        raise CheckpointCorruptError(path, f"expected {expected} bytes, found {len(data)}: "
+                                           f"{expected - len(data)} bytes missing (truncated)")
+    if len(data) > expected:
+        raise CheckpointCorruptError(path, f"expected {expected} bytes, found {max(on_disk, len(data))}: "
+                                           f"{max(on_disk, len(data)) - expected} bytes more than the manifest "
+                                           "lists (appended to)")
     actual = hashlib.sha256(data).hexdigest()
     if actual != entry["sha256"]:
         raise CheckpointCorruptError(path, f"sha256 mismatch: manifest says {entry['sha256']}, file has {actual}")
     return data
+
+
+_MANIFEST_MAX = 1 << 20  # bytes: a manifest lists five files
+
+
+class _NotRegular(OSError):
+    """Internal: a checkpoint path names a FIFO, device, socket or directory, not a regular file."""
+
+
+def _read_regular(path: Path, limit: int) -> tuple[bytes, int]:
+    """``(at most limit + 1 bytes, size on disk)`` of the regular file at ``path``.
+
+    Opened non-blocking and checked with ``fstat`` before any read, so a FIFO never
+    blocks and ``/dev/zero`` is never read; only ``limit + 1`` bytes are read, so a
+    file longer than it should be costs no more memory than a right one.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``. _NotRegular: not a regular file.
+        OSError: anything else the filesystem reports.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _NotRegular(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)})", str(path))
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks), st.st_size
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def _parse_json(path: Path, data: bytes) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import threading
 import time
@@ -19,6 +20,7 @@ from dreampool_gpu.bank import TensorBank, column_specs
 from dreampool_gpu.budget import (
     MemoryBudget,
     batch_survivors,
+    check_allocation,
     entry_nbytes,
     eviction_order,
     fit_capacity,
@@ -157,6 +159,7 @@ class DreamPool:
                                 budget_bytes=self.budget.budget_bytes, device=self.device)
         if capacity != self.config.capacity:
             self.config = self.config.replace(capacity=capacity)
+        check_allocation(self.config, specs, capacity, self.device)  # a typed error, not the allocator's
         self.bank = TensorBank(
             self.config.capacity,
             self.config.dream_shape,
@@ -226,9 +229,12 @@ class DreamPool:
                 than the whole pool holds (pool unchanged).
         """
         with self._lock:
+            force = v.check_flag(force, "force")
             batch = v.as_tensor(dreams, "dreams", device=self.device)
             batch = validate_dreams(batch, dream_shape=self.config.dream_shape)
             n = batch.shape[0]
+            if coherence is None:
+                raise InvalidInputError("coherence", "[N] values in [0, 1] (a scalar is broadcast)", None)
             coh = self._per_dream(coherence, n, "coherence", 0.0, 1.0)
             eng = self._per_dream(energy, n, "energy", 0.0, float("inf"))
             vio = self._per_dream(violation, n, "violation", 0.0, 1.0)
@@ -238,6 +244,7 @@ class DreamPool:
             if force:
                 passed = torch.ones_like(passed)
             accepted = torch.nonzero(passed).squeeze(1)
+            self._check_ids_left(int(accepted.numel()))
             budget_room = self.budget.room(self.bank, self.index)
             room = self.config.capacity if budget_room is None else min(self.config.capacity, budget_room)
             if accepted.numel() > room and self.config.strict_budget:
@@ -289,6 +296,15 @@ class DreamPool:
                 self.counters["dropped"] += lost
             self.counters["added"] += m - lost
             return out
+
+    def _check_ids_left(self, incoming: int) -> None:
+        """Refuse an add of ``incoming`` entries whose ids would pass the int64 maximum."""
+        left = torch.iinfo(torch.int64).max - self.bank.next_id  # next_id itself must stay an int64
+        if incoming > left:
+            raise CapacityExceededError(
+                f"ids exhausted: {incoming} dreams passed the gate but only {left} ids are left below the "
+                f"int64 maximum (next_id {self.bank.next_id}); ids are never reused"
+            )
 
     def _make_room(self, incoming: int) -> int:
         """Evict by the policy until ``incoming`` more entries fit the capacity and the budget.
@@ -430,9 +446,10 @@ class DreamPool:
             InvalidInputError: utility out of range or not finite, ids never issued.
         """
         with self._lock:
-            id_t = v.as_tensor(ids, "ids", device=self.device)
-            v.check_int(id_t, "ids")
+            id_t = v.as_ids(ids, "ids", device=self.device)
             u = v.as_tensor(utility, "utility", device=self.device)
+            if u.numel() == 0 or (not u.is_floating_point() and u.dtype != torch.bool and not u.is_complex()):
+                u = u.float()  # integer utilities (0, 1) and empty lists are values in [0, 1] too
             v.check_float(u, "utility")
             if u.dim() == 0:
                 u = u.expand(id_t.shape)
@@ -441,8 +458,7 @@ class DreamPool:
             v.check_finite(u, "utility")
             v.check_range(u, "utility", 0.0, 1.0)
             flat_ids = id_t.reshape(-1).long()
-            if flat_ids.numel() and bool(((flat_ids < -1) | (flat_ids >= self.bank.next_id)).any()):
-                raise InvalidInputError("ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})", "unknown ids")
+            self._check_issued(flat_ids)
             slots = self.bank.slots_of(flat_ids)
             found = slots >= 0
             slots, values = slots[found], u.reshape(-1)[found].float()
@@ -539,8 +555,15 @@ class DreamPool:
 
     # ------------------------------------------------------------- helpers
     def _embed(self, z: torch.Tensor) -> torch.Tensor:
-        """Bank form of encoder output: unit vectors for cosine, raw for euclidean."""
-        return F.normalize(z, dim=1) if self.config.metric is Metric.COSINE else z
+        """Bank form of encoder output ``[N, D]``: unit vectors for cosine, raw for euclidean.
+
+        Under cosine each row is first divided by its largest magnitude, so rows whose
+        squared norm would overflow (1e20) or underflow (1e-45) float32 keep their direction.
+        """
+        if self.config.metric is not Metric.COSINE:
+            return z
+        peak = z.abs().amax(dim=1, keepdim=True)
+        return F.normalize(z / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=1)
 
     def _per_dream(self, x: Any, n: int, name: str, low: float, high: float) -> torch.Tensor:
         if x is None:
@@ -616,12 +639,17 @@ class DreamPool:
         return t
 
     def _slots(self, ids: Any) -> torch.Tensor:
-        t = v.as_tensor(ids, "ids", device=self.device)
-        v.check_int(t, "ids")
-        t = t.long()
-        if t.numel() and bool(((t < -1) | (t >= self.bank.next_id)).any()):
-            raise InvalidInputError("ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})", "unknown ids")
+        t = v.as_ids(ids, "ids", device=self.device).long()
+        self._check_issued(t)
         return self.bank.slots_of(t)
+
+    def _check_issued(self, ids: torch.Tensor) -> None:
+        """Refuse ids this pool never issued (below -1 or at/after ``next_id``), listing the first few."""
+        if ids.numel() and bool(((ids < -1) | (ids >= self.bank.next_id)).any()):
+            bad = ids[(ids < -1) | (ids >= self.bank.next_id)].unique()
+            shown = ", ".join(str(i) for i in bad[:5].tolist()) + (", ..." if bad.numel() > 5 else "")
+            raise InvalidInputError("ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})",
+                                    f"{bad.numel()} unknown: {shown}")
 
     def _parse_queries(self, queries: Any, mode: RetrievalMode) -> _Queries:
         t = v.as_tensor(queries, "queries", device=self.device)
@@ -636,12 +664,24 @@ class DreamPool:
             v.check_range(t, "queries", 0.0, 1.0)
             return _Queries(t.shape[0], chroma=t.float())
         if t.dim() == 2 and t.shape[1] == d and mode not in _CHROMA_MODES:
-            v.check_finite(t, "queries")
-            return _Queries(t.shape[0], embeddings=self._embed(t.float()))
+            return _Queries(t.shape[0], embeddings=self._embed(self._embedding_queries(t)))
         expected = "[B, R, C, L, 3] dreams or [B, 3] chroma"
         if mode not in _CHROMA_MODES:
             expected += f" or [B, {d}] embeddings"
         raise DimensionMismatchError(expected, list(t.shape), f"queries for mode {mode.value!r}")
+
+    def _embedding_queries(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` embedding queries as float32, finite there; under euclidean small enough
+        that squared distances to the bank stay finite in float32."""
+        t = t.float()
+        v.check_finite(t, "queries")  # after the cast: float64 values past float32's range are inf here
+        if self.config.metric is Metric.EUCLIDEAN and t.numel():
+            bound = math.sqrt(torch.finfo(torch.float32).max / (4 * t.shape[1]))
+            peak = float(t.abs().max())
+            if peak > bound:
+                raise InvalidInputError("queries", f"euclidean embeddings with |values| <= {bound:.3g} "
+                                        "(squared distances overflow float32 beyond)", f"|values| up to {peak:.3g}")
+        return t
 
     def _query_embeddings(self, q: _Queries, hint: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         if q.embeddings is not None:
@@ -692,6 +732,8 @@ class DreamPool:
         ``search_chunk_mb`` (no host synchronisation), otherwise one shared mask
         per category present.
         """
+        if k == 0:
+            return self._empty(embedded.shape[0])
         cpu = self.device.type == "cpu"
         fetch = k + 1 if cpu and 0 < k < self.bank.size else k
         hue = self.bank.columns["hue_category"]

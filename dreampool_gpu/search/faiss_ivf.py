@@ -258,6 +258,9 @@ class IVFSearch(SearchIndex):
         self, queries: torch.Tensor, k: int, *, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """See :meth:`SearchIndex.search`; exact scores of approximate candidates."""
+        if k == 0:  # nothing to rank: [B, 0] whatever the engine state
+            return (torch.empty(queries.shape[0], 0, device=queries.device),
+                    torch.empty(queries.shape[0], 0, dtype=torch.int64, device=queries.device))
         if self._index is not None:
             self._maintain()
         if mask is not None or self._index is None or k >= self.bank.size or queries.shape[0] == 0:

@@ -1,0 +1,312 @@
+"""Regression tests of issue 15: each failure of the adversarial run and the new-user trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from dreampool_gpu import DreamPool, PoolConfig, persist
+from dreampool_gpu import budget as budget_mod
+from dreampool_gpu.errors import (
+    CapacityExceededError,
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    DreamPoolError,
+    InsufficientMemoryError,
+    InvalidConfigurationError,
+    InvalidInputError,
+)
+from dreampool_gpu.persist import BANK, INDEX, MANIFEST, CheckpointRecoveryWarning
+
+SHAPE = (3, 4, 2)
+MODES = ["similar", "class", "balanced", "utility", "diverse", "soft", "hybrid", "category", "nearest"]
+
+
+def dreams(n, *, seed=0, shape=SHAPE):
+    """Dreams around a random base colour each, so chroma signatures spread out."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 1, 1, 1, 3, generator=g)
+    return (base + 0.05 * (torch.rand(n, *shape, 3, generator=g) - 0.5)).clamp(0, 1)
+
+
+def make_pool(n=40, *, seed=0, **overrides):
+    cfg = {"dream_shape": SHAPE, "capacity": 64, "device": "cpu", "coherence_threshold": 0.0, **overrides}
+    pool = DreamPool(PoolConfig(**cfg))
+    labels = torch.randint(-1, 10, (n,), generator=torch.Generator().manual_seed(seed + 1))
+    pool.add(dreams(n, seed=seed, shape=cfg["dream_shape"]), coherence=torch.ones(n), class_labels=labels)
+    return pool
+
+
+def mode_kwargs(mode):
+    return {"class": {"class_hint": 1}, "balanced": {"classes": [0, 1]}}.get(mode, {})
+
+
+def resign(ckpt, name, data):
+    """Replace file ``name`` of checkpoint ``ckpt`` by ``data`` and sign the manifest again."""
+    (ckpt / name).write_bytes(data)
+    manifest = json.loads((ckpt / MANIFEST).read_bytes())
+    manifest["files"][name] = {"sha256": persist.hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    body = {key: value for key, value in manifest.items() if key != "digest"}
+    manifest["digest"] = persist._digest(body)
+    (ckpt / MANIFEST).write_bytes(json.dumps(manifest).encode())
+
+
+# ------------------------------------------------------------------ item 1
+class TestZeroK:
+    def test_k0_with_the_ivf_engine_active(self):
+        cfg = PoolConfig(dream_shape=(2, 2, 1), capacity=1100, embedding_dim=16, device="cpu",
+                         engine="faiss-ivf", ann_threshold=1024, coherence_threshold=0.0)
+        pool = DreamPool(cfg)
+        pool.add(dreams(1100, shape=(2, 2, 1)), coherence=torch.ones(1100))
+        assert pool.index.describe()["trained"]
+        for mode in MODES:
+            out = pool.retrieve(dreams(3, seed=1, shape=(2, 2, 1)), k=0, mode=mode, **mode_kwargs(mode))
+            assert out.ids.shape == (3, 0) and out.scores.shape == (3, 0), mode
+        assert pool.index.search(torch.randn(2, 16), 0)[1].shape == (2, 0)
+
+    @pytest.mark.parametrize("engine", ["torch", "faiss-flat", "auto"])
+    def test_k0_every_mode_and_engine(self, engine):
+        pool = make_pool(engine=engine)
+        for mode in MODES:
+            out = pool.retrieve(dreams(2, seed=3), k=0, mode=mode, **mode_kwargs(mode))
+            assert out.ids.shape == (2, 0), (engine, mode)
+
+
+# ------------------------------------------------------------------ item 2
+class TestUnallocatableSizes:
+    @pytest.mark.parametrize("overrides", [
+        {"capacity": 10**12},
+        {"embedding_dim": 10**9},
+        {"dream_shape": (4096, 4096, 64)},
+    ])
+    def test_typed_error_before_allocation(self, overrides):
+        cfg = PoolConfig(**{"device": "cpu", **overrides})
+        with pytest.raises(InsufficientMemoryError) as info:
+            DreamPool(cfg)
+        err = info.value
+        assert isinstance(err, MemoryError) and isinstance(err, DreamPoolError)
+        assert err.field in {"capacity", "embedding_dim", "dream_shape"}
+        assert err.needed_bytes > err.available_bytes and f"{err.needed_bytes:,}" in str(err)
+
+    def test_field_named_by_what_made_it_too_big(self, monkeypatch):
+        monkeypatch.setattr(budget_mod, "available_bytes", lambda device: 10**6)
+        for overrides, field in [({"capacity": 10**6}, "capacity"),
+                                 ({"dream_shape": (128, 128, 8)}, "dream_shape"),
+                                 ({"embedding_dim": 10**6}, "embedding_dim")]:
+            with pytest.raises(InsufficientMemoryError) as info:
+                DreamPool(PoolConfig(device="cpu", **overrides))
+            assert info.value.field == field and info.value.available_bytes == 10**6
+
+    def test_percent_budget_more_than_is_free(self, monkeypatch):
+        total = 8 * 2**30
+        monkeypatch.setattr(budget_mod.ProcessMemory, "read",
+                            lambda self: budget_mod.MemoryReading(0, total, "psutil-rss"))
+        monkeypatch.setattr(budget_mod, "available_bytes", lambda device: 2**20)
+        with pytest.raises(InsufficientMemoryError) as info:
+            DreamPool(PoolConfig(device="cpu", capacity=None, memory_budget_mb="50%"))
+        assert info.value.field == "memory_budget_mb" and "50%" in str(info.value)
+
+    def test_checkpoint_from_a_bigger_machine(self, tmp_path, monkeypatch, capsys):
+        from dreampool_gpu.cli import main
+
+        make_pool().save(tmp_path / "p")
+        monkeypatch.setattr(budget_mod, "available_bytes", lambda device: 1000)
+        with pytest.raises(InsufficientMemoryError):
+            DreamPool.load(tmp_path / "p")
+        assert main(["inspect", str(tmp_path / "p")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("dreampool: error: capacity=64 needs")
+
+
+# ------------------------------------------------------------------ item 3
+class TestSpecialFiles:
+    @pytest.mark.parametrize("name", [MANIFEST, BANK])
+    def test_fifo_does_not_block(self, tmp_path, name):
+        make_pool().save(tmp_path / "p")
+        (tmp_path / "p" / name).unlink()
+        os.mkfifo(tmp_path / "p" / name)
+        result: list[BaseException] = []
+        worker = threading.Thread(target=lambda: result.append(_raises(DreamPool.load, tmp_path / "p")),
+                                  daemon=True)
+        worker.start()
+        worker.join(timeout=20)
+        if worker.is_alive():  # unblock the reader before failing
+            fd = os.open(tmp_path / "p" / name, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+            pytest.fail("load blocked on a FIFO")
+        assert isinstance(result[0], CheckpointCorruptError) and "FIFO" in str(result[0])
+
+    @pytest.mark.parametrize("name", [MANIFEST, BANK])
+    def test_symlink_to_dev_zero(self, tmp_path, name):
+        make_pool().save(tmp_path / "p")
+        (tmp_path / "p" / name).unlink()
+        os.symlink("/dev/zero", tmp_path / "p" / name)
+        with pytest.raises(CheckpointCorruptError, match="character device"):
+            DreamPool.load(tmp_path / "p")
+
+    @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+    def test_reads_at_most_the_declared_size_plus_one(self, tmp_path, monkeypatch):
+        make_pool().save(tmp_path / "p")
+        declared = json.loads((tmp_path / "p" / MANIFEST).read_bytes())["files"][BANK]["bytes"]
+        with open(tmp_path / "p" / BANK, "ab") as f:
+            f.write(b"\0" * 5_000_000)
+        reads = []
+        real = os.read
+
+
+        def read(fd, n):
+            data = real(fd, n)
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(BANK):
+                reads.append(len(data))
+            return data
+
+        monkeypatch.setattr(persist.os, "read", read)
+        with pytest.raises(CheckpointCorruptError, match="5000000 bytes more than the manifest lists"):
+            persist.read_checkpoint(tmp_path / "p")
+        assert reads and sum(reads) == declared + 1
+
+
+def _raises(fn, *args):
+    try:
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        return exc
+    return AssertionError("no error")
+
+
+# ------------------------------------------------------------------ item 5
+def test_ids_exhausted_is_typed_and_leaves_the_pool_unchanged():
+    pool = make_pool(n=4)
+    pool.bank.next_id = torch.iinfo(torch.int64).max - 1  # as a forged checkpoint could leave it
+    counters = dict(pool.counters)
+    with pytest.raises(CapacityExceededError, match="ids exhausted"):
+        pool.add(dreams(2), coherence=torch.ones(2))
+    assert pool.counters == counters and len(pool) == 4
+    ids = pool.add(dreams(1), coherence=torch.ones(1))  # exactly the id that is left
+    assert ids.tolist() == [2**63 - 2] and pool.bank.next_id == 2**63 - 1
+
+
+# ------------------------------------------------------------------ item 6
+def test_force_must_be_a_bool():
+    pool = make_pool(n=2)
+    with pytest.raises(InvalidInputError, match="force"):
+        pool.add(dreams(2), coherence=torch.ones(2), force=torch.tensor([True, False]))
+    assert len(pool) == 2
+    assert int((pool.add(dreams(1), coherence=0.0, force=torch.tensor(True)) >= 0).sum()) == 1
+    assert int((pool.add(dreams(1), coherence=0.0, force=np.bool_(True)) >= 0).sum()) == 1
+
+
+def test_config_replace_unknown_field():
+    with pytest.raises(InvalidConfigurationError, match="bogus"):
+        PoolConfig().replace(bogus=1)
+
+
+# ------------------------------------------------------------------ item 7
+class TestDocumentedInputs:
+    def test_integer_utility_and_empty_feedback(self):
+        pool = make_pool(n=4)
+        ids = torch.tensor([0, 1])
+        assert pool.feedback(ids, 1) == 2 and pool.feedback([2], [0]) == 1
+        assert pool.metadata(ids)["utility"].tolist() == [1.0, 1.0]
+        assert pool.feedback([], []) == 0
+
+    def test_big_endian_numpy_dreams(self):
+        pool = make_pool(n=0)
+        native = dreams(3).numpy()
+        big = native.astype(">f4")
+        ids = pool.add(big, coherence=np.ones(3, dtype=">f4"))
+        assert (ids >= 0).all()
+        assert torch.equal(pool.dreams(ids), torch.from_numpy(native))
+
+    def test_big_endian_npy_in_cli(self, tmp_path):
+        from dreampool_gpu.cli import main
+
+        make_pool().save(tmp_path / "p")
+        np.save(tmp_path / "q.npy", dreams(5, seed=9).numpy().astype(">f4"))
+        assert main(["retrieve", str(tmp_path / "p"), str(tmp_path / "q.npy"), "--out",
+                     str(tmp_path / "r.safetensors"), "--device", "cpu", "--no-progress"]) == 0
+        from dreampool_gpu.batch import read_results
+
+        ids, _ = read_results(tmp_path / "r.safetensors")
+        assert ids.shape[0] == 5 and (ids[:, 0] >= 0).all()
+
+
+# ------------------------------------------------------------------ item 8
+@pytest.mark.parametrize("force", [True, False])
+def test_coherence_none_is_refused(force):
+    pool = make_pool(n=2)
+    with pytest.raises(InvalidInputError, match="coherence"):
+        pool.add(dreams(2), coherence=None, force=force)
+    assert len(pool) == 2 and pool.counters["rejected"] == 0
+
+
+# ------------------------------------------------------------------ item 9
+class TestExtremeQueries:
+    @pytest.mark.parametrize("scale", [1e20, 1e-30, 1e30])
+    def test_cosine_scale_invariant(self, scale):
+        pool = make_pool(n=30)
+        q = torch.randn(4, pool.config.embedding_dim, generator=torch.Generator().manual_seed(2))
+        want = pool.retrieve(q, k=5, mode="nearest")
+        got = pool.retrieve(q * scale, k=5, mode="nearest")
+        assert torch.equal(got.ids, want.ids)
+
+    def test_float64_past_float32_range_is_refused(self):
+        pool = make_pool(n=5)
+        q = torch.full((1, pool.config.embedding_dim), 1e300, dtype=torch.float64)
+        with pytest.raises(InvalidInputError, match="finite"):
+            pool.retrieve(q, k=3, mode="nearest")
+
+    def test_euclidean_overflow_is_a_typed_error(self):
+        pool = make_pool(n=10, metric="euclidean")
+        q = torch.ones(2, pool.config.embedding_dim) * 1e19
+        with pytest.raises(InvalidInputError, match="euclidean"):
+            pool.retrieve(q, k=3, mode="nearest")
+        ok = pool.retrieve(torch.ones(2, pool.config.embedding_dim) * 1e17, k=3, mode="nearest")
+        assert (ok.ids >= 0).all()
+
+
+# ----------------------------------------------------------------- item 10
+@pytest.mark.parametrize("length", [240, 250, 255])
+def test_save_to_a_long_name(tmp_path, length):
+    pool = make_pool(n=5)
+    target = tmp_path / ("p" * length)
+    pool.save(target)
+    pool.add(dreams(2, seed=4), coherence=torch.ones(2))
+    pool.save(target)  # the swap with an existing checkpoint goes through siblings too
+    assert len(DreamPool.load(target)) == 7
+    assert sorted(os.listdir(tmp_path)) == [target.name]
+
+
+# ----------------------------------------------------------------- item 12
+class TestCheckpointErrors:
+    def test_missing_directory_is_not_found(self, tmp_path):
+        with pytest.raises(CheckpointNotFoundError) as info:
+            DreamPool.load(tmp_path / "nowhere")
+        assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, DreamPoolError)
+        assert str(info.value) == f"no checkpoint at {tmp_path / 'nowhere'}: no such file or directory"
+
+    def test_a_regular_file(self, tmp_path):
+        (tmp_path / "f").write_text("x")
+        with pytest.raises(CheckpointCorruptError, match="a file, not a checkpoint directory"):
+            DreamPool.load(tmp_path / "f")
+
+    def test_one_appended_byte(self, tmp_path):
+        make_pool().save(tmp_path / "p")
+        with open(tmp_path / "p" / BANK, "ab") as f:
+            f.write(b"\0")
+        with pytest.raises(CheckpointCorruptError, match="1 bytes more than the manifest lists") as info:
+            DreamPool.load(tmp_path / "p")
+        assert "truncated" not in str(info.value)
+
+    def test_truncated(self, tmp_path):
+        make_pool().save(tmp_path / "p")
+        data = (tmp_path / "p" / BANK).read_bytes()
+        (tmp_path / "p" / BANK).write_bytes(data[:-3])
+        with pytest.raises(CheckpointCorruptError, match="3 bytes missing"):
+            DreamPool.load(tmp_path / "p")
