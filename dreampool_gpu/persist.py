@@ -54,7 +54,7 @@ from safetensors.torch import save as save_safetensors
 from dreampool_gpu.bank import column_specs
 from dreampool_gpu.config import DREAM_DTYPES, PoolConfig
 from dreampool_gpu.devices import resolve_device
-from dreampool_gpu.dreams import NUM_CLASSES, NUM_HUE_CATEGORIES
+from dreampool_gpu.dreams import NUM_CLASSES, NUM_HUE_CATEGORIES, chroma_signature
 from dreampool_gpu.errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
@@ -62,6 +62,7 @@ from dreampool_gpu.errors import (
     InvalidConfigurationError,
     InvalidInputError,
 )
+from dreampool_gpu.spectral import spectral_features
 
 if TYPE_CHECKING:
     from dreampool_gpu.pool import DreamPool
@@ -112,7 +113,9 @@ class PoolSnapshot:
         counters: the pool's counters.
         columns: name -> ``[extent, ...]`` CPU tensor, one per bank column.
         index_kind: ``SearchIndex.kind`` of the engine that produced ``index_bytes``.
-        index_bytes: serialized engine state, or None (rebuild from the bank).
+        index_bytes: serialized engine state behind a header naming the bank it was
+            built from (:func:`_tag_index`), or None (rebuild from the bank).
+        origin: the checkpoint directory it was read from (None for a state dict).
     """
 
     config: PoolConfig
@@ -123,6 +126,7 @@ class PoolSnapshot:
     columns: dict[str, torch.Tensor]
     index_kind: str
     index_bytes: bytes | None
+    origin: Path | None = None
 
 
 class _Invalid(Exception):
@@ -143,6 +147,7 @@ def snapshot(pool: DreamPool) -> PoolSnapshot:
     bank = pool.bank
     extent = bank.extent
     columns = {name: t[:extent].detach().to("cpu", copy=True).contiguous() for name, t in bank.columns.items()}
+    engine_bytes = pool.index.serialize()
     return PoolSnapshot(
         config=pool.config,
         size=bank.size,
@@ -151,7 +156,7 @@ def snapshot(pool: DreamPool) -> PoolSnapshot:
         counters=dict(pool.counters),
         columns=columns,
         index_kind=pool.index.kind,
-        index_bytes=pool.index.serialize(),
+        index_bytes=None if engine_bytes is None else _tag_index(engine_bytes, _bank_digest(columns)),
     )
 
 
@@ -159,6 +164,7 @@ def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
     """Replace the pool's bank, counters and index with ``snap`` (caller holds the lock).
 
     Every check runs before the first write: on error the pool is unchanged.
+    A sample of entries must recompute from their stored dreams (:func:`_spot_check`).
     Dreams are cast to the pool's dream dtype. The query cache is cleared; the
     index is restored from ``snap.index_bytes`` when its engine kind matches and
     rebuilt from the bank otherwise.
@@ -176,6 +182,7 @@ def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
         raise InvalidConfigurationError(
             "capacity", pool.config.capacity, f"at least {snap.extent} (the saved extent) to hold this state"
         )
+    _spot_check(pool, snap)
     bank = pool.bank
     for name, column in bank.columns.items():
         column[: snap.extent].copy_(snap.columns[name])
@@ -190,9 +197,10 @@ def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
 def _restore_index(pool: DreamPool, snap: PoolSnapshot) -> None:
     index = pool.index
     index.reset()
-    if snap.index_bytes is not None and snap.index_kind == index.kind:
+    engine_bytes = _untag_index(snap, pool)
+    if engine_bytes is not None and snap.index_kind == index.kind:
         try:
-            index.deserialize(snap.index_bytes)
+            index.deserialize(engine_bytes)
             return
         except Exception as exc:  # any engine failure is recoverable: the bank is the truth
             warnings.warn(
@@ -201,9 +209,114 @@ def _restore_index(pool: DreamPool, snap: PoolSnapshot) -> None:
                 stacklevel=4,
             )
             index.reset()
-    elif snap.index_bytes is not None:
+    elif engine_bytes is not None:
         logger.info("checkpoint index is %s, pool uses %s: rebuilding from the bank", snap.index_kind, index.kind)
     index.add(pool.bank.slots_by_age())
+
+
+# --------------------------------------------------------------- consistency
+_INDEX_MAGIC = b"dreampool-index-of-bank:"
+_SPOT_SAMPLE = 32  # live entries recomputed from their dreams on every restore
+# |recomputed - stored| allowed, by the dreams' storage dtype (features were computed from the
+# caller's dreams before the cast to it): chroma absolute, embeddings relative to their scale
+_SPOT_TOLERANCE = {torch.float32: (1e-5, 1e-3), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 2e-2)}
+
+
+def _bank_digest(columns: dict[str, torch.Tensor]) -> str:
+    """sha256 of what a search index is built from: the ``ids`` and ``embeddings`` columns."""
+    h = hashlib.sha256()
+    for name in ("ids", "embeddings"):
+        h.update(columns[name].contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _tag_index(engine_bytes: bytes, digest: str) -> bytes:
+    """Index bytes behind a header naming the bank digest they were built from."""
+    return _INDEX_MAGIC + digest.encode() + b"\n" + engine_bytes
+
+
+def _untag_index(snap: PoolSnapshot, pool: DreamPool) -> bytes | None:
+    """The engine bytes of ``snap``'s index when it was built from ``snap``'s bank, else None.
+
+    An index of another bank (copied from another pool, or from another save) would
+    answer for entries that are not there: it is rebuilt from the bank, with a
+    :class:`CheckpointRecoveryWarning`.
+    """
+    data = snap.index_bytes
+    if data is None:
+        return None
+    head, _, body = data.partition(b"\n")
+    if not head.startswith(_INDEX_MAGIC):
+        reason = "it names no bank it was built from"
+    elif head[len(_INDEX_MAGIC):].decode(errors="replace") != _bank_digest(snap.columns):
+        reason = "it was built from another bank (digest mismatch)"
+    else:
+        return body
+    where = "" if snap.origin is None else f" in {snap.origin}"
+    warnings.warn(f"search index{where} not used: {reason}; rebuilt from the bank",
+                  CheckpointRecoveryWarning, stacklevel=5)
+    return None
+
+
+def _spot_check(pool: DreamPool, snap: PoolSnapshot) -> None:
+    """Refuse a snapshot whose derived columns do not follow from its dreams under ``pool``'s encoder.
+
+    Checksums prove the bytes are the ones written, not that they agree: a manifest
+    signed again with another ``encoder_seed``, embeddings scaled under cosine, or
+    chroma of other dreams would load and answer differently. Checked: every live
+    embedding has unit norm under cosine; for up to :data:`_SPOT_SAMPLE` live entries
+    (evenly spaced), chroma and embeddings recomputed from the stored dreams match.
+
+    Raises:
+        CheckpointCorruptError: (read from a directory) naming the bank file.
+        InvalidInputError: (a state dict) naming ``state_dict``.
+    """
+    alive = torch.nonzero(snap.columns["ids"] >= 0).squeeze(1)
+    problem = None
+    if alive.numel():
+        stored = snap.columns["embeddings"][alive]
+        if pool.config.metric.value == "cosine":
+            norms = stored.norm(dim=1)
+            worst = float((norms - 1).abs().max())
+            if worst > 1e-3:
+                problem = f"cosine embeddings of unit norm, norms up to {float(norms.max()):.6g}"
+        if problem is None:
+            problem = _recompute_problem(pool, snap, alive)
+    if problem is None:
+        return
+    reason = f"inconsistent data: {problem}; the bank does not follow from its dreams with this configuration"
+    if snap.origin is not None:
+        raise CheckpointCorruptError(snap.origin / BANK, reason)
+    raise InvalidInputError("state_dict", "a bank whose derived columns follow from its dreams", reason)
+
+
+def _recompute_problem(pool: DreamPool, snap: PoolSnapshot, alive: torch.Tensor) -> str | None:
+    """What differs when a sample of entries is recomputed from its dreams; None when nothing does."""
+    picks = alive[torch.linspace(0, alive.numel() - 1, min(_SPOT_SAMPLE, alive.numel())).round().long().unique()]
+    cols = {name: snap.columns[name][picks].to(pool.device) for name in ("dreams", "chroma", "embeddings", "class_label")}
+    chroma_tol, embed_tol = _SPOT_TOLERANCE.get(cols["dreams"].dtype, _SPOT_TOLERANCE[torch.bfloat16])
+    chroma = chroma_signature(cols["dreams"])
+    chroma_gap = float((chroma - cols["chroma"]).abs().max())
+    if chroma_gap > chroma_tol:
+        return f"stored chroma differs from the chroma of the stored dreams by up to {chroma_gap:.3g}"
+    embeddings = _embeddings_as_added(pool, cols["dreams"], cols["class_label"].long())
+    scale = 1.0 + float(cols["embeddings"].abs().max())
+    embed_gap = float((embeddings - cols["embeddings"]).abs().max())
+    if embed_gap > embed_tol * scale:
+        return (f"stored embeddings differ from the encoder's embeddings of the stored dreams by up to "
+                f"{embed_gap:.3g} (encoder_seed, include_* or metric changed?)")
+    return None
+
+
+def _embeddings_as_added(pool: DreamPool, dreams: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[n, D]`` bank embeddings of ``dreams`` ``[n, R, C, L, 3]``, computed as :meth:`DreamPool.add` does.
+
+    The one place the spot-check depends on how ``add`` embeds: it must follow
+    ``add``'s feature and embedding step.
+    """
+    dreams = dreams.float()
+    spectral = spectral_features(dreams, window=pool.config.window)
+    return pool._embed(pool.encoder.encode(chroma_signature(dreams), spectral=spectral, class_labels=labels))
 
 
 def config_for_load(snap: PoolSnapshot, device: str | torch.device | None) -> PoolConfig:
@@ -676,9 +789,11 @@ def _read_directory(target: Path, notes: list[str]) -> PoolSnapshot:
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise CheckpointCorruptError(target / BANK, f"not a readable safetensors file ({exc})") from None
     try:
-        return _build(config, state, columns, index_bytes)
+        snap = _build(config, state, columns, index_bytes)
     except _Invalid as exc:
         raise CheckpointCorruptError(target / _PART_FILE[exc.where], str(exc)) from None
+    snap.origin = target
+    return snap
 
 
 def _read_manifest(target: Path) -> dict[str, dict[str, Any]]:

@@ -310,3 +310,66 @@ class TestCheckpointErrors:
         (tmp_path / "p" / BANK).write_bytes(data[:-3])
         with pytest.raises(CheckpointCorruptError, match="3 bytes missing"):
             DreamPool.load(tmp_path / "p")
+
+
+# ------------------------------------------------------------------ item 4
+class TestConsistency:
+    def _state(self, ckpt, name):
+        return json.loads((ckpt / name).read_bytes())
+
+    @pytest.mark.parametrize("change", [{"encoder_seed": 7}, {"include_class": False}])
+    def test_resigned_encoder_fields_are_refused(self, tmp_path, change):
+        make_pool().save(tmp_path / "p")
+        config = {**self._state(tmp_path / "p", persist.CONFIG), **change}
+        resign(tmp_path / "p", persist.CONFIG, json.dumps(config).encode())
+        with pytest.raises(CheckpointCorruptError, match="embeddings differ") as info:
+            DreamPool.load(tmp_path / "p")
+        assert info.value.path == tmp_path / "p" / BANK
+
+    def _rewrite_bank(self, ckpt, edit):
+        from safetensors.torch import load, save
+
+        columns = load((ckpt / BANK).read_bytes())
+        edit(columns)
+        resign(ckpt, BANK, save(columns))
+
+    def test_scaled_cosine_embeddings_are_refused(self, tmp_path):
+        make_pool().save(tmp_path / "p")
+        self._rewrite_bank(tmp_path / "p", lambda c: c["embeddings"].mul_(100))
+        with pytest.raises(CheckpointCorruptError, match="unit norm"):
+            DreamPool.load(tmp_path / "p")
+
+    def test_chroma_of_other_dreams_is_refused(self, tmp_path):
+        make_pool().save(tmp_path / "p")
+        self._rewrite_bank(tmp_path / "p", lambda c: c["chroma"].copy_(c["chroma"].flip(0)))
+        with pytest.raises(CheckpointCorruptError, match="chroma"):
+            DreamPool.load(tmp_path / "p")
+
+    def test_state_dict_is_spot_checked_too(self):
+        pool = make_pool()
+        state = pool.state_dict()
+        state["bank"]["chroma"] = state["bank"]["chroma"].flip(0)
+        fresh = DreamPool(pool.config)
+        with pytest.raises(InvalidInputError, match="chroma"):
+            fresh.load_state_dict(state)
+        assert len(fresh) == 0
+
+    @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+    def test_clean_pools_pass_in_every_dream_dtype(self, tmp_path, dtype):
+        pool = make_pool(n=60, dream_dtype=dtype)
+        pool.save(tmp_path / "p")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert len(DreamPool.load(tmp_path / "p")) == 60
+
+    def test_index_from_another_pool_is_rebuilt(self, tmp_path):
+        cfg = {"dream_shape": (2, 2, 1), "capacity": 1100, "embedding_dim": 16, "engine": "faiss-ivf",
+               "ann_threshold": 1024}
+        a, b = make_pool(n=1100, seed=0, **cfg), make_pool(n=1100, seed=5, **cfg)
+        a.save(tmp_path / "a")
+        b.save(tmp_path / "b")
+        resign(tmp_path / "a", INDEX, (tmp_path / "b" / INDEX).read_bytes())
+        with pytest.warns(CheckpointRecoveryWarning, match="another bank"):
+            loaded = DreamPool.load(tmp_path / "a")
+        q = dreams(8, seed=11, shape=(2, 2, 1))
+        assert torch.equal(loaded.retrieve(q, k=5, mode="nearest").ids, a.retrieve(q, k=5, mode="nearest").ids)
