@@ -736,6 +736,26 @@ def _identity(path: Path) -> tuple[int, int, int, str] | None:
     return st.st_dev, st.st_ino, st.st_ctime_ns, hashlib.sha256(manifest).hexdigest()
 
 
+def manifest_digest(path: PathArg) -> str | None:
+    """sha256 of the manifest of the checkpoint at ``path`` (it holds every file's checksum);
+    None when there is none to read (never blocks on a special file)."""
+    try:
+        data, _ = _read_regular(Path(path) / MANIFEST, _MANIFEST_MAX)
+    except OSError:
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
+def checkpoint_source(path: PathArg) -> Path | None:
+    """The directory a read of ``path`` reads first: ``path`` itself, else the newest copy an
+    interrupted save left (``.old`` sibling); None when there is neither."""
+    target = _as_path(path)
+    if target.is_dir():
+        return target
+    candidates = sorted(_siblings(target, "old"), key=_mtime, reverse=True)
+    return candidates[0] if candidates and not os.path.lexists(target) else None
+
+
 def _mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime

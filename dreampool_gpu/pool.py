@@ -29,7 +29,13 @@ from dreampool_gpu.budget import (
 from dreampool_gpu.cache import QueryCache, query_keys
 from dreampool_gpu.config import EvictionPolicy, Metric, PoolConfig, RetrievalMode
 from dreampool_gpu.devices import resolve_device
-from dreampool_gpu.dreams import NUM_CLASSES, chroma_signature, hue_category, validate_dreams
+from dreampool_gpu.dreams import (
+    NUM_CLASSES,
+    SINGLE_DREAM_HINT,
+    chroma_signature,
+    hue_category,
+    validate_dreams,
+)
 from dreampool_gpu.encoders import FeatureEncoder
 from dreampool_gpu.errors import (
     CapacityExceededError,
@@ -668,6 +674,8 @@ class DreamPool:
         expected = "[B, R, C, L, 3] dreams or [B, 3] chroma"
         if mode not in _CHROMA_MODES:
             expected += f" or [B, {d}] embeddings"
+        if t.dim() == 4 or t.dim() == 1:
+            expected += f" ({SINGLE_DREAM_HINT})" if t.dim() == 4 else " (one query needs a batch dimension: q[None])"
         raise DimensionMismatchError(expected, list(t.shape), f"queries for mode {mode.value!r}")
 
     def _embedding_queries(self, t: torch.Tensor) -> torch.Tensor:
