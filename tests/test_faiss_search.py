@@ -311,6 +311,7 @@ class TestAuto:
         ]
         assert not any(prefer_faiss_flat(cuda, 100_000, b) for b in (1, 2, 8, 256))
 
+    @pytest.mark.slow
     def test_picks_per_call_and_reports_it(self):
         bank = TensorBank(2500, (1, 1, 1), D, device=torch.device("cpu"))
         engine = make_index(bank, config())

@@ -477,3 +477,21 @@ class TestCliFirstHour:
         pool = make_pool(n=5)
         with pytest.raises(InvalidInputError, match="2 unknown: 7, 99"):
             pool.feedback(torch.tensor([0, 7, 99, 7]), 0.5)
+
+
+# ----------------------------------------------------------------- item 20
+def test_slow_tests_are_marked_and_the_license_is_spdx():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT"  # an SPDX expression, not the deprecated {text = ...} table
+    import importlib
+
+    for module, name in [("test_stress", "TestStress"), ("test_crash", "TestCrash"),
+                         ("test_concurrency", "TestThreads")]:
+        cls = getattr(importlib.import_module(module), name)  # pytest puts tests/ on sys.path
+        assert any(mark.name == "slow" for mark in cls.pytestmark), name
+    script = (root / "scripts" / "test.sh").read_text()
+    assert '--quick' in script and '-m "not slow"' in script
