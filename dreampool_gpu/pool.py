@@ -195,6 +195,77 @@ class DreamPool:
     def __len__(self) -> int:
         return self.bank.size
 
+    def __contains__(self, entry_id: object) -> bool:
+        """``id in pool``: True while the entry with this int id is stored (evicted ids are not).
+
+        Raises:
+            InvalidInputError: ``entry_id`` is not an int (bools and floats refused).
+        """
+        ok = isinstance(entry_id, (int, np.integer)) and not isinstance(entry_id, (bool, np.bool_))
+        if isinstance(entry_id, torch.Tensor) and entry_id.dim() == 0:
+            ok = not entry_id.is_floating_point() and not entry_id.is_complex() and entry_id.dtype != torch.bool
+            entry_id = int(entry_id) if ok else entry_id
+        if not ok:
+            raise InvalidInputError("id", "an int entry id", repr(entry_id))
+        with self._lock:
+            query = torch.tensor([int(entry_id)], dtype=torch.int64, device=self.device)
+            return 0 <= int(entry_id) < self.bank.next_id and bool(self.bank.slots_of(query)[0] >= 0)
+
+    def __repr__(self) -> str:
+        with self._lock:
+            used = MemoryBudget.usage(self.bank, self.index)
+            budget = "" if self.budget.budget_bytes is None else f" of {self.budget.budget_bytes / 2**20:.1f} MiB budget"
+            return (f"DreamPool(size={self.bank.size}/{self.config.capacity}, device={self.device}, "
+                    f"engine={self.index.kind}, dream_shape={self.config.dream_shape}, "
+                    f"embedding_dim={self.config.embedding_dim}, memory={used / 2**20:.2f} MiB{budget})")
+
+    def to(self, device: str | torch.device) -> DreamPool:
+        """Move the pool to ``device`` in place and return it (as ``nn.Module.to`` does).
+
+        The bank, encoder and window spectrum move; the search index is rebuilt on
+        the new device from the bank; the query cache is emptied (its embeddings were
+        on the old device). Entries, ids, counters and the dreams' dtype are kept
+        (``dream_dtype="auto"`` is pinned to the stored dtype). On error the pool is
+        unchanged.
+
+        Raises:
+            DeviceUnavailableError: ``device`` is CUDA and absent.
+            InvalidConfigurationError: ``device`` names no device, or the budget
+                (``"N%"`` of the new device) cannot hold the bank.
+            InsufficientMemoryError: the bank does not fit the new device's free memory.
+        """
+        with self._lock:
+            target = resolve_device(device)
+            if target == self.device:
+                return self
+            dtype = self.bank.columns["dreams"].dtype
+            config = self.config.replace(device=str(target), dream_dtype=str(dtype).removeprefix("torch."))
+            budget = MemoryBudget(config.memory_budget_mb, device=target, threshold=config.budget_threshold)
+            fitted = fit_capacity(config, entry_bytes=self.bank.entry_nbytes(), budget_bytes=budget.budget_bytes,
+                                  device=target)
+            if fitted < config.capacity:
+                raise InvalidConfigurationError("memory_budget_mb", config.memory_budget_mb,
+                                                f"a budget on {target} holding the pool's {config.capacity} slots")
+            check_allocation(config, self.bank.specs, config.capacity, target)
+            columns = {name: t.to(target) for name, t in self.bank.columns.items()}
+            self.bank.columns, self.bank.device = columns, target
+            self.bank._order_revision, self.bank._sorted_ids = -1, columns["ids"]
+            self.bank._sorted_slots = columns["ids"]
+            self.bank.revision += 1
+            if callable(getattr(self.encoder, "to", None)):
+                self.encoder.to(target)
+            else:
+                for name, value in vars(self.encoder).items():
+                    if isinstance(value, torch.Tensor):
+                        setattr(self.encoder, name, value.to(target))
+            self._window_spectrum = self._window_spectrum.to(target)
+            self.budget.close()
+            self.config, self.device, self.budget = config, target, budget
+            self.index = make_index(self.bank, config)
+            self.index.add(self.bank.slots_by_age())
+            self.cache.clear()
+            return self
+
     # ------------------------------------------------------------------ add
     def add(
         self,

@@ -495,3 +495,59 @@ def test_slow_tests_are_marked_and_the_license_is_spdx():
         assert any(mark.name == "slow" for mark in cls.pytestmark), name
     script = (root / "scripts" / "test.sh").read_text()
     assert '--quick' in script and '-m "not slow"' in script
+
+
+# ----------------------------------------------------------------- item 14
+class TestTorchHabits:
+    def test_contains(self):
+        pool = make_pool(n=60)
+        pool.add(dreams(20, seed=3), coherence=torch.ones(20))  # capacity 64: some entries leave
+        found = pool.metadata(torch.arange(pool.bank.next_id))["found"].tolist()
+        assert 0 < sum(found) < len(found)
+        assert [i in pool for i in range(pool.bank.next_id)] == found
+        assert pool.bank.next_id not in pool and -1 not in pool
+        last = pool.bank.next_id - 1
+        assert torch.tensor(last) in pool and np.int64(last) in pool
+        for bad in (True, 1.0, "3", torch.tensor(1.0)):
+            with pytest.raises(InvalidInputError):
+                bad in pool  # noqa: B015
+
+    def test_repr(self):
+        pool = make_pool(n=10)
+        text = repr(pool)
+        assert text.startswith("DreamPool(size=10/64, device=cpu, engine=") and "MiB" in text
+
+    def test_to_same_device_returns_the_pool(self):
+        pool = make_pool(n=10)
+        assert pool.to("cpu") is pool and pool.to(torch.device("cpu")) is pool
+
+    def test_to_absent_cuda_leaves_the_pool(self):
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is present")
+        from dreampool_gpu.errors import DeviceUnavailableError
+
+        pool = make_pool(n=10)
+        with pytest.raises(DeviceUnavailableError):
+            pool.to("cuda")
+        assert pool.device == torch.device("cpu") and len(pool) == 10
+
+    def test_move_path_keeps_every_answer(self):
+        """The move itself, exercised on CPU: the pool believes it is elsewhere and comes back."""
+        pool = make_pool(n=50)
+        q = dreams(6, seed=8)
+        before = {mode: pool.retrieve(q, k=5, mode=mode, **mode_kwargs(mode)).ids for mode in MODES}
+        pool.device = torch.device("cpu", 0)  # any device other than torch.device("cpu")
+        index = pool.index
+        assert pool.to("cpu") is pool and pool.device == torch.device("cpu") and pool.index is not index
+        for mode in MODES:
+            assert torch.equal(pool.retrieve(q, k=5, mode=mode, **mode_kwargs(mode)).ids, before[mode]), mode
+
+    @pytest.mark.gpu
+    def test_cuda_round_trip(self):
+        pool = make_pool(n=50)
+        q = dreams(6, seed=8)
+        want = pool.retrieve(q, k=5, mode="similar").ids
+        assert pool.to("cuda") is pool and pool.bank.columns["dreams"].is_cuda
+        assert pool.bank.columns["dreams"].dtype == torch.float32  # the stored dtype is kept
+        assert torch.equal(pool.retrieve(q, k=5, mode="similar").ids.cpu(), want)
+        assert torch.equal(pool.to("cpu").retrieve(q, k=5, mode="similar").ids, want)
