@@ -111,6 +111,24 @@ class _Queries:
         return _Queries(int(rows.numel()), part(self.chroma), part(self.spectral), part(self.embeddings))
 
 
+_CHROMA_METRICS = ("cosine", "euclidean")
+
+
+def _chroma_scores(queries: torch.Tensor, chroma: torch.Tensor, metric: str) -> torch.Tensor:
+    """``[b, n]`` chroma scores, higher is better: cosine (hue direction), or minus the RGB
+    distance (brightness-aware; exact differences, batch-size invariant)."""
+    if metric == "cosine":
+        return rowwise_cosine(queries, chroma)
+    return -torch.cdist(queries.float(), chroma.float(), compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _both(mask: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask & keep`` where both are given (``keep`` ``[capacity]`` broadcasts over query rows)."""
+    if keep is None:
+        return mask
+    return keep[None, :] if mask is None else mask & (keep[None, :] if mask.dim() == 2 else keep)
+
+
 def _by_value(
     keys: torch.Tensor,
     width: int,
@@ -423,6 +441,8 @@ class DreamPool:
         mmr_lambda: float | None = None,
         min_dispersion: float = 0.0,
         with_dreams: bool = False,
+        where: Any = None,
+        chroma_metric: str = "cosine",
     ) -> Retrieval:
         """Retrieve up to k entries per query, most relevant first.
 
@@ -447,6 +467,14 @@ class DreamPool:
             mmr_lambda: MMR trade-off for ``diverse``/``hybrid`` (default config; ``soft`` uses 1).
             min_dispersion: stop ``diverse``/``hybrid`` picks early below this dispersion.
             with_dreams: also gather the dreams of the results.
+            where: a filter applied before the k-NN and any re-ranking, in every mode:
+                a ``[capacity]`` bool mask over slots, or a callable that receives the
+                metadata columns (see :meth:`_where_columns`) as ``[capacity]`` tensors on
+                the pool's device and returns one. Only entries where it is True qualify.
+            chroma_metric: how the chroma modes (``similar``, ``class``, ``balanced``,
+                ``utility``, ``diverse``) score: ``"cosine"`` (the hue direction; brightness
+                ignored, so black matches any dark colour) or ``"euclidean"`` (minus the RGB
+                distance: brightness counts).
 
         Returns:
             :class:`Retrieval` with ``[B, k]`` ids and scores on the pool's device.
@@ -473,27 +501,32 @@ class DreamPool:
             fetch = max(k_, self.config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
             fetch = min(fetch, max(k_, self.config.capacity))  # candidates beyond capacity would all be padding
             categories = self._category_filter(category, q, mode_)
+            if chroma_metric not in _CHROMA_METRICS:
+                raise InvalidInputError("chroma_metric", f"one of {', '.join(_CHROMA_METRICS)}", repr(chroma_metric))
+            keep = self._where_mask(where)
+
+            def chroma(qs: _Queries, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                return self._chroma_topk(qs, k_, _both(mask, keep), metric=chroma_metric)
 
             if mode_ is RetrievalMode.SIMILAR:
-                scores, slots = self._chroma_topk(q, k_)
+                scores, slots = chroma(q)
             elif mode_ is RetrievalMode.CLASS:
                 labels = self.bank.columns["class_label"]
-                scores, slots = _by_value(hint, k_, lambda rows, c: self._chroma_topk(
-                    q.take(rows), k_, (labels == c)[None, :]))
+                scores, slots = _by_value(hint, k_, lambda rows, c: chroma(q.take(rows), (labels == c)[None, :]))
             elif mode_ is RetrievalMode.BALANCED:
-                parts = [self._chroma_topk(q, k_, self._class_mask(c)) for c in balanced]
+                parts = [chroma(q, self._class_mask(c)) for c in balanced]
                 scores = torch.cat([p[0] for p in parts], dim=1) if parts else self._empty(b)[0]
                 slots = torch.cat([p[1] for p in parts], dim=1) if parts else self._empty(b)[1]
             elif mode_ is RetrievalMode.UTILITY:
                 util = self.bank.columns["utility"]
-                scores, slots = self._chroma_topk(q, k_, (util >= utility_threshold)[None, :])
+                scores, slots = chroma(q, (util >= utility_threshold)[None, :])
             elif mode_ is RetrievalMode.DIVERSE:
-                scores, slots = self._diverse(q, k_, lam, min_dispersion)
+                scores, slots = self._diverse(q, k_, lam, min_dispersion, keep, chroma_metric)
             elif mode_ in (RetrievalMode.NEAREST, RetrievalMode.CATEGORY):
-                scores, slots = self._knn(self._query_embeddings(q, hint, prior), k_, categories)
+                scores, slots = self._knn(self._query_embeddings(q, hint, prior), k_, categories, keep)
             else:
                 lam_ = 1.0 if mode_ is RetrievalMode.SOFT and mmr_lambda is None else lam
-                scores, slots = self._hybrid(q, hint, prior, k_, fetch, lam_, min_dispersion, categories)
+                scores, slots = self._hybrid(q, hint, prior, k_, fetch, lam_, min_dispersion, categories, keep)
 
             ids = self.bank.gather("ids", slots)
             usage = self.bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
@@ -689,6 +722,39 @@ class DreamPool:
             out.append(label)
         return out
 
+    def _where_columns(self) -> dict[str, torch.Tensor]:
+        """What a ``where`` callable receives: ``[capacity]`` copies on the pool's device.
+
+        ``coherence``, ``energy``, ``violation``, ``utility`` (NaN before any feedback),
+        ``util_mean`` float32; ``usage`` int32; ``class`` and ``hue`` int64 (class -1 =
+        none); ``age`` float32 seconds since the entry was added; ``id`` int64 (-1 on
+        free slots, which never qualify whatever the mask says).
+        """
+        cols = self.bank.columns
+        out = {name: cols[name].clone() for name in ("coherence", "energy", "violation", "utility", "util_mean",
+                                                      "usage", "ids")}
+        out["id"] = out.pop("ids")
+        out["class"] = cols["class_label"].long()
+        out["hue"] = cols["hue_category"].long()
+        out["age"] = (time.time() - cols["inserted_at"]).float()
+        return out
+
+    def _where_mask(self, where: Any) -> torch.Tensor | None:
+        """``where`` as a ``[capacity]`` bool mask on the pool's device (None: no filter)."""
+        if where is None:
+            return None
+        expected = f"a [{self.config.capacity}] bool mask, or a callable of the metadata columns returning one"
+        if callable(where) and not isinstance(where, (torch.Tensor, np.ndarray)):
+            try:
+                where = where(self._where_columns())
+            except Exception as exc:  # the caller's function: its failure is a bad argument
+                raise InvalidInputError("where", expected, f"a callable that raised {type(exc).__name__}: {exc}") from exc
+        t = v.as_tensor(where, "where", device=self.device)
+        if t.dtype != torch.bool:
+            raise InvalidInputError("where", expected, f"dtype {t.dtype}")
+        v.check_shape(t, (self.config.capacity,), "where")
+        return t
+
     def _class_mask(self, label: int) -> torch.Tensor:
         return (self.bank.columns["class_label"] == label)[None, :]
 
@@ -796,7 +862,8 @@ class DreamPool:
         return flat_field_features(chroma, self._window_spectrum)
 
     def _knn(
-        self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None = None
+        self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (DOMAIN.md section 2).
 
@@ -809,7 +876,8 @@ class DreamPool:
         With ``categories`` (``[B]`` hue categories) each query searches only its
         category: on CUDA with one ``[B, capacity]`` mask while it fits
         ``search_chunk_mb`` (no host synchronisation), otherwise one shared mask
-        per category present.
+        per category present. ``keep`` (``[capacity]`` bool, the ``where`` filter)
+        restricts every search.
         """
         if k == 0:
             return self._empty(embedded.shape[0])
@@ -817,23 +885,23 @@ class DreamPool:
         fetch = k + 1 if cpu and 0 < k < self.bank.size else k
         hue = self.bank.columns["hue_category"]
         if categories is None:
-            scores, slots = self.index.search(embedded, fetch)
+            scores, slots = self.index.search(embedded, fetch, mask=keep)
         elif not cpu and embedded.shape[0] * self.bank.capacity <= self.config.search_chunk_mb * 2**20:
-            scores, slots = self.index.search(embedded, fetch, mask=hue[None, :] == categories[:, None])
+            scores, slots = self.index.search(embedded, fetch, mask=_both(hue[None, :] == categories[:, None], keep))
         else:
             scores, slots = _by_value(categories, fetch, lambda rows, c: self.index.search(
-                embedded[rows], fetch, mask=hue == c))
+                embedded[rows], fetch, mask=_both(hue == c, keep)))
         if fetch > k:
             straddles = (scores[:, k - 1] == scores[:, k]) & (scores[:, k] > float("-inf"))
             scores, slots = scores[:, :k].clone(), slots[:, :k].clone()
             if bool(straddles.any()):
                 rows = torch.nonzero(straddles).squeeze(1)
                 scores[rows], slots[rows] = self._oldest_first_exact(
-                    embedded[rows], k, None if categories is None else categories[rows])
+                    embedded[rows], k, None if categories is None else categories[rows], keep)
         return oldest_first_ties(scores, slots, self.bank.columns["ids"])
 
     def _oldest_first_exact(
-        self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None
+        self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact k-NN ``[b, k]`` over live entries in age order, ties to the older (stable top-k).
 
@@ -842,6 +910,7 @@ class DreamPool:
         by_age = self.bank.slots_by_age()
         vectors = self.bank.columns["embeddings"][by_age]
         hue = self.bank.columns["hue_category"][by_age]
+        dropped = None if keep is None else ~keep[by_age]
 
         def scores(rows: slice) -> torch.Tensor:
             q = embedded[rows].to(vectors.dtype)
@@ -851,6 +920,8 @@ class DreamPool:
                 sim = -torch.cdist(q, vectors, compute_mode="donot_use_mm_for_euclid_dist")
             if categories is not None:
                 sim.masked_fill_(hue[None, :] != categories[rows, None], float("-inf"))
+            if dropped is not None:
+                sim.masked_fill_(dropped[None, :], float("-inf"))
             return sim
 
         return self._stable_topk_by_age(by_age, embedded.shape[0], k, scores)
@@ -873,9 +944,10 @@ class DreamPool:
         return (torch.empty(b, 0, device=self.device), torch.empty(b, 0, dtype=torch.int64, device=self.device))
 
     def _chroma_topk(
-        self, q: _Queries, k: int, mask: torch.Tensor | None = None
+        self, q: _Queries, k: int, mask: torch.Tensor | None = None, *, metric: str = "cosine"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stable top-k by chroma cosine over live entries (oldest wins ties).
+        """Stable top-k by chroma cosine (or, ``metric="euclidean"``, minus the RGB distance)
+        over live entries (oldest wins ties).
 
         Queries go through in chunks whose ``[b, n]`` scores and tie-break keys
         stay under ``search_chunk_mb``; rows are batch-size invariant, so chunking
@@ -889,7 +961,7 @@ class DreamPool:
         shared = None if mask is None or mask.shape[0] > 1 else ~mask[:, by_age]  # one gather for every chunk
 
         def scores(rows: slice) -> torch.Tensor:
-            sim = rowwise_cosine(query_chroma[rows], chroma)
+            sim = _chroma_scores(query_chroma[rows], chroma, metric)
             if mask is not None:
                 excluded = shared if shared is not None else ~mask[rows][:, by_age]
                 sim = sim.masked_fill(excluded.expand_as(sim), float("-inf"))
@@ -907,8 +979,11 @@ class DreamPool:
             slots = F.pad(slots, (0, missing), value=-1)
         return values, slots
 
-    def _diverse(self, q: _Queries, k: int, lam: float, min_dispersion: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """MMR over the whole pool on chroma signatures (candidates oldest first).
+    def _diverse(
+        self, q: _Queries, k: int, lam: float, min_dispersion: float,
+        keep: torch.Tensor | None = None, metric: str = "cosine",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MMR over the whole pool (``keep``'s entries) on chroma signatures (candidates oldest first).
 
         Queries go through in chunks whose ``[b, n]`` relevance and MMR state stay
         under ``rerank_chunk_mb``; on CPU every row is bit-identical to an unchunked
@@ -923,7 +998,9 @@ class DreamPool:
         parts = []
         for rows in row_chunks(q.count, row_bytes, self.config.rerank_chunk_mb):
             # chroma cosine as in _chroma_topk: batch-size invariant, so chunks change nothing
-            relevance = rowwise_cosine(q.chroma[rows], chroma)
+            relevance = _chroma_scores(q.chroma[rows], chroma, metric)
+            if keep is not None:  # -inf marks a filtered candidate for mmr: no host round trip
+                relevance = relevance.masked_fill(~keep[by_age][None, :], float("-inf"))
             part = mmr(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma)
             parts.append(part)
         picks = torch.cat([p[0] for p in parts])
@@ -941,6 +1018,7 @@ class DreamPool:
         lam: float,
         min_dispersion: float,
         categories: torch.Tensor | None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft candidates (fetch_k k-NN, within ``categories``) -> hybrid base score -> MMR on embeddings -> k.
 
@@ -952,7 +1030,7 @@ class DreamPool:
         if k == 0:
             return self._empty(q.count)
         embedded = self._query_embeddings(q, hint, prior)
-        similarity, candidates = self._knn(embedded, max(fetch_k, k), categories)
+        similarity, candidates = self._knn(embedded, max(fetch_k, k), categories, keep)
         m = candidates.shape[1]
         embeddings, chroma = self.bank.columns["embeddings"], self.bank.columns["chroma"]
         d, p = embeddings.shape[1], chroma.shape[1]

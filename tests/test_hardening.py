@@ -551,3 +551,66 @@ class TestTorchHabits:
         assert pool.bank.columns["dreams"].dtype == torch.float32  # the stored dtype is kept
         assert torch.equal(pool.retrieve(q, k=5, mode="similar").ids.cpu(), want)
         assert torch.equal(pool.to("cpu").retrieve(q, k=5, mode="similar").ids, want)
+
+
+# ----------------------------------------------------------------- item 15
+class TestWhere:
+    def _pools(self, n=60, engine="auto"):
+        """A pool of n entries and one holding only those with coherence >= 0.5, added in the same order."""
+        g = torch.Generator().manual_seed(4)
+        coherence = torch.rand(n, generator=g)
+        labels = torch.randint(-1, 10, (n,), generator=g)
+        batch = dreams(n, seed=6)
+        cfg = PoolConfig(dream_shape=SHAPE, capacity=n, device="cpu", coherence_threshold=0.0, engine=engine)
+        full, part = DreamPool(cfg), DreamPool(cfg)
+        full.add(batch, coherence=coherence, class_labels=labels)
+        kept = coherence >= 0.5
+        part.add(batch[kept], coherence=coherence[kept], class_labels=labels[kept])
+        return full, part
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_where_equals_a_pool_of_the_kept_entries(self, mode):
+        full, part = self._pools()
+        q = dreams(5, seed=12)
+        kwargs = {"k": 4, "mode": mode, "with_dreams": True, **mode_kwargs(mode)}
+        by_callable = full.retrieve(q, where=lambda m: m["coherence"] >= 0.5, **kwargs)
+        by_mask = full.retrieve(q, where=full.bank.columns["coherence"] >= 0.5, **kwargs)
+        want = part.retrieve(q, **kwargs)
+        assert torch.equal(by_callable.dreams, want.dreams) and torch.equal(by_mask.dreams, want.dreams)
+        torch.testing.assert_close(by_callable.scores, want.scores)
+        assert torch.equal(by_callable.ids, by_mask.ids)
+
+    def test_columns_offered_to_the_callable(self):
+        full, _ = self._pools(n=10)
+        seen = {}
+        full.retrieve(dreams(1), k=2, where=lambda m: seen.update(m) or m["age"] >= 0)
+        assert set(seen) == {"coherence", "energy", "violation", "utility", "util_mean", "usage", "class",
+                             "hue", "age", "id"}
+        assert all(t.shape == (10,) and t.device == full.device for t in seen.values())
+
+    def test_bad_filters_are_typed_and_change_nothing(self):
+        full, _ = self._pools(n=10)
+        usage = full.bank.columns["usage"].clone()
+        for bad in (torch.ones(9, dtype=torch.bool), torch.ones(10), lambda m: m["nope"], lambda m: 1):
+            with pytest.raises(DreamPoolError):
+                full.retrieve(dreams(1), k=2, where=bad)
+        assert torch.equal(full.bank.columns["usage"], usage) and full.counters["queries"] == 0
+
+    def test_nothing_qualifies(self):
+        full, _ = self._pools(n=10)
+        out = full.retrieve(dreams(2), k=3, mode="nearest", where=torch.zeros(10, dtype=torch.bool))
+        assert (out.ids == -1).all()
+
+
+# ----------------------------------------------------------------- item 19
+def test_brightness_aware_chroma_metric():
+    pool = DreamPool(PoolConfig(dream_shape=(1, 1, 1), capacity=16, device="cpu", coherence_threshold=0.0))
+    query = torch.tensor([[0.6, 0.65, 0.8]])  # light blue-grey
+    black = torch.zeros(5, 1, 1, 1, 3) + 0.05 * query  # near-black of exactly the query's hue
+    light = torch.zeros(1, 1, 1, 1, 3) + torch.tensor([0.58, 0.66, 0.79])  # light blue-grey, added last
+    pool.add(torch.cat([black, light]), coherence=torch.ones(6))
+    by_hue = pool.retrieve(query, k=1, mode="similar")
+    by_rgb = pool.retrieve(query, k=1, mode="similar", chroma_metric="euclidean")
+    assert by_rgb.ids.tolist() == [[5]] and by_hue.ids.tolist() != [[5]]
+    with pytest.raises(InvalidInputError, match="chroma_metric"):
+        pool.retrieve(query, k=1, chroma_metric="manhattan")
