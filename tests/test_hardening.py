@@ -614,3 +614,20 @@ def test_brightness_aware_chroma_metric():
     assert by_rgb.ids.tolist() == [[5]] and by_hue.ids.tolist() != [[5]]
     with pytest.raises(InvalidInputError, match="chroma_metric"):
         pool.retrieve(query, k=1, chroma_metric="manhattan")
+
+
+# ----------------------------------------------------------------- item 17
+def test_batch_example_keeps_what_it_saves(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(root / "docs" / "examples" / "batch_retrieval.py"),
+                           "--entries", "300", "--queries", "500"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kept = tmp_path / "dreampool-batch-example"
+    assert "kept in dreampool-batch-example" in done.stdout
+    assert len(DreamPool.load(kept / "pool")) == 300 and (kept / "results.safetensors").is_file()
