@@ -6,7 +6,7 @@ of a fresh dream of a known class. Precision@10 = share of the 10 nearest
 entries (``mode="nearest"``) with the query's class, for four ways of filling
 the query's missing spectral features:
 
-- ``zeros``: DOMAIN.md's literal rule (and the original's);
+- ``zeros``: the original's rule;
 - ``flat``: the flat dream of the query colour (what the pool does);
 - ``pool mean``: the mean spectral features of the pool's entries;
 - ``dream``: the query dream's own features (the upper bound).

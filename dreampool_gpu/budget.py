@@ -1,6 +1,6 @@
 """Memory budget: exact accounting, device memory through NVML, eviction order and counts.
 
-Accounting (DOMAIN.md section 7, measured instead of estimated by hand):
+Accounting (docs/spec.md §Memory budget, measured instead of estimated by hand):
 
 - ``E``, the bytes of one bank slot: ``numel x element_size`` summed over every
   column (:meth:`TensorBank.entry_nbytes`; :func:`entry_nbytes` before a bank exists).
@@ -16,8 +16,8 @@ and :meth:`MemoryBudget.eviction_count` makes the pool evict, by its policy,
 whenever ``usage`` would pass ``limit`` (an index can outgrow its estimate). The
 original multiplied usage by an ``ann_overhead`` of 2.0 while HNSW was active to
 guess the graph's size; here the index reports its bytes, so the factor is 1 and
-every quantity in the eviction count is raw bytes (ORIGINAL.md flaw 21 mixed
-adjusted and raw bytes).
+every quantity in the eviction count is raw bytes (the original mixed adjusted and
+raw bytes).
 
 Device memory is read for :meth:`MemoryBudget.stats` and to resolve a budget
 given as ``"N%"`` of the device: on CUDA through NVML (``nvidia-ml-py``), the GPU
@@ -45,7 +45,7 @@ from dreampool_gpu.errors import InsufficientMemoryError, InvalidConfigurationEr
 from dreampool_gpu.search.base import SearchIndex
 
 MIB = 1 << 20
-DEFAULT_THRESHOLD = 0.9  # DOMAIN.md section 7
+DEFAULT_THRESHOLD = 0.9  # docs/spec.md §Memory budget
 
 
 # ------------------------------------------------------------ device memory
@@ -495,7 +495,7 @@ class MemoryBudget:
         return max(0, (self.limit_bytes - index.nbytes()) // bank.entry_nbytes())
 
     def eviction_count(self, bank: TensorBank, index: SearchIndex, incoming: int = 0) -> int:
-        """Entries to evict so that ``incoming`` more fit under the limit (DOMAIN.md section 7).
+        """Entries to evict so that ``incoming`` more fit under the limit (docs/spec.md §Memory budget).
 
         ``avg = usage / size`` (``E`` when empty) is what a live entry accounts for,
         its slot plus its share of the index; ``bytes_to_free = usage + incoming x avg

@@ -611,7 +611,7 @@ class DreamPool:
             return out
 
     def diversity(self, ids: Any) -> dict[str, torch.Tensor]:
-        """Diversity of each result set: mean, min and max pairwise chroma distance (DOMAIN.md section 5).
+        """Diversity of each result set: mean, min and max pairwise chroma distance (docs/spec.md §Hybrid score and MMR).
 
         Args:
             ids: ``[B, k]`` int ids, e.g. ``retrieve(...).ids``; -1 and evicted ids are left out.
@@ -865,7 +865,7 @@ class DreamPool:
         self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (DOMAIN.md section 2).
+        """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (docs/spec.md §Retrieval).
 
         On CPU the engine is asked for one more neighbour; rows where a tie
         straddles the k-th place (exact duplicates) are re-selected exactly in age

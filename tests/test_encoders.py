@@ -1,4 +1,4 @@
-"""FeatureEncoder and the Encoder protocol: feature layout (DOMAIN.md section 3), layer norm."""
+"""FeatureEncoder and the Encoder protocol: feature layout (docs/spec.md §Encoders), layer norm."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ Life cycle (all derived from the bank):
   is free are dropped at search time; a slot that was freed and written again
   is re-scored against its new vector, and its stale code only duplicates the
   label, which is removed. When evictions since the last refresh exceed
-  ``churn_fraction`` of the pool (DOMAIN.md's 10% rule), the index is
+  ``churn_fraction`` of the pool (docs/spec.md §Memory budget, the 10% churn rule), the index is
   refreshed: on CPU the evicted labels are removed in one pass and the live
   entries at those slots re-added; on GPU the lists are emptied and refilled
   from the bank.
