@@ -650,3 +650,15 @@ def test_the_spec_is_in_the_repository_and_cited_by_section():
             stale += [str(path) for name in ("DOMAIN.md", "ORIGINAL.md") if name in text]
     assert cited and cited <= sections, cited - sections
     assert not stale
+
+
+@pytest.mark.gpu
+def test_where_on_cuda_matches_cpu():
+    cpu = make_pool(n=50)
+    gpu = make_pool(n=50, device="cuda")
+    q = dreams(4, seed=13)
+    for mode in MODES:
+        kwargs = {"k": 4, "mode": mode, **mode_kwargs(mode)}
+        want = cpu.retrieve(q, where=lambda m: m["coherence"] >= 0.0, **kwargs).ids
+        got = gpu.retrieve(q.cuda(), where=lambda m: m["hue"] >= 0, **kwargs).ids
+        assert torch.equal(got.cpu(), want), mode
