@@ -1,6 +1,6 @@
 """Query cache: ``pool.retrieve`` of chroma queries with the LRU cache (128) vs without it.
 
-The cache saves the encoding of a query (DOMAIN.md section 6) at the price of
+The cache saves the encoding of a query (docs/spec.md §Query cache) at the price of
 building keys on the host. Three workloads of 64-query batches, mode
 ``nearest`` over a pool of 1,000 entries (so the encoding is a visible share of
 the call), each batch drawn fresh per call:

@@ -7,7 +7,7 @@ blur the next one's, and reports per entry:
 
 - *payload*: the entry's information at the widths the bank stores it: the dream
   (``R x C x L x 3`` values), the embedding (``D`` float32) and the metadata of
-  DOMAIN.md section 1 (id, coherence, energy, violation, chroma, spectral
+  docs/spec.md §Data model (id, coherence, energy, violation, chroma, spectral
   features, class, utility, running utility mean, usage count, insertion time,
   hue category: ``METADATA_BYTES``);
 - *accounted*: ``stats()["memory"]["allocated_bytes"] / n``, the bank's

@@ -29,7 +29,7 @@ medians for fetch_k=1000, k=50: batched 26.9 ms, loop 29.9 ms, sampled 191 ms,
 langchain 5484 ms (204x the batched time). The sampled version was 2-6.4x slower
 than the exact loop in every case (a sample of 8 costs 8 similarity rows a step,
 the running maximum one) and its picks overlapped the exact ones by 95% at k = 10
-and 62-85% at k = 50, so the approximation is not kept (DOMAIN.md section 5).
+and 62-85% at k = 50, so the approximation is not kept (docs/spec.md §Hybrid score and MMR).
 """
 
 from __future__ import annotations

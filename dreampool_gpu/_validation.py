@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
@@ -18,6 +19,8 @@ def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch
     if isinstance(x, torch.Tensor):
         t = x
     else:
+        if isinstance(x, np.ndarray) and not x.dtype.isnative:  # big-endian data: torch reads native order only
+            x = x.astype(x.dtype.newbyteorder("="))
         try:
             t = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -81,3 +84,22 @@ def check_number(x: Any, name: str, low: float, high: float) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not low <= x <= high:
         raise InvalidInputError(name, f"a number in [{low}, {high}]", repr(x))
     return float(x)
+
+
+def as_ids(x: Any, name: str, *, device: torch.device | None = None) -> torch.Tensor:
+    """Return ``x`` as an integer tensor of ids on ``device``; an empty list or array is ``[0]`` int64."""
+    t = as_tensor(x, name, device=device)
+    if t.numel() == 0 and t.is_floating_point():  # torch reads [] as float32
+        t = t.long()
+    check_int(t, name)
+    return t
+
+
+def check_flag(x: Any, name: str) -> bool:
+    """Require a bool (Python, numpy, or a one-element bool tensor) and return it."""
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype == torch.bool:
+        return bool(x)
+    shown = f"a tensor of shape {list(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
+    raise InvalidInputError(name, "True or False", shown)

@@ -20,7 +20,6 @@ the checkpoint is never written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -36,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from dreampool_gpu.config import RetrievalMode
 from dreampool_gpu.errors import DimensionMismatchError, DreamPoolError, InvalidInputError
+from dreampool_gpu.persist import manifest_digest
 from dreampool_gpu.pool import _CHROMA_MODES, DreamPool
 
 JOB_FORMAT = "dreampool-batch-retrieval"
@@ -92,8 +92,9 @@ class QueryFile:
         except InvalidInputError:
             raise
         except Exception as exc:  # every loader has its own error types; all mean "unreadable"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # e.g. torch's pickle refusal
             raise InvalidInputError(
-                "queries", f"a readable {suffix} file", f"{self.path} ({type(exc).__name__}: {exc})"
+                "queries", f"a readable {suffix} file", f"{self.path} ({type(exc).__name__}: {first})"
             ) from None
         if self.dtype not in _FLOAT_NAMES:
             raise InvalidInputError(
@@ -111,8 +112,8 @@ class QueryFile:
                 "key", "no key for a .npy file (it holds one array)", repr(self.key)
             )
         self.shape = [int(s) for s in array.shape]
-        self.dtype = str(array.dtype)
-        native = array.dtype.newbyteorder("=")
+        native = array.dtype.newbyteorder("=")  # big-endian files are read in native order
+        self.dtype = str(native)
 
         def read(start: int, stop: int) -> torch.Tensor:
             return torch.from_numpy(np.array(array[start:stop], dtype=native, copy=True))
@@ -214,6 +215,8 @@ def check_queries(queries: QueryFile, pool: DreamPool, mode: RetrievalMode) -> N
         expected += f" (mode {mode.value!r} takes no embeddings)"
     else:
         expected += f" or [B, {d}] embeddings (the pool's embedding_dim is {d})"
+    if shape == [r, c, layers, 3]:
+        expected += "; the file holds one dream without a batch dimension: save it as dream[None]"
     raise DimensionMismatchError(
         expected, shape, f"queries in {queries.path} for mode {mode.value!r}"
     )
@@ -297,10 +300,7 @@ def _save_chunk(parts: Path, index: int, ids: torch.Tensor, scores: torch.Tensor
 
 def _pool_digest(path: Path) -> str | None:
     """sha256 of the checkpoint's manifest (it holds every file's checksum)."""
-    try:
-        return hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
-    except OSError:
-        return None
+    return manifest_digest(path)
 
 
 def _finished_job(out: Path) -> dict[str, Any] | None:
@@ -346,6 +346,29 @@ def _clear_parts(parts: Path, *, keep_dir: bool) -> None:
             pass
 
 
+def check_out_path(out: Path, pool_dir: Path, queries: Path) -> None:
+    """Refuse an output that would overwrite the queries or write into the pool's checkpoint.
+
+    A missing ``pool_dir`` is left to :meth:`DreamPool.load` (it may recover the
+    checkpoint from the copy an interrupted save left).
+
+    Raises:
+        InvalidInputError: ``out`` is the queries file, or lies inside ``pool_dir``;
+            ``pool_dir`` is a file.
+    """
+    if os.path.lexists(pool_dir) and not pool_dir.is_dir():
+        raise InvalidInputError("pool", "a checkpoint directory written by DreamPool.save",
+                                f"{pool_dir} (a file)")
+    resolved = out.resolve()
+    if resolved == queries.resolve():
+        raise InvalidInputError("out", "a results file other than the queries file",
+                                f"{out} (the queries file: it would be overwritten)")
+    for place in (resolved, work_dir(resolved)):
+        if place.is_relative_to(pool_dir.resolve()):
+            raise InvalidInputError("out", "a path outside the pool's checkpoint directory (it is only read)",
+                                    f"{out} (inside {pool_dir})")
+
+
 def run_retrieval_job(
     pool_path: str | os.PathLike[str],
     queries_path: str | os.PathLike[str],
@@ -384,7 +407,10 @@ def run_retrieval_job(
         A :class:`BatchReport`.
 
     Raises:
-        InvalidInputError: a missing pool or queries file, a bad option.
+        InvalidInputError: a missing queries file, a bad option, an ``out`` that is the
+            queries file or lies inside the pool's directory.
+        CheckpointNotFoundError: no checkpoint at ``pool_path`` (nor a copy left by an
+            interrupted save, which is read instead).
         DimensionMismatchError: queries that do not fit the pool and mode.
         CheckpointCorruptError: the pool checkpoint fails verification.
         Whatever interrupts the run (``KeyboardInterrupt``) leaves the finished
@@ -395,14 +421,11 @@ def run_retrieval_job(
     mode_ = RetrievalMode.parse(mode)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise InvalidInputError("chunk", "an int >= 1", repr(chunk))
-    if not pool_dir.is_dir():
-        raise InvalidInputError(
-            "pool", "a directory written by DreamPool.save", f"{pool_dir} (no such directory)"
-        )
     if out.is_dir():
         raise InvalidInputError("out", "a file path for the results", f"{out} (a directory)")
     if out.suffix.lower() != ".safetensors":
         raise InvalidInputError("out", "a path ending in .safetensors", str(out))
+    check_out_path(out, pool_dir, Path(queries_path))
     queries = QueryFile(queries_path, key=key)
     options = dict(options or {})
     unknown = sorted(set(options) - set(RETRIEVE_OPTIONS))

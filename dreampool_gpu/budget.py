@@ -1,6 +1,6 @@
 """Memory budget: exact accounting, device memory through NVML, eviction order and counts.
 
-Accounting (DOMAIN.md section 7, measured instead of estimated by hand):
+Accounting (docs/spec.md §Memory budget, measured instead of estimated by hand):
 
 - ``E``, the bytes of one bank slot: ``numel x element_size`` summed over every
   column (:meth:`TensorBank.entry_nbytes`; :func:`entry_nbytes` before a bank exists).
@@ -16,8 +16,8 @@ and :meth:`MemoryBudget.eviction_count` makes the pool evict, by its policy,
 whenever ``usage`` would pass ``limit`` (an index can outgrow its estimate). The
 original multiplied usage by an ``ann_overhead`` of 2.0 while HNSW was active to
 guess the graph's size; here the index reports its bytes, so the factor is 1 and
-every quantity in the eviction count is raw bytes (ORIGINAL.md flaw 21 mixed
-adjusted and raw bytes).
+every quantity in the eviction count is raw bytes (the original mixed adjusted and
+raw bytes).
 
 Device memory is read for :meth:`MemoryBudget.stats` and to resolve a budget
 given as ``"N%"`` of the device: on CUDA through NVML (``nvidia-ml-py``), the GPU
@@ -41,11 +41,11 @@ import torch
 
 from dreampool_gpu.bank import ColumnSpec, TensorBank
 from dreampool_gpu.config import EvictionPolicy, PoolConfig, parse_memory_budget
-from dreampool_gpu.errors import InvalidConfigurationError
+from dreampool_gpu.errors import InsufficientMemoryError, InvalidConfigurationError
 from dreampool_gpu.search.base import SearchIndex
 
 MIB = 1 << 20
-DEFAULT_THRESHOLD = 0.9  # DOMAIN.md section 7
+DEFAULT_THRESHOLD = 0.9  # docs/spec.md §Memory budget
 
 
 # ------------------------------------------------------------ device memory
@@ -291,6 +291,43 @@ def fit_capacity(
     return low
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes that can be allocated on ``device`` now: free GPU memory, or the host's available
+    RAM (psutil); None when unknown (never raises)."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        return int(importlib.import_module("psutil").virtual_memory().available)
+    except Exception:  # no driver, no psutil: the allocation itself will tell
+        return None
+
+
+def check_allocation(config: PoolConfig, specs: dict[str, ColumnSpec], capacity: int, device: torch.device) -> None:
+    """Refuse a bank of ``capacity`` slots of ``specs`` that cannot fit the memory available on ``device``.
+
+    Runs before the bank is allocated, so an impossible size is a typed error naming
+    the field that made it so, not an allocator failure.
+
+    Raises:
+        InsufficientMemoryError: ``capacity x entry bytes`` exceeds what is available.
+    """
+    per_entry = entry_nbytes(specs)
+    needed = capacity * per_entry
+    available = available_bytes(device)
+    if available is None or needed <= available:
+        return
+    if isinstance(config.memory_budget_mb, str):  # "N%" of the total, more than is free now
+        field, value = "memory_budget_mb", config.memory_budget_mb
+    elif per_entry > available:  # not even one entry fits: the entry's shape is the problem
+        dreams = math.prod(specs["dreams"].shape) * specs["dreams"].dtype.itemsize
+        embeddings = math.prod(specs["embeddings"].shape) * specs["embeddings"].dtype.itemsize
+        field, value = ("dream_shape", config.dream_shape) if dreams >= embeddings else (
+            "embedding_dim", config.embedding_dim)
+    else:
+        field, value = "capacity", capacity
+    raise InsufficientMemoryError(field, value, needed, available, device)
+
+
 # ---------------------------------------------------------------- eviction
 def eviction_key(bank: TensorBank, policy: EvictionPolicy) -> torch.Tensor | None:
     """``[capacity]`` float64 key per slot, lowest leaves first; None for FIFO (age alone).
@@ -458,7 +495,7 @@ class MemoryBudget:
         return max(0, (self.limit_bytes - index.nbytes()) // bank.entry_nbytes())
 
     def eviction_count(self, bank: TensorBank, index: SearchIndex, incoming: int = 0) -> int:
-        """Entries to evict so that ``incoming`` more fit under the limit (DOMAIN.md section 7).
+        """Entries to evict so that ``incoming`` more fit under the limit (docs/spec.md §Memory budget).
 
         ``avg = usage / size`` (``E`` when empty) is what a live entry accounts for,
         its slot plus its share of the index; ``bytes_to_free = usage + incoming x avg

@@ -1,4 +1,4 @@
-"""LRU cache from quantised query signatures to embeddings (DOMAIN.md section 6)."""
+"""LRU cache from quantised query signatures to embeddings (docs/spec.md §Query cache)."""
 
 from __future__ import annotations
 

@@ -21,6 +21,13 @@ from dreampool_gpu.errors import DreamPoolError, InvalidInputError
 from dreampool_gpu.synthetic import DATASETS
 
 
+DEFAULT_K = 10  # results per query of `dreampool retrieve`, as the library's examples use
+# retrieve's keyword arguments by the flag that sets them, so errors name the flag
+_FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "k", "mode", "chunk", "key", "out", "class_hint", "classes", "category", "utility_threshold",
+    "utility_prior", "fetch_k", "mmr_lambda", "min_dispersion")}
+
+
 def _shape(text: str) -> tuple[int, int, int]:
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -125,19 +132,20 @@ def pool_summary(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[s
     The pool is loaded (every checksum verified) on ``device`` and dropped; the
     checkpoint is not written.
 
+    A checkpoint an interrupted save left only as its ``.old`` copy is read from
+    there, as :meth:`DreamPool.load` does.
+
     Raises:
-        InvalidInputError: ``path`` is not a directory.
-        CheckpointCorruptError: the checkpoint fails verification.
+        CheckpointNotFoundError: no checkpoint at ``path``.
+        CheckpointCorruptError: the checkpoint fails verification, or ``path`` is a file.
     """
     from dreampool_gpu.dreams import CLASS_NAMES, NUM_HUE_CATEGORIES
+    from dreampool_gpu.persist import checkpoint_source
     from dreampool_gpu.pool import DreamPool
 
     where = Path(path)
-    if not where.is_dir():
-        raise InvalidInputError(
-            "pool", "a directory written by DreamPool.save", f"{where} (no such directory)"
-        )
     pool = DreamPool.load(where, device=device)
+    source = checkpoint_source(where) or where
     stats = pool.stats()
     bank = pool.bank
     alive = bank.alive()
@@ -168,7 +176,7 @@ def pool_summary(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[s
         "index": stats["search"],
         "index_bytes": stats["index_bytes"],
         "bank_bytes": stats["bank_bytes"],
-        "checkpoint_bytes": sum(f.stat().st_size for f in where.iterdir() if f.is_file()),
+        "checkpoint_bytes": sum(f.stat().st_size for f in source.iterdir() if f.is_file()),
         "columns": columns,
         "classes": {
             "none": class_counts[0],
@@ -366,14 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument(
         "--k",
         type=int,
-        default=None,
-        help="results per query (default: the pool's retrieval_limit)",
+        default=DEFAULT_K,
+        help=f"results per query (default {DEFAULT_K}; per class for mode balanced)",
     )
     retrieve.add_argument(
         "--mode",
         default="hybrid",
         help="similar (hard), class, balanced, utility, diverse, soft, hybrid, category "
-        "or nearest (default hybrid)",
+        "or nearest (default: hybrid)",
     )
     retrieve.add_argument(
         "--chunk", type=int, default=65536, help="queries per chunk (default 65536)"
@@ -391,7 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes", type=_classes, default=None, help="class labels for mode balanced, e.g. 0,3,7"
     )
     retrieve.add_argument(
-        "--category", type=int, default=None, help="hue category 0..11 for mode category"
+        "--category",
+        type=int,
+        default=None,
+        help="hue category 0..11: the category of mode category (default: each query's own) "
+        "and a candidate filter of nearest, soft and hybrid",
     )
     retrieve.add_argument(
         "--utility-threshold", type=float, default=None, help="minimum utility (mode utility)"
@@ -437,8 +449,22 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args))
     except DreamPoolError as exc:
         notes = "".join(f"\n  {note}" for note in getattr(exc, "__notes__", ()))
-        print(f"dreampool: error: {exc}{notes}", file=sys.stderr)
+        print(f"dreampool: error: {_one_line(_flag_message(exc))}{notes}", file=sys.stderr)
         return 2
+
+
+def _flag_message(exc: DreamPoolError) -> str:
+    """``exc``'s message, naming the command-line flag (``--class-hint``) instead of the parameter."""
+    text = str(exc)
+    name = getattr(exc, "name", None)
+    if isinstance(exc, InvalidInputError) and name in _FLAGS:
+        return text.replace(f"invalid {name}:", f"invalid {_FLAGS[name]}:", 1)
+    return text
+
+
+def _one_line(text: str) -> str:
+    """Errors are one line: inner line breaks (a library's multi-line message) become "; "."""
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Pool configuration: a frozen, validated dataclass and YAML presets.
 
-Every field has the default of DOMAIN.md (original defaults where the original
-had the field). An out-of-range value raises
+Every field has the default of docs/spec.md §Defaults. An out-of-range value raises
 :class:`~dreampool_gpu.errors.InvalidConfigurationError` naming the field and
 the allowed range.
 """
@@ -28,7 +27,7 @@ class Metric(str, Enum):
 
 
 class RetrievalMode(str, Enum):
-    """Retrieval methods of DOMAIN.md section 2; ``hard`` is an alias of ``similar``."""
+    """Retrieval methods of docs/spec.md §Retrieval; ``hard`` is an alias of ``similar``."""
 
     SIMILAR = "similar"
     CLASS = "class"
@@ -154,11 +153,11 @@ class PoolConfig:
         ivf_nprobe: IVF lists visited per query.
         ivf_refine_factor: IVF candidates re-scored exactly per query, as a multiple of k.
         churn_rebuild_fraction: evictions since the last refresh, as a fraction of the
-            pool size, after which the IVF index is refreshed (DOMAIN.md: 0.1).
+            pool size, after which the IVF index is refreshed (docs/spec.md §Memory budget: 0.1).
         memory_budget_mb: None (unlimited), MiB (a positive number) or a fraction of the
             device's memory as ``"N%"`` (GPU memory on CUDA, host RAM on CPU). The
             preallocated bank is sized to fit it and eviction keeps usage under it.
-        budget_threshold: share of the budget the pool may use (DOMAIN.md: 0.9), in (0, 1].
+        budget_threshold: share of the budget the pool may use (docs/spec.md §Memory budget: 0.9), in (0, 1].
         strict_budget: raise CapacityExceededError instead of dropping dreams when an
             accepted batch is larger than the whole pool (capacity or budget).
     """
@@ -276,7 +275,15 @@ class PoolConfig:
         return RetrievalMode.parse(self.retrieval_mode, "retrieval_mode")
 
     def replace(self, **changes: Any) -> PoolConfig:
-        """Return a copy with ``changes`` applied (validated again)."""
+        """Return a copy with ``changes`` applied (validated again).
+
+        Raises:
+            InvalidConfigurationError: an unknown field, or a value out of range.
+        """
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise InvalidConfigurationError(unknown[0], changes[unknown[0]], f"a known field ({', '.join(sorted(known))})")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ collective raises :class:`~dreampool_gpu.errors.CollectiveError`.
 from __future__ import annotations
 
 import builtins
+import copy
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ from dreampool_gpu import errors, persist
 from dreampool_gpu.config import PoolConfig, RetrievalMode
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import validate_dreams
+from dreampool_gpu.encoders import FeatureEncoder
 from dreampool_gpu.errors import (
     CheckpointCorruptError,
     CollectiveError,
@@ -174,6 +176,8 @@ class ShardedDreamPool:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.shard = shard
+        if isinstance(shard.encoder, FeatureEncoder):  # statistics are the pool's, refit collectively
+            shard.encoder.auto_refit = False
         backend = str(dist.get_backend(group))
         cuda = shard.device.type == "cuda" and "nccl" in backend
         self._comm = shard.device if cuda else torch.device("cpu")
@@ -337,7 +341,9 @@ class ShardedDreamPool:
             queries, k, mode, class_hint, classes, category, utility_threshold, utility_prior,
             fetch_k, mmr_lambda, min_dispersion, with_dreams))
         fields = [0] * 11 if req is None else req.fields(shard.bank.size)
-        table = self._agree(fields, error)
+        table = self._agree([*fields, shard.counters["added"]], error)
+        self._refit_if_due(int(table[:, -1].sum()))
+        table = table[:, :-1]
         if bool((table[:, 2:] != table[0, 2:]).any()):
             raise InvalidInputError("retrieve arguments", "the same mode, k, fetch_k, mmr_lambda, "
                                     "min_dispersion, utility_threshold, classes, category filter and "
@@ -356,6 +362,44 @@ class ShardedDreamPool:
             found = self._lookup(flat, [c * ids.shape[1] for c in counts], ("dreams",))
             dreams = found["dreams"].reshape(*ids.shape, *found["dreams"].shape[1:])
         return Retrieval(ids=ids, scores=scores, dreams=dreams)
+
+    def _refit_if_due(self, added: int) -> None:
+        """Collective: refit the feature encoder's statistics over every shard when ``added``
+        (entries added to the whole pool) doubled since the last fit; shards re-embed."""
+        encoder = self.shard.encoder
+        if isinstance(encoder, FeatureEncoder) and added > 0 and added >= 2 * encoder.fitted_on:
+            self.refit_statistics(fitted_on=added)
+
+    def refit_statistics(self, *, fitted_on: int | None = None) -> None:
+        """Collective: fit the feature encoder's standardisation on the union of the shards.
+
+        One ``all_reduce`` of per-feature sums, sums of squares and the count; every
+        shard then holds identical statistics and re-embeds its entries (as a single
+        pool's automatic refit does). Runs by itself inside :meth:`retrieve` whenever
+        the pool's count of added entries doubles. A no-op for other encoders.
+        """
+        shard = self.shard
+        if not isinstance(shard.encoder, FeatureEncoder):
+            return
+        with shard._lock:
+            live = shard.bank.slots_by_age()
+            cols = shard.bank.columns
+            c = shard.encoder.content(cols["chroma"][live], cols["spectral"][live]).double()
+            local = torch.cat([c.sum(0), c.square().sum(0), torch.tensor([float(c.shape[0])], dtype=torch.float64,
+                                                                          device=c.device)])
+        total = self._all_reduce(local.to(self._comm)).to(shard.device)
+        d = c.shape[1]
+        n = float(total[-1])
+        if n == 0:
+            return
+        mean = total[:d] / n
+        var = total[d:2 * d] / n - mean.square()
+        added = fitted_on if fitted_on is not None else int(self._all_reduce(
+            torch.tensor([shard.counters["added"]], dtype=torch.float64, device=self._comm))[0])
+        with shard._lock:
+            candidate = copy.deepcopy(shard.encoder)
+            candidate.set_statistics(mean, var, fitted_on=added)
+            shard._install_embeddings(*shard._embed_live(candidate), candidate)
 
     def _parse(self, queries: Any, k: Any, mode: Any, class_hint: Any, classes: Any, category: Any,
                utility_threshold: Any, utility_prior: Any, fetch_k: Any, mmr_lambda: Any,
@@ -778,7 +822,7 @@ def _rank_config(config: PoolConfig) -> PoolConfig:
 def is_sharded_checkpoint(path: Any) -> bool:
     """True when ``path`` is a directory holding a sharded checkpoint's manifest."""
     try:
-        manifest = json.loads((Path(os.fspath(path)) / _MANIFEST).read_bytes())
+        manifest = json.loads(persist.read_manifest_bytes(Path(os.fspath(path)) / _MANIFEST))
     except (OSError, TypeError, ValueError, RecursionError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == SHARDED_FORMAT
@@ -824,7 +868,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
     """
     target = root / _MANIFEST
     try:
-        manifest = json.loads(target.read_bytes())
+        manifest = json.loads(persist.read_manifest_bytes(target))
     except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointCorruptError(target, f"unreadable sharded manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
@@ -876,10 +920,13 @@ def _collect(root: Path, manifest: dict[str, Any], keep_tag: Callable[[int], boo
     if not marks:
         marks = {default_tag: default_tag << TAG_BITS}
     parts: list[dict[str, torch.Tensor]] = []
+    encoder: tuple[str, dict[str, torch.Tensor] | None] = ("features", None)
     for entry in shards:
         if not any(keep_tag(int(t)) for t in entry["watermarks"]):
             continue
         snap = persist.read_checkpoint(root / entry["path"])
+        if encoder[1] is None:  # every shard holds the same encoder state (statistics are refit collectively)
+            encoder = (snap.encoder_kind, snap.encoder_state)
         ids = snap.columns["ids"]
         keep = (ids >= 0) & torch.tensor([keep_tag(int(t)) for t in (ids >> TAG_BITS).tolist()],
                                          dtype=torch.bool)
@@ -907,7 +954,8 @@ def _collect(root: Path, manifest: dict[str, Any], keep_tag: Callable[[int], boo
                 counters[key] = counters.get(key, 0) + int(value)
     issuing = max(marks, key=lambda t: marks[t])
     snap = persist.PoolSnapshot(config=pool.config, size=size, next_id=marks[issuing], extent=size,
-                                counters=counters, columns=columns, index_kind="", index_bytes=None)
+                                counters=counters, columns=columns, index_kind="", index_bytes=None,
+                                encoder_kind=encoder[0], encoder_state=encoder[1])
     with pool._lock:
         persist.restore(pool, snap)
     return pool, marks

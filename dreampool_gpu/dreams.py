@@ -56,6 +56,9 @@ _TWO_PI = 2.0 * math.pi
 _GREY_EPS = 1e-6
 
 
+SINGLE_DREAM_HINT = "one dream needs a batch dimension: pass dream[None] or dream.unsqueeze(0)"
+
+
 def as_dream_batch(dreams: Any, name: str = "dreams") -> torch.Tensor:
     """Return ``dreams`` as a floating ``[N, R, C, L, 3]`` tensor, values unchecked.
 
@@ -68,6 +71,8 @@ def as_dream_batch(dreams: Any, name: str = "dreams") -> torch.Tensor:
     """
     t = as_tensor(dreams, name)
     check_float(t, name)
+    if t.dim() == 4 and t.shape[-1] == 3:
+        raise DimensionMismatchError(f"[N, R, C, L, 3] ({SINGLE_DREAM_HINT})", list(t.shape), name)
     check_shape(t, (None, None, None, None, 3), name)
     if min(t.shape[1:4]) < 1:
         raise DimensionMismatchError("[N, R>=1, C>=1, L>=1, 3]", list(t.shape), name)

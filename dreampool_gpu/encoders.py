@@ -135,6 +135,7 @@ class FeatureEncoder:
         self.mean = torch.zeros(self.content_dim, device=device)
         self.std = torch.ones(self.content_dim, device=device)
         self.fitted_on = 0  # entries added to the pool when the statistics were fitted
+        self.auto_refit = True  # the pool refits on its own schedule (off for shards of a sharded pool)
         self._version = 0
 
     @property
@@ -172,14 +173,24 @@ class FeatureEncoder:
         """
         c = self.content(chroma, spectral).double()
         if c.shape[0] > 0:
-            self.mean = c.mean(0).float()
-            self.std = torch.sqrt(c.var(0, correction=0) + _STD_FLOOR**2).float()
+            self.set_statistics(c.mean(0), c.var(0, correction=0), fitted_on=fitted_on)
+        else:
+            self.fitted_on = fitted_on
+            self._version += 1
+
+    def set_statistics(self, mean: torch.Tensor, var: torch.Tensor, *, fitted_on: int) -> None:
+        """Use ``mean`` and ``var`` ``[content_dim]`` (e.g. reduced over the shards of a pool). Bumps :attr:`version`."""
+        self.mean = mean.to(self.projection.device, torch.float32)
+        self.std = torch.sqrt(var.clamp(min=0) + _STD_FLOOR**2).to(self.projection.device, torch.float32)
         self.fitted_on = fitted_on
         self._version += 1
 
     def needs_refit(self, added: int) -> bool:
-        """Whether the statistics are due: never fitted, or ``added`` doubled since the last fit."""
-        return added > 0 and added >= 2 * self.fitted_on
+        """Whether the statistics are due: never fitted, or ``added`` doubled since the last fit.
+
+        Always False when :attr:`auto_refit` is off (a sharded pool refits collectively).
+        """
+        return self.auto_refit and added > 0 and added >= 2 * self.fitted_on
 
     def _content_block(self, chroma: torch.Tensor, spectral: torch.Tensor | None) -> torch.Tensor:
         z = (self.content(chroma, spectral) - self.mean) / self.std

@@ -7,6 +7,7 @@ state), so ``except ValueError`` keeps working.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -108,3 +109,41 @@ class CollectiveError(DreamPoolError, RuntimeError):
         self.collective = collective
         super().__init__(f"rank {rank}: collective {collective} failed (a rank that did not take part, "
                          f"or a timeout): {reason}")
+
+class CheckpointNotFoundError(DreamPoolError, FileNotFoundError):
+    """No checkpoint at a path (nothing there, and no copy left by an interrupted save).
+
+    Attributes:
+        path: the path asked for.
+    """
+
+    def __init__(self, path: Any, reason: str = "no such file or directory") -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(errno.ENOENT, f"no checkpoint at {path}: {reason}")
+        self.filename = str(path)
+
+    def __str__(self) -> str:
+        return f"no checkpoint at {self.path}: {self.reason}"
+
+
+class InsufficientMemoryError(DreamPoolError, MemoryError):
+    """A pool's preallocated storage does not fit the memory available on its device.
+
+    Raised before anything is allocated.
+
+    Attributes:
+        field: the configuration field that sized the allocation.
+        needed_bytes: bytes the allocation would take.
+        available_bytes: bytes available on the device now.
+    """
+
+    def __init__(self, field: str, value: Any, needed_bytes: int, available_bytes: int, device: Any) -> None:
+        self.field = field
+        self.value = value
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+        super().__init__(
+            f"{field}={value!r} needs {needed_bytes:,} bytes on {device}, but {available_bytes:,} bytes "
+            f"are available: lower {field}"
+        )

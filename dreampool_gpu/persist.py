@@ -30,6 +30,7 @@ The same content travels as a plain dict (:func:`to_state_dict`,
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import dataclasses
 import errno
@@ -40,6 +41,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -58,13 +60,15 @@ from safetensors.torch import save as save_safetensors
 from dreampool_gpu.bank import column_specs
 from dreampool_gpu.config import DREAM_DTYPES, PoolConfig
 from dreampool_gpu.devices import resolve_device
-from dreampool_gpu.dreams import NUM_HUE_CATEGORIES
+from dreampool_gpu.dreams import NUM_HUE_CATEGORIES, chroma_signature
 from dreampool_gpu.errors import (
     CheckpointCorruptError,
+    CheckpointNotFoundError,
     DreamPoolError,
     InvalidConfigurationError,
     InvalidInputError,
 )
+from dreampool_gpu.spectral import spectral_features
 
 if TYPE_CHECKING:
     from dreampool_gpu.pool import DreamPool
@@ -116,7 +120,9 @@ class PoolSnapshot:
         counters: the pool's counters.
         columns: name -> ``[extent, ...]`` CPU tensor, one per bank column.
         index_kind: ``SearchIndex.kind`` of the engine that produced ``index_bytes``.
-        index_bytes: serialized engine state, or None (rebuild from the bank).
+        index_bytes: serialized engine state behind a header naming the bank it was
+            built from (:func:`_tag_index`), or None (rebuild from the bank).
+        origin: the checkpoint directory it was read from (None for a state dict).
         encoder_kind: ``features``, ``learned``, ``module`` (a user's nn.Module) or ``custom``.
         encoder_state: the encoder's ``state_dict()`` as CPU tensors; None for a format-1
             checkpoint (the loading pool re-embeds its bank).
@@ -132,6 +138,7 @@ class PoolSnapshot:
     index_bytes: bytes | None
     encoder_kind: str = "features"
     encoder_state: dict[str, torch.Tensor] | None = None
+    origin: Path | None = None
 
 
 class _Invalid(Exception):
@@ -152,6 +159,7 @@ def snapshot(pool: DreamPool) -> PoolSnapshot:
     bank = pool.bank
     extent = bank.extent
     columns = {name: t[:extent].detach().to("cpu", copy=True).contiguous() for name, t in bank.columns.items()}
+    engine_bytes = pool.index.serialize()
     return PoolSnapshot(
         config=pool.config,
         size=bank.size,
@@ -160,7 +168,7 @@ def snapshot(pool: DreamPool) -> PoolSnapshot:
         counters=dict(pool.counters),
         columns=columns,
         index_kind=pool.index.kind,
-        index_bytes=pool.index.serialize(),
+        index_bytes=None if engine_bytes is None else _tag_index(engine_bytes, _bank_digest(columns)),
         encoder_kind=encoder_kind(pool.encoder),
         encoder_state={name: t.detach().to("cpu", copy=True).contiguous()
                        for name, t in pool.encoder.state_dict().items()},
@@ -177,27 +185,43 @@ def encoder_kind(encoder: Any) -> str:
 
 
 def _check_encoder(pool: DreamPool, snap: PoolSnapshot) -> None:
-    """The saved encoder state fits ``pool.encoder``: same kind, names, shapes and dtypes."""
+    """The saved encoder state fits ``pool.encoder``: same kind, names, shapes and dtypes, and
+    for the feature encoder the projection its configuration (seed, parts, classes) makes.
+
+    Raises:
+        CheckpointCorruptError: (read from a directory) naming the encoder file.
+        InvalidConfigurationError: (a state dict) naming ``encoder``.
+    """
     if snap.encoder_state is None:
         return
     mine = encoder_kind(pool.encoder)
+    problem = None
     if mine != snap.encoder_kind:
-        raise InvalidConfigurationError(
-            "encoder", mine, f"a {snap.encoder_kind!r} encoder, as the state was saved with "
-            "(pass encoder= a module of the saved architecture for a 'module' or 'custom' encoder)")
+        problem = (mine, f"a {snap.encoder_kind!r} encoder, as the state was saved with (pass encoder= a module "
+                         "of the saved architecture for a 'module' or 'custom' encoder)")
     current = pool.encoder.state_dict()
     for name in sorted(set(current) | set(snap.encoder_state)):
         a, b = current.get(name), snap.encoder_state.get(name)
-        if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
+        if problem is None and (a is None or b is None or a.shape != b.shape or a.dtype != b.dtype):
             got = "absent" if b is None else f"{list(b.shape)} {b.dtype}"
-            want = "absent" if a is None else f"{list(a.shape)} {a.dtype}"
-            raise InvalidConfigurationError("encoder", f"state {name!r}: {got}", want)
+            problem = (f"state {name!r}: {got}", "absent" if a is None else f"{list(a.shape)} {a.dtype}")
+    if problem is None and mine == "features" and not torch.equal(
+        current["projection"].cpu(), snap.encoder_state["projection"]
+    ):
+        problem = ("another projection", "the projection of this configuration (encoder_seed, include_*, num_classes)")
+    if problem is None:
+        return
+    if snap.origin is not None:
+        raise CheckpointCorruptError(snap.origin / ENCODER, f"inconsistent data: expected {problem[1]}, "
+                                                            f"got {problem[0]}")
+    raise InvalidConfigurationError("encoder", problem[0], problem[1])
 
 
 def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
     """Replace the pool's bank, counters and index with ``snap`` (caller holds the lock).
 
     Every check runs before the first write: on error the pool is unchanged.
+    A sample of entries must recompute from their stored dreams (:func:`_spot_check`).
     Dreams are cast to the pool's dream dtype. The query cache is cleared; the
     index is restored from ``snap.index_bytes`` when its engine kind matches and
     rebuilt from the bank otherwise.
@@ -216,6 +240,7 @@ def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
             "capacity", pool.config.capacity, f"at least {snap.extent} (the saved extent) to hold this state"
         )
     _check_encoder(pool, snap)
+    _spot_check(pool, snap)
     bank = pool.bank
     for name, column in bank.columns.items():
         column[: snap.extent].copy_(snap.columns[name])
@@ -233,9 +258,10 @@ def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
 def _restore_index(pool: DreamPool, snap: PoolSnapshot) -> None:
     index = pool.index
     index.reset()
-    if snap.index_bytes is not None and snap.index_kind == index.kind:
+    engine_bytes = _untag_index(snap, pool)
+    if engine_bytes is not None and snap.index_kind == index.kind:
         try:
-            index.deserialize(snap.index_bytes)
+            index.deserialize(engine_bytes)
             return
         except Exception as exc:  # any engine failure is recoverable: the bank is the truth
             warnings.warn(
@@ -244,9 +270,120 @@ def _restore_index(pool: DreamPool, snap: PoolSnapshot) -> None:
                 stacklevel=4,
             )
             index.reset()
-    elif snap.index_bytes is not None:
+    elif engine_bytes is not None:
         logger.info("checkpoint index is %s, pool uses %s: rebuilding from the bank", snap.index_kind, index.kind)
     index.add(pool.bank.slots_by_age())
+
+
+# --------------------------------------------------------------- consistency
+_INDEX_MAGIC = b"dreampool-index-of-bank:"
+_SPOT_SAMPLE = 32  # live entries recomputed from their dreams on every restore
+# |recomputed - stored| allowed, by the dreams' storage dtype (features were computed from the
+# caller's dreams before the cast to it): chroma absolute, embeddings relative to their scale
+_SPOT_TOLERANCE = {torch.float32: (1e-5, 1e-3), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 2e-2)}
+
+
+def _bank_digest(columns: dict[str, torch.Tensor]) -> str:
+    """sha256 of what a search index is built from: the ``ids`` and ``embeddings`` columns."""
+    h = hashlib.sha256()
+    for name in ("ids", "embeddings"):
+        h.update(columns[name].contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _tag_index(engine_bytes: bytes, digest: str) -> bytes:
+    """Index bytes behind a header naming the bank digest they were built from."""
+    return _INDEX_MAGIC + digest.encode() + b"\n" + engine_bytes
+
+
+def _untag_index(snap: PoolSnapshot, pool: DreamPool) -> bytes | None:
+    """The engine bytes of ``snap``'s index when it was built from ``snap``'s bank, else None.
+
+    An index of another bank (copied from another pool, or from another save) would
+    answer for entries that are not there: it is rebuilt from the bank, with a
+    :class:`CheckpointRecoveryWarning`.
+    """
+    data = snap.index_bytes
+    if data is None:
+        return None
+    head, _, body = data.partition(b"\n")
+    if not head.startswith(_INDEX_MAGIC):
+        reason = "it names no bank it was built from"
+    elif head[len(_INDEX_MAGIC):].decode(errors="replace") != _bank_digest(snap.columns):
+        reason = "it was built from another bank (digest mismatch)"
+    else:
+        return body
+    where = "" if snap.origin is None else f" in {snap.origin}"
+    warnings.warn(f"search index{where} not used: {reason}; rebuilt from the bank",
+                  CheckpointRecoveryWarning, stacklevel=5)
+    return None
+
+
+def _spot_check(pool: DreamPool, snap: PoolSnapshot) -> None:
+    """Refuse a snapshot whose derived columns do not follow from its dreams under ``pool``'s encoder.
+
+    Checksums prove the bytes are the ones written, not that they agree: a manifest
+    signed again with another ``encoder_seed``, embeddings scaled under cosine, or
+    chroma of other dreams would load and answer differently. Checked: every live
+    embedding has unit norm under cosine; for up to :data:`_SPOT_SAMPLE` live entries
+    (evenly spaced), chroma and embeddings recomputed from the stored dreams match.
+
+    Raises:
+        CheckpointCorruptError: (read from a directory) naming the bank file.
+        InvalidInputError: (a state dict) naming ``state_dict``.
+    """
+    alive = torch.nonzero(snap.columns["ids"] >= 0).squeeze(1)
+    problem = None
+    if alive.numel():
+        stored = snap.columns["embeddings"][alive]
+        if pool.config.metric.value == "cosine":
+            norms = stored.norm(dim=1)
+            worst = float((norms - 1).abs().max())
+            if worst > 1e-3:
+                problem = f"cosine embeddings of unit norm, norms up to {float(norms.max()):.6g}"
+        if problem is None:
+            problem = _recompute_problem(pool, snap, alive)
+    if problem is None:
+        return
+    reason = f"inconsistent data: {problem}; the bank does not follow from its dreams with this configuration"
+    if snap.origin is not None:
+        raise CheckpointCorruptError(snap.origin / BANK, reason)
+    raise InvalidInputError("state_dict", "a bank whose derived columns follow from its dreams", reason)
+
+
+def _recompute_problem(pool: DreamPool, snap: PoolSnapshot, alive: torch.Tensor) -> str | None:
+    """What differs when a sample of entries is recomputed from its dreams; None when nothing does."""
+    picks = alive[torch.linspace(0, alive.numel() - 1, min(_SPOT_SAMPLE, alive.numel())).round().long().unique()]
+    cols = {name: snap.columns[name][picks].to(pool.device) for name in ("dreams", "chroma", "embeddings", "class_label")}
+    chroma_tol, embed_tol = _SPOT_TOLERANCE.get(cols["dreams"].dtype, _SPOT_TOLERANCE[torch.bfloat16])
+    chroma = chroma_signature(cols["dreams"])
+    chroma_gap = float((chroma - cols["chroma"]).abs().max())
+    if chroma_gap > chroma_tol:
+        return f"stored chroma differs from the chroma of the stored dreams by up to {chroma_gap:.3g}"
+    if snap.encoder_state is None:  # format 1: re-embedded on restore, nothing to compare with
+        return None
+    embeddings = _embeddings_as_added(pool, snap, cols["dreams"], cols["class_label"].long())
+    scale = 1.0 + float(cols["embeddings"].abs().max())
+    embed_gap = float((embeddings - cols["embeddings"]).abs().max())
+    if embed_gap > embed_tol * scale:
+        return (f"stored embeddings differ from the encoder's embeddings of the stored dreams by up to "
+                f"{embed_gap:.3g} (encoder_seed, include_* or metric changed?)")
+    return None
+
+
+def _embeddings_as_added(pool: DreamPool, snap: PoolSnapshot, dreams: torch.Tensor,
+                         labels: torch.Tensor) -> torch.Tensor:
+    """``[n, D]`` bank embeddings of ``dreams`` ``[n, R, C, L, 3]`` under the snapshot's encoder state.
+
+    Computed as :meth:`DreamPool.add` embeds (features of the dreams, then
+    ``encode_entries``), by a copy of ``pool``'s encoder holding ``snap``'s state.
+    """
+    encoder = copy.deepcopy(pool.encoder)
+    encoder.load_state_dict(snap.encoder_state)
+    dreams = dreams.float()
+    spectral = spectral_features(dreams, window=pool.config.window)
+    z = encoder.encode_entries(dreams, chroma=chroma_signature(dreams), spectral=spectral, class_labels=labels)
+    return pool._embed(z)  # noqa: SLF001 - the bank form of an embedding is the pool's rule
 
 
 def config_for_load(snap: PoolSnapshot, device: str | torch.device | None) -> PoolConfig:
@@ -503,7 +640,7 @@ def _as_path(path: Any) -> Path:
 def _is_checkpoint(target: Path) -> bool:
     """True when ``target`` is a directory whose manifest names this format (replaceable)."""
     try:
-        manifest = json.loads((target / MANIFEST).read_bytes())
+        manifest = json.loads(_read_regular(target / MANIFEST, _MANIFEST_MAX)[0])
     except (OSError, ValueError, RecursionError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
@@ -566,8 +703,25 @@ def _discard(target: Path, leftover: Path) -> None:
 
 
 def _sibling(target: Path, kind: str) -> Path:
-    """A fresh hidden sibling ``.<name>.<kind>-<pid>-<random>`` of ``target``."""
-    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    """A fresh hidden sibling ``.<name>.<kind>-<pid>-<random>`` of ``target`` (see :func:`_sibling_prefix`)."""
+    return target.parent / f"{_sibling_prefix(target, kind)}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+_NAME_MAX = 255  # bytes in one path component (Linux, macOS, Windows)
+_SUFFIX_MAX = 7 + 1 + 12  # "<pid>-<random>": pids up to 7 digits
+
+
+def _sibling_prefix(target: Path, kind: str) -> str:
+    """``.<name>.<kind>-``, the name shortened (to a head and a hash of it) where the sibling's
+    name would pass NAME_MAX: a valid checkpoint name of up to 255 bytes keeps working."""
+    name = target.name
+    budget = _NAME_MAX - _SUFFIX_MAX - len(f"..{kind}-")
+    encoded = os.fsencode(name)
+    if len(encoded) > budget:
+        digest = hashlib.sha256(encoded).hexdigest()[:16]
+        head = encoded[: budget - len(digest) - 1].decode(errors="ignore")
+        name = f"{head}~{digest}"
+    return f".{name}.{kind}-"
 
 
 @functools.cache
@@ -599,7 +753,7 @@ def _rename_exchange(a: Path, b: Path) -> bool:
 
 
 def _siblings(target: Path, kind: str) -> list[Path]:
-    prefix = f".{target.name}.{kind}-"
+    prefix = _sibling_prefix(target, kind)
     try:
         return [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
     except OSError:
@@ -666,10 +820,30 @@ def _identity(path: Path) -> tuple[int, int, int, str] | None:
     """
     try:
         st = os.stat(path)
-        manifest = (path / MANIFEST).read_bytes()
+        manifest, _ = _read_regular(path / MANIFEST, _MANIFEST_MAX)
     except OSError:
         return None
     return st.st_dev, st.st_ino, st.st_ctime_ns, hashlib.sha256(manifest).hexdigest()
+
+
+def manifest_digest(path: PathArg) -> str | None:
+    """sha256 of the manifest of the checkpoint at ``path`` (it holds every file's checksum);
+    None when there is none to read (never blocks on a special file)."""
+    try:
+        data, _ = _read_regular(Path(path) / MANIFEST, _MANIFEST_MAX)
+    except OSError:
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
+def checkpoint_source(path: PathArg) -> Path | None:
+    """The directory a read of ``path`` reads first: ``path`` itself, else the newest copy an
+    interrupted save left (``.old`` sibling); None when there is neither."""
+    target = _as_path(path)
+    if target.is_dir():
+        return target
+    candidates = sorted(_siblings(target, "old"), key=_mtime, reverse=True)
+    return candidates[0] if candidates and not os.path.lexists(target) else None
 
 
 def _mtime(path: Path) -> float:
@@ -684,8 +858,10 @@ def _read_once(target: Path, notes: list[str]) -> PoolSnapshot:
     if target.is_dir():
         return _read_directory(target, notes)
     candidates = sorted(_siblings(target, "old"), key=_mtime, reverse=True)
-    if os.path.lexists(target) or not candidates:
-        raise CheckpointCorruptError(target, "no checkpoint directory here")
+    if os.path.lexists(target):
+        raise CheckpointCorruptError(target, "a file, not a checkpoint directory (DreamPool.save writes a directory)")
+    if not candidates:
+        raise CheckpointNotFoundError(target)
     errors: list[CheckpointCorruptError] = []
     for candidate in candidates:  # newest first; one that fails to verify is skipped
         found: list[str] = []
@@ -729,18 +905,25 @@ def _read_directory(target: Path, notes: list[str]) -> PoolSnapshot:
         except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
             raise CheckpointCorruptError(target / ENCODER, f"not a readable safetensors file ({exc})") from None
     try:
-        return _build(config, state, columns, index_bytes, encoder_state)
+        snap = _build(config, state, columns, index_bytes, encoder_state)
     except _Invalid as exc:
         raise CheckpointCorruptError(target / _PART_FILE[exc.where], str(exc)) from None
+    snap.origin = target
+    return snap
 
 
 def _read_manifest(target: Path) -> dict[str, dict[str, Any]]:
     """The manifest's file table, after checking format, version and digest."""
     where = target / MANIFEST
     try:
-        manifest = json.loads(where.read_bytes())
+        data, _ = _read_regular(where, _MANIFEST_MAX)
+        if len(data) > _MANIFEST_MAX:
+            raise CheckpointCorruptError(where, f"larger than a manifest can be ({_MANIFEST_MAX} bytes)")
+        manifest = json.loads(data)
     except FileNotFoundError:
         raise CheckpointCorruptError(where, "missing") from None
+    except _NotRegular as exc:
+        raise CheckpointCorruptError(where, exc.strerror) from None
     except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointCorruptError(where, f"not readable JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -770,18 +953,78 @@ def _read_manifest(target: Path) -> dict[str, dict[str, Any]]:
 
 
 def _read_verified(path: Path, entry: dict[str, Any]) -> bytes:
+    expected = entry["bytes"]
+    if expected < 0:
+        raise CheckpointCorruptError(path.parent / MANIFEST, f"a size >= 0 for {path.name}, got {expected}")
     try:
-        data = path.read_bytes()
+        data, on_disk = _read_regular(path, expected)
     except FileNotFoundError:
         raise CheckpointCorruptError(path, "missing") from None
+    except _NotRegular as exc:
+        raise CheckpointCorruptError(path, exc.strerror) from None
     except OSError as exc:
         raise CheckpointCorruptError(path, f"unreadable ({exc})") from None
-    if len(data) != entry["bytes"]:
-        raise CheckpointCorruptError(path, f"expected {entry['bytes']} bytes, found {len(data)} (truncated?)")
+    if len(data) < expected:
+        raise CheckpointCorruptError(path, f"expected {expected} bytes, found {len(data)}: "
+                                           f"{expected - len(data)} bytes missing (truncated)")
+    if len(data) > expected:
+        raise CheckpointCorruptError(path, f"expected {expected} bytes, found {max(on_disk, len(data))}: "
+                                           f"{max(on_disk, len(data)) - expected} bytes more than the manifest "
+                                           "lists (appended to)")
     actual = hashlib.sha256(data).hexdigest()
     if actual != entry["sha256"]:
         raise CheckpointCorruptError(path, f"sha256 mismatch: manifest says {entry['sha256']}, file has {actual}")
     return data
+
+
+_MANIFEST_MAX = 1 << 20  # bytes: a manifest lists five files
+
+
+class _NotRegular(OSError):
+    """Internal: a checkpoint path names a FIFO, device, socket or directory, not a regular file."""
+
+
+def read_manifest_bytes(path: Path) -> bytes:
+    """At most ``_MANIFEST_MAX + 1`` bytes of the regular file ``path`` (never blocks).
+
+    Raises:
+        OSError: missing, unreadable, or not a regular file (a FIFO, device, directory).
+    """
+    return _read_regular(path, _MANIFEST_MAX)[0]
+
+
+def _read_regular(path: Path, limit: int) -> tuple[bytes, int]:
+    """``(at most limit + 1 bytes, size on disk)`` of the regular file at ``path``.
+
+    Opened non-blocking and checked with ``fstat`` before any read, so a FIFO never
+    blocks and ``/dev/zero`` is never read; only ``limit + 1`` bytes are read, so a
+    file longer than it should be costs no more memory than a right one.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``. _NotRegular: not a regular file.
+        OSError: anything else the filesystem reports.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _NotRegular(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)})", str(path))
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks), st.st_size
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def _parse_json(path: Path, data: bytes) -> Any:

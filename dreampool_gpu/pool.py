@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import threading
 import time
@@ -20,6 +21,7 @@ from dreampool_gpu.bank import TensorBank, column_specs
 from dreampool_gpu.budget import (
     MemoryBudget,
     batch_survivors,
+    check_allocation,
     entry_nbytes,
     eviction_order,
     fit_capacity,
@@ -28,7 +30,7 @@ from dreampool_gpu.budget import (
 from dreampool_gpu.cache import QueryCache, query_keys
 from dreampool_gpu.config import EvictionPolicy, Metric, PoolConfig, RetrievalMode
 from dreampool_gpu.devices import resolve_device
-from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
+from dreampool_gpu.dreams import SINGLE_DREAM_HINT, chroma_signature, hue_category, validate_dreams
 from dreampool_gpu.encoders import Encoder, FeatureEncoder
 from dreampool_gpu.errors import (
     CapacityExceededError,
@@ -110,6 +112,24 @@ class _Queries:
                         part(self.dreams))
 
 
+_CHROMA_METRICS = ("cosine", "euclidean")
+
+
+def _chroma_scores(queries: torch.Tensor, chroma: torch.Tensor, metric: str) -> torch.Tensor:
+    """``[b, n]`` chroma scores, higher is better: cosine (hue direction), or minus the RGB
+    distance (brightness-aware; exact differences, batch-size invariant)."""
+    if metric == "cosine":
+        return rowwise_cosine(queries, chroma)
+    return -torch.cdist(queries.float(), chroma.float(), compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _both(mask: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask & keep`` where both are given (``keep`` ``[capacity]`` broadcasts over query rows)."""
+    if keep is None:
+        return mask
+    return keep[None, :] if mask is None else mask & (keep[None, :] if mask.dim() == 2 else keep)
+
+
 def _by_value(
     keys: torch.Tensor,
     width: int,
@@ -171,6 +191,7 @@ class DreamPool:
                                 budget_bytes=self.budget.budget_bytes, device=self.device)
         if capacity != self.config.capacity:
             self.config = self.config.replace(capacity=capacity)
+        check_allocation(self.config, specs, capacity, self.device)  # a typed error, not the allocator's
         self.bank = TensorBank(
             self.config.capacity,
             self.config.dream_shape,
@@ -191,6 +212,77 @@ class DreamPool:
 
     def __len__(self) -> int:
         return self.bank.size
+
+    def __contains__(self, entry_id: object) -> bool:
+        """``id in pool``: True while the entry with this int id is stored (evicted ids are not).
+
+        Raises:
+            InvalidInputError: ``entry_id`` is not an int (bools and floats refused).
+        """
+        ok = isinstance(entry_id, (int, np.integer)) and not isinstance(entry_id, (bool, np.bool_))
+        if isinstance(entry_id, torch.Tensor) and entry_id.dim() == 0:
+            ok = not entry_id.is_floating_point() and not entry_id.is_complex() and entry_id.dtype != torch.bool
+            entry_id = int(entry_id) if ok else entry_id
+        if not ok:
+            raise InvalidInputError("id", "an int entry id", repr(entry_id))
+        with self._lock:
+            query = torch.tensor([int(entry_id)], dtype=torch.int64, device=self.device)
+            return 0 <= int(entry_id) < self.bank.next_id and bool(self.bank.slots_of(query)[0] >= 0)
+
+    def __repr__(self) -> str:
+        with self._lock:
+            used = MemoryBudget.usage(self.bank, self.index)
+            budget = "" if self.budget.budget_bytes is None else f" of {self.budget.budget_bytes / 2**20:.1f} MiB budget"
+            return (f"DreamPool(size={self.bank.size}/{self.config.capacity}, device={self.device}, "
+                    f"engine={self.index.kind}, dream_shape={self.config.dream_shape}, "
+                    f"embedding_dim={self.config.embedding_dim}, memory={used / 2**20:.2f} MiB{budget})")
+
+    def to(self, device: str | torch.device) -> DreamPool:
+        """Move the pool to ``device`` in place and return it (as ``nn.Module.to`` does).
+
+        The bank, encoder and window spectrum move; the search index is rebuilt on
+        the new device from the bank; the query cache is emptied (its embeddings were
+        on the old device). Entries, ids, counters and the dreams' dtype are kept
+        (``dream_dtype="auto"`` is pinned to the stored dtype). On error the pool is
+        unchanged.
+
+        Raises:
+            DeviceUnavailableError: ``device`` is CUDA and absent.
+            InvalidConfigurationError: ``device`` names no device, or the budget
+                (``"N%"`` of the new device) cannot hold the bank.
+            InsufficientMemoryError: the bank does not fit the new device's free memory.
+        """
+        with self._lock:
+            target = resolve_device(device)
+            if target == self.device:
+                return self
+            dtype = self.bank.columns["dreams"].dtype
+            config = self.config.replace(device=str(target), dream_dtype=str(dtype).removeprefix("torch."))
+            budget = MemoryBudget(config.memory_budget_mb, device=target, threshold=config.budget_threshold)
+            fitted = fit_capacity(config, entry_bytes=self.bank.entry_nbytes(), budget_bytes=budget.budget_bytes,
+                                  device=target)
+            if fitted < config.capacity:
+                raise InvalidConfigurationError("memory_budget_mb", config.memory_budget_mb,
+                                                f"a budget on {target} holding the pool's {config.capacity} slots")
+            check_allocation(config, self.bank.specs, config.capacity, target)
+            columns = {name: t.to(target) for name, t in self.bank.columns.items()}
+            self.bank.columns, self.bank.device = columns, target
+            self.bank._order_revision, self.bank._sorted_ids = -1, columns["ids"]
+            self.bank._sorted_slots = columns["ids"]
+            self.bank.revision += 1
+            if callable(getattr(self.encoder, "to", None)):
+                self.encoder.to(target)
+            else:
+                for name, value in vars(self.encoder).items():
+                    if isinstance(value, torch.Tensor):
+                        setattr(self.encoder, name, value.to(target))
+            self._embedded_version = self.encoder.version  # a moved module has new parameter tensors
+            self.budget.close()
+            self.config, self.device, self.budget = config, target, budget
+            self.index = make_index(self.bank, config)
+            self.index.add(self.bank.slots_by_age())
+            self.cache.clear()
+            return self
 
     # ------------------------------------------------------------------ add
     def add(
@@ -232,9 +324,12 @@ class DreamPool:
                 than the whole pool holds (pool unchanged).
         """
         with self._lock:
+            force = v.check_flag(force, "force")
             batch = v.as_tensor(dreams, "dreams", device=self.device)
             batch = validate_dreams(batch, dream_shape=self.config.dream_shape)
             n = batch.shape[0]
+            if coherence is None:
+                raise InvalidInputError("coherence", "[N] values in [0, 1] (a scalar is broadcast)", None)
             coh = self._per_dream(coherence, n, "coherence", 0.0, 1.0)
             eng = self._per_dream(energy, n, "energy", 0.0, float("inf"))
             vio = self._per_dream(violation, n, "violation", 0.0, 1.0)
@@ -245,6 +340,7 @@ class DreamPool:
             if force:
                 passed = torch.ones_like(passed)
             accepted = torch.nonzero(passed).squeeze(1)
+            self._check_ids_left(int(accepted.numel()))
             budget_room = self.budget.room(self.bank, self.index)
             room = self.config.capacity if budget_room is None else min(self.config.capacity, budget_room)
             if accepted.numel() > room and self.config.strict_budget:
@@ -307,6 +403,15 @@ class DreamPool:
             self.counters["added"] += m - lost
             return out
 
+    def _check_ids_left(self, incoming: int) -> None:
+        """Refuse an add of ``incoming`` entries whose ids would pass the int64 maximum."""
+        left = torch.iinfo(torch.int64).max - self.bank.next_id  # next_id itself must stay an int64
+        if incoming > left:
+            raise CapacityExceededError(
+                f"ids exhausted: {incoming} dreams passed the gate but only {left} ids are left below the "
+                f"int64 maximum (next_id {self.bank.next_id}); ids are never reused"
+            )
+
     def _make_room(self, incoming: int, *, settle: bool = True) -> int:
         """Evict by the policy until ``incoming`` more entries fit the capacity and the budget.
 
@@ -349,6 +454,8 @@ class DreamPool:
         mmr_lambda: float | None = None,
         min_dispersion: float = 0.0,
         with_dreams: bool = False,
+        where: Any = None,
+        chroma_metric: str = "cosine",
     ) -> Retrieval:
         """Retrieve up to k entries per query, most relevant first.
 
@@ -373,6 +480,14 @@ class DreamPool:
             mmr_lambda: MMR trade-off for ``diverse``/``hybrid`` (default config; ``soft`` uses 1).
             min_dispersion: stop ``diverse``/``hybrid`` picks early below this dispersion.
             with_dreams: also gather the dreams of the results.
+            where: a filter applied before the k-NN and any re-ranking, in every mode:
+                a ``[capacity]`` bool mask over slots, or a callable that receives the
+                metadata columns (see :meth:`_where_columns`) as ``[capacity]`` tensors on
+                the pool's device and returns one. Only entries where it is True qualify.
+            chroma_metric: how the chroma modes (``similar``, ``class``, ``balanced``,
+                ``utility``, ``diverse``) score: ``"cosine"`` (the hue direction; brightness
+                ignored, so black matches any dark colour) or ``"euclidean"`` (minus the RGB
+                distance: brightness counts).
 
         Returns:
             :class:`Retrieval` with ``[B, k]`` ids and scores on the pool's device.
@@ -402,27 +517,32 @@ class DreamPool:
             fetch = max(k_, self.config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
             fetch = min(fetch, max(k_, self.config.capacity))  # candidates beyond capacity would all be padding
             categories = self._category_filter(category, q, mode_)
+            if chroma_metric not in _CHROMA_METRICS:
+                raise InvalidInputError("chroma_metric", f"one of {', '.join(_CHROMA_METRICS)}", repr(chroma_metric))
+            keep = self._where_mask(where)
+
+            def chroma(qs: _Queries, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                return self._chroma_topk(qs, k_, _both(mask, keep), metric=chroma_metric)
 
             if mode_ is RetrievalMode.SIMILAR:
-                scores, slots = self._chroma_topk(q, k_)
+                scores, slots = chroma(q)
             elif mode_ is RetrievalMode.CLASS:
                 labels = self.bank.columns["class_label"]
-                scores, slots = _by_value(hint, k_, lambda rows, c: self._chroma_topk(
-                    q.take(rows), k_, (labels == c)[None, :]))
+                scores, slots = _by_value(hint, k_, lambda rows, c: chroma(q.take(rows), (labels == c)[None, :]))
             elif mode_ is RetrievalMode.BALANCED:
-                parts = [self._chroma_topk(q, k_, self._class_mask(c)) for c in balanced]
+                parts = [chroma(q, self._class_mask(c)) for c in balanced]
                 scores = torch.cat([p[0] for p in parts], dim=1) if parts else self._empty(b)[0]
                 slots = torch.cat([p[1] for p in parts], dim=1) if parts else self._empty(b)[1]
             elif mode_ is RetrievalMode.UTILITY:
                 util = self.bank.columns["utility"]
-                scores, slots = self._chroma_topk(q, k_, (util >= utility_threshold)[None, :])
+                scores, slots = chroma(q, (util >= utility_threshold)[None, :])
             elif mode_ is RetrievalMode.DIVERSE:
-                scores, slots = self._diverse(q, k_, lam, min_dispersion)
+                scores, slots = self._diverse(q, k_, lam, min_dispersion, keep, chroma_metric)
             elif mode_ in (RetrievalMode.NEAREST, RetrievalMode.CATEGORY):
-                scores, slots = self._knn(self._query_embeddings(q, hint, prior), k_, categories)
+                scores, slots = self._knn(self._query_embeddings(q, hint, prior), k_, categories, keep)
             else:
                 lam_ = 1.0 if mode_ is RetrievalMode.SOFT and mmr_lambda is None else lam
-                scores, slots = self._hybrid(q, hint, prior, k_, fetch, lam_, min_dispersion, categories)
+                scores, slots = self._hybrid(q, hint, prior, k_, fetch, lam_, min_dispersion, categories, keep)
 
             ids = self.bank.gather("ids", slots)
             usage = self.bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
@@ -452,9 +572,10 @@ class DreamPool:
             InvalidInputError: utility out of range or not finite, ids never issued.
         """
         with self._lock:
-            id_t = v.as_tensor(ids, "ids", device=self.device)
-            v.check_int(id_t, "ids")
+            id_t = v.as_ids(ids, "ids", device=self.device)
             u = v.as_tensor(utility, "utility", device=self.device)
+            if u.numel() == 0 or (not u.is_floating_point() and u.dtype != torch.bool and not u.is_complex()):
+                u = u.float()  # integer utilities (0, 1) and empty lists are values in [0, 1] too
             v.check_float(u, "utility")
             if u.dim() == 0:
                 u = u.expand(id_t.shape)
@@ -463,8 +584,7 @@ class DreamPool:
             v.check_finite(u, "utility")
             v.check_range(u, "utility", 0.0, 1.0)
             flat_ids = id_t.reshape(-1).long()
-            if flat_ids.numel() and bool(((flat_ids < -1) | (flat_ids >= self.bank.next_id)).any()):
-                raise InvalidInputError("ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})", "unknown ids")
+            self._check_issued(flat_ids)
             slots = self.bank.slots_of(flat_ids)
             found = slots >= 0
             slots, values = slots[found], u.reshape(-1)[found].float()
@@ -675,7 +795,7 @@ class DreamPool:
             return out
 
     def diversity(self, ids: Any) -> dict[str, torch.Tensor]:
-        """Diversity of each result set: mean, min and max pairwise chroma distance (DOMAIN.md section 5).
+        """Diversity of each result set: mean, min and max pairwise chroma distance (docs/spec.md §Hybrid score and MMR).
 
         Args:
             ids: ``[B, k]`` int ids, e.g. ``retrieve(...).ids``; -1 and evicted ids are left out.
@@ -729,8 +849,15 @@ class DreamPool:
 
     # ------------------------------------------------------------- helpers
     def _embed(self, z: torch.Tensor) -> torch.Tensor:
-        """Bank form of encoder output: unit vectors for cosine, raw for euclidean."""
-        return F.normalize(z, dim=1) if self.config.metric is Metric.COSINE else z
+        """Bank form of encoder output ``[N, D]``: unit vectors for cosine, raw for euclidean.
+
+        Under cosine each row is first divided by its largest magnitude, so rows whose
+        squared norm would overflow (1e20) or underflow (1e-45) float32 keep their direction.
+        """
+        if self.config.metric is not Metric.COSINE:
+            return z
+        peak = z.abs().amax(dim=1, keepdim=True)
+        return F.normalize(z / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=1)
 
     def _per_dream(self, x: Any, n: int, name: str, low: float, high: float) -> torch.Tensor:
         if x is None:
@@ -780,6 +907,39 @@ class DreamPool:
             out.append(label)
         return out
 
+    def _where_columns(self) -> dict[str, torch.Tensor]:
+        """What a ``where`` callable receives: ``[capacity]`` copies on the pool's device.
+
+        ``coherence``, ``energy``, ``violation``, ``utility`` (NaN before any feedback),
+        ``util_mean`` float32; ``usage`` int32; ``class`` and ``hue`` int64 (class -1 =
+        none); ``age`` float32 seconds since the entry was added; ``id`` int64 (-1 on
+        free slots, which never qualify whatever the mask says).
+        """
+        cols = self.bank.columns
+        out = {name: cols[name].clone() for name in ("coherence", "energy", "violation", "utility", "util_mean",
+                                                      "usage", "ids")}
+        out["id"] = out.pop("ids")
+        out["class"] = cols["class_label"].long()
+        out["hue"] = cols["hue_category"].long()
+        out["age"] = (time.time() - cols["inserted_at"]).float()
+        return out
+
+    def _where_mask(self, where: Any) -> torch.Tensor | None:
+        """``where`` as a ``[capacity]`` bool mask on the pool's device (None: no filter)."""
+        if where is None:
+            return None
+        expected = f"a [{self.config.capacity}] bool mask, or a callable of the metadata columns returning one"
+        if callable(where) and not isinstance(where, (torch.Tensor, np.ndarray)):
+            try:
+                where = where(self._where_columns())
+            except Exception as exc:  # the caller's function: its failure is a bad argument
+                raise InvalidInputError("where", expected, f"a callable that raised {type(exc).__name__}: {exc}") from exc
+        t = v.as_tensor(where, "where", device=self.device)
+        if t.dtype != torch.bool:
+            raise InvalidInputError("where", expected, f"dtype {t.dtype}")
+        v.check_shape(t, (self.config.capacity,), "where")
+        return t
+
     def _class_mask(self, label: int) -> torch.Tensor:
         return (self.bank.columns["class_label"] == label)[None, :]
 
@@ -807,12 +967,17 @@ class DreamPool:
         return t
 
     def _slots(self, ids: Any) -> torch.Tensor:
-        t = v.as_tensor(ids, "ids", device=self.device)
-        v.check_int(t, "ids")
-        t = t.long()
-        if t.numel() and bool(((t < -1) | (t >= self.bank.next_id)).any()):
-            raise InvalidInputError("ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})", "unknown ids")
+        t = v.as_ids(ids, "ids", device=self.device).long()
+        self._check_issued(t)
         return self.bank.slots_of(t)
+
+    def _check_issued(self, ids: torch.Tensor) -> None:
+        """Refuse ids this pool never issued (below -1 or at/after ``next_id``), listing the first few."""
+        if ids.numel() and bool(((ids < -1) | (ids >= self.bank.next_id)).any()):
+            bad = ids[(ids < -1) | (ids >= self.bank.next_id)].unique()
+            shown = ", ".join(str(i) for i in bad[:5].tolist()) + (", ..." if bad.numel() > 5 else "")
+            raise InvalidInputError("ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})",
+                                    f"{bad.numel()} unknown: {shown}")
 
     def _parse_queries(self, queries: Any, mode: RetrievalMode) -> _Queries:
         t = v.as_tensor(queries, "queries", device=self.device)
@@ -829,12 +994,26 @@ class DreamPool:
             v.check_range(t, "queries", 0.0, 1.0)
             return _Queries(t.shape[0], chroma=t.float())
         if t.dim() == 2 and t.shape[1] == d and mode not in _CHROMA_MODES:
-            v.check_finite(t, "queries")
-            return _Queries(t.shape[0], embeddings=self._embed(t.float()))
+            return _Queries(t.shape[0], embeddings=self._embed(self._embedding_queries(t)))
         expected = "[B, R, C, L, 3] dreams or [B, 3] chroma"
         if mode not in _CHROMA_MODES:
             expected += f" or [B, {d}] embeddings"
+        if t.dim() == 4 or t.dim() == 1:
+            expected += f" ({SINGLE_DREAM_HINT})" if t.dim() == 4 else " (one query needs a batch dimension: q[None])"
         raise DimensionMismatchError(expected, list(t.shape), f"queries for mode {mode.value!r}")
+
+    def _embedding_queries(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` embedding queries as float32, finite there; under euclidean small enough
+        that squared distances to the bank stay finite in float32."""
+        t = t.float()
+        v.check_finite(t, "queries")  # after the cast: float64 values past float32's range are inf here
+        if self.config.metric is Metric.EUCLIDEAN and t.numel():
+            bound = math.sqrt(torch.finfo(torch.float32).max / (4 * t.shape[1]))
+            peak = float(t.abs().max())
+            if peak > bound:
+                raise InvalidInputError("queries", f"euclidean embeddings with |values| <= {bound:.3g} "
+                                        "(squared distances overflow float32 beyond)", f"|values| up to {peak:.3g}")
+        return t
 
     def _query_embeddings(self, q: _Queries, hint: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         if q.embeddings is not None:
@@ -857,9 +1036,10 @@ class DreamPool:
         return self.cache.get_or_compute(query_keys(chroma, hint, prior), compute, out)
 
     def _knn(
-        self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None = None
+        self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (DOMAIN.md section 2).
+        """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (docs/spec.md §Retrieval).
 
         On CPU the engine is asked for one more neighbour; rows where a tie
         straddles the k-th place (exact duplicates) are re-selected exactly in age
@@ -870,29 +1050,32 @@ class DreamPool:
         With ``categories`` (``[B]`` hue categories) each query searches only its
         category: on CUDA with one ``[B, capacity]`` mask while it fits
         ``search_chunk_mb`` (no host synchronisation), otherwise one shared mask
-        per category present.
+        per category present. ``keep`` (``[capacity]`` bool, the ``where`` filter)
+        restricts every search.
         """
+        if k == 0:
+            return self._empty(embedded.shape[0])
         cpu = self.device.type == "cpu"
         fetch = k + 1 if cpu and 0 < k < self.bank.size else k
         hue = self.bank.columns["hue_category"]
         if categories is None:
-            scores, slots = self.index.search(embedded, fetch)
+            scores, slots = self.index.search(embedded, fetch, mask=keep)
         elif not cpu and embedded.shape[0] * self.bank.capacity <= self.config.search_chunk_mb * 2**20:
-            scores, slots = self.index.search(embedded, fetch, mask=hue[None, :] == categories[:, None])
+            scores, slots = self.index.search(embedded, fetch, mask=_both(hue[None, :] == categories[:, None], keep))
         else:
             scores, slots = _by_value(categories, fetch, lambda rows, c: self.index.search(
-                embedded[rows], fetch, mask=hue == c))
+                embedded[rows], fetch, mask=_both(hue == c, keep)))
         if fetch > k:
             straddles = (scores[:, k - 1] == scores[:, k]) & (scores[:, k] > float("-inf"))
             scores, slots = scores[:, :k].clone(), slots[:, :k].clone()
             if bool(straddles.any()):
                 rows = torch.nonzero(straddles).squeeze(1)
                 scores[rows], slots[rows] = self._oldest_first_exact(
-                    embedded[rows], k, None if categories is None else categories[rows])
+                    embedded[rows], k, None if categories is None else categories[rows], keep)
         return oldest_first_ties(scores, slots, self.bank.columns["ids"])
 
     def _oldest_first_exact(
-        self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None
+        self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact k-NN ``[b, k]`` over live entries in age order, ties to the older (stable top-k).
 
@@ -901,6 +1084,7 @@ class DreamPool:
         by_age = self.bank.slots_by_age()
         vectors = self.bank.columns["embeddings"][by_age]
         hue = self.bank.columns["hue_category"][by_age]
+        dropped = None if keep is None else ~keep[by_age]
 
         def scores(rows: slice) -> torch.Tensor:
             q = embedded[rows].to(vectors.dtype)
@@ -910,6 +1094,8 @@ class DreamPool:
                 sim = -torch.cdist(q, vectors, compute_mode="donot_use_mm_for_euclid_dist")
             if categories is not None:
                 sim.masked_fill_(hue[None, :] != categories[rows, None], float("-inf"))
+            if dropped is not None:
+                sim.masked_fill_(dropped[None, :], float("-inf"))
             return sim
 
         return self._stable_topk_by_age(by_age, embedded.shape[0], k, scores)
@@ -932,9 +1118,10 @@ class DreamPool:
         return (torch.empty(b, 0, device=self.device), torch.empty(b, 0, dtype=torch.int64, device=self.device))
 
     def _chroma_topk(
-        self, q: _Queries, k: int, mask: torch.Tensor | None = None
+        self, q: _Queries, k: int, mask: torch.Tensor | None = None, *, metric: str = "cosine"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stable top-k by chroma cosine over live entries (oldest wins ties).
+        """Stable top-k by chroma cosine (or, ``metric="euclidean"``, minus the RGB distance)
+        over live entries (oldest wins ties).
 
         Queries go through in chunks whose ``[b, n]`` scores and tie-break keys
         stay under ``search_chunk_mb``; rows are batch-size invariant, so chunking
@@ -948,7 +1135,7 @@ class DreamPool:
         shared = None if mask is None or mask.shape[0] > 1 else ~mask[:, by_age]  # one gather for every chunk
 
         def scores(rows: slice) -> torch.Tensor:
-            sim = rowwise_cosine(query_chroma[rows], chroma)
+            sim = _chroma_scores(query_chroma[rows], chroma, metric)
             if mask is not None:
                 excluded = shared if shared is not None else ~mask[rows][:, by_age]
                 sim = sim.masked_fill(excluded.expand_as(sim), float("-inf"))
@@ -966,8 +1153,11 @@ class DreamPool:
             slots = F.pad(slots, (0, missing), value=-1)
         return values, slots
 
-    def _diverse(self, q: _Queries, k: int, lam: float, min_dispersion: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """MMR over the whole pool on chroma signatures (candidates oldest first).
+    def _diverse(
+        self, q: _Queries, k: int, lam: float, min_dispersion: float,
+        keep: torch.Tensor | None = None, metric: str = "cosine",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MMR over the whole pool (``keep``'s entries) on chroma signatures (candidates oldest first).
 
         Queries go through in chunks whose ``[b, n]`` relevance and MMR state stay
         under ``rerank_chunk_mb``; on CPU every row is bit-identical to an unchunked
@@ -982,7 +1172,9 @@ class DreamPool:
         parts = []
         for rows in row_chunks(q.count, row_bytes, self.config.rerank_chunk_mb):
             # chroma cosine as in _chroma_topk: batch-size invariant, so chunks change nothing
-            relevance = rowwise_cosine(q.chroma[rows], chroma)
+            relevance = _chroma_scores(q.chroma[rows], chroma, metric)
+            if keep is not None:  # -inf marks a filtered candidate for mmr: no host round trip
+                relevance = relevance.masked_fill(~keep[by_age][None, :], float("-inf"))
             part = mmr(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma)
             parts.append(part)
         picks = torch.cat([p[0] for p in parts])
@@ -1000,6 +1192,7 @@ class DreamPool:
         lam: float,
         min_dispersion: float,
         categories: torch.Tensor | None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft candidates (fetch_k k-NN, within ``categories``) -> hybrid base score -> MMR on embeddings -> k.
 
@@ -1011,7 +1204,7 @@ class DreamPool:
         if k == 0:
             return self._empty(q.count)
         embedded = self._query_embeddings(q, hint, prior)
-        similarity, candidates = self._knn(embedded, max(fetch_k, k), categories)
+        similarity, candidates = self._knn(embedded, max(fetch_k, k), categories, keep)
         m = candidates.shape[1]
         embeddings, chroma = self.bank.columns["embeddings"], self.bank.columns["chroma"]
         d, p = embeddings.shape[1], chroma.shape[1]

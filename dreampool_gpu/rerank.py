@@ -32,7 +32,7 @@ _ELEMENTWISE_MAX_E = 8  # rowwise_cosine sums component products one by one up t
 
 @dataclass(frozen=True)
 class HybridWeights:
-    """Weights of DOMAIN.md section 5; each in [0, 1].
+    """Weights of docs/spec.md §Hybrid score and MMR; each in [0, 1].
 
     Attributes:
         alpha: similarity weight. beta: utility weight. gamma: class-match weight.
@@ -250,7 +250,7 @@ def mmr(
     min_dispersion: float = 0.0,
     points: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy maximal marginal relevance for B queries at once (DOMAIN.md section 5).
+    """Greedy maximal marginal relevance for B queries at once (docs/spec.md §Hybrid score and MMR).
 
     The first pick is the most relevant candidate; each later pick maximises
     ``lambda*rel(c) - (1-lambda)*maxsim(c) - delta*max(0, maxsim(c))`` over the

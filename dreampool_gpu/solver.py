@@ -1,7 +1,7 @@
 """Reference solver: coherence, energy and violation of a batch of dreams.
 
-The original's native solver (DOMAIN.md section 1), batched over dreams, with one
-change: the mean hue is the circular mean, so hues either side of 0°/360° agree.
+The reference solver of docs/spec.md §Solver scores, batched over dreams, with one
+change from the original: the mean hue is the circular mean, so hues either side of 0°/360° agree.
 Neighbour pairs are (r, c)-(r+1, c) and (r, c)-(r, c+1) within each layer.
 """
 

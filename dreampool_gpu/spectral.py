@@ -1,4 +1,4 @@
-"""Windowed 2-D FFT features of dreams (DOMAIN.md section 4).
+"""Windowed 2-D FFT features of dreams (docs/spec.md §Spectral features).
 
 Per dream and channel: mean over layers, separable window, unnormalised
 ``fft2``, PSD ``|F|^2`` flattened row-major to length ``n = R * C``. Bands split

@@ -366,7 +366,7 @@ class TestEvictionCount:
         return MemoryBudget(mb, device=CPU, threshold=threshold, probe=FixedProbe(0, 1 << 40))
 
     def test_domain_case_threshold_half(self):
-        # ORIGINAL.md section 8: 10 MiB budget at threshold 0.5 holding two 3 MiB entries -> evict 1
+        # the original's example: 10 MiB budget at threshold 0.5 holding two 3 MiB entries -> evict 1
         assert self.budget(10, 0.5).eviction_count(_Bank(2, 3 * MIB), _Index(0)) == 1
 
     def test_room_at_the_full_line(self):

@@ -1,4 +1,4 @@
-"""Query cache (DOMAIN.md section 6): key rounding, LRU order, counters, clear, capacity 0."""
+"""Query cache (docs/spec.md §Query cache): key rounding, LRU order, counters, clear, capacity 0."""
 
 from __future__ import annotations
 

@@ -185,7 +185,7 @@ class TestInspect:
     def test_missing_path(self, capsys, saved):
         code, out, err = _run(capsys, "inspect", saved / "nowhere")
         assert code == 2 and out == ""
-        assert err.startswith("dreampool: error: invalid pool") and "no such directory" in err
+        assert err.startswith("dreampool: error: no checkpoint at") and "no such file or directory" in err
         assert "Traceback" not in err
 
     def test_corrupt_checkpoint(self, capsys, saved, tmp_path):
@@ -250,7 +250,7 @@ class TestRetrieve:
             capsys, saved, "two.safetensors", out, "--key", "b", "--mode", "similar"
         )
         assert code == 0, err
-        assert read_results(out)[0].shape == (10, 3)  # the pool's retrieval_limit
+        assert read_results(out)[0].shape == (10, cli.DEFAULT_K)
 
     def test_pt_dict_dreams_and_embeddings(self, capsys, saved, tmp_path):
         code, _, err = _retrieve(capsys, saved, "dict.pt", tmp_path / "d.safetensors", "--k", "2")
@@ -347,19 +347,19 @@ class TestRetrieve:
             ("emb64.pt", ["--mode", "similar"], "mode 'similar' takes no embeddings"),
             ("nan.npy", [], "invalid queries: expected finite values"),
             ("two.safetensors", [], "pick one with --key: a, b"),
-            ("two.safetensors", ["--key", "c"], "invalid key: expected one of a, b"),
-            ("chroma.npy", ["--mode", "bogus"], "invalid mode: expected one of similar"),
+            ("two.safetensors", ["--key", "c"], "invalid --key: expected one of a, b"),
+            ("chroma.npy", ["--mode", "bogus"], "invalid --mode: expected one of similar"),
             (
                 "chroma.npy",
                 ["--mode", "class"],
-                "invalid class_hint: expected a class label in 0..9 for mode 'class'",
+                "invalid --class-hint: expected a class label in 0..9 for mode 'class'",
             ),
-            ("chroma.npy", ["--k", "-1"], "invalid k: expected an int in [0,"),
-            ("chroma.npy", ["--chunk", "0"], "invalid chunk: expected an int >= 1"),
+            ("chroma.npy", ["--k", "-1"], "invalid --k: expected an int in [0,"),
+            ("chroma.npy", ["--chunk", "0"], "invalid --chunk: expected an int >= 1"),
             (
                 "chroma.npy",
                 ["--class-hint", "12"],
-                "invalid class_hint: expected class labels in 0..9",
+                "invalid --class-hint: expected class labels in 0..9",
             ),
         ],
     )
@@ -381,9 +381,9 @@ class TestRetrieve:
             "--out",
             tmp_path / "r.safetensors",
         )
-        assert code == 2 and "invalid pool: expected a directory written by DreamPool.save" in err
+        assert code == 2 and "no checkpoint at" in err
         code, _, err = _retrieve(capsys, saved, "chroma.npy", tmp_path / "r.npy")
-        assert code == 2 and "invalid out: expected a path ending in .safetensors" in err
+        assert code == 2 and "invalid --out: expected a path ending in .safetensors" in err
 
     def test_out_is_required(self, capsys, saved):
         with pytest.raises(SystemExit) as exc:

@@ -137,6 +137,7 @@ class Workload:
                 self.strict_checks += strict
 
 
+@pytest.mark.slow
 class TestThreads:
     def test_four_writers_four_readers(self, tmp_path):
         config = PoolConfig(dream_shape=SHAPE, capacity=CAPACITY, device="cpu", coherence_threshold=0.3,

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import warnings
 
+import pytest
 import torch
 
 from dreampool_gpu import DreamPool, PoolConfig, persist
@@ -111,6 +112,7 @@ def check_invariants(pool: DreamPool) -> None:
     assert bool((hits.ids >= 0).all())
 
 
+@pytest.mark.slow
 class TestCrash:
     def test_sigkill_during_saves_never_loses_the_checkpoint(self, tmp_path):
         ck = tmp_path / "ck"

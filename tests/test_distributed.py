@@ -91,6 +91,10 @@ MODES = [
 
 def _check_modes(pool: ShardedDreamPool, single: DreamPool, counts: list[int], world: int) -> None:
     rank = pool.rank
+    pool.refit_statistics()  # collective: the shards' feature statistics over the union ...
+    single.encoder.load_state_dict(pool.shard.encoder.state_dict())  # ... and the reference takes the same
+    single.reembed()
+    assert not bool((pool.shard.encoder.mean == 0).all())
     for mode, spec in MODES:
         answers = []
         for source in range(world):  # the reference replays every rank's query (usage counts too)

@@ -233,6 +233,7 @@ class TestIVFEviction:
         engine.search(clustered(1, Metric.COSINE, seed=3), 3)
         assert engine.describe()["refreshes"] == 1 and engine.stale == 0
 
+    @pytest.mark.slow
     def test_pool_doubling_rebuilds_with_more_lists(self):
         bank = TensorBank(9216, (1, 1, 1), D, device=torch.device("cpu"))
         engine = ivf_engine(bank, Metric.COSINE)
@@ -246,6 +247,7 @@ class TestIVFEviction:
 
 
 class TestIVFMemoryAndCheckpoints:
+    @pytest.mark.slow
     @pytest.mark.parametrize("metric", list(Metric))
     def test_index_holds_at_most_a_quarter_of_the_embeddings(self, metric):
         bank = TensorBank(8192, (1, 1, 1), D, device=torch.device("cpu"))
@@ -311,6 +313,7 @@ class TestAuto:
         ]
         assert not any(prefer_faiss_flat(cuda, 100_000, b) for b in (1, 2, 8, 256))
 
+    @pytest.mark.slow
     def test_picks_per_call_and_reports_it(self):
         bank = TensorBank(2500, (1, 1, 1), D, device=torch.device("cpu"))
         engine = make_index(bank, config())

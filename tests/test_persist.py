@@ -19,6 +19,7 @@ from dreampool_gpu import DreamPool, PoolConfig, persist
 from dreampool_gpu.devices import cuda_available
 from dreampool_gpu.errors import (
     CheckpointCorruptError,
+    CheckpointNotFoundError,
     DeviceUnavailableError,
     InvalidConfigurationError,
     InvalidInputError,
@@ -216,7 +217,8 @@ class TestRoundTrip:
         manifest = json.loads((tmp_path / "ck" / MANIFEST).read_bytes())
         assert INDEX in manifest["files"]
         loaded = DreamPool.load(tmp_path / "ck")
-        assert loaded.index.restored == (tmp_path / "ck" / INDEX).read_bytes()
+        head, _, body = (tmp_path / "ck" / INDEX).read_bytes().partition(b"\n")
+        assert loaded.index.restored == body and head.startswith(b"dreampool-index-of-bank:")
         assert loaded.index.slots == pool.index.slots
 
     def test_other_engine_kind_rebuilds_quietly(self, tmp_path, recording_index, monkeypatch):
@@ -542,7 +544,7 @@ class TestCorruption:
         assert exc.value.path == ck / MANIFEST
 
     def test_not_a_checkpoint(self, tmp_path):
-        with pytest.raises(CheckpointCorruptError, match="no checkpoint"):
+        with pytest.raises(CheckpointNotFoundError, match="no checkpoint"):
             DreamPool.load(tmp_path / "nothing-here")
         (tmp_path / "dir").mkdir()
         (tmp_path / "dir" / MANIFEST).write_text('{"format": "something-else"}')
@@ -643,7 +645,7 @@ class TestRecovery:
         (tmp_path / "empty").mkdir()
         for path in (tmp_path / "absent", tmp_path / "empty"):
             reads.clear()
-            with pytest.raises(CheckpointCorruptError):
+            with pytest.raises(CheckpointNotFoundError if path.name == "absent" else CheckpointCorruptError):
                 DreamPool.load(path)
             assert len(reads) == 1
 

@@ -1,6 +1,6 @@
 """rerank.py: batched MMR and hybrid scoring against plain per-query Python loops.
 
-Tie rule (DOMAIN.md section 5, rerank.py): among equal MMR objectives the lowest
+Tie rule (docs/spec.md §Hybrid score and MMR, rerank.py): among equal MMR objectives the lowest
 candidate index wins; the reference loop below follows it (strict ``>`` while
 scanning candidates in index order). Random inputs are compared only where every
 step's best objective beats the runner-up by more than float32 noise (``_MARGIN``),

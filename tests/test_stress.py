@@ -9,6 +9,7 @@ CI) is what ``pytest --durations`` reports; tests assert behaviour, not speed.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dreampool_gpu import DreamPool, PoolConfig
@@ -40,6 +41,7 @@ def index_agrees(pool):
     return all({s for s in row if s >= 0} == expected for row in found.tolist())
 
 
+@pytest.mark.slow
 class TestStress:
     def test_100k_adds_with_churn_and_queries(self):
         pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=CAPACITY, device="cpu", coherence_threshold=0.2,

@@ -1,6 +1,10 @@
 """A batch retrieval job: save a pool, write queries to a file, answer them all, read the results.
 
-    python docs/examples/batch_retrieval.py [--entries 2000] [--queries 100000] [--dir DIR]
+    python docs/examples/batch_retrieval.py [--entries 2000] [--queries 100000] [--dir DIR | --temp]
+
+The pool, the queries and the results are kept in ``--dir`` (default
+``./dreampool-batch-example``) for a look afterwards (``dreampool inspect DIR/pool``);
+``--temp`` writes them to a temporary directory removed at exit instead.
 
 The same job from a shell, after ``pip install -e .``::
 
@@ -14,6 +18,7 @@ the same command is rerun after an interrupt. The saved pool is only read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -53,12 +58,20 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=2000)
     parser.add_argument("--queries", type=int, default=100_000)
     parser.add_argument(
-        "--dir", type=Path, default=None, help="where to write (default: a temp dir)"
+        "--dir",
+        type=Path,
+        default=Path("dreampool-batch-example"),
+        help="where the pool, queries and results are written and kept "
+        "(default ./dreampool-batch-example)",
+    )
+    parser.add_argument(
+        "--temp", action="store_true", help="use a temporary directory, removed at exit"
     )
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as scratch:
-        root = args.dir or Path(scratch)
+    place = tempfile.TemporaryDirectory() if args.temp else contextlib.nullcontext(args.dir)
+    with place as where:
+        root = Path(where)
         root.mkdir(parents=True, exist_ok=True)
         build_pool(root / "pool", args.entries)
 
@@ -96,6 +109,8 @@ def main() -> None:
         for row in range(3):
             names = [CLASS_NAMES[int(c)] for c in labels[row]]
             print(f"query {row} {queries[row].round(2)} -> ids {ids[row].tolist()} classes {names}")
+        kept = "removed at exit (--temp)" if args.temp else f"kept in {root}"
+        print(f"pool, queries and results {kept}")
 
 
 if __name__ == "__main__":

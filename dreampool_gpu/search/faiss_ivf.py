@@ -18,7 +18,7 @@ Life cycle (all derived from the bank):
   is free are dropped at search time; a slot that was freed and written again
   is re-scored against its new vector, and its stale code only duplicates the
   label, which is removed. When evictions since the last refresh exceed
-  ``churn_fraction`` of the pool (DOMAIN.md's 10% rule), the index is
+  ``churn_fraction`` of the pool (docs/spec.md §Memory budget, the 10% churn rule), the index is
   refreshed: on CPU the evicted labels are removed in one pass and the live
   entries at those slots re-added; on GPU the lists are emptied and refilled
   from the bank.
@@ -258,6 +258,9 @@ class IVFSearch(SearchIndex):
         self, queries: torch.Tensor, k: int, *, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """See :meth:`SearchIndex.search`; exact scores of approximate candidates."""
+        if k == 0:  # nothing to rank: [B, 0] whatever the engine state
+            return (torch.empty(queries.shape[0], 0, device=queries.device),
+                    torch.empty(queries.shape[0], 0, dtype=torch.int64, device=queries.device))
         if self._index is not None:
             self._maintain()
         if mask is not None or self._index is None or k >= self.bank.size or queries.shape[0] == 0:
