@@ -67,7 +67,9 @@ def pixel_baselines(bank: LabelledDreams, queries: torch.Tensor) -> dict[str, to
     return {"pixels": top_pixels, "pca64": top_pca}
 
 
-def pool_for(bank: LabelledDreams, encoder: str, labelled: bool, steps: int) -> tuple[DreamPool, float]:
+def pool_for(
+    bank: LabelledDreams, encoder: str, labelled: bool, steps: int, jitter: float = 0.05
+) -> tuple[DreamPool, float]:
     """A CPU pool holding ``bank`` (rows = ids, labels optional); fitted when learned. Returns fit seconds."""
     cfg = PoolConfig(dream_shape=SHAPE, capacity=bank.dreams.shape[0], device="cpu", encoder=encoder,
                      num_classes=bank.num_classes, query_cache_size=0)
@@ -76,11 +78,11 @@ def pool_for(bank: LabelledDreams, encoder: str, labelled: bool, steps: int) -> 
              class_labels=bank.labels if labelled else None)
     seconds = 0.0
     if encoder == "learned":
-        seconds = pool.fit_encoder(steps=steps, seed=0).seconds
+        seconds = pool.fit_encoder(steps=steps, seed=0, colour_jitter=jitter).seconds
     return pool, seconds
 
 
-def evaluate(name: str, entries: int, queries: int, steps: int) -> list[dict[str, object]]:
+def evaluate(name: str, entries: int, queries: int, steps: int, jitter: float) -> list[dict[str, object]]:
     """Every method x query kind x pool labelling on set ``name``."""
     bank = make_dataset(name, entries, shape=SHAPE, seed=0)
     query = make_dataset(name, queries, shape=SHAPE, seed=1)
@@ -92,7 +94,7 @@ def evaluate(name: str, entries: int, queries: int, steps: int) -> list[dict[str
                          **scores(top, query.labels, bank.labels)})
     for labelled in (True, False):
         for encoder in ("features", "learned"):
-            pool, fit_s = pool_for(bank, encoder, labelled, steps)
+            pool, fit_s = pool_for(bank, encoder, labelled, steps, jitter)
             for kind, q in (("dream", query.dreams), ("chroma", chroma)):
                 for mode in ("nearest", "hybrid"):
                     ids = pool.retrieve(q, k=K, mode=mode).ids  # ids are bank rows: added in order
@@ -144,14 +146,17 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--sets", nargs="*", default=list(DATASETS))
+    parser.add_argument("--colour-jitter", type=float, default=0.05, help="fit_encoder's colour_jitter")
     parser.add_argument("--no-timings", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality-cpu.json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = [row for name in args.sets for row in evaluate(name, args.entries, args.queries, args.steps)]
+    rows = [row for name in args.sets
+            for row in evaluate(name, args.entries, args.queries, args.steps, args.colour_jitter)]
     result: dict[str, object] = {
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "entries": args.entries, "queries": args.queries, "steps": args.steps,
+        "colour_jitter": args.colour_jitter,
         "rows": rows,
     }
     if not args.no_timings:

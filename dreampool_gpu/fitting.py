@@ -54,16 +54,20 @@ class FitReport:
         return sum(tail) / len(tail) if tail else math.nan
 
 
-def augment(dreams: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One random view of ``dreams`` ``[N, R, C, L, 3]`` (float32, same device), values in [0, 1]."""
+def augment(dreams: torch.Tensor, generator: torch.Generator, colour_jitter: float = 0.05) -> torch.Tensor:
+    """One random view of ``dreams`` ``[N, R, C, L, 3]`` (float32, same device), values in [0, 1].
+
+    Per-channel gain ``1 + U(-j, j)`` and shift ``U(-0.4 j, 0.4 j)`` for ``j = colour_jitter``,
+    Gaussian cell noise (sigma 0.03), a random circular shift of rows and columns.
+    """
     n, rows, cols = dreams.shape[:3]
     device = dreams.device
 
     def uniform(*shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=generator, device=device)
 
-    gain = 1.0 + (uniform(n, 1, 1, 1, 3) - 0.5) * 0.1  # +-5% per channel
-    shift = (uniform(n, 1, 1, 1, 3) - 0.5) * 0.06
+    gain = 1.0 + (uniform(n, 1, 1, 1, 3) - 0.5) * (2.0 * colour_jitter)
+    shift = (uniform(n, 1, 1, 1, 3) - 0.5) * (0.8 * colour_jitter)
     noise = torch.randn(dreams.shape, generator=generator, device=device) * 0.03
     x = dreams * gain + shift + noise
     dr = (uniform(n) * rows).long()
@@ -114,6 +118,7 @@ def train_encoder(
     batch_size: int,
     lr: float,
     seed: int,
+    colour_jitter: float = 0.05,
     tau: float = 0.1,
     progress: bool = False,
 ) -> list[float]:
@@ -138,7 +143,7 @@ def train_encoder(
         for step in bar:
             rows = slots[torch.randperm(n, generator=generator, device=device)[:b]]
             batch = dreams[rows].float()
-            views = torch.cat([augment(batch, generator), augment(batch, generator)])
+            views = torch.cat([augment(batch, generator, colour_jitter), augment(batch, generator, colour_jitter)])
             z = encoder.embed_dreams(views)
             entry = torch.arange(b, device=device).repeat(2)
             view_labels, view_weights = labels[rows].repeat(2), weights[rows].repeat(2)

@@ -620,6 +620,7 @@ class DreamPool:
         batch_size: int = 256,
         lr: float = 2e-3,
         seed: int = 0,
+        colour_jitter: float = 0.05,
         progress: bool = False,
     ) -> FitReport:
         """Train the pool's encoder on its entries, then re-embed the bank: all or nothing.
@@ -636,6 +637,9 @@ class DreamPool:
         Keyword Args:
             steps: optimizer steps (>= 1). batch_size: entries per step (>= 2).
             lr: AdamW learning rate (> 0). seed: sampling and augmentation seed.
+            colour_jitter: half-width of the per-channel colour gain of the views, in [0, 1]:
+                what colour change the embedding learns to ignore. Raise it (e.g. 0.25)
+                when colour is a nuisance for your classes and the pool has no labels to say so.
             progress: show a tqdm bar with the loss.
 
         Returns:
@@ -655,6 +659,7 @@ class DreamPool:
             steps, batch_size, seed = v.check_count(steps, "steps"), v.check_count(batch_size, "batch_size"), \
                 v.check_count(seed, "seed")
             lr = v.check_number(lr, "lr", 0.0, 1.0)
+            colour_jitter = v.check_number(colour_jitter, "colour_jitter", 0.0, 1.0)
             for name, value, ok, expected in (("steps", steps, steps >= 1, "an int >= 1"),
                                               ("batch_size", batch_size, batch_size >= 2, "an int >= 2"),
                                               ("lr", lr, lr > 0.0, "a learning rate in (0, 1]")):
@@ -670,7 +675,8 @@ class DreamPool:
             weights = 1.0 + torch.where(cols["feedback_count"] > 0, cols["util_mean"], torch.zeros_like(cols["util_mean"]))
             candidate = copy.deepcopy(self.encoder)
             losses = train_encoder(candidate, cols["dreams"], slots, labels, weights, steps=steps,
-                                   batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+                                   batch_size=batch_size, lr=lr, seed=seed, colour_jitter=colour_jitter,
+                                   progress=progress)
             live, embeddings = self._embed_live(candidate)
             self._install_embeddings(live, embeddings, candidate)
             return FitReport(losses=losses, steps=steps, seconds=time.perf_counter() - start,
