@@ -211,7 +211,8 @@ def _check_encoder(pool: DreamPool, snap: PoolSnapshot) -> None:
         problem = ("another projection", "the projection of this configuration (encoder_seed, include_*, num_classes)")
     if problem is None:
         return
-    if snap.origin is not None:
+    caller_supplied = mine != snap.encoder_kind or mine in ("module", "custom")  # the caller's encoder= is off
+    if snap.origin is not None and not caller_supplied:
         raise CheckpointCorruptError(snap.origin / ENCODER, f"inconsistent data: expected {problem[1]}, "
                                                             f"got {problem[0]}")
     raise InvalidConfigurationError("encoder", problem[0], problem[1])

@@ -1254,7 +1254,9 @@ class DreamPool:
             persist.write_checkpoint(snap, path)
 
     @classmethod
-    def load(cls, path: persist.PathArg, *, device: str | torch.device | None = None) -> DreamPool:
+    def load(
+        cls, path: persist.PathArg, *, device: str | torch.device | None = None, encoder: Any = None
+    ) -> DreamPool:
         """Build a pool from the checkpoint at ``path``, verifying every checksum.
 
         A sharded checkpoint (:meth:`ShardedDreamPool.save`) opens as one pool holding
@@ -1264,6 +1266,8 @@ class DreamPool:
             device: where the new pool lives (default: the saved configuration's
                 device). A pool saved on CUDA loads on CPU and the reverse; the
                 dreams keep their saved dtype.
+            encoder: for a pool saved with a user's module (or custom encoder), a fresh
+                instance of the same architecture; the saved weights are loaded into it.
 
         Raises:
             CheckpointCorruptError: a missing, truncated or altered file (named in
@@ -1275,7 +1279,7 @@ class DreamPool:
         if distributed.is_sharded_checkpoint(path):  # a ShardedDreamPool's checkpoint, as one pool
             return distributed.load_merged(path, device=device)
         snap = persist.read_checkpoint(path)
-        pool = cls(persist.config_for_load(snap, device))
+        pool = cls(persist.config_for_load(snap, device), encoder=encoder)
         with pool._lock:
             persist.restore(pool, snap)
         return pool

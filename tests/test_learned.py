@@ -223,6 +223,19 @@ class TestUserModule:
         assert pool.retrieve(torch.rand(2, 3), k=3, mode="nearest").ids.shape == (2, 3)
         assert pool.retrieve(torch.rand(2, 3), k=3, mode="similar").ids.shape == (2, 3)  # chroma modes unaffected
 
+    def test_a_user_module_round_trips_through_a_checkpoint(self, tmp_path):
+        pool, _ = self.make()
+        pool.fit_encoder(steps=2, batch_size=16)
+        q = data(n=3, seed=5).dreams
+        want = pool.retrieve(q, k=4, mode="nearest")
+        pool.save(tmp_path / "ck")
+        with pytest.raises(InvalidConfigurationError, match="module"):
+            DreamPool.load(tmp_path / "ck")  # the saved weights need a module to go into
+        torch.manual_seed(1)  # another initialisation: the checkpoint's weights must win
+        loaded = DreamPool.load(tmp_path / "ck", encoder=Tiny())
+        got = loaded.retrieve(q, k=4, mode="nearest")
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+
     def test_fit_trains_a_user_module(self):
         pool, _ = self.make()
         report = pool.fit_encoder(steps=2, batch_size=16)
