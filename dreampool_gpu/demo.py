@@ -8,26 +8,31 @@ the pool, feeds back how useful each replayed dream was, and adds the fresh drea
 the pool. The regime is a stream seen once: the learner keeps no data set of its own,
 so without the pool every example teaches it for one step only (a user whose labelled
 examples arrive over time, e.g. from annotation or from the field, and whose labels are
-imperfect). Four arms see the same stream, validation set and initial weights:
+imperfect). Five arms see the same stream, validation set and initial weights:
 
 - ``none``: no pool, the fresh dreams only;
 - ``random``: replay drawn uniformly from the same pool;
-- ``feature``: replay retrieved by the pool (``hybrid`` mode, the fresh dreams as
-  queries, their labels as ``class_hint``) with the default feature encoder;
+- ``trusted``: replay drawn uniformly among the entries the learner trusts
+  (:func:`trusted`: per stored class, all but the ``drop`` fraction with the lowest
+  utility), the rest re-scored a few per step (their second chance);
+- ``feature``: replay retrieved by the pool's k-NN (``hybrid`` mode, the fresh dreams as
+  queries, ``class_hint`` per :func:`_hints`, the same trust filter as ``where=``) with
+  the default feature encoder;
 - ``learned``: the same with the learned encoder, refitted every ``refit_every``
   steps by ``pool.fit_encoder``.
 
-Utility of a replayed dream, the original's definition made per dream: with
-``loss`` the learner's cross-entropy on that dream (under its stored label)
-before and after the step that trained on it, ``u = -clamp(loss_after -
-loss_before, -1, 1)`` in [-1, 1] (positive = the step agreed with the dream), and
-the pool receives ``(1 + u) / 2`` in [0, 1] (0.5 = neutral), the mapping of the
-original's per-class bias weight. New entries get one neutral 0.5 record on entry,
-so that untried dreams rank with neutral ones, not below dreams that hurt.
+Utility (``utility="agreement"``, the default): the learner's agreement with a stored
+label, ``p(label) / max_c p(c)`` in (0, 1] (:func:`agreement`), read off the training
+step's own forward pass (before the update; no extra pass), for the replayed dreams and,
+as their first record, for the fresh ones. A wrong label scores low once the learner
+has learned the class from the others. ``utility="loss"`` is the first round's
+definition: the loss change the step caused on the replayed dream, ``(1 - clamp(after -
+before, -1, 1)) / 2``, which training on a dream raises whatever its label (fresh
+dreams get a neutral 0.5). A replayed dream is *helpful* when its utility is above 0.5.
 
-Gate: fresh dreams are added with ``force=True``. Every labelled stream example is
-worth keeping; the solver's coherence (a balanced mean colour) says nothing about
-how much a dream teaches a classifier. The pool still stores the solver's scores.
+Gate: fresh dreams are added with ``force=True`` and a coherence of 1: every labelled
+stream example is worth keeping; the solver's coherence (a balanced mean colour) says
+nothing about how much a dream teaches a classifier.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from dreampool_gpu.synthetic import DATASETS, make_dataset
 ARMS = ("none", "random", "trusted", "feature", "learned")
 """The compared arms, in table order."""
 
-HINTS = ("batch", "balanced", "confusion", "predicted")
+HINTS = ("batch", "balanced")
 """How a retrieval arm picks each query's ``class_hint``, see :func:`_hints`."""
 
 UTILITIES = ("agreement", "loss")
@@ -252,10 +257,10 @@ def run_arm(
         seed: seeds the stream, the validation set, the weights and the random replay.
         replay: dreams replayed per fresh dream (``k`` of the retrieval). capacity: pool
         capacity. hints: one of :data:`HINTS` (see :func:`_hints`). utility: one of
-        :data:`UTILITIES`. min_agreement: retrieval arms replay only entries whose last
-        utility is at least this (``where=``; 0 = no filter). rescore: stored entries below
-        ``min_agreement`` the learner re-scores per step (their second chance; retrieval
-        arms with the agreement utility only). refit_every, fit_steps, fit_batch: the
+        :data:`UTILITIES`. drop: the ``trusted``, ``feature`` and ``learned`` arms replay
+        only :func:`trusted` entries (``drop`` in [0, 1); 0 = no filter). rescore: entries
+        the filter left out that the learner re-scores per step (their second chance; the
+        agreement utility only). refit_every, fit_steps, fit_batch: the
         ``learned`` arm's encoder refits. width: the CNN's width. eval_every: steps between
         validation passes (not timed). target: the accuracy of ``steps_to_target``. lr:
         Adam's learning rate. fetch_k: candidates per query. device: pool and model device.
@@ -266,7 +271,7 @@ def run_arm(
         replayed over the run, per 100 steps.
 
     Raises:
-        InvalidInputError: unknown ``arm``, ``hints`` or ``utility``.
+        InvalidInputError: unknown ``arm``, ``hints`` or ``utility``; ``drop`` out of range.
     """
     for name, value, allowed in (
         ("arm", arm, ARMS),
@@ -275,6 +280,8 @@ def run_arm(
     ):
         if value not in allowed:
             raise InvalidInputError(name, f"one of {', '.join(allowed)}", repr(value))
+    if not 0.0 <= drop < 1.0:
+        raise InvalidInputError("drop", "a fraction in [0, 1)", drop)
     stream = _make_stream(spec, seed)
     options = {"encoder": "learned", "num_classes": stream.num_classes} if arm == "learned" else {}
     config = PoolConfig(
@@ -323,7 +330,7 @@ def run_arm(
                 ids, rx, ry = _random_replay(pool, replay * spec.fresh, rng, keep)
                 clock.pool += time.perf_counter() - t
             elif retrieves:
-                hint = _hints(hints, model, x, y, seen, rng, clock)
+                hint = _hints(hints, x, y, seen, rng)
                 t = time.perf_counter()
                 ids, rx, ry = _retrieve(pool, x, hint, replay, fetch_k, keep)
                 clock.pool += time.perf_counter() - t
@@ -427,36 +434,18 @@ def _random_replay(
 
 
 def _hints(
-    hints: str,
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    seen: torch.Tensor,
-    rng: torch.Generator,
-    clock: _Clock,
+    hints: str, x: torch.Tensor, y: torch.Tensor, seen: torch.Tensor, rng: torch.Generator
 ) -> torch.Tensor:
-    """The ``class_hint`` ``[B]`` of each fresh dream's query.
+    """The ``class_hint`` ``[B]`` of each fresh dream's query (the hint is a hard filter).
 
     ``batch``: its own (noisy) stream label, so replay repeats the batch's classes.
     ``balanced``: a class drawn uniformly from those the stream has shown (``seen``
-    ``[num_classes]`` bool), so replay covers the classes like random replay does.
-    ``confusion``: the class the learner scores highest other than the dream's label (an
-    extra forward pass of the fresh dreams, counted as utility time): stored dreams of
-    the class it confuses this one with, that look like it.
+    ``[num_classes]`` bool), so replay covers the classes as random replay does.
     """
     if hints == "batch":
         return y
-    if hints == "balanced":
-        classes = torch.nonzero(seen).squeeze(1).cpu()
-        return classes[torch.randint(classes.numel(), (x.shape[0],), generator=rng)].to(y.device)
-    t = time.perf_counter()
-    model.eval()
-    with torch.no_grad():
-        logits = model(x)
-    if hints == "confusion":
-        logits = logits.scatter(1, y[:, None], float("-inf"))
-    clock.utility += time.perf_counter() - t
-    return logits.argmax(1)
+    classes = torch.nonzero(seen).squeeze(1).cpu()
+    return classes[torch.randint(classes.numel(), (x.shape[0],), generator=rng)].to(y.device)
 
 
 def _retrieve(
