@@ -41,7 +41,6 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -449,7 +448,12 @@ def _hints(
 
 
 def _retrieve(
-    pool: DreamPool, x: torch.Tensor, hint: torch.Tensor, k: int, fetch_k: int, where: Any
+    pool: DreamPool,
+    x: torch.Tensor,
+    hint: torch.Tensor,
+    k: int,
+    fetch_k: int,
+    where: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Up to ``k`` stored dreams per fresh dream of ``x`` ``[B, R, C, L, 3]`` (hybrid mode,
     ``hint`` ``[B]`` as class hint, ``where`` filter): ids ``[M]``, dreams, labels ``[M]``."""
