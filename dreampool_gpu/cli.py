@@ -48,7 +48,8 @@ def _positive_int(text: str) -> int:
 def _arms(text: str) -> str:
     unknown = [a for a in text.split(",") if a not in ARMS]
     if unknown or not text:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(ARMS)}, got {text!r}")
+        expected = f"a comma-separated subset of {','.join(ARMS)}"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return text
 
 
@@ -67,6 +68,7 @@ def _demo(args: argparse.Namespace) -> int:
         arms=tuple(args.arms.split(",")),
         device=args.device,
         seed=args.seed,
+        width=args.width,
         progress=not args.no_progress,
     )
     if args.json:
@@ -314,24 +316,32 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
-        "demo", help="train a small CNN on a noisy labelled stream with and without the pool; compare"
+        "demo", help="train a small CNN on a noisy labelled stream with and without the pool"
     )
-    demo.add_argument("--steps", type=_positive_int, default=300, help="training steps (default 300)")
-    demo.add_argument("--batch", type=_positive_int, default=8, help="fresh stream dreams per step (default 8)")
+    demo.add_argument("--steps", type=_positive_int, default=300, help="steps (default 300)")
+    demo.add_argument(
+        "--batch", type=_positive_int, default=8, help="fresh stream dreams per step (default 8)"
+    )
     demo.add_argument(
         "--shape", type=_shape, default=(16, 16, 2), help="dream shape RxCxL (default 16x16x2)"
     )
-    demo.add_argument("--capacity", type=_positive_int, default=4000, help="pool capacity (default 4000)")
+    demo.add_argument(
+        "--capacity", type=_positive_int, default=4000, help="pool capacity (default 4000)"
+    )
     demo.add_argument(
         "--dataset", default="frequency_orientation", choices=sorted(DATASETS),
         help="labelled set of the stream (default frequency_orientation)",
     )
     demo.add_argument(
-        "--arms", type=_arms, default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}"
+        "--arms", type=_arms, default=",".join(ARMS),
+        help=f"comma-separated subset of {','.join(ARMS)}",
     )
     demo.add_argument("--device", default="cpu", help='"cpu", "cuda" or "auto" (default cpu)')
     demo.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
-    demo.add_argument("--json", action="store_true", help="print the comparison and every run as JSON")
+    demo.add_argument(
+        "--width", type=_positive_int, default=16, help="the CNN's width (default 16; 128: ~20x)"
+    )
+    demo.add_argument("--json", action="store_true", help="print the table and every run as JSON")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(run=_demo)
 

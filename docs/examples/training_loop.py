@@ -1,13 +1,16 @@
-"""A classifier that learns from a noisy labelled stream, replaying dreams retrieved from the pool.
+"""A classifier that learns from a noisy labelled stream, replaying the pool's trusted dreams.
 
     python docs/examples/training_loop.py [--steps 300] [--device cpu]
 
-Each step: 8 fresh labelled dreams arrive (20% of labels wrong); the pool is asked,
-for each, for 3 stored dreams (hybrid mode, the label as class hint); the CNN trains
-on fresh + replayed; each replayed dream's utility is how much the step lowered the
-CNN's loss on it, ``(1 - clamp(loss_after - loss_before, -1, 1)) / 2`` in [0, 1];
-the fresh dreams enter the pool. The pool rides in the checkpoint via ``state_dict()``.
-``dreampool demo`` runs this loop against no pool and random replay.
+Each step: 8 fresh labelled dreams arrive (20% of labels wrong). The CNN trains on them
+together with 24 dreams replayed from the pool, drawn among the entries it trusts:
+``trusted`` keeps, per stored class, the entries whose last utility is not in the lowest
+quarter. Utility is the learner's agreement with a stored label, ``p(label) / max p``
+from the training step's own forward pass (no extra pass): wrong labels score low. Each
+step the learner also re-scores 8 entries the filter left out (their second chance).
+The fresh dreams enter the pool with their agreement as first record. The pool rides in
+the checkpoint via ``state_dict()``. ``dreampool demo`` runs this loop against no pool,
+random replay and replay retrieved by k-NN.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import torch
 from torch.nn import functional as F
 
 from dreampool_gpu import DreamPool, PoolConfig
-from dreampool_gpu.demo import SmallCNN, utility_from_losses
+from dreampool_gpu.demo import SmallCNN, agreement, trusted
 from dreampool_gpu.synthetic import make_dataset
 
-SHAPE, FRESH, REPLAY = (16, 16, 2), 8, 3
+SHAPE, FRESH, REPLAY, DROP, RESCORE = (16, 16, 2), 8, 3, 0.25, 8
 
 
 def main() -> None:
@@ -35,37 +38,54 @@ def main() -> None:
     val = make_dataset("frequency_orientation", 500, shape=SHAPE, seed=1)
     g = torch.Generator().manual_seed(0)
     wrong = torch.rand(len(stream.labels), generator=g) < 0.2  # label noise
-    labels = torch.where(wrong, torch.randint(0, stream.num_classes, stream.labels.shape, generator=g),
-                         stream.labels)
+    other = torch.randint(0, stream.num_classes, stream.labels.shape, generator=g)
+    labels = torch.where(wrong, other, stream.labels)
 
     pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=4000, device=args.device))
     torch.manual_seed(0)
     model = SmallCNN(SHAPE[2], stream.num_classes).to(pool.device)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    stored = torch.empty(0, dtype=torch.int64, device=pool.device)  # every id the pool issued
     for step in range(args.steps):
-        x = stream.dreams[step * FRESH:(step + 1) * FRESH].to(pool.device)
-        y = labels[step * FRESH:(step + 1) * FRESH].to(pool.device)
-        hits = pool.retrieve(x, k=REPLAY, mode="hybrid", class_hint=y, fetch_k=64)
-        ids = hits.ids[hits.mask]                                  # [M], M <= FRESH * REPLAY
-        rx = pool.dreams(ids).float()
-        ry = pool.metadata(ids)["class_label"].long()
+        x = stream.dreams[step * FRESH : (step + 1) * FRESH].to(pool.device)
+        y = labels[step * FRESH : (step + 1) * FRESH].to(pool.device)
+        meta = pool.metadata(stored)  # utility, class_label, found (False once evicted)
+        columns = {
+            "utility": meta["utility"],
+            "class": meta["class_label"].long(),
+            "id": torch.where(meta["found"], stored, -1),
+        }
+        keep = trusted(columns, DROP)  # [len(stored)] bool
+        ok = stored[keep]
+        pick = torch.randint(max(ok.numel(), 1), (min(REPLAY * FRESH, ok.numel()),), generator=g)
+        ids = ok[pick.to(ok.device)]
+        rx, ry = pool.dreams(ids).float(), pool.metadata(ids)["class_label"].long()
 
-        losses = F.cross_entropy(model(torch.cat([x, rx])), torch.cat([y, ry]), reduction="none")
+        logits = model(torch.cat([x, rx]))
+        loss = F.cross_entropy(logits, torch.cat([y, ry]))
         opt.zero_grad()
-        losses.mean().backward()
+        loss.backward()
         opt.step()
-        if ids.numel():
-            with torch.no_grad():
-                after = F.cross_entropy(model(rx), ry, reduction="none")
-            pool.feedback(ids, utility_from_losses(losses[FRESH:].detach(), after))
+        u = agreement(logits.detach(), torch.cat([y, ry]))  # [FRESH + M] in (0, 1]
+        pool.feedback(ids, u[FRESH:])
+        new = pool.add(x, coherence=1.0, class_labels=y, force=True)  # every labelled dream
+        pool.feedback(new, u[:FRESH])  # its first record
+        stored = torch.cat([stored, new[new >= 0]])
 
-        new = pool.add(x, coherence=1.0, class_labels=y, force=True)  # every labelled dream is kept
-        pool.feedback(new, 0.5)                                      # untried = neutral
+        left_out = columns["id"][~keep & (columns["id"] >= 0)]  # their second chance
+        if left_out.numel():
+            again = left_out[torch.randperm(left_out.numel(), generator=g)[:RESCORE]]
+            with torch.no_grad():
+                scores = model(pool.dreams(again).float())
+            pool.feedback(again, agreement(scores, pool.metadata(again)["class_label"].long()))
         if step % 50 == 0 or step == args.steps - 1:
             with torch.no_grad():
-                acc = (model(val.dreams.to(pool.device)).argmax(1).cpu() == val.labels).float().mean()
-            print(f"step {step:3d}: pool {len(pool):4d}, replayed {ids.numel():2d}, "
-                  f"validation accuracy {acc:.3f}")
+                pred = model(val.dreams.to(pool.device)).argmax(1).cpu()
+            acc = (pred == val.labels).float().mean()
+            print(
+                f"step {step:3d}: pool {len(pool):4d}, replayed {ids.numel():2d} of "
+                f"{ok.numel():4d} trusted, validation accuracy {acc:.3f}"
+            )
 
     checkpoint = io.BytesIO()
     torch.save({"model": model.state_dict(), "pool": pool.state_dict()}, checkpoint)
