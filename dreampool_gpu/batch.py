@@ -36,7 +36,8 @@ from safetensors.torch import load_file, save_file
 from dreampool_gpu.config import RetrievalMode
 from dreampool_gpu.errors import DimensionMismatchError, DreamPoolError, InvalidInputError
 from dreampool_gpu.persist import manifest_digest
-from dreampool_gpu.pool import _CHROMA_MODES, DreamPool
+from dreampool_gpu.pool import DreamPool
+from dreampool_gpu.retrieval.modes import CHROMA_MODES, OPTIONS
 
 JOB_FORMAT = "dreampool-batch-retrieval"
 JOB_VERSION = 1
@@ -208,10 +209,10 @@ def check_queries(queries: QueryFile, pool: DreamPool, mode: RetrievalMode) -> N
     d = pool.config.embedding_dim
     if len(shape) == 5 and shape[1:] == [r, c, layers, 3]:
         return
-    if len(shape) == 2 and (shape[1] == 3 or (shape[1] == d and mode not in _CHROMA_MODES)):
+    if len(shape) == 2 and (shape[1] == 3 or (shape[1] == d and mode not in CHROMA_MODES)):
         return
     expected = f"[B, {r}, {c}, {layers}, 3] dreams or [B, 3] chroma"
-    if mode in _CHROMA_MODES:
+    if mode in CHROMA_MODES:
         expected += f" (mode {mode.value!r} takes no embeddings)"
     else:
         expected += f" or [B, {d}] embeddings (the pool's embedding_dim is {d})"
@@ -400,7 +401,8 @@ def run_retrieval_job(
         device: where the pool is loaded (``"auto"``, ``"cpu"``, ``"cuda[:N]"``).
         options: further keyword arguments of :meth:`DreamPool.retrieve`, scalars
             or lists only (``class_hint``, ``classes``, ``category``,
-            ``utility_threshold``, ``fetch_k``, ``mmr_lambda``, ``min_dispersion``).
+            ``utility_threshold``, ``fetch_k``, ``mmr_lambda``, ``min_dispersion``, ``chroma_metric``;
+            :data:`~dreampool_gpu.retrieval.modes.OPTIONS`).
         progress: show a tqdm bar on stderr.
 
     Returns:
@@ -564,16 +566,7 @@ class _JobLock:
             _clear_parts(self.path.parent, keep_dir=False)
 
 
-RETRIEVE_OPTIONS = (
-    "class_hint",
-    "classes",
-    "category",
-    "utility_threshold",
-    "utility_prior",
-    "fetch_k",
-    "mmr_lambda",
-    "min_dispersion",
-)
+RETRIEVE_OPTIONS = OPTIONS
 """The keyword options of :meth:`DreamPool.retrieve` a batch job passes through."""
 
 

@@ -18,14 +18,13 @@ from typing import Any
 
 from dreampool_gpu.demo import ARMS
 from dreampool_gpu.errors import DreamPoolError, InvalidInputError
+from dreampool_gpu.retrieval.modes import OPTIONS
 from dreampool_gpu.synthetic import DATASETS
 
 
 DEFAULT_K = 10  # results per query of `dreampool retrieve`, as the library's examples use
 # retrieve's keyword arguments by the flag that sets them, so errors name the flag
-_FLAGS = {name: "--" + name.replace("_", "-") for name in (
-    "k", "mode", "chunk", "key", "out", "class_hint", "classes", "category", "utility_threshold",
-    "utility_prior", "fetch_k", "mmr_lambda", "min_dispersion")}
+_FLAGS = {name: "--" + name.replace("_", "-") for name in ("k", "mode", "chunk", "key", "out", *OPTIONS)}
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -241,9 +240,9 @@ def _classes(text: str) -> list[int]:
 
 
 def _retrieve(args: argparse.Namespace) -> int:
-    from dreampool_gpu.batch import RETRIEVE_OPTIONS, run_retrieval_job, work_dir
+    from dreampool_gpu.batch import run_retrieval_job, work_dir
 
-    options = {name: getattr(args, name) for name in RETRIEVE_OPTIONS if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) is not None}
     try:
         report = run_retrieval_job(
             args.pool,
@@ -419,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retrieve.add_argument(
         "--min-dispersion", type=float, default=None, help="stop MMR picks below this dispersion"
+    )
+    retrieve.add_argument(
+        "--chroma-metric", default=None, help="cosine (default) or euclidean scores of the chroma modes"
     )
     retrieve.add_argument("--json", action="store_true", help="print the job report as JSON")
     retrieve.add_argument("--no-progress", action="store_true", help="hide the progress bar")

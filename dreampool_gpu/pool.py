@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import copy
-import math
-import operator
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dreampool_gpu import _validation as v
 from dreampool_gpu import persist
@@ -27,11 +24,11 @@ from dreampool_gpu.budget import (
     fit_capacity,
     outranked_newcomers,
 )
-from dreampool_gpu.cache import QueryCache, query_keys
-from dreampool_gpu.config import EvictionPolicy, Metric, PoolConfig, RetrievalMode
+from dreampool_gpu.cache import QueryCache
+from dreampool_gpu.config import EvictionPolicy, PoolConfig, RetrievalMode
 from dreampool_gpu.devices import resolve_device
-from dreampool_gpu.dreams import SINGLE_DREAM_HINT, chroma_signature, hue_category, validate_dreams
-from dreampool_gpu.encoders import Encoder, FeatureEncoder
+from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
+from dreampool_gpu.encoders import Encoder, FeatureEncoder, bank_form
 from dreampool_gpu.errors import (
     CapacityExceededError,
     DimensionMismatchError,
@@ -42,31 +39,15 @@ from dreampool_gpu.errors import (
 from dreampool_gpu.fitting import FitReport, train_encoder
 from dreampool_gpu.learned import LearnedEncoder, ModuleEncoder
 from dreampool_gpu.metrics import PoolMetrics
-from dreampool_gpu.rerank import (
-    HybridWeights,
-    class_match,
-    diversity_stats,
-    hybrid_scores,
-    mmr,
-    mmr_row_bytes,
-    row_chunks,
-    rowwise_cosine,
-)
-from dreampool_gpu.search import make_index, oldest_first_ties, stable_topk
+from dreampool_gpu.rerank import HybridWeights, diversity_stats
+from dreampool_gpu.retrieval import request, stages
+from dreampool_gpu.retrieval.modes import MODES
+from dreampool_gpu.retrieval.request import check_request
+from dreampool_gpu.search import make_index
 from dreampool_gpu.spectral import spectral_features
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_TOPK_BYTES_PER_SCORE = 8  # stable_topk's temporaries per score: the float and the tie masks
 _EMBED_CHUNK = 4096  # entries embedded per encoder call when the whole bank is re-embedded
-_MAX_PADDED_K = 1 << 16  # k past the capacity only pads; capped so that [B, k] results stay allocatable
-_FILTERED_MODES = {RetrievalMode.CATEGORY, RetrievalMode.NEAREST, RetrievalMode.SOFT, RetrievalMode.HYBRID}
-_CHROMA_MODES = {
-    RetrievalMode.SIMILAR,
-    RetrievalMode.CLASS,
-    RetrievalMode.BALANCED,
-    RetrievalMode.UTILITY,
-    RetrievalMode.DIVERSE,
-}
 
 
 @dataclass(frozen=True)
@@ -91,64 +72,6 @@ class Retrieval:
     def mask(self) -> torch.Tensor:
         """``[B, k]`` bool, True where a result is present."""
         return self.ids >= 0
-
-
-@dataclass
-class _Queries:
-    """Parsed queries: whatever features the input carried, all ``[B, ...]``."""
-
-    count: int
-    chroma: torch.Tensor | None = None
-    spectral: torch.Tensor | None = None
-    embeddings: torch.Tensor | None = None
-    dreams: torch.Tensor | None = None
-
-    def take(self, rows: torch.Tensor) -> _Queries:
-        """The queries at ``rows`` (``[b]`` int64)."""
-        def part(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[rows]
-
-        return _Queries(int(rows.numel()), part(self.chroma), part(self.spectral), part(self.embeddings),
-                        part(self.dreams))
-
-
-_CHROMA_METRICS = ("cosine", "euclidean")
-
-
-def _chroma_scores(queries: torch.Tensor, chroma: torch.Tensor, metric: str) -> torch.Tensor:
-    """``[b, n]`` chroma scores, higher is better: cosine (hue direction), or minus the RGB
-    distance (brightness-aware; exact differences, batch-size invariant)."""
-    if metric == "cosine":
-        return rowwise_cosine(queries, chroma)
-    return -torch.cdist(queries.float(), chroma.float(), compute_mode="donot_use_mm_for_euclid_dist")
-
-
-def _both(mask: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
-    """``mask & keep`` where both are given (``keep`` ``[capacity]`` broadcasts over query rows)."""
-    if keep is None:
-        return mask
-    return keep[None, :] if mask is None else mask & (keep[None, :] if mask.dim() == 2 else keep)
-
-
-def _by_value(
-    keys: torch.Tensor,
-    width: int,
-    run: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Answer queries grouped by ``keys`` (``[B]`` int): ``run(rows, value)`` per value present.
-
-    Each call gets the ``[b]`` rows holding one value and returns their
-    ``[b, width]`` (scores, slots); they are scattered back into ``[B, width]``.
-    A per-query filter with few distinct values (classes, hue categories) is
-    then a shared ``[capacity]`` mask per group rather than a ``[B, capacity]`` one.
-    """
-    scores = torch.full((keys.shape[0], width), float("-inf"), device=keys.device)
-    slots = torch.full((keys.shape[0], width), -1, dtype=torch.int64, device=keys.device)
-    for value in keys.unique().tolist():
-        rows = torch.nonzero(keys == value).squeeze(1)
-        part_scores, part_slots = run(rows, value)
-        scores[rows], slots[rows] = part_scores.float(), part_slots
-    return scores, slots
 
 
 class DreamPool:
@@ -482,7 +405,7 @@ class DreamPool:
             with_dreams: also gather the dreams of the results.
             where: a filter applied before the k-NN and any re-ranking, in every mode:
                 a ``[capacity]`` bool mask over slots, or a callable that receives the
-                metadata columns (see :meth:`_where_columns`) as ``[capacity]`` tensors on
+                metadata columns (see :func:`~dreampool_gpu.retrieval.request.where_columns`) as ``[capacity]`` tensors on
                 the pool's device and returns one. Only entries where it is True qualify.
             chroma_metric: how the chroma modes (``similar``, ``class``, ``balanced``,
                 ``utility``, ``diverse``) score: ``"cosine"`` (the hue direction; brightness
@@ -497,53 +420,12 @@ class DreamPool:
         """
         start = time.perf_counter()
         with self._lock:
-            mode_ = self.config.default_mode if mode is None else RetrievalMode.parse(mode)
-            k_ = self.config.retrieval_limit if k is None else v.check_count(k, "k", high=max(self.config.capacity, _MAX_PADDED_K))
-            q = self._parse_queries(queries, mode_)
-            b = q.count
-            hint = self._labels(class_hint, b, "class_hint")
-            prior = self._per_dream(utility_prior, b, "utility_prior", 0.0, 1.0)
-            if mode_ not in _CHROMA_MODES:
-                self._check_fresh()
-            if mode_ is RetrievalMode.CLASS and (class_hint is None or (b and bool((hint < 0).any()))):
-                raise InvalidInputError("class_hint", f"a class label in 0..{self.config.num_classes - 1} "
-                                        "for mode 'class'",
-                                        None if class_hint is None else -1)
-            if mode_ is RetrievalMode.BALANCED:
-                balanced = self._class_list(classes)
-            lam = self.weights.mmr_lambda if mmr_lambda is None else v.check_number(mmr_lambda, "mmr_lambda", 0.0, 1.0)
-            v.check_number(min_dispersion, "min_dispersion", 0.0, float("inf"))
-            v.check_number(utility_threshold, "utility_threshold", float("-inf"), float("inf"))
-            fetch = max(k_, self.config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
-            fetch = min(fetch, max(k_, self.config.capacity))  # candidates beyond capacity would all be padding
-            categories = self._category_filter(category, q, mode_)
-            if chroma_metric not in _CHROMA_METRICS:
-                raise InvalidInputError("chroma_metric", f"one of {', '.join(_CHROMA_METRICS)}", repr(chroma_metric))
-            keep = self._where_mask(where)
-
-            def chroma(qs: _Queries, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-                return self._chroma_topk(qs, k_, _both(mask, keep), metric=chroma_metric)
-
-            if mode_ is RetrievalMode.SIMILAR:
-                scores, slots = chroma(q)
-            elif mode_ is RetrievalMode.CLASS:
-                labels = self.bank.columns["class_label"]
-                scores, slots = _by_value(hint, k_, lambda rows, c: chroma(q.take(rows), (labels == c)[None, :]))
-            elif mode_ is RetrievalMode.BALANCED:
-                parts = [chroma(q, self._class_mask(c)) for c in balanced]
-                scores = torch.cat([p[0] for p in parts], dim=1) if parts else self._empty(b)[0]
-                slots = torch.cat([p[1] for p in parts], dim=1) if parts else self._empty(b)[1]
-            elif mode_ is RetrievalMode.UTILITY:
-                util = self.bank.columns["utility"]
-                scores, slots = chroma(q, (util >= utility_threshold)[None, :])
-            elif mode_ is RetrievalMode.DIVERSE:
-                scores, slots = self._diverse(q, k_, lam, min_dispersion, keep, chroma_metric)
-            elif mode_ in (RetrievalMode.NEAREST, RetrievalMode.CATEGORY):
-                scores, slots = self._knn(self._query_embeddings(q, hint, prior), k_, categories, keep)
-            else:
-                lam_ = 1.0 if mode_ is RetrievalMode.SOFT and mmr_lambda is None else lam
-                scores, slots = self._hybrid(q, hint, prior, k_, fetch, lam_, min_dispersion, categories, keep)
-
+            req = check_request(self, queries, k=k, mode=mode, class_hint=class_hint, classes=classes,
+                                category=category, utility_threshold=utility_threshold,
+                                utility_prior=utility_prior, fetch_k=fetch_k, mmr_lambda=mmr_lambda,
+                                min_dispersion=min_dispersion, where=where, chroma_metric=chroma_metric)
+            b = req.q.count
+            scores, slots = MODES[req.mode].run(self, req)
             ids = self.bank.gather("ids", slots)
             usage = self.bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
             usage.index_add_(0, slots.clamp(min=0).reshape(-1), (slots >= 0).reshape(-1).to(usage.dtype))
@@ -848,123 +730,20 @@ class DreamPool:
             }
 
     # ------------------------------------------------------------- helpers
-    def _embed(self, z: torch.Tensor) -> torch.Tensor:
-        """Bank form of encoder output ``[N, D]``: unit vectors for cosine, raw for euclidean.
+    @property
+    def capacity(self) -> int:
+        """Slots of the bank: the configured capacity, lowered (or derived) to fit the memory budget."""
+        return self.bank.capacity
 
-        Under cosine each row is first divided by its largest magnitude, so rows whose
-        squared norm would overflow (1e20) or underflow (1e-45) float32 keep their direction.
-        """
-        if self.config.metric is not Metric.COSINE:
-            return z
-        peak = z.abs().amax(dim=1, keepdim=True)
-        return F.normalize(z / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=1)
+    def _embed(self, z: torch.Tensor) -> torch.Tensor:
+        """Bank form of encoder output ``[N, D]`` (:func:`~dreampool_gpu.encoders.bank_form`)."""
+        return bank_form(z, self.config.metric)
 
     def _per_dream(self, x: Any, n: int, name: str, low: float, high: float) -> torch.Tensor:
-        if x is None:
-            return torch.zeros(n, device=self.device)
-        t = v.as_tensor(x, name, device=self.device)
-        if t.dtype == torch.bool or t.is_complex():
-            raise InvalidInputError(name, "real numbers", f"dtype {t.dtype}")
-        t = t.float()
-        if t.dim() == 0:
-            t = t.expand(n)
-        v.check_shape(t, (n,), name)
-        v.check_finite(t, name)
-        v.check_range(t, name, low, high)
-        return t
+        return request.per_query(x, n, name, low, high, self.device)
 
     def _labels(self, x: Any, n: int, name: str) -> torch.Tensor:
-        if x is None:
-            return torch.full((n,), -1, dtype=torch.int64, device=self.device)
-        t = v.as_tensor(x, name, device=self.device)
-        v.check_int(t, name)
-        t = t.long()
-        if t.dim() == 0:
-            t = t.expand(n)
-        v.check_shape(t, (n,), name)
-        top = self.config.num_classes
-        if t.numel() and bool(((t < -1) | (t >= top)).any()):
-            raise InvalidInputError(name, f"class labels in 0..{top - 1} or -1", t.unique().tolist()[:10])
-        return t
-
-    def _class_list(self, classes: Sequence[int] | None) -> list[int]:
-        expected = "a sequence of class labels for mode 'balanced'"
-        if classes is None or isinstance(classes, (str, bytes)):
-            raise InvalidInputError("classes", expected, repr(classes))
-        try:
-            items = list(classes)
-        except TypeError:  # not iterable (an object, a 0-d tensor)
-            raise InvalidInputError("classes", expected, type(classes).__name__) from None
-        out = []
-        for c in items:
-            try:
-                boolean = isinstance(c, bool) or getattr(c, "dtype", None) in (torch.bool, np.bool_)
-                label = None if boolean else operator.index(c)  # int, numpy or 0-dim torch ints
-            except TypeError:
-                label = None
-            if label is None or not 0 <= label < self.config.num_classes:
-                raise InvalidInputError("classes", f"class labels in 0..{self.config.num_classes - 1}", repr(c))
-            out.append(label)
-        return out
-
-    def _where_columns(self) -> dict[str, torch.Tensor]:
-        """What a ``where`` callable receives: ``[capacity]`` copies on the pool's device.
-
-        ``coherence``, ``energy``, ``violation``, ``utility`` (NaN before any feedback),
-        ``util_mean`` float32; ``usage`` int32; ``class`` and ``hue`` int64 (class -1 =
-        none); ``age`` float32 seconds since the entry was added; ``id`` int64 (-1 on
-        free slots, which never qualify whatever the mask says).
-        """
-        cols = self.bank.columns
-        out = {name: cols[name].clone() for name in ("coherence", "energy", "violation", "utility", "util_mean",
-                                                      "usage", "ids")}
-        out["id"] = out.pop("ids")
-        out["class"] = cols["class_label"].long()
-        out["hue"] = cols["hue_category"].long()
-        out["age"] = (time.time() - cols["inserted_at"]).float()
-        return out
-
-    def _where_mask(self, where: Any) -> torch.Tensor | None:
-        """``where`` as a ``[capacity]`` bool mask on the pool's device (None: no filter)."""
-        if where is None:
-            return None
-        expected = f"a [{self.config.capacity}] bool mask, or a callable of the metadata columns returning one"
-        if callable(where) and not isinstance(where, (torch.Tensor, np.ndarray)):
-            try:
-                where = where(self._where_columns())
-            except Exception as exc:  # the caller's function: its failure is a bad argument
-                raise InvalidInputError("where", expected, f"a callable that raised {type(exc).__name__}: {exc}") from exc
-        t = v.as_tensor(where, "where", device=self.device)
-        if t.dtype != torch.bool:
-            raise InvalidInputError("where", expected, f"dtype {t.dtype}")
-        v.check_shape(t, (self.config.capacity,), "where")
-        return t
-
-    def _class_mask(self, label: int) -> torch.Tensor:
-        return (self.bank.columns["class_label"] == label)[None, :]
-
-    def _category_filter(self, category: Any, q: _Queries, mode: RetrievalMode) -> torch.Tensor | None:
-        """``[B]`` int64 hue category each query's candidates must have; None = no filter.
-
-        ``category`` mode defaults to the query chroma's own category; ``nearest``,
-        ``soft`` and ``hybrid`` filter their candidates only when one is given.
-        """
-        if mode not in _FILTERED_MODES or (category is None and mode is not RetrievalMode.CATEGORY):
-            return None
-        return self._categories(category, q)
-
-    def _categories(self, category: Any, q: _Queries) -> torch.Tensor:
-        if category is None:
-            if q.chroma is None:
-                raise InvalidInputError("category", "a hue category 0..11 for embedding queries", None)
-            return hue_category(q.chroma)
-        t = v.as_tensor(category, "category", device=self.device)
-        v.check_int(t, "category")
-        t = t.long().expand(q.count) if t.dim() == 0 else t.long()
-        v.check_shape(t, (q.count,), "category")
-        if t.numel() and bool(((t < 0) | (t > 11)).any()):
-            raise InvalidInputError("category", "hue categories in 0..11", t.unique().tolist())
-        return t
+        return request.labels(x, n, name, self.config.num_classes, self.device)
 
     def _slots(self, ids: Any) -> torch.Tensor:
         t = v.as_ids(ids, "ids", device=self.device).long()
@@ -979,255 +758,23 @@ class DreamPool:
             raise InvalidInputError("ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})",
                                     f"{bad.numel()} unknown: {shown}")
 
-    def _parse_queries(self, queries: Any, mode: RetrievalMode) -> _Queries:
-        t = v.as_tensor(queries, "queries", device=self.device)
-        v.check_float(t, "queries")
-        d = self.config.embedding_dim
-        if t.dim() == 5:
-            batch = validate_dreams(t, dream_shape=self.config.dream_shape, name="queries")
-            spectral = None
-            if isinstance(self.encoder, FeatureEncoder) and self.encoder.include_spectral:
-                spectral = spectral_features(batch, window=self.config.window)
-            return _Queries(batch.shape[0], chroma=chroma_signature(batch), spectral=spectral, dreams=batch)
-        if t.dim() == 2 and t.shape[1] == 3:
-            v.check_finite(t, "queries")
-            v.check_range(t, "queries", 0.0, 1.0)
-            return _Queries(t.shape[0], chroma=t.float())
-        if t.dim() == 2 and t.shape[1] == d and mode not in _CHROMA_MODES:
-            return _Queries(t.shape[0], embeddings=self._embed(self._embedding_queries(t)))
-        expected = "[B, R, C, L, 3] dreams or [B, 3] chroma"
-        if mode not in _CHROMA_MODES:
-            expected += f" or [B, {d}] embeddings"
-        if t.dim() == 4 or t.dim() == 1:
-            expected += f" ({SINGLE_DREAM_HINT})" if t.dim() == 4 else " (one query needs a batch dimension: q[None])"
-        raise DimensionMismatchError(expected, list(t.shape), f"queries for mode {mode.value!r}")
+    def _parse_queries(self, queries: Any, mode: RetrievalMode) -> request.Queries:
+        """Checked queries for ``mode`` (:func:`~dreampool_gpu.retrieval.request.parse_queries`)."""
+        return request.parse_queries(queries, mode, self.config, self.device, self.encoder)
 
-    def _embedding_queries(self, t: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` embedding queries as float32, finite there; under euclidean small enough
-        that squared distances to the bank stay finite in float32."""
-        t = t.float()
-        v.check_finite(t, "queries")  # after the cast: float64 values past float32's range are inf here
-        if self.config.metric is Metric.EUCLIDEAN and t.numel():
-            bound = math.sqrt(torch.finfo(torch.float32).max / (4 * t.shape[1]))
-            peak = float(t.abs().max())
-            if peak > bound:
-                raise InvalidInputError("queries", f"euclidean embeddings with |values| <= {bound:.3g} "
-                                        "(squared distances overflow float32 beyond)", f"|values| up to {peak:.3g}")
-        return t
-
-    def _query_embeddings(self, q: _Queries, hint: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    def _query_embeddings(self, q: request.Queries, hint: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` embeddings of parsed queries, through the query cache where it applies."""
         if q.embeddings is not None:
             return q.embeddings
-        chroma = q.chroma
-        if chroma is None:  # unreachable: _parse_queries always sets one of the two
-            raise InvalidInputError("queries", "dreams, chroma or embeddings", None)
-
-        def compute(rows: torch.Tensor) -> torch.Tensor:
-            dreams = None if q.dreams is None else q.dreams[rows]
-            spectral = None if q.spectral is None else q.spectral[rows]  # None: a chroma-only query
-            z = self.encoder.encode_queries(dreams=dreams, chroma=chroma[rows], spectral=spectral,
-                                            class_labels=hint[rows], utility=prior[rows])
-            return self._embed(z)
-
-        every = torch.arange(q.count, device=self.device)
-        if q.dreams is not None or self.cache.capacity == 0:
-            return compute(every)
-        out = torch.empty(q.count, self.config.embedding_dim, device=self.device)
-        return self.cache.get_or_compute(query_keys(chroma, hint, prior), compute, out)
+        return stages.embed_queries(self.encoder, self.cache, self.config, q.chroma, q.spectral, q.dreams,
+                                    hint, prior)
 
     def _knn(
         self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (docs/spec.md §Retrieval).
-
-        On CPU the engine is asked for one more neighbour; rows where a tie
-        straddles the k-th place (exact duplicates) are re-selected exactly in age
-        order, so the oldest of the tied entries make the cut. On CUDA that check
-        would cost a host synchronisation: there ties are ordered oldest first
-        within the k returned, and the cut is the engine's.
-
-        With ``categories`` (``[B]`` hue categories) each query searches only its
-        category: on CUDA with one ``[B, capacity]`` mask while it fits
-        ``search_chunk_mb`` (no host synchronisation), otherwise one shared mask
-        per category present. ``keep`` (``[capacity]`` bool, the ``where`` filter)
-        restricts every search.
-        """
-        if k == 0:
-            return self._empty(embedded.shape[0])
-        cpu = self.device.type == "cpu"
-        fetch = k + 1 if cpu and 0 < k < self.bank.size else k
-        hue = self.bank.columns["hue_category"]
-        if categories is None:
-            scores, slots = self.index.search(embedded, fetch, mask=keep)
-        elif not cpu and embedded.shape[0] * self.bank.capacity <= self.config.search_chunk_mb * 2**20:
-            scores, slots = self.index.search(embedded, fetch, mask=_both(hue[None, :] == categories[:, None], keep))
-        else:
-            scores, slots = _by_value(categories, fetch, lambda rows, c: self.index.search(
-                embedded[rows], fetch, mask=_both(hue == c, keep)))
-        if fetch > k:
-            straddles = (scores[:, k - 1] == scores[:, k]) & (scores[:, k] > float("-inf"))
-            scores, slots = scores[:, :k].clone(), slots[:, :k].clone()
-            if bool(straddles.any()):
-                rows = torch.nonzero(straddles).squeeze(1)
-                scores[rows], slots[rows] = self._oldest_first_exact(
-                    embedded[rows], k, None if categories is None else categories[rows], keep)
-        return oldest_first_ties(scores, slots, self.bank.columns["ids"])
-
-    def _oldest_first_exact(
-        self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None, keep: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact k-NN ``[b, k]`` over live entries in age order, ties to the older (stable top-k).
-
-        Queries go in chunks whose ``[b, n]`` scores stay under ``search_chunk_mb``.
-        """
-        by_age = self.bank.slots_by_age()
-        vectors = self.bank.columns["embeddings"][by_age]
-        hue = self.bank.columns["hue_category"][by_age]
-        dropped = None if keep is None else ~keep[by_age]
-
-        def scores(rows: slice) -> torch.Tensor:
-            q = embedded[rows].to(vectors.dtype)
-            if self.config.metric is Metric.COSINE:
-                sim = q @ vectors.T
-            else:  # exact differences, as the engines' euclidean refinement
-                sim = -torch.cdist(q, vectors, compute_mode="donot_use_mm_for_euclid_dist")
-            if categories is not None:
-                sim.masked_fill_(hue[None, :] != categories[rows, None], float("-inf"))
-            if dropped is not None:
-                sim.masked_fill_(dropped[None, :], float("-inf"))
-            return sim
-
-        return self._stable_topk_by_age(by_age, embedded.shape[0], k, scores)
-
-    def _stable_topk_by_age(
-        self, by_age: torch.Tensor, count: int, k: int, scores: Callable[[slice], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stable top-k of ``scores(rows)`` (``[b, n]``, columns in ``by_age`` order), padded to ``[count, k]``.
-
-        Queries go in chunks whose ``[b, n]`` scores and tie-break keys stay under
-        ``search_chunk_mb``; ties go to the lower column, i.e. the older entry.
-        """
-        parts = [stable_topk(scores(rows), k)
-                 for rows in row_chunks(count, _TOPK_BYTES_PER_SCORE * by_age.numel(), self.config.search_chunk_mb)]
-        values = torch.cat([p[0] for p in parts])
-        slots = by_age[torch.cat([p[1] for p in parts])]
-        return self._pad(values, slots, k)
-
-    def _empty(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.empty(b, 0, device=self.device), torch.empty(b, 0, dtype=torch.int64, device=self.device))
-
-    def _chroma_topk(
-        self, q: _Queries, k: int, mask: torch.Tensor | None = None, *, metric: str = "cosine"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stable top-k by chroma cosine (or, ``metric="euclidean"``, minus the RGB distance)
-        over live entries (oldest wins ties).
-
-        Queries go through in chunks whose ``[b, n]`` scores and tie-break keys
-        stay under ``search_chunk_mb``; rows are batch-size invariant, so chunking
-        changes nothing.
-        """
-        if q.chroma is None:
-            raise InvalidInputError("queries", "dreams or chroma for a chroma method", "embeddings")
-        query_chroma = q.chroma
-        by_age = self.bank.slots_by_age()
-        chroma = self.bank.columns["chroma"][by_age]
-        shared = None if mask is None or mask.shape[0] > 1 else ~mask[:, by_age]  # one gather for every chunk
-
-        def scores(rows: slice) -> torch.Tensor:
-            sim = _chroma_scores(query_chroma[rows], chroma, metric)
-            if mask is not None:
-                excluded = shared if shared is not None else ~mask[rows][:, by_age]
-                sim = sim.masked_fill(excluded.expand_as(sim), float("-inf"))
-            return sim
-
-        return self._stable_topk_by_age(by_age, q.count, k, scores)
-
-    def _pad(self, values: torch.Tensor, slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        found = torch.isfinite(values) & (slots >= 0)
-        slots = torch.where(found, slots, torch.full_like(slots, -1))
-        values = values.masked_fill(~found, float("-inf"))
-        missing = k - values.shape[1]
-        if missing > 0:
-            values = F.pad(values, (0, missing), value=float("-inf"))
-            slots = F.pad(slots, (0, missing), value=-1)
-        return values, slots
-
-    def _diverse(
-        self, q: _Queries, k: int, lam: float, min_dispersion: float,
-        keep: torch.Tensor | None = None, metric: str = "cosine",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MMR over the whole pool (``keep``'s entries) on chroma signatures (candidates oldest first).
-
-        Queries go through in chunks whose ``[b, n]`` relevance and MMR state stay
-        under ``rerank_chunk_mb``; on CPU every row is bit-identical to an unchunked
-        run (on CUDA up to cuBLAS rounding, see ``rerank.rowwise_cosine``).
-        """
-        if q.chroma is None:  # unreachable: diverse queries always carry chroma
-            raise InvalidInputError("queries", "dreams or chroma for a chroma method", "embeddings")
-        by_age = self.bank.slots_by_age()
-        chroma = self.bank.columns["chroma"][by_age]
-        n = by_age.numel()
-        row_bytes = 4 * n + mmr_row_bytes(n, chroma.shape[1], shared=True)  # relevance + MMR state
-        parts = []
-        for rows in row_chunks(q.count, row_bytes, self.config.rerank_chunk_mb):
-            # chroma cosine as in _chroma_topk: batch-size invariant, so chunks change nothing
-            relevance = _chroma_scores(q.chroma[rows], chroma, metric)
-            if keep is not None:  # -inf marks a filtered candidate for mmr: no host round trip
-                relevance = relevance.masked_fill(~keep[by_age][None, :], float("-inf"))
-            part = mmr(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma)
-            parts.append(part)
-        picks = torch.cat([p[0] for p in parts])
-        scores = torch.cat([p[1] for p in parts])
-        slots = torch.where(picks >= 0, by_age[picks.clamp(min=0)] if n else picks, picks)
-        return scores, slots
-
-    def _hybrid(
-        self,
-        q: _Queries,
-        hint: torch.Tensor,
-        prior: torch.Tensor,
-        k: int,
-        fetch_k: int,
-        lam: float,
-        min_dispersion: float,
-        categories: torch.Tensor | None,
-        keep: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft candidates (fetch_k k-NN, within ``categories``) -> hybrid base score -> MMR on embeddings -> k.
-
-        The k-NN runs once for all queries (the search chunks itself); the re-ranking
-        runs in query chunks whose gathered ``[b, fetch_k, D]`` vectors and MMR state
-        stay under ``rerank_chunk_mb``; on CPU every row is bit-identical to an
-        unchunked run (on CUDA up to cuBLAS rounding, see ``rerank.rowwise_cosine``).
-        """
-        if k == 0:
-            return self._empty(q.count)
-        embedded = self._query_embeddings(q, hint, prior)
-        similarity, candidates = self._knn(embedded, max(fetch_k, k), categories, keep)
-        m = candidates.shape[1]
-        embeddings, chroma = self.bank.columns["embeddings"], self.bank.columns["chroma"]
-        d, p = embeddings.shape[1], chroma.shape[1]
-        # bank.gather makes two copies of each gathered row; ~8 [fetch_k] int64/float rows score them
-        gathered = 2 * m * (d * embeddings.element_size() + p * chroma.element_size()) + 8 * 8 * m
-        row_bytes = gathered + mmr_row_bytes(m, d)
-        score_parts, slot_parts = [], []
-        for rows in row_chunks(q.count, row_bytes, self.config.rerank_chunk_mb):
-            cand = candidates[rows]
-            valid = cand >= 0
-            util = self.bank.gather("util_mean", cand)
-            match = class_match(self.bank.gather("class_label", cand).long(), hint[rows])
-            sim = similarity[rows].masked_fill(~valid, float("-inf"))
-            base = hybrid_scores(sim, util, match, self.weights)
-            vectors = self.bank.gather("embeddings", cand)
-            points = self.bank.gather("chroma", cand)
-            picks, scores = mmr(
-                base, vectors, k,
-                mmr_lambda=lam, delta=self.weights.delta, min_dispersion=min_dispersion, points=points,
-            )
-            score_parts.append(scores)
-            slot_parts.append(torch.where(picks >= 0, cand.gather(1, picks.clamp(min=0)), picks))
-        return torch.cat(score_parts), torch.cat(slot_parts)
+        """The engine's k-NN ``[B, k]``, ties oldest first (:func:`~dreampool_gpu.retrieval.stages.knn`)."""
+        return stages.knn(self.bank, self.index, self.config, embedded, k, categories, keep)
 
     # ----------------------------------------------------------- persistence
     def save(self, path: persist.PathArg) -> None:

@@ -20,7 +20,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from dreampool_gpu import DreamPool, PoolConfig
-from dreampool_gpu import pool as pool_module
+from dreampool_gpu.retrieval import stages as stages_module
 from dreampool_gpu.errors import (
     DimensionMismatchError,
     InvalidConfigurationError,
@@ -614,7 +614,7 @@ class TestPoolChunking:
             calls.append((relevance.shape, vectors.shape))
             return mmr(relevance, vectors, k, **kw)
 
-        monkeypatch.setattr(pool_module, "mmr", recording_mmr)
+        monkeypatch.setattr(stages_module, "mmr", recording_mmr)
         got = pool.retrieve(queries, k=6, mode=mode, **kwargs)
         assert torch.equal(got.ids, want.ids)
         assert torch.equal(got.scores, want.scores)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import PoolConfig
 from dreampool_gpu.search.base import SearchIndex
-from dreampool_gpu.search.exact import ExactSearch, oldest_first_ties, pairwise_scores, stable_topk
+from dreampool_gpu.retrieval.topk import oldest_first_ties, stable_topk
+from dreampool_gpu.search.exact import ExactSearch, pairwise_scores
 
 __all__ = ["ExactSearch", "SearchIndex", "make_index", "oldest_first_ties", "pairwise_scores", "stable_topk"]
 

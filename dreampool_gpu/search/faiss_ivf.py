@@ -41,7 +41,8 @@ from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric
 from dreampool_gpu.devices import faiss_gpu_available
 from dreampool_gpu.search.base import SearchIndex
-from dreampool_gpu.search.faiss_flat import gpu_resources, pad_results
+from dreampool_gpu.retrieval.topk import pad_results
+from dreampool_gpu.search.faiss_flat import gpu_resources
 
 MIN_TRAIN_ROWS = 1024  # smallest pool an IVF is trained on: PQ codebooks have 256 centroids
 PQ_DIMS_PER_BYTE = 4  # one byte of PQ code per 4 dimensions: d/4 bytes a vector
