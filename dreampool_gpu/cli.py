@@ -79,7 +79,8 @@ def environment_info() -> dict[str, object]:
     """torch, CUDA, FAISS and NVML facts of this machine, with a memory reading per device (never raises)."""
     import torch
 
-    from dreampool_gpu.devices import cuda_available, faiss_gpu_available, nvml_available
+    from dreampool_gpu.devices import cuda_available, faiss_gpu_available
+    from dreampool_gpu.memory import nvml_available
 
     info: dict[str, object] = {"torch": torch.__version__, "cuda_available": cuda_available()}
     devices = [torch.device("cpu")]
@@ -102,7 +103,7 @@ def environment_info() -> dict[str, object]:
 
 def _memory_reading(device: Any) -> dict[str, object]:
     """What the pool's memory probe for ``device`` reads now: used, total, source, note (never raises)."""
-    from dreampool_gpu.budget import open_probe
+    from dreampool_gpu.memory import open_probe
 
     try:
         probe = open_probe(device)

@@ -33,19 +33,6 @@ def faiss_gpu_available() -> bool:
         return False
 
 
-@functools.cache
-def nvml_available() -> bool:
-    """True when NVML (nvidia-ml-py) imports and initialises."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        pynvml.nvmlShutdown()
-        return True
-    except Exception:
-        return False
-
-
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     """Resolve ``"auto" | "cpu" | "cuda" | "cuda:N"`` to a concrete device.
 
