@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from dreampool_gpu.atomic import atomic_write
 from dreampool_gpu.config import RetrievalMode
 from dreampool_gpu.errors import DimensionMismatchError, DreamPoolError, InvalidInputError
 from dreampool_gpu.persist import manifest_digest
@@ -264,39 +265,14 @@ def _chunk_name(index: int) -> str:
     return f"chunk-{index:06d}.safetensors"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
-    """Write ``target`` through a hidden sibling, fsync it and rename it into place.
-
-    A crash leaves ``target`` whole or as it was; an exception (Ctrl-C included)
-    removes the sibling.
-    """
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(target.parent)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def _save_chunk(parts: Path, index: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
     """Write one finished chunk atomically."""
     tensors = {"ids": ids.contiguous(), "scores": scores.contiguous()}
-    _atomic_write(parts / _chunk_name(index), lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(parts / _chunk_name(index), lambda tmp: save_file(tensors, str(tmp)))
 
 
 def _pool_digest(path: Path) -> str | None:
@@ -610,7 +586,7 @@ def _merge(
         "queries": str(total),
     }
     tensors = {"ids": ids, "scores": scores}
-    _atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_results(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor]:

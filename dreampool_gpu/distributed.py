@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from dreampool_gpu import _validation as v
 from dreampool_gpu import errors, persist
+from dreampool_gpu.atomic import atomic_write
 from dreampool_gpu.config import PoolConfig, RetrievalMode
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import validate_dreams
@@ -847,17 +848,7 @@ def _commit_manifest(root: Path, generation: str, shards: list[dict[str, Any]]) 
     body = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "world_size": len(shards),
             "tag_bits": TAG_BITS, "generation": generation, "shards": shards}
     data = json.dumps({**body, "digest": _digest(body)}, indent=2, sort_keys=True).encode()
-    tmp = root / f".{_MANIFEST}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / _MANIFEST)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(root / _MANIFEST, lambda tmp: tmp.write_bytes(data))
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
