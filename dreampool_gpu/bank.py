@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dreampool_gpu.errors import CapacityExceededError
 from dreampool_gpu.spectral import SPECTRAL_DIM
 
 
@@ -184,3 +185,24 @@ class TensorBank:
         self.size = 0
         self.extent = 0
         self.revision += 1
+
+    def to(self, device: torch.device) -> None:
+        """Move every column to ``device`` in place (a new revision: derived structures rebuild)."""
+        self.columns = {name: t.to(device) for name, t in self.columns.items()}
+        self.device = device
+        self._order_revision, self._sorted_ids = -1, self.columns["ids"]
+        self._sorted_slots = self.columns["ids"]
+        self.revision += 1
+
+    def check_ids_left(self, incoming: int) -> None:
+        """Refuse to issue ``incoming`` more ids when they would pass the int64 maximum.
+
+        Raises:
+            CapacityExceededError: fewer ids are left than ``incoming`` (ids are never reused).
+        """
+        left = torch.iinfo(torch.int64).max - self.next_id  # next_id itself must stay an int64
+        if incoming > left:
+            raise CapacityExceededError(
+                f"ids exhausted: {incoming} dreams passed the gate but only {left} ids are left below the "
+                f"int64 maximum (next_id {self.next_id}); ids are never reused"
+            )

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import persist
 from dreampool_gpu.bank import TensorBank, column_specs
 from dreampool_gpu.budget import (
     MemoryBudget,
@@ -21,6 +20,7 @@ from dreampool_gpu.budget import (
     fit_capacity,
 )
 from dreampool_gpu.cache import QueryCache
+from dreampool_gpu.checkpointing import Checkpointing
 from dreampool_gpu.config import PoolConfig, RetrievalMode
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
@@ -69,7 +69,7 @@ class Retrieval:
         return self.ids >= 0
 
 
-class DreamPool(EncoderLifecycle):
+class DreamPool(EncoderLifecycle, Checkpointing):
     """Long-term memory of dreams: gated adds, a tensor bank, k-NN, MMR, feedback.
 
     Every public method is thread-safe (one re-entrant lock) and validates its
@@ -184,11 +184,7 @@ class DreamPool(EncoderLifecycle):
                 raise InvalidConfigurationError("memory_budget_mb", config.memory_budget_mb,
                                                 f"a budget on {target} holding the pool's {config.capacity} slots")
             check_allocation(config, self.bank.specs, config.capacity, target)
-            columns = {name: t.to(target) for name, t in self.bank.columns.items()}
-            self.bank.columns, self.bank.device = columns, target
-            self.bank._order_revision, self.bank._sorted_ids = -1, columns["ids"]
-            self.bank._sorted_slots = columns["ids"]
-            self.bank.revision += 1
+            self.bank.to(target)
             if callable(getattr(self.encoder, "to", None)):
                 self.encoder.to(target)
             else:
@@ -259,7 +255,7 @@ class DreamPool(EncoderLifecycle):
             if force:
                 passed = torch.ones_like(passed)
             accepted = torch.nonzero(passed).squeeze(1)
-            self._check_ids_left(int(accepted.numel()))
+            self.bank.check_ids_left(int(accepted.numel()))
             budget_room = self.budget.room(self.bank, self.index)
             room = self.config.capacity if budget_room is None else min(self.config.capacity, budget_room)
             if accepted.numel() > room and self.config.strict_budget:
@@ -315,15 +311,6 @@ class DreamPool(EncoderLifecycle):
                 self.counters["dropped"] += lost
             self.counters["added"] += m - lost
             return out
-
-    def _check_ids_left(self, incoming: int) -> None:
-        """Refuse an add of ``incoming`` entries whose ids would pass the int64 maximum."""
-        left = torch.iinfo(torch.int64).max - self.bank.next_id  # next_id itself must stay an int64
-        if incoming > left:
-            raise CapacityExceededError(
-                f"ids exhausted: {incoming} dreams passed the gate but only {left} ids are left below the "
-                f"int64 maximum (next_id {self.bank.next_id}); ids are never reused"
-            )
 
     def _make_room(self, incoming: int, *, settle: bool = True) -> int:
         """Evict by the policy until ``incoming`` more entries fit the capacity and the budget.
@@ -597,73 +584,3 @@ class DreamPool(EncoderLifecycle):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The engine's k-NN ``[B, k]``, ties oldest first (:func:`~dreampool_gpu.retrieval.stages.knn`)."""
         return stages.knn(self.bank, self.index, self.config, embedded, k, categories, keep)
-
-    # ----------------------------------------------------------- persistence
-    def save(self, path: persist.PathArg) -> None:
-        """Write a checkpoint directory at ``path``, atomically (see :mod:`dreampool_gpu.persist`).
-
-        The pool's state is copied under its lock, then written while other
-        threads keep using the pool. Readers of ``path`` see the previous
-        checkpoint or this one, never a mix.
-
-        Raises:
-            InvalidInputError: ``path`` is not a path, or names something that is
-                not a dreampool checkpoint (it is never overwritten).
-            OSError: the filesystem failed; the previous checkpoint is intact.
-        """
-        with persist.WRITE_LOCK:  # saves land in the order their snapshots were taken
-            with self._lock:
-                snap = persist.snapshot(self)
-            persist.write_checkpoint(snap, path)
-
-    @classmethod
-    def load(cls, path: persist.PathArg, *, device: str | torch.device | None = None) -> DreamPool:
-        """Build a pool from the checkpoint at ``path``, verifying every checksum.
-
-        A sharded checkpoint (:meth:`ShardedDreamPool.save`) opens as one pool holding
-        every shard's entries, ids unchanged (:func:`dreampool_gpu.distributed.load_merged`).
-
-        Keyword Args:
-            device: where the new pool lives (default: the saved configuration's
-                device). A pool saved on CUDA loads on CPU and the reverse; the
-                dreams keep their saved dtype.
-
-        Raises:
-            CheckpointCorruptError: a missing, truncated or altered file (named in
-                the error), or a format version newer than this library.
-            DeviceUnavailableError: ``device`` is CUDA and absent.
-        """
-        from dreampool_gpu import distributed  # imports this module
-
-        if distributed.is_sharded_checkpoint(path):  # a ShardedDreamPool's checkpoint, as one pool
-            return distributed.load_merged(path, device=device)
-        snap = persist.read_checkpoint(path)
-        pool = cls(persist.config_for_load(snap, device))
-        with pool._lock:
-            persist.restore(pool, snap)
-        return pool
-
-    def state_dict(self) -> dict[str, Any]:
-        """The pool's state as a dict of CPU tensors, bytes and plain values.
-
-        Round-trips through ``torch.save`` / ``torch.load(weights_only=True)``, so
-        the pool can ride in a training checkpoint.
-        """
-        with self._lock:
-            return persist.to_state_dict(persist.snapshot(self))
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Replace this pool's entries, counters and index with ``state_dict``'s.
-
-        The pool keeps its own configuration; fields that shape the stored data
-        (dream shape, embedding, encoder, metric, window) must match, and the
-        capacity must hold the saved entries. Dreams are cast to this pool's dtype.
-
-        Raises:
-            InvalidInputError: not a state dict of this format, or a malformed part.
-            InvalidConfigurationError: the state does not fit this pool's configuration.
-            (On error the pool is unchanged.)
-        """
-        snap = persist.from_state_dict(state_dict)
-        with self._lock:
-            persist.restore(self, snap)

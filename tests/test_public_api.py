@@ -27,9 +27,11 @@ SIGNATURES = {
         'dreams': 'ids',
         'enable_metrics': '*registry=None',
         'feedback': 'ids, utility',
+        'fit_encoder': '*steps=200, *batch_size=256, *lr=0.002, *seed=0, *progress=False',
         'load': 'path, *device=None',
         'load_state_dict': 'state_dict',
         'metadata': 'ids',
+        'reembed': '',
         'retrieve': (
             'queries, *k=None, *mode=None, *class_hint=None, *classes=None, *category=None, '
             '*utility_threshold=0.0, *utility_prior=None, *fetch_k=None, *mmr_lambda=None, '
@@ -95,8 +97,8 @@ def _parameters(function: object) -> str:
 
 
 def _public_methods(cls: type) -> dict[str, object]:
-    out = {}
-    for name, obj in vars(cls).items():
+    out: dict[str, object] = {}
+    for name, obj in [item for klass in reversed(cls.__mro__[:-1]) for item in vars(klass).items()]:
         if name.startswith("_") and name != "__init__":
             continue
         function = obj.__func__ if isinstance(obj, (staticmethod, classmethod)) else obj
