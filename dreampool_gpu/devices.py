@@ -1,4 +1,4 @@
-"""Device resolution and capability probes (CUDA, FAISS GPU, NVML).
+"""Device resolution and capability probes (CUDA, FAISS GPU; NVML in :mod:`dreampool_gpu.memory`).
 
 Each probe runs once and never raises: a missing driver or library reads as
 "unavailable".
