@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 
@@ -24,6 +25,15 @@ class ColumnSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     fill: float | int
+
+
+class BankState(TypedDict):
+    """:meth:`TensorBank.state_dict`: CPU columns of rows ``[0, extent)`` and the counters."""
+
+    columns: dict[str, torch.Tensor]
+    size: int
+    next_id: int
+    extent: int
 
 
 def column_specs(
@@ -206,3 +216,25 @@ class TensorBank:
                 f"ids exhausted: {incoming} dreams passed the gate but only {left} ids are left below the "
                 f"int64 maximum (next_id {self.next_id}); ids are never reused"
             )
+
+    def state_dict(self) -> BankState:
+        """Host copies of rows ``[0, extent)`` of every column, with ``size``, ``next_id``, ``extent``.
+
+        Copies, not views: the bank may change as soon as this returns.
+        """
+        extent = self.extent
+        columns = {name: t[:extent].detach().to("cpu", copy=True).contiguous() for name, t in self.columns.items()}
+        return {"columns": columns, "size": self.size, "next_id": self.next_id, "extent": extent}
+
+    def load_state_dict(self, state: BankState) -> None:
+        """Replace every row with ``state``'s (a :meth:`state_dict`; the caller checked its shapes).
+
+        Rows past the saved extent are reset to the columns' fill values; values are cast
+        to the columns' dtypes. Bumps :attr:`revision`.
+        """
+        extent = state["extent"]
+        for name, column in self.columns.items():
+            column[:extent].copy_(state["columns"][name])
+            column[extent:].fill_(self.specs[name].fill)
+        self.size, self.next_id, self.extent = state["size"], state["next_id"], extent
+        self.revision += 1
