@@ -40,7 +40,16 @@ import torch
 from dreampool_gpu.bank import ColumnSpec, TensorBank
 from dreampool_gpu.config import PoolConfig, parse_memory_budget
 from dreampool_gpu.errors import InsufficientMemoryError, InvalidConfigurationError
-from dreampool_gpu.memory import CudaMemory, MemoryProbe, MemoryReading, NvmlMemory, ProcessMemory, open_probe, pci_bus_id
+from dreampool_gpu.memory import (
+    CudaMemory,
+    MemoryProbe,
+    MemoryReading,
+    NvmlMemory,
+    ProcessMemory,
+    open_probe,
+    pci_bus_id,
+)
+from dreampool_gpu.search import index_nbytes_estimate
 from dreampool_gpu.search.base import SearchIndex
 
 MIB = 1 << 20
@@ -51,35 +60,6 @@ DEFAULT_THRESHOLD = 0.9  # docs/spec.md §Memory budget
 def entry_nbytes(specs: dict[str, ColumnSpec]) -> int:
     """Bytes one bank slot takes across the columns ``specs`` (= ``TensorBank.entry_nbytes()``)."""
     return sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs.values())
-
-
-def _uses_ivf(config: PoolConfig, device: torch.device) -> bool:
-    """Whether the configured engine builds an IVF index (``auto`` does so on CPU only)."""
-    return config.engine == "faiss-ivf" or (config.engine == "auto" and device.type == "cpu")
-
-
-def index_nbytes_estimate(config: PoolConfig, device: torch.device, n: int) -> int:
-    """Bytes the configured search index holds at ``n`` entries, at most (0 for exact engines).
-
-    Exact engines scan the bank in place. The IVF-PQ engine (``faiss-ivf``, and
-    ``auto`` on CPU) exists from ``ann_threshold`` entries on and holds, per
-    :meth:`IVFSearch.nbytes`: ``m + 8`` bytes per code (``m`` PQ bytes, an int64
-    label), with up to ``churn_rebuild_fraction x n`` stale codes and as many
-    pending int64 slots before a refresh; plus ``nlist x D`` float32 centroids
-    (``nlist`` as the index picks it at ``n``) and ``256 x D`` float32 codebooks.
-    Non-decreasing in ``n``.
-    """
-    if not _uses_ivf(config, device):
-        return 0
-    from dreampool_gpu.search import faiss_ivf  # loads FAISS: only for IVF pools
-
-    if n < max(config.ann_threshold, faiss_ivf.MIN_TRAIN_ROWS):
-        return 0
-    d = config.embedding_dim
-    code = faiss_ivf.pq_subquantizers(d) * faiss_ivf.PQ_BITS // 8 + faiss_ivf.LABEL_BYTES
-    stale = math.ceil(config.churn_rebuild_fraction * n)
-    nlist = max(1, min(config.ivf_nlist or faiss_ivf.auto_nlist(n), n // 39))
-    return (n + stale) * code + stale * 8 + (nlist + (1 << faiss_ivf.PQ_BITS)) * d * 4
 
 
 def fit_capacity(

@@ -21,7 +21,6 @@ from dreampool_gpu.errors import DreamPoolError, InvalidInputError
 from dreampool_gpu.retrieval.modes import OPTIONS
 from dreampool_gpu.synthetic import DATASETS
 
-
 DEFAULT_K = 10  # results per query of `dreampool retrieve`, as the library's examples use
 # retrieve's keyword arguments by the flag that sets them, so errors name the flag
 _FLAGS = {name: "--" + name.replace("_", "-") for name in ("k", "mode", "chunk", "key", "out", *OPTIONS)}

@@ -53,11 +53,18 @@ from dreampool_gpu.errors import (
 )
 from dreampool_gpu.merge import merge_candidates
 from dreampool_gpu.pool import DreamPool, Retrieval
+from dreampool_gpu.rerank import (
+    class_match,
+    hybrid_scores,
+    mmr,
+    mmr_row_bytes,
+    row_chunks,
+    rowwise_cosine,
+)
 from dreampool_gpu.retrieval import request, stages
 from dreampool_gpu.retrieval.modes import EMBEDDING_MODES, RERANK_MODES
 from dreampool_gpu.retrieval.request import MAX_PADDED_K, Queries
 from dreampool_gpu.retrieval.topk import empty_results, pad_results
-from dreampool_gpu.rerank import class_match, hybrid_scores, mmr, mmr_row_bytes, row_chunks, rowwise_cosine
 
 TAG_BITS = 40
 SHARDED_FORMAT = "dreampool-sharded-checkpoint"

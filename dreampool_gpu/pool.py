@@ -24,15 +24,15 @@ from dreampool_gpu.checkpointing import Checkpointing
 from dreampool_gpu.config import PoolConfig, RetrievalMode
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
-from dreampool_gpu.encoders import Encoder, FeatureEncoder, bank_form
 from dreampool_gpu.encoder_lifecycle import EncoderLifecycle
-from dreampool_gpu.eviction import policy_for
+from dreampool_gpu.encoders import Encoder, FeatureEncoder, bank_form
 from dreampool_gpu.errors import (
     CapacityExceededError,
     DimensionMismatchError,
     InvalidConfigurationError,
     InvalidInputError,
 )
+from dreampool_gpu.eviction import policy_for
 from dreampool_gpu.metrics import PoolMetrics
 from dreampool_gpu.rerank import HybridWeights, diversity_stats
 from dreampool_gpu.retrieval import request, stages

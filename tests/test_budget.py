@@ -49,8 +49,8 @@ def batch_survivors(coherence, policy, room):
     """What a policy admits of a batch into an empty pool of ``room`` free slots."""
     bank = TensorBank(4, (2, 2, 1), 8, device=torch.device("cpu"))
     return policy_for(policy).admit(bank, coherence, room, lambda incoming: 0)
-from dreampool_gpu.memory import nvml_available
 from dreampool_gpu.errors import CapacityExceededError, InvalidConfigurationError
+from dreampool_gpu.memory import nvml_available
 from dreampool_gpu.search.exact import ExactSearch
 
 SHAPE = (2, 3, 1)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from dreampool_gpu import DreamPool, PoolConfig
-from dreampool_gpu.eviction import policy_for
 from dreampool_gpu.config import EvictionPolicy
+from dreampool_gpu.eviction import policy_for
 
 SHAPE = (4, 4, 2)
 CAPACITY = 8192

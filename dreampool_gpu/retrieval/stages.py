@@ -16,7 +16,15 @@ from dreampool_gpu.cache import QueryCache, query_keys
 from dreampool_gpu.config import Metric, PoolConfig
 from dreampool_gpu.encoders import Encoder, bank_form
 from dreampool_gpu.errors import InvalidInputError
-from dreampool_gpu.rerank import HybridWeights, class_match, hybrid_scores, mmr, mmr_row_bytes, row_chunks, rowwise_cosine
+from dreampool_gpu.rerank import (
+    HybridWeights,
+    class_match,
+    hybrid_scores,
+    mmr,
+    mmr_row_bytes,
+    row_chunks,
+    rowwise_cosine,
+)
 from dreampool_gpu.retrieval.topk import empty_results, oldest_first_ties, stable_topk_by_age
 from dreampool_gpu.search import SearchIndex
 

@@ -22,8 +22,8 @@ import torch
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric
 from dreampool_gpu.devices import faiss_gpu_available
-from dreampool_gpu.search.base import SearchIndex
 from dreampool_gpu.retrieval.topk import pad_results
+from dreampool_gpu.search.base import SearchIndex
 from dreampool_gpu.search.exact import ExactSearch, refine_euclidean
 
 GPU_MAX_K = 2048  # largest k FAISS GPU k-selection accepts (faiss/gpu/utils/DeviceDefs.cuh)
