@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dreampool_gpu.counters import COUNTERS
 from dreampool_gpu.demo import ARMS
 from dreampool_gpu.errors import DreamPoolError, InvalidInputError
 from dreampool_gpu.retrieval.modes import OPTIONS
@@ -183,10 +184,7 @@ def pool_summary(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[s
         },
         "hue_categories": {str(i): c for i, c in enumerate(hue_counts)},
         "means": {name: stats[f"mean_{name}"] for name in ("coherence", "energy", "violation")},
-        "counters": {
-            key: stats[key]
-            for key in ("added", "rejected", "evicted", "dropped", "queries", "feedback")
-        },
+        "counters": {key: stats[key] for key in COUNTERS},
         "config": config.to_dict(),
     }
 

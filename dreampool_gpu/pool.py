@@ -22,6 +22,7 @@ from dreampool_gpu.budget import (
 from dreampool_gpu.cache import QueryCache
 from dreampool_gpu.checkpointing import Checkpointing
 from dreampool_gpu.config import PoolConfig, RetrievalMode
+from dreampool_gpu.counters import new_counters
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
 from dreampool_gpu.encoder_lifecycle import EncoderLifecycle
@@ -125,7 +126,7 @@ class DreamPool(EncoderLifecycle, Checkpointing):
         self.weights = HybridWeights(
             self.config.alpha, self.config.beta, self.config.gamma, self.config.delta, self.config.mmr_lambda
         )
-        self.counters = {"added": 0, "rejected": 0, "evicted": 0, "dropped": 0, "queries": 0, "feedback": 0}
+        self.counters = new_counters()
         self._lock = threading.RLock()
         self.metrics: PoolMetrics | None = None
 
