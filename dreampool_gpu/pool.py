@@ -43,7 +43,6 @@ from dreampool_gpu.search import make_index
 from dreampool_gpu.spectral import spectral_features
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_EMBED_CHUNK = 4096  # entries embedded per encoder call when the whole bank is re-embedded
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ def stable_topk_by_age(
         ``(scores, slots)``, each ``[count, k]``, best first, ties to the older entry,
         ``-inf`` / ``-1`` padding.
     """
-    parts = [stable_topk(scores(rows), k) for rows in row_chunks(count, TOPK_BYTES_PER_SCORE * by_age.numel(), chunk_mb)]
+    chunks = row_chunks(count, TOPK_BYTES_PER_SCORE * by_age.numel(), chunk_mb)
+    parts = [stable_topk(scores(rows), k) for rows in chunks]
     values = torch.cat([p[0] for p in parts])
     slots = by_age[torch.cat([p[1] for p in parts])]
     return pad_results(values, slots, k)

@@ -10,7 +10,15 @@ from dreampool_gpu.retrieval.topk import oldest_first_ties, stable_topk
 from dreampool_gpu.search.base import SearchIndex
 from dreampool_gpu.search.exact import ExactSearch, pairwise_scores
 
-__all__ = ["ExactSearch", "SearchIndex", "index_nbytes_estimate", "make_index", "oldest_first_ties", "pairwise_scores", "stable_topk"]
+__all__ = [
+    "ExactSearch",
+    "SearchIndex",
+    "index_nbytes_estimate",
+    "make_index",
+    "oldest_first_ties",
+    "pairwise_scores",
+    "stable_topk",
+]
 
 
 def make_index(bank: TensorBank, config: PoolConfig) -> SearchIndex:
