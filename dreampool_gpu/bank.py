@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 
+from dreampool_gpu.errors import CapacityExceededError
 from dreampool_gpu.spectral import SPECTRAL_DIM
 
 
@@ -23,6 +25,15 @@ class ColumnSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     fill: float | int
+
+
+class BankState(TypedDict):
+    """:meth:`TensorBank.state_dict`: CPU columns of rows ``[0, extent)`` and the counters."""
+
+    columns: dict[str, torch.Tensor]
+    size: int
+    next_id: int
+    extent: int
 
 
 def column_specs(
@@ -183,4 +194,47 @@ class TensorBank:
         self.columns["ids"].fill_(-1)
         self.size = 0
         self.extent = 0
+        self.revision += 1
+
+    def to(self, device: torch.device) -> None:
+        """Move every column to ``device`` in place (a new revision: derived structures rebuild)."""
+        self.columns = {name: t.to(device) for name, t in self.columns.items()}
+        self.device = device
+        self._order_revision, self._sorted_ids = -1, self.columns["ids"]
+        self._sorted_slots = self.columns["ids"]
+        self.revision += 1
+
+    def check_ids_left(self, incoming: int) -> None:
+        """Refuse to issue ``incoming`` more ids when they would pass the int64 maximum.
+
+        Raises:
+            CapacityExceededError: fewer ids are left than ``incoming`` (ids are never reused).
+        """
+        left = torch.iinfo(torch.int64).max - self.next_id  # next_id itself must stay an int64
+        if incoming > left:
+            raise CapacityExceededError(
+                f"ids exhausted: {incoming} dreams passed the gate but only {left} ids are left below the "
+                f"int64 maximum (next_id {self.next_id}); ids are never reused"
+            )
+
+    def state_dict(self) -> BankState:
+        """Host copies of rows ``[0, extent)`` of every column, with ``size``, ``next_id``, ``extent``.
+
+        Copies, not views: the bank may change as soon as this returns.
+        """
+        extent = self.extent
+        columns = {name: t[:extent].detach().to("cpu", copy=True).contiguous() for name, t in self.columns.items()}
+        return {"columns": columns, "size": self.size, "next_id": self.next_id, "extent": extent}
+
+    def load_state_dict(self, state: BankState) -> None:
+        """Replace every row with ``state``'s (a :meth:`state_dict`; the caller checked its shapes).
+
+        Rows past the saved extent are reset to the columns' fill values; values are cast
+        to the columns' dtypes. Bumps :attr:`revision`.
+        """
+        extent = state["extent"]
+        for name, column in self.columns.items():
+            column[:extent].copy_(state["columns"][name])
+            column[extent:].fill_(self.specs[name].fill)
+        self.size, self.next_id, self.extent = state["size"], state["next_id"], extent
         self.revision += 1

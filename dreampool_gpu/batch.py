@@ -33,10 +33,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from dreampool_gpu.atomic import atomic_write
 from dreampool_gpu.config import RetrievalMode
 from dreampool_gpu.errors import DimensionMismatchError, DreamPoolError, InvalidInputError
 from dreampool_gpu.persist import manifest_digest
-from dreampool_gpu.pool import _CHROMA_MODES, DreamPool
+from dreampool_gpu.pool import DreamPool
+from dreampool_gpu.retrieval.modes import CHROMA_MODES, OPTIONS
 
 JOB_FORMAT = "dreampool-batch-retrieval"
 JOB_VERSION = 1
@@ -208,10 +210,10 @@ def check_queries(queries: QueryFile, pool: DreamPool, mode: RetrievalMode) -> N
     d = pool.config.embedding_dim
     if len(shape) == 5 and shape[1:] == [r, c, layers, 3]:
         return
-    if len(shape) == 2 and (shape[1] == 3 or (shape[1] == d and mode not in _CHROMA_MODES)):
+    if len(shape) == 2 and (shape[1] == 3 or (shape[1] == d and mode not in CHROMA_MODES)):
         return
     expected = f"[B, {r}, {c}, {layers}, 3] dreams or [B, 3] chroma"
-    if mode in _CHROMA_MODES:
+    if mode in CHROMA_MODES:
         expected += f" (mode {mode.value!r} takes no embeddings)"
     else:
         expected += f" or [B, {d}] embeddings (the pool's embedding_dim is {d})"
@@ -263,39 +265,14 @@ def _chunk_name(index: int) -> str:
     return f"chunk-{index:06d}.safetensors"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
-    """Write ``target`` through a hidden sibling, fsync it and rename it into place.
-
-    A crash leaves ``target`` whole or as it was; an exception (Ctrl-C included)
-    removes the sibling.
-    """
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(target.parent)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def _save_chunk(parts: Path, index: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
     """Write one finished chunk atomically."""
     tensors = {"ids": ids.contiguous(), "scores": scores.contiguous()}
-    _atomic_write(parts / _chunk_name(index), lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(parts / _chunk_name(index), lambda tmp: save_file(tensors, str(tmp)))
 
 
 def _pool_digest(path: Path) -> str | None:
@@ -400,7 +377,8 @@ def run_retrieval_job(
         device: where the pool is loaded (``"auto"``, ``"cpu"``, ``"cuda[:N]"``).
         options: further keyword arguments of :meth:`DreamPool.retrieve`, scalars
             or lists only (``class_hint``, ``classes``, ``category``,
-            ``utility_threshold``, ``fetch_k``, ``mmr_lambda``, ``min_dispersion``).
+            ``utility_threshold``, ``fetch_k``, ``mmr_lambda``, ``min_dispersion``, ``chroma_metric``;
+            :data:`~dreampool_gpu.retrieval.modes.OPTIONS`).
         progress: show a tqdm bar on stderr.
 
     Returns:
@@ -564,16 +542,7 @@ class _JobLock:
             _clear_parts(self.path.parent, keep_dir=False)
 
 
-RETRIEVE_OPTIONS = (
-    "class_hint",
-    "classes",
-    "category",
-    "utility_threshold",
-    "utility_prior",
-    "fetch_k",
-    "mmr_lambda",
-    "min_dispersion",
-)
+RETRIEVE_OPTIONS = OPTIONS
 """The keyword options of :meth:`DreamPool.retrieve` a batch job passes through."""
 
 
@@ -617,7 +586,7 @@ def _merge(
         "queries": str(total),
     }
     tensors = {"ids": ids, "scores": scores}
-    _atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_results(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,6 @@
-"""Memory budget: exact accounting, device memory through NVML, eviction order and counts.
+"""Memory budget: exact accounting, device memory through NVML, eviction counts.
+
+Which entries leave is the eviction policy's (:mod:`dreampool_gpu.eviction`).
 
 Accounting (docs/spec.md §Memory budget, measured instead of estimated by hand):
 
@@ -31,17 +33,23 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import weakref
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dreampool_gpu.bank import ColumnSpec, TensorBank
-from dreampool_gpu.config import EvictionPolicy, PoolConfig, parse_memory_budget
+from dreampool_gpu.config import PoolConfig, parse_memory_budget
 from dreampool_gpu.errors import InsufficientMemoryError, InvalidConfigurationError
+from dreampool_gpu.memory import (
+    CudaMemory,
+    MemoryProbe,
+    MemoryReading,
+    NvmlMemory,
+    ProcessMemory,
+    open_probe,
+    pci_bus_id,
+)
+from dreampool_gpu.search import index_nbytes_estimate
 from dreampool_gpu.search.base import SearchIndex
 
 MIB = 1 << 20
@@ -49,202 +57,9 @@ DEFAULT_THRESHOLD = 0.9  # docs/spec.md §Memory budget
 
 
 # ------------------------------------------------------------ device memory
-@dataclass(frozen=True)
-class MemoryReading:
-    """Memory of the pool's device at one moment.
-
-    Attributes:
-        used_bytes: bytes in use on the device (CUDA), or the process's RSS (CPU);
-            None when unknown.
-        total_bytes: the device's memory (CUDA) or the host's RAM (CPU); None when unknown.
-        source: ``"nvml"``, ``"torch.cuda.mem_get_info"``, ``"psutil-rss"`` or ``"pool-bytes"``.
-        note: why a fallback source was used ("" for the preferred source).
-    """
-
-    used_bytes: int | None
-    total_bytes: int | None
-    source: str
-    note: str = ""
-
-
-class MemoryProbe(ABC):
-    """Reads a device's used and total memory; :meth:`close` releases what it holds."""
-
-    @abstractmethod
-    def read(self) -> MemoryReading:
-        """The current reading (never raises)."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release library handles (idempotent)."""
-
-
-def pci_bus_id(device: torch.device) -> str:
-    """``"dddddddd:bb:dd.0"`` PCI bus id of CUDA ``device``, the form NVML looks GPUs up by.
-
-    torch's device index counts only the GPUs ``CUDA_VISIBLE_DEVICES`` shows, NVML's
-    counts all of them; the bus id names the same GPU in both.
-    """
-    props = torch.cuda.get_device_properties(device)
-    return f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-
-
-class NvmlMemory(MemoryProbe):
-    """Used and total memory of one GPU through NVML.
-
-    Initialises NVML once per probe and shuts it down on :meth:`close`, when the
-    probe is garbage-collected, or at interpreter exit, whichever comes first
-    (NVML counts initialisations, so probes do not disturb each other).
-
-    Args:
-        bus_id: the GPU's PCI bus id (:func:`pci_bus_id`).
-
-    Keyword Args:
-        nvml: the NVML binding (default: ``pynvml`` from nvidia-ml-py); tests pass a fake.
-
-    Raises:
-        Exception: whatever the binding raises when NVML or the GPU is missing
-            (:func:`open_probe` turns that into a fallback).
-    """
-
-    source = "nvml"
-
-    def __init__(self, bus_id: str, *, nvml: Any = None) -> None:
-        self.nvml = nvml if nvml is not None else importlib.import_module("pynvml")
-        self.bus_id = bus_id
-        self.nvml.nvmlInit()
-        try:
-            self._handle = self.nvml.nvmlDeviceGetHandleByPciBusId(bus_id)
-        except Exception:
-            self.nvml.nvmlShutdown()
-            raise
-        self._finalizer = weakref.finalize(self, self.nvml.nvmlShutdown)
-
-    def read(self) -> MemoryReading:
-        """Used and total bytes of the GPU; a reading of Nones with the reason if NVML fails."""
-        if not self._finalizer.alive:
-            return MemoryReading(None, None, self.source, "NVML probe closed")
-        try:
-            info = self.nvml.nvmlDeviceGetMemoryInfo(self._handle)
-        except Exception as exc:  # a lost GPU or driver reads as "unknown", not a crash
-            return MemoryReading(None, None, self.source, f"NVML read failed: {exc}")
-        return MemoryReading(int(info.used), int(info.total), self.source)
-
-    def close(self) -> None:
-        """Shut NVML down (once)."""
-        self._finalizer()
-
-
-class CudaMemory(MemoryProbe):
-    """Used and total memory of a CUDA device through ``torch.cuda.mem_get_info``.
-
-    Args:
-        device: the CUDA device.
-
-    Keyword Args:
-        note: why NVML is not used.
-    """
-
-    source = "torch.cuda.mem_get_info"
-
-    def __init__(self, device: torch.device, *, note: str = "") -> None:
-        self.device = device
-        self.note = note
-
-    def read(self) -> MemoryReading:
-        """Used (total - free) and total bytes of the device."""
-        try:
-            free, total = torch.cuda.mem_get_info(self.device)
-        except Exception as exc:
-            return MemoryReading(None, None, self.source, f"{self.note}; mem_get_info failed: {exc}")
-        return MemoryReading(int(total - free), int(total), self.source, self.note)
-
-
-class ProcessMemory(MemoryProbe):
-    """The process's RSS and the host's RAM, for a pool on CPU.
-
-    Uses psutil; without it ``used_bytes`` is None (the budget reports the pool's own
-    bytes instead) and the total comes from ``os.sysconf``.
-
-    Keyword Args:
-        note: why this probe is used.
-    """
-
-    def __init__(self, *, note: str = "") -> None:
-        self.note = note
-        try:
-            self._psutil: Any = importlib.import_module("psutil")
-        except ImportError:
-            self._psutil = None
-
-    def read(self) -> MemoryReading:
-        """RSS and host RAM (psutil), or host RAM alone."""
-        if self._psutil is not None:
-            try:
-                rss = self._psutil.Process().memory_info().rss
-                total = self._psutil.virtual_memory().total
-                return MemoryReading(int(rss), int(total), "psutil-rss", self.note)
-            except Exception as exc:
-                note = f"psutil failed: {exc}"
-        else:
-            note = "psutil missing"
-        try:
-            ram: int | None = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # sysconf names are platform-specific
-            ram = None
-        return MemoryReading(None, ram, "pool-bytes", "; ".join(filter(None, (self.note, note))))
-
-
-def open_probe(device: torch.device, *, nvml: Any = None) -> MemoryProbe:
-    """The best memory probe for ``device``: NVML on CUDA, else the fallbacks.
-
-    Never raises: a missing NVML library, driver or GPU falls back to
-    ``torch.cuda.mem_get_info`` (CUDA) or process accounting (CPU), and the
-    reading's ``note`` says why.
-
-    Keyword Args:
-        nvml: the NVML binding to use (default ``pynvml``).
-    """
-    if device.type != "cuda":
-        return ProcessMemory(note="CPU pool: process accounting")
-    try:
-        return NvmlMemory(pci_bus_id(device), nvml=nvml)
-    except Exception as exc:
-        return CudaMemory(device, note=f"NVML unavailable ({type(exc).__name__}: {exc})")
-
-
-# ------------------------------------------------------------- sizes
 def entry_nbytes(specs: dict[str, ColumnSpec]) -> int:
     """Bytes one bank slot takes across the columns ``specs`` (= ``TensorBank.entry_nbytes()``)."""
     return sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs.values())
-
-
-def _uses_ivf(config: PoolConfig, device: torch.device) -> bool:
-    """Whether the configured engine builds an IVF index (``auto`` does so on CPU only)."""
-    return config.engine == "faiss-ivf" or (config.engine == "auto" and device.type == "cpu")
-
-
-def index_nbytes_estimate(config: PoolConfig, device: torch.device, n: int) -> int:
-    """Bytes the configured search index holds at ``n`` entries, at most (0 for exact engines).
-
-    Exact engines scan the bank in place. The IVF-PQ engine (``faiss-ivf``, and
-    ``auto`` on CPU) exists from ``ann_threshold`` entries on and holds, per
-    :meth:`IVFSearch.nbytes`: ``m + 8`` bytes per code (``m`` PQ bytes, an int64
-    label), with up to ``churn_rebuild_fraction x n`` stale codes and as many
-    pending int64 slots before a refresh; plus ``nlist x D`` float32 centroids
-    (``nlist`` as the index picks it at ``n``) and ``256 x D`` float32 codebooks.
-    Non-decreasing in ``n``.
-    """
-    if not _uses_ivf(config, device):
-        return 0
-    from dreampool_gpu.search import faiss_ivf  # loads FAISS: only for IVF pools
-
-    if n < max(config.ann_threshold, faiss_ivf.MIN_TRAIN_ROWS):
-        return 0
-    d = config.embedding_dim
-    code = faiss_ivf.pq_subquantizers(d) * faiss_ivf.PQ_BITS // 8 + faiss_ivf.LABEL_BYTES
-    stale = math.ceil(config.churn_rebuild_fraction * n)
-    nlist = max(1, min(config.ivf_nlist or faiss_ivf.auto_nlist(n), n // 39))
-    return (n + stale) * code + stale * 8 + (nlist + (1 << faiss_ivf.PQ_BITS)) * d * 4
 
 
 def fit_capacity(
@@ -326,92 +141,6 @@ def check_allocation(config: PoolConfig, specs: dict[str, ColumnSpec], capacity:
     else:
         field, value = "capacity", capacity
     raise InsufficientMemoryError(field, value, needed, available, device)
-
-
-# ---------------------------------------------------------------- eviction
-def eviction_key(bank: TensorBank, policy: EvictionPolicy) -> torch.Tensor | None:
-    """``[capacity]`` float64 key per slot, lowest leaves first; None for FIFO (age alone).
-
-    - ``lowest_coherence``: the coherence.
-    - ``least_used``: the usage count.
-    - ``lowest_utility``: the running mean of feedback (``util_mean``). An entry
-      without feedback ranks as an average entry: at the mean ``util_mean`` of the
-      live entries that have feedback (0 while none has). Counting it as 0 would
-      evict every newcomer before it could be retrieved and rated, keeping rated
-      entries forever; ranking it at the mean lets below-average entries go first.
-    """
-    cols = bank.columns
-    if policy is EvictionPolicy.LOWEST_COHERENCE:
-        return cols["coherence"].double()
-    if policy is EvictionPolicy.LEAST_USED:
-        return cols["usage"].double()
-    if policy is EvictionPolicy.LOWEST_UTILITY:
-        util = cols["util_mean"].double()
-        rated = (cols["feedback_count"] > 0) & bank.alive()
-        prior = (util * rated).sum() / rated.sum().clamp(min=1)  # no host sync
-        return torch.where(rated, util, prior)
-    return None
-
-
-def eviction_order(bank: TensorBank, policy: EvictionPolicy) -> torch.Tensor:
-    """``[size]`` int64 slots of live entries, first to leave first.
-
-    FIFO: oldest first. Other policies: lowest :func:`eviction_key` first, ties oldest first.
-    """
-    by_age = bank.slots_by_age()
-    key = eviction_key(bank, policy)
-    if key is None:
-        return by_age
-    return by_age[torch.sort(key[by_age], stable=True).indices]
-
-
-def batch_survivors(coherence: torch.Tensor, policy: EvictionPolicy, room: int) -> torch.Tensor:
-    """Positions of the dreams of one batch that the pool keeps when only ``room`` fit.
-
-    The best ``room`` by the policy's order, as if the whole batch were stored and
-    then evicted down to ``room``: new entries have no usage and no feedback, so
-    only ``lowest_coherence`` looks at a value (highest coherence kept, ties to the
-    later dream); the other policies keep the newest, the batch's last dreams.
-
-    Args:
-        coherence: ``[m]`` float, the batch's coherence.
-        policy: the pool's eviction policy.
-        room: how many fit (>= 0).
-
-    Returns:
-        ``[min(m, room)]`` int64 positions into the batch, ascending (batch order).
-    """
-    m = coherence.shape[0]
-    positions = torch.arange(m, device=coherence.device)
-    if m <= room:
-        return positions
-    if policy is EvictionPolicy.LOWEST_COHERENCE:
-        positions = torch.sort(coherence, stable=True).indices
-    return positions[m - room :].sort().values
-
-
-def outranked_newcomers(bank: TensorBank, coherence: torch.Tensor, need: int) -> torch.Tensor:
-    """``lowest_coherence``: positions of incoming dreams that rank among the ``need`` to leave.
-
-    Room for a batch is made from the residents and the batch together: the
-    ``need`` lowest-coherence entries of both leave (ties: older first, residents
-    before the batch, earlier dreams of the batch before later ones). Incoming
-    dreams among them are never stored; the rest of the ``need`` are residents.
-
-    Args:
-        bank: the pool's bank (its live entries are the residents).
-        coherence: ``[m]`` float, the incoming dreams' coherence, on the bank's device.
-        need: how many entries must leave for the batch to fit (<= 0: none).
-
-    Returns:
-        ``[j]`` int64 positions into the batch, ascending.
-    """
-    if need <= 0:
-        return torch.empty(0, dtype=torch.int64, device=coherence.device)
-    residents = bank.columns["coherence"][eviction_order(bank, EvictionPolicy.LOWEST_COHERENCE)]
-    union = torch.cat([residents.double(), coherence.double()])
-    leaving = torch.sort(union, stable=True).indices[:need]
-    return (leaving[leaving >= residents.numel()] - residents.numel()).sort().values
 
 
 # ------------------------------------------------------------------ budget
@@ -558,13 +287,9 @@ __all__ = [
     "MemoryReading",
     "NvmlMemory",
     "ProcessMemory",
-    "batch_survivors",
     "entry_nbytes",
-    "eviction_key",
-    "eviction_order",
     "fit_capacity",
     "index_nbytes_estimate",
     "open_probe",
-    "outranked_newcomers",
     "pci_bus_id",
 ]

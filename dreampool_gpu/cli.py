@@ -16,16 +16,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dreampool_gpu.counters import COUNTERS
 from dreampool_gpu.demo import ARMS
 from dreampool_gpu.errors import DreamPoolError, InvalidInputError
+from dreampool_gpu.retrieval.modes import OPTIONS
 from dreampool_gpu.synthetic import DATASETS
-
 
 DEFAULT_K = 10  # results per query of `dreampool retrieve`, as the library's examples use
 # retrieve's keyword arguments by the flag that sets them, so errors name the flag
-_FLAGS = {name: "--" + name.replace("_", "-") for name in (
-    "k", "mode", "chunk", "key", "out", "class_hint", "classes", "category", "utility_threshold",
-    "utility_prior", "fetch_k", "mmr_lambda", "min_dispersion")}
+_FLAGS = {name: "--" + name.replace("_", "-") for name in ("k", "mode", "chunk", "key", "out", *OPTIONS)}
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -82,7 +81,8 @@ def environment_info() -> dict[str, object]:
     """torch, CUDA, FAISS and NVML facts of this machine, with a memory reading per device (never raises)."""
     import torch
 
-    from dreampool_gpu.devices import cuda_available, faiss_gpu_available, nvml_available
+    from dreampool_gpu.devices import cuda_available, faiss_gpu_available
+    from dreampool_gpu.memory import nvml_available
 
     info: dict[str, object] = {"torch": torch.__version__, "cuda_available": cuda_available()}
     devices = [torch.device("cpu")]
@@ -105,7 +105,7 @@ def environment_info() -> dict[str, object]:
 
 def _memory_reading(device: Any) -> dict[str, object]:
     """What the pool's memory probe for ``device`` reads now: used, total, source, note (never raises)."""
-    from dreampool_gpu.budget import open_probe
+    from dreampool_gpu.memory import open_probe
 
     try:
         probe = open_probe(device)
@@ -186,10 +186,7 @@ def pool_summary(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[s
         },
         "hue_categories": {str(i): c for i, c in enumerate(hue_counts)},
         "means": {name: stats[f"mean_{name}"] for name in ("coherence", "energy", "violation")},
-        "counters": {
-            key: stats[key]
-            for key in ("added", "rejected", "evicted", "dropped", "queries", "feedback")
-        },
+        "counters": {key: stats[key] for key in COUNTERS},
         "config": config.to_dict(),
     }
 
@@ -243,9 +240,9 @@ def _classes(text: str) -> list[int]:
 
 
 def _retrieve(args: argparse.Namespace) -> int:
-    from dreampool_gpu.batch import RETRIEVE_OPTIONS, run_retrieval_job, work_dir
+    from dreampool_gpu.batch import run_retrieval_job, work_dir
 
-    options = {name: getattr(args, name) for name in RETRIEVE_OPTIONS if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) is not None}
     try:
         report = run_retrieval_job(
             args.pool,
@@ -429,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retrieve.add_argument(
         "--min-dispersion", type=float, default=None, help="stop MMR picks below this dispersion"
+    )
+    retrieve.add_argument(
+        "--chroma-metric", default=None, help="cosine (default) or euclidean scores of the chroma modes"
     )
     retrieve.add_argument("--json", action="store_true", help="print the job report as JSON")
     retrieve.add_argument("--no-progress", action="store_true", help="hide the progress bar")

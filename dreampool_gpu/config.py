@@ -62,8 +62,42 @@ class EvictionPolicy(str, Enum):
     LEAST_USED = "least_used"
 
 
-DREAM_DTYPES = ("auto", "float32", "float16", "bfloat16")
-ENGINES = ("auto", "torch", "faiss-flat", "faiss-ivf")
+class Engine(str, Enum):
+    """The k-NN engine (see :func:`dreampool_gpu.search.make_index`); plain strings accepted."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    FAISS_FLAT = "faiss-flat"
+    FAISS_IVF = "faiss-ivf"
+
+
+class DreamDtype(str, Enum):
+    """Storage dtype of the dreams column; ``auto``: float16 on CUDA, float32 on CPU."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+class Window(str, Enum):
+    """Window applied along rows and cols before the FFT; plain strings accepted."""
+
+    HANN = "hann"
+    HAMMING = "hamming"
+    NONE = "none"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Window:
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.strip().lower():
+                    return member
+        raise InvalidInputError("window", f"one of {[m.value for m in cls]}", repr(value))
+
+
+DREAM_DTYPES = tuple(d.value for d in DreamDtype)
+ENGINES = tuple(e.value for e in Engine)
 ENCODERS = ("features", "learned")
 MAX_CLASSES = 1 << 16  # the feature encoder's class block is num_classes + 1 wide
 
@@ -170,10 +204,10 @@ class PoolConfig:
     embedding_dim: int = 64
     device: str = "auto"
     metric: Metric = Metric.COSINE
-    dream_dtype: str = "auto"
+    dream_dtype: DreamDtype = DreamDtype.AUTO
     eviction_policy: EvictionPolicy = EvictionPolicy.FIFO
     query_cache_size: int = 128
-    window: str = "hann"
+    window: Window = Window.HANN
     include_spectral: bool = True
     include_class: bool = True
     include_utility: bool = True
@@ -188,7 +222,7 @@ class PoolConfig:
     fetch_factor: int = 4
     search_chunk_mb: float = 64.0
     rerank_chunk_mb: float = 64.0
-    engine: str = "auto"
+    engine: Engine = Engine.AUTO
     ann_threshold: int = 20_000
     ivf_nlist: int = 0
     ivf_nprobe: int = 16
@@ -230,12 +264,14 @@ class PoolConfig:
         object.__setattr__(self, "metric", _parse_enum(Metric, self.metric, "metric"))
         if not isinstance(self.dream_dtype, str) or self.dream_dtype not in DREAM_DTYPES:
             raise InvalidConfigurationError("dream_dtype", self.dream_dtype, f"one of {', '.join(DREAM_DTYPES)}")
+        object.__setattr__(self, "dream_dtype", DreamDtype(self.dream_dtype))
         object.__setattr__(
             self, "eviction_policy", _parse_enum(EvictionPolicy, self.eviction_policy, "eviction_policy")
         )
         _check_int("query_cache_size", self.query_cache_size, 0)
         if not isinstance(self.window, str) or self.window not in ("hann", "hamming", "none"):
             raise InvalidConfigurationError("window", self.window, "one of hann, hamming, none")
+        object.__setattr__(self, "window", Window(self.window))
         for name in ("include_spectral", "include_class", "include_utility"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidConfigurationError(name, getattr(self, name), "true or false")
@@ -256,6 +292,7 @@ class PoolConfig:
                 raise InvalidConfigurationError(name, value, "a positive number of MiB")
         if not isinstance(self.engine, str) or self.engine not in ENGINES:
             raise InvalidConfigurationError("engine", self.engine, f"one of {', '.join(ENGINES)}")
+        object.__setattr__(self, "engine", Engine(self.engine))
         _check_int("ann_threshold", self.ann_threshold, 1024)
         _check_int("ivf_nlist", self.ivf_nlist, 0)
         _check_int("ivf_nprobe", self.ivf_nprobe, 1)

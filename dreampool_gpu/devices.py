@@ -1,4 +1,4 @@
-"""Device resolution and capability probes (CUDA, FAISS GPU, NVML).
+"""Device resolution and capability probes (CUDA, FAISS GPU; NVML in :mod:`dreampool_gpu.memory`).
 
 Each probe runs once and never raises: a missing driver or library reads as
 "unavailable".
@@ -29,19 +29,6 @@ def faiss_gpu_available() -> bool:
         import faiss
 
         return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    except Exception:
-        return False
-
-
-@functools.cache
-def nvml_available() -> bool:
-    """True when NVML (nvidia-ml-py) imports and initialises."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        pynvml.nvmlShutdown()
-        return True
     except Exception:
         return False
 

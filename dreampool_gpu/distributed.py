@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from dreampool_gpu import _validation as v
 from dreampool_gpu import errors, persist
+from dreampool_gpu.atomic import atomic_write
 from dreampool_gpu.config import PoolConfig, RetrievalMode
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import validate_dreams
@@ -51,23 +52,25 @@ from dreampool_gpu.errors import (
     InvalidInputError,
 )
 from dreampool_gpu.merge import merge_candidates
-from dreampool_gpu.pool import (
-    _CHROMA_MODES,
-    _MAX_PADDED_K,
-    DreamPool,
-    Retrieval,
-    _by_value,
-    _Queries,
+from dreampool_gpu.pool import DreamPool, Retrieval
+from dreampool_gpu.rerank import (
+    class_match,
+    hybrid_scores,
+    mmr,
+    mmr_row_bytes,
+    row_chunks,
+    rowwise_cosine,
 )
-from dreampool_gpu.rerank import class_match, hybrid_scores, mmr, mmr_row_bytes, row_chunks, rowwise_cosine
+from dreampool_gpu.retrieval import request, stages
+from dreampool_gpu.retrieval.modes import EMBEDDING_MODES, RERANK_MODES
+from dreampool_gpu.retrieval.request import MAX_PADDED_K, Queries
+from dreampool_gpu.retrieval.topk import empty_results, pad_results
 
 TAG_BITS = 40
 SHARDED_FORMAT = "dreampool-sharded-checkpoint"
 SHARDED_VERSION = 1
 _MANIFEST = "manifest.json"
 _MODES = list(RetrievalMode)
-_EMBEDDING_MODES = {RetrievalMode.NEAREST, RetrievalMode.CATEGORY, RetrievalMode.SOFT, RetrievalMode.HYBRID}
-_RERANK_MODES = {RetrievalMode.SOFT, RetrievalMode.HYBRID}
 # fields of PoolConfig that may differ between shards; every other field must agree
 _PER_SHARD_FIELDS = ("capacity", "device", "memory_budget_mb")
 
@@ -125,7 +128,7 @@ class _Request:
     min_dispersion: float
     threshold: float
     classes: list[int]
-    q: _Queries
+    q: Queries
     hint: torch.Tensor
     categories: torch.Tensor | None
     embedded: torch.Tensor | None
@@ -409,7 +412,7 @@ class ShardedDreamPool:
         with shard._lock:
             config = shard.config
             mode_ = config.default_mode if mode is None else RetrievalMode.parse(mode)
-            high = max(self.total_capacity, _MAX_PADDED_K)
+            high = max(self.total_capacity, MAX_PADDED_K)
             k_ = config.retrieval_limit if k is None else v.check_count(k, "k", high=high)
             q = shard._parse_queries(queries, mode_)
             b = q.count
@@ -418,7 +421,7 @@ class ShardedDreamPool:
             if mode_ is RetrievalMode.CLASS and (class_hint is None or (b and bool((hint < 0).any()))):
                 raise InvalidInputError("class_hint", "a class label in 0..9 for mode 'class'",
                                         None if class_hint is None else -1)
-            balanced = shard._class_list(classes) if mode_ is RetrievalMode.BALANCED else []
+            balanced = request.class_list(classes, config.num_classes) if mode_ is RetrievalMode.BALANCED else []
             lam = shard.weights.mmr_lambda if mmr_lambda is None else v.check_number(
                 mmr_lambda, "mmr_lambda", 0.0, 1.0)
             if mode_ is RetrievalMode.SOFT and mmr_lambda is None:
@@ -427,8 +430,8 @@ class ShardedDreamPool:
             thr = v.check_number(utility_threshold, "utility_threshold", float("-inf"), float("inf"))
             fetch = max(k_, config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
             fetch = min(fetch, max(k_, self.total_capacity))
-            categories = shard._category_filter(category, q, mode_)
-            embedded = shard._query_embeddings(q, hint, prior) if mode_ in _EMBEDDING_MODES else None
+            categories = request.category_filter(category, q, mode_, shard.device)
+            embedded = shard._query_embeddings(q, hint, prior) if mode_ in EMBEDDING_MODES else None
             return _Request(mode_, k_, fetch, lam, disp, thr, balanced, q, hint, categories, embedded,
                             bool(with_dreams))
 
@@ -436,7 +439,7 @@ class ShardedDreamPool:
         """Gather queries, take each shard's candidates, send them to the owners, merge (and re-rank)."""
         shard, mode, b = self.shard, req.mode, req.q.count
         nmax = max(counts)
-        if mode in _EMBEDDING_MODES:
+        if mode in EMBEDDING_MODES:
             cats = req.categories if req.categories is not None else torch.full((b,), -1, device=shard.device)
             mine = {"embedded": req.embedded, "category": cats.long()}
         else:
@@ -445,7 +448,7 @@ class ShardedDreamPool:
         table = self._all_gather(rows)
         everyone = _unpack(torch.cat([table[r, :c] for r, c in enumerate(counts)]), layout)
         everyone = {name: t.to(shard.device) for name, t in everyone.items()}
-        width = max(req.fetch, req.k) if mode in _RERANK_MODES else req.k
+        width = max(req.fetch, req.k) if mode in RERANK_MODES else req.k
         with shard._lock:
             cand = self._candidates(req, everyone, width)
         blocks = cand["scores"].shape[1]
@@ -453,7 +456,7 @@ class ShardedDreamPool:
         received = self._all_to_all(packed, counts, [b] * self.world_size)
         got = _unpack(received.reshape(self.world_size, b, packed.shape[1]).transpose(0, 1), cand_layout)
         got = {name: t.to(shard.device) for name, t in got.items()}  # each [b, W, blocks, width, ...]
-        if mode not in _RERANK_MODES:
+        if mode not in RERANK_MODES:
             parts = [merge_candidates(got["scores"][:, :, j], got["ids"][:, :, j], req.k)[:2]
                      for j in range(blocks)]
             return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
@@ -463,34 +466,39 @@ class ShardedDreamPool:
         """This shard's best ``width`` per gathered query: ``[T, blocks, width]`` scores and ids (+ payload)."""
         shard, mode = self.shard, req.mode
         bank = shard.bank
-        if mode in _EMBEDDING_MODES:
+        if mode in EMBEDDING_MODES:
             embedded = q_all["embedded"]
             cats = q_all["category"] if req.categories is not None else None
-            scores, slots = shard._knn(embedded, width, cats) if embedded.shape[0] else shard._empty(0)
+            scores, slots = shard._knn(embedded, width, cats) if embedded.shape[0] else empty_results(0, shard.device)
             if scores.shape[1] < width:  # no queries: keep the [0, width] layout
-                scores, slots = shard._pad(scores, slots, width)
+                scores, slots = pad_results(scores, slots, width)
             out = {"scores": scores.float()[:, None], "ids": bank.gather("ids", slots)[:, None]}
-            if mode in _RERANK_MODES:
+            if mode in RERANK_MODES:
                 out.update(util=bank.gather("util_mean", slots)[:, None],
                            label=bank.gather("class_label", slots)[:, None],
                            vectors=bank.gather("embeddings", slots)[:, None],
                            points=bank.gather("chroma", slots)[:, None])
             return out
-        q = _Queries(int(q_all["chroma"].shape[0]), chroma=q_all["chroma"])
-        k = req.k
+        chroma, k = q_all["chroma"], req.k
+        count = int(chroma.shape[0])
+
+        def top(rows: torch.Tensor | slice, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            return stages.chroma_candidates(bank, chroma[rows], k, mask, metric="cosine",
+                                            chunk_mb=shard.config.search_chunk_mb)
+
+        every = slice(None)
+        labels = bank.columns["class_label"]
         if mode is RetrievalMode.SIMILAR:
-            parts = [shard._chroma_topk(q, k)]
+            parts = [top(every)]
         elif mode is RetrievalMode.CLASS:
-            labels = bank.columns["class_label"]
-            parts = [_by_value(q_all["hint"], k, lambda rows, c: shard._chroma_topk(
-                q.take(rows), k, (labels == c)[None, :]))]
+            parts = [stages.by_value(q_all["hint"], k, lambda rows, c: top(rows, (labels == c)[None, :]))]
         elif mode is RetrievalMode.BALANCED:
-            parts = [shard._chroma_topk(q, k, shard._class_mask(c)) for c in req.classes]
+            parts = [top(every, (labels == c)[None, :]) for c in req.classes]
         else:  # utility
-            parts = [shard._chroma_topk(q, k, (bank.columns["utility"] >= req.threshold)[None, :])]
+            parts = [top(every, (bank.columns["utility"] >= req.threshold)[None, :])]
         if not parts:
-            return {"scores": torch.empty(q.count, 0, k, device=shard.device),
-                    "ids": torch.empty(q.count, 0, k, dtype=torch.int64, device=shard.device)}
+            return {"scores": torch.empty(count, 0, k, device=shard.device),
+                    "ids": torch.empty(count, 0, k, dtype=torch.int64, device=shard.device)}
         return {"scores": torch.stack([p[0].float() for p in parts], dim=1),
                 "ids": torch.stack([bank.gather("ids", p[1]) for p in parts], dim=1)}
 
@@ -498,7 +506,7 @@ class ShardedDreamPool:
         """Soft/hybrid at the query's owner: merged candidates -> hybrid base score -> MMR -> k."""
         shard, b = self.shard, req.q.count
         if req.k == 0:
-            return shard._empty(b)
+            return empty_results(b, shard.device)
         sim, cand, pos = merge_candidates(got["scores"][:, :, 0], got["ids"][:, :, 0], width)
         valid = cand >= 0
         take = pos.clamp(min=0)
@@ -847,17 +855,7 @@ def _commit_manifest(root: Path, generation: str, shards: list[dict[str, Any]]) 
     body = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "world_size": len(shards),
             "tag_bits": TAG_BITS, "generation": generation, "shards": shards}
     data = json.dumps({**body, "digest": _digest(body)}, indent=2, sort_keys=True).encode()
-    tmp = root / f".{_MANIFEST}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / _MANIFEST)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(root / _MANIFEST, lambda tmp: tmp.write_bytes(data))
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

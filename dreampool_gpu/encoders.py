@@ -31,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from dreampool_gpu.config import Metric
 from dreampool_gpu.dreams import NUM_CLASSES
 
 _CLASS_WEIGHT = 0.5  # a hinted query's cosine to a matching entry gains w**2 / (1 + w**2) = 0.2
@@ -266,3 +267,15 @@ class FeatureEncoder:
         self.std = state["std"].to(device, torch.float32)
         self.fitted_on = int(state["fitted_on"])
         self._version += 1
+
+
+def bank_form(z: torch.Tensor, metric: Metric) -> torch.Tensor:
+    """Bank form of encoder output ``[N, D]``: unit vectors for cosine, raw for euclidean.
+
+    Under cosine each row is first divided by its largest magnitude, so rows whose
+    squared norm would overflow (1e20) or underflow (1e-45) float32 keep their direction.
+    """
+    if metric is not Metric.COSINE:
+        return z
+    peak = z.abs().amax(dim=1, keepdim=True)
+    return F.normalize(z / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from dreampool_gpu.counters import COUNTERS
 from dreampool_gpu.errors import DreamPoolError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -19,14 +20,6 @@ if TYPE_CHECKING:
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
-_COUNTERS = {
-    "added": "entries stored",
-    "rejected": "dreams rejected by the coherence gate",
-    "evicted": "entries evicted",
-    "dropped": "accepted dreams that did not fit the pool",
-    "queries": "queries answered",
-    "feedback": "utility feedback records",
-}
 
 
 def _prometheus() -> Any:
@@ -54,7 +47,7 @@ class _StatsCollector:
 
         stats = self.pool.stats()
         ns = self.namespace
-        for name, help_text in _COUNTERS.items():
+        for name, help_text in COUNTERS.items():
             family = CounterMetricFamily(f"{ns}_{name}", help_text)
             family.add_metric([], stats[name])
             yield family

@@ -57,6 +57,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from dreampool_gpu.atomic import fsync_path, write_synced
 from dreampool_gpu.bank import column_specs
 from dreampool_gpu.config import DREAM_DTYPES, PoolConfig
 from dreampool_gpu.devices import resolve_device
@@ -156,15 +157,14 @@ def snapshot(pool: DreamPool) -> PoolSnapshot:
     Columns are copied (not viewed), so the pool may change as soon as the lock
     is released.
     """
-    bank = pool.bank
-    extent = bank.extent
-    columns = {name: t[:extent].detach().to("cpu", copy=True).contiguous() for name, t in bank.columns.items()}
+    bank = pool.bank.state_dict()
+    columns = bank["columns"]
     engine_bytes = pool.index.serialize()
     return PoolSnapshot(
         config=pool.config,
-        size=bank.size,
-        next_id=bank.next_id,
-        extent=extent,
+        size=bank["size"],
+        next_id=bank["next_id"],
+        extent=bank["extent"],
         counters=dict(pool.counters),
         columns=columns,
         index_kind=pool.index.kind,
@@ -242,12 +242,8 @@ def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
         )
     _check_encoder(pool, snap)
     _spot_check(pool, snap)
-    bank = pool.bank
-    for name, column in bank.columns.items():
-        column[: snap.extent].copy_(snap.columns[name])
-        column[snap.extent :].fill_(bank.specs[name].fill)
-    bank.size, bank.next_id, bank.extent = snap.size, snap.next_id, snap.extent
-    bank.revision += 1
+    pool.bank.load_state_dict({"columns": snap.columns, "size": snap.size, "next_id": snap.next_id,
+                               "extent": snap.extent})
     pool.counters.update({key: snap.counters.get(key, 0) for key in pool.counters})
     pool.cache.clear()
     pool._restore_encoder(snap.encoder_state)  # noqa: SLF001 - the pool's hook for its checkpoint
@@ -656,19 +652,11 @@ def _digest(body: dict[str, Any]) -> str:
 
 
 def _write_file(path: Path, data: bytes) -> dict[str, Any]:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(path, data)
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_path  # a module name of its own: crash tests pause it
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:

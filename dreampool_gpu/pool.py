@@ -2,71 +2,47 @@
 
 from __future__ import annotations
 
-import copy
-import math
-import operator
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import persist
 from dreampool_gpu.bank import TensorBank, column_specs
 from dreampool_gpu.budget import (
     MemoryBudget,
-    batch_survivors,
     check_allocation,
     entry_nbytes,
-    eviction_order,
     fit_capacity,
-    outranked_newcomers,
 )
-from dreampool_gpu.cache import QueryCache, query_keys
-from dreampool_gpu.config import EvictionPolicy, Metric, PoolConfig, RetrievalMode
+from dreampool_gpu.cache import QueryCache
+from dreampool_gpu.checkpointing import Checkpointing
+from dreampool_gpu.config import PoolConfig, RetrievalMode
+from dreampool_gpu.counters import new_counters
 from dreampool_gpu.devices import resolve_device
-from dreampool_gpu.dreams import SINGLE_DREAM_HINT, chroma_signature, hue_category, validate_dreams
-from dreampool_gpu.encoders import Encoder, FeatureEncoder
+from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
+from dreampool_gpu.encoder_lifecycle import EncoderLifecycle
+from dreampool_gpu.encoders import Encoder, FeatureEncoder, bank_form
 from dreampool_gpu.errors import (
     CapacityExceededError,
     DimensionMismatchError,
-    IndexStaleError,
     InvalidConfigurationError,
     InvalidInputError,
 )
-from dreampool_gpu.fitting import FitReport, train_encoder
-from dreampool_gpu.learned import LearnedEncoder, ModuleEncoder
+from dreampool_gpu.eviction import policy_for
 from dreampool_gpu.metrics import PoolMetrics
-from dreampool_gpu.rerank import (
-    HybridWeights,
-    class_match,
-    diversity_stats,
-    hybrid_scores,
-    mmr,
-    mmr_row_bytes,
-    row_chunks,
-    rowwise_cosine,
-)
-from dreampool_gpu.search import make_index, oldest_first_ties, stable_topk
+from dreampool_gpu.rerank import HybridWeights, diversity_stats
+from dreampool_gpu.retrieval import request, stages
+from dreampool_gpu.retrieval.modes import MODES
+from dreampool_gpu.retrieval.request import check_request
+from dreampool_gpu.search import make_index
 from dreampool_gpu.spectral import spectral_features
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_TOPK_BYTES_PER_SCORE = 8  # stable_topk's temporaries per score: the float and the tie masks
-_EMBED_CHUNK = 4096  # entries embedded per encoder call when the whole bank is re-embedded
-_MAX_PADDED_K = 1 << 16  # k past the capacity only pads; capped so that [B, k] results stay allocatable
-_FILTERED_MODES = {RetrievalMode.CATEGORY, RetrievalMode.NEAREST, RetrievalMode.SOFT, RetrievalMode.HYBRID}
-_CHROMA_MODES = {
-    RetrievalMode.SIMILAR,
-    RetrievalMode.CLASS,
-    RetrievalMode.BALANCED,
-    RetrievalMode.UTILITY,
-    RetrievalMode.DIVERSE,
-}
 
 
 @dataclass(frozen=True)
@@ -93,65 +69,7 @@ class Retrieval:
         return self.ids >= 0
 
 
-@dataclass
-class _Queries:
-    """Parsed queries: whatever features the input carried, all ``[B, ...]``."""
-
-    count: int
-    chroma: torch.Tensor | None = None
-    spectral: torch.Tensor | None = None
-    embeddings: torch.Tensor | None = None
-    dreams: torch.Tensor | None = None
-
-    def take(self, rows: torch.Tensor) -> _Queries:
-        """The queries at ``rows`` (``[b]`` int64)."""
-        def part(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[rows]
-
-        return _Queries(int(rows.numel()), part(self.chroma), part(self.spectral), part(self.embeddings),
-                        part(self.dreams))
-
-
-_CHROMA_METRICS = ("cosine", "euclidean")
-
-
-def _chroma_scores(queries: torch.Tensor, chroma: torch.Tensor, metric: str) -> torch.Tensor:
-    """``[b, n]`` chroma scores, higher is better: cosine (hue direction), or minus the RGB
-    distance (brightness-aware; exact differences, batch-size invariant)."""
-    if metric == "cosine":
-        return rowwise_cosine(queries, chroma)
-    return -torch.cdist(queries.float(), chroma.float(), compute_mode="donot_use_mm_for_euclid_dist")
-
-
-def _both(mask: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
-    """``mask & keep`` where both are given (``keep`` ``[capacity]`` broadcasts over query rows)."""
-    if keep is None:
-        return mask
-    return keep[None, :] if mask is None else mask & (keep[None, :] if mask.dim() == 2 else keep)
-
-
-def _by_value(
-    keys: torch.Tensor,
-    width: int,
-    run: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Answer queries grouped by ``keys`` (``[B]`` int): ``run(rows, value)`` per value present.
-
-    Each call gets the ``[b]`` rows holding one value and returns their
-    ``[b, width]`` (scores, slots); they are scattered back into ``[B, width]``.
-    A per-query filter with few distinct values (classes, hue categories) is
-    then a shared ``[capacity]`` mask per group rather than a ``[B, capacity]`` one.
-    """
-    scores = torch.full((keys.shape[0], width), float("-inf"), device=keys.device)
-    slots = torch.full((keys.shape[0], width), -1, dtype=torch.int64, device=keys.device)
-    for value in keys.unique().tolist():
-        rows = torch.nonzero(keys == value).squeeze(1)
-        part_scores, part_slots = run(rows, value)
-        scores[rows], slots[rows] = part_scores.float(), part_slots
-    return scores, slots
-
-
-class DreamPool:
+class DreamPool(EncoderLifecycle, Checkpointing):
     """Long-term memory of dreams: gated adds, a tensor bank, k-NN, MMR, feedback.
 
     Every public method is thread-safe (one re-entrant lock) and validates its
@@ -203,10 +121,11 @@ class DreamPool:
         self._embedded_version = self.encoder.version  # the encoder version the bank's embeddings come from
         self.index = make_index(self.bank, self.config)
         self.cache = QueryCache(self.config.query_cache_size)
+        self.eviction = policy_for(self.config.eviction_policy)
         self.weights = HybridWeights(
             self.config.alpha, self.config.beta, self.config.gamma, self.config.delta, self.config.mmr_lambda
         )
-        self.counters = {"added": 0, "rejected": 0, "evicted": 0, "dropped": 0, "queries": 0, "feedback": 0}
+        self.counters = new_counters()
         self._lock = threading.RLock()
         self.metrics: PoolMetrics | None = None
 
@@ -265,11 +184,7 @@ class DreamPool:
                 raise InvalidConfigurationError("memory_budget_mb", config.memory_budget_mb,
                                                 f"a budget on {target} holding the pool's {config.capacity} slots")
             check_allocation(config, self.bank.specs, config.capacity, target)
-            columns = {name: t.to(target) for name, t in self.bank.columns.items()}
-            self.bank.columns, self.bank.device = columns, target
-            self.bank._order_revision, self.bank._sorted_ids = -1, columns["ids"]
-            self.bank._sorted_slots = columns["ids"]
-            self.bank.revision += 1
+            self.bank.to(target)
             if callable(getattr(self.encoder, "to", None)):
                 self.encoder.to(target)
             else:
@@ -302,7 +217,7 @@ class DreamPool:
         within the capacity and the memory budget (:mod:`dreampool_gpu.budget`);
         when the pool returns, its usage is within the budget. When more dreams
         pass the gate than the whole pool holds, the best that fit by the
-        policy's order are kept (:func:`~dreampool_gpu.budget.batch_survivors`) and
+        policy admits are kept (:meth:`~dreampool_gpu.eviction.Eviction.admit`) and
         the rest count as dropped, or, with ``strict_budget``, the call raises.
 
         Args:
@@ -340,7 +255,7 @@ class DreamPool:
             if force:
                 passed = torch.ones_like(passed)
             accepted = torch.nonzero(passed).squeeze(1)
-            self._check_ids_left(int(accepted.numel()))
+            self.bank.check_ids_left(int(accepted.numel()))
             budget_room = self.budget.room(self.bank, self.index)
             room = self.config.capacity if budget_room is None else min(self.config.capacity, budget_room)
             if accepted.numel() > room and self.config.strict_budget:
@@ -357,13 +272,7 @@ class DreamPool:
                 budget_room = self.budget.room(self.bank, self.index)
                 room = self.config.capacity if budget_room is None else min(self.config.capacity, budget_room)
             self.counters["rejected"] += n - int(accepted.numel())
-            survivors = batch_survivors(coh[accepted], self.config.eviction_policy, room)
-            accepted = accepted[survivors]
-            if self.config.eviction_policy is EvictionPolicy.LOWEST_COHERENCE:  # newcomers rank with residents
-                outranked = outranked_newcomers(self.bank, coh[accepted], self._eviction_need(accepted.numel()))
-                keep = torch.ones(accepted.numel(), dtype=torch.bool, device=self.device)
-                keep[outranked] = False
-                accepted = accepted[keep]
+            accepted = accepted[self.eviction.admit(self.bank, coh[accepted], room, self._eviction_need)]
             self.counters["dropped"] += int(passed.sum()) - int(accepted.numel())
             out = torch.full((n,), -1, dtype=torch.int64, device=self.device)
             m = int(accepted.numel())
@@ -403,15 +312,6 @@ class DreamPool:
             self.counters["added"] += m - lost
             return out
 
-    def _check_ids_left(self, incoming: int) -> None:
-        """Refuse an add of ``incoming`` entries whose ids would pass the int64 maximum."""
-        left = torch.iinfo(torch.int64).max - self.bank.next_id  # next_id itself must stay an int64
-        if incoming > left:
-            raise CapacityExceededError(
-                f"ids exhausted: {incoming} dreams passed the gate but only {left} ids are left below the "
-                f"int64 maximum (next_id {self.bank.next_id}); ids are never reused"
-            )
-
     def _make_room(self, incoming: int, *, settle: bool = True) -> int:
         """Evict by the policy until ``incoming`` more entries fit the capacity and the budget.
 
@@ -425,7 +325,7 @@ class DreamPool:
         count = self._eviction_need(incoming)
         evicted = 0
         while count > 0:
-            victims = eviction_order(self.bank, self.config.eviction_policy)[:count]
+            victims = self.eviction.order(self.bank)[:count]
             self.index.remove(victims)
             self.bank.remove(victims)
             evicted += int(victims.numel())
@@ -482,7 +382,7 @@ class DreamPool:
             with_dreams: also gather the dreams of the results.
             where: a filter applied before the k-NN and any re-ranking, in every mode:
                 a ``[capacity]`` bool mask over slots, or a callable that receives the
-                metadata columns (see :meth:`_where_columns`) as ``[capacity]`` tensors on
+                metadata columns (see :func:`~dreampool_gpu.retrieval.request.where_columns`) as ``[capacity]`` tensors on
                 the pool's device and returns one. Only entries where it is True qualify.
             chroma_metric: how the chroma modes (``similar``, ``class``, ``balanced``,
                 ``utility``, ``diverse``) score: ``"cosine"`` (the hue direction; brightness
@@ -497,53 +397,12 @@ class DreamPool:
         """
         start = time.perf_counter()
         with self._lock:
-            mode_ = self.config.default_mode if mode is None else RetrievalMode.parse(mode)
-            k_ = self.config.retrieval_limit if k is None else v.check_count(k, "k", high=max(self.config.capacity, _MAX_PADDED_K))
-            q = self._parse_queries(queries, mode_)
-            b = q.count
-            hint = self._labels(class_hint, b, "class_hint")
-            prior = self._per_dream(utility_prior, b, "utility_prior", 0.0, 1.0)
-            if mode_ not in _CHROMA_MODES:
-                self._check_fresh()
-            if mode_ is RetrievalMode.CLASS and (class_hint is None or (b and bool((hint < 0).any()))):
-                raise InvalidInputError("class_hint", f"a class label in 0..{self.config.num_classes - 1} "
-                                        "for mode 'class'",
-                                        None if class_hint is None else -1)
-            if mode_ is RetrievalMode.BALANCED:
-                balanced = self._class_list(classes)
-            lam = self.weights.mmr_lambda if mmr_lambda is None else v.check_number(mmr_lambda, "mmr_lambda", 0.0, 1.0)
-            v.check_number(min_dispersion, "min_dispersion", 0.0, float("inf"))
-            v.check_number(utility_threshold, "utility_threshold", float("-inf"), float("inf"))
-            fetch = max(k_, self.config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
-            fetch = min(fetch, max(k_, self.config.capacity))  # candidates beyond capacity would all be padding
-            categories = self._category_filter(category, q, mode_)
-            if chroma_metric not in _CHROMA_METRICS:
-                raise InvalidInputError("chroma_metric", f"one of {', '.join(_CHROMA_METRICS)}", repr(chroma_metric))
-            keep = self._where_mask(where)
-
-            def chroma(qs: _Queries, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-                return self._chroma_topk(qs, k_, _both(mask, keep), metric=chroma_metric)
-
-            if mode_ is RetrievalMode.SIMILAR:
-                scores, slots = chroma(q)
-            elif mode_ is RetrievalMode.CLASS:
-                labels = self.bank.columns["class_label"]
-                scores, slots = _by_value(hint, k_, lambda rows, c: chroma(q.take(rows), (labels == c)[None, :]))
-            elif mode_ is RetrievalMode.BALANCED:
-                parts = [chroma(q, self._class_mask(c)) for c in balanced]
-                scores = torch.cat([p[0] for p in parts], dim=1) if parts else self._empty(b)[0]
-                slots = torch.cat([p[1] for p in parts], dim=1) if parts else self._empty(b)[1]
-            elif mode_ is RetrievalMode.UTILITY:
-                util = self.bank.columns["utility"]
-                scores, slots = chroma(q, (util >= utility_threshold)[None, :])
-            elif mode_ is RetrievalMode.DIVERSE:
-                scores, slots = self._diverse(q, k_, lam, min_dispersion, keep, chroma_metric)
-            elif mode_ in (RetrievalMode.NEAREST, RetrievalMode.CATEGORY):
-                scores, slots = self._knn(self._query_embeddings(q, hint, prior), k_, categories, keep)
-            else:
-                lam_ = 1.0 if mode_ is RetrievalMode.SOFT and mmr_lambda is None else lam
-                scores, slots = self._hybrid(q, hint, prior, k_, fetch, lam_, min_dispersion, categories, keep)
-
+            req = check_request(self, queries, k=k, mode=mode, class_hint=class_hint, classes=classes,
+                                category=category, utility_threshold=utility_threshold,
+                                utility_prior=utility_prior, fetch_k=fetch_k, mmr_lambda=mmr_lambda,
+                                min_dispersion=min_dispersion, where=where, chroma_metric=chroma_metric)
+            b = req.q.count
+            scores, slots = MODES[req.mode].run(self, req)
             ids = self.bank.gather("ids", slots)
             usage = self.bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
             usage.index_add_(0, slots.clamp(min=0).reshape(-1), (slots >= 0).reshape(-1).to(usage.dtype))
@@ -611,180 +470,6 @@ class DreamPool:
         with self._lock:
             self.metrics = PoolMetrics(self, registry=registry)
             return self.metrics
-
-    # -------------------------------------------------------------- encoder
-    def fit_encoder(
-        self,
-        *,
-        steps: int = 200,
-        batch_size: int = 256,
-        lr: float = 2e-3,
-        seed: int = 0,
-        colour_jitter: float = 0.05,
-        progress: bool = False,
-    ) -> FitReport:
-        """Train the pool's encoder on its entries, then re-embed the bank: all or nothing.
-
-        Supervised contrastive training on two augmented views of each sampled
-        entry (class labels as positives where present, utility feedback as anchor
-        weights; :mod:`dreampool_gpu.fitting`). A copy of the encoder is trained;
-        only when training and re-embedding succeed are the new encoder and the
-        embeddings swapped in, the index rebuilt and the query cache cleared.
-        A diverged loss, Ctrl-C or an out-of-memory error leaves the pool exactly
-        as it was. The pool's lock is held throughout (other threads wait).
-        Deterministic on CPU for a ``seed``.
-
-        Keyword Args:
-            steps: optimizer steps (>= 1). batch_size: entries per step (>= 2).
-            lr: AdamW learning rate (> 0). seed: sampling and augmentation seed.
-            colour_jitter: half-width of the per-channel colour gain of the views, in [0, 1]:
-                what colour change the embedding learns to ignore. Raise it (e.g. 0.25)
-                when colour is a nuisance for your classes and the pool has no labels to say so.
-            progress: show a tqdm bar with the loss.
-
-        Returns:
-            :class:`~dreampool_gpu.fitting.FitReport` (loss per step, seconds, entries).
-
-        Raises:
-            InvalidConfigurationError: the encoder is not trainable (the ``features`` encoder).
-            InvalidInputError: bad arguments, or fewer than 2 entries in the pool.
-            EncoderFitError: the loss became NaN or infinite.
-        """
-        with self._lock:
-            if not isinstance(self.encoder, (LearnedEncoder, ModuleEncoder)):
-                raise InvalidConfigurationError(
-                    "encoder", type(self.encoder).__name__,
-                    "a trainable encoder: PoolConfig(encoder='learned') or DreamPool(config, encoder=<nn.Module>)",
-                )
-            steps, batch_size, seed = v.check_count(steps, "steps"), v.check_count(batch_size, "batch_size"), \
-                v.check_count(seed, "seed")
-            lr = v.check_number(lr, "lr", 0.0, 1.0)
-            colour_jitter = v.check_number(colour_jitter, "colour_jitter", 0.0, 1.0)
-            for name, value, ok, expected in (("steps", steps, steps >= 1, "an int >= 1"),
-                                              ("batch_size", batch_size, batch_size >= 2, "an int >= 2"),
-                                              ("lr", lr, lr > 0.0, "a learning rate in (0, 1]")):
-                if not ok:
-                    raise InvalidInputError(name, expected, value)
-            self._check_fresh()
-            slots = self.bank.slots_by_age()
-            if slots.numel() < 2:
-                raise InvalidInputError("pool", "at least 2 entries to fit the encoder on", f"{slots.numel()} entries")
-            start = time.perf_counter()
-            cols = self.bank.columns
-            labels = cols["class_label"].long()
-            weights = 1.0 + torch.where(cols["feedback_count"] > 0, cols["util_mean"], torch.zeros_like(cols["util_mean"]))
-            candidate = copy.deepcopy(self.encoder)
-            losses = train_encoder(candidate, cols["dreams"], slots, labels, weights, steps=steps,
-                                   batch_size=batch_size, lr=lr, seed=seed, colour_jitter=colour_jitter,
-                                   progress=progress)
-            live, embeddings = self._embed_live(candidate)
-            self._install_embeddings(live, embeddings, candidate)
-            return FitReport(losses=losses, steps=steps, seconds=time.perf_counter() - start,
-                             entries=int(slots.numel()), labelled=int((labels[slots] >= 0).sum()))
-
-    def reembed(self) -> None:
-        """Recompute every entry's embedding with the current encoder; rebuild the index.
-
-        Call it after changing a user encoder's weights outside :meth:`fit_encoder`
-        (embedding retrievals raise :class:`~dreampool_gpu.errors.IndexStaleError`
-        until then). All or nothing, like :meth:`fit_encoder`.
-        """
-        with self._lock:
-            live, embeddings = self._embed_live(self.encoder)
-            self._install_embeddings(live, embeddings, self.encoder)
-
-    def _make_encoder(self, encoder: Any) -> Encoder:
-        """The pool's encoder on its device, from the ``encoder`` argument or the config."""
-        cfg, d = self.config, self.config.embedding_dim
-        if encoder is None:
-            if cfg.encoder == "learned":
-                return LearnedEncoder(cfg.dream_shape, d, seed=cfg.encoder_seed).to(self.device).eval()
-            return FeatureEncoder(d, include_spectral=cfg.include_spectral, include_class=cfg.include_class,
-                                  include_utility=cfg.include_utility, num_classes=cfg.num_classes,
-                                  seed=cfg.encoder_seed, device=self.device)
-        if isinstance(encoder, Encoder):
-            if getattr(encoder, "dim", None) != d:
-                raise InvalidConfigurationError("encoder", f"an encoder of dim {getattr(encoder, 'dim', None)}",
-                                                f"dim {d} (embedding_dim)")
-            mover = getattr(encoder, "to", None)
-            moved = mover(self.device) if callable(mover) else encoder
-            return moved.eval() if isinstance(moved, torch.nn.Module) else moved
-        if isinstance(encoder, torch.nn.Module):
-            return ModuleEncoder(encoder.to(self.device).eval(), cfg.dream_shape, d)
-        raise InvalidConfigurationError(
-            "encoder", type(encoder).__name__, "None, an Encoder, or a torch.nn.Module mapping [N, R, C, L, 3] to [N, D]"
-        )
-
-    def _check_fresh(self) -> None:
-        """Raise when the encoder changed since the bank's embeddings were computed."""
-        if self.encoder.version != self._embedded_version:
-            raise IndexStaleError(
-                f"the encoder changed (version {self.encoder.version}) since the bank was embedded "
-                f"(version {self._embedded_version}): call pool.reembed() (or pool.fit_encoder())"
-            )
-
-    def _embed_live(self, encoder: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
-        """Live slots in age order ``[n]`` and their embeddings ``[n, D]`` under ``encoder``."""
-        slots = self.bank.slots_by_age()
-        cols = self.bank.columns
-        parts = [torch.empty(0, self.config.embedding_dim, device=self.device)]
-        for start in range(0, slots.numel(), _EMBED_CHUNK):
-            s = slots[start:start + _EMBED_CHUNK]
-            z = encoder.encode_entries(cols["dreams"][s].float(), chroma=cols["chroma"][s],
-                                       spectral=cols["spectral"][s], class_labels=cols["class_label"][s].long())
-            parts.append(self._embed(z.float()))
-        return slots, torch.cat(parts)
-
-    def _install_embeddings(self, slots: torch.Tensor, embeddings: torch.Tensor, encoder: Encoder) -> None:
-        """Swap in ``encoder`` and its ``embeddings`` of ``slots``; rebuild the index; clear the cache.
-
-        All or nothing: on any failure (including KeyboardInterrupt) the previous
-        rows, encoder and index come back before the error propagates.
-        """
-        column = self.bank.columns["embeddings"]
-        previous = (column[slots].clone(), self.encoder, self._embedded_version)
-        try:
-            column[slots] = embeddings
-            self.encoder, self._embedded_version = encoder, encoder.version
-            self.bank.revision += 1
-            self.index.reset()
-            self.index.add(slots)
-        except BaseException:
-            column[slots] = previous[0]
-            self.encoder, self._embedded_version = previous[1], previous[2]
-            self.index.reset()
-            self.index.add(slots)
-            raise
-        self.cache.clear()
-
-    def _restore_encoder(self, state: dict[str, torch.Tensor] | None) -> None:
-        """Checkpoint hook (bank already restored): load the saved encoder state.
-
-        A format-1 checkpoint has none: its embeddings came from an older feature
-        encoder, so the statistics are fitted on the bank and every entry re-embedded
-        (the caller rebuilds the index).
-        """
-        if state is not None:
-            self.encoder.load_state_dict(state)
-        elif isinstance(self.encoder, FeatureEncoder):
-            live = self.bank.slots_by_age()
-            cols = self.bank.columns
-            self.encoder.fit_statistics(cols["chroma"][live], cols["spectral"][live], fitted_on=self.counters["added"])
-            slots, embeddings = self._embed_live(self.encoder)
-            cols["embeddings"][slots] = embeddings
-        self._embedded_version = self.encoder.version
-
-    def _refit_statistics(self, chroma: torch.Tensor, spectral: torch.Tensor) -> None:
-        """Refit the feature encoder's standardisation on the bank plus a new batch; re-embed the bank."""
-        if not isinstance(self.encoder, FeatureEncoder):
-            return
-        live = self.bank.slots_by_age()
-        cols = self.bank.columns
-        candidate = copy.deepcopy(self.encoder)
-        candidate.fit_statistics(torch.cat([cols["chroma"][live], chroma]), torch.cat([cols["spectral"][live], spectral]),
-                                 fitted_on=self.counters["added"] + chroma.shape[0])
-        slots, embeddings = self._embed_live(candidate)
-        self._install_embeddings(slots, embeddings, candidate)
 
     # --------------------------------------------------------------- gather
     def dreams(self, ids: Any) -> torch.Tensor:
@@ -854,123 +539,20 @@ class DreamPool:
             }
 
     # ------------------------------------------------------------- helpers
-    def _embed(self, z: torch.Tensor) -> torch.Tensor:
-        """Bank form of encoder output ``[N, D]``: unit vectors for cosine, raw for euclidean.
+    @property
+    def capacity(self) -> int:
+        """Slots of the bank: the configured capacity, lowered (or derived) to fit the memory budget."""
+        return self.bank.capacity
 
-        Under cosine each row is first divided by its largest magnitude, so rows whose
-        squared norm would overflow (1e20) or underflow (1e-45) float32 keep their direction.
-        """
-        if self.config.metric is not Metric.COSINE:
-            return z
-        peak = z.abs().amax(dim=1, keepdim=True)
-        return F.normalize(z / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=1)
+    def _embed(self, z: torch.Tensor) -> torch.Tensor:
+        """Bank form of encoder output ``[N, D]`` (:func:`~dreampool_gpu.encoders.bank_form`)."""
+        return bank_form(z, self.config.metric)
 
     def _per_dream(self, x: Any, n: int, name: str, low: float, high: float) -> torch.Tensor:
-        if x is None:
-            return torch.zeros(n, device=self.device)
-        t = v.as_tensor(x, name, device=self.device)
-        if t.dtype == torch.bool or t.is_complex():
-            raise InvalidInputError(name, "real numbers", f"dtype {t.dtype}")
-        t = t.float()
-        if t.dim() == 0:
-            t = t.expand(n)
-        v.check_shape(t, (n,), name)
-        v.check_finite(t, name)
-        v.check_range(t, name, low, high)
-        return t
+        return request.per_query(x, n, name, low, high, self.device)
 
     def _labels(self, x: Any, n: int, name: str) -> torch.Tensor:
-        if x is None:
-            return torch.full((n,), -1, dtype=torch.int64, device=self.device)
-        t = v.as_tensor(x, name, device=self.device)
-        v.check_int(t, name)
-        t = t.long()
-        if t.dim() == 0:
-            t = t.expand(n)
-        v.check_shape(t, (n,), name)
-        top = self.config.num_classes
-        if t.numel() and bool(((t < -1) | (t >= top)).any()):
-            raise InvalidInputError(name, f"class labels in 0..{top - 1} or -1", t.unique().tolist()[:10])
-        return t
-
-    def _class_list(self, classes: Sequence[int] | None) -> list[int]:
-        expected = "a sequence of class labels for mode 'balanced'"
-        if classes is None or isinstance(classes, (str, bytes)):
-            raise InvalidInputError("classes", expected, repr(classes))
-        try:
-            items = list(classes)
-        except TypeError:  # not iterable (an object, a 0-d tensor)
-            raise InvalidInputError("classes", expected, type(classes).__name__) from None
-        out = []
-        for c in items:
-            try:
-                boolean = isinstance(c, bool) or getattr(c, "dtype", None) in (torch.bool, np.bool_)
-                label = None if boolean else operator.index(c)  # int, numpy or 0-dim torch ints
-            except TypeError:
-                label = None
-            if label is None or not 0 <= label < self.config.num_classes:
-                raise InvalidInputError("classes", f"class labels in 0..{self.config.num_classes - 1}", repr(c))
-            out.append(label)
-        return out
-
-    def _where_columns(self) -> dict[str, torch.Tensor]:
-        """What a ``where`` callable receives: ``[capacity]`` copies on the pool's device.
-
-        ``coherence``, ``energy``, ``violation``, ``utility`` (NaN before any feedback),
-        ``util_mean`` float32; ``usage`` int32; ``class`` and ``hue`` int64 (class -1 =
-        none); ``age`` float32 seconds since the entry was added; ``id`` int64 (-1 on
-        free slots, which never qualify whatever the mask says).
-        """
-        cols = self.bank.columns
-        out = {name: cols[name].clone() for name in ("coherence", "energy", "violation", "utility", "util_mean",
-                                                      "usage", "ids")}
-        out["id"] = out.pop("ids")
-        out["class"] = cols["class_label"].long()
-        out["hue"] = cols["hue_category"].long()
-        out["age"] = (time.time() - cols["inserted_at"]).float()
-        return out
-
-    def _where_mask(self, where: Any) -> torch.Tensor | None:
-        """``where`` as a ``[capacity]`` bool mask on the pool's device (None: no filter)."""
-        if where is None:
-            return None
-        expected = f"a [{self.config.capacity}] bool mask, or a callable of the metadata columns returning one"
-        if callable(where) and not isinstance(where, (torch.Tensor, np.ndarray)):
-            try:
-                where = where(self._where_columns())
-            except Exception as exc:  # the caller's function: its failure is a bad argument
-                raise InvalidInputError("where", expected, f"a callable that raised {type(exc).__name__}: {exc}") from exc
-        t = v.as_tensor(where, "where", device=self.device)
-        if t.dtype != torch.bool:
-            raise InvalidInputError("where", expected, f"dtype {t.dtype}")
-        v.check_shape(t, (self.config.capacity,), "where")
-        return t
-
-    def _class_mask(self, label: int) -> torch.Tensor:
-        return (self.bank.columns["class_label"] == label)[None, :]
-
-    def _category_filter(self, category: Any, q: _Queries, mode: RetrievalMode) -> torch.Tensor | None:
-        """``[B]`` int64 hue category each query's candidates must have; None = no filter.
-
-        ``category`` mode defaults to the query chroma's own category; ``nearest``,
-        ``soft`` and ``hybrid`` filter their candidates only when one is given.
-        """
-        if mode not in _FILTERED_MODES or (category is None and mode is not RetrievalMode.CATEGORY):
-            return None
-        return self._categories(category, q)
-
-    def _categories(self, category: Any, q: _Queries) -> torch.Tensor:
-        if category is None:
-            if q.chroma is None:
-                raise InvalidInputError("category", "a hue category 0..11 for embedding queries", None)
-            return hue_category(q.chroma)
-        t = v.as_tensor(category, "category", device=self.device)
-        v.check_int(t, "category")
-        t = t.long().expand(q.count) if t.dim() == 0 else t.long()
-        v.check_shape(t, (q.count,), "category")
-        if t.numel() and bool(((t < 0) | (t > 11)).any()):
-            raise InvalidInputError("category", "hue categories in 0..11", t.unique().tolist())
-        return t
+        return request.labels(x, n, name, self.config.num_classes, self.device)
 
     def _slots(self, ids: Any) -> torch.Tensor:
         t = v.as_ids(ids, "ids", device=self.device).long()
@@ -985,326 +567,20 @@ class DreamPool:
             raise InvalidInputError("ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})",
                                     f"{bad.numel()} unknown: {shown}")
 
-    def _parse_queries(self, queries: Any, mode: RetrievalMode) -> _Queries:
-        t = v.as_tensor(queries, "queries", device=self.device)
-        v.check_float(t, "queries")
-        d = self.config.embedding_dim
-        if t.dim() == 5:
-            batch = validate_dreams(t, dream_shape=self.config.dream_shape, name="queries")
-            spectral = None
-            if isinstance(self.encoder, FeatureEncoder) and self.encoder.include_spectral:
-                spectral = spectral_features(batch, window=self.config.window)
-            return _Queries(batch.shape[0], chroma=chroma_signature(batch), spectral=spectral, dreams=batch)
-        if t.dim() == 2 and t.shape[1] == 3:
-            v.check_finite(t, "queries")
-            v.check_range(t, "queries", 0.0, 1.0)
-            return _Queries(t.shape[0], chroma=t.float())
-        if t.dim() == 2 and t.shape[1] == d and mode not in _CHROMA_MODES:
-            return _Queries(t.shape[0], embeddings=self._embed(self._embedding_queries(t)))
-        expected = "[B, R, C, L, 3] dreams or [B, 3] chroma"
-        if mode not in _CHROMA_MODES:
-            expected += f" or [B, {d}] embeddings"
-        if t.dim() == 4 or t.dim() == 1:
-            expected += f" ({SINGLE_DREAM_HINT})" if t.dim() == 4 else " (one query needs a batch dimension: q[None])"
-        raise DimensionMismatchError(expected, list(t.shape), f"queries for mode {mode.value!r}")
+    def _parse_queries(self, queries: Any, mode: RetrievalMode) -> request.Queries:
+        """Checked queries for ``mode`` (:func:`~dreampool_gpu.retrieval.request.parse_queries`)."""
+        return request.parse_queries(queries, mode, self.config, self.device, self.encoder)
 
-    def _embedding_queries(self, t: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` embedding queries as float32, finite there; under euclidean small enough
-        that squared distances to the bank stay finite in float32."""
-        t = t.float()
-        v.check_finite(t, "queries")  # after the cast: float64 values past float32's range are inf here
-        if self.config.metric is Metric.EUCLIDEAN and t.numel():
-            bound = math.sqrt(torch.finfo(torch.float32).max / (4 * t.shape[1]))
-            peak = float(t.abs().max())
-            if peak > bound:
-                raise InvalidInputError("queries", f"euclidean embeddings with |values| <= {bound:.3g} "
-                                        "(squared distances overflow float32 beyond)", f"|values| up to {peak:.3g}")
-        return t
-
-    def _query_embeddings(self, q: _Queries, hint: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    def _query_embeddings(self, q: request.Queries, hint: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` embeddings of parsed queries, through the query cache where it applies."""
         if q.embeddings is not None:
             return q.embeddings
-        chroma = q.chroma
-        if chroma is None:  # unreachable: _parse_queries always sets one of the two
-            raise InvalidInputError("queries", "dreams, chroma or embeddings", None)
-
-        def compute(rows: torch.Tensor) -> torch.Tensor:
-            dreams = None if q.dreams is None else q.dreams[rows]
-            spectral = None if q.spectral is None else q.spectral[rows]  # None: a chroma-only query
-            z = self.encoder.encode_queries(dreams=dreams, chroma=chroma[rows], spectral=spectral,
-                                            class_labels=hint[rows], utility=prior[rows])
-            return self._embed(z)
-
-        every = torch.arange(q.count, device=self.device)
-        if q.dreams is not None or self.cache.capacity == 0:
-            return compute(every)
-        out = torch.empty(q.count, self.config.embedding_dim, device=self.device)
-        return self.cache.get_or_compute(query_keys(chroma, hint, prior), compute, out)
+        return stages.embed_queries(self.encoder, self.cache, self.config, q.chroma, q.spectral, q.dreams,
+                                    hint, prior)
 
     def _knn(
         self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (docs/spec.md §Retrieval).
-
-        On CPU the engine is asked for one more neighbour; rows where a tie
-        straddles the k-th place (exact duplicates) are re-selected exactly in age
-        order, so the oldest of the tied entries make the cut. On CUDA that check
-        would cost a host synchronisation: there ties are ordered oldest first
-        within the k returned, and the cut is the engine's.
-
-        With ``categories`` (``[B]`` hue categories) each query searches only its
-        category: on CUDA with one ``[B, capacity]`` mask while it fits
-        ``search_chunk_mb`` (no host synchronisation), otherwise one shared mask
-        per category present. ``keep`` (``[capacity]`` bool, the ``where`` filter)
-        restricts every search.
-        """
-        if k == 0:
-            return self._empty(embedded.shape[0])
-        cpu = self.device.type == "cpu"
-        fetch = k + 1 if cpu and 0 < k < self.bank.size else k
-        hue = self.bank.columns["hue_category"]
-        if categories is None:
-            scores, slots = self.index.search(embedded, fetch, mask=keep)
-        elif not cpu and embedded.shape[0] * self.bank.capacity <= self.config.search_chunk_mb * 2**20:
-            scores, slots = self.index.search(embedded, fetch, mask=_both(hue[None, :] == categories[:, None], keep))
-        else:
-            scores, slots = _by_value(categories, fetch, lambda rows, c: self.index.search(
-                embedded[rows], fetch, mask=_both(hue == c, keep)))
-        if fetch > k:
-            straddles = (scores[:, k - 1] == scores[:, k]) & (scores[:, k] > float("-inf"))
-            scores, slots = scores[:, :k].clone(), slots[:, :k].clone()
-            if bool(straddles.any()):
-                rows = torch.nonzero(straddles).squeeze(1)
-                scores[rows], slots[rows] = self._oldest_first_exact(
-                    embedded[rows], k, None if categories is None else categories[rows], keep)
-        return oldest_first_ties(scores, slots, self.bank.columns["ids"])
-
-    def _oldest_first_exact(
-        self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None, keep: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact k-NN ``[b, k]`` over live entries in age order, ties to the older (stable top-k).
-
-        Queries go in chunks whose ``[b, n]`` scores stay under ``search_chunk_mb``.
-        """
-        by_age = self.bank.slots_by_age()
-        vectors = self.bank.columns["embeddings"][by_age]
-        hue = self.bank.columns["hue_category"][by_age]
-        dropped = None if keep is None else ~keep[by_age]
-
-        def scores(rows: slice) -> torch.Tensor:
-            q = embedded[rows].to(vectors.dtype)
-            if self.config.metric is Metric.COSINE:
-                sim = q @ vectors.T
-            else:  # exact differences, as the engines' euclidean refinement
-                sim = -torch.cdist(q, vectors, compute_mode="donot_use_mm_for_euclid_dist")
-            if categories is not None:
-                sim.masked_fill_(hue[None, :] != categories[rows, None], float("-inf"))
-            if dropped is not None:
-                sim.masked_fill_(dropped[None, :], float("-inf"))
-            return sim
-
-        return self._stable_topk_by_age(by_age, embedded.shape[0], k, scores)
-
-    def _stable_topk_by_age(
-        self, by_age: torch.Tensor, count: int, k: int, scores: Callable[[slice], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stable top-k of ``scores(rows)`` (``[b, n]``, columns in ``by_age`` order), padded to ``[count, k]``.
-
-        Queries go in chunks whose ``[b, n]`` scores and tie-break keys stay under
-        ``search_chunk_mb``; ties go to the lower column, i.e. the older entry.
-        """
-        parts = [stable_topk(scores(rows), k)
-                 for rows in row_chunks(count, _TOPK_BYTES_PER_SCORE * by_age.numel(), self.config.search_chunk_mb)]
-        values = torch.cat([p[0] for p in parts])
-        slots = by_age[torch.cat([p[1] for p in parts])]
-        return self._pad(values, slots, k)
-
-    def _empty(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.empty(b, 0, device=self.device), torch.empty(b, 0, dtype=torch.int64, device=self.device))
-
-    def _chroma_topk(
-        self, q: _Queries, k: int, mask: torch.Tensor | None = None, *, metric: str = "cosine"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stable top-k by chroma cosine (or, ``metric="euclidean"``, minus the RGB distance)
-        over live entries (oldest wins ties).
-
-        Queries go through in chunks whose ``[b, n]`` scores and tie-break keys
-        stay under ``search_chunk_mb``; rows are batch-size invariant, so chunking
-        changes nothing.
-        """
-        if q.chroma is None:
-            raise InvalidInputError("queries", "dreams or chroma for a chroma method", "embeddings")
-        query_chroma = q.chroma
-        by_age = self.bank.slots_by_age()
-        chroma = self.bank.columns["chroma"][by_age]
-        shared = None if mask is None or mask.shape[0] > 1 else ~mask[:, by_age]  # one gather for every chunk
-
-        def scores(rows: slice) -> torch.Tensor:
-            sim = _chroma_scores(query_chroma[rows], chroma, metric)
-            if mask is not None:
-                excluded = shared if shared is not None else ~mask[rows][:, by_age]
-                sim = sim.masked_fill(excluded.expand_as(sim), float("-inf"))
-            return sim
-
-        return self._stable_topk_by_age(by_age, q.count, k, scores)
-
-    def _pad(self, values: torch.Tensor, slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        found = torch.isfinite(values) & (slots >= 0)
-        slots = torch.where(found, slots, torch.full_like(slots, -1))
-        values = values.masked_fill(~found, float("-inf"))
-        missing = k - values.shape[1]
-        if missing > 0:
-            values = F.pad(values, (0, missing), value=float("-inf"))
-            slots = F.pad(slots, (0, missing), value=-1)
-        return values, slots
-
-    def _diverse(
-        self, q: _Queries, k: int, lam: float, min_dispersion: float,
-        keep: torch.Tensor | None = None, metric: str = "cosine",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MMR over the whole pool (``keep``'s entries) on chroma signatures (candidates oldest first).
-
-        Queries go through in chunks whose ``[b, n]`` relevance and MMR state stay
-        under ``rerank_chunk_mb``; on CPU every row is bit-identical to an unchunked
-        run (on CUDA up to cuBLAS rounding, see ``rerank.rowwise_cosine``).
-        """
-        if q.chroma is None:  # unreachable: diverse queries always carry chroma
-            raise InvalidInputError("queries", "dreams or chroma for a chroma method", "embeddings")
-        by_age = self.bank.slots_by_age()
-        chroma = self.bank.columns["chroma"][by_age]
-        n = by_age.numel()
-        row_bytes = 4 * n + mmr_row_bytes(n, chroma.shape[1], shared=True)  # relevance + MMR state
-        parts = []
-        for rows in row_chunks(q.count, row_bytes, self.config.rerank_chunk_mb):
-            # chroma cosine as in _chroma_topk: batch-size invariant, so chunks change nothing
-            relevance = _chroma_scores(q.chroma[rows], chroma, metric)
-            if keep is not None:  # -inf marks a filtered candidate for mmr: no host round trip
-                relevance = relevance.masked_fill(~keep[by_age][None, :], float("-inf"))
-            part = mmr(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma)
-            parts.append(part)
-        picks = torch.cat([p[0] for p in parts])
-        scores = torch.cat([p[1] for p in parts])
-        slots = torch.where(picks >= 0, by_age[picks.clamp(min=0)] if n else picks, picks)
-        return scores, slots
-
-    def _hybrid(
-        self,
-        q: _Queries,
-        hint: torch.Tensor,
-        prior: torch.Tensor,
-        k: int,
-        fetch_k: int,
-        lam: float,
-        min_dispersion: float,
-        categories: torch.Tensor | None,
-        keep: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft candidates (fetch_k k-NN, within ``categories``) -> hybrid base score -> MMR on embeddings -> k.
-
-        The k-NN runs once for all queries (the search chunks itself); the re-ranking
-        runs in query chunks whose gathered ``[b, fetch_k, D]`` vectors and MMR state
-        stay under ``rerank_chunk_mb``; on CPU every row is bit-identical to an
-        unchunked run (on CUDA up to cuBLAS rounding, see ``rerank.rowwise_cosine``).
-        """
-        if k == 0:
-            return self._empty(q.count)
-        embedded = self._query_embeddings(q, hint, prior)
-        similarity, candidates = self._knn(embedded, max(fetch_k, k), categories, keep)
-        m = candidates.shape[1]
-        embeddings, chroma = self.bank.columns["embeddings"], self.bank.columns["chroma"]
-        d, p = embeddings.shape[1], chroma.shape[1]
-        # bank.gather makes two copies of each gathered row; ~8 [fetch_k] int64/float rows score them
-        gathered = 2 * m * (d * embeddings.element_size() + p * chroma.element_size()) + 8 * 8 * m
-        row_bytes = gathered + mmr_row_bytes(m, d)
-        score_parts, slot_parts = [], []
-        for rows in row_chunks(q.count, row_bytes, self.config.rerank_chunk_mb):
-            cand = candidates[rows]
-            valid = cand >= 0
-            util = self.bank.gather("util_mean", cand)
-            match = class_match(self.bank.gather("class_label", cand).long(), hint[rows])
-            sim = similarity[rows].masked_fill(~valid, float("-inf"))
-            base = hybrid_scores(sim, util, match, self.weights)
-            vectors = self.bank.gather("embeddings", cand)
-            points = self.bank.gather("chroma", cand)
-            picks, scores = mmr(
-                base, vectors, k,
-                mmr_lambda=lam, delta=self.weights.delta, min_dispersion=min_dispersion, points=points,
-            )
-            score_parts.append(scores)
-            slot_parts.append(torch.where(picks >= 0, cand.gather(1, picks.clamp(min=0)), picks))
-        return torch.cat(score_parts), torch.cat(slot_parts)
-
-    # ----------------------------------------------------------- persistence
-    def save(self, path: persist.PathArg) -> None:
-        """Write a checkpoint directory at ``path``, atomically (see :mod:`dreampool_gpu.persist`).
-
-        The pool's state is copied under its lock, then written while other
-        threads keep using the pool. Readers of ``path`` see the previous
-        checkpoint or this one, never a mix.
-
-        Raises:
-            InvalidInputError: ``path`` is not a path, or names something that is
-                not a dreampool checkpoint (it is never overwritten).
-            OSError: the filesystem failed; the previous checkpoint is intact.
-        """
-        with persist.WRITE_LOCK:  # saves land in the order their snapshots were taken
-            with self._lock:
-                snap = persist.snapshot(self)
-            persist.write_checkpoint(snap, path)
-
-    @classmethod
-    def load(
-        cls, path: persist.PathArg, *, device: str | torch.device | None = None, encoder: Any = None
-    ) -> DreamPool:
-        """Build a pool from the checkpoint at ``path``, verifying every checksum.
-
-        A sharded checkpoint (:meth:`ShardedDreamPool.save`) opens as one pool holding
-        every shard's entries, ids unchanged (:func:`dreampool_gpu.distributed.load_merged`).
-
-        Keyword Args:
-            device: where the new pool lives (default: the saved configuration's
-                device). A pool saved on CUDA loads on CPU and the reverse; the
-                dreams keep their saved dtype.
-            encoder: for a pool saved with a user's module (or custom encoder), a fresh
-                instance of the same architecture; the saved weights are loaded into it.
-
-        Raises:
-            CheckpointCorruptError: a missing, truncated or altered file (named in
-                the error), or a format version newer than this library.
-            DeviceUnavailableError: ``device`` is CUDA and absent.
-        """
-        from dreampool_gpu import distributed  # imports this module
-
-        if distributed.is_sharded_checkpoint(path):  # a ShardedDreamPool's checkpoint, as one pool
-            return distributed.load_merged(path, device=device)
-        snap = persist.read_checkpoint(path)
-        pool = cls(persist.config_for_load(snap, device), encoder=encoder)
-        with pool._lock:
-            persist.restore(pool, snap)
-        return pool
-
-    def state_dict(self) -> dict[str, Any]:
-        """The pool's state as a dict of CPU tensors, bytes and plain values.
-
-        Round-trips through ``torch.save`` / ``torch.load(weights_only=True)``, so
-        the pool can ride in a training checkpoint.
-        """
-        with self._lock:
-            return persist.to_state_dict(persist.snapshot(self))
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Replace this pool's entries, counters and index with ``state_dict``'s.
-
-        The pool keeps its own configuration; fields that shape the stored data
-        (dream shape, embedding, encoder, metric, window) must match, and the
-        capacity must hold the saved entries. Dreams are cast to this pool's dtype.
-
-        Raises:
-            InvalidInputError: not a state dict of this format, or a malformed part.
-            InvalidConfigurationError: the state does not fit this pool's configuration.
-            (On error the pool is unchanged.)
-        """
-        snap = persist.from_state_dict(state_dict)
-        with self._lock:
-            persist.restore(self, snap)
+        """The engine's k-NN ``[B, k]``, ties oldest first (:func:`~dreampool_gpu.retrieval.stages.knn`)."""
+        return stages.knn(self.bank, self.index, self.config, embedded, k, categories, keep)

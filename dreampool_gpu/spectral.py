@@ -9,14 +9,13 @@ original's definition). Everything is batched over dreams and channels.
 from __future__ import annotations
 
 import math
-from enum import Enum
 from typing import Any
 
 import torch
 
 from dreampool_gpu._validation import check_count, check_finite
+from dreampool_gpu.config import Window
 from dreampool_gpu.dreams import as_dream_batch
-from dreampool_gpu.errors import InvalidInputError
 
 SPECTRAL_FEATURES = (
     "entropy",
@@ -39,22 +38,6 @@ _TOTAL_MIN = 1e-10
 # peak memory.
 _CHUNK_PSD_VALUES = {"cpu": 1 << 20}
 _DEFAULT_CHUNK_PSD_VALUES = 1 << 26
-
-
-class Window(str, Enum):
-    """Window applied along rows and cols before the FFT; plain strings accepted."""
-
-    HANN = "hann"
-    HAMMING = "hamming"
-    NONE = "none"
-
-    @classmethod
-    def _missing_(cls, value: object) -> Window:
-        if isinstance(value, str):
-            for member in cls:
-                if member.value == value.strip().lower():
-                    return member
-        raise InvalidInputError("window", f"one of {[m.value for m in cls]}", repr(value))
 
 
 def window_vector(

@@ -18,6 +18,7 @@ import torch
 
 from dreampool_gpu import DreamPool, PoolConfig
 from dreampool_gpu import budget as budget_mod
+from dreampool_gpu import memory as memory_mod
 from dreampool_gpu.bank import TensorBank, column_specs
 from dreampool_gpu.budget import (
     MIB,
@@ -26,18 +27,30 @@ from dreampool_gpu.budget import (
     MemoryReading,
     NvmlMemory,
     ProcessMemory,
-    batch_survivors,
     entry_nbytes,
-    eviction_key,
-    eviction_order,
     fit_capacity,
     index_nbytes_estimate,
     open_probe,
     pci_bus_id,
 )
 from dreampool_gpu.config import EvictionPolicy
-from dreampool_gpu.devices import nvml_available
+from dreampool_gpu.eviction import policy_for
+
+
+def eviction_key(bank, policy):
+    return policy_for(policy).key(bank)
+
+
+def eviction_order(bank, policy):
+    return policy_for(policy).order(bank)
+
+
+def batch_survivors(coherence, policy, room):
+    """What a policy admits of a batch into an empty pool of ``room`` free slots."""
+    bank = TensorBank(4, (2, 2, 1), 8, device=torch.device("cpu"))
+    return policy_for(policy).admit(bank, coherence, room, lambda incoming: 0)
 from dreampool_gpu.errors import CapacityExceededError, InvalidConfigurationError
+from dreampool_gpu.memory import nvml_available
 from dreampool_gpu.search.exact import ExactSearch
 
 SHAPE = (2, 3, 1)
@@ -490,7 +503,7 @@ class TestNvmlFake:
 
     def test_failed_lookup_shuts_down_and_falls_back(self, monkeypatch):
         fake = FakeNvml(bus_id="00000000:3b:00.0")
-        monkeypatch.setattr(budget_mod, "pci_bus_id", lambda device: "00000000:af:00.0")
+        monkeypatch.setattr(memory_mod, "pci_bus_id", lambda device: "00000000:af:00.0")
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 << 30, 16 << 30))
         probe = open_probe(torch.device("cuda", 0), nvml=fake)
         assert isinstance(probe, CudaMemory) and fake.inits == fake.shutdowns == 1
@@ -500,7 +513,7 @@ class TestNvmlFake:
 
     def test_open_probe_picks_nvml_on_cuda(self, monkeypatch):
         fake = FakeNvml()
-        monkeypatch.setattr(budget_mod, "pci_bus_id", lambda device: fake.bus_id)
+        monkeypatch.setattr(memory_mod, "pci_bus_id", lambda device: fake.bus_id)
         probe = open_probe(torch.device("cuda", 0), nvml=fake)
         assert isinstance(probe, NvmlMemory) and probe.read().total_bytes == 8 << 30
         probe.close()
@@ -527,7 +540,7 @@ class TestNvmlFake:
     def test_real_binding_without_a_driver_falls_back(self, monkeypatch):
         if nvml_available():
             pytest.skip("NVML works here: the fallback is not reachable")
-        monkeypatch.setattr(budget_mod, "pci_bus_id", lambda device: "00000000:01:00.0")
+        monkeypatch.setattr(memory_mod, "pci_bus_id", lambda device: "00000000:01:00.0")
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1, 2))
         probe = open_probe(torch.device("cuda", 0))
         assert isinstance(probe, CudaMemory) and "NVML unavailable" in probe.read().note

@@ -128,12 +128,12 @@ class TestDemoAndInfo:
         assert f"argument {flag}: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
 
     def test_info_survives_a_failing_memory_probe(self, capsys, monkeypatch):
-        import dreampool_gpu.budget as budget
+        import dreampool_gpu.memory as memory
 
         def broken(device):
             raise RuntimeError("driver gone")
 
-        monkeypatch.setattr(budget, "open_probe", broken)
+        monkeypatch.setattr(memory, "open_probe", broken)
         code, out, _ = _run(capsys, "info", "--json")
         assert code == 0
         assert json.loads(out)["memory"]["cpu"] == {"error": "RuntimeError: driver gone"}

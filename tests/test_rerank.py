@@ -20,7 +20,6 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from dreampool_gpu import DreamPool, PoolConfig
-from dreampool_gpu import pool as pool_module
 from dreampool_gpu.errors import (
     DimensionMismatchError,
     InvalidConfigurationError,
@@ -36,6 +35,7 @@ from dreampool_gpu.rerank import (
     row_chunks,
     rowwise_cosine,
 )
+from dreampool_gpu.retrieval import stages as stages_module
 
 _MARGIN = 1e-5  # objective gap below which float32 and float64 may legitimately disagree
 _EXAMPLES = settings(max_examples=500, deadline=None)
@@ -614,7 +614,7 @@ class TestPoolChunking:
             calls.append((relevance.shape, vectors.shape))
             return mmr(relevance, vectors, k, **kw)
 
-        monkeypatch.setattr(pool_module, "mmr", recording_mmr)
+        monkeypatch.setattr(stages_module, "mmr", recording_mmr)
         got = pool.retrieve(queries, k=6, mode=mode, **kwargs)
         assert torch.equal(got.ids, want.ids)
         assert torch.equal(got.scores, want.scores)

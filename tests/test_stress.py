@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from dreampool_gpu import DreamPool, PoolConfig
-from dreampool_gpu.budget import eviction_key
 from dreampool_gpu.config import EvictionPolicy
+from dreampool_gpu.eviction import policy_for
 
 SHAPE = (4, 4, 2)
 CAPACITY = 8192
@@ -52,7 +52,7 @@ class TestStress:
         step = 0
         while offered < TOTAL_ADDS:
             ids_before, slots_before = live(pool)
-            key_before = eviction_key(pool.bank, EvictionPolicy.LOWEST_UTILITY)[slots_before].clone()
+            key_before = policy_for(EvictionPolicy.LOWEST_UTILITY).key(pool.bank)[slots_before].clone()
 
             dreams = torch.rand(BATCH, *SHAPE, 3, generator=g)
             added = pool.add(dreams, coherence=torch.rand(BATCH, generator=g),

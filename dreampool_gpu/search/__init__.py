@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import torch
+
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import PoolConfig
+from dreampool_gpu.retrieval.topk import oldest_first_ties, stable_topk
 from dreampool_gpu.search.base import SearchIndex
-from dreampool_gpu.search.exact import ExactSearch, oldest_first_ties, pairwise_scores, stable_topk
+from dreampool_gpu.search.exact import ExactSearch, pairwise_scores
 
-__all__ = ["ExactSearch", "SearchIndex", "make_index", "oldest_first_ties", "pairwise_scores", "stable_topk"]
+__all__ = [
+    "ExactSearch",
+    "SearchIndex",
+    "index_nbytes_estimate",
+    "make_index",
+    "oldest_first_ties",
+    "pairwise_scores",
+    "stable_topk",
+]
 
 
 def make_index(bank: TensorBank, config: PoolConfig) -> SearchIndex:
@@ -48,3 +59,17 @@ def make_index(bank: TensorBank, config: PoolConfig) -> SearchIndex:
         return ivf(exact)
     chooser = ExactAuto(exact, flat)
     return AutoSearch(chooser, ivf(chooser) if bank.device.type == "cpu" else None)
+
+
+def index_nbytes_estimate(config: PoolConfig, device: torch.device, n: int) -> int:
+    """Bytes the engine ``config.engine`` names holds at ``n`` entries on ``device``, at most.
+
+    Exact engines scan the bank in place (0); the IVF-PQ engine (``faiss-ivf``, and ``auto``
+    on CPU) reports its own estimate (:func:`dreampool_gpu.search.faiss_ivf.estimate_nbytes`).
+    """
+    if not (config.engine == "faiss-ivf" or (config.engine == "auto" and device.type == "cpu")):
+        return 0
+    from dreampool_gpu.search import faiss_ivf  # loads FAISS: only for IVF pools
+
+    return faiss_ivf.estimate_nbytes(n, config.embedding_dim, threshold=config.ann_threshold,
+                                     nlist=config.ivf_nlist, churn_fraction=config.churn_rebuild_fraction)

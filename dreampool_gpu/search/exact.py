@@ -1,4 +1,4 @@
-"""Exact k-NN by torch matmul + topk, chunked over the bank, and a stable top-k."""
+"""Exact k-NN by torch matmul + topk, chunked over the bank."""
 
 from __future__ import annotations
 
@@ -43,43 +43,6 @@ def refine_euclidean(
     order = scores.sort(dim=1, descending=True, stable=True).indices
     return scores.gather(1, order), slots.gather(1, order)
 
-
-def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each row of ``scores`` ``[B, M]``, ties broken by lower column index.
-
-    ``torch.topk`` is not stable: when a tie straddles the k-th place it may keep
-    any of the tied columns. One ``topk`` and one equality pass find the rows where
-    that happens (more columns equal the k-th value than were kept); only those
-    rows are re-selected exactly (all values above the k-th value, then the
-    lowest-index equals). The set is then ordered by value, then index. ``-inf``
-    marks excluded columns: a row with fewer than k finite values is filled with
-    some ``-inf`` columns, in no set order (callers treat them as padding).
-
-    Returns:
-        ``(values, indices)``, each ``[B, min(k, M)]``.
-    """
-    b, m = scores.shape
-    k = min(k, m)
-    if k == 0:
-        return scores.new_empty(b, 0), torch.empty(b, 0, dtype=torch.int64, device=scores.device)
-    values, chosen = scores.topk(k, dim=1)
-    kth = values[:, -1:]
-    straddles = ((scores == kth).sum(1) > (values == kth).sum(1)) & (kth[:, 0] > float("-inf"))
-    if bool(straddles.any()):
-        rows = torch.nonzero(straddles).squeeze(1)
-        chosen[rows] = _lowest_index_topk(scores[rows], kth[rows], k)
-    chosen = chosen.sort(dim=1).values
-    values = scores.gather(1, chosen)
-    order = values.sort(dim=1, descending=True, stable=True).indices
-    return values.gather(1, order), chosen.gather(1, order)
-
-
-def _lowest_index_topk(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
-    """``[b, k]`` columns: those above ``kth`` ``[b, 1]``, then the lowest-index equals."""
-    m = scores.shape[1]
-    rank = (scores > kth).long() * 2 + (scores == kth).long()
-    key = rank * (m + 1) + (m - torch.arange(m, device=scores.device))
-    return key.topk(k, dim=1).indices
 
 
 class ExactSearch(SearchIndex):
@@ -207,27 +170,3 @@ def _query_block(chunk_bytes: int, extent: int, k: int) -> int:
     while b > 1 and block_bytes(b, extent, k, chunk_bytes) > chunk_bytes:
         b = max(1, b * 7 // 8)
     return b
-
-
-def oldest_first_ties(
-    scores: torch.Tensor, slots: torch.Tensor, slot_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reorder best-first rows so that equal scores come oldest (lowest id) first.
-
-    Args:
-        scores: ``[B, k]`` best first, -inf for padding. slots: ``[B, k]`` int64 (-1 = padding).
-        slot_ids: ``[capacity]`` int64, the bank's id per slot (ids increase with insertion).
-
-    Returns:
-        ``(scores, slots)`` reordered, on the input's device. On CPU rows are
-        checked for ties first and returned as they are without any; on CUDA it
-        always sorts, to stay free of host synchronisation.
-    """
-    if scores.shape[1] < 2:
-        return scores, slots
-    if scores.device.type == "cpu" and not bool((scores[:, 1:] == scores[:, :-1]).any()):
-        return scores, slots  # (padding's -inf ties take the sort: harmless, -inf stays last)
-    order = slot_ids[slots.clamp(min=0)].sort(dim=1, stable=True).indices
-    scores, slots = scores.gather(1, order), slots.gather(1, order)
-    order = scores.sort(dim=1, descending=True, stable=True).indices
-    return scores.gather(1, order), slots.gather(1, order)

@@ -22,6 +22,7 @@ import torch
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric
 from dreampool_gpu.devices import faiss_gpu_available
+from dreampool_gpu.retrieval.topk import pad_results
 from dreampool_gpu.search.base import SearchIndex
 from dreampool_gpu.search.exact import ExactSearch, refine_euclidean
 
@@ -36,18 +37,6 @@ def gpu_resources(temp_bytes: int) -> faiss.StandardGpuResources:
     res.setTempMemory(temp_bytes)
     return res
 
-
-def pad_results(
-    scores: torch.Tensor, slots: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad ``[B, m]`` results (m <= k) to ``[B, k]`` with ``-inf`` / -1; -1 where not finite."""
-    b, m = scores.shape
-    found = torch.isfinite(scores) & (slots >= 0)
-    out_scores = scores.new_full((b, k), float("-inf"))
-    out_slots = torch.full((b, k), -1, dtype=torch.int64, device=slots.device)
-    out_scores[:, :m] = torch.where(found, scores, out_scores[:, :m])
-    out_slots[:, :m] = torch.where(found, slots, out_slots[:, :m])
-    return out_scores, out_slots
 
 
 class FaissFlatSearch(SearchIndex):

@@ -40,8 +40,9 @@ import torch
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric
 from dreampool_gpu.devices import faiss_gpu_available
+from dreampool_gpu.retrieval.topk import pad_results
 from dreampool_gpu.search.base import SearchIndex
-from dreampool_gpu.search.faiss_flat import gpu_resources, pad_results
+from dreampool_gpu.search.faiss_flat import gpu_resources
 
 MIN_TRAIN_ROWS = 1024  # smallest pool an IVF is trained on: PQ codebooks have 256 centroids
 PQ_DIMS_PER_BYTE = 4  # one byte of PQ code per 4 dimensions: d/4 bytes a vector
@@ -68,6 +69,23 @@ def auto_nlist(n: int) -> int:
     target = 2.0 * math.sqrt(max(n, 1))
     nlist = 2 ** round(math.log2(target))
     return max(1, min(nlist, n // 39))
+
+
+def estimate_nbytes(n: int, d: int, *, threshold: int, nlist: int, churn_fraction: float) -> int:
+    """Bytes an :class:`IVFSearch` over ``n`` entries of dimension ``d`` holds, at most.
+
+    None below ``max(threshold, MIN_TRAIN_ROWS)`` entries (exact search serves there). Per
+    :meth:`IVFSearch.nbytes`: ``m + 8`` bytes per code (``m`` PQ bytes, an int64 label),
+    with up to ``churn_fraction x n`` stale codes and as many pending int64 slots before a
+    refresh; plus ``nlist x D`` float32 centroids (``nlist`` as the index picks it at ``n``
+    when 0) and ``256 x D`` float32 codebooks. Non-decreasing in ``n``.
+    """
+    if n < max(threshold, MIN_TRAIN_ROWS):
+        return 0
+    code = pq_subquantizers(d) * PQ_BITS // 8 + LABEL_BYTES
+    stale = math.ceil(churn_fraction * n)
+    lists = max(1, min(nlist or auto_nlist(n), n // 39))
+    return (n + stale) * code + stale * 8 + (lists + (1 << PQ_BITS)) * d * 4
 
 
 class IVFSearch(SearchIndex):

@@ -1,0 +1,214 @@
+"""The pool's encoder lifecycle: choose it, check it is fresh, train it, re-embed the bank.
+
+:class:`EncoderLifecycle` is mixed into :class:`~dreampool_gpu.pool.DreamPool`; its
+methods run under the pool's lock and read the pool's bank, index, cache and config.
+Swapping embeddings is all or nothing (:meth:`EncoderLifecycle._install_embeddings`).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from typing import Any
+
+import torch
+
+from dreampool_gpu import _validation as v
+from dreampool_gpu.bank import TensorBank
+from dreampool_gpu.cache import QueryCache
+from dreampool_gpu.config import PoolConfig
+from dreampool_gpu.encoders import Encoder, FeatureEncoder, bank_form
+from dreampool_gpu.errors import IndexStaleError, InvalidConfigurationError, InvalidInputError
+from dreampool_gpu.fitting import FitReport, train_encoder
+from dreampool_gpu.learned import LearnedEncoder, ModuleEncoder
+from dreampool_gpu.search import SearchIndex
+
+_EMBED_CHUNK = 4096  # entries embedded per encoder call when the whole bank is re-embedded
+
+
+class EncoderLifecycle:
+    """Encoder methods of :class:`~dreampool_gpu.pool.DreamPool` (a mixin; the pool sets the attributes)."""
+
+    config: PoolConfig
+    device: torch.device
+    bank: TensorBank
+    index: SearchIndex
+    cache: QueryCache
+    encoder: Encoder
+    counters: dict[str, int]
+    _embedded_version: int
+    _lock: threading.RLock
+
+    def fit_encoder(
+        self,
+        *,
+        steps: int = 200,
+        batch_size: int = 256,
+        lr: float = 2e-3,
+        seed: int = 0,
+        colour_jitter: float = 0.05,
+        progress: bool = False,
+    ) -> FitReport:
+        """Train the pool's encoder on its entries, then re-embed the bank: all or nothing.
+
+        Supervised contrastive training on two augmented views of each sampled
+        entry (class labels as positives where present, utility feedback as anchor
+        weights; :mod:`dreampool_gpu.fitting`). A copy of the encoder is trained;
+        only when training and re-embedding succeed are the new encoder and the
+        embeddings swapped in, the index rebuilt and the query cache cleared.
+        A diverged loss, Ctrl-C or an out-of-memory error leaves the pool exactly
+        as it was. The pool's lock is held throughout (other threads wait).
+        Deterministic on CPU for a ``seed``.
+
+        Keyword Args:
+            steps: optimizer steps (>= 1). batch_size: entries per step (>= 2).
+            lr: AdamW learning rate (> 0). seed: sampling and augmentation seed.
+            colour_jitter: half-width of the per-channel colour gain of the views, in [0, 1]:
+                what colour change the embedding learns to ignore. Raise it (e.g. 0.25)
+                when colour is a nuisance for your classes and the pool has no labels to say so.
+            progress: show a tqdm bar with the loss.
+
+        Returns:
+            :class:`~dreampool_gpu.fitting.FitReport` (loss per step, seconds, entries).
+
+        Raises:
+            InvalidConfigurationError: the encoder is not trainable (the ``features`` encoder).
+            InvalidInputError: bad arguments, or fewer than 2 entries in the pool.
+            EncoderFitError: the loss became NaN or infinite.
+        """
+        with self._lock:
+            if not isinstance(self.encoder, (LearnedEncoder, ModuleEncoder)):
+                raise InvalidConfigurationError(
+                    "encoder", type(self.encoder).__name__,
+                    "a trainable encoder: PoolConfig(encoder='learned') or DreamPool(config, encoder=<nn.Module>)",
+                )
+            steps, batch_size, seed = v.check_count(steps, "steps"), v.check_count(batch_size, "batch_size"), \
+                v.check_count(seed, "seed")
+            lr = v.check_number(lr, "lr", 0.0, 1.0)
+            colour_jitter = v.check_number(colour_jitter, "colour_jitter", 0.0, 1.0)
+            for name, value, ok, expected in (("steps", steps, steps >= 1, "an int >= 1"),
+                                              ("batch_size", batch_size, batch_size >= 2, "an int >= 2"),
+                                              ("lr", lr, lr > 0.0, "a learning rate in (0, 1]")):
+                if not ok:
+                    raise InvalidInputError(name, expected, value)
+            self._check_fresh()
+            slots = self.bank.slots_by_age()
+            if slots.numel() < 2:
+                raise InvalidInputError("pool", "at least 2 entries to fit the encoder on", f"{slots.numel()} entries")
+            start = time.perf_counter()
+            cols = self.bank.columns
+            labels = cols["class_label"].long()
+            weights = 1.0 + torch.where(cols["feedback_count"] > 0, cols["util_mean"], torch.zeros_like(cols["util_mean"]))
+            candidate = copy.deepcopy(self.encoder)
+            losses = train_encoder(candidate, cols["dreams"], slots, labels, weights, steps=steps,
+                                   batch_size=batch_size, lr=lr, seed=seed, colour_jitter=colour_jitter,
+                                   progress=progress)
+            live, embeddings = self._embed_live(candidate)
+            self._install_embeddings(live, embeddings, candidate)
+            return FitReport(losses=losses, steps=steps, seconds=time.perf_counter() - start,
+                             entries=int(slots.numel()), labelled=int((labels[slots] >= 0).sum()))
+
+    def reembed(self) -> None:
+        """Recompute every entry's embedding with the current encoder; rebuild the index.
+
+        Call it after changing a user encoder's weights outside :meth:`fit_encoder`
+        (embedding retrievals raise :class:`~dreampool_gpu.errors.IndexStaleError`
+        until then). All or nothing, like :meth:`fit_encoder`.
+        """
+        with self._lock:
+            live, embeddings = self._embed_live(self.encoder)
+            self._install_embeddings(live, embeddings, self.encoder)
+
+    def _make_encoder(self, encoder: Any) -> Encoder:
+        """The pool's encoder on its device, from the ``encoder`` argument or the config."""
+        cfg, d = self.config, self.config.embedding_dim
+        if encoder is None:
+            if cfg.encoder == "learned":
+                return LearnedEncoder(cfg.dream_shape, d, seed=cfg.encoder_seed).to(self.device).eval()
+            return FeatureEncoder(d, include_spectral=cfg.include_spectral, include_class=cfg.include_class,
+                                  include_utility=cfg.include_utility, num_classes=cfg.num_classes,
+                                  seed=cfg.encoder_seed, device=self.device)
+        if isinstance(encoder, Encoder):
+            if getattr(encoder, "dim", None) != d:
+                raise InvalidConfigurationError("encoder", f"an encoder of dim {getattr(encoder, 'dim', None)}",
+                                                f"dim {d} (embedding_dim)")
+            mover = getattr(encoder, "to", None)
+            moved = mover(self.device) if callable(mover) else encoder
+            return moved.eval() if isinstance(moved, torch.nn.Module) else moved
+        if isinstance(encoder, torch.nn.Module):
+            return ModuleEncoder(encoder.to(self.device).eval(), cfg.dream_shape, d)
+        raise InvalidConfigurationError(
+            "encoder", type(encoder).__name__, "None, an Encoder, or a torch.nn.Module mapping [N, R, C, L, 3] to [N, D]"
+        )
+
+    def _check_fresh(self) -> None:
+        """Raise when the encoder changed since the bank's embeddings were computed."""
+        if self.encoder.version != self._embedded_version:
+            raise IndexStaleError(
+                f"the encoder changed (version {self.encoder.version}) since the bank was embedded "
+                f"(version {self._embedded_version}): call pool.reembed() (or pool.fit_encoder())"
+            )
+
+    def _embed_live(self, encoder: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
+        """Live slots in age order ``[n]`` and their embeddings ``[n, D]`` under ``encoder``."""
+        slots = self.bank.slots_by_age()
+        cols = self.bank.columns
+        parts = [torch.empty(0, self.config.embedding_dim, device=self.device)]
+        for start in range(0, slots.numel(), _EMBED_CHUNK):
+            s = slots[start:start + _EMBED_CHUNK]
+            z = encoder.encode_entries(cols["dreams"][s].float(), chroma=cols["chroma"][s],
+                                       spectral=cols["spectral"][s], class_labels=cols["class_label"][s].long())
+            parts.append(bank_form(z.float(), self.config.metric))
+        return slots, torch.cat(parts)
+
+    def _install_embeddings(self, slots: torch.Tensor, embeddings: torch.Tensor, encoder: Encoder) -> None:
+        """Swap in ``encoder`` and its ``embeddings`` of ``slots``; rebuild the index; clear the cache.
+
+        All or nothing: on any failure (including KeyboardInterrupt) the previous
+        rows, encoder and index come back before the error propagates.
+        """
+        column = self.bank.columns["embeddings"]
+        previous = (column[slots].clone(), self.encoder, self._embedded_version)
+        try:
+            column[slots] = embeddings
+            self.encoder, self._embedded_version = encoder, encoder.version
+            self.bank.revision += 1
+            self.index.reset()
+            self.index.add(slots)
+        except BaseException:
+            column[slots] = previous[0]
+            self.encoder, self._embedded_version = previous[1], previous[2]
+            self.index.reset()
+            self.index.add(slots)
+            raise
+        self.cache.clear()
+
+    def _restore_encoder(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Checkpoint hook (bank already restored): load the saved encoder state.
+
+        A format-1 checkpoint has none: its embeddings came from an older feature
+        encoder, so the statistics are fitted on the bank and every entry re-embedded
+        (the caller rebuilds the index).
+        """
+        if state is not None:
+            self.encoder.load_state_dict(state)
+        elif isinstance(self.encoder, FeatureEncoder):
+            live = self.bank.slots_by_age()
+            cols = self.bank.columns
+            self.encoder.fit_statistics(cols["chroma"][live], cols["spectral"][live], fitted_on=self.counters["added"])
+            slots, embeddings = self._embed_live(self.encoder)
+            cols["embeddings"][slots] = embeddings
+        self._embedded_version = self.encoder.version
+
+    def _refit_statistics(self, chroma: torch.Tensor, spectral: torch.Tensor) -> None:
+        """Refit the feature encoder's standardisation on the bank plus a new batch; re-embed the bank."""
+        if not isinstance(self.encoder, FeatureEncoder):
+            return
+        live = self.bank.slots_by_age()
+        cols = self.bank.columns
+        candidate = copy.deepcopy(self.encoder)
+        candidate.fit_statistics(torch.cat([cols["chroma"][live], chroma]), torch.cat([cols["spectral"][live], spectral]),
+                                 fitted_on=self.counters["added"] + chroma.shape[0])
+        slots, embeddings = self._embed_live(candidate)
+        self._install_embeddings(slots, embeddings, candidate)

@@ -1,0 +1,133 @@
+"""The mode table: each retrieval mode as one row (candidate column, filter, re-rank, options, stages).
+
+``DreamPool.retrieve`` runs ``MODES[mode].run`` on a checked
+:class:`~dreampool_gpu.retrieval.request.Request`; ``batch`` and the CLI read the
+options from here. A row's ``run`` composes the stages of
+:mod:`~dreampool_gpu.retrieval.stages` and returns ``[B, width]`` (scores, slots).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from dreampool_gpu.config import RetrievalMode
+from dreampool_gpu.errors import InvalidInputError
+from dreampool_gpu.retrieval import stages
+from dreampool_gpu.retrieval.topk import empty_results
+
+if TYPE_CHECKING:
+    from dreampool_gpu.pool import DreamPool
+    from dreampool_gpu.retrieval.request import Request
+
+Result = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """One retrieval mode.
+
+    Attributes:
+        mode: the mode. column: the bank column candidates come from (``chroma`` or
+            ``embeddings``). filter: the argument that restricts candidates besides
+            ``where`` (None: none). rerank: the re-rank stage (None, ``mmr`` or ``hybrid``).
+        options: the keyword arguments of ``retrieve`` the mode reads, besides ``k``,
+            ``mode``, ``where`` and ``with_dreams`` (every mode accepts every option; the
+            others are ignored). run: ``(pool, request) -> (scores, slots)``.
+    """
+
+    mode: RetrievalMode
+    column: str
+    filter: str | None
+    rerank: str | None
+    options: tuple[str, ...]
+    run: Callable[[DreamPool, Request], Result]
+
+
+def _chroma(pool: DreamPool, req: Request, queries: torch.Tensor, mask: torch.Tensor | None) -> Result:
+    """Chroma candidates of ``queries`` ``[b, 3]`` within ``mask`` and the request's ``where``."""
+    return stages.chroma_candidates(pool.bank, queries, req.k, stages.both(mask, req.keep),
+                                    metric=req.chroma_metric, chunk_mb=pool.config.search_chunk_mb)
+
+
+def _chroma_of(req: Request) -> torch.Tensor:
+    chroma = req.q.chroma
+    if chroma is None:  # unreachable: parse_queries refuses embedding queries in chroma modes
+        raise InvalidInputError("queries", "dreams or chroma for a chroma method", "embeddings")
+    return chroma
+
+
+def _similar(pool: DreamPool, req: Request) -> Result:
+    return _chroma(pool, req, _chroma_of(req), None)
+
+
+def _class(pool: DreamPool, req: Request) -> Result:
+    labels, chroma = pool.bank.columns["class_label"], _chroma_of(req)
+    return stages.by_value(req.hint, req.k, lambda rows, c: _chroma(pool, req, chroma[rows], (labels == c)[None, :]))
+
+
+def _balanced(pool: DreamPool, req: Request) -> Result:
+    labels, chroma = pool.bank.columns["class_label"], _chroma_of(req)
+    parts = [_chroma(pool, req, chroma, (labels == c)[None, :]) for c in req.classes]
+    if not parts:
+        return empty_results(req.q.count, pool.device)
+    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+
+def _utility(pool: DreamPool, req: Request) -> Result:
+    return _chroma(pool, req, _chroma_of(req), (pool.bank.columns["utility"] >= req.utility_threshold)[None, :])
+
+
+def _diverse(pool: DreamPool, req: Request) -> Result:
+    return stages.diverse(pool.bank, _chroma_of(req), req.k, req.lam, req.min_dispersion, req.keep,
+                          metric=req.chroma_metric, chunk_mb=pool.config.rerank_chunk_mb)
+
+
+def _nearest(pool: DreamPool, req: Request) -> Result:
+    return pool._knn(pool._query_embeddings(req.q, req.hint, req.prior), req.k, req.categories, req.keep)
+
+
+def _hybrid(pool: DreamPool, req: Request) -> Result:
+    """Soft candidates (``fetch`` k-NN, within ``categories``) -> hybrid base score -> MMR -> k."""
+    if req.k == 0:
+        return empty_results(req.q.count, pool.device)
+    embedded = pool._query_embeddings(req.q, req.hint, req.prior)
+    similarity, candidates = pool._knn(embedded, max(req.fetch, req.k), req.categories, req.keep)
+    return stages.hybrid(pool.bank, similarity, candidates, req.hint, req.k, req.lam, req.min_dispersion,
+                         pool.weights, chunk_mb=pool.config.rerank_chunk_mb)
+
+
+_CHROMA = ("chroma_metric",)
+_EMBEDDED = ("class_hint", "utility_prior", "category")
+_RERANKED = (*_EMBEDDED, "fetch_k", "mmr_lambda", "min_dispersion")
+_M = RetrievalMode
+MODES: dict[RetrievalMode, ModeSpec] = {spec.mode: spec for spec in (
+    ModeSpec(_M.SIMILAR, "chroma", None, None, _CHROMA, _similar),
+    ModeSpec(_M.CLASS, "chroma", "class_hint", None, ("class_hint", *_CHROMA), _class),
+    ModeSpec(_M.BALANCED, "chroma", "classes", None, ("classes", *_CHROMA), _balanced),
+    ModeSpec(_M.UTILITY, "chroma", "utility_threshold", None, ("utility_threshold", *_CHROMA), _utility),
+    ModeSpec(_M.DIVERSE, "chroma", None, "mmr", ("mmr_lambda", "min_dispersion", *_CHROMA), _diverse),
+    ModeSpec(_M.SOFT, "embeddings", "category", "hybrid", _RERANKED, _hybrid),
+    ModeSpec(_M.HYBRID, "embeddings", "category", "hybrid", _RERANKED, _hybrid),
+    ModeSpec(_M.CATEGORY, "embeddings", "category", None, _EMBEDDED, _nearest),
+    ModeSpec(_M.NEAREST, "embeddings", "category", None, _EMBEDDED, _nearest),
+)}
+"""Every mode, in :class:`RetrievalMode` order."""
+
+CHROMA_MODES = frozenset(m for m, spec in MODES.items() if spec.column == "chroma")
+"""Modes whose candidates come from the chroma column (they take no embedding queries)."""
+EMBEDDING_MODES = frozenset(m for m, spec in MODES.items() if spec.column == "embeddings")
+"""Modes that search the embeddings through the pool's engine."""
+FILTERED_MODES = frozenset(m for m, spec in MODES.items() if spec.filter == "category")
+"""Modes that read ``category`` as a candidate filter."""
+RERANK_MODES = frozenset(m for m, spec in MODES.items() if spec.rerank == "hybrid")
+"""Modes that re-rank ``fetch_k`` embedding candidates (hybrid score, then MMR)."""
+
+_OPTION_ORDER = ("class_hint", "classes", "category", "utility_threshold", "utility_prior", "fetch_k",
+                 "mmr_lambda", "min_dispersion", "chroma_metric")
+OPTIONS = tuple(o for o in _OPTION_ORDER if any(o in spec.options for spec in MODES.values()))
+"""The keyword options of ``DreamPool.retrieve`` a batch job or the CLI passes through
+(scalars or lists: ``where`` and ``with_dreams`` are library-only)."""

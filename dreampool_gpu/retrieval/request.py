@@ -1,0 +1,281 @@
+"""Every input check of a query, once, at the boundary: a :class:`Request` the stages trust.
+
+:func:`check_request` turns ``DreamPool.retrieve``'s arguments into a :class:`Request`
+(or raises the typed error naming the argument); the stages below it run on checked
+tensors only. The per-argument checks (:func:`labels`, :func:`per_query`, ...) are the
+one place for each; ``add`` and the sharded pool use them too.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from dreampool_gpu import _validation as v
+from dreampool_gpu.bank import TensorBank
+from dreampool_gpu.config import Metric, PoolConfig, RetrievalMode
+from dreampool_gpu.dreams import SINGLE_DREAM_HINT, chroma_signature, hue_category, validate_dreams
+from dreampool_gpu.encoders import Encoder, FeatureEncoder, bank_form
+from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
+from dreampool_gpu.retrieval.modes import CHROMA_MODES, FILTERED_MODES
+from dreampool_gpu.retrieval.stages import CHROMA_METRICS
+from dreampool_gpu.spectral import spectral_features
+
+if TYPE_CHECKING:
+    from dreampool_gpu.pool import DreamPool
+
+MAX_PADDED_K = 1 << 16  # k past the capacity only pads; capped so that [B, k] results stay allocatable
+
+
+@dataclass
+class Queries:
+    """Parsed queries: whatever features the input carried, all ``[B, ...]`` on the pool's device."""
+
+    count: int
+    chroma: torch.Tensor | None = None
+    spectral: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    dreams: torch.Tensor | None = None
+
+    def take(self, rows: torch.Tensor) -> Queries:
+        """The queries at ``rows`` (``[b]`` int64)."""
+        def part(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        return Queries(int(rows.numel()), part(self.chroma), part(self.spectral), part(self.embeddings),
+                       part(self.dreams))
+
+
+@dataclass
+class Request:
+    """A checked retrieve call: everything the mode's stages read.
+
+    Attributes:
+        mode, k: the mode and results per query (per class for ``balanced``).
+        q: the parsed queries (``[B, ...]``). hint: ``[B]`` int64 class hints (-1 none).
+        prior: ``[B]`` float32 utility priors. classes: ``balanced``'s class labels.
+        lam: MMR trade-off (already 1.0 for ``soft`` without an explicit ``mmr_lambda``).
+        min_dispersion, utility_threshold: floats. fetch: candidates re-ranked by soft/hybrid.
+        categories: ``[B]`` int64 hue filter, or None. keep: ``[capacity]`` bool ``where`` mask, or None.
+        chroma_metric: ``cosine`` or ``euclidean``.
+    """
+
+    mode: RetrievalMode
+    k: int
+    q: Queries
+    hint: torch.Tensor
+    prior: torch.Tensor
+    classes: list[int]
+    lam: float
+    min_dispersion: float
+    utility_threshold: float
+    fetch: int
+    categories: torch.Tensor | None
+    keep: torch.Tensor | None
+    chroma_metric: str
+
+
+def check_request(
+    pool: DreamPool, queries: Any, *, k: Any, mode: Any, class_hint: Any, classes: Any, category: Any,
+    utility_threshold: Any, utility_prior: Any, fetch_k: Any, mmr_lambda: Any, min_dispersion: Any,
+    where: Any, chroma_metric: Any, total_capacity: int | None = None,
+) -> Request:
+    """Check ``DreamPool.retrieve``'s arguments (see there) against ``pool``; the pool is not changed.
+
+    ``total_capacity`` (default the pool's) bounds ``k`` and ``fetch_k``: a shard passes its
+    whole sharded pool's.
+
+    Raises:
+        InvalidInputError, DimensionMismatchError: the first bad argument, named.
+        IndexStaleError: an embedding mode while the encoder changed since the bank was embedded.
+    """
+    config = pool.config
+    capacity = pool.capacity if total_capacity is None else total_capacity
+    mode_ = config.default_mode if mode is None else RetrievalMode.parse(mode)
+    k_ = config.retrieval_limit if k is None else v.check_count(k, "k", high=max(capacity, MAX_PADDED_K))
+    q = parse_queries(queries, mode_, config, pool.device, pool.encoder)
+    b = q.count
+    hint = labels(class_hint, b, "class_hint", config.num_classes, pool.device)
+    prior = per_query(utility_prior, b, "utility_prior", 0.0, 1.0, pool.device)
+    if mode_ not in CHROMA_MODES:
+        pool._check_fresh()
+    if mode_ is RetrievalMode.CLASS and (class_hint is None or (b and bool((hint < 0).any()))):
+        raise InvalidInputError("class_hint", f"a class label in 0..{config.num_classes - 1} for mode 'class'",
+                                None if class_hint is None else -1)
+    balanced = class_list(classes, config.num_classes) if mode_ is RetrievalMode.BALANCED else []
+    lam = pool.weights.mmr_lambda if mmr_lambda is None else v.check_number(mmr_lambda, "mmr_lambda", 0.0, 1.0)
+    if mode_ is RetrievalMode.SOFT and mmr_lambda is None:
+        lam = 1.0
+    dispersion = v.check_number(min_dispersion, "min_dispersion", 0.0, float("inf"))
+    threshold = v.check_number(utility_threshold, "utility_threshold", float("-inf"), float("inf"))
+    fetch = max(k_, config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
+    fetch = min(fetch, max(k_, capacity))  # candidates beyond capacity would all be padding
+    categories = category_filter(category, q, mode_, pool.device)
+    if chroma_metric not in CHROMA_METRICS:
+        raise InvalidInputError("chroma_metric", f"one of {', '.join(CHROMA_METRICS)}", repr(chroma_metric))
+    keep = where_mask(where, pool.bank, pool.device)
+    return Request(mode_, k_, q, hint, prior, balanced, lam, dispersion, threshold, fetch, categories, keep,
+                   chroma_metric)
+
+
+# ------------------------------------------------------------ arguments
+def per_query(x: Any, n: int, name: str, low: float, high: float, device: torch.device) -> torch.Tensor:
+    """``x`` (None: zeros; a scalar is broadcast) as ``[n]`` float32 in ``[low, high]`` on ``device``."""
+    if x is None:
+        return torch.zeros(n, device=device)
+    t = v.as_tensor(x, name, device=device)
+    if t.dtype == torch.bool or t.is_complex():
+        raise InvalidInputError(name, "real numbers", f"dtype {t.dtype}")
+    t = t.float()
+    if t.dim() == 0:
+        t = t.expand(n)
+    v.check_shape(t, (n,), name)
+    v.check_finite(t, name)
+    v.check_range(t, name, low, high)
+    return t
+
+
+def labels(x: Any, n: int, name: str, num_classes: int, device: torch.device) -> torch.Tensor:
+    """``x`` (None: all -1; a scalar is broadcast) as ``[n]`` int64 class labels in -1..num_classes-1."""
+    if x is None:
+        return torch.full((n,), -1, dtype=torch.int64, device=device)
+    t = v.as_tensor(x, name, device=device)
+    v.check_int(t, name)
+    t = t.long()
+    if t.dim() == 0:
+        t = t.expand(n)
+    v.check_shape(t, (n,), name)
+    if t.numel() and bool(((t < -1) | (t >= num_classes)).any()):
+        raise InvalidInputError(name, f"class labels in 0..{num_classes - 1} or -1", t.unique().tolist()[:10])
+    return t
+
+
+def class_list(classes: Sequence[int] | None, num_classes: int) -> list[int]:
+    """``balanced``'s ``classes`` as a list of ints in 0..num_classes-1."""
+    expected = "a sequence of class labels for mode 'balanced'"
+    if classes is None or isinstance(classes, (str, bytes)):
+        raise InvalidInputError("classes", expected, repr(classes))
+    try:
+        items = list(classes)
+    except TypeError:  # not iterable (an object, a 0-d tensor)
+        raise InvalidInputError("classes", expected, type(classes).__name__) from None
+    out = []
+    for c in items:
+        try:
+            boolean = isinstance(c, bool) or getattr(c, "dtype", None) in (torch.bool, np.bool_)
+            label = None if boolean else operator.index(c)  # int, numpy or 0-dim torch ints
+        except TypeError:
+            label = None
+        if label is None or not 0 <= label < num_classes:
+            raise InvalidInputError("classes", f"class labels in 0..{num_classes - 1}", repr(c))
+        out.append(label)
+    return out
+
+
+def category_filter(category: Any, q: Queries, mode: RetrievalMode, device: torch.device) -> torch.Tensor | None:
+    """``[B]`` int64 hue category each query's candidates must have; None = no filter.
+
+    ``category`` mode defaults to the query chroma's own category; ``nearest``,
+    ``soft`` and ``hybrid`` filter their candidates only when one is given.
+    """
+    if mode not in FILTERED_MODES or (category is None and mode is not RetrievalMode.CATEGORY):
+        return None
+    if category is None:
+        if q.chroma is None:
+            raise InvalidInputError("category", "a hue category 0..11 for embedding queries", None)
+        return hue_category(q.chroma)
+    t = v.as_tensor(category, "category", device=device)
+    v.check_int(t, "category")
+    t = t.long().expand(q.count) if t.dim() == 0 else t.long()
+    v.check_shape(t, (q.count,), "category")
+    if t.numel() and bool(((t < 0) | (t > 11)).any()):
+        raise InvalidInputError("category", "hue categories in 0..11", t.unique().tolist())
+    return t
+
+
+def where_columns(bank: TensorBank) -> dict[str, torch.Tensor]:
+    """What a ``where`` callable receives: ``[capacity]`` copies on the bank's device.
+
+    ``coherence``, ``energy``, ``violation``, ``utility`` (NaN before any feedback),
+    ``util_mean`` float32; ``usage`` int32; ``class`` and ``hue`` int64 (class -1 =
+    none); ``age`` float32 seconds since the entry was added; ``id`` int64 (-1 on
+    free slots, which never qualify whatever the mask says).
+    """
+    cols = bank.columns
+    out = {name: cols[name].clone() for name in ("coherence", "energy", "violation", "utility", "util_mean",
+                                                  "usage", "ids")}
+    out["id"] = out.pop("ids")
+    out["class"] = cols["class_label"].long()
+    out["hue"] = cols["hue_category"].long()
+    out["age"] = (time.time() - cols["inserted_at"]).float()
+    return out
+
+
+def where_mask(where: Any, bank: TensorBank, device: torch.device) -> torch.Tensor | None:
+    """``where`` as a ``[capacity]`` bool mask on ``device`` (None: no filter)."""
+    if where is None:
+        return None
+    expected = f"a [{bank.capacity}] bool mask, or a callable of the metadata columns returning one"
+    if callable(where) and not isinstance(where, (torch.Tensor, np.ndarray)):
+        try:
+            where = where(where_columns(bank))
+        except Exception as exc:  # the caller's function: its failure is a bad argument
+            raise InvalidInputError("where", expected, f"a callable that raised {type(exc).__name__}: {exc}") from exc
+    t = v.as_tensor(where, "where", device=device)
+    if t.dtype != torch.bool:
+        raise InvalidInputError("where", expected, f"dtype {t.dtype}")
+    v.check_shape(t, (bank.capacity,), "where")
+    return t
+
+
+# -------------------------------------------------------------- queries
+def parse_queries(
+    queries: Any, mode: RetrievalMode, config: PoolConfig, device: torch.device, encoder: Encoder
+) -> Queries:
+    """``[B, R, C, L, 3]`` dreams, ``[B, 3]`` chroma or (embedding modes) ``[B, D]`` embeddings, checked.
+
+    Dreams yield their chroma (and spectral features where the feature encoder uses
+    them); embeddings are put in the bank's form (:func:`bank_form`).
+    """
+    t = v.as_tensor(queries, "queries", device=device)
+    v.check_float(t, "queries")
+    d = config.embedding_dim
+    if t.dim() == 5:
+        batch = validate_dreams(t, dream_shape=config.dream_shape, name="queries")
+        spectral = None
+        if isinstance(encoder, FeatureEncoder) and encoder.include_spectral:
+            spectral = spectral_features(batch, window=config.window)
+        return Queries(batch.shape[0], chroma=chroma_signature(batch), spectral=spectral, dreams=batch)
+    if t.dim() == 2 and t.shape[1] == 3:
+        v.check_finite(t, "queries")
+        v.check_range(t, "queries", 0.0, 1.0)
+        return Queries(t.shape[0], chroma=t.float())
+    if t.dim() == 2 and t.shape[1] == d and mode not in CHROMA_MODES:
+        return Queries(t.shape[0], embeddings=bank_form(embedding_queries(t, config.metric), config.metric))
+    expected = "[B, R, C, L, 3] dreams or [B, 3] chroma"
+    if mode not in CHROMA_MODES:
+        expected += f" or [B, {d}] embeddings"
+    if t.dim() == 4 or t.dim() == 1:
+        expected += f" ({SINGLE_DREAM_HINT})" if t.dim() == 4 else " (one query needs a batch dimension: q[None])"
+    raise DimensionMismatchError(expected, list(t.shape), f"queries for mode {mode.value!r}")
+
+
+def embedding_queries(t: torch.Tensor, metric: Metric) -> torch.Tensor:
+    """``[B, D]`` embedding queries as float32, finite there; under euclidean small enough
+    that squared distances to the bank stay finite in float32."""
+    t = t.float()
+    v.check_finite(t, "queries")  # after the cast: float64 values past float32's range are inf here
+    if metric is Metric.EUCLIDEAN and t.numel():
+        bound = math.sqrt(torch.finfo(torch.float32).max / (4 * t.shape[1]))
+        peak = float(t.abs().max())
+        if peak > bound:
+            raise InvalidInputError("queries", f"euclidean embeddings with |values| <= {bound:.3g} "
+                                    "(squared distances overflow float32 beyond)", f"|values| up to {peak:.3g}")
+    return t

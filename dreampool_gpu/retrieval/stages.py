@@ -1,0 +1,250 @@
+"""The stages of a query over one bank: candidates (chroma or embeddings) and re-rank (MMR, hybrid).
+
+Every function takes checked inputs (see :mod:`~dreampool_gpu.retrieval.request`) and
+returns ``(scores, slots)`` ``[B, width]`` on the bank's device: best first, equal
+scores oldest first, ``-inf`` / ``-1`` padding. Slots, not ids: the pool gathers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from dreampool_gpu.bank import TensorBank
+from dreampool_gpu.cache import QueryCache, query_keys
+from dreampool_gpu.config import Metric, PoolConfig
+from dreampool_gpu.encoders import Encoder, bank_form
+from dreampool_gpu.errors import InvalidInputError
+from dreampool_gpu.rerank import (
+    HybridWeights,
+    class_match,
+    hybrid_scores,
+    mmr,
+    mmr_row_bytes,
+    row_chunks,
+    rowwise_cosine,
+)
+from dreampool_gpu.retrieval.topk import empty_results, oldest_first_ties, stable_topk_by_age
+from dreampool_gpu.search import SearchIndex
+
+CHROMA_METRICS = ("cosine", "euclidean")
+
+
+def chroma_scores(queries: torch.Tensor, chroma: torch.Tensor, metric: str) -> torch.Tensor:
+    """``[b, n]`` chroma scores, higher is better: cosine (hue direction), or minus the RGB
+    distance (brightness-aware; exact differences, batch-size invariant)."""
+    if metric == "cosine":
+        return rowwise_cosine(queries, chroma)
+    return -torch.cdist(queries.float(), chroma.float(), compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def both(mask: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask & keep`` where both are given (``keep`` ``[capacity]`` broadcasts over query rows)."""
+    if keep is None:
+        return mask
+    return keep[None, :] if mask is None else mask & (keep[None, :] if mask.dim() == 2 else keep)
+
+
+def by_value(
+    keys: torch.Tensor,
+    width: int,
+    run: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer queries grouped by ``keys`` (``[B]`` int): ``run(rows, value)`` per value present.
+
+    Each call gets the ``[b]`` rows holding one value and returns their
+    ``[b, width]`` (scores, slots); they are scattered back into ``[B, width]``.
+    A per-query filter with few distinct values (classes, hue categories) is
+    then a shared ``[capacity]`` mask per group rather than a ``[B, capacity]`` one.
+    """
+    scores = torch.full((keys.shape[0], width), float("-inf"), device=keys.device)
+    slots = torch.full((keys.shape[0], width), -1, dtype=torch.int64, device=keys.device)
+    for value in keys.unique().tolist():
+        rows = torch.nonzero(keys == value).squeeze(1)
+        part_scores, part_slots = run(rows, value)
+        scores[rows], slots[rows] = part_scores.float(), part_slots
+    return scores, slots
+
+
+# ------------------------------------------------------------ candidates
+def embed_queries(
+    encoder: Encoder, cache: QueryCache, config: PoolConfig, chroma: torch.Tensor | None,
+    spectral: torch.Tensor | None, dreams: torch.Tensor | None, hint: torch.Tensor, prior: torch.Tensor,
+) -> torch.Tensor:
+    """``[B, D]`` query embeddings in the bank's form from dreams (``[B, R, C, L, 3]``) or
+    chroma (``[B, 3]``), with the class hints and utility priors ``[B]``.
+
+    Chroma-only queries go through ``cache`` (keyed by chroma, hint and prior).
+    """
+    if chroma is None:  # unreachable: parse_queries always gives chroma or embeddings
+        raise InvalidInputError("queries", "dreams, chroma or embeddings", None)
+
+    def compute(rows: torch.Tensor) -> torch.Tensor:
+        z = encoder.encode_queries(dreams=None if dreams is None else dreams[rows], chroma=chroma[rows],
+                                   spectral=None if spectral is None else spectral[rows],  # None: chroma only
+                                   class_labels=hint[rows], utility=prior[rows])
+        return bank_form(z, config.metric)
+
+    count = chroma.shape[0]
+    every = torch.arange(count, device=chroma.device)
+    if dreams is not None or cache.capacity == 0:
+        return compute(every)
+    out = torch.empty(count, config.embedding_dim, device=chroma.device)
+    return cache.get_or_compute(query_keys(chroma, hint, prior), compute, out)
+
+
+def chroma_candidates(
+    bank: TensorBank, queries: torch.Tensor, k: int, mask: torch.Tensor | None, *, metric: str, chunk_mb: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable top-k ``[B, k]`` by chroma over live entries (oldest wins ties).
+
+    Args:
+        queries: ``[B, 3]`` float32 chroma. mask: None, or ``[1 or B, capacity]`` bool
+            (only True slots qualify). metric: ``cosine`` or ``euclidean`` (minus the RGB distance).
+        chunk_mb: query rows go in chunks whose ``[b, n]`` scores and tie-break keys stay
+            under it; rows are batch-size invariant, so chunking changes nothing.
+    """
+    by_age = bank.slots_by_age()
+    chroma = bank.columns["chroma"][by_age]
+    shared = None if mask is None or mask.shape[0] > 1 else ~mask[:, by_age]  # one gather for every chunk
+
+    def scores(rows: slice) -> torch.Tensor:
+        sim = chroma_scores(queries[rows], chroma, metric)
+        if mask is not None:
+            excluded = shared if shared is not None else ~mask[rows][:, by_age]
+            sim = sim.masked_fill(excluded.expand_as(sim), float("-inf"))
+        return sim
+
+    return stable_topk_by_age(by_age, queries.shape[0], k, scores, chunk_mb)
+
+
+def exact_candidates(
+    bank: TensorBank, config: PoolConfig, embedded: torch.Tensor, k: int, categories: torch.Tensor | None,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k-NN ``[b, k]`` on embeddings over live entries in age order, ties to the older (stable top-k).
+
+    Queries go in chunks whose ``[b, n]`` scores stay under ``search_chunk_mb``.
+    """
+    by_age = bank.slots_by_age()
+    vectors = bank.columns["embeddings"][by_age]
+    hue = bank.columns["hue_category"][by_age]
+    dropped = None if keep is None else ~keep[by_age]
+
+    def scores(rows: slice) -> torch.Tensor:
+        q = embedded[rows].to(vectors.dtype)
+        if config.metric is Metric.COSINE:
+            sim = q @ vectors.T
+        else:  # exact differences, as the engines' euclidean refinement
+            sim = -torch.cdist(q, vectors, compute_mode="donot_use_mm_for_euclid_dist")
+        if categories is not None:
+            sim.masked_fill_(hue[None, :] != categories[rows, None], float("-inf"))
+        if dropped is not None:
+            sim.masked_fill_(dropped[None, :], float("-inf"))
+        return sim
+
+    return stable_topk_by_age(by_age, embedded.shape[0], k, scores, config.search_chunk_mb)
+
+
+def knn(
+    bank: TensorBank, index: SearchIndex, config: PoolConfig, embedded: torch.Tensor, k: int,
+    categories: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (docs/spec.md §Retrieval).
+
+    On CPU the engine is asked for one more neighbour; rows where a tie
+    straddles the k-th place (exact duplicates) are re-selected exactly in age
+    order (:func:`exact_candidates`), so the oldest of the tied entries make the
+    cut. On CUDA that check would cost a host synchronisation: there ties are
+    ordered oldest first within the k returned, and the cut is the engine's.
+
+    With ``categories`` (``[B]`` hue categories) each query searches only its
+    category: on CUDA with one ``[B, capacity]`` mask while it fits
+    ``search_chunk_mb`` (no host synchronisation), otherwise one shared mask
+    per category present. ``keep`` (``[capacity]`` bool, the ``where`` filter)
+    restricts every search.
+    """
+    if k == 0:
+        return empty_results(embedded.shape[0], bank.device)
+    cpu = bank.device.type == "cpu"
+    fetch = k + 1 if cpu and 0 < k < bank.size else k
+    hue = bank.columns["hue_category"]
+    if categories is None:
+        scores, slots = index.search(embedded, fetch, mask=keep)
+    elif not cpu and embedded.shape[0] * bank.capacity <= config.search_chunk_mb * 2**20:
+        scores, slots = index.search(embedded, fetch, mask=both(hue[None, :] == categories[:, None], keep))
+    else:
+        scores, slots = by_value(categories, fetch, lambda rows, c: index.search(
+            embedded[rows], fetch, mask=both(hue == c, keep)))
+    if fetch > k:
+        straddles = (scores[:, k - 1] == scores[:, k]) & (scores[:, k] > float("-inf"))
+        scores, slots = scores[:, :k].clone(), slots[:, :k].clone()
+        if bool(straddles.any()):
+            rows = torch.nonzero(straddles).squeeze(1)
+            scores[rows], slots[rows] = exact_candidates(
+                bank, config, embedded[rows], k, None if categories is None else categories[rows], keep)
+    return oldest_first_ties(scores, slots, bank.columns["ids"])
+
+
+# -------------------------------------------------------------- re-rank
+def diverse(
+    bank: TensorBank, queries: torch.Tensor, k: int, lam: float, min_dispersion: float,
+    keep: torch.Tensor | None, *, metric: str, chunk_mb: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MMR over the whole pool (``keep``'s entries) on chroma signatures (candidates oldest first).
+
+    Queries (``[B, 3]`` chroma) go through in chunks whose ``[b, n]`` relevance and MMR
+    state stay under ``chunk_mb``; on CPU every row is bit-identical to an unchunked
+    run (on CUDA up to cuBLAS rounding, see ``rerank.rowwise_cosine``).
+    """
+    by_age = bank.slots_by_age()
+    chroma = bank.columns["chroma"][by_age]
+    n = by_age.numel()
+    row_bytes = 4 * n + mmr_row_bytes(n, chroma.shape[1], shared=True)  # relevance + MMR state
+    parts = []
+    for rows in row_chunks(queries.shape[0], row_bytes, chunk_mb):
+        # chroma scores as in chroma_candidates: batch-size invariant, so chunks change nothing
+        relevance = chroma_scores(queries[rows], chroma, metric)
+        if keep is not None:  # -inf marks a filtered candidate for mmr: no host round trip
+            relevance = relevance.masked_fill(~keep[by_age][None, :], float("-inf"))
+        parts.append(mmr(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma))
+    picks = torch.cat([p[0] for p in parts])
+    scores = torch.cat([p[1] for p in parts])
+    slots = torch.where(picks >= 0, by_age[picks.clamp(min=0)] if n else picks, picks)
+    return scores, slots
+
+
+def hybrid(
+    bank: TensorBank, similarity: torch.Tensor, candidates: torch.Tensor, hint: torch.Tensor, k: int,
+    lam: float, min_dispersion: float, weights: HybridWeights, *, chunk_mb: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates ``[B, m]`` (similarity, slots) -> hybrid base score -> MMR on embeddings -> ``[B, k]``.
+
+    The re-ranking runs in query chunks whose gathered ``[b, m, D]`` vectors and MMR
+    state stay under ``chunk_mb``; on CPU every row is bit-identical to an unchunked
+    run (on CUDA up to cuBLAS rounding, see ``rerank.rowwise_cosine``).
+    """
+    m = candidates.shape[1]
+    embeddings, chroma = bank.columns["embeddings"], bank.columns["chroma"]
+    d, p = embeddings.shape[1], chroma.shape[1]
+    # bank.gather makes two copies of each gathered row; ~8 [m] int64/float rows score them
+    gathered = 2 * m * (d * embeddings.element_size() + p * chroma.element_size()) + 8 * 8 * m
+    row_bytes = gathered + mmr_row_bytes(m, d)
+    score_parts, slot_parts = [], []
+    for rows in row_chunks(candidates.shape[0], row_bytes, chunk_mb):
+        cand = candidates[rows]
+        valid = cand >= 0
+        util = bank.gather("util_mean", cand)
+        match = class_match(bank.gather("class_label", cand).long(), hint[rows])
+        sim = similarity[rows].masked_fill(~valid, float("-inf"))
+        base = hybrid_scores(sim, util, match, weights)
+        vectors = bank.gather("embeddings", cand)
+        points = bank.gather("chroma", cand)
+        picks, scores = mmr(
+            base, vectors, k,
+            mmr_lambda=lam, delta=weights.delta, min_dispersion=min_dispersion, points=points,
+        )
+        score_parts.append(scores)
+        slot_parts.append(torch.where(picks >= 0, cand.gather(1, picks.clamp(min=0)), picks))
+    return torch.cat(score_parts), torch.cat(slot_parts)
