@@ -50,12 +50,16 @@ def _count_bytes(pool: ShardedDreamPool, counter: dict[str, int]) -> None:
 
 
 def _run(rank: int, world: int, port: int, args: argparse.Namespace, out: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     torch.set_num_threads(1)
     per = args.total // world
-    pool = ShardedDreamPool(PoolConfig(dream_shape=SHAPE, device="cpu", capacity=per, engine="torch",
-                                       embedding_dim=D))
+    pool = ShardedDreamPool(PoolConfig(dream_shape=SHAPE, device="cpu", capacity=per, engine="torch", embedding_dim=D))
     g = torch.Generator().manual_seed(rank)
     for start in range(0, per, 1000):
         n = min(1000, per - start)
@@ -72,8 +76,11 @@ def _run(rank: int, world: int, port: int, args: argparse.Namespace, out: dict) 
         for _ in range(args.calls):
             pool.retrieve(queries, k=k, mode=mode)
         seconds = (time.perf_counter() - start) / args.calls
-        results[mode] = {"latency_ms": 1e3 * seconds, "queries_per_s": world * args.batch / seconds,
-                         "bytes_received_per_call": counter["bytes"] // args.calls}
+        results[mode] = {
+            "latency_ms": 1e3 * seconds,
+            "queries_per_s": world * args.batch / seconds,
+            "bytes_received_per_call": counter["bytes"] // args.calls,
+        }
     if rank == 0:
         out[world] = results
     dist.destroy_process_group()
@@ -97,9 +104,11 @@ def main() -> None:
     base = table[args.worlds[0]]
     for world, results in table.items():
         for mode, r in results.items():
-            print(f"W={world} {mode:8s} latency {r['latency_ms']:7.2f} ms  "
-                  f"{r['queries_per_s']:8.0f} queries/s  ({r['queries_per_s'] / base[mode]['queries_per_s']:.2f}x W=1)"
-                  f"  bytes received/call {r['bytes_received_per_call']}")
+            print(
+                f"W={world} {mode:8s} latency {r['latency_ms']:7.2f} ms  "
+                f"{r['queries_per_s']:8.0f} queries/s  ({r['queries_per_s'] / base[mode]['queries_per_s']:.2f}x W=1)"
+                f"  bytes received/call {r['bytes_received_per_call']}"
+            )
     print(json.dumps({"args": vars(args), "results": table}))
 
 

@@ -71,11 +71,16 @@ def pool_for(
     bank: LabelledDreams, encoder: str, labelled: bool, steps: int, jitter: float = 0.05
 ) -> tuple[DreamPool, float]:
     """A CPU pool holding ``bank`` (rows = ids, labels optional); fitted when learned. Returns fit seconds."""
-    cfg = PoolConfig(dream_shape=SHAPE, capacity=bank.dreams.shape[0], device="cpu", encoder=encoder,
-                     num_classes=bank.num_classes, query_cache_size=0)
+    cfg = PoolConfig(
+        dream_shape=SHAPE,
+        capacity=bank.dreams.shape[0],
+        device="cpu",
+        encoder=encoder,
+        num_classes=bank.num_classes,
+        query_cache_size=0,
+    )
     pool = DreamPool(cfg)
-    pool.add(bank.dreams, coherence=torch.ones(bank.dreams.shape[0]),
-             class_labels=bank.labels if labelled else None)
+    pool.add(bank.dreams, coherence=torch.ones(bank.dreams.shape[0]), class_labels=bank.labels if labelled else None)
     seconds = 0.0
     if encoder == "learned":
         seconds = pool.fit_encoder(steps=steps, seed=0, colour_jitter=jitter).seconds
@@ -88,19 +93,27 @@ def evaluate(name: str, entries: int, queries: int, steps: int, jitter: float) -
     query = make_dataset(name, queries, shape=SHAPE, seed=1)
     chroma = query.dreams.mean((1, 2, 3))
     rows: list[dict[str, object]] = []
-    for kind, q_pool, q_pixels in (("dream", query.dreams, query.dreams), ("chroma", chroma, flat_dreams(chroma))):
+    for kind, q_pixels in (("dream", query.dreams), ("chroma", flat_dreams(chroma))):
         for method, top in pixel_baselines(bank, q_pixels).items():
-            rows.append({"set": name, "query": kind, "pool": "any", "method": method,
-                         **scores(top, query.labels, bank.labels)})
+            rows.append(
+                {"set": name, "query": kind, "pool": "any", "method": method, **scores(top, query.labels, bank.labels)}
+            )
     for labelled in (True, False):
         for encoder in ("features", "learned"):
             pool, fit_s = pool_for(bank, encoder, labelled, steps, jitter)
             for kind, q in (("dream", query.dreams), ("chroma", chroma)):
                 for mode in ("nearest", "hybrid"):
                     ids = pool.retrieve(q, k=K, mode=mode).ids  # ids are bank rows: added in order
-                    rows.append({"set": name, "query": kind, "pool": "labelled" if labelled else "unlabelled",
-                                 "method": f"{encoder}/{mode}", "fit_s": round(fit_s, 1),
-                                 **scores(ids, query.labels, bank.labels)})
+                    rows.append(
+                        {
+                            "set": name,
+                            "query": kind,
+                            "pool": "labelled" if labelled else "unlabelled",
+                            "method": f"{encoder}/{mode}",
+                            "fit_s": round(fit_s, 1),
+                            **scores(ids, query.labels, bank.labels),
+                        }
+                    )
     return rows
 
 
@@ -121,7 +134,8 @@ def timings(steps: int) -> dict[str, float]:
             runs.append(time.perf_counter() - start)
         out[f"retrieve_b256_{encoder}_ms"] = round(1000 * sorted(runs)[len(runs) // 2], 2)
     out["retrieve_ratio_learned_vs_features"] = round(
-        out["retrieve_b256_learned_ms"] / out["retrieve_b256_features_ms"], 2)
+        out["retrieve_b256_learned_ms"] / out["retrieve_b256_features_ms"], 2
+    )
     return out
 
 
@@ -133,8 +147,9 @@ def table(rows: list[dict[str, object]]) -> str:
     for s, q, p in keys:
         cells = []
         for m in methods:
-            match = [r for r in rows if r["set"] == s and r["query"] == q and r["method"] == m
-                     and r["pool"] in (p, "any")]
+            match = [
+                r for r in rows if r["set"] == s and r["query"] == q and r["method"] == m and r["pool"] in (p, "any")
+            ]
             cells.append(f"{match[0]['precision']:.3f} ({match[0]['recall']:.4f})" if match else "-")
         lines.append(f"| {s} | {q} | {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -151,11 +166,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality-cpu.json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = [row for name in args.sets
-            for row in evaluate(name, args.entries, args.queries, args.steps, args.colour_jitter)]
+    rows = [
+        row for name in args.sets for row in evaluate(name, args.entries, args.queries, args.steps, args.colour_jitter)
+    ]
     result: dict[str, object] = {
-        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "entries": args.entries, "queries": args.queries, "steps": args.steps,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "entries": args.entries,
+        "queries": args.queries,
+        "steps": args.steps,
         "colour_jitter": args.colour_jitter,
         "rows": rows,
     }

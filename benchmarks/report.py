@@ -102,7 +102,8 @@ def checked_ratios(benchmarks: list[dict]) -> dict[str, float]:
     2-core machine alone moved a ratio by more than 25% between two unchanged runs.
     """
     long_enough = {
-        b["group"] for b in benchmarks
+        b["group"]
+        for b in benchmarks
         if b.get("extra_info", {}).get("role") == "baseline" and b["stats"]["median"] >= MIN_BASELINE_S
     }
     return {key: r for key, r in cost_ratios(benchmarks).items() if key.split(" :: ")[0] in long_enough}
@@ -175,8 +176,17 @@ def plot(benchmarks: list[dict], machine: str) -> list[Path]:
     specs = [  # name, module, x, series, y (None: median ms), panel, x label, y label, log-log
         ("search", "test_search", "n", "engine", None, "B", "pool size n", "median latency (ms)", True),
         ("mmr", "test_rerank", "k", "impl", None, None, "k", "median time (ms)", True),
-        ("memory", "test_bytes_per_entry", "n", "device", "measured_per_entry", None, "entries n (16x16x4 dreams)",
-         "measured bytes per entry", False),
+        (
+            "memory",
+            "test_bytes_per_entry",
+            "n",
+            "device",
+            "measured_per_entry",
+            None,
+            "entries n (16x16x4 dreams)",
+            "measured bytes per entry",
+            False,
+        ),
     ]
     written = []
     for name, module, x, series, y, panel, xlabel, ylabel, loglog in specs:
@@ -205,16 +215,22 @@ def plot(benchmarks: list[dict], machine: str) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("raw", type=Path, nargs="+",
-                        help="pytest-benchmark --benchmark-json output; with --check, several runs of the "
-                             "same suite are compared by each ratio's best run")
+    parser.add_argument(
+        "raw",
+        type=Path,
+        nargs="+",
+        help="pytest-benchmark --benchmark-json output; with --check, several runs of the "
+        "same suite are compared by each ratio's best run",
+    )
     parser.add_argument("--machine", required=True, help="name of this machine (file name of the results)")
     parser.add_argument("--device", default=os.environ.get("DREAMPOOL_BENCH_DEVICE", "cpu"))
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--check", type=Path, help="fail when a ratio is >25%% worse than this baseline")
-    parser.add_argument("--write-baseline", type=Path,
-                        help="merge this run's ratios into this baseline, keeping the worst of each "
-                             "(delete the file to start afresh)")
+    parser.add_argument(
+        "--write-baseline",
+        type=Path,
+        help="merge this run's ratios into this baseline, keeping the worst of each (delete the file to start afresh)",
+    )
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
 
@@ -262,9 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         baseline = read_baseline(args.check)
         if baseline["machine"] != here:
-            print(f"regression check NOT RUN: the baseline was recorded on {baseline['machine']}, this machine is "
-                  f"{here}. Cost ratios move between CPU models (FAISS vs torch moved 2.4x between two 2-core "
-                  f"sandboxes); record a baseline here first: scripts/bench.sh --write-baseline (three times).")
+            print(
+                f"regression check NOT RUN: the baseline was recorded on {baseline['machine']}, this machine is "
+                f"{here}. Cost ratios move between CPU models (FAISS vs torch moved 2.4x between two 2-core "
+                f"sandboxes); record a baseline here first: scripts/bench.sh --write-baseline (three times)."
+            )
             return 2
         measured = best_ratios(runs)
         failures = check(measured, baseline["ratios"])

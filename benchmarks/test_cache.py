@@ -40,16 +40,23 @@ def workload(name: str, device: torch.device) -> list[torch.Tensor]:
         batches = [torch.rand(BATCH, 3, generator=g)] * (ROUNDS + 1)
     elif name == "clustered":
         centres = torch.rand(32, 3, generator=g)
-        batches = [(centres[torch.randint(0, 32, (BATCH,), generator=g)]
-                    + 2e-4 * (torch.rand(BATCH, 3, generator=g) - 0.5)).clamp(0, 1) for _ in range(ROUNDS + 1)]
+        batches = [
+            (
+                centres[torch.randint(0, 32, (BATCH,), generator=g)] + 2e-4 * (torch.rand(BATCH, 3, generator=g) - 0.5)
+            ).clamp(0, 1)
+            for _ in range(ROUNDS + 1)
+        ]
     else:
         batches = [torch.rand(BATCH, 3, generator=g) for _ in range(ROUNDS + 1)]
     return [b.to(device) for b in batches]
 
 
 def filled_pool(device: torch.device, cache_size: int) -> DreamPool:
-    pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=POOL, device=str(device), coherence_threshold=0.0,
-                                query_cache_size=cache_size))
+    pool = DreamPool(
+        PoolConfig(
+            dream_shape=SHAPE, capacity=POOL, device=str(device), coherence_threshold=0.0, query_cache_size=cache_size
+        )
+    )
     dreams = torch.rand(POOL, *SHAPE, 3, generator=torch.Generator().manual_seed(0))
     pool.add(dreams.to(device), coherence=torch.ones(POOL), class_labels=torch.arange(POOL) % 10)
     return pool

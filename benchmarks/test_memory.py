@@ -38,8 +38,18 @@ import pytest
 import torch
 
 METADATA_BYTES = {
-    "id": 8, "coherence": 4, "energy": 4, "violation": 4, "chroma": 3 * 4, "spectral": 8 * 4,
-    "class_label": 1, "utility": 4, "util_mean": 4, "usage": 4, "inserted_at": 8, "hue_category": 1,
+    "id": 8,
+    "coherence": 4,
+    "energy": 4,
+    "violation": 4,
+    "chroma": 3 * 4,
+    "spectral": 8 * 4,
+    "class_label": 1,
+    "utility": 4,
+    "util_mean": 4,
+    "usage": 4,
+    "inserted_at": 8,
+    "hue_category": 1,
 }
 SMALL = (16, 16, 4)
 LARGE = (64, 64, 8)
@@ -55,8 +65,9 @@ def measure(n: int, shape: tuple[int, int, int], device_spec: str) -> dict[str, 
     from dreampool_gpu.dreams import synthetic_dreams
 
     def config(capacity: int) -> PoolConfig:
-        return PoolConfig(dream_shape=shape, capacity=capacity, device=device_spec, coherence_threshold=0.0,
-                          query_cache_size=0)
+        return PoolConfig(
+            dream_shape=shape, capacity=capacity, device=device_spec, coherence_threshold=0.0, query_cache_size=0
+        )
 
     def allocated() -> int:
         if device.type == "cuda":

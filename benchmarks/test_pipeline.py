@@ -34,8 +34,11 @@ def sync(device: torch.device) -> None:
 
 
 def filled_pool(n: int, device: torch.device, **config) -> DreamPool:
-    pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=n, device=str(device), coherence_threshold=0.0,
-                                query_cache_size=0, **config))
+    pool = DreamPool(
+        PoolConfig(
+            dream_shape=SHAPE, capacity=n, device=str(device), coherence_threshold=0.0, query_cache_size=0, **config
+        )
+    )
     g = torch.Generator().manual_seed(0)
     for start in range(0, n, 4096):
         dreams, labels = synthetic_dreams(min(4096, n - start), SHAPE, generator=g)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.quality import K, SHAPE, pixel_baselines, pool_for, scores
+from benchmarks.quality import SHAPE, K, pixel_baselines, pool_for, scores
 from dreampool_gpu import DreamPool, PoolConfig
 from dreampool_gpu.synthetic import make_dataset
 
@@ -25,8 +25,9 @@ ENTRIES, QUERIES, STEPS = 1000, 150, 100
 def test_learned_encoder_meets_the_baselines(name):
     bank = make_dataset(name, ENTRIES, shape=SHAPE, seed=0)
     query = make_dataset(name, QUERIES, shape=SHAPE, seed=1)
-    baselines = {m: scores(top, query.labels, bank.labels)["precision"]
-                 for m, top in pixel_baselines(bank, query.dreams).items()}
+    baselines = {
+        m: scores(top, query.labels, bank.labels)["precision"] for m, top in pixel_baselines(bank, query.dreams).items()
+    }
     pool, _ = pool_for(bank, "learned", True, STEPS)
     learned = scores(pool.retrieve(query.dreams, k=K, mode="nearest").ids, query.labels, bank.labels)["precision"]
     best = max(baselines.values())
@@ -39,10 +40,16 @@ def test_learned_encoder_meets_the_baselines(name):
 def test_retrieve_cost_by_encoder(benchmark, bench_device, record_median, role, encoder):
     bank = make_dataset("colour_structure", 10_000, shape=SHAPE, seed=0)
     queries = make_dataset("colour_structure", 256, shape=SHAPE, seed=1).dreams.to(bench_device)
-    pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=10_000, device=str(bench_device), encoder=encoder,
-                                num_classes=bank.num_classes))
-    pool.add(bank.dreams.to(bench_device), coherence=torch.ones(10_000, device=bench_device),
-             class_labels=bank.labels.to(bench_device))
+    pool = DreamPool(
+        PoolConfig(
+            dream_shape=SHAPE, capacity=10_000, device=str(bench_device), encoder=encoder, num_classes=bank.num_classes
+        )
+    )
+    pool.add(
+        bank.dreams.to(bench_device),
+        coherence=torch.ones(10_000, device=bench_device),
+        class_labels=bank.labels.to(bench_device),
+    )
     benchmark.group = "retrieve hybrid, B = 256, 10K entries, by encoder"
 
     def run():

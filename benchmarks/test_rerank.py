@@ -66,9 +66,7 @@ def make_cases() -> dict[int, dict[str, np.ndarray]]:
         candidates = rng.standard_normal((QUERIES, fetch_k, DIM)).astype(np.float32)
         q = queries.astype(np.float64)
         c = candidates.astype(np.float64)
-        relevance = np.einsum("bmd,bd->bm", c, q) / (
-            np.linalg.norm(c, axis=2) * np.linalg.norm(q, axis=1)[:, None]
-        )
+        relevance = np.einsum("bmd,bd->bm", c, q) / (np.linalg.norm(c, axis=2) * np.linalg.norm(q, axis=1)[:, None])
         out[fetch_k] = {
             "queries": queries,
             "candidates": candidates,
@@ -100,9 +98,7 @@ def _loop_mmr(relevance: np.ndarray, candidates: np.ndarray, k: int) -> list[lis
     return picks
 
 
-def _sampled_mmr(
-    relevance: np.ndarray, candidates: np.ndarray, k: int, seed: int = 0
-) -> list[list[int]]:
+def _sampled_mmr(relevance: np.ndarray, candidates: np.ndarray, k: int, seed: int = 0) -> list[list[int]]:
     """The original's fast MMR idea: maxsim over a random sample of <= SAMPLE picks."""
     rng = np.random.default_rng(seed)
     picks = []
@@ -127,14 +123,10 @@ def _sampled_mmr(
 def _langchain_mmr(queries: np.ndarray, candidates: np.ndarray, k: int) -> list[list[int]]:
     from langchain_core.vectorstores.utils import maximal_marginal_relevance as mmr_one
 
-    return [
-        mmr_one(q, c, lambda_mult=LAMBDA, k=k) for q, c in zip(queries, candidates, strict=True)
-    ]
+    return [mmr_one(q, c, lambda_mult=LAMBDA, k=k) for q, c in zip(queries, candidates, strict=True)]
 
 
-def _batched(
-    relevance: torch.Tensor, vectors: torch.Tensor, k: int, device: torch.device
-) -> torch.Tensor:
+def _batched(relevance: torch.Tensor, vectors: torch.Tensor, k: int, device: torch.device) -> torch.Tensor:
     picks, _ = mmr(relevance, vectors, k, mmr_lambda=LAMBDA)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -73,9 +73,17 @@ class Data:
     def pool(self, engine: str) -> DreamPool:
         """A pool of ``n`` entries whose embeddings are the vectors (written straight to the bank)."""
         if engine not in self._pools:
-            pool = DreamPool(PoolConfig(dream_shape=(1, 1, 1), embedding_dim=D, capacity=self.n,
-                                        device=str(self.device), engine=engine, query_cache_size=0,
-                                        **self._ivf_at_once(engine)))
+            pool = DreamPool(
+                PoolConfig(
+                    dream_shape=(1, 1, 1),
+                    embedding_dim=D,
+                    capacity=self.n,
+                    device=str(self.device),
+                    engine=engine,
+                    query_cache_size=0,
+                    **self._ivf_at_once(engine),
+                )
+            )
             step = 1 << 18
             for start in range(0, self.n, step):
                 part = self.vectors[start : start + step]

@@ -130,15 +130,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "training_benefit.json"
-    )
-    parser.add_argument(
-        "--figure", type=Path, default=ROOT / "docs" / "images" / "training_benefit.png"
-    )
-    parser.add_argument(
-        "--plot-only", type=Path, help="plot an existing JSON report (needs only matplotlib)"
-    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "training_benefit.json")
+    parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "images" / "training_benefit.png")
+    parser.add_argument("--plot-only", type=Path, help="plot an existing JSON report (needs only matplotlib)")
     args = parser.parse_args()
     if args.plot_only:
         report = json.loads(args.plot_only.read_text())
@@ -148,9 +142,7 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.out}")
     args.figure.parent.mkdir(parents=True, exist_ok=True)
-    print(
-        f"wrote {args.figure}" if plot(report, args.figure) else "matplotlib not installed: no plot"
-    )
+    print(f"wrote {args.figure}" if plot(report, args.figure) else "matplotlib not installed: no plot")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def check_range(t: torch.Tensor, name: str, low: float, high: float) -> None:
 
 def check_shape(t: torch.Tensor, expected: tuple[int | None, ...], name: str) -> None:
     """Require ``t.shape`` to match ``expected`` (``None`` matches any size)."""
-    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape, strict=False))
     if not ok:
         shown = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
         raise DimensionMismatchError(shown, list(t.shape), name)

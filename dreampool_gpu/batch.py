@@ -75,14 +75,10 @@ class QueryFile:
         self.key = key
         if not self.path.is_file():
             what = "a directory" if self.path.is_dir() else "no such file"
-            raise InvalidInputError(
-                "queries", "a .npy, .safetensors or .pt file", f"{self.path} ({what})"
-            )
+            raise InvalidInputError("queries", "a .npy, .safetensors or .pt file", f"{self.path} ({what})")
         suffix = self.path.suffix.lower()
         if suffix not in QUERY_SUFFIXES:
-            raise InvalidInputError(
-                "queries", f"a file ending in {', '.join(QUERY_SUFFIXES)}", str(self.path)
-            )
+            raise InvalidInputError("queries", f"a file ending in {', '.join(QUERY_SUFFIXES)}", str(self.path))
         self._read: Callable[[int, int], Any]
         try:
             if suffix == ".npy":
@@ -110,9 +106,7 @@ class QueryFile:
     def _open_npy(self) -> None:
         array = np.load(self.path, mmap_mode="r", allow_pickle=False)
         if self.key is not None:
-            raise InvalidInputError(
-                "key", "no key for a .npy file (it holds one array)", repr(self.key)
-            )
+            raise InvalidInputError("key", "no key for a .npy file (it holds one array)", repr(self.key))
         self.shape = [int(s) for s in array.shape]
         native = array.dtype.newbyteorder("=")  # big-endian files are read in native order
         self.dtype = str(native)
@@ -125,9 +119,7 @@ class QueryFile:
     def _pick(self, keys: list[str]) -> str:
         if self.key is not None:
             if self.key not in keys:
-                raise InvalidInputError(
-                    "key", f"one of {', '.join(keys) or '(no tensors)'}", repr(self.key)
-                )
+                raise InvalidInputError("key", f"one of {', '.join(keys) or '(no tensors)'}", repr(self.key))
             return self.key
         if len(keys) == 1:
             return keys[0]
@@ -162,13 +154,9 @@ class QueryFile:
             self.key = self._pick(sorted(tensors))
             value = tensors[self.key]
         elif self.key is not None:
-            raise InvalidInputError(
-                "key", "no key for a .pt file holding one tensor", repr(self.key)
-            )
+            raise InvalidInputError("key", "no key for a .pt file holding one tensor", repr(self.key))
         if not isinstance(value, torch.Tensor):
-            raise InvalidInputError(
-                "queries", "a tensor or a dict of tensors", type(value).__name__
-            )
+            raise InvalidInputError("queries", "a tensor or a dict of tensors", type(value).__name__)
         tensor = value
         self.shape = list(tensor.shape)
         self.dtype = str(tensor.dtype).removeprefix("torch.")
@@ -219,9 +207,7 @@ def check_queries(queries: QueryFile, pool: DreamPool, mode: RetrievalMode) -> N
         expected += f" or [B, {d}] embeddings (the pool's embedding_dim is {d})"
     if shape == [r, c, layers, 3]:
         expected += "; the file holds one dream without a batch dimension: save it as dream[None]"
-    raise DimensionMismatchError(
-        expected, shape, f"queries in {queries.path} for mode {mode.value!r}"
-    )
+    raise DimensionMismatchError(expected, shape, f"queries in {queries.path} for mode {mode.value!r}")
 
 
 # ---------------------------------------------------------------------- job
@@ -334,16 +320,17 @@ def check_out_path(out: Path, pool_dir: Path, queries: Path) -> None:
             ``pool_dir`` is a file.
     """
     if os.path.lexists(pool_dir) and not pool_dir.is_dir():
-        raise InvalidInputError("pool", "a checkpoint directory written by DreamPool.save",
-                                f"{pool_dir} (a file)")
+        raise InvalidInputError("pool", "a checkpoint directory written by DreamPool.save", f"{pool_dir} (a file)")
     resolved = out.resolve()
     if resolved == queries.resolve():
-        raise InvalidInputError("out", "a results file other than the queries file",
-                                f"{out} (the queries file: it would be overwritten)")
+        raise InvalidInputError(
+            "out", "a results file other than the queries file", f"{out} (the queries file: it would be overwritten)"
+        )
     for place in (resolved, work_dir(resolved)):
         if place.is_relative_to(pool_dir.resolve()):
-            raise InvalidInputError("out", "a path outside the pool's checkpoint directory (it is only read)",
-                                    f"{out} (inside {pool_dir})")
+            raise InvalidInputError(
+                "out", "a path outside the pool's checkpoint directory (it is only read)", f"{out} (inside {pool_dir})"
+            )
 
 
 def run_retrieval_job(
@@ -408,9 +395,7 @@ def run_retrieval_job(
     options = dict(options or {})
     unknown = sorted(set(options) - set(RETRIEVE_OPTIONS))
     if unknown:
-        raise InvalidInputError(
-            "options", f"names among {', '.join(sorted(RETRIEVE_OPTIONS))}", ", ".join(unknown)
-        )
+        raise InvalidInputError("options", f"names among {', '.join(sorted(RETRIEVE_OPTIONS))}", ", ".join(unknown))
 
     pool = DreamPool.load(pool_dir, device=device)
     k_ = pool.config.retrieval_limit if k is None else k
@@ -427,16 +412,12 @@ def run_retrieval_job(
         "chunk": chunk,
         "options": options,
     }
-    job = json.loads(
-        json.dumps(job)
-    )  # the form it takes in progress.json and the output (tuples -> lists)
+    job = json.loads(json.dumps(job))  # the form it takes in progress.json and the output (tuples -> lists)
     # one row through the pool's own validation (k, options), before anything is written
     probe = pool.retrieve(queries.read(0, min(1, total)), k=k_, mode=mode_, **options)
     width = probe.ids.shape[1]
 
-    def report(
-        computed: int, resumed: int, rows: int, *, done: bool = False, discarded: bool = False
-    ) -> BatchReport:
+    def report(computed: int, resumed: int, rows: int, *, done: bool = False, discarded: bool = False) -> BatchReport:
         return BatchReport(
             out,
             total,
@@ -455,9 +436,7 @@ def run_retrieval_job(
     parts = work_dir(out)
     parts.mkdir(parents=True, exist_ok=True)
     with _JobLock(parts, out):
-        return _run_chunks(
-            pool, queries, parts, out, job, k_, mode_, options, width, progress, report
-        )
+        return _run_chunks(pool, queries, parts, out, job, k_, mode_, options, width, progress, report)
 
 
 def _run_chunks(
@@ -564,9 +543,7 @@ def _progress_bar(total: int, enabled: bool, *, initial: int) -> Any:
     )
 
 
-def _merge(
-    parts: Path, out: Path, n_chunks: int, total: int, width: int, job: dict[str, Any]
-) -> None:
+def _merge(parts: Path, out: Path, n_chunks: int, total: int, width: int, job: dict[str, Any]) -> None:
     """Concatenate the chunks into ``out`` with one atomic rename."""
     ids = torch.empty(total, width, dtype=torch.int64)
     scores = torch.empty(total, width, dtype=torch.float32)

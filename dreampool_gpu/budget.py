@@ -136,8 +136,9 @@ def check_allocation(config: PoolConfig, specs: dict[str, ColumnSpec], capacity:
     elif per_entry > available:  # not even one entry fits: the entry's shape is the problem
         dreams = math.prod(specs["dreams"].shape) * specs["dreams"].dtype.itemsize
         embeddings = math.prod(specs["embeddings"].shape) * specs["embeddings"].dtype.itemsize
-        field, value = ("dream_shape", config.dream_shape) if dreams >= embeddings else (
-            "embedding_dim", config.embedding_dim)
+        field, value = (
+            ("dream_shape", config.dream_shape) if dreams >= embeddings else ("embedding_dim", config.embedding_dim)
+        )
     else:
         field, value = "capacity", capacity
     raise InsufficientMemoryError(field, value, needed, available, device)

@@ -75,7 +75,7 @@ class QueryCache:
             computed = compute(index)
             out[index] = computed
             if self.capacity:
-                for row, value in zip(missing, computed):
+                for row, value in zip(missing, computed, strict=False):
                     self._store[keys[row]] = value
                     self._store.move_to_end(keys[row])
                     if len(self._store) > self.capacity:

@@ -37,9 +37,7 @@ class Checkpointing:
             persist.write_checkpoint(snap, path)
 
     @classmethod
-    def load(
-        cls, path: persist.PathArg, *, device: str | torch.device | None = None, encoder: Any = None
-    ) -> Any:
+    def load(cls, path: persist.PathArg, *, device: str | torch.device | None = None, encoder: Any = None) -> Any:
         """Build a pool from the checkpoint at ``path``, verifying every checksum.
 
         A sharded checkpoint (:meth:`ShardedDreamPool.save`) opens as one pool holding

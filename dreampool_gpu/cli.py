@@ -115,8 +115,12 @@ def _memory_reading(device: Any) -> dict[str, object]:
             probe.close()
     except Exception as exc:  # a broken driver or NVML must not break `dreampool info`
         return {"error": f"{type(exc).__name__}: {exc}"}
-    return {"used_bytes": reading.used_bytes, "total_bytes": reading.total_bytes, "source": reading.source,
-            "note": reading.note}
+    return {
+        "used_bytes": reading.used_bytes,
+        "total_bytes": reading.total_bytes,
+        "source": reading.source,
+        "note": reading.note,
+    }
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -205,10 +209,8 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
         f"pool            {s['path']}",
         f"entries         {s['size']} / {s['capacity']} (next id {s['next_id']})",
         f"dreams          {r}x{c}x{layers}x3, embeddings {s['embedding_dim']}-d {s['metric']}",
-        f"engine          {s['engine']} (index {_size(s['index_bytes'])}, "
-        f"last used {s['index']['last_engine']})",
-        f"bank            {_size(s['bank_bytes'])} on {s['device']}; "
-        f"checkpoint {_size(s['checkpoint_bytes'])}",
+        f"engine          {s['engine']} (index {_size(s['index_bytes'])}, last used {s['index']['last_engine']})",
+        f"bank            {_size(s['bank_bytes'])} on {s['device']}; checkpoint {_size(s['checkpoint_bytes'])}",
         "means           " + ", ".join(f"{k} {v:.4f}" for k, v in s["means"].items()),
         "counters        " + ", ".join(f"{k} {v}" for k, v in s["counters"].items()),
         "columns",
@@ -234,9 +236,7 @@ def _classes(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated class labels such as 0,3,7, got {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated class labels such as 0,3,7, got {text!r}") from None
 
 
 def _retrieve(args: argparse.Namespace) -> int:
@@ -272,10 +272,7 @@ def _retrieve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if report.already_done:
-        print(
-            f"{report.out} already holds this job's results ({report.queries} queries); "
-            "nothing to do"
-        )
+        print(f"{report.out} already holds this job's results ({report.queries} queries); nothing to do")
         return 0
     rate = report.computed_queries / report.seconds if report.seconds > 0 else float("inf")
     resumed = f", {report.resumed} resumed" if report.resumed else ""
@@ -298,8 +295,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             "bench",
             f"scripts/bench.sh of a source checkout (looked for {script})",
-            "none: the benchmarks ship with the repository, not the installed package; "
-            "run from a clone",
+            "none: the benchmarks ship with the repository, not the installed package; run from a clone",
         )
     passthrough = list(args.passthrough)
     if passthrough[:1] == ["--"]:
@@ -312,39 +308,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreampool", description="GPU dream pool tools.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser(
-        "demo", help="train a small CNN on a noisy labelled stream with and without the pool"
-    )
+    demo = commands.add_parser("demo", help="train a small CNN on a noisy labelled stream with and without the pool")
     demo.add_argument("--steps", type=_positive_int, default=300, help="steps (default 300)")
+    demo.add_argument("--batch", type=_positive_int, default=8, help="fresh stream dreams per step (default 8)")
+    demo.add_argument("--shape", type=_shape, default=(16, 16, 2), help="dream shape RxCxL (default 16x16x2)")
+    demo.add_argument("--capacity", type=_positive_int, default=4000, help="pool capacity (default 4000)")
     demo.add_argument(
-        "--batch", type=_positive_int, default=8, help="fresh stream dreams per step (default 8)"
-    )
-    demo.add_argument(
-        "--shape", type=_shape, default=(16, 16, 2), help="dream shape RxCxL (default 16x16x2)"
-    )
-    demo.add_argument(
-        "--capacity", type=_positive_int, default=4000, help="pool capacity (default 4000)"
-    )
-    demo.add_argument(
-        "--dataset", default="frequency_orientation", choices=sorted(DATASETS),
+        "--dataset",
+        default="frequency_orientation",
+        choices=sorted(DATASETS),
         help="labelled set of the stream (default frequency_orientation)",
     )
     demo.add_argument(
-        "--arms", type=_arms, default=",".join(ARMS),
+        "--arms",
+        type=_arms,
+        default=",".join(ARMS),
         help=f"comma-separated subset of {','.join(ARMS)}",
     )
     demo.add_argument("--device", default="cpu", help='"cpu", "cuda" or "auto" (default cpu)')
     demo.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
-    demo.add_argument(
-        "--width", type=_positive_int, default=16, help="the CNN's width (default 16; 128: ~20x)"
-    )
+    demo.add_argument("--width", type=_positive_int, default=16, help="the CNN's width (default 16; 128: ~20x)")
     demo.add_argument("--json", action="store_true", help="print the table and every run as JSON")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(run=_demo)
 
-    info = commands.add_parser(
-        "info", help="show torch, CUDA, FAISS and NVML facts of this machine"
-    )
+    info = commands.add_parser("info", help="show torch, CUDA, FAISS and NVML facts of this machine")
     info.add_argument("--json", action="store_true", help="print as JSON")
     info.set_defaults(run=_info)
 
@@ -357,9 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         "The checkpoint is not modified.",
     )
     inspect.add_argument("pool", help="checkpoint directory (pool.save(path))")
-    inspect.add_argument(
-        "--device", default="cpu", help='where to load it (default cpu; "auto", "cuda")'
-    )
+    inspect.add_argument("--device", default="cpu", help='where to load it (default cpu; "auto", "cuda")')
     inspect.add_argument("--json", action="store_true", help="print as JSON")
     inspect.set_defaults(run=_inspect)
 
@@ -387,24 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument(
         "--mode",
         default="hybrid",
-        help="similar (hard), class, balanced, utility, diverse, soft, hybrid, category "
-        "or nearest (default: hybrid)",
+        help="similar (hard), class, balanced, utility, diverse, soft, hybrid, category or nearest (default: hybrid)",
     )
-    retrieve.add_argument(
-        "--chunk", type=int, default=65536, help="queries per chunk (default 65536)"
-    )
-    retrieve.add_argument(
-        "--key", default=None, help="tensor name in a multi-tensor .safetensors/.pt file"
-    )
-    retrieve.add_argument(
-        "--device", default="auto", help="where to load the pool (default auto: CUDA when present)"
-    )
-    retrieve.add_argument(
-        "--class-hint", type=int, default=None, help="class label 0..9 (mode class; soft/hybrid)"
-    )
-    retrieve.add_argument(
-        "--classes", type=_classes, default=None, help="class labels for mode balanced, e.g. 0,3,7"
-    )
+    retrieve.add_argument("--chunk", type=int, default=65536, help="queries per chunk (default 65536)")
+    retrieve.add_argument("--key", default=None, help="tensor name in a multi-tensor .safetensors/.pt file")
+    retrieve.add_argument("--device", default="auto", help="where to load the pool (default auto: CUDA when present)")
+    retrieve.add_argument("--class-hint", type=int, default=None, help="class label 0..9 (mode class; soft/hybrid)")
+    retrieve.add_argument("--classes", type=_classes, default=None, help="class labels for mode balanced, e.g. 0,3,7")
     retrieve.add_argument(
         "--category",
         type=int,
@@ -412,21 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="hue category 0..11: the category of mode category (default: each query's own) "
         "and a candidate filter of nearest, soft and hybrid",
     )
-    retrieve.add_argument(
-        "--utility-threshold", type=float, default=None, help="minimum utility (mode utility)"
-    )
-    retrieve.add_argument(
-        "--utility-prior", type=float, default=None, help="utility feature of soft queries, 0..1"
-    )
-    retrieve.add_argument(
-        "--fetch-k", type=int, default=None, help="candidates re-ranked by soft/hybrid"
-    )
-    retrieve.add_argument(
-        "--mmr-lambda", type=float, default=None, help="MMR trade-off 0..1 (diverse, hybrid)"
-    )
-    retrieve.add_argument(
-        "--min-dispersion", type=float, default=None, help="stop MMR picks below this dispersion"
-    )
+    retrieve.add_argument("--utility-threshold", type=float, default=None, help="minimum utility (mode utility)")
+    retrieve.add_argument("--utility-prior", type=float, default=None, help="utility feature of soft queries, 0..1")
+    retrieve.add_argument("--fetch-k", type=int, default=None, help="candidates re-ranked by soft/hybrid")
+    retrieve.add_argument("--mmr-lambda", type=float, default=None, help="MMR trade-off 0..1 (diverse, hybrid)")
+    retrieve.add_argument("--min-dispersion", type=float, default=None, help="stop MMR picks below this dispersion")
     retrieve.add_argument(
         "--chroma-metric", default=None, help="cosine (default) or euclidean scores of the chroma modes"
     )

@@ -178,7 +178,8 @@ class PoolConfig:
         fetch_factor: re-ranking methods work on ``fetch_factor * k`` candidates.
         search_chunk_mb: bound, in MiB, on the temporaries of exact search (score chunks and the
             candidate buffer of a query block) and on the ``[B, n]`` scores of the chroma methods.
-        rerank_chunk_mb: bound on the re-ranking temporaries (gathered ``[b, fetch_k, D]`` candidate vectors and MMR state), in MiB.
+        rerank_chunk_mb: bound on the re-ranking temporaries (gathered ``[b, fetch_k, D]`` candidate
+            vectors and MMR state), in MiB.
         engine: k-NN engine: ``auto`` (measured choice per call, see ``search/auto.py``),
             ``torch`` (exact matmul + topk), ``faiss-flat`` (exact FAISS brute force) or
             ``faiss-ivf`` (IVF-PQ candidates re-scored exactly, above ``ann_threshold``).
@@ -234,12 +235,12 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         shape = tuple(self.dream_shape) if isinstance(self.dream_shape, (list, tuple)) else None
-        if shape is None or len(shape) != 3 or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape
+        if (
+            shape is None
+            or len(shape) != 3
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
         ):
-            raise InvalidConfigurationError(
-                "dream_shape", self.dream_shape, "three positive ints (rows, cols, layers)"
-            )
+            raise InvalidConfigurationError("dream_shape", self.dream_shape, "three positive ints (rows, cols, layers)")
         object.__setattr__(self, "dream_shape", shape)
         parse_memory_budget(self.memory_budget_mb)
         if self.capacity is None and self.memory_budget_mb is None:
@@ -286,9 +287,7 @@ class PoolConfig:
         _check_int("fetch_factor", self.fetch_factor, 1)
         for name in ("search_chunk_mb", "rerank_chunk_mb"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                0 < value < math.inf
-            ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
                 raise InvalidConfigurationError(name, value, "a positive number of MiB")
         if not isinstance(self.engine, str) or self.engine not in ENGINES:
             raise InvalidConfigurationError("engine", self.engine, f"one of {', '.join(ENGINES)}")
@@ -320,7 +319,9 @@ class PoolConfig:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
-            raise InvalidConfigurationError(unknown[0], changes[unknown[0]], f"a known field ({', '.join(sorted(known))})")
+            raise InvalidConfigurationError(
+                unknown[0], changes[unknown[0]], f"a known field ({', '.join(sorted(known))})"
+            )
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -328,8 +329,8 @@ class PoolConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = value.value if isinstance(value, Enum) else (
-                list(value) if isinstance(value, tuple) else value
+            out[f.name] = (
+                value.value if isinstance(value, Enum) else (list(value) if isinstance(value, tuple) else value)
             )
         return out
 

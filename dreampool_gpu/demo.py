@@ -283,13 +283,9 @@ def run_arm(
         raise InvalidInputError("drop", "a fraction in [0, 1)", drop)
     stream = _make_stream(spec, seed)
     options = {"encoder": "learned", "num_classes": stream.num_classes} if arm == "learned" else {}
-    config = PoolConfig(
-        dream_shape=spec.shape, capacity=capacity, device=device, retrieval_mode="hybrid", **options
-    )  # type: ignore[arg-type]
+    config = PoolConfig(dream_shape=spec.shape, capacity=capacity, device=device, retrieval_mode="hybrid", **options)  # type: ignore[arg-type]
     pool = DreamPool(config) if arm != "none" else None
-    dev = torch.device(
-        device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     model = SmallCNN(spec.shape[2], stream.num_classes, width).to(dev)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
@@ -381,9 +377,7 @@ def run_arm(
     )
 
 
-def _warm_up(
-    spec: StreamSpec, num_classes: int, width: int, batches: tuple[int, ...], device: torch.device
-) -> None:
+def _warm_up(spec: StreamSpec, num_classes: int, width: int, batches: tuple[int, ...], device: torch.device) -> None:
     """One untimed step of a throwaway CNN per batch size: the first call of a shape pays for
     kernel selection, which would otherwise land on whichever arm runs first."""
     model = SmallCNN(spec.shape[2], num_classes, width).to(device)
@@ -432,9 +426,7 @@ def _random_replay(
     return ids, pool.dreams(ids).float(), pool.metadata(ids)["class_label"].long()
 
 
-def _hints(
-    hints: str, x: torch.Tensor, y: torch.Tensor, seen: torch.Tensor, rng: torch.Generator
-) -> torch.Tensor:
+def _hints(hints: str, x: torch.Tensor, y: torch.Tensor, seen: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     """The ``class_hint`` ``[B]`` of each fresh dream's query (the hint is a hard filter).
 
     ``batch``: its own (noisy) stream label, so replay repeats the batch's classes.
@@ -457,9 +449,7 @@ def _retrieve(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Up to ``k`` stored dreams per fresh dream of ``x`` ``[B, R, C, L, 3]`` (hybrid mode,
     ``hint`` ``[B]`` as class hint, ``where`` filter): ids ``[M]``, dreams, labels ``[M]``."""
-    hits = pool.retrieve(
-        x, k=k, mode="hybrid", class_hint=hint, fetch_k=fetch_k, where=where, with_dreams=True
-    )
+    hits = pool.retrieve(x, k=k, mode="hybrid", class_hint=hint, fetch_k=fetch_k, where=where, with_dreams=True)
     ids = hits.ids[hits.mask]
     return ids, hits.dreams[hits.mask].float(), pool.metadata(ids)["class_label"].long()  # type: ignore[index]
 
@@ -536,9 +526,7 @@ def _rescore(
     clock.utility += t2 - t1
 
 
-def _utility_split(
-    pool: DreamPool | None, origin: dict[int, int], stream: _Stream
-) -> tuple[float, float]:
+def _utility_split(pool: DreamPool | None, origin: dict[int, int], stream: _Stream) -> tuple[float, float]:
     """Mean ``util_mean`` of the live entries whose stored label is right, and of the wrong ones."""
     if pool is None or not len(pool):
         return float("nan"), float("nan")

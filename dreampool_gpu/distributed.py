@@ -136,9 +136,19 @@ class _Request:
 
     def fields(self, shard_size: int) -> list[int]:
         """Status fields: this rank's counts, then the arguments every rank must share."""
-        return [self.q.count, shard_size, _MODES.index(self.mode), self.k, self.fetch, _bits(self.lam),
-                _bits(self.min_dispersion), _bits(self.threshold), _crc(repr(self.classes)),
-                int(self.categories is not None), int(self.with_dreams)]
+        return [
+            self.q.count,
+            shard_size,
+            _MODES.index(self.mode),
+            self.k,
+            self.fetch,
+            _bits(self.lam),
+            _bits(self.min_dispersion),
+            _bits(self.threshold),
+            _crc(repr(self.classes)),
+            int(self.categories is not None),
+            int(self.with_dreams),
+        ]
 
 
 class ShardedDreamPool:
@@ -160,9 +170,7 @@ class ShardedDreamPool:
         shard: this rank's :class:`DreamPool`. rank, world_size: within ``group``.
     """
 
-    def __init__(
-        self, config: PoolConfig | None = None, *, group: Any = None, encoder: Any = None
-    ) -> None:
+    def __init__(self, config: PoolConfig | None = None, *, group: Any = None, encoder: Any = None) -> None:
         _require_group()
         config = config if config is not None else PoolConfig()
         if not isinstance(config, PoolConfig):
@@ -188,11 +196,11 @@ class ShardedDreamPool:
         self._watermarks = dict(watermarks)
         self._issuing = max(self._watermarks, key=lambda t: self._watermarks[t])
         shared = {k: val for k, val in shard.config.to_dict().items() if k not in _PER_SHARD_FIELDS}
-        table = self._agree([_crc(json.dumps(shared, sort_keys=True, default=str)),
-                             shard.config.capacity or 0], None)
+        table = self._agree([_crc(json.dumps(shared, sort_keys=True, default=str)), shard.config.capacity or 0], None)
         if bool((table[:, 0] != table[0, 0]).any()):
-            raise InvalidConfigurationError("config", "differs between ranks",
-                                            f"the same configuration on every rank (except {_PER_SHARD_FIELDS})")
+            raise InvalidConfigurationError(
+                "config", "differs between ranks", f"the same configuration on every rank (except {_PER_SHARD_FIELDS})"
+            )
         self.total_capacity = int(table[:, 1].sum())
 
     # ----------------------------------------------------------- collectives
@@ -215,8 +223,12 @@ class ShardedDreamPool:
         """Send ``send[r]`` consecutive rows of ``rows`` to rank r; receive ``recv[r]`` from each."""
         rows = rows.to(self._comm).contiguous()
         out = torch.empty((sum(recv), *rows.shape[1:]), dtype=rows.dtype, device=self._comm)
-        self._run("all_to_all", lambda: dist.all_to_all_single(
-            out, rows, output_split_sizes=recv, input_split_sizes=send, group=self.group))
+        self._run(
+            "all_to_all",
+            lambda: dist.all_to_all_single(
+                out, rows, output_split_sizes=recv, input_split_sizes=send, group=self.group
+            ),
+        )
         return out
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -239,8 +251,10 @@ class ShardedDreamPool:
     def _raise_everywhere(self, error: BaseException | None) -> None:
         info = None
         if error is not None:
-            attrs = {k: val if isinstance(val, (str, int, float, bool, type(None))) else repr(val)
-                     for k, val in vars(error).items()}
+            attrs = {
+                k: val if isinstance(val, (str, int, float, bool, type(None))) else repr(val)
+                for k, val in vars(error).items()
+            }
             info = (type(error).__name__, str(error), attrs)
         infos: list[Any] = [None] * self.world_size
         self._run("all_gather_object", lambda: dist.all_gather_object(infos, info, group=self.group))
@@ -267,8 +281,17 @@ class ShardedDreamPool:
             return None, exc
 
     # ------------------------------------------------------------------- add
-    def add(self, dreams: Any, *, coherence: Any, energy: Any = None, violation: Any = None,
-            class_labels: Any = None, force: bool = False, route: str = "local") -> torch.Tensor:
+    def add(
+        self,
+        dreams: Any,
+        *,
+        coherence: Any,
+        energy: Any = None,
+        violation: Any = None,
+        class_labels: Any = None,
+        force: bool = False,
+        route: str = "local",
+    ) -> torch.Tensor:
         """Add a batch of dreams; returns ``[N]`` global ids (-1 where rejected or dropped).
 
         ``route="local"`` (default) adds to this rank's shard, with no communication:
@@ -279,25 +302,30 @@ class ShardedDreamPool:
         Arguments as :meth:`DreamPool.add`.
         """
         if route == "local":
-            return self.shard.add(dreams, coherence=coherence, energy=energy, violation=violation,
-                                  class_labels=class_labels, force=force)
+            return self.shard.add(
+                dreams, coherence=coherence, energy=energy, violation=violation, class_labels=class_labels, force=force
+            )
         if route != "least_full":
             raise InvalidInputError("route", "'local' or 'least_full'", repr(route))
         return self._add_routed(dreams, coherence, energy, violation, class_labels, force)
 
-    def _add_routed(self, dreams: Any, coherence: Any, energy: Any, violation: Any,
-                    class_labels: Any, force: bool) -> torch.Tensor:
+    def _add_routed(
+        self, dreams: Any, coherence: Any, energy: Any, violation: Any, class_labels: Any, force: bool
+    ) -> torch.Tensor:
         shard = self.shard
 
         def parse() -> dict[str, torch.Tensor]:
-            batch = validate_dreams(v.as_tensor(dreams, "dreams", device=shard.device),
-                                    dream_shape=shard.config.dream_shape)
+            batch = validate_dreams(
+                v.as_tensor(dreams, "dreams", device=shard.device), dream_shape=shard.config.dream_shape
+            )
             n = batch.shape[0]
-            return {"dreams": batch.float(),
-                    "coherence": shard._per_dream(coherence, n, "coherence", 0.0, 1.0),
-                    "energy": shard._per_dream(energy, n, "energy", 0.0, float("inf")),
-                    "violation": shard._per_dream(violation, n, "violation", 0.0, 1.0),
-                    "class_labels": shard._labels(class_labels, n, "class_labels")}
+            return {
+                "dreams": batch.float(),
+                "coherence": shard._per_dream(coherence, n, "coherence", 0.0, 1.0),
+                "energy": shard._per_dream(energy, n, "energy", 0.0, float("inf")),
+                "violation": shard._per_dream(violation, n, "violation", 0.0, 1.0),
+                "class_labels": shard._labels(class_labels, n, "class_labels"),
+            }
 
         cols, error = self._local(parse)
         n = 0 if cols is None else int(cols["coherence"].shape[0])
@@ -310,28 +338,49 @@ class ShardedDreamPool:
         nmax = max(counts)
         rows, layout = _pack({name: _pad_rows(t, nmax) for name, t in cols.items()}, nmax)
         gathered = [torch.empty_like(rows, device=self._comm) for _ in range(self.world_size)]
-        self._run("gather", lambda: dist.gather(rows.to(self._comm), gathered if self.rank == owner else None,
-                                                dst=owner, group=self.group))
+        self._run(
+            "gather",
+            lambda: dist.gather(
+                rows.to(self._comm), gathered if self.rank == owner else None, dst=owner, group=self.group
+            ),
+        )
         ids, error = None, None
         if self.rank == owner:
-            parts = [_unpack(g[:c], layout) for g, c in zip(gathered, counts)]
+            parts = [_unpack(g[:c], layout) for g, c in zip(gathered, counts, strict=False)]
             union = {name: torch.cat([p[name] for p in parts]).to(shard.device) for name, _, _ in layout}
-            ids, error = self._local(lambda: shard.add(
-                union["dreams"], coherence=union["coherence"], energy=union["energy"],
-                violation=union["violation"], class_labels=union["class_labels"], force=bool(force)))
+            ids, error = self._local(
+                lambda: shard.add(
+                    union["dreams"],
+                    coherence=union["coherence"],
+                    energy=union["energy"],
+                    violation=union["violation"],
+                    class_labels=union["class_labels"],
+                    force=bool(force),
+                )
+            )
         self._agree([], error)
-        out = ids.to(self._comm) if ids is not None else torch.empty(sum(counts), dtype=torch.int64,
-                                                                     device=self._comm)
+        out = ids.to(self._comm) if ids is not None else torch.empty(sum(counts), dtype=torch.int64, device=self._comm)
         self._run("broadcast", lambda: dist.broadcast(out, src=owner, group=self.group))
         start = sum(counts[: self.rank])
         return out[start : start + n].to(shard.device)
 
     # -------------------------------------------------------------- retrieve
-    def retrieve(self, queries: Any, *, k: int | None = None, mode: str | RetrievalMode | None = None,
-                 class_hint: Any = None, classes: Sequence[int] | None = None, category: Any = None,
-                 utility_threshold: float = 0.0, utility_prior: Any = None, fetch_k: int | None = None,
-                 mmr_lambda: float | None = None, min_dispersion: float = 0.0,
-                 with_dreams: bool = False) -> Retrieval:
+    def retrieve(
+        self,
+        queries: Any,
+        *,
+        k: int | None = None,
+        mode: str | RetrievalMode | None = None,
+        class_hint: Any = None,
+        classes: Sequence[int] | None = None,
+        category: Any = None,
+        utility_threshold: float = 0.0,
+        utility_prior: Any = None,
+        fetch_k: int | None = None,
+        mmr_lambda: float | None = None,
+        min_dispersion: float = 0.0,
+        with_dreams: bool = False,
+    ) -> Retrieval:
         """Retrieve over the whole pool for this rank's queries (collective; any B, 0 included).
 
         Arguments and result as :meth:`DreamPool.retrieve`; every rank must pass the
@@ -340,17 +389,34 @@ class ShardedDreamPool:
         of one :class:`DreamPool` holding every shard's entries in global id order.
         """
         shard = self.shard
-        req, error = self._local(lambda: self._parse(
-            queries, k, mode, class_hint, classes, category, utility_threshold, utility_prior,
-            fetch_k, mmr_lambda, min_dispersion, with_dreams))
+        req, error = self._local(
+            lambda: self._parse(
+                queries,
+                k,
+                mode,
+                class_hint,
+                classes,
+                category,
+                utility_threshold,
+                utility_prior,
+                fetch_k,
+                mmr_lambda,
+                min_dispersion,
+                with_dreams,
+            )
+        )
         fields = [0] * 11 if req is None else req.fields(shard.bank.size)
         table = self._agree([*fields, shard.counters["added"]], error)
         self._refit_if_due(int(table[:, -1].sum()))
         table = table[:, :-1]
         if bool((table[:, 2:] != table[0, 2:]).any()):
-            raise InvalidInputError("retrieve arguments", "the same mode, k, fetch_k, mmr_lambda, "
-                                    "min_dispersion, utility_threshold, classes, category filter and "
-                                    "with_dreams on every rank", "different values")
+            raise InvalidInputError(
+                "retrieve arguments",
+                "the same mode, k, fetch_k, mmr_lambda, "
+                "min_dispersion, utility_threshold, classes, category filter and "
+                "with_dreams on every rank",
+                "different values",
+            )
         counts, sizes = table[:, 0].tolist(), table[:, 1].tolist()
         if req.mode is RetrievalMode.DIVERSE:
             scores, ids = self._diverse(req, sizes)
@@ -388,25 +454,43 @@ class ShardedDreamPool:
             live = shard.bank.slots_by_age()
             cols = shard.bank.columns
             c = shard.encoder.content(cols["chroma"][live], cols["spectral"][live]).double()
-            local = torch.cat([c.sum(0), c.square().sum(0), torch.tensor([float(c.shape[0])], dtype=torch.float64,
-                                                                          device=c.device)])
+            local = torch.cat(
+                [c.sum(0), c.square().sum(0), torch.tensor([float(c.shape[0])], dtype=torch.float64, device=c.device)]
+            )
         total = self._all_reduce(local.to(self._comm)).to(shard.device)
         d = c.shape[1]
         n = float(total[-1])
         if n == 0:
             return
         mean = total[:d] / n
-        var = total[d:2 * d] / n - mean.square()
-        added = fitted_on if fitted_on is not None else int(self._all_reduce(
-            torch.tensor([shard.counters["added"]], dtype=torch.float64, device=self._comm))[0])
+        var = total[d : 2 * d] / n - mean.square()
+        added = (
+            fitted_on
+            if fitted_on is not None
+            else int(
+                self._all_reduce(torch.tensor([shard.counters["added"]], dtype=torch.float64, device=self._comm))[0]
+            )
+        )
         with shard._lock:
             candidate = copy.deepcopy(shard.encoder)
             candidate.set_statistics(mean, var, fitted_on=added)
             shard._install_embeddings(*shard._embed_live(candidate), candidate)
 
-    def _parse(self, queries: Any, k: Any, mode: Any, class_hint: Any, classes: Any, category: Any,
-               utility_threshold: Any, utility_prior: Any, fetch_k: Any, mmr_lambda: Any,
-               min_dispersion: Any, with_dreams: Any) -> _Request:
+    def _parse(
+        self,
+        queries: Any,
+        k: Any,
+        mode: Any,
+        class_hint: Any,
+        classes: Any,
+        category: Any,
+        utility_threshold: Any,
+        utility_prior: Any,
+        fetch_k: Any,
+        mmr_lambda: Any,
+        min_dispersion: Any,
+        with_dreams: Any,
+    ) -> _Request:
         """This rank's retrieve arguments, validated as :meth:`DreamPool.retrieve` does."""
         shard = self.shard
         with shard._lock:
@@ -419,11 +503,11 @@ class ShardedDreamPool:
             hint = shard._labels(class_hint, b, "class_hint")
             prior = shard._per_dream(utility_prior, b, "utility_prior", 0.0, 1.0)
             if mode_ is RetrievalMode.CLASS and (class_hint is None or (b and bool((hint < 0).any()))):
-                raise InvalidInputError("class_hint", "a class label in 0..9 for mode 'class'",
-                                        None if class_hint is None else -1)
+                raise InvalidInputError(
+                    "class_hint", "a class label in 0..9 for mode 'class'", None if class_hint is None else -1
+                )
             balanced = request.class_list(classes, config.num_classes) if mode_ is RetrievalMode.BALANCED else []
-            lam = shard.weights.mmr_lambda if mmr_lambda is None else v.check_number(
-                mmr_lambda, "mmr_lambda", 0.0, 1.0)
+            lam = shard.weights.mmr_lambda if mmr_lambda is None else v.check_number(mmr_lambda, "mmr_lambda", 0.0, 1.0)
             if mode_ is RetrievalMode.SOFT and mmr_lambda is None:
                 lam = 1.0
             disp = v.check_number(min_dispersion, "min_dispersion", 0.0, float("inf"))
@@ -432,8 +516,9 @@ class ShardedDreamPool:
             fetch = min(fetch, max(k_, self.total_capacity))
             categories = request.category_filter(category, q, mode_, shard.device)
             embedded = shard._query_embeddings(q, hint, prior) if mode_ in EMBEDDING_MODES else None
-            return _Request(mode_, k_, fetch, lam, disp, thr, balanced, q, hint, categories, embedded,
-                            bool(with_dreams))
+            return _Request(
+                mode_, k_, fetch, lam, disp, thr, balanced, q, hint, categories, embedded, bool(with_dreams)
+            )
 
     def _sharded_topk(self, req: _Request, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather queries, take each shard's candidates, send them to the owners, merge (and re-rank)."""
@@ -457,8 +542,7 @@ class ShardedDreamPool:
         got = _unpack(received.reshape(self.world_size, b, packed.shape[1]).transpose(0, 1), cand_layout)
         got = {name: t.to(shard.device) for name, t in got.items()}  # each [b, W, blocks, width, ...]
         if mode not in RERANK_MODES:
-            parts = [merge_candidates(got["scores"][:, :, j], got["ids"][:, :, j], req.k)[:2]
-                     for j in range(blocks)]
+            parts = [merge_candidates(got["scores"][:, :, j], got["ids"][:, :, j], req.k)[:2] for j in range(blocks)]
             return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
         return self._rerank(req, got, width)
 
@@ -474,17 +558,20 @@ class ShardedDreamPool:
                 scores, slots = pad_results(scores, slots, width)
             out = {"scores": scores.float()[:, None], "ids": bank.gather("ids", slots)[:, None]}
             if mode in RERANK_MODES:
-                out.update(util=bank.gather("util_mean", slots)[:, None],
-                           label=bank.gather("class_label", slots)[:, None],
-                           vectors=bank.gather("embeddings", slots)[:, None],
-                           points=bank.gather("chroma", slots)[:, None])
+                out.update(
+                    util=bank.gather("util_mean", slots)[:, None],
+                    label=bank.gather("class_label", slots)[:, None],
+                    vectors=bank.gather("embeddings", slots)[:, None],
+                    points=bank.gather("chroma", slots)[:, None],
+                )
             return out
         chroma, k = q_all["chroma"], req.k
         count = int(chroma.shape[0])
 
         def top(rows: torch.Tensor | slice, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-            return stages.chroma_candidates(bank, chroma[rows], k, mask, metric="cosine",
-                                            chunk_mb=shard.config.search_chunk_mb)
+            return stages.chroma_candidates(
+                bank, chroma[rows], k, mask, metric="cosine", chunk_mb=shard.config.search_chunk_mb
+            )
 
         every = slice(None)
         labels = bank.columns["class_label"]
@@ -497,10 +584,14 @@ class ShardedDreamPool:
         else:  # utility
             parts = [top(every, (bank.columns["utility"] >= req.threshold)[None, :])]
         if not parts:
-            return {"scores": torch.empty(count, 0, k, device=shard.device),
-                    "ids": torch.empty(count, 0, k, dtype=torch.int64, device=shard.device)}
-        return {"scores": torch.stack([p[0].float() for p in parts], dim=1),
-                "ids": torch.stack([bank.gather("ids", p[1]) for p in parts], dim=1)}
+            return {
+                "scores": torch.empty(count, 0, k, device=shard.device),
+                "ids": torch.empty(count, 0, k, dtype=torch.int64, device=shard.device),
+            }
+        return {
+            "scores": torch.stack([p[0].float() for p in parts], dim=1),
+            "ids": torch.stack([bank.gather("ids", p[1]) for p in parts], dim=1),
+        }
 
     def _rerank(self, req: _Request, got: dict[str, torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft/hybrid at the query's owner: merged candidates -> hybrid base score -> MMR -> k."""
@@ -525,10 +616,16 @@ class ShardedDreamPool:
         score_parts, id_parts = [], []
         for rows in row_chunks(b, row_bytes, shard.config.rerank_chunk_mb):
             match = class_match(label[rows].long(), req.hint[rows])
-            base = hybrid_scores(sim[rows].masked_fill(~valid[rows], float("-inf")), util[rows], match,
-                                 shard.weights)
-            picks, scores = mmr(base, vectors[rows], req.k, mmr_lambda=req.lam, delta=shard.weights.delta,
-                                min_dispersion=req.min_dispersion, points=points[rows])
+            base = hybrid_scores(sim[rows].masked_fill(~valid[rows], float("-inf")), util[rows], match, shard.weights)
+            picks, scores = mmr(
+                base,
+                vectors[rows],
+                req.k,
+                mmr_lambda=req.lam,
+                delta=shard.weights.delta,
+                min_dispersion=req.min_dispersion,
+                points=points[rows],
+            )
             score_parts.append(scores)
             id_parts.append(torch.where(picks >= 0, cand[rows].gather(1, picks.clamp(min=0)), picks))
         return torch.cat(score_parts), torch.cat(id_parts)
@@ -551,8 +648,9 @@ class ShardedDreamPool:
         parts = []
         for part_rows in row_chunks(q.count, row_bytes, shard.config.rerank_chunk_mb):
             relevance = rowwise_cosine(q.chroma[part_rows], chroma)
-            parts.append(mmr(relevance, chroma, req.k, mmr_lambda=req.lam,
-                             min_dispersion=req.min_dispersion, points=chroma))
+            parts.append(
+                mmr(relevance, chroma, req.k, mmr_lambda=req.lam, min_dispersion=req.min_dispersion, points=chroma)
+            )
         picks = torch.cat([p[0] for p in parts])
         scores = torch.cat([p[1] for p in parts])
         out = torch.where(picks >= 0, ids[picks.clamp(min=0)] if n else picks, picks)
@@ -569,8 +667,7 @@ class ShardedDreamPool:
 
     def _mine(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids`` where this rank owns them, -1 elsewhere."""
-        return torch.where((ids >= 0) & (owner_of(ids, self.world_size) == self.rank), ids,
-                           torch.full_like(ids, -1))
+        return torch.where((ids >= 0) & (owner_of(ids, self.world_size) == self.rank), ids, torch.full_like(ids, -1))
 
     def _issued(self, ids: torch.Tensor) -> torch.Tensor:
         """``[n]`` bool: ids (owned by this rank) that this shard has issued or inherited."""
@@ -582,15 +679,14 @@ class ShardedDreamPool:
         return ok
 
     # ---------------------------------------------------------- id routing
-    def _route_ids(
-        self, ids: Any, error: BaseException | None = None
-    ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    def _route_ids(self, ids: Any, error: BaseException | None = None) -> tuple[torch.Tensor, list[int], torch.Tensor]:
         """Validate this rank's ids, agree, gather and check every id at its owner (collective).
 
         ``error``: this rank's input already failed (the ranks still agree, then raise).
         Returns this rank's flat ``[n]`` ids, every rank's count and every rank's
         ids concatenated in rank order.
         """
+
         def parse() -> torch.Tensor:
             t = v.as_tensor(ids, "ids", device=self.shard.device)
             v.check_int(t, "ids")
@@ -612,8 +708,9 @@ class ShardedDreamPool:
         unknown = self._all_reduce(unknown).cpu()
         if bool(unknown.any()):
             owners = torch.nonzero(unknown).squeeze(1).tolist()
-            raise InvalidInputError("ids", "ids issued by this sharded pool (or -1)",
-                                    f"unknown ids owned by rank(s) {owners}")
+            raise InvalidInputError(
+                "ids", "ids issued by this sharded pool (or -1)", f"unknown ids owned by rank(s) {owners}"
+            )
         return flat, counts, gathered
 
     def _lookup(self, ids: torch.Tensor, counts: list[int], names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -624,8 +721,9 @@ class ShardedDreamPool:
             slots = self.shard.bank.slots_of(self._mine(table))
             cols = {name: self.shard.bank.gather(name, slots) for name in names}
             cols["found"] = slots >= 0
-        rows, layout = _pack({n: c.reshape(self.world_size * nmax, *c.shape[2:]) for n, c in cols.items()},
-                             self.world_size * nmax)
+        rows, layout = _pack(
+            {n: c.reshape(self.world_size * nmax, *c.shape[2:]) for n, c in cols.items()}, self.world_size * nmax
+        )
         counts_out = [nmax] * self.world_size
         received = self._all_to_all(rows, counts_out, counts_out).reshape(self.world_size, nmax, rows.shape[1])
         got = _unpack(received[:, : ids.numel()], layout)  # [W sources, n, ...]
@@ -709,7 +807,9 @@ class ShardedDreamPool:
         """
         root, error = self._local(lambda: _check_target(path))
         self._agree([_crc(str(root)) if root is not None else 0], error)
-        token = torch.randint(0, 2**62, (1,), dtype=torch.int64) if self.rank == 0 else torch.zeros(1, dtype=torch.int64)
+        token = (
+            torch.randint(0, 2**62, (1,), dtype=torch.int64) if self.rank == 0 else torch.zeros(1, dtype=torch.int64)
+        )
         token = token.to(self._comm)
         self._run("broadcast", lambda: dist.broadcast(token, src=0, group=self.group))
         generation = f"gen-{int(token):016x}"
@@ -720,9 +820,14 @@ class ShardedDreamPool:
                     snap = persist.snapshot(self.shard)
                     marks = {**self._watermarks, self._issuing: self.shard.bank.next_id}
                 persist.write_checkpoint(snap, root / generation / f"shard-{self.rank:05d}")
-            return {"path": f"{generation}/shard-{self.rank:05d}", "size": snap.size,
-                    "watermarks": {str(t): m for t, m in sorted(marks.items())}, "counters": snap.counters,
-                    "config": snap.config.to_dict(), "dream_dtype": str(snap.columns["dreams"].dtype)[6:]}
+            return {
+                "path": f"{generation}/shard-{self.rank:05d}",
+                "size": snap.size,
+                "watermarks": {str(t): m for t, m in sorted(marks.items())},
+                "counters": snap.counters,
+                "config": snap.config.to_dict(),
+                "dream_dtype": str(snap.columns["dreams"].dtype)[6:],
+            }
 
         entry, error = self._local(write)
         self._agree([], error)
@@ -738,8 +843,9 @@ class ShardedDreamPool:
                     shutil.rmtree(stale, ignore_errors=True)
 
     @classmethod
-    def load(cls, path: persist.PathArg, *, group: Any = None,
-             device: str | torch.device | None = None) -> ShardedDreamPool:
+    def load(
+        cls, path: persist.PathArg, *, group: Any = None, device: str | torch.device | None = None
+    ) -> ShardedDreamPool:
         """Open a sharded checkpoint (collective), at its world size or another one.
 
         At the saved world size each rank reads its own shard. At another, each rank
@@ -769,8 +875,13 @@ class ShardedDreamPool:
         """This rank's shard as a dict (``torch.save``-safe), tagged with rank and world size."""
         with self.shard._lock:
             marks = {**self._watermarks, self._issuing: self.shard.bank.next_id}
-        return {"format": "dreampool-shard", "rank": self.rank, "world_size": self.world_size,
-                "watermarks": {str(t): m for t, m in marks.items()}, "shard": self.shard.state_dict()}
+        return {
+            "format": "dreampool-shard",
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "watermarks": {str(t): m for t, m in marks.items()},
+            "shard": self.shard.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Replace every shard with the state this rank saved (collective; same rank and world size).
@@ -784,8 +895,11 @@ class ShardedDreamPool:
                 raise InvalidInputError("state_dict", "a ShardedDreamPool.state_dict()", type(state_dict).__name__)
             where = (state_dict.get("rank"), state_dict.get("world_size"))
             if where != (self.rank, self.world_size):
-                raise InvalidInputError("state_dict", f"the state of rank {self.rank} of {self.world_size}",
-                                        f"rank {where[0]} of {where[1]}")
+                raise InvalidInputError(
+                    "state_dict",
+                    f"the state of rank {self.rank} of {self.world_size}",
+                    f"rank {where[0]} of {where[1]}",
+                )
             marks = {int(t): int(m) for t, m in state_dict["watermarks"].items()}
             with shard._lock:
                 backup = persist.snapshot(shard)
@@ -815,8 +929,9 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _require_group() -> None:
     if not (dist.is_available() and dist.is_initialized()):
-        raise InvalidConfigurationError("torch.distributed", "not initialised",
-                                        "init_process_group called on every rank first")
+        raise InvalidConfigurationError(
+            "torch.distributed", "not initialised", "init_process_group called on every rank first"
+        )
 
 
 def _rank_config(config: PoolConfig) -> PoolConfig:
@@ -841,8 +956,9 @@ def _check_target(path: Any) -> Path:
         raise InvalidInputError("path", "a str or os.PathLike", type(path).__name__)
     root = Path(os.fspath(path))
     if root.exists() and not is_sharded_checkpoint(root) and (not root.is_dir() or any(root.iterdir())):
-        raise InvalidInputError("path", "a sharded checkpoint, an empty directory or a new path",
-                                f"{root}, which holds something else")
+        raise InvalidInputError(
+            "path", "a sharded checkpoint, an empty directory or a new path", f"{root}, which holds something else"
+        )
     return root
 
 
@@ -852,8 +968,14 @@ def _digest(body: dict[str, Any]) -> str:
 
 def _commit_manifest(root: Path, generation: str, shards: list[dict[str, Any]]) -> None:
     """Write ``root/manifest.json`` naming ``generation``'s shards: temp file, fsync, rename, fsync dir."""
-    body = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "world_size": len(shards),
-            "tag_bits": TAG_BITS, "generation": generation, "shards": shards}
+    body = {
+        "format": SHARDED_FORMAT,
+        "version": SHARDED_VERSION,
+        "world_size": len(shards),
+        "tag_bits": TAG_BITS,
+        "generation": generation,
+        "shards": shards,
+    }
     data = json.dumps({**body, "digest": _digest(body)}, indent=2, sort_keys=True).encode()
     atomic_write(root / _MANIFEST, lambda tmp: tmp.write_bytes(data))
 
@@ -875,8 +997,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if manifest.get("digest") != _digest(body):
         raise CheckpointCorruptError(target, "digest mismatch")
     if manifest.get("version") != SHARDED_VERSION or manifest.get("tag_bits") != TAG_BITS:
-        raise CheckpointCorruptError(target, f"version {manifest.get('version')} (this library reads "
-                                     f"{SHARDED_VERSION})")
+        raise CheckpointCorruptError(
+            target, f"version {manifest.get('version')} (this library reads {SHARDED_VERSION})"
+        )
     return manifest
 
 
@@ -891,8 +1014,9 @@ def _open_rank(root: Path, rank: int, world: int, device: Any) -> tuple[DreamPoo
         with pool._lock:
             persist.restore(pool, snap)
         return pool, {int(t): m for t, m in entry["watermarks"].items()}
-    return _collect(root, manifest, lambda tag: tag % world == rank, lambda s: s % world == rank, device,
-                    default_tag=rank)
+    return _collect(
+        root, manifest, lambda tag: tag % world == rank, lambda s: s % world == rank, device, default_tag=rank
+    )
 
 
 def load_merged(path: persist.PathArg, *, device: str | torch.device | None = None) -> DreamPool:
@@ -905,9 +1029,15 @@ def load_merged(path: persist.PathArg, *, device: str | torch.device | None = No
     return pool
 
 
-def _collect(root: Path, manifest: dict[str, Any], keep_tag: Callable[[int], bool],
-             keep_counters: Callable[[int], bool], device: Any, *, default_tag: int
-             ) -> tuple[DreamPool, dict[int, int]]:
+def _collect(
+    root: Path,
+    manifest: dict[str, Any],
+    keep_tag: Callable[[int], bool],
+    keep_counters: Callable[[int], bool],
+    device: Any,
+    *,
+    default_tag: int,
+) -> tuple[DreamPool, dict[int, int]]:
     """A pool of the entries whose tags ``keep_tag`` accepts, read from every shard holding some.
 
     Counters of the old shards ``keep_counters`` accepts are summed; the new pool
@@ -926,8 +1056,7 @@ def _collect(root: Path, manifest: dict[str, Any], keep_tag: Callable[[int], boo
         if encoder[1] is None:  # every shard holds the same encoder state (statistics are refit collectively)
             encoder = (snap.encoder_kind, snap.encoder_state)
         ids = snap.columns["ids"]
-        keep = (ids >= 0) & torch.tensor([keep_tag(int(t)) for t in (ids >> TAG_BITS).tolist()],
-                                         dtype=torch.bool)
+        keep = (ids >= 0) & torch.tensor([keep_tag(int(t)) for t in (ids >> TAG_BITS).tolist()], dtype=torch.bool)
         parts.append({name: col[keep] for name, col in snap.columns.items()})
     config = PoolConfig.from_dict(shards[0]["config"])
     if device is not None:
@@ -951,9 +1080,18 @@ def _collect(root: Path, manifest: dict[str, Any], keep_tag: Callable[[int], boo
             for key, value in entry["counters"].items():
                 counters[key] = counters.get(key, 0) + int(value)
     issuing = max(marks, key=lambda t: marks[t])
-    snap = persist.PoolSnapshot(config=pool.config, size=size, next_id=marks[issuing], extent=size,
-                                counters=counters, columns=columns, index_kind="", index_bytes=None,
-                                encoder_kind=encoder[0], encoder_state=encoder[1])
+    snap = persist.PoolSnapshot(
+        config=pool.config,
+        size=size,
+        next_id=marks[issuing],
+        extent=size,
+        counters=counters,
+        columns=columns,
+        index_kind="",
+        index_bytes=None,
+        encoder_kind=encoder[0],
+        encoder_state=encoder[1],
+    )
     with pool._lock:
         persist.restore(pool, snap)
     return pool, marks

@@ -80,16 +80,22 @@ class EncoderLifecycle:
         with self._lock:
             if not isinstance(self.encoder, (LearnedEncoder, ModuleEncoder)):
                 raise InvalidConfigurationError(
-                    "encoder", type(self.encoder).__name__,
+                    "encoder",
+                    type(self.encoder).__name__,
                     "a trainable encoder: PoolConfig(encoder='learned') or DreamPool(config, encoder=<nn.Module>)",
                 )
-            steps, batch_size, seed = v.check_count(steps, "steps"), v.check_count(batch_size, "batch_size"), \
-                v.check_count(seed, "seed")
+            steps, batch_size, seed = (
+                v.check_count(steps, "steps"),
+                v.check_count(batch_size, "batch_size"),
+                v.check_count(seed, "seed"),
+            )
             lr = v.check_number(lr, "lr", 0.0, 1.0)
             colour_jitter = v.check_number(colour_jitter, "colour_jitter", 0.0, 1.0)
-            for name, value, ok, expected in (("steps", steps, steps >= 1, "an int >= 1"),
-                                              ("batch_size", batch_size, batch_size >= 2, "an int >= 2"),
-                                              ("lr", lr, lr > 0.0, "a learning rate in (0, 1]")):
+            for name, value, ok, expected in (
+                ("steps", steps, steps >= 1, "an int >= 1"),
+                ("batch_size", batch_size, batch_size >= 2, "an int >= 2"),
+                ("lr", lr, lr > 0.0, "a learning rate in (0, 1]"),
+            ):
                 if not ok:
                     raise InvalidInputError(name, expected, value)
             self._check_fresh()
@@ -99,15 +105,32 @@ class EncoderLifecycle:
             start = time.perf_counter()
             cols = self.bank.columns
             labels = cols["class_label"].long()
-            weights = 1.0 + torch.where(cols["feedback_count"] > 0, cols["util_mean"], torch.zeros_like(cols["util_mean"]))
+            weights = 1.0 + torch.where(
+                cols["feedback_count"] > 0, cols["util_mean"], torch.zeros_like(cols["util_mean"])
+            )
             candidate = copy.deepcopy(self.encoder)
-            losses = train_encoder(candidate, cols["dreams"], slots, labels, weights, steps=steps,
-                                   batch_size=batch_size, lr=lr, seed=seed, colour_jitter=colour_jitter,
-                                   progress=progress)
+            losses = train_encoder(
+                candidate,
+                cols["dreams"],
+                slots,
+                labels,
+                weights,
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                colour_jitter=colour_jitter,
+                progress=progress,
+            )
             live, embeddings = self._embed_live(candidate)
             self._install_embeddings(live, embeddings, candidate)
-            return FitReport(losses=losses, steps=steps, seconds=time.perf_counter() - start,
-                             entries=int(slots.numel()), labelled=int((labels[slots] >= 0).sum()))
+            return FitReport(
+                losses=losses,
+                steps=steps,
+                seconds=time.perf_counter() - start,
+                entries=int(slots.numel()),
+                labelled=int((labels[slots] >= 0).sum()),
+            )
 
     def reembed(self) -> None:
         """Recompute every entry's embedding with the current encoder; rebuild the index.
@@ -126,20 +149,29 @@ class EncoderLifecycle:
         if encoder is None:
             if cfg.encoder == "learned":
                 return LearnedEncoder(cfg.dream_shape, d, seed=cfg.encoder_seed).to(self.device).eval()
-            return FeatureEncoder(d, include_spectral=cfg.include_spectral, include_class=cfg.include_class,
-                                  include_utility=cfg.include_utility, num_classes=cfg.num_classes,
-                                  seed=cfg.encoder_seed, device=self.device)
+            return FeatureEncoder(
+                d,
+                include_spectral=cfg.include_spectral,
+                include_class=cfg.include_class,
+                include_utility=cfg.include_utility,
+                num_classes=cfg.num_classes,
+                seed=cfg.encoder_seed,
+                device=self.device,
+            )
         if isinstance(encoder, Encoder):
             if getattr(encoder, "dim", None) != d:
-                raise InvalidConfigurationError("encoder", f"an encoder of dim {getattr(encoder, 'dim', None)}",
-                                                f"dim {d} (embedding_dim)")
+                raise InvalidConfigurationError(
+                    "encoder", f"an encoder of dim {getattr(encoder, 'dim', None)}", f"dim {d} (embedding_dim)"
+                )
             mover = getattr(encoder, "to", None)
             moved = mover(self.device) if callable(mover) else encoder
             return moved.eval() if isinstance(moved, torch.nn.Module) else moved
         if isinstance(encoder, torch.nn.Module):
             return ModuleEncoder(encoder.to(self.device).eval(), cfg.dream_shape, d)
         raise InvalidConfigurationError(
-            "encoder", type(encoder).__name__, "None, an Encoder, or a torch.nn.Module mapping [N, R, C, L, 3] to [N, D]"
+            "encoder",
+            type(encoder).__name__,
+            "None, an Encoder, or a torch.nn.Module mapping [N, R, C, L, 3] to [N, D]",
         )
 
     def _check_fresh(self) -> None:
@@ -156,9 +188,13 @@ class EncoderLifecycle:
         cols = self.bank.columns
         parts = [torch.empty(0, self.config.embedding_dim, device=self.device)]
         for start in range(0, slots.numel(), _EMBED_CHUNK):
-            s = slots[start:start + _EMBED_CHUNK]
-            z = encoder.encode_entries(cols["dreams"][s].float(), chroma=cols["chroma"][s],
-                                       spectral=cols["spectral"][s], class_labels=cols["class_label"][s].long())
+            s = slots[start : start + _EMBED_CHUNK]
+            z = encoder.encode_entries(
+                cols["dreams"][s].float(),
+                chroma=cols["chroma"][s],
+                spectral=cols["spectral"][s],
+                class_labels=cols["class_label"][s].long(),
+            )
             parts.append(bank_form(z.float(), self.config.metric))
         return slots, torch.cat(parts)
 
@@ -208,7 +244,10 @@ class EncoderLifecycle:
         live = self.bank.slots_by_age()
         cols = self.bank.columns
         candidate = copy.deepcopy(self.encoder)
-        candidate.fit_statistics(torch.cat([cols["chroma"][live], chroma]), torch.cat([cols["spectral"][live], spectral]),
-                                 fitted_on=self.counters["added"] + chroma.shape[0])
+        candidate.fit_statistics(
+            torch.cat([cols["chroma"][live], chroma]),
+            torch.cat([cols["spectral"][live], spectral]),
+            fitted_on=self.counters["added"] + chroma.shape[0],
+        )
         slots, embeddings = self._embed_live(candidate)
         self._install_embeddings(slots, embeddings, candidate)

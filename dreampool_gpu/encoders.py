@@ -180,7 +180,7 @@ class FeatureEncoder:
             self._version += 1
 
     def set_statistics(self, mean: torch.Tensor, var: torch.Tensor, *, fitted_on: int) -> None:
-        """Use ``mean`` and ``var`` ``[content_dim]`` (e.g. reduced over the shards of a pool). Bumps :attr:`version`."""
+        """Use ``mean`` and ``var`` ``[content_dim]`` (e.g. reduced over a pool's shards); bumps :attr:`version`."""
         self.mean = mean.to(self.projection.device, torch.float32)
         self.std = torch.sqrt(var.clamp(min=0) + _STD_FLOOR**2).to(self.projection.device, torch.float32)
         self.fitted_on = fitted_on

@@ -107,8 +107,10 @@ class CollectiveError(DreamPoolError, RuntimeError):
     def __init__(self, rank: int, collective: str, reason: str) -> None:
         self.rank = rank
         self.collective = collective
-        super().__init__(f"rank {rank}: collective {collective} failed (a rank that did not take part, "
-                         f"or a timeout): {reason}")
+        super().__init__(
+            f"rank {rank}: collective {collective} failed (a rank that did not take part, or a timeout): {reason}"
+        )
+
 
 class CheckpointNotFoundError(DreamPoolError, FileNotFoundError):
     """No checkpoint at a path (nothing there, and no copy left by an interrupted save).

@@ -49,7 +49,7 @@ class Eviction:
         positions = torch.arange(m, device=coherence.device)
         if m <= room:
             return positions
-        return positions[m - room:]
+        return positions[m - room :]
 
 
 class LowestCoherence(Eviction):
@@ -71,7 +71,7 @@ class LowestCoherence(Eviction):
         m = coherence.shape[0]
         kept = torch.arange(m, device=coherence.device)
         if m > room:
-            kept = torch.sort(coherence, stable=True).indices[m - room:].sort().values
+            kept = torch.sort(coherence, stable=True).indices[m - room :].sort().values
         leaving = need(int(kept.numel()))
         if leaving <= 0:
             return kept

@@ -50,7 +50,7 @@ class FitReport:
     @property
     def final_loss(self) -> float:
         """Mean loss of the last 10% of steps (NaN when no step ran)."""
-        tail = self.losses[-max(1, len(self.losses) // 10):]
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
         return sum(tail) / len(tail) if tail else math.nan
 
 
@@ -155,8 +155,9 @@ def train_encoder(
             loss.backward()
             value = float(loss.detach())  # one host read per step: the NaN check and the report
             if not math.isfinite(value):
-                raise EncoderFitError(f"loss became {value} at step {step}; the pool is unchanged "
-                                      f"(try a lower lr than {lr})")
+                raise EncoderFitError(
+                    f"loss became {value} at step {step}; the pool is unchanged (try a lower lr than {lr})"
+                )
             optimizer.step()
             losses.append(value)
             if progress:

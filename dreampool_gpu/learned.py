@@ -50,9 +50,12 @@ class LearnedEncoder(_Versioned):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.body = nn.Sequential(
-                nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.ReLU(),
-                nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
-                nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(channels, width, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(width, width, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(width, width, 3, padding=1),
+                nn.ReLU(),
             )
             self.head = nn.Linear(2 * width + 3, dim)
             self.chroma_head = nn.Sequential(nn.Linear(3, 64), nn.ReLU(), nn.Linear(64, dim))
@@ -117,8 +120,9 @@ class ModuleEncoder(_Versioned):
                 out = module(probe)
         except Exception as exc:  # a user's module: any failure is a configuration problem
             raise InvalidConfigurationError(
-                "encoder", type(module).__name__, f"a module accepting [N, {', '.join(map(str, dream_shape))}, 3] "
-                f"dreams (it raised {exc!r})"
+                "encoder",
+                type(module).__name__,
+                f"a module accepting [N, {', '.join(map(str, dream_shape))}, 3] dreams (it raised {exc!r})",
             ) from None
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, dim):
             got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

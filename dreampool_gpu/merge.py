@@ -34,8 +34,9 @@ def merge_candidates(
         DimensionMismatchError: ``scores`` and ``ids`` are not both ``[B, S, m]``.
     """
     if scores.dim() != 3 or ids.shape != scores.shape:
-        raise DimensionMismatchError("scores and ids of one shape [B, S, m]",
-                                     [list(scores.shape), list(ids.shape)], "merge_candidates")
+        raise DimensionMismatchError(
+            "scores and ids of one shape [B, S, m]", [list(scores.shape), list(ids.shape)], "merge_candidates"
+        )
     b, width = scores.shape[0], scores.shape[1] * scores.shape[2]
     flat_scores = scores.reshape(b, width)
     flat_ids = ids.reshape(b, width)

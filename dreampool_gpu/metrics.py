@@ -26,9 +26,7 @@ def _prometheus() -> Any:
     try:
         import prometheus_client
     except ImportError as exc:  # optional dependency
-        raise DreamPoolError(
-            "metrics need prometheus-client: pip install 'dreampool_gpu[metrics]'"
-        ) from exc
+        raise DreamPoolError("metrics need prometheus-client: pip install 'dreampool_gpu[metrics]'") from exc
     return prometheus_client
 
 
@@ -82,13 +80,17 @@ class PoolMetrics:
     def __init__(self, pool: DreamPool, *, registry: Any = None, namespace: str = "dreampool") -> None:
         prom = _prometheus()
         if registry is not None and not isinstance(registry, prom.CollectorRegistry):
-            raise InvalidInputError("registry", "a prometheus_client.CollectorRegistry or None", type(registry).__name__)
+            raise InvalidInputError(
+                "registry", "a prometheus_client.CollectorRegistry or None", type(registry).__name__
+            )
         self.registry = registry if registry is not None else prom.CollectorRegistry()
         self.retrieve_seconds = prom.Histogram(
             f"{namespace}_retrieve_seconds", "retrieve latency", buckets=_LATENCY_BUCKETS, registry=self.registry
         )
         self.batch_size = prom.Histogram(
-            f"{namespace}_retrieve_batch_size", "queries per retrieve call", buckets=_BATCH_BUCKETS,
+            f"{namespace}_retrieve_batch_size",
+            "queries per retrieve call",
+            buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
         self.registry.register(_StatsCollector(pool, namespace))

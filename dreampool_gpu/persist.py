@@ -88,8 +88,16 @@ _REQUIRED = (CONFIG, STATE, BANK)
 _PART_FILE = {"config": CONFIG, "state": STATE, "bank": BANK, "encoder": ENCODER}
 # Config fields that shape what the bank stores: a state can only go into a pool that agrees on them.
 _STRUCTURAL = (
-    "dream_shape", "embedding_dim", "metric", "window",
-    "include_spectral", "include_class", "include_utility", "encoder_seed", "encoder", "num_classes",
+    "dream_shape",
+    "embedding_dim",
+    "metric",
+    "window",
+    "include_spectral",
+    "include_class",
+    "include_utility",
+    "encoder_seed",
+    "encoder",
+    "num_classes",
 )
 
 _READ_ATTEMPTS = 20  # reads restarted (with a growing pause) when a concurrent save swaps the directory
@@ -98,9 +106,16 @@ PathArg: TypeAlias = "str | os.PathLike[str]"
 
 # Value ranges of live rows per column (others: any finite value).
 _RANGES = {
-    "dreams": (0.0, 1.0), "chroma": (0.0, 1.0), "coherence": (0.0, 1.0), "violation": (0.0, 1.0),
-    "utility": (0.0, 1.0), "util_mean": (0.0, 1.0), "energy": (0.0, math.inf), "feedback_count": (0, math.inf),
-    "usage": (0, math.inf), "hue_category": (0, NUM_HUE_CATEGORIES - 1),
+    "dreams": (0.0, 1.0),
+    "chroma": (0.0, 1.0),
+    "coherence": (0.0, 1.0),
+    "violation": (0.0, 1.0),
+    "utility": (0.0, 1.0),
+    "util_mean": (0.0, 1.0),
+    "energy": (0.0, math.inf),
+    "feedback_count": (0, math.inf),
+    "usage": (0, math.inf),
+    "hue_category": (0, NUM_HUE_CATEGORIES - 1),
 }
 
 WRITE_LOCK = threading.RLock()
@@ -170,8 +185,9 @@ def snapshot(pool: DreamPool) -> PoolSnapshot:
         index_kind=pool.index.kind,
         index_bytes=None if engine_bytes is None else _tag_index(engine_bytes, _bank_digest(columns)),
         encoder_kind=encoder_kind(pool.encoder),
-        encoder_state={name: t.detach().to("cpu", copy=True).contiguous()
-                       for name, t in pool.encoder.state_dict().items()},
+        encoder_state={
+            name: t.detach().to("cpu", copy=True).contiguous() for name, t in pool.encoder.state_dict().items()
+        },
     )
 
 
@@ -197,24 +213,30 @@ def _check_encoder(pool: DreamPool, snap: PoolSnapshot) -> None:
     mine = encoder_kind(pool.encoder)
     problem = None
     if mine != snap.encoder_kind:
-        problem = (mine, f"a {snap.encoder_kind!r} encoder, as the state was saved with (pass encoder= a module "
-                         "of the saved architecture for a 'module' or 'custom' encoder)")
+        problem = (
+            mine,
+            f"a {snap.encoder_kind!r} encoder, as the state was saved with (pass encoder= a module "
+            "of the saved architecture for a 'module' or 'custom' encoder)",
+        )
     current = pool.encoder.state_dict()
     for name in sorted(set(current) | set(snap.encoder_state)):
         a, b = current.get(name), snap.encoder_state.get(name)
         if problem is None and (a is None or b is None or a.shape != b.shape or a.dtype != b.dtype):
             got = "absent" if b is None else f"{list(b.shape)} {b.dtype}"
             problem = (f"state {name!r}: {got}", "absent" if a is None else f"{list(a.shape)} {a.dtype}")
-    if problem is None and mine == "features" and not torch.equal(
-        current["projection"].cpu(), snap.encoder_state["projection"]
+    if (
+        problem is None
+        and mine == "features"
+        and not torch.equal(current["projection"].cpu(), snap.encoder_state["projection"])
     ):
         problem = ("another projection", "the projection of this configuration (encoder_seed, include_*, num_classes)")
     if problem is None:
         return
     caller_supplied = mine != snap.encoder_kind or mine in ("module", "custom")  # the caller's encoder= is off
     if snap.origin is not None and not caller_supplied:
-        raise CheckpointCorruptError(snap.origin / ENCODER, f"inconsistent data: expected {problem[1]}, "
-                                                            f"got {problem[0]}")
+        raise CheckpointCorruptError(
+            snap.origin / ENCODER, f"inconsistent data: expected {problem[1]}, got {problem[0]}"
+        )
     raise InvalidConfigurationError("encoder", problem[0], problem[1])
 
 
@@ -242,8 +264,9 @@ def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
         )
     _check_encoder(pool, snap)
     _spot_check(pool, snap)
-    pool.bank.load_state_dict({"columns": snap.columns, "size": snap.size, "next_id": snap.next_id,
-                               "extent": snap.extent})
+    pool.bank.load_state_dict(
+        {"columns": snap.columns, "size": snap.size, "next_id": snap.next_id, "extent": snap.extent}
+    )
     pool.counters.update({key: snap.counters.get(key, 0) for key in pool.counters})
     pool.cache.clear()
     pool._restore_encoder(snap.encoder_state)  # noqa: SLF001 - the pool's hook for its checkpoint
@@ -306,13 +329,14 @@ def _untag_index(snap: PoolSnapshot, pool: DreamPool) -> bytes | None:
     head, _, body = data.partition(b"\n")
     if not head.startswith(_INDEX_MAGIC):
         reason = "it names no bank it was built from"
-    elif head[len(_INDEX_MAGIC):].decode(errors="replace") != _bank_digest(snap.columns):
+    elif head[len(_INDEX_MAGIC) :].decode(errors="replace") != _bank_digest(snap.columns):
         reason = "it was built from another bank (digest mismatch)"
     else:
         return body
     where = "" if snap.origin is None else f" in {snap.origin}"
-    warnings.warn(f"search index{where} not used: {reason}; rebuilt from the bank",
-                  CheckpointRecoveryWarning, stacklevel=5)
+    warnings.warn(
+        f"search index{where} not used: {reason}; rebuilt from the bank", CheckpointRecoveryWarning, stacklevel=5
+    )
     return None
 
 
@@ -351,7 +375,9 @@ def _spot_check(pool: DreamPool, snap: PoolSnapshot) -> None:
 def _recompute_problem(pool: DreamPool, snap: PoolSnapshot, alive: torch.Tensor) -> str | None:
     """What differs when a sample of entries is recomputed from its dreams; None when nothing does."""
     picks = alive[torch.linspace(0, alive.numel() - 1, min(_SPOT_SAMPLE, alive.numel())).round().long().unique()]
-    cols = {name: snap.columns[name][picks].to(pool.device) for name in ("dreams", "chroma", "embeddings", "class_label")}
+    cols = {
+        name: snap.columns[name][picks].to(pool.device) for name in ("dreams", "chroma", "embeddings", "class_label")
+    }
     chroma_tol, embed_tol = _SPOT_TOLERANCE.get(cols["dreams"].dtype, _SPOT_TOLERANCE[torch.bfloat16])
     chroma = chroma_signature(cols["dreams"])
     chroma_gap = float((chroma - cols["chroma"]).abs().max())
@@ -363,13 +389,16 @@ def _recompute_problem(pool: DreamPool, snap: PoolSnapshot, alive: torch.Tensor)
     scale = 1.0 + float(cols["embeddings"].abs().max())
     embed_gap = float((embeddings - cols["embeddings"]).abs().max())
     if embed_gap > embed_tol * scale:
-        return (f"stored embeddings differ from the encoder's embeddings of the stored dreams by up to "
-                f"{embed_gap:.3g} (encoder_seed, include_* or metric changed?)")
+        return (
+            f"stored embeddings differ from the encoder's embeddings of the stored dreams by up to "
+            f"{embed_gap:.3g} (encoder_seed, include_* or metric changed?)"
+        )
     return None
 
 
-def _embeddings_as_added(pool: DreamPool, snap: PoolSnapshot, dreams: torch.Tensor,
-                         labels: torch.Tensor) -> torch.Tensor:
+def _embeddings_as_added(
+    pool: DreamPool, snap: PoolSnapshot, dreams: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """``[n, D]`` bank embeddings of ``dreams`` ``[n, R, C, L, 3]`` under the snapshot's encoder state.
 
     Computed as :meth:`DreamPool.add` embeds (features of the dreams, then
@@ -424,9 +453,7 @@ def _check_int(value: Any, where: str, name: str, low: int, high: int | None = N
     return value
 
 
-def _build(
-    config: Any, state: Any, columns: Any, index_bytes: Any, encoder_state: Any = None
-) -> PoolSnapshot:
+def _build(config: Any, state: Any, columns: Any, index_bytes: Any, encoder_state: Any = None) -> PoolSnapshot:
     """Validate the parts of a snapshot against each other and assemble it."""
     if not isinstance(config, dict):
         raise _Invalid("config", "a mapping of PoolConfig fields", type(config).__name__)
@@ -457,18 +484,31 @@ def _build(
     if not isinstance(kind, str) or kind not in ("features", "learned", "module", "custom"):
         raise _Invalid("state", "encoder_kind: features, learned, module or custom", repr(kind)[:80])
     if encoder_state is not None and not (
-        isinstance(encoder_state, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
-                                                for k, t in encoder_state.items())
+        isinstance(encoder_state, dict)
+        and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in encoder_state.items())
     ):
         raise _Invalid("encoder", "a mapping of name -> tensor", type(encoder_state).__name__)
-    return PoolSnapshot(cfg, size, next_id, extent, dict(counters), dict(columns), state["index_kind"], index_bytes,
-                        kind, None if encoder_state is None else dict(encoder_state))
+    return PoolSnapshot(
+        cfg,
+        size,
+        next_id,
+        extent,
+        dict(counters),
+        dict(columns),
+        state["index_kind"],
+        index_bytes,
+        kind,
+        None if encoder_state is None else dict(encoder_state),
+    )
 
 
 def _upgrade_columns(columns: Any) -> Any:
     """Format 1 stored class labels as int8; they are int32 now."""
-    if isinstance(columns, dict) and isinstance(columns.get("class_label"), torch.Tensor) \
-            and columns["class_label"].dtype == torch.int8:
+    if (
+        isinstance(columns, dict)
+        and isinstance(columns.get("class_label"), torch.Tensor)
+        and columns["class_label"].dtype == torch.int8
+    ):
         return {**columns, "class_label": columns["class_label"].to(torch.int32)}
     return columns
 
@@ -539,15 +579,21 @@ def from_state_dict(state_dict: Any) -> PoolSnapshot:
         InvalidInputError: not such a dict, a newer format version, or a malformed part.
     """
     if not isinstance(state_dict, dict) or not _is_format_name(state_dict.get("format")):
-        raise InvalidInputError("state_dict", f"a dict from DreamPool.state_dict() (format {FORMAT_NAME!r})",
-                                type(state_dict).__name__)
+        raise InvalidInputError(
+            "state_dict", f"a dict from DreamPool.state_dict() (format {FORMAT_NAME!r})", type(state_dict).__name__
+        )
     version = state_dict.get("format_version")
     problem = _version_problem(version)
     if problem is not None:
         raise InvalidInputError("state_dict", *problem)
     try:
-        return _build(state_dict.get("config"), state_dict.get("state"), state_dict.get("bank"),
-                      state_dict.get("index"), state_dict.get("encoder"))
+        return _build(
+            state_dict.get("config"),
+            state_dict.get("state"),
+            state_dict.get("bank"),
+            state_dict.get("index"),
+            state_dict.get("encoder"),
+        )
     except _Invalid as exc:
         raise InvalidInputError(f"state_dict[{exc.where!r}]", exc.expected, exc.got) from None
 
@@ -557,8 +603,14 @@ def _is_format_name(value: Any) -> bool:
 
 
 def _state_fields(snap: PoolSnapshot) -> dict[str, Any]:
-    return {"size": snap.size, "next_id": snap.next_id, "extent": snap.extent,
-            "counters": dict(snap.counters), "index_kind": snap.index_kind, "encoder_kind": snap.encoder_kind}
+    return {
+        "size": snap.size,
+        "next_id": snap.next_id,
+        "extent": snap.extent,
+        "counters": dict(snap.counters),
+        "index_kind": snap.index_kind,
+        "encoder_kind": snap.encoder_kind,
+    }
 
 
 def _version_problem(version: Any) -> tuple[str, str] | None:
@@ -566,8 +618,10 @@ def _version_problem(version: Any) -> tuple[str, str] | None:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         return f"a format version between 1 and {FORMAT_VERSION}", repr(version)[:80]
     if version > FORMAT_VERSION:
-        return (f"format version <= {FORMAT_VERSION}",
-                f"version {version}, written by a newer dreampool_gpu (not corrupt): upgrade dreampool_gpu to load it")
+        return (
+            f"format version <= {FORMAT_VERSION}",
+            f"version {version}, written by a newer dreampool_gpu (not corrupt): upgrade dreampool_gpu to load it",
+        )
     return None
 
 
@@ -936,8 +990,9 @@ def _read_manifest(target: Path) -> dict[str, dict[str, Any]]:
             and isinstance(entry.get("bytes"), int)
         )
         if not ok:
-            raise CheckpointCorruptError(where, f"file entry {name!r} is not one of {', '.join(known)} "
-                                                "with sha256 and bytes")
+            raise CheckpointCorruptError(
+                where, f"file entry {name!r} is not one of {', '.join(known)} with sha256 and bytes"
+            )
     return files
 
 
@@ -954,12 +1009,16 @@ def _read_verified(path: Path, entry: dict[str, Any]) -> bytes:
     except OSError as exc:
         raise CheckpointCorruptError(path, f"unreadable ({exc})") from None
     if len(data) < expected:
-        raise CheckpointCorruptError(path, f"expected {expected} bytes, found {len(data)}: "
-                                           f"{expected - len(data)} bytes missing (truncated)")
+        raise CheckpointCorruptError(
+            path, f"expected {expected} bytes, found {len(data)}: {expected - len(data)} bytes missing (truncated)"
+        )
     if len(data) > expected:
-        raise CheckpointCorruptError(path, f"expected {expected} bytes, found {max(on_disk, len(data))}: "
-                                           f"{max(on_disk, len(data)) - expected} bytes more than the manifest "
-                                           "lists (appended to)")
+        raise CheckpointCorruptError(
+            path,
+            f"expected {expected} bytes, found {max(on_disk, len(data))}: "
+            f"{max(on_disk, len(data)) - expected} bytes more than the manifest "
+            "lists (appended to)",
+        )
     actual = hashlib.sha256(data).hexdigest()
     if actual != entry["sha256"]:
         raise CheckpointCorruptError(path, f"sha256 mismatch: manifest says {entry['sha256']}, file has {actual}")
@@ -1011,8 +1070,13 @@ def _read_regular(path: Path, limit: int) -> tuple[bytes, int]:
 
 
 def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    )
     return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 

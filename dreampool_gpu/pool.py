@@ -101,12 +101,14 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             dream_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         else:
             dream_dtype = _DTYPES[self.config.dream_dtype]
-        self.budget = MemoryBudget(self.config.memory_budget_mb, device=self.device,
-                                   threshold=self.config.budget_threshold)
+        self.budget = MemoryBudget(
+            self.config.memory_budget_mb, device=self.device, threshold=self.config.budget_threshold
+        )
         # capacity: as configured, lowered (or, when None, derived) so the preallocated bank fits the budget
         specs = column_specs(self.config.dream_shape, self.config.embedding_dim, dream_dtype)
-        capacity = fit_capacity(self.config, entry_bytes=entry_nbytes(specs),
-                                budget_bytes=self.budget.budget_bytes, device=self.device)
+        capacity = fit_capacity(
+            self.config, entry_bytes=entry_nbytes(specs), budget_bytes=self.budget.budget_bytes, device=self.device
+        )
         if capacity != self.config.capacity:
             self.config = self.config.replace(capacity=capacity)
         check_allocation(self.config, specs, capacity, self.device)  # a typed error, not the allocator's
@@ -151,10 +153,14 @@ class DreamPool(EncoderLifecycle, Checkpointing):
     def __repr__(self) -> str:
         with self._lock:
             used = MemoryBudget.usage(self.bank, self.index)
-            budget = "" if self.budget.budget_bytes is None else f" of {self.budget.budget_bytes / 2**20:.1f} MiB budget"
-            return (f"DreamPool(size={self.bank.size}/{self.config.capacity}, device={self.device}, "
-                    f"engine={self.index.kind}, dream_shape={self.config.dream_shape}, "
-                    f"embedding_dim={self.config.embedding_dim}, memory={used / 2**20:.2f} MiB{budget})")
+            budget = (
+                "" if self.budget.budget_bytes is None else f" of {self.budget.budget_bytes / 2**20:.1f} MiB budget"
+            )
+            return (
+                f"DreamPool(size={self.bank.size}/{self.config.capacity}, device={self.device}, "
+                f"engine={self.index.kind}, dream_shape={self.config.dream_shape}, "
+                f"embedding_dim={self.config.embedding_dim}, memory={used / 2**20:.2f} MiB{budget})"
+            )
 
     def to(self, device: str | torch.device) -> DreamPool:
         """Move the pool to ``device`` in place and return it (as ``nn.Module.to`` does).
@@ -178,11 +184,15 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             dtype = self.bank.columns["dreams"].dtype
             config = self.config.replace(device=str(target), dream_dtype=str(dtype).removeprefix("torch."))
             budget = MemoryBudget(config.memory_budget_mb, device=target, threshold=config.budget_threshold)
-            fitted = fit_capacity(config, entry_bytes=self.bank.entry_nbytes(), budget_bytes=budget.budget_bytes,
-                                  device=target)
+            fitted = fit_capacity(
+                config, entry_bytes=self.bank.entry_nbytes(), budget_bytes=budget.budget_bytes, device=target
+            )
             if fitted < config.capacity:
-                raise InvalidConfigurationError("memory_budget_mb", config.memory_budget_mb,
-                                                f"a budget on {target} holding the pool's {config.capacity} slots")
+                raise InvalidConfigurationError(
+                    "memory_budget_mb",
+                    config.memory_budget_mb,
+                    f"a budget on {target} holding the pool's {config.capacity} slots",
+                )
             check_allocation(config, self.bank.specs, config.capacity, target)
             self.bank.to(target)
             if callable(getattr(self.encoder, "to", None)):
@@ -263,12 +273,16 @@ class DreamPool(EncoderLifecycle, Checkpointing):
                     f"{accepted.numel()} dreams passed the gate but the pool holds at most {room} "
                     f"(capacity {self.config.capacity}, budget {self.budget.budget_bytes} bytes); strict_budget is set"
                 )
-            if isinstance(self.encoder, FeatureEncoder) and accepted.numel() \
-                    and self.encoder.needs_refit(self.counters["added"] + int(accepted.numel())):
+            if (
+                isinstance(self.encoder, FeatureEncoder)
+                and accepted.numel()
+                and self.encoder.needs_refit(self.counters["added"] + int(accepted.numel()))
+            ):
                 # before admission: the rebuilt index may change what the budget holds
                 newcomers = batch[accepted]
-                self._refit_statistics(chroma_signature(newcomers),
-                                       spectral_features(newcomers, window=self.config.window))
+                self._refit_statistics(
+                    chroma_signature(newcomers), spectral_features(newcomers, window=self.config.window)
+                )
                 budget_room = self.budget.room(self.bank, self.index)
                 room = self.config.capacity if budget_room is None else min(self.config.capacity, budget_room)
             self.counters["rejected"] += n - int(accepted.numel())
@@ -335,8 +349,10 @@ class DreamPool(EncoderLifecycle, Checkpointing):
 
     def _eviction_need(self, incoming: int) -> int:
         """How many entries must leave before ``incoming`` more fit the capacity and the budget."""
-        return max(self.bank.size + incoming - self.config.capacity,
-                   self.budget.eviction_count(self.bank, self.index, incoming))
+        return max(
+            self.bank.size + incoming - self.config.capacity,
+            self.budget.eviction_count(self.bank, self.index, incoming),
+        )
 
     # ------------------------------------------------------------- retrieve
     def retrieve(
@@ -382,8 +398,9 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             with_dreams: also gather the dreams of the results.
             where: a filter applied before the k-NN and any re-ranking, in every mode:
                 a ``[capacity]`` bool mask over slots, or a callable that receives the
-                metadata columns (see :func:`~dreampool_gpu.retrieval.request.where_columns`) as ``[capacity]`` tensors on
-                the pool's device and returns one. Only entries where it is True qualify.
+                metadata columns (see :func:`~dreampool_gpu.retrieval.request.where_columns`) as
+                ``[capacity]`` tensors on the pool's device and returns one. Only entries
+                where it is True qualify.
             chroma_metric: how the chroma modes (``similar``, ``class``, ``balanced``,
                 ``utility``, ``diverse``) score: ``"cosine"`` (the hue direction; brightness
                 ignored, so black matches any dark colour) or ``"euclidean"`` (minus the RGB
@@ -397,10 +414,22 @@ class DreamPool(EncoderLifecycle, Checkpointing):
         """
         start = time.perf_counter()
         with self._lock:
-            req = check_request(self, queries, k=k, mode=mode, class_hint=class_hint, classes=classes,
-                                category=category, utility_threshold=utility_threshold,
-                                utility_prior=utility_prior, fetch_k=fetch_k, mmr_lambda=mmr_lambda,
-                                min_dispersion=min_dispersion, where=where, chroma_metric=chroma_metric)
+            req = check_request(
+                self,
+                queries,
+                k=k,
+                mode=mode,
+                class_hint=class_hint,
+                classes=classes,
+                category=category,
+                utility_threshold=utility_threshold,
+                utility_prior=utility_prior,
+                fetch_k=fetch_k,
+                mmr_lambda=mmr_lambda,
+                min_dispersion=min_dispersion,
+                where=where,
+                chroma_metric=chroma_metric,
+            )
             b = req.q.count
             scores, slots = MODES[req.mode].run(self, req)
             ids = self.bank.gather("ids", slots)
@@ -486,7 +515,7 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             return out
 
     def diversity(self, ids: Any) -> dict[str, torch.Tensor]:
-        """Diversity of each result set: mean, min and max pairwise chroma distance (docs/spec.md §Hybrid score and MMR).
+        """Diversity of each result set: mean, min, max pairwise chroma distance (docs/spec.md §Hybrid score and MMR).
 
         Args:
             ids: ``[B, k]`` int ids, e.g. ``retrieve(...).ids``; -1 and evicted ids are left out.
@@ -534,8 +563,12 @@ class DreamPool(EncoderLifecycle, Checkpointing):
                 "index_bytes": self.index.nbytes(),
                 "memory": self.budget.stats(self.bank, self.index),
                 "search": self.index.describe(),
-                "cache": {"size": len(self.cache), "hits": self.cache.hits, "misses": self.cache.misses,
-                          "hit_rate": self.cache.hit_rate},
+                "cache": {
+                    "size": len(self.cache),
+                    "hits": self.cache.hits,
+                    "misses": self.cache.misses,
+                    "hit_rate": self.cache.hit_rate,
+                },
             }
 
     # ------------------------------------------------------------- helpers
@@ -564,8 +597,9 @@ class DreamPool(EncoderLifecycle, Checkpointing):
         if ids.numel() and bool(((ids < -1) | (ids >= self.bank.next_id)).any()):
             bad = ids[(ids < -1) | (ids >= self.bank.next_id)].unique()
             shown = ", ".join(str(i) for i in bad[:5].tolist()) + (", ..." if bad.numel() > 5 else "")
-            raise InvalidInputError("ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})",
-                                    f"{bad.numel()} unknown: {shown}")
+            raise InvalidInputError(
+                "ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})", f"{bad.numel()} unknown: {shown}"
+            )
 
     def _parse_queries(self, queries: Any, mode: RetrievalMode) -> request.Queries:
         """Checked queries for ``mode`` (:func:`~dreampool_gpu.retrieval.request.parse_queries`)."""
@@ -575,11 +609,13 @@ class DreamPool(EncoderLifecycle, Checkpointing):
         """``[B, D]`` embeddings of parsed queries, through the query cache where it applies."""
         if q.embeddings is not None:
             return q.embeddings
-        return stages.embed_queries(self.encoder, self.cache, self.config, q.chroma, q.spectral, q.dreams,
-                                    hint, prior)
+        return stages.embed_queries(self.encoder, self.cache, self.config, q.chroma, q.spectral, q.dreams, hint, prior)
 
     def _knn(
-        self, embedded: torch.Tensor, k: int, categories: torch.Tensor | None = None,
+        self,
+        embedded: torch.Tensor,
+        k: int,
+        categories: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The engine's k-NN ``[B, k]``, ties oldest first (:func:`~dreampool_gpu.retrieval.stages.knn`)."""

@@ -56,9 +56,9 @@ def score_dreams(dreams: Any) -> SolverScores:
     d_rows = torch.linalg.vector_norm(x[:, 1:] - x[:, :-1], dim=-1)
     d_cols = torch.linalg.vector_norm(x[:, :, 1:] - x[:, :, :-1], dim=-1)
     tv = d_rows.sum(dim=cell_dims) + d_cols.sum(dim=cell_dims)
-    jumps = (d_rows > DISCONTINUITY_THRESHOLD).sum(dim=cell_dims) + (
-        d_cols > DISCONTINUITY_THRESHOLD
-    ).sum(dim=cell_dims)
+    jumps = (d_rows > DISCONTINUITY_THRESHOLD).sum(dim=cell_dims) + (d_cols > DISCONTINUITY_THRESHOLD).sum(
+        dim=cell_dims
+    )
 
     hi = x.amax(dim=-1)
     lo = x.amin(dim=-1)

@@ -149,9 +149,7 @@ def spectral_features(dreams: Any, *, window: Window | str = Window.HANN) -> tor
     n_dreams, rows, cols = x.shape[:3]
     if n_dreams == 0:  # MKL's FFT rejects an empty batch
         return torch.zeros(0, SPECTRAL_DIM, device=x.device)
-    weights = torch.outer(
-        window_vector(rows, kind, device=x.device), window_vector(cols, kind, device=x.device)
-    )
+    weights = torch.outer(window_vector(rows, kind, device=x.device), window_vector(cols, kind, device=x.device))
     budget = _CHUNK_PSD_VALUES.get(x.device.type, _DEFAULT_CHUNK_PSD_VALUES)
     chunk = max(1, budget // (3 * rows * cols))
     return torch.cat([_chunk_features(part, weights) for part in torch.split(x, chunk)])

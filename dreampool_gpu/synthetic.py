@@ -111,9 +111,7 @@ DATASETS: dict[str, Callable[[int, tuple[int, int, int], torch.Generator], Label
 """Name -> generator ``(n, shape, generator) -> LabelledDreams``."""
 
 
-def make_dataset(
-    name: str, n: int, *, shape: tuple[int, int, int] = (16, 16, 4), seed: int = 0
-) -> LabelledDreams:
+def make_dataset(name: str, n: int, *, shape: tuple[int, int, int] = (16, 16, 4), seed: int = 0) -> LabelledDreams:
     """Draw ``n`` labelled dreams of set ``name`` (one of :data:`DATASETS`), on the CPU.
 
     Raises:

@@ -40,9 +40,9 @@ def device(request) -> torch.device:
 @pytest.fixture(autouse=True)
 def _restore_rng():
     torch_state = torch.get_rng_state()
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002 - saving the legacy global state is the point
     py_state = random.getstate()
     yield
     torch.set_rng_state(torch_state)
-    np.random.set_state(np_state)
+    np.random.set_state(np_state)  # noqa: NPY002
     random.setstate(py_state)

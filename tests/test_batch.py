@@ -35,10 +35,12 @@ def _dreams(n: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def saved_pool(tmp_path_factory):
-    pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=64, device="cpu", coherence_threshold=0.0,
-                                engine="torch"))
-    pool.add(_dreams(30, 0), coherence=torch.rand(30, generator=torch.Generator().manual_seed(1)),
-             class_labels=torch.arange(30) % 10)
+    pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=64, device="cpu", coherence_threshold=0.0, engine="torch"))
+    pool.add(
+        _dreams(30, 0),
+        coherence=torch.rand(30, generator=torch.Generator().manual_seed(1)),
+        class_labels=torch.arange(30) % 10,
+    )
     path = tmp_path_factory.mktemp("pool") / "ck"
     pool.save(path)
     return path
@@ -125,8 +127,9 @@ class TestChecks:
 class TestJob:
     def test_results_equal_the_pool_in_one_call(self, tmp_path, saved_pool, queries_npy):
         out = tmp_path / "r.safetensors"
-        report = run_retrieval_job(saved_pool, queries_npy, out, k=4, mode="hybrid", chunk=3, device="cpu",
-                                   options={"class_hint": 2})
+        report = run_retrieval_job(
+            saved_pool, queries_npy, out, k=4, mode="hybrid", chunk=3, device="cpu", options={"class_hint": 2}
+        )
         assert report.queries == 7 and report.chunks == 3 and report.computed == 3 and report.width == 4
         ids, scores = read_results(out)
         want = DreamPool.load(saved_pool).retrieve(_dreams(7, 2), k=4, mode="hybrid", class_hint=2)
@@ -161,11 +164,14 @@ class TestJob:
         ids, _ = read_results(out)
         assert torch.equal(ids, DreamPool.load(saved_pool).retrieve(_dreams(7, 2), k=3, mode="nearest").ids)
 
-    @pytest.mark.parametrize("bad, match", [
-        ({"options": {"nope": 1}}, "names among"),
-        ({"chunk": 0}, "chunk"),
-        ({"out_name": "r.npy"}, r"\.safetensors"),
-    ])
+    @pytest.mark.parametrize(
+        "bad, match",
+        [
+            ({"options": {"nope": 1}}, "names among"),
+            ({"chunk": 0}, "chunk"),
+            ({"out_name": "r.npy"}, r"\.safetensors"),
+        ],
+    )
     def test_bad_arguments_write_nothing(self, tmp_path, saved_pool, queries_npy, bad, match):
         out = tmp_path / bad.pop("out_name", "r.safetensors")
         with pytest.raises(InvalidInputError, match=match):
@@ -174,7 +180,8 @@ class TestJob:
 
     def test_chroma_metric_passes_through(self, tmp_path, saved_pool, queries_npy):
         out = tmp_path / "r.safetensors"
-        run_retrieval_job(saved_pool, queries_npy, out, k=3, mode="similar", device="cpu",
-                          options={"chroma_metric": "euclidean"})
+        run_retrieval_job(
+            saved_pool, queries_npy, out, k=3, mode="similar", device="cpu", options={"chroma_metric": "euclidean"}
+        )
         want = DreamPool.load(saved_pool).retrieve(_dreams(7, 2), k=3, mode="similar", chroma_metric="euclidean")
         assert torch.equal(read_results(out)[1], want.scores)

@@ -26,7 +26,9 @@ BASE_S = 2e-3  # above report.MIN_BASELINE_S, so the group is checked
 def bench(group: str, name: str, median: float, role: str | None = None) -> dict:
     """One entry of pytest-benchmark's ``benchmarks`` list."""
     return {
-        "group": group, "name": name, "fullname": f"benchmarks/test_fake.py::{name}",
+        "group": group,
+        "name": name,
+        "fullname": f"benchmarks/test_fake.py::{name}",
         "stats": {"median": median, "mean": median, "stddev": 0.0, "rounds": 5},
         "extra_info": {"role": role} if role else {},
     }
@@ -89,8 +91,7 @@ class TestCheck:
     def test_missing_benchmark_fails(self):
         ratios = report.cost_ratios([b for b in run() if b["name"] != "test_faiss"])
         failures = report.check(ratios, self.baseline())
-        assert failures == ["search :: test_faiss: not measured in this run (renamed or removed? "
-                            "rewrite the baseline)"]
+        assert failures == ["search :: test_faiss: not measured in this run (renamed or removed? rewrite the baseline)"]
 
 
 class TestMain:

@@ -34,7 +34,10 @@ from dreampool_gpu.budget import (
     pci_bus_id,
 )
 from dreampool_gpu.config import EvictionPolicy
+from dreampool_gpu.errors import CapacityExceededError, InvalidConfigurationError
 from dreampool_gpu.eviction import policy_for
+from dreampool_gpu.memory import nvml_available
+from dreampool_gpu.search.exact import ExactSearch
 
 
 def eviction_key(bank, policy):
@@ -49,9 +52,7 @@ def batch_survivors(coherence, policy, room):
     """What a policy admits of a batch into an empty pool of ``room`` free slots."""
     bank = TensorBank(4, (2, 2, 1), 8, device=torch.device("cpu"))
     return policy_for(policy).admit(bank, coherence, room, lambda incoming: 0)
-from dreampool_gpu.errors import CapacityExceededError, InvalidConfigurationError
-from dreampool_gpu.memory import nvml_available
-from dreampool_gpu.search.exact import ExactSearch
+
 
 SHAPE = (2, 3, 1)
 CPU = torch.device("cpu")
@@ -215,7 +216,7 @@ def oracle_leavers(pool: DreamPool, policy: str, incoming: list[float]) -> tuple
     meta = pool.metadata(torch.tensor(ids, dtype=torch.int64))
     rated = [int(c) > 0 for c in meta["feedback_count"]]
     means = [float(u) for u in meta["util_mean"]]
-    prior = sum(u for u, r in zip(means, rated) if r) / max(1, sum(rated))
+    prior = sum(u for u, r in zip(means, rated, strict=False) if r) / max(1, sum(rated))
 
     def key(j):
         if policy == "fifo":
@@ -230,9 +231,11 @@ def oracle_leavers(pool: DreamPool, policy: str, incoming: list[float]) -> tuple
     entries = [(key(j), ids[j], "resident") for j in range(len(ids))]
     if policy == "lowest_coherence":
         entries += [(c, pool.bank.next_id + i, "incoming") for i, c in enumerate(incoming)]
-    leaving = sorted(entries, key=lambda e: (e[0], e[1]))[:max(0, count)]
-    return ({i for _, i, who in leaving if who == "resident"},
-            {i - pool.bank.next_id for _, i, who in leaving if who == "incoming"})
+    leaving = sorted(entries, key=lambda e: (e[0], e[1]))[: max(0, count)]
+    return (
+        {i for _, i, who in leaving if who == "resident"},
+        {i - pool.bank.next_id for _, i, who in leaving if who == "incoming"},
+    )
 
 
 class TestEvictionPolicies:
@@ -443,8 +446,14 @@ class TestWithinBudget:
 
     def test_churn_with_an_ivf_index(self):
         """The IVF footprint (codes, stale codes, centroids) counts, and stays within its estimate."""
-        pool = make_pool(capacity=None, memory_budget_mb=0.4, engine="faiss-ivf", ann_threshold=1024,
-                         embedding_dim=16, eviction_policy="lowest_coherence")
+        pool = make_pool(
+            capacity=None,
+            memory_budget_mb=0.4,
+            engine="faiss-ivf",
+            ann_threshold=1024,
+            embedding_dim=16,
+            eviction_policy="lowest_coherence",
+        )
         limit = pool.budget.limit_bytes
         assert 1024 <= pool.config.capacity < 2048  # the index is trained once, then churns
         g = torch.Generator().manual_seed(2)
@@ -629,13 +638,16 @@ class TestRealNvml:
     def test_pool_with_a_fraction_of_the_gpu(self):
         if not nvml_available():
             pytest.skip("CUDA present but NVML unavailable")
-        pool = DreamPool(PoolConfig(dream_shape=(4, 4, 2), capacity=None, memory_budget_mb="0.01%",
-                                    device="cuda", coherence_threshold=0.0))
+        pool = DreamPool(
+            PoolConfig(
+                dream_shape=(4, 4, 2), capacity=None, memory_budget_mb="0.01%", device="cuda", coherence_threshold=0.0
+            )
+        )
         probe = open_probe(pool.device)
         total = probe.read().total_bytes  # the GPU's whole memory, as NVML reports it
         probe.close()
         assert pool.budget.budget_bytes == int(1e-4 * total)
-        for step in range(10):
+        for _ in range(10):
             n = pool.config.capacity // 3 + 1
             pool.add(torch.rand(n, 4, 4, 2, 3, device=pool.device), coherence=torch.ones(n))
             mem = pool.stats()["memory"]

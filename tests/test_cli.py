@@ -28,9 +28,7 @@ CHUNK = 300  # does not divide N_QUERIES: the last chunk is short
 def saved(tmp_path_factory):
     """A saved 250-entry CPU pool and query files in every accepted format."""
     root = tmp_path_factory.mktemp("cli")
-    pool = DreamPool(
-        PoolConfig(dream_shape=SHAPE, capacity=300, coherence_threshold=0.0, device="cpu")
-    )
+    pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=300, coherence_threshold=0.0, device="cpu"))
     generator = torch.Generator().manual_seed(0)
     dreams, labels = synthetic_dreams(250, SHAPE, generator=generator)
     scores = score_dreams(dreams)
@@ -51,9 +49,7 @@ def saved(tmp_path_factory):
     torch.save(query_dreams, root / "dreams.pt")
     torch.save({"queries": chroma[:50], "other": torch.zeros(2)}, root / "dict.pt")
     torch.save(torch.randn(30, 64), root / "emb64.pt")
-    np.save(
-        root / "emb32.npy", np.random.default_rng(0).standard_normal((30, 32)).astype(np.float32)
-    )
+    np.save(root / "emb32.npy", np.random.default_rng(0).standard_normal((30, 32)).astype(np.float32))
     np.save(root / "ints.npy", np.zeros((10, 3), dtype=np.int64))
     np.save(root / "wide.npy", np.zeros((10, 7), dtype=np.float32))
     np.save(root / "nan.npy", np.full((10, 3), np.nan, dtype=np.float32))
@@ -72,9 +68,7 @@ def _run(capsys, *argv):
 
 
 def _retrieve(capsys, saved, queries, out, *extra):
-    return _run(
-        capsys, "retrieve", saved / "pool", saved / queries, "--out", out, "--no-progress", *extra
-    )
+    return _run(capsys, "retrieve", saved / "pool", saved / queries, "--out", out, "--no-progress", *extra)
 
 
 class TestHelp:
@@ -228,9 +222,7 @@ class TestRetrieve:
 
     def test_pool_is_not_written_back(self, capsys, saved, tmp_path):
         before = {p.name: p.read_bytes() for p in (saved / "pool").iterdir()}
-        code, _, err = _retrieve(
-            capsys, saved, "chroma.npy", tmp_path / "r.safetensors", "--k", "3"
-        )
+        code, _, err = _retrieve(capsys, saved, "chroma.npy", tmp_path / "r.safetensors", "--k", "3")
         assert code == 0, err
         assert {p.name: p.read_bytes() for p in (saved / "pool").iterdir()} == before
         assert int(DreamPool.load(saved / "pool", device="cpu").bank.columns["usage"].sum()) == 0
@@ -246,9 +238,7 @@ class TestRetrieve:
             assert torch.equal(ids, results[0][0])
             torch.testing.assert_close(scores, results[0][1])
         out = tmp_path / "key.safetensors"
-        code, _, err = _retrieve(
-            capsys, saved, "two.safetensors", out, "--key", "b", "--mode", "similar"
-        )
+        code, _, err = _retrieve(capsys, saved, "two.safetensors", out, "--key", "b", "--mode", "similar")
         assert code == 0, err
         assert read_results(out)[0].shape == (10, cli.DEFAULT_K)
 
@@ -272,9 +262,7 @@ class TestRetrieve:
         ids, scores = read_results(tmp_path / "q.safetensors")
         assert ids.shape == (40, 6) and bool((ids >= 0).all())
         assert bool((scores[:, :-1] >= -1e9).all())
-        code, _, err = _retrieve(
-            capsys, saved, "emb64.pt", tmp_path / "e.safetensors", "--k", "3", "--mode", "nearest"
-        )
+        code, _, err = _retrieve(capsys, saved, "emb64.pt", tmp_path / "e.safetensors", "--k", "3", "--mode", "nearest")
         assert code == 0, err
         assert read_results(tmp_path / "e.safetensors")[0].shape == (30, 3)
 
@@ -312,9 +300,7 @@ class TestRetrieve:
 
     def test_json_report_and_rerun_does_nothing(self, capsys, saved, tmp_path):
         out = tmp_path / "r.safetensors"
-        code, stdout, _ = _retrieve(
-            capsys, saved, "chroma.npy", out, "--k", "2", "--chunk", "400", "--json"
-        )
+        code, stdout, _ = _retrieve(capsys, saved, "chroma.npy", out, "--k", "2", "--chunk", "400", "--json")
         assert code == 0
         report = json.loads(stdout)
         assert report["computed_queries"] == N_QUERIES and report["resumed"] == 0
@@ -428,9 +414,7 @@ class TestResume:
         return indices
 
     @pytest.mark.parametrize("mode", ["nearest", "hybrid"])
-    def test_interrupted_job_resumes_to_the_same_result(
-        self, capsys, saved, tmp_path, monkeypatch, mode
-    ):
+    def test_interrupted_job_resumes_to_the_same_result(self, capsys, saved, tmp_path, monkeypatch, mode):
         args = ("--k", "5", "--mode", mode, "--chunk", "150")  # 7 chunks, the last one short
         reference = tmp_path / "reference.safetensors"
         assert _retrieve(capsys, saved, "chroma.npy", reference, *args)[0] == 0
@@ -475,9 +459,7 @@ class TestResume:
         ]
         assert not out.exists()
 
-    def test_interrupt_while_writing_leaves_no_temporary_files(
-        self, capsys, saved, tmp_path, monkeypatch
-    ):
+    def test_interrupt_while_writing_leaves_no_temporary_files(self, capsys, saved, tmp_path, monkeypatch):
         out = tmp_path / "out.safetensors"
         real = batch_mod.save_file
 
@@ -498,9 +480,7 @@ class TestResume:
         out = tmp_path / "out.safetensors"
         with monkeypatch.context() as patch:
             self._interrupt_after(patch, 1)
-            assert (
-                _retrieve(capsys, saved, "chroma.npy", out, "--k", "5", "--chunk", "300")[0] == 130
-            )
+            assert _retrieve(capsys, saved, "chroma.npy", out, "--k", "5", "--chunk", "300")[0] == 130
         with monkeypatch.context() as patch:
             recorded = self._record(patch)
             code, _, err = _retrieve(capsys, saved, "chroma.npy", out, "--k", "4", "--chunk", "300")
@@ -523,9 +503,7 @@ class TestBench:
         monkeypatch.setattr(cli, "bench_script", lambda: tmp_path / "scripts" / "bench.sh")
         code, _, err = _run(capsys, "bench")
         assert code == 2
-        assert err.startswith(
-            "dreampool: error: invalid bench: expected scripts/bench.sh of a source checkout"
-        )
+        assert err.startswith("dreampool: error: invalid bench: expected scripts/bench.sh of a source checkout")
 
     def test_script_is_found_in_this_checkout(self):
         assert cli.bench_script().is_file()

@@ -31,9 +31,15 @@ BUDGET_MB = 0.1  # holds ~120 entries of SHAPE: the budget, not CAPACITY, bounds
 THREADS = 4
 OPS_PER_THREAD = 1250  # 8 threads x 1250 = 10,000 operations
 MODES = [
-    ("similar", {}), ("class", {"class_hint": 3}), ("balanced", {"classes": [0, 4]}),
-    ("utility", {"utility_threshold": 0.2}), ("diverse", {}), ("soft", {}), ("hybrid", {"class_hint": 1}),
-    ("category", {}), ("nearest", {}),
+    ("similar", {}),
+    ("class", {"class_hint": 3}),
+    ("balanced", {"classes": [0, 4]}),
+    ("utility", {"utility_threshold": 0.2}),
+    ("diverse", {}),
+    ("soft", {}),
+    ("hybrid", {"class_hint": 1}),
+    ("category", {}),
+    ("nearest", {}),
 ]
 
 
@@ -87,8 +93,9 @@ class Workload:
             else:
                 n = rng.randint(1, 8)
                 dreams = torch.rand(n, *SHAPE, 3, generator=g)
-                ids = pool.add(dreams, coherence=torch.rand(n, generator=g),
-                               class_labels=torch.randint(-1, 10, (n,), generator=g))
+                ids = pool.add(
+                    dreams, coherence=torch.rand(n, generator=g), class_labels=torch.randint(-1, 10, (n,), generator=g)
+                )
                 with self.lock:
                     self.issued += [i for i in ids.tolist() if i >= 0]
                     self.offered += n
@@ -140,8 +147,15 @@ class Workload:
 @pytest.mark.slow
 class TestThreads:
     def test_four_writers_four_readers(self, tmp_path):
-        config = PoolConfig(dream_shape=SHAPE, capacity=CAPACITY, device="cpu", coherence_threshold=0.3,
-                            eviction_policy="fifo", query_cache_size=32, memory_budget_mb=BUDGET_MB)
+        config = PoolConfig(
+            dream_shape=SHAPE,
+            capacity=CAPACITY,
+            device="cpu",
+            coherence_threshold=0.3,
+            eviction_policy="fifo",
+            query_cache_size=32,
+            memory_budget_mb=BUDGET_MB,
+        )
         pool = DreamPool(config)
         assert pool.config.capacity < CAPACITY  # derived from the budget
         work = Workload(pool, tmp_path / "ck")

@@ -40,6 +40,7 @@ MAX_KILL_STEP = 30  # the kill lands on one of the first 30 steps: within the fi
 
 def _paused(fn, name):
     """``fn`` behind a handshake: print ``step name``, wait for a line on stdin, then run."""
+
     def step(*args, **kwargs):
         print("step", name, flush=True)
         sys.stdin.readline()
@@ -80,8 +81,14 @@ def build_initial(path) -> None:
 def run_child_until_step(ck, swap: str, kill_step: int, stderr_path) -> tuple[list[list[str]], str]:
     """Run a child on ``ck``, SIGKILL it at its ``kill_step``-th step; its event lines and last step."""
     with open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, __file__, str(ck), swap], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, str(ck), swap],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            bufsize=1,
+        )
         events, steps, where = [], 0, ""
         for line in proc.stdout:
             kind, arg = line.split()
@@ -138,9 +145,11 @@ class TestCrash:
         DreamPool.load(ck).save(ck)  # leftovers of the killed writers are cleaned by the next save
         assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
         mid_save = sum(1 for *_, flying, _ in outcomes if flying)
-        print(f"\ncrash test: {RUNS} kills, {mid_save} during a save "
-              f"({sum(1 for *_, new in outcomes if new)} of those had already landed); "
-              f"runs (swap, completed saves, killed before step, mid-save, new landed): {outcomes}")
+        print(
+            f"\ncrash test: {RUNS} kills, {mid_save} during a save "
+            f"({sum(1 for *_, new in outcomes if new)} of those had already landed); "
+            f"runs (swap, completed saves, killed before step, mid-save, new landed): {outcomes}"
+        )
         if RUNS >= 4:
             assert mid_save >= 1, "no kill landed during a save: the test did not test anything"
 

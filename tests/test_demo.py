@@ -98,9 +98,7 @@ def test_filtering_arms_replay_only_trusted_entries_and_rescore_the_rest(arm, mo
 
     def recording(columns, drop):
         keep = original(columns, drop)
-        masks.append(
-            (set(columns["id"][keep].tolist()), set(columns["id"][columns["id"] >= 0].tolist()))
-        )
+        masks.append((set(columns["id"][keep].tolist()), set(columns["id"][columns["id"] >= 0].tolist())))
         return keep
 
     replayed: list[set[int]] = []

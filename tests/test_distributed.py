@@ -118,8 +118,7 @@ def _check_modes(pool: ShardedDreamPool, single: DreamPool, counts: list[int], w
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=TIMEOUT)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=TIMEOUT)
     torch.set_num_threads(1)
     try:
         _checks(rank, world, Path(tmp))
@@ -155,8 +154,9 @@ def _checks(rank: int, world: int, tmp: Path) -> None:
     meta, expected = pool.metadata(probe), single.metadata(_single_ids(probe, world))
     for name in ("util_mean", "utility", "feedback_count", "usage", "chroma", "class_label", "found"):
         assert torch.equal(meta[name].nan_to_num(-1.0), expected[name].nan_to_num(-1.0)), name
-    assert torch.equal(pool.dreams(probe[:4].reshape(2, 2)),
-                       single.dreams(_single_ids(probe[:4], world)).reshape(2, 2, *SHAPE, 3))
+    assert torch.equal(
+        pool.dreams(probe[:4].reshape(2, 2)), single.dreams(_single_ids(probe[:4], world)).reshape(2, 2, *SHAPE, 3)
+    )
     stats = pool.stats()
     assert stats["size"] == len(single) and stats["world_size"] == world
 
@@ -218,8 +218,10 @@ def _check_checkpoints(pool: ShardedDreamPool, rank: int, tmp: Path) -> None:
     # a rank failing during save: every rank raises, the previous checkpoint stays loadable
     original = __import__("dreampool_gpu.persist", fromlist=["write_checkpoint"]).write_checkpoint
     if rank == 1:
+
         def broken(snap, target):  # noqa: ANN001, ANN202 - test double
             raise OSError("disk full (test)")
+
         __import__("dreampool_gpu.persist", fromlist=["x"]).write_checkpoint = broken
     pool.add(queries[:2], coherence=torch.ones(2))
     with pytest.raises(OSError):
@@ -263,9 +265,14 @@ def test_sharded_pool_needs_an_initialised_group() -> None:
 
 def test_ddp_example_runs_with_three_ranks(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, str(root / "docs/examples/ddp_training_loop.py"), str(tmp_path / "ckpt")],
-                          capture_output=True, text=True, timeout=120, cwd=root,
-                          env={**os.environ, "PYTHONPATH": str(root)})
+    done = subprocess.run(
+        [sys.executable, str(root / "docs/examples/ddp_training_loop.py"), str(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "3 ranks, 288 entries" in done.stdout
     assert "checkpoint holds 288 entries" in done.stdout

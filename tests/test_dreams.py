@@ -143,9 +143,7 @@ class TestHueRadians:
 
     def test_primary_hues(self):
         rgb = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
-        torch.testing.assert_close(
-            hue_radians(rgb), torch.tensor([2 * math.pi / 3, 4 * math.pi / 3, math.pi / 3])
-        )
+        torch.testing.assert_close(hue_radians(rgb), torch.tensor([2 * math.pi / 3, 4 * math.pi / 3, math.pi / 3]))
 
     def test_batched_shape(self):
         assert hue_radians(torch.rand(2, 3, 4, 3)).shape == (2, 3, 4)

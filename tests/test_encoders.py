@@ -14,8 +14,14 @@ def features(n: int = 6, seed: int = 0):
     """chroma ``[n, 3]`` and spectral ``[n, 8]`` with realistic magnitudes."""
     g = torch.Generator().manual_seed(seed)
     chroma = torch.rand(n, 3, generator=g)
-    spectral = torch.cat([torch.rand(n, 1, generator=g), 100 * torch.rand(n, 4, generator=g),
-                          torch.randint(0, 64, (n, 3), generator=g).float()], dim=1)
+    spectral = torch.cat(
+        [
+            torch.rand(n, 1, generator=g),
+            100 * torch.rand(n, 4, generator=g),
+            torch.randint(0, 64, (n, 3), generator=g).float(),
+        ],
+        dim=1,
+    )
     return chroma, spectral
 
 
@@ -53,9 +59,13 @@ class TestBlocks:
 
     @pytest.mark.parametrize(
         ("parts", "width"),
-        [({}, 22), ({"include_spectral": False}, 16), ({"include_class": False}, 11),
-         ({"include_utility": False}, 20),
-         ({"include_spectral": False, "include_class": False, "include_utility": False}, 3)],
+        [
+            ({}, 22),
+            ({"include_spectral": False}, 16),
+            ({"include_class": False}, 11),
+            ({"include_utility": False}, 20),
+            ({"include_spectral": False, "include_class": False, "include_utility": False}, 3),
+        ],
     )
     def test_parts_switched_off_change_the_width(self, parts, width):
         chroma, spectral = features()
@@ -87,13 +97,19 @@ class TestLabelsNeverHurt:
         chroma, spectral = features(50, seed=5)
         labels = torch.randint(0, 10, (50,), generator=torch.Generator().manual_seed(1))
         labels[::4] = -1  # a mixed pool
-        plain = F.normalize(enc.encode_entries(torch.empty(0), chroma=chroma, spectral=spectral,
-                                               class_labels=unlabelled(50)), dim=1)
-        tagged = F.normalize(enc.encode_entries(torch.empty(0), chroma=chroma, spectral=spectral,
-                                                class_labels=labels), dim=1)
+        plain = F.normalize(
+            enc.encode_entries(torch.empty(0), chroma=chroma, spectral=spectral, class_labels=unlabelled(50)), dim=1
+        )
+        tagged = F.normalize(
+            enc.encode_entries(torch.empty(0), chroma=chroma, spectral=spectral, class_labels=labels), dim=1
+        )
         q_chroma, q_spectral = features(7, seed=6)
-        q = F.normalize(enc.encode_queries(dreams=None, chroma=q_chroma, spectral=q_spectral,
-                                           class_labels=unlabelled(7), utility=torch.zeros(7)), dim=1)
+        q = F.normalize(
+            enc.encode_queries(
+                dreams=None, chroma=q_chroma, spectral=q_spectral, class_labels=unlabelled(7), utility=torch.zeros(7)
+            ),
+            dim=1,
+        )
         torch.testing.assert_close(q @ tagged.T, q @ plain.T, atol=1e-6, rtol=1e-6)
 
     def test_a_hint_lifts_exactly_the_matching_entries(self):
@@ -104,8 +120,13 @@ class TestLabelsNeverHurt:
         q_chroma, q_spectral = features(1, seed=6)
 
         def query(hint: int) -> torch.Tensor:
-            return enc.encode_queries(dreams=None, chroma=q_chroma, spectral=q_spectral,
-                                      class_labels=torch.tensor([hint]), utility=torch.zeros(1))
+            return enc.encode_queries(
+                dreams=None,
+                chroma=q_chroma,
+                spectral=q_spectral,
+                class_labels=torch.tensor([hint]),
+                utility=torch.zeros(1),
+            )
 
         gain = (query(3) @ entries.T - query(-1) @ entries.T)[0]  # dot products before normalisation
         torch.testing.assert_close(gain, (labels == 3).float() * 0.25, atol=1e-5, rtol=0)
@@ -120,11 +141,13 @@ class TestStatistics:
         dreams = torch.rand(500, 8, 8, 2, 3, generator=torch.Generator().manual_seed(0))
         chroma, spectral = chroma_signature(dreams), spectral_features(dreams)
         enc = FeatureEncoder()
-        raw = F.normalize(enc.encode_entries(dreams, chroma=chroma, spectral=spectral,
-                                             class_labels=unlabelled(500)), dim=1)
+        raw = F.normalize(
+            enc.encode_entries(dreams, chroma=chroma, spectral=spectral, class_labels=unlabelled(500)), dim=1
+        )
         enc.fit_statistics(chroma, spectral, fitted_on=500)
-        z = F.normalize(enc.encode_entries(dreams, chroma=chroma, spectral=spectral,
-                                           class_labels=unlabelled(500)), dim=1)
+        z = F.normalize(
+            enc.encode_entries(dreams, chroma=chroma, spectral=spectral, class_labels=unlabelled(500)), dim=1
+        )
         off_diagonal = (z @ z.T).fill_diagonal_(-1)
         raw_off = (raw @ raw.T).fill_diagonal_(-1)
         assert float(raw_off.max()) > 0.9999  # unstandardised: everything is one point
@@ -161,8 +184,9 @@ class TestProtocol:
     def test_shipped_encoders_satisfy_it(self):
         assert isinstance(FeatureEncoder(), Encoder)
         assert isinstance(LearnedEncoder((4, 4, 2), 16), Encoder)
-        assert isinstance(ModuleEncoder(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(96, 16)),
-                                        (4, 4, 2), 16), Encoder)
+        assert isinstance(
+            ModuleEncoder(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(96, 16)), (4, 4, 2), 16), Encoder
+        )
 
     def test_same_seed_same_encoder(self):
         a, b = FeatureEncoder(seed=5), FeatureEncoder(seed=5)

@@ -52,7 +52,7 @@ def evict(bank: TensorBank, index, slots: torch.Tensor) -> None:
 
 
 def recall(got: torch.Tensor, want: torch.Tensor) -> float:
-    hits = sum(len(set(g.tolist()) & set(w.tolist()) - {-1}) for g, w in zip(got, want))
+    hits = sum(len(set(g.tolist()) & set(w.tolist()) - {-1}) for g, w in zip(got, want, strict=False))
     return hits / int((want >= 0).sum())
 
 
@@ -309,7 +309,12 @@ class TestAuto:
     def test_rule(self):
         cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
         assert [prefer_faiss_flat(cpu, 100_000, b) for b in (1, 2, 8, 15, 16, 256)] == [
-            False, True, True, True, False, False,
+            False,
+            True,
+            True,
+            True,
+            False,
+            False,
         ]
         assert not any(prefer_faiss_flat(cuda, 100_000, b) for b in (1, 2, 8, 256))
 
@@ -335,8 +340,9 @@ class TestAuto:
         assert state["index_bytes"] == engine.nbytes() > 0
 
     def test_pool_reports_engine_and_bytes(self):
-        cfg = PoolConfig(dream_shape=(4, 4, 1), capacity=3000, device="cpu", ann_threshold=1024,
-                         coherence_threshold=0.0)
+        cfg = PoolConfig(
+            dream_shape=(4, 4, 1), capacity=3000, device="cpu", ann_threshold=1024, coherence_threshold=0.0
+        )
         pool = DreamPool(cfg)
         g = torch.Generator().manual_seed(0)  # noise, not class colours: no near-duplicate embeddings
         dreams, labels = torch.rand(1500, 4, 4, 1, 3, generator=g), torch.randint(0, 10, (1500,), generator=g)
@@ -351,17 +357,31 @@ class TestAuto:
 class TestConfig:
     @pytest.mark.parametrize(
         ("field", "value"),
-        [("engine", "hnsw"), ("engine", 3), ("ann_threshold", 1000), ("ivf_nlist", -1), ("ivf_nprobe", 0),
-         ("ivf_refine_factor", 0), ("churn_rebuild_fraction", 0.0), ("churn_rebuild_fraction", 1.5),
-         ("churn_rebuild_fraction", True)],
+        [
+            ("engine", "hnsw"),
+            ("engine", 3),
+            ("ann_threshold", 1000),
+            ("ivf_nlist", -1),
+            ("ivf_nprobe", 0),
+            ("ivf_refine_factor", 0),
+            ("churn_rebuild_fraction", 0.0),
+            ("churn_rebuild_fraction", 1.5),
+            ("churn_rebuild_fraction", True),
+        ],
     )
     def test_bad_values_are_rejected(self, field, value):
         with pytest.raises(InvalidConfigurationError, match=field):
             PoolConfig(**{field: value})
 
     def test_round_trips_through_a_dict(self):
-        cfg = PoolConfig(engine="faiss-ivf", ann_threshold=4096, ivf_nlist=256, ivf_nprobe=8,
-                         ivf_refine_factor=4, churn_rebuild_fraction=0.2)
+        cfg = PoolConfig(
+            engine="faiss-ivf",
+            ann_threshold=4096,
+            ivf_nlist=256,
+            ivf_nprobe=8,
+            ivf_refine_factor=4,
+            churn_rebuild_fraction=0.2,
+        )
         assert PoolConfig.from_dict(cfg.to_dict()) == cfg
 
 

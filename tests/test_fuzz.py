@@ -52,8 +52,15 @@ DEVICES = ["cpu", "meta"] + (["cuda"] if cuda_available() else [])
 
 # ------------------------------------------------------------------ the pool
 def config():
-    return PoolConfig(dream_shape=SHAPE, capacity=CAPACITY, device="cpu", coherence_threshold=0.3,
-                      embedding_dim=DIM, query_cache_size=4, eviction_policy="lowest_utility")
+    return PoolConfig(
+        dream_shape=SHAPE,
+        capacity=CAPACITY,
+        device="cpu",
+        coherence_threshold=0.3,
+        embedding_dim=DIM,
+        query_cache_size=4,
+        eviction_policy="lowest_utility",
+    )
 
 
 @functools.cache
@@ -61,8 +68,11 @@ def template():
     """State dict of a small full pool: evictions done, feedback given, a free slot or two."""
     pool = DreamPool(config())
     g = torch.Generator().manual_seed(0)
-    pool.add(torch.rand(16, *SHAPE, 3, generator=g), coherence=torch.rand(16, generator=g),
-             class_labels=torch.randint(-1, 10, (16,), generator=g))
+    pool.add(
+        torch.rand(16, *SHAPE, 3, generator=g),
+        coherence=torch.rand(16, generator=g),
+        class_labels=torch.randint(-1, 10, (16,), generator=g),
+    )
     hits = pool.retrieve(torch.rand(3, 3, generator=g), k=4, mode="hybrid")
     pool.feedback(hits.ids, torch.rand(3, 4, generator=g))
     return pool.state_dict()
@@ -126,7 +136,7 @@ def check_bank(pool):
     assert live.numel() == pool.bank.size <= CAPACITY
     assert live.unique().numel() == live.numel()
     assert live.numel() == 0 or int(live.max()) < pool.bank.next_id
-    assert bool((ids[pool.bank.extent:] == -1).all())
+    assert bool((ids[pool.bank.extent :] == -1).all())
 
 
 def live_ids(pool):
@@ -171,7 +181,8 @@ def tensors(draw, shape, *, kind="float", low=0.0, high=1.0, clean=False):
         flat = base.view(-1)
         for _ in range(draw(st.integers(1, 3))):
             flat[draw(st.integers(0, flat.numel() - 1))] = draw(
-                st.sampled_from(SPECIALS if kind == "float" else [-1e12, 1e12, -5.0, low - 1, high + 1]))
+                st.sampled_from(SPECIALS if kind == "float" else [-1e12, 1e12, -5.0, low - 1, high + 1])
+            )
     if dtype.is_floating_point or dtype.is_complex:
         t = base.to(dtype)
     elif dtype == torch.bool:
@@ -191,10 +202,19 @@ def tensors(draw, shape, *, kind="float", low=0.0, high=1.0, clean=False):
 
 
 junk = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=4), st.binary(max_size=4), st.builds(list), st.builds(dict),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=4),
+    st.binary(max_size=4),
+    st.builds(list),
+    st.builds(dict),
     st.builds(lambda: [[1], [2, 3]]),  # fresh objects: examples may mutate them
-    st.just(object()), st.just(np.array(["a", "b"])), st.just(torch.tensor(0.5)), st.just(torch.tensor(3)),
+    st.just(object()),
+    st.just(np.array(["a", "b"])),
+    st.just(torch.tensor(0.5)),
+    st.just(torch.tensor(3)),
 )
 
 
@@ -212,13 +232,21 @@ def argument(draw, shape, *, kind="float", low=0.0, high=1.0, optional=False, cl
 
 
 counts = st.one_of(
-    st.integers(0, 16), st.integers(0, 16), st.integers(-3, -1), st.sampled_from([10**12, 2**63, 2**70]),
-    st.floats(allow_nan=True), st.booleans(), st.text(max_size=2),
-    st.builds(torch.tensor, st.integers(-2, 20)), st.builds(torch.tensor, st.floats(0, 5)),
+    st.integers(0, 16),
+    st.integers(0, 16),
+    st.integers(-3, -1),
+    st.sampled_from([10**12, 2**63, 2**70]),
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.text(max_size=2),
+    st.builds(torch.tensor, st.integers(-2, 20)),
+    st.builds(torch.tensor, st.floats(0, 5)),
 )
 modes = st.one_of(
-    st.sampled_from([m.value for m in RetrievalMode] + ["hard"]), st.sampled_from(list(RetrievalMode)),
-    st.sampled_from(["", "HYBRID", "telepathy", " soft"]), junk,
+    st.sampled_from([m.value for m in RetrievalMode] + ["hard"]),
+    st.sampled_from(list(RetrievalMode)),
+    st.sampled_from(["", "HYBRID", "telepathy", " soft"]),
+    junk,
 )
 
 
@@ -243,8 +271,12 @@ class TestFuzzAdd:
         force = draw(st.booleans())
         next_before, alive_before = pool.bank.next_id, live_ids(pool)
         counters_before = dict(pool.counters)
-        ids, error = attempt(pool, lambda: pool.add(dreams, coherence=coherence, energy=energy,
-                                                     violation=violation, class_labels=labels, force=force))
+        ids, error = attempt(
+            pool,
+            lambda: pool.add(
+                dreams, coherence=coherence, energy=energy, violation=violation, class_labels=labels, force=force
+            ),
+        )
         assert error is None or not clean, error
         if error is not None:
             return
@@ -275,33 +307,51 @@ class TestFuzzRetrieve:
         pool = fresh_pool()
         clean = draw(st.booleans())
         b = draw(st.integers(0, 4))
-        mode = draw(st.one_of(st.none(), st.sampled_from([m.value for m in RetrievalMode] + ["hard"]))
-                    if clean else st.one_of(st.none(), modes))
+        mode = draw(
+            st.one_of(st.none(), st.sampled_from([m.value for m in RetrievalMode] + ["hard"]))
+            if clean
+            else st.one_of(st.none(), modes)
+        )
         name = pool.config.retrieval_mode if mode is None else mode
         chroma_only = isinstance(name, str) and name in CHROMA_MODES
         shapes = [(b, *SHAPE, 3), (b, 3)] + ([] if clean and chroma_only else [(b, DIM)])
         queries = draw(tensors(draw(st.sampled_from(shapes)), clean=clean))
         k = draw(st.one_of(st.none(), st.integers(0, CAPACITY)) if clean else st.one_of(st.none(), counts))
         class_mode = clean and mode == "class"  # class mode needs a hint naming a class
-        class_hint = draw(argument((b,), kind="int", low=0 if class_mode else -1, high=9, optional=not class_mode,
-                                   clean=clean))
+        class_hint = draw(
+            argument((b,), kind="int", low=0 if class_mode else -1, high=9, optional=not class_mode, clean=clean)
+        )
         class_lists = st.one_of(st.lists(st.integers(0, 9), max_size=4), st.lists(st.integers(0, 9)).map(tuple))
-        classes = draw(class_lists if clean else st.one_of(
-            st.none(), class_lists, st.lists(st.integers(-2, 12), max_size=4), junk))
-        category = draw(argument((b,), kind="int", low=0, high=11, optional=not (clean and mode == "category"),
-                                 clean=clean))  # embedding queries in category mode need one
+        classes = draw(
+            class_lists if clean else st.one_of(st.none(), class_lists, st.lists(st.integers(-2, 12), max_size=4), junk)
+        )
+        category = draw(
+            argument((b,), kind="int", low=0, high=11, optional=not (clean and mode == "category"), clean=clean)
+        )  # embedding queries in category mode need one
         threshold = draw(st.floats(-1, 2) if clean else st.one_of(st.floats(-1, 2), junk))
         prior = draw(argument((b,), optional=True, clean=clean))
         fetch_k = draw(st.one_of(st.none(), st.integers(0, 30)) if clean else st.one_of(st.none(), counts))
         lam = draw(st.one_of(st.none(), st.floats(0, 1)) if clean else st.one_of(st.none(), st.floats(0, 1), junk))
-        dispersion = draw(st.floats(0, 0.5) if clean else st.one_of(st.floats(0, 0.5),
-                                                                      st.floats(allow_nan=True), junk))
+        dispersion = draw(st.floats(0, 0.5) if clean else st.one_of(st.floats(0, 0.5), st.floats(allow_nan=True), junk))
         with_dreams = draw(st.booleans())
         alive = live_ids(pool)
-        hits, error = attempt(pool, lambda: pool.retrieve(
-            queries, k=k, mode=mode, class_hint=class_hint, classes=classes, category=category,
-            utility_threshold=threshold, utility_prior=prior, fetch_k=fetch_k, mmr_lambda=lam,
-            min_dispersion=dispersion, with_dreams=with_dreams))
+        hits, error = attempt(
+            pool,
+            lambda: pool.retrieve(
+                queries,
+                k=k,
+                mode=mode,
+                class_hint=class_hint,
+                classes=classes,
+                category=category,
+                utility_threshold=threshold,
+                utility_prior=prior,
+                fetch_k=fetch_k,
+                mmr_lambda=lam,
+                min_dispersion=dispersion,
+                with_dreams=with_dreams,
+            ),
+        )
         assert error is None or not clean, error
         if error is not None:
             return
@@ -430,8 +480,16 @@ def mutate_state_dict(draw, sd):
 
 
 def copy_state_dict(sd):
-    return {k: ({n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in v.items()} if k in ("bank", "encoder")
-                else json.loads(json.dumps(v)) if isinstance(v, dict) else v) for k, v in sd.items()}
+    return {
+        k: (
+            {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in v.items()}
+            if k in ("bank", "encoder")
+            else json.loads(json.dumps(v))
+            if isinstance(v, dict)
+            else v
+        )
+        for k, v in sd.items()
+    }
 
 
 class TestFuzzStateDict:
@@ -448,8 +506,9 @@ class TestFuzzStateDict:
         mine = pool.state_dict()
         for name, t in mine["bank"].items():  # the pool now holds exactly what was given (dreams cast)
             assert torch.equal(bits(t), bits(sd["bank"][name].to(t.dtype))), name
-        assert {k: mine["state"][k] for k in ("size", "next_id", "extent")} == \
-            {k: sd["state"][k] for k in ("size", "next_id", "extent")}
+        assert {k: mine["state"][k] for k in ("size", "next_id", "extent")} == {
+            k: sd["state"][k] for k in ("size", "next_id", "extent")
+        }
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -508,7 +567,7 @@ class TestFuzzCheckpoint:
             how = draw(st.sampled_from(["flip", "truncate", "append", "delete", "replace", "json", "resign"]))
             if how == "flip" and data_:
                 i = draw(st.integers(0, len(data_) - 1))
-                data_ = data_[:i] + bytes([data_[i] ^ draw(st.integers(1, 255))]) + data_[i + 1:]
+                data_ = data_[:i] + bytes([data_[i] ^ draw(st.integers(1, 255))]) + data_[i + 1 :]
             elif how == "truncate":
                 data_ = data_[: draw(st.integers(0, max(0, len(data_) - 1)))]
             elif how == "append":
@@ -516,8 +575,15 @@ class TestFuzzCheckpoint:
             elif how == "replace":
                 data_ = draw(st.binary(max_size=64))
             elif how == "json":
-                data_ = json.dumps(draw(st.one_of(st.dictionaries(st.text(max_size=8), st.integers() | st.text()),
-                                                  st.integers(), st.lists(st.integers())))).encode()
+                data_ = json.dumps(
+                    draw(
+                        st.one_of(
+                            st.dictionaries(st.text(max_size=8), st.integers() | st.text()),
+                            st.integers(),
+                            st.lists(st.integers()),
+                        )
+                    )
+                ).encode()
             if how == "delete":
                 if os.path.exists(path):
                     os.remove(path)
@@ -542,19 +608,29 @@ class TestFuzzCheckpoint:
             check_bank(loaded)
         assert tree_digest(scratch) == before  # loading never writes
 
-    @given(name=st.one_of(st.text(st.characters(blacklist_characters="/", blacklist_categories=("Cs",)),
-                                   min_size=0, max_size=24),
-                          st.just("ck"), st.just(".."), st.just("."), st.just("file")),
-           wrap=st.sampled_from(["str", "path", "bytes", "junk"]),
-           junk_value=junk.filter(lambda x: not isinstance(x, str)))  # a str would be a path relative to cwd
+    @given(
+        name=st.one_of(
+            st.text(st.characters(blacklist_characters="/", blacklist_categories=("Cs",)), min_size=0, max_size=24),
+            st.just("ck"),
+            st.just(".."),
+            st.just("."),
+            st.just("file"),
+        ),
+        wrap=st.sampled_from(["str", "path", "bytes", "junk"]),
+        junk_value=junk.filter(lambda x: not isinstance(x, str)),
+    )  # a str would be a path relative to cwd
     def test_save_paths(self, name, wrap, junk_value, scratch):
         pool = fresh_pool()
         where = os.path.join(scratch, "save")
         os.makedirs(where, exist_ok=True)
         open(os.path.join(where, "file"), "w").close()
         full = os.path.join(where, name)
-        path = {"str": full, "path": Path(full) if name else full, "bytes": full.encode("utf-8", "surrogatepass"),
-                "junk": junk_value}[wrap]
+        path = {
+            "str": full,
+            "path": Path(full) if name else full,
+            "bytes": full.encode("utf-8", "surrogatepass"),
+            "junk": junk_value,
+        }[wrap]
         _, error = attempt(pool, lambda: pool.save(path))
         if error is None:
             loaded = DreamPool.load(path)
@@ -564,19 +640,46 @@ class TestFuzzCheckpoint:
 
 # ------------------------------------------------------------------ config
 config_values = st.one_of(
-    junk, st.integers(-2, 64), st.floats(-1, 2), st.lists(st.integers(-1, 5), max_size=4),
-    st.sampled_from(["cpu", "cuda", "cuda:7", "auto", "gpu", "cosine", "euclidean", "fifo", "least_used",
-                     "float16", "hann", "hybrid", "hard", "none", "bogus"]),
+    junk,
+    st.integers(-2, 64),
+    st.floats(-1, 2),
+    st.lists(st.integers(-1, 5), max_size=4),
+    st.sampled_from(
+        [
+            "cpu",
+            "cuda",
+            "cuda:7",
+            "auto",
+            "gpu",
+            "cosine",
+            "euclidean",
+            "fifo",
+            "least_used",
+            "float16",
+            "hann",
+            "hybrid",
+            "hard",
+            "none",
+            "bogus",
+        ]
+    ),
 )
 field_names = st.sampled_from(sorted(PoolConfig().to_dict()) + ["unknown_field"])
-config_dicts = st.dictionaries(st.one_of(field_names, st.integers(), st.none(), st.text(max_size=3)),
-                               config_values, max_size=6)
+config_dicts = st.dictionaries(
+    st.one_of(field_names, st.integers(), st.none(), st.text(max_size=3)), config_values, max_size=6
+)
 
 
 yaml_values = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=6), st.lists(st.integers(-1, 5), max_size=4), st.lists(st.floats(0, 3), max_size=3),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), st.integers(0, 64),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.lists(st.integers(-1, 5), max_size=4),
+    st.lists(st.floats(0, 3), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.integers(0, 64),
     st.sampled_from(["cpu", "auto", "cuda:3", "euclidean", "least_used", "bfloat16", "hamming", "soft"]),
 )
 yaml_dicts = st.dictionaries(st.one_of(field_names, st.integers(), st.none()), yaml_values, max_size=6)
@@ -588,17 +691,28 @@ def check_config(cfg):
     assert yaml.safe_load(yaml.safe_dump(cfg.to_dict())) == cfg.to_dict()
 
 
-valid_configs = st.fixed_dictionaries({}, optional={
-    "dream_shape": st.lists(st.integers(1, 8), min_size=3, max_size=3), "capacity": st.integers(1, 10**6),
-    "coherence_threshold": st.floats(0, 1), "retrieval_limit": st.integers(0, 50),
-    "retrieval_mode": st.sampled_from([m.value for m in RetrievalMode] + ["hard"]),
-    "embedding_dim": st.integers(4, 256), "device": st.sampled_from(["auto", "cpu", "cuda", "cuda:1"]),
-    "metric": st.sampled_from(["cosine", "euclidean"]), "dream_dtype": st.sampled_from(["auto", "float16"]),
-    "eviction_policy": st.sampled_from(["fifo", "lowest_coherence", "lowest_utility", "least_used"]),
-    "query_cache_size": st.integers(0, 1000), "window": st.sampled_from(["hann", "hamming", "none"]),
-    "include_class": st.booleans(), "alpha": st.floats(0, 1), "mmr_lambda": st.floats(0, 1),
-    "fetch_factor": st.integers(1, 10), "search_chunk_mb": st.floats(0.01, 1e6),
-})
+valid_configs = st.fixed_dictionaries(
+    {},
+    optional={
+        "dream_shape": st.lists(st.integers(1, 8), min_size=3, max_size=3),
+        "capacity": st.integers(1, 10**6),
+        "coherence_threshold": st.floats(0, 1),
+        "retrieval_limit": st.integers(0, 50),
+        "retrieval_mode": st.sampled_from([m.value for m in RetrievalMode] + ["hard"]),
+        "embedding_dim": st.integers(4, 256),
+        "device": st.sampled_from(["auto", "cpu", "cuda", "cuda:1"]),
+        "metric": st.sampled_from(["cosine", "euclidean"]),
+        "dream_dtype": st.sampled_from(["auto", "float16"]),
+        "eviction_policy": st.sampled_from(["fifo", "lowest_coherence", "lowest_utility", "least_used"]),
+        "query_cache_size": st.integers(0, 1000),
+        "window": st.sampled_from(["hann", "hamming", "none"]),
+        "include_class": st.booleans(),
+        "alpha": st.floats(0, 1),
+        "mmr_lambda": st.floats(0, 1),
+        "fetch_factor": st.integers(1, 10),
+        "search_chunk_mb": st.floats(0.01, 1e6),
+    },
+)
 
 
 class TestFuzzConfig:
@@ -612,14 +726,28 @@ class TestFuzzConfig:
         event("accepted")
         check_config(cfg)
 
-    @given(content=st.one_of(
-        valid_configs.map(lambda d: yaml.safe_dump(d).encode()),
-        yaml_dicts.map(lambda d: yaml.safe_dump(d).encode()),
-        st.text(max_size=60).map(str.encode), st.binary(max_size=60),
-        st.sampled_from([b"capacity: [", b"- 1\n- 2", b"!!python/object:os.system {}", b"\xff\xfe", b"{a: *b}",
-                         b"capacity: 1e999", b"dream_shape: !!binary aGVsbG8=", b"&a [*a]",
-                         b"[" * 3000 + b"]" * 3000, b"capacity: " + b"9" * 5000]),
-    ))
+    @given(
+        content=st.one_of(
+            valid_configs.map(lambda d: yaml.safe_dump(d).encode()),
+            yaml_dicts.map(lambda d: yaml.safe_dump(d).encode()),
+            st.text(max_size=60).map(str.encode),
+            st.binary(max_size=60),
+            st.sampled_from(
+                [
+                    b"capacity: [",
+                    b"- 1\n- 2",
+                    b"!!python/object:os.system {}",
+                    b"\xff\xfe",
+                    b"{a: *b}",
+                    b"capacity: 1e999",
+                    b"dream_shape: !!binary aGVsbG8=",
+                    b"&a [*a]",
+                    b"[" * 3000 + b"]" * 3000,
+                    b"capacity: " + b"9" * 5000,
+                ]
+            ),
+        )
+    )
     def test_from_file(self, content, scratch):
         path = os.path.join(scratch, "config.yaml")
         with open(path, "wb") as f:

@@ -60,8 +60,15 @@ def resign(ckpt, name, data):
 # ------------------------------------------------------------------ item 1
 class TestZeroK:
     def test_k0_with_the_ivf_engine_active(self):
-        cfg = PoolConfig(dream_shape=(2, 2, 1), capacity=1100, embedding_dim=16, device="cpu",
-                         engine="faiss-ivf", ann_threshold=1024, coherence_threshold=0.0)
+        cfg = PoolConfig(
+            dream_shape=(2, 2, 1),
+            capacity=1100,
+            embedding_dim=16,
+            device="cpu",
+            engine="faiss-ivf",
+            ann_threshold=1024,
+            coherence_threshold=0.0,
+        )
         pool = DreamPool(cfg)
         pool.add(dreams(1100, shape=(2, 2, 1)), coherence=torch.ones(1100))
         assert pool.index.describe()["trained"]
@@ -80,11 +87,14 @@ class TestZeroK:
 
 # ------------------------------------------------------------------ item 2
 class TestUnallocatableSizes:
-    @pytest.mark.parametrize("overrides", [
-        {"capacity": 10**12},
-        {"embedding_dim": 10**9},
-        {"dream_shape": (4096, 4096, 64)},
-    ])
+    @pytest.mark.parametrize(
+        "overrides",
+        [
+            {"capacity": 10**12},
+            {"embedding_dim": 10**9},
+            {"dream_shape": (4096, 4096, 64)},
+        ],
+    )
     def test_typed_error_before_allocation(self, overrides):
         cfg = PoolConfig(**{"device": "cpu", **overrides})
         with pytest.raises(InsufficientMemoryError) as info:
@@ -96,17 +106,20 @@ class TestUnallocatableSizes:
 
     def test_field_named_by_what_made_it_too_big(self, monkeypatch):
         monkeypatch.setattr(budget_mod, "available_bytes", lambda device: 10**6)
-        for overrides, field in [({"capacity": 10**6}, "capacity"),
-                                 ({"dream_shape": (128, 128, 8)}, "dream_shape"),
-                                 ({"embedding_dim": 10**6}, "embedding_dim")]:
+        for overrides, field in [
+            ({"capacity": 10**6}, "capacity"),
+            ({"dream_shape": (128, 128, 8)}, "dream_shape"),
+            ({"embedding_dim": 10**6}, "embedding_dim"),
+        ]:
             with pytest.raises(InsufficientMemoryError) as info:
                 DreamPool(PoolConfig(device="cpu", **overrides))
             assert info.value.field == field and info.value.available_bytes == 10**6
 
     def test_percent_budget_more_than_is_free(self, monkeypatch):
         total = 8 * 2**30
-        monkeypatch.setattr(budget_mod.ProcessMemory, "read",
-                            lambda self: budget_mod.MemoryReading(0, total, "psutil-rss"))
+        monkeypatch.setattr(
+            budget_mod.ProcessMemory, "read", lambda self: budget_mod.MemoryReading(0, total, "psutil-rss")
+        )
         monkeypatch.setattr(budget_mod, "available_bytes", lambda device: 2**20)
         with pytest.raises(InsufficientMemoryError) as info:
             DreamPool(PoolConfig(device="cpu", capacity=None, memory_budget_mb="50%"))
@@ -132,8 +145,7 @@ class TestSpecialFiles:
         (tmp_path / "p" / name).unlink()
         os.mkfifo(tmp_path / "p" / name)
         result: list[BaseException] = []
-        worker = threading.Thread(target=lambda: result.append(_raises(DreamPool.load, tmp_path / "p")),
-                                  daemon=True)
+        worker = threading.Thread(target=lambda: result.append(_raises(DreamPool.load, tmp_path / "p")), daemon=True)
         worker.start()
         worker.join(timeout=20)
         if worker.is_alive():  # unblock the reader before failing
@@ -158,7 +170,6 @@ class TestSpecialFiles:
             f.write(b"\0" * 5_000_000)
         reads = []
         real = os.read
-
 
         def read(fd, n):
             data = real(fd, n)
@@ -229,8 +240,21 @@ class TestDocumentedInputs:
 
         make_pool().save(tmp_path / "p")
         np.save(tmp_path / "q.npy", dreams(5, seed=9).numpy().astype(">f4"))
-        assert main(["retrieve", str(tmp_path / "p"), str(tmp_path / "q.npy"), "--out",
-                     str(tmp_path / "r.safetensors"), "--device", "cpu", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "retrieve",
+                    str(tmp_path / "p"),
+                    str(tmp_path / "q.npy"),
+                    "--out",
+                    str(tmp_path / "r.safetensors"),
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         from dreampool_gpu.batch import read_results
 
         ids, _ = read_results(tmp_path / "r.safetensors")
@@ -363,8 +387,13 @@ class TestConsistency:
             assert len(DreamPool.load(tmp_path / "p")) == 60
 
     def test_index_from_another_pool_is_rebuilt(self, tmp_path):
-        cfg = {"dream_shape": (2, 2, 1), "capacity": 1100, "embedding_dim": 16, "engine": "faiss-ivf",
-               "ann_threshold": 1024}
+        cfg = {
+            "dream_shape": (2, 2, 1),
+            "capacity": 1100,
+            "embedding_dim": 16,
+            "engine": "faiss-ivf",
+            "ann_threshold": 1024,
+        }
         a, b = make_pool(n=1100, seed=0, **cfg), make_pool(n=1100, seed=5, **cfg)
         a.save(tmp_path / "a")
         b.save(tmp_path / "b")
@@ -390,8 +419,20 @@ class TestCliPaths:
 
         save_file({"queries": dreams(3).contiguous()}, str(tmp_path / "q.safetensors"))
         before = (tmp_path / "q.safetensors").read_bytes()
-        assert main(["retrieve", pool, str(tmp_path / "q.safetensors"), "--out",
-                     str(tmp_path / "q.safetensors"), "--device", "cpu"]) == 2
+        assert (
+            main(
+                [
+                    "retrieve",
+                    pool,
+                    str(tmp_path / "q.safetensors"),
+                    "--out",
+                    str(tmp_path / "q.safetensors"),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 2
+        )
         assert "invalid --out" in capsys.readouterr().err
         assert (tmp_path / "q.safetensors").read_bytes() == before
 
@@ -413,8 +454,21 @@ class TestCliPaths:
         summary = json.loads(capsys.readouterr().out)
         assert summary["size"] == 40 and summary["checkpoint_bytes"] > 0
         with pytest.warns(CheckpointRecoveryWarning):
-            assert main(["retrieve", pool, queries, "--out", str(tmp_path / "r.safetensors"),
-                         "--device", "cpu", "--no-progress"]) == 0
+            assert (
+                main(
+                    [
+                        "retrieve",
+                        pool,
+                        queries,
+                        "--out",
+                        str(tmp_path / "r.safetensors"),
+                        "--device",
+                        "cpu",
+                        "--no-progress",
+                    ]
+                )
+                == 0
+            )
 
     def test_refused_pickle_is_one_line(self, tmp_path, capsys):
         from fractions import Fraction
@@ -423,8 +477,20 @@ class TestCliPaths:
 
         pool, _ = self._setup(tmp_path)
         torch.save({"queries": torch.rand(2, 3), "other": Fraction(1, 2)}, tmp_path / "bad.pt")
-        assert main(["retrieve", pool, str(tmp_path / "bad.pt"), "--out", str(tmp_path / "r.safetensors"),
-                     "--device", "cpu"]) == 2
+        assert (
+            main(
+                [
+                    "retrieve",
+                    pool,
+                    str(tmp_path / "bad.pt"),
+                    "--out",
+                    str(tmp_path / "r.safetensors"),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("dreampool: error: invalid queries")
 
@@ -433,7 +499,8 @@ class TestCliPaths:
 
         assert main(["inspect", str(tmp_path / "nowhere")]) == 2
         assert capsys.readouterr().err.strip() == (
-            f"dreampool: error: no checkpoint at {tmp_path / 'nowhere'}: no such file or directory")
+            f"dreampool: error: no checkpoint at {tmp_path / 'nowhere'}: no such file or directory"
+        )
 
 
 # ----------------------------------------------------------------- item 16
@@ -453,9 +520,25 @@ class TestCliFirstHour:
 
         make_pool().save(tmp_path / "p")
         np.save(tmp_path / "q.npy", dreams(4, seed=2).numpy())
-        assert main(["retrieve", str(tmp_path / "p"), str(tmp_path / "q.npy"), "--out",
-                     str(tmp_path / "r.safetensors"), "--mode", "class", "--class-hint", "42",
-                     "--device", "cpu", "--no-progress"]) == 2
+        assert (
+            main(
+                [
+                    "retrieve",
+                    str(tmp_path / "p"),
+                    str(tmp_path / "q.npy"),
+                    "--out",
+                    str(tmp_path / "r.safetensors"),
+                    "--mode",
+                    "class",
+                    "--class-hint",
+                    "42",
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         assert "invalid --class-hint:" in err and "class_hint" not in err
 
@@ -469,8 +552,20 @@ class TestCliFirstHour:
             pool.retrieve(dreams(1)[0], k=3)
         pool.save(tmp_path / "p")
         np.save(tmp_path / "q.npy", dreams(1).numpy()[0])
-        assert main(["retrieve", str(tmp_path / "p"), str(tmp_path / "q.npy"), "--out",
-                     str(tmp_path / "r.safetensors"), "--device", "cpu"]) == 2
+        assert (
+            main(
+                [
+                    "retrieve",
+                    str(tmp_path / "p"),
+                    str(tmp_path / "q.npy"),
+                    "--out",
+                    str(tmp_path / "r.safetensors"),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 2
+        )
         assert "batch dimension" in capsys.readouterr().err
 
     def test_unknown_feedback_ids_are_listed(self):
@@ -481,20 +576,24 @@ class TestCliFirstHour:
 
 # ----------------------------------------------------------------- item 20
 def test_slow_tests_are_marked_and_the_license_is_spdx():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parent.parent
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     assert project["license"] == "MIT"  # an SPDX expression, not the deprecated {text = ...} table
     import importlib
 
-    for module, name in [("test_stress", "TestStress"), ("test_crash", "TestCrash"),
-                         ("test_concurrency", "TestThreads")]:
+    for module, name in [
+        ("test_stress", "TestStress"),
+        ("test_crash", "TestCrash"),
+        ("test_concurrency", "TestThreads"),
+    ]:
         cls = getattr(importlib.import_module(module), name)  # pytest puts tests/ on sys.path
         assert any(mark.name == "slow" for mark in cls.pytestmark), name
     script = (root / "scripts" / "test.sh").read_text()
-    assert '--quick' in script and '-m "not slow"' in script
+    assert "--quick" in script and '-m "not slow"' in script
 
 
 # ----------------------------------------------------------------- item 14
@@ -586,8 +685,18 @@ class TestWhere:
         full, _ = self._pools(n=10)
         seen = {}
         full.retrieve(dreams(1), k=2, where=lambda m: seen.update(m) or m["age"] >= 0)
-        assert set(seen) == {"coherence", "energy", "violation", "utility", "util_mean", "usage", "class",
-                             "hue", "age", "id"}
+        assert set(seen) == {
+            "coherence",
+            "energy",
+            "violation",
+            "utility",
+            "util_mean",
+            "usage",
+            "class",
+            "hue",
+            "age",
+            "id",
+        }
         assert all(t.shape == (10,) and t.device == full.device for t in seen.values())
 
     def test_bad_filters_are_typed_and_change_nothing(self):
@@ -626,9 +735,22 @@ def test_batch_example_keeps_what_it_saves(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(root / "docs" / "examples" / "batch_retrieval.py"),
-                           "--entries", "300", "--queries", "500"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(root / "docs" / "examples" / "batch_retrieval.py"),
+            "--entries",
+            "300",
+            "--queries",
+            "500",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     kept = tmp_path / "dreampool-batch-example"
     assert "kept in dreampool-batch-example" in done.stdout
@@ -644,10 +766,18 @@ def test_the_spec_is_in_the_repository_and_cited_by_section():
     spec = (root / "docs" / "spec.md").read_text()
     sections = set(re.findall(r"^## (.+)$", spec, flags=re.M))
     cited, stale = set(), []
-    for path in [*root.glob("dreampool_gpu/**/*.py"), *root.glob("tests/*.py"), *root.glob("benchmarks/*.py"),
-                 *root.glob("configs/*.yaml"), *root.glob("docs/*.md"), root / "README.md"]:
+    for path in [
+        *root.glob("dreampool_gpu/**/*.py"),
+        *root.glob("tests/*.py"),
+        *root.glob("benchmarks/*.py"),
+        *root.glob("configs/*.yaml"),
+        *root.glob("docs/*.md"),
+        root / "README.md",
+    ]:
         text = path.read_text()
-        cited |= set(re.findall(r"docs/spec\.md §([A-Z][A-Za-z ]+?[a-z])(?=[),.:;]|\s*$| \(| the| is)", text, flags=re.M))
+        cited |= set(
+            re.findall(r"docs/spec\.md §([A-Z][A-Za-z ]+?[a-z])(?=[),.:;]|\s*$| \(| the| is)", text, flags=re.M)
+        )
         if path.name != "encoders.py" and path != Path(__file__).resolve():  # encoders.py: the encoder rework
             stale += [str(path) for name in ("DOMAIN.md", "ORIGINAL.md") if name in text]
     assert cited and cited <= sections, cited - sections

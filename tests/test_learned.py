@@ -73,8 +73,9 @@ class TestFit:
         assert not torch.equal(before, pool.bank.columns["embeddings"])
         assert len(pool.cache) == 0 and pool.bank.revision > revision
         live = pool.bank.slots_by_age()
-        z = pool.encoder.encode_entries(pool.bank.columns["dreams"][live], chroma=None, spectral=None,
-                                        class_labels=None)
+        z = pool.encoder.encode_entries(
+            pool.bank.columns["dreams"][live], chroma=None, spectral=None, class_labels=None
+        )
         torch.testing.assert_close(pool.bank.columns["embeddings"][live], z)  # one copy, current encoder
         hits = pool.retrieve(pool.bank.columns["embeddings"][live[:3]], k=1, mode="nearest")
         assert hits.ids[:, 0].tolist() == pool.bank.columns["ids"][live[:3]].tolist()
@@ -84,10 +85,17 @@ class TestFit:
         with pytest.raises(InvalidConfigurationError, match="trainable"):
             pool.fit_encoder(steps=1)
 
-    @pytest.mark.parametrize(("kwargs", "match"), [
-        ({"steps": 0}, "steps"), ({"batch_size": 1}, "batch_size"), ({"lr": 0.0}, "lr"),
-        ({"lr": float("nan")}, "lr"), ({"seed": -1}, "seed"), ({"steps": 2.5}, "steps"),
-    ])
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"steps": 0}, "steps"),
+            ({"batch_size": 1}, "batch_size"),
+            ({"lr": 0.0}, "lr"),
+            ({"lr": float("nan")}, "lr"),
+            ({"seed": -1}, "seed"),
+            ({"steps": 2.5}, "steps"),
+        ],
+    )
     def test_bad_arguments(self, kwargs, match):
         pool = learned_pool(n=10)
         before = state_of(pool)
@@ -106,8 +114,7 @@ class TestAllOrNothing:
         pool = learned_pool()
         pool.retrieve(torch.rand(2, 3), k=3, mode="nearest")
         before = state_of(pool)
-        monkeypatch.setattr(fitting_module, "supervised_contrastive",
-                            lambda z, *a, **k: (z * float("nan")).sum())
+        monkeypatch.setattr(fitting_module, "supervised_contrastive", lambda z, *a, **k: (z * float("nan")).sum())
         with pytest.raises(EncoderFitError, match="NaN|nan"):
             pool.fit_encoder(steps=3, batch_size=16)
         assert_same_state(before, state_of(pool))
@@ -154,8 +161,7 @@ class TestCheckpoints:
         pool.fit_encoder(steps=3, batch_size=32)
         queries = data(n=6, seed=3).dreams
         want = pool.retrieve(queries, k=5, mode="hybrid")
-        want_chroma = pool.retrieve(torch.rand(4, 3, generator=torch.Generator().manual_seed(1)), k=5,
-                                    mode="nearest")
+        want_chroma = pool.retrieve(torch.rand(4, 3, generator=torch.Generator().manual_seed(1)), k=5, mode="nearest")
         pool.save(tmp_path / "ck")
         loaded = DreamPool.load(tmp_path / "ck")
         other = DreamPool(pool.config)
@@ -163,8 +169,7 @@ class TestCheckpoints:
         for p in (loaded, other):
             got = p.retrieve(queries, k=5, mode="hybrid")
             assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
-            got_chroma = p.retrieve(torch.rand(4, 3, generator=torch.Generator().manual_seed(1)), k=5,
-                                    mode="nearest")
+            got_chroma = p.retrieve(torch.rand(4, 3, generator=torch.Generator().manual_seed(1)), k=5, mode="nearest")
             assert torch.equal(got_chroma.ids, want_chroma.ids)
 
     def test_feature_statistics_ride_in_the_checkpoint(self, tmp_path):

@@ -29,8 +29,15 @@ def _dreams(n: int, g: torch.Generator) -> torch.Tensor:
 def _pool(metric: str, engine: str) -> tuple[DreamPool, torch.Tensor]:
     """A CPU pool of 48 entries (8 exact duplicates, so ties occur), with labels and feedback."""
     g = torch.Generator().manual_seed(7)
-    config = PoolConfig(dream_shape=SHAPE, capacity=64, device="cpu", metric=metric, engine=engine,
-                        coherence_threshold=0.0, query_cache_size=0)
+    config = PoolConfig(
+        dream_shape=SHAPE,
+        capacity=64,
+        device="cpu",
+        metric=metric,
+        engine=engine,
+        coherence_threshold=0.0,
+        query_cache_size=0,
+    )
     pool = DreamPool(config)
     dreams = _dreams(40, g)
     dreams = torch.cat([dreams, dreams[:8]])  # duplicates: equal scores, oldest must win
@@ -66,8 +73,7 @@ def _cases(queries: torch.Tensor) -> dict[str, dict]:
         "soft": {"mode": "soft"},
         "soft_hint": {"mode": "soft", "class_hint": hint, "utility_prior": 0.5},
         "hybrid": {"mode": "hybrid"},
-        "hybrid_options": {"mode": "hybrid", "class_hint": hint, "fetch_k": 12, "mmr_lambda": 0.6,
-                           "category": 1},
+        "hybrid_options": {"mode": "hybrid", "class_hint": hint, "fetch_k": 12, "mmr_lambda": 0.6, "category": 1},
         "hybrid_where": {"mode": "hybrid", "where": mask, "k": 20},
         "hybrid_k0": {"mode": "hybrid", "k": 0},
         "nearest_padded": {"mode": "nearest", "k": 70},

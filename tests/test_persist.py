@@ -29,9 +29,15 @@ from dreampool_gpu.search import ExactSearch
 
 SHAPE = (3, 4, 2)
 MODES = [
-    ("similar", {}), ("class", {"class_hint": 3}), ("balanced", {"classes": [1, 2, 5]}),
-    ("utility", {"utility_threshold": 0.3}), ("diverse", {}), ("soft", {}), ("hybrid", {"class_hint": 2}),
-    ("category", {}), ("nearest", {}),
+    ("similar", {}),
+    ("class", {"class_hint": 3}),
+    ("balanced", {"classes": [1, 2, 5]}),
+    ("utility", {"utility_threshold": 0.3}),
+    ("diverse", {}),
+    ("soft", {}),
+    ("hybrid", {"class_hint": 2}),
+    ("category", {}),
+    ("nearest", {}),
 ]
 
 
@@ -48,8 +54,12 @@ def churned_pool(config=None, *, rounds=6, seed=0):
     for _ in range(rounds):
         n = 12
         dreams = (torch.rand(n, 1, 1, 1, 3, generator=g) + 0.05 * torch.rand(n, *SHAPE, 3, generator=g)).clamp(0, 1)
-        pool.add(dreams, coherence=torch.rand(n, generator=g), energy=torch.rand(n, generator=g),
-                 class_labels=torch.randint(-1, 10, (n,), generator=g))
+        pool.add(
+            dreams,
+            coherence=torch.rand(n, generator=g),
+            energy=torch.rand(n, generator=g),
+            class_labels=torch.randint(-1, 10, (n,), generator=g),
+        )
         hits = pool.retrieve(torch.rand(3, 3, generator=g), k=4, mode="hybrid")
         pool.feedback(hits.ids, torch.rand(3, 4, generator=g))
     return pool
@@ -144,8 +154,9 @@ class RecordingSearch(ExactSearch):
 
 @pytest.fixture
 def recording_index(monkeypatch):
-    monkeypatch.setattr("dreampool_gpu.pool.make_index",
-                        lambda bank, config: RecordingSearch(bank, config.metric, chunk_bytes=2**20))
+    monkeypatch.setattr(
+        "dreampool_gpu.pool.make_index", lambda bank, config: RecordingSearch(bank, config.metric, chunk_bytes=2**20)
+    )
 
 
 # ------------------------------------------------------------------ round trips
@@ -234,8 +245,9 @@ class TestRoundTrip:
 class TestFaissIndex:
     def test_trained_ivf_rides_in_the_checkpoint(self, tmp_path):
         """A trained IVF-PQ index is saved as index.bin and restored, not retrained."""
-        config = make_config(capacity=1400, engine="faiss-ivf", ann_threshold=1024, embedding_dim=16,
-                             coherence_threshold=0.0)
+        config = make_config(
+            capacity=1400, engine="faiss-ivf", ann_threshold=1024, embedding_dim=16, coherence_threshold=0.0
+        )
         pool = DreamPool(config)
         g = torch.Generator().manual_seed(0)
         pool.add(torch.rand(1300, *SHAPE, 3, generator=g), coherence=torch.ones(1300))
@@ -350,19 +362,27 @@ class TestStateDict:
 
     def test_keeps_own_tuning_and_casts_dreams(self):
         pool = churned_pool()
-        target = DreamPool(make_config(coherence_threshold=0.9, capacity=40, dream_dtype="float16",
-                                       eviction_policy="lowest_utility"))
+        target = DreamPool(
+            make_config(coherence_threshold=0.9, capacity=40, dream_dtype="float16", eviction_policy="lowest_utility")
+        )
         target.load_state_dict(pool.state_dict())
         assert target.config.coherence_threshold == 0.9 and target.config.capacity == 40
         assert target.bank.columns["dreams"].dtype == torch.float16
         assert target.bank.size == pool.bank.size
         live = pool.bank.slots_by_age()
         assert torch.equal(target.bank.slots_by_age(), live)
-        assert torch.allclose(target.bank.columns["dreams"][live].float(), pool.bank.columns["dreams"][live],
-                              atol=1e-3)
+        assert torch.allclose(target.bank.columns["dreams"][live].float(), pool.bank.columns["dreams"][live], atol=1e-3)
 
-    @pytest.mark.parametrize("change", [{"embedding_dim": 32}, {"dream_shape": (3, 4, 1)}, {"encoder_seed": 1},
-                                        {"metric": "euclidean"}, {"capacity": 8}])
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"embedding_dim": 32},
+            {"dream_shape": (3, 4, 1)},
+            {"encoder_seed": 1},
+            {"metric": "euclidean"},
+            {"capacity": 8},
+        ],
+    )
     def test_incompatible_config_refused_pool_unchanged(self, change):
         source = churned_pool()
         target = DreamPool(make_config(**change))
@@ -382,10 +402,25 @@ class TestStateDict:
         with pytest.raises(InvalidInputError, match="newer.*upgrade"):
             DreamPool(make_config()).load_state_dict(sd)
 
-    @pytest.mark.parametrize("damage", ["not-a-dict", "no-format", "bank-shape", "bank-dtype", "missing-column",
-                                        "duplicate-ids", "size", "next-id", "next-id-huge", "nan-embedding",
-                                        "label-range",
-                                        "config", "counters", "index-type"])
+    @pytest.mark.parametrize(
+        "damage",
+        [
+            "not-a-dict",
+            "no-format",
+            "bank-shape",
+            "bank-dtype",
+            "missing-column",
+            "duplicate-ids",
+            "size",
+            "next-id",
+            "next-id-huge",
+            "nan-embedding",
+            "label-range",
+            "config",
+            "counters",
+            "index-type",
+        ],
+    )
     def test_malformed_refused_pool_unchanged(self, damage):
         sd = churned_pool().state_dict()
         bank, state = sd["bank"], sd["state"]
@@ -472,7 +507,7 @@ class TestCorruption:
 
     def test_manifest_not_json(self, saved):
         _, ck = saved
-        (ck / MANIFEST).write_bytes(b"{\"format\": \"dreampool-checkpoint\", ")
+        (ck / MANIFEST).write_bytes(b'{"format": "dreampool-checkpoint", ')
         with pytest.raises(CheckpointCorruptError, match="JSON") as exc:
             DreamPool.load(ck)
         assert exc.value.path == ck / MANIFEST
@@ -668,8 +703,9 @@ class TestRecovery:
         monkeypatch.setattr(persist, "_rename_exchange", lambda a, b: False)
         removed: list[str] = []
         real_rmtree = shutil.rmtree
-        monkeypatch.setattr(persist.shutil, "rmtree",
-                            lambda p, *a, **kw: (removed.append(Path(p).name), real_rmtree(p, *a, **kw)))
+        monkeypatch.setattr(
+            persist.shutil, "rmtree", lambda p, *a, **kw: (removed.append(Path(p).name), real_rmtree(p, *a, **kw))
+        )
         pool.add(torch.rand(3, *SHAPE, 3), coherence=torch.ones(3))
         pool.save(ck)
         assert removed and not any(".old-" in name for name in removed)
@@ -678,8 +714,9 @@ class TestRecovery:
 
     def test_stale_temp_of_dead_writer_removed(self, saved):
         pool, ck = saved
-        child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                               text=True, check=True)
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+        )
         stale = ck.parent / f".{ck.name}.tmp-{int(child.stdout)}-deadbeef"
         stale.mkdir()
         (stale / BANK).write_bytes(b"half")

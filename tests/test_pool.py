@@ -28,8 +28,9 @@ def coloured_dreams(n, *, seed=0, shape=SHAPE):
 
 
 def make_pool(n=40, *, metric="cosine", capacity=64, seed=0, labels=True, **overrides):
-    config = PoolConfig(dream_shape=SHAPE, capacity=capacity, device="cpu", metric=metric,
-                        coherence_threshold=0.0, **overrides)
+    config = PoolConfig(
+        dream_shape=SHAPE, capacity=capacity, device="cpu", metric=metric, coherence_threshold=0.0, **overrides
+    )
     pool = DreamPool(config)
     dreams = coloured_dreams(n, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -63,13 +64,13 @@ def cos(a, b):
     na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
     if na < 1e-12 or nb < 1e-12:
         return 0.0
-    return sum(x * y for x, y in zip(a, b)) / (na * nb)
+    return sum(x * y for x, y in zip(a, b, strict=False)) / (na * nb)
 
 
 def emb_score(q, e, metric):
     if metric == "cosine":
         return cos(q, e)
-    return -math.sqrt(sum((x - y) ** 2 for x, y in zip(q, e)))
+    return -math.sqrt(sum((x - y) ** 2 for x, y in zip(q, e, strict=False)))
 
 
 def ranked(entries, score, k):
@@ -104,8 +105,13 @@ def query_embeddings(pool, queries, hint=None):
 
     b = queries.shape[0]
     hint = torch.full((b,), -1) if hint is None else hint
-    z = pool.encoder.encode_queries(dreams=queries, chroma=chroma_signature(queries), spectral=spectral_features(queries),
-                                    class_labels=hint, utility=torch.zeros(b))
+    z = pool.encoder.encode_queries(
+        dreams=queries,
+        chroma=chroma_signature(queries),
+        spectral=spectral_features(queries),
+        class_labels=hint,
+        utility=torch.zeros(b),
+    )
     return pool._embed(z)
 
 
@@ -154,8 +160,13 @@ class TestAdd:
     def test_stored_dreams_and_scores_round_trip(self):
         pool = DreamPool(PoolConfig(dream_shape=SHAPE, device="cpu", coherence_threshold=0.0))
         dreams = coloured_dreams(3)
-        ids = pool.add(dreams, coherence=torch.tensor([0.2, 0.3, 0.4]), energy=torch.tensor([1.0, 2.0, 3.0]),
-                       violation=torch.tensor([0.0, 0.5, 1.0]), class_labels=torch.tensor([1, -1, 9]))
+        ids = pool.add(
+            dreams,
+            coherence=torch.tensor([0.2, 0.3, 0.4]),
+            energy=torch.tensor([1.0, 2.0, 3.0]),
+            violation=torch.tensor([0.0, 0.5, 1.0]),
+            class_labels=torch.tensor([1, -1, 9]),
+        )
         torch.testing.assert_close(pool.dreams(ids), dreams)
         meta = pool.metadata(ids)
         assert meta["class_label"].tolist() == [1, -1, 9]
@@ -182,8 +193,11 @@ class TestAdd:
     @pytest.mark.parametrize("mode", ["nearest", "category"])
     def test_the_oldest_duplicates_make_the_cut(self, engine, mode, metric):
         """More equal scores than k: the k oldest are returned, whatever the slot order."""
-        pool = DreamPool(PoolConfig(dream_shape=SHAPE, device="cpu", coherence_threshold=0.0, capacity=64,
-                                    engine=engine, metric=metric))
+        pool = DreamPool(
+            PoolConfig(
+                dream_shape=SHAPE, device="cpu", coherence_threshold=0.0, capacity=64, engine=engine, metric=metric
+            )
+        )
         dream = coloured_dreams(1)
         for _ in range(3):  # ids 0..95 through 64 slots: the oldest live ids (32..63) are not in slot order
             pool.add(dream.expand(32, *dream.shape[1:]).clone(), coherence=torch.ones(32))
@@ -194,8 +208,9 @@ class TestAdd:
     @pytest.mark.parametrize("mode", ["nearest", "category", "soft", "hybrid"])
     def test_duplicates_in_reused_slots_come_oldest_first(self, engine, mode):
         """Slot order differs from age after eviction; equal scores still go oldest first."""
-        pool = DreamPool(PoolConfig(dream_shape=SHAPE, device="cpu", coherence_threshold=0.0, capacity=4,
-                                    engine=engine))
+        pool = DreamPool(
+            PoolConfig(dream_shape=SHAPE, device="cpu", coherence_threshold=0.0, capacity=4, engine=engine)
+        )
         dream = coloured_dreams(1)
         for _ in range(6):  # ids 0..5 through 4 slots: ids 4 and 5 reuse the slots of 0 and 1
             pool.add(dream, coherence=torch.ones(1))
@@ -248,7 +263,9 @@ class TestRetrieveOracle:
             q = queries[b].double().mean((0, 1, 2)).tolist()
             want = []
             for label in (3, 0, 8):
-                got = [i for i, _ in ranked([e for e in entries if e["label"] == label], lambda e: cos(q, e["chroma"]), 2)]
+                got = [
+                    i for i, _ in ranked([e for e in entries if e["label"] == label], lambda e: cos(q, e["chroma"]), 2)
+                ]
                 want += got + [-1] * (2 - len(got))
             assert result.ids[b].tolist() == want
 
@@ -340,8 +357,10 @@ class TestRetrieveOracle:
 
 
 class TestChunking:
-    @pytest.mark.parametrize(("mode", "kwargs"), [("similar", {}), ("class", {"class_hint": 3}),
-                                                  ("balanced", {"classes": [1, 4]}), ("utility", {})])
+    @pytest.mark.parametrize(
+        ("mode", "kwargs"),
+        [("similar", {}), ("class", {"class_hint": 3}), ("balanced", {"classes": [1, 4]}), ("utility", {})],
+    )
     def test_chroma_methods_chunked_equal_unchunked(self, mode, kwargs):
         whole, _, _ = make_pool(60, capacity=64)
         tiny, _, _ = make_pool(60, capacity=64, search_chunk_mb=1e-4)  # a few queries per chunk
@@ -358,8 +377,9 @@ class TestChromaQueries:
         pool, _, _ = make_pool(60, capacity=64, query_cache_size=0)
         chroma = torch.rand(9, 3, generator=torch.Generator().manual_seed(4))
         enc = pool.encoder
-        z = enc.encode_queries(dreams=None, chroma=chroma, spectral=None, class_labels=torch.full((9,), -1),
-                               utility=torch.zeros(9))
+        z = enc.encode_queries(
+            dreams=None, chroma=chroma, spectral=None, class_labels=torch.full((9,), -1), utility=torch.zeros(9)
+        )
         content = enc.content(chroma, None)
         standardised = (content - enc.mean) / enc.std
         assert torch.equal(enc._content_block(chroma, None)[:, 3:], torch.zeros(9, 6))
@@ -435,8 +455,14 @@ class TestFeedback:
 
 
 def snapshot(pool):
-    return ({k: v.clone() for k, v in pool.bank.columns.items()}, pool.bank.size, pool.bank.next_id,
-            dict(pool.counters), pool.cache.hits, pool.cache.misses)
+    return (
+        {k: v.clone() for k, v in pool.bank.columns.items()},
+        pool.bank.size,
+        pool.bank.next_id,
+        dict(pool.counters),
+        pool.cache.hits,
+        pool.cache.misses,
+    )
 
 
 def assert_same(a, b):

@@ -16,69 +16,76 @@ import dreampool_gpu
 from dreampool_gpu import DreamPool, PoolConfig
 from dreampool_gpu.distributed import ShardedDreamPool
 
-ALL = ["DreamPool", "Retrieval", "PoolConfig", "HybridWeights", "mmr", "score_dreams", "spectral_features",
-       "resolve_device", "DreamPoolError", "__version__"]
+ALL = [
+    "DreamPool",
+    "Retrieval",
+    "PoolConfig",
+    "HybridWeights",
+    "mmr",
+    "score_dreams",
+    "spectral_features",
+    "resolve_device",
+    "DreamPoolError",
+    "__version__",
+]
 
 SIGNATURES = {
-    'DreamPool': {
-        '__init__': 'config=None, *encoder=None',
-        'add': 'dreams, *coherence, *energy=None, *violation=None, *class_labels=None, *force=False',
-        'diversity': 'ids',
-        'dreams': 'ids',
-        'enable_metrics': '*registry=None',
-        'feedback': 'ids, utility',
-        'fit_encoder': '*steps=200, *batch_size=256, *lr=0.002, *seed=0, *colour_jitter=0.05, *progress=False',
-        'load': 'path, *device=None, *encoder=None',
-        'load_state_dict': 'state_dict',
-        'metadata': 'ids',
-        'reembed': '',
-        'retrieve': (
-            'queries, *k=None, *mode=None, *class_hint=None, *classes=None, *category=None, '
-            '*utility_threshold=0.0, *utility_prior=None, *fetch_k=None, *mmr_lambda=None, '
+    "DreamPool": {
+        "__init__": "config=None, *encoder=None",
+        "add": "dreams, *coherence, *energy=None, *violation=None, *class_labels=None, *force=False",
+        "diversity": "ids",
+        "dreams": "ids",
+        "enable_metrics": "*registry=None",
+        "feedback": "ids, utility",
+        "fit_encoder": "*steps=200, *batch_size=256, *lr=0.002, *seed=0, *colour_jitter=0.05, *progress=False",
+        "load": "path, *device=None, *encoder=None",
+        "load_state_dict": "state_dict",
+        "metadata": "ids",
+        "reembed": "",
+        "retrieve": (
+            "queries, *k=None, *mode=None, *class_hint=None, *classes=None, *category=None, "
+            "*utility_threshold=0.0, *utility_prior=None, *fetch_k=None, *mmr_lambda=None, "
             "*min_dispersion=0.0, *with_dreams=False, *where=None, *chroma_metric='cosine'"
         ),
-        'save': 'path',
-        'state_dict': '',
-        'stats': '',
-        'to': 'device',
+        "save": "path",
+        "state_dict": "",
+        "stats": "",
+        "to": "device",
     },
-    'ShardedDreamPool': {
-        '__init__': 'config=None, *group=None, *encoder=None',
-        'add': (
-            'dreams, *coherence, *energy=None, *violation=None, *class_labels=None, '
-            "*force=False, *route='local'"
+    "ShardedDreamPool": {
+        "__init__": "config=None, *group=None, *encoder=None",
+        "add": ("dreams, *coherence, *energy=None, *violation=None, *class_labels=None, *force=False, *route='local'"),
+        "dreams": "ids",
+        "feedback": "ids, utility",
+        "load": "path, *group=None, *device=None",
+        "load_state_dict": "state_dict",
+        "metadata": "ids",
+        "refit_statistics": "*fitted_on=None",
+        "retrieve": (
+            "queries, *k=None, *mode=None, *class_hint=None, *classes=None, *category=None, "
+            "*utility_threshold=0.0, *utility_prior=None, *fetch_k=None, *mmr_lambda=None, "
+            "*min_dispersion=0.0, *with_dreams=False"
         ),
-        'dreams': 'ids',
-        'feedback': 'ids, utility',
-        'load': 'path, *group=None, *device=None',
-        'load_state_dict': 'state_dict',
-        'metadata': 'ids',
-        'refit_statistics': '*fitted_on=None',
-        'retrieve': (
-            'queries, *k=None, *mode=None, *class_hint=None, *classes=None, *category=None, '
-            '*utility_threshold=0.0, *utility_prior=None, *fetch_k=None, *mmr_lambda=None, '
-            '*min_dispersion=0.0, *with_dreams=False'
-        ),
-        'save': 'path',
-        'state_dict': '',
-        'stats': '',
+        "save": "path",
+        "state_dict": "",
+        "stats": "",
     },
-    'PoolConfig': {
-        '__init__': (
-            'dream_shape=(16, 16, 4), capacity=1000, coherence_threshold=0.75, '
+    "PoolConfig": {
+        "__init__": (
+            "dream_shape=(16, 16, 4), capacity=1000, coherence_threshold=0.75, "
             "retrieval_limit=3, retrieval_mode='hybrid', embedding_dim=64, device='auto', "
             "metric='cosine', dream_dtype='auto', eviction_policy='fifo', "
             "query_cache_size=128, window='hann', include_spectral=True, include_class=True, "
             "include_utility=True, encoder_seed=0, encoder='features', num_classes=10, "
-            'alpha=0.65, beta=0.2, gamma=0.1, delta=0.05, mmr_lambda=0.7, fetch_factor=4, '
+            "alpha=0.65, beta=0.2, gamma=0.1, delta=0.05, mmr_lambda=0.7, fetch_factor=4, "
             "search_chunk_mb=64.0, rerank_chunk_mb=64.0, engine='auto', ann_threshold=20000, "
-            'ivf_nlist=0, ivf_nprobe=16, ivf_refine_factor=16, churn_rebuild_fraction=0.1, '
-            'memory_budget_mb=None, budget_threshold=0.9, strict_budget=False'
+            "ivf_nlist=0, ivf_nprobe=16, ivf_refine_factor=16, churn_rebuild_fraction=0.1, "
+            "memory_budget_mb=None, budget_threshold=0.9, strict_budget=False"
         ),
-        'from_dict': 'data',
-        'from_file': 'path',
-        'replace': '**changes',
-        'to_dict': '',
+        "from_dict": "data",
+        "from_file": "path",
+        "replace": "**changes",
+        "to_dict": "",
     },
 }
 _KINDS = {"POSITIONAL_OR_KEYWORD": "", "KEYWORD_ONLY": "*", "VAR_KEYWORD": "**", "VAR_POSITIONAL": "*args "}

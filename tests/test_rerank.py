@@ -135,9 +135,7 @@ class TestMMRAgainstLoop:
         picks, scores = mmr(rel, vectors, k, mmr_lambda=lam, delta=delta)
         assert picks.shape == scores.shape == (b, k)
         for row in range(b):
-            want, margin = reference_mmr(
-                rel[row].tolist(), query_vectors(vectors, row), k, lam, delta
-            )
+            want, margin = reference_mmr(rel[row].tolist(), query_vectors(vectors, row), k, lam, delta)
             assume(margin > _MARGIN)
             assert picks[row].tolist() == padded(want, k)
             expected = [rel[row, i].item() for i in want] + [NEG_INF] * (k - len(want))
@@ -181,9 +179,7 @@ class TestMMRAgainstLoop:
         rel, vectors, points = random_case(7, 5, 30, 8, shared=False, pad_fraction=0.2)
         picks, _ = mmr(rel.to(device), vectors.to(device), 9, mmr_lambda=lam, delta=0.05)
         for row in range(5):
-            want, margin = reference_mmr(
-                rel[row].tolist(), vectors[row].double().tolist(), 9, lam, 0.05
-            )
+            want, margin = reference_mmr(rel[row].tolist(), vectors[row].double().tolist(), 9, lam, 0.05)
             assert margin > _MARGIN
             assert picks[row].tolist() == padded(want, 9)
 
@@ -275,9 +271,7 @@ class TestMMRCases:
 
     def test_min_dispersion_with_shared_points(self):
         rel = torch.tensor([[1.0, 0.75, 0.5]])
-        picks, _ = mmr(
-            rel, torch.eye(3), 3, mmr_lambda=1.0, min_dispersion=0.5, points=torch.zeros(3, 3)
-        )
+        picks, _ = mmr(rel, torch.eye(3), 3, mmr_lambda=1.0, min_dispersion=0.5, points=torch.zeros(3, 3))
         assert picks.tolist() == [[0, 1, -1]]  # the second pick makes dispersion 0 and is kept
 
     def test_shared_vectors_equal_per_query_vectors(self, device):
@@ -334,9 +328,7 @@ class TestMMRValidation:
     def test_nan_or_positive_inf_relevance(self, bad):
         rel = torch.rand(2, 5)
         rel[1, 3] = bad
-        with pytest.raises(
-            InvalidInputError, match="invalid relevance: expected finite values or -inf padding"
-        ):
+        with pytest.raises(InvalidInputError, match="invalid relevance: expected finite values or -inf padding"):
             mmr(rel, torch.rand(5, 3), 2, mmr_lambda=0.5)
 
     @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
@@ -360,9 +352,7 @@ class TestMMRValidation:
             )
 
     def test_min_dispersion_needs_points(self):
-        with pytest.raises(
-            InvalidInputError, match="invalid points: expected .* when min_dispersion > 0"
-        ):
+        with pytest.raises(InvalidInputError, match="invalid points: expected .* when min_dispersion > 0"):
             mmr(torch.rand(2, 5), torch.rand(5, 3), 2, mmr_lambda=0.5, min_dispersion=0.1)
 
     @pytest.mark.parametrize(
@@ -384,9 +374,7 @@ class TestMMRValidation:
             mmr(torch.rand(2, 5), torch.rand(5, 3), k, **args)
 
     def test_integer_relevance(self):
-        with pytest.raises(
-            InvalidInputError, match="invalid relevance: expected a floating-point tensor"
-        ):
+        with pytest.raises(InvalidInputError, match="invalid relevance: expected a floating-point tensor"):
             mmr(torch.ones(2, 5, dtype=torch.int64), torch.rand(5, 3), 2, mmr_lambda=0.5)
 
     def test_vectors_on_another_device(self):
@@ -423,9 +411,7 @@ class TestHybridScores:
     )
     def test_against_loop(self, seed, b, m, pad):
         g = torch.Generator().manual_seed(seed)
-        sim = (torch.rand(b, m, generator=g) * 2 - 1).masked_fill(
-            torch.rand(b, m, generator=g) < pad, NEG_INF
-        )
+        sim = (torch.rand(b, m, generator=g) * 2 - 1).masked_fill(torch.rand(b, m, generator=g) < pad, NEG_INF)
         util = torch.rand(b, m, generator=g) * 3 - 1
         match = torch.randint(0, 3, (b, m), generator=g).float() / 2
         w = HybridWeights()
@@ -498,11 +484,7 @@ class TestDiversityStats:
         got = diversity_stats(points, valid)
         for r in range(b):
             kept = [points[r, i].double().tolist() for i in range(k) if valid[r, i]]
-            dists = [
-                math.dist(kept[i], kept[j])
-                for i in range(len(kept))
-                for j in range(i + 1, len(kept))
-            ]
+            dists = [math.dist(kept[i], kept[j]) for i in range(len(kept)) for j in range(i + 1, len(kept))]
             for name, want in (
                 ("mean", sum(dists) / len(dists) if dists else None),
                 ("min", min(dists, default=None)),
@@ -546,10 +528,7 @@ class TestChunks:
         torch.testing.assert_close(got, F.normalize(queries, dim=1) @ F.normalize(keys, dim=1).T)
         assert (got[:, 4] == 0).all()
         pieces = torch.cat(
-            [
-                rowwise_cosine(queries[s].to(device), keys.to(device)).cpu()
-                for s in row_chunks(9, 1, 2e-6)
-            ]
+            [rowwise_cosine(queries[s].to(device), keys.to(device)).cpu() for s in row_chunks(9, 1, 2e-6)]
         )
         if device.type == "cpu":
             assert torch.equal(pieces, got)  # bit-identical whatever the chunking
@@ -574,9 +553,7 @@ def filled_pool(rerank_chunk_mb, n=120):
     g = torch.Generator().manual_seed(0)
     base = torch.rand(n, 1, 1, 1, 3, generator=g)
     dreams = (base + 0.05 * (torch.rand(n, *SHAPE, 3, generator=g) - 0.5)).clamp(0, 1)
-    ids = pool.add(
-        dreams, coherence=torch.ones(n), class_labels=torch.randint(-1, 10, (n,), generator=g)
-    )
+    ids = pool.add(dreams, coherence=torch.ones(n), class_labels=torch.randint(-1, 10, (n,), generator=g))
     pool.feedback(ids[::4], torch.rand(len(ids[::4]), generator=g))
     return pool
 
@@ -592,9 +569,7 @@ class TestPoolChunking:
     def whole(cls):
         return filled_pool(64.0)
 
-    @pytest.mark.parametrize(
-        "chunk_mb", [1e-6, 0.03, 0.08]
-    )  # 1 row per chunk, then sizes not dividing 23
+    @pytest.mark.parametrize("chunk_mb", [1e-6, 0.03, 0.08])  # 1 row per chunk, then sizes not dividing 23
     @pytest.mark.parametrize(
         "mode,kwargs",
         [

@@ -58,7 +58,7 @@ def assert_matches_oracle(scores, slots, want, k, *, atol=1e-4):
     """Same top-k as the oracle, ties aside: scores match, every slot's score is its own."""
     assert scores.shape == slots.shape == (len(want), k)
     assert scores.dtype == torch.float32 and slots.dtype == torch.int64
-    for got_s, got_i, row in zip(scores.cpu(), slots.cpu(), want):
+    for got_s, got_i, row in zip(scores.cpu(), slots.cpu(), want, strict=False):
         m = len(row)
         assert torch.all(got_i[m:] == -1) and torch.all(torch.isneginf(got_s[m:]))
         assert torch.all(got_i[:m] >= 0)
@@ -66,7 +66,7 @@ def assert_matches_oracle(scores, slots, want, k, *, atol=1e-4):
         by_slot = dict((slot, score) for score, slot in row)
         want_scores = torch.tensor([score for score, _ in row], dtype=torch.float64)
         torch.testing.assert_close(got_s[:m].double(), want_scores, atol=atol, rtol=0)
-        for score, slot in zip(got_s[:m].tolist(), got_i[:m].tolist()):
+        for score, slot in zip(got_s[:m].tolist(), got_i[:m].tolist(), strict=False):
             if slot in by_slot:
                 assert score == pytest.approx(by_slot[slot], abs=atol)
             else:  # outside the oracle's top-k only through a tie with its last score
@@ -95,7 +95,7 @@ class TestStableTopk:
     def test_matches_sorted_loop(self):
         scores = torch.randint(0, 4, (6, 20), generator=torch.Generator().manual_seed(2)).float()
         values, index = stable_topk(scores, 7)
-        for row, got_v, got_i in zip(scores.tolist(), values.tolist(), index.tolist()):
+        for row, got_v, got_i in zip(scores.tolist(), values.tolist(), index.tolist(), strict=False):
             want = sorted(range(20), key=lambda j: (-row[j], j))[:7]
             assert got_i == want and got_v == [row[j] for j in want]
 
@@ -161,10 +161,17 @@ class TestExactSearch:
         scores, slots = ExactSearch(bank, metric, chunk_bytes=chunk_bytes).search(queries, k, mask=mask)
         assert_matches_oracle(scores, slots, oracle(bank, queries, k, metric, mask.cpu()), k)
 
-    @pytest.mark.parametrize("chunk_bytes, extent, k", [
-        (64 << 20, 10_000_000, 10), (64 << 20, 1_000_000, 10), (1 << 20, 20_000, 40),
-        (64 << 20, 100_000, 400), (1 << 20, 100, 1), (4096, 300, 6),
-    ])
+    @pytest.mark.parametrize(
+        "chunk_bytes, extent, k",
+        [
+            (64 << 20, 10_000_000, 10),
+            (64 << 20, 1_000_000, 10),
+            (1 << 20, 20_000, 40),
+            (64 << 20, 100_000, 400),
+            (1 << 20, 100, 1),
+            (4096, 300, 6),
+        ],
+    )
     def test_query_block_bounds_temporaries(self, chunk_bytes, extent, k):
         """Within the bound; score chunks as long as the pool or 16K rows; twice the block would break one."""
         b = _query_block(chunk_bytes, extent, k)

@@ -105,9 +105,7 @@ class TestHelpers:
 
 class TestSpectralFeatures:
     @pytest.mark.parametrize("window", ["hann", "hamming", "none"])
-    @pytest.mark.parametrize(
-        "shape", [(1, 1, 1), (3, 5, 2), (7, 4, 3), (8, 8, 2), (16, 16, 4), (5, 1, 2)]
-    )
+    @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 2), (7, 4, 3), (8, 8, 2), (16, 16, 4), (5, 1, 2)])
     def test_matches_numpy_reference(self, device, window, shape):
         g = torch.Generator().manual_seed(sum(shape))
         dreams = torch.rand((5, *shape, 3), generator=g)
@@ -161,9 +159,7 @@ class TestSpectralFeatures:
         assert hann.eq(0).all()  # periodic Hann(1) is [0]
         plain = spectral_features(dream, window="none").cpu()
         expected_high = (0.04 + 0.16 + 0.36) / 3
-        torch.testing.assert_close(
-            plain, torch.tensor([[0.0, 0.0, 0.0, expected_high, expected_high, 0.0, 0.0, 0.0]])
-        )
+        torch.testing.assert_close(plain, torch.tensor([[0.0, 0.0, 0.0, expected_high, expected_high, 0.0, 0.0, 0.0]]))
 
     def test_empty_batch_and_half(self, device):
         assert spectral_features(torch.zeros(0, 4, 4, 2, 3, device=device)).shape == (0, 8)

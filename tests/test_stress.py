@@ -21,9 +21,15 @@ CAPACITY = 8192
 BATCH = 100
 TOTAL_ADDS = 100_000
 MODES = [
-    ("similar", {}), ("class", {"class_hint": 3}), ("balanced", {"classes": [0, 4, 7]}),
-    ("utility", {"utility_threshold": 0.5}), ("diverse", {}), ("soft", {}), ("hybrid", {"class_hint": 1}),
-    ("category", {}), ("nearest", {}),
+    ("similar", {}),
+    ("class", {"class_hint": 3}),
+    ("balanced", {"classes": [0, 4, 7]}),
+    ("utility", {"utility_threshold": 0.5}),
+    ("diverse", {}),
+    ("soft", {}),
+    ("hybrid", {"class_hint": 1}),
+    ("category", {}),
+    ("nearest", {}),
 ]
 
 
@@ -44,8 +50,16 @@ def index_agrees(pool):
 @pytest.mark.slow
 class TestStress:
     def test_100k_adds_with_churn_and_queries(self):
-        pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=CAPACITY, device="cpu", coherence_threshold=0.2,
-                                    eviction_policy="lowest_utility", query_cache_size=256))
+        pool = DreamPool(
+            PoolConfig(
+                dream_shape=SHAPE,
+                capacity=CAPACITY,
+                device="cpu",
+                coherence_threshold=0.2,
+                eviction_policy="lowest_utility",
+                query_cache_size=256,
+            )
+        )
         g = torch.Generator().manual_seed(0)
         issued = torch.empty(0, dtype=torch.int64)
         offered = returned = evicting_steps = 0
@@ -55,8 +69,11 @@ class TestStress:
             key_before = policy_for(EvictionPolicy.LOWEST_UTILITY).key(pool.bank)[slots_before].clone()
 
             dreams = torch.rand(BATCH, *SHAPE, 3, generator=g)
-            added = pool.add(dreams, coherence=torch.rand(BATCH, generator=g),
-                             class_labels=torch.randint(-1, 10, (BATCH,), generator=g))
+            added = pool.add(
+                dreams,
+                coherence=torch.rand(BATCH, generator=g),
+                class_labels=torch.randint(-1, 10, (BATCH,), generator=g),
+            )
             offered += BATCH
             new = added[added >= 0]
             issued = torch.cat([issued, new])
@@ -88,14 +105,25 @@ class TestStress:
         assert index_agrees(pool)
         assert pool.counters["evicted"] > TOTAL_ADDS // 2 and evicting_steps > step // 2
         assert returned > step * 16
-        print(f"\nstress: {offered} adds offered, {pool.counters['added']} stored, "
-              f"{pool.counters['evicted']} evicted, {step} query batches of 16, {returned} ids returned")
+        print(
+            f"\nstress: {offered} adds offered, {pool.counters['added']} stored, "
+            f"{pool.counters['evicted']} evicted, {step} query batches of 16, {returned} ids returned"
+        )
 
     def test_budget_held_with_ivf_churn(self):
         """A pool sized by a memory budget, on the IVF engine, under churn: within budget after every add."""
-        pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=100_000, memory_budget_mb=4.0, device="cpu",
-                                    engine="faiss-ivf", ann_threshold=1024, coherence_threshold=0.0,
-                                    eviction_policy="lowest_coherence"))
+        pool = DreamPool(
+            PoolConfig(
+                dream_shape=SHAPE,
+                capacity=100_000,
+                memory_budget_mb=4.0,
+                device="cpu",
+                engine="faiss-ivf",
+                ann_threshold=1024,
+                coherence_threshold=0.0,
+                eviction_policy="lowest_coherence",
+            )
+        )
         g = torch.Generator().manual_seed(1)
         capacity = pool.config.capacity  # derived from the budget
         assert capacity < 100_000

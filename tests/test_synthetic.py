@@ -34,8 +34,14 @@ def test_hard_variant_is_noisier():
     assert float(hard.dreams.std()) > float(easy.dreams.std())
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [({"name": "nope", "n": 3}, "name"), ({"name": "colours", "n": -1}, "n"),
-                                              ({"name": "colours", "n": 3, "shape": (4, 4)}, "shape")])
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"name": "nope", "n": 3}, "name"),
+        ({"name": "colours", "n": -1}, "n"),
+        ({"name": "colours", "n": 3, "shape": (4, 4)}, "shape"),
+    ],
+)
 def test_bad_arguments(kwargs, name):
     with pytest.raises(InvalidInputError, match=name):
         make_dataset(**kwargs)

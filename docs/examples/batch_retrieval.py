@@ -33,14 +33,10 @@ from dreampool_gpu.dreams import CLASS_NAMES, synthetic_dreams
 
 def build_pool(path: Path, entries: int) -> None:
     """Fill a CPU pool with synthetic class-coloured dreams and save it at ``path``."""
-    pool = DreamPool(
-        PoolConfig(dream_shape=(8, 8, 2), capacity=entries, coherence_threshold=0.0, device="cpu")
-    )
+    pool = DreamPool(PoolConfig(dream_shape=(8, 8, 2), capacity=entries, coherence_threshold=0.0, device="cpu"))
     generator = torch.Generator().manual_seed(0)
     for start in range(0, entries, 1000):
-        dreams, labels = synthetic_dreams(
-            min(1000, entries - start), (8, 8, 2), generator=generator
-        )
+        dreams, labels = synthetic_dreams(min(1000, entries - start), (8, 8, 2), generator=generator)
         scores = score_dreams(dreams)
         pool.add(
             dreams,
@@ -61,12 +57,9 @@ def main() -> None:
         "--dir",
         type=Path,
         default=Path("dreampool-batch-example"),
-        help="where the pool, queries and results are written and kept "
-        "(default ./dreampool-batch-example)",
+        help="where the pool, queries and results are written and kept (default ./dreampool-batch-example)",
     )
-    parser.add_argument(
-        "--temp", action="store_true", help="use a temporary directory, removed at exit"
-    )
+    parser.add_argument("--temp", action="store_true", help="use a temporary directory, removed at exit")
     args = parser.parse_args()
 
     place = tempfile.TemporaryDirectory() if args.temp else contextlib.nullcontext(args.dir)

@@ -51,8 +51,13 @@ def train(checkpoint: str, steps: int = 6) -> None:
 
 
 def _spawned(rank: int, world: int, port: int, checkpoint: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         train(checkpoint)
     finally:

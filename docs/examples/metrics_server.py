@@ -24,9 +24,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
 
-    pool = DreamPool(
-        PoolConfig(dream_shape=(8, 8, 2), capacity=200, coherence_threshold=0.5, device="cpu")
-    )
+    pool = DreamPool(PoolConfig(dream_shape=(8, 8, 2), capacity=200, coherence_threshold=0.5, device="cpu"))
     server = pool.enable_metrics().serve(args.port)
     port = server.server_port  # the one bound, when --port 0
     generator = torch.Generator().manual_seed(0)
@@ -40,9 +38,7 @@ def main() -> None:
     finally:
         server.shutdown()
     for line in body.splitlines():
-        if line.startswith("dreampool_") and not line.startswith(
-            "dreampool_retrieve_seconds_bucket"
-        ):
+        if line.startswith("dreampool_") and not line.startswith("dreampool_retrieve_seconds_bucket"):
             print(line)
 
 

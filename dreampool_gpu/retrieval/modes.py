@@ -49,8 +49,14 @@ class ModeSpec:
 
 def _chroma(pool: DreamPool, req: Request, queries: torch.Tensor, mask: torch.Tensor | None) -> Result:
     """Chroma candidates of ``queries`` ``[b, 3]`` within ``mask`` and the request's ``where``."""
-    return stages.chroma_candidates(pool.bank, queries, req.k, stages.both(mask, req.keep),
-                                    metric=req.chroma_metric, chunk_mb=pool.config.search_chunk_mb)
+    return stages.chroma_candidates(
+        pool.bank,
+        queries,
+        req.k,
+        stages.both(mask, req.keep),
+        metric=req.chroma_metric,
+        chunk_mb=pool.config.search_chunk_mb,
+    )
 
 
 def _chroma_of(req: Request) -> torch.Tensor:
@@ -82,8 +88,16 @@ def _utility(pool: DreamPool, req: Request) -> Result:
 
 
 def _diverse(pool: DreamPool, req: Request) -> Result:
-    return stages.diverse(pool.bank, _chroma_of(req), req.k, req.lam, req.min_dispersion, req.keep,
-                          metric=req.chroma_metric, chunk_mb=pool.config.rerank_chunk_mb)
+    return stages.diverse(
+        pool.bank,
+        _chroma_of(req),
+        req.k,
+        req.lam,
+        req.min_dispersion,
+        req.keep,
+        metric=req.chroma_metric,
+        chunk_mb=pool.config.rerank_chunk_mb,
+    )
 
 
 def _nearest(pool: DreamPool, req: Request) -> Result:
@@ -96,25 +110,37 @@ def _hybrid(pool: DreamPool, req: Request) -> Result:
         return empty_results(req.q.count, pool.device)
     embedded = pool._query_embeddings(req.q, req.hint, req.prior)
     similarity, candidates = pool._knn(embedded, max(req.fetch, req.k), req.categories, req.keep)
-    return stages.hybrid(pool.bank, similarity, candidates, req.hint, req.k, req.lam, req.min_dispersion,
-                         pool.weights, chunk_mb=pool.config.rerank_chunk_mb)
+    return stages.hybrid(
+        pool.bank,
+        similarity,
+        candidates,
+        req.hint,
+        req.k,
+        req.lam,
+        req.min_dispersion,
+        pool.weights,
+        chunk_mb=pool.config.rerank_chunk_mb,
+    )
 
 
 _CHROMA = ("chroma_metric",)
 _EMBEDDED = ("class_hint", "utility_prior", "category")
 _RERANKED = (*_EMBEDDED, "fetch_k", "mmr_lambda", "min_dispersion")
 _M = RetrievalMode
-MODES: dict[RetrievalMode, ModeSpec] = {spec.mode: spec for spec in (
-    ModeSpec(_M.SIMILAR, "chroma", None, None, _CHROMA, _similar),
-    ModeSpec(_M.CLASS, "chroma", "class_hint", None, ("class_hint", *_CHROMA), _class),
-    ModeSpec(_M.BALANCED, "chroma", "classes", None, ("classes", *_CHROMA), _balanced),
-    ModeSpec(_M.UTILITY, "chroma", "utility_threshold", None, ("utility_threshold", *_CHROMA), _utility),
-    ModeSpec(_M.DIVERSE, "chroma", None, "mmr", ("mmr_lambda", "min_dispersion", *_CHROMA), _diverse),
-    ModeSpec(_M.SOFT, "embeddings", "category", "hybrid", _RERANKED, _hybrid),
-    ModeSpec(_M.HYBRID, "embeddings", "category", "hybrid", _RERANKED, _hybrid),
-    ModeSpec(_M.CATEGORY, "embeddings", "category", None, _EMBEDDED, _nearest),
-    ModeSpec(_M.NEAREST, "embeddings", "category", None, _EMBEDDED, _nearest),
-)}
+MODES: dict[RetrievalMode, ModeSpec] = {
+    spec.mode: spec
+    for spec in (
+        ModeSpec(_M.SIMILAR, "chroma", None, None, _CHROMA, _similar),
+        ModeSpec(_M.CLASS, "chroma", "class_hint", None, ("class_hint", *_CHROMA), _class),
+        ModeSpec(_M.BALANCED, "chroma", "classes", None, ("classes", *_CHROMA), _balanced),
+        ModeSpec(_M.UTILITY, "chroma", "utility_threshold", None, ("utility_threshold", *_CHROMA), _utility),
+        ModeSpec(_M.DIVERSE, "chroma", None, "mmr", ("mmr_lambda", "min_dispersion", *_CHROMA), _diverse),
+        ModeSpec(_M.SOFT, "embeddings", "category", "hybrid", _RERANKED, _hybrid),
+        ModeSpec(_M.HYBRID, "embeddings", "category", "hybrid", _RERANKED, _hybrid),
+        ModeSpec(_M.CATEGORY, "embeddings", "category", None, _EMBEDDED, _nearest),
+        ModeSpec(_M.NEAREST, "embeddings", "category", None, _EMBEDDED, _nearest),
+    )
+}
 """Every mode, in :class:`RetrievalMode` order."""
 
 CHROMA_MODES = frozenset(m for m, spec in MODES.items() if spec.column == "chroma")
@@ -126,8 +152,17 @@ FILTERED_MODES = frozenset(m for m, spec in MODES.items() if spec.filter == "cat
 RERANK_MODES = frozenset(m for m, spec in MODES.items() if spec.rerank == "hybrid")
 """Modes that re-rank ``fetch_k`` embedding candidates (hybrid score, then MMR)."""
 
-_OPTION_ORDER = ("class_hint", "classes", "category", "utility_threshold", "utility_prior", "fetch_k",
-                 "mmr_lambda", "min_dispersion", "chroma_metric")
+_OPTION_ORDER = (
+    "class_hint",
+    "classes",
+    "category",
+    "utility_threshold",
+    "utility_prior",
+    "fetch_k",
+    "mmr_lambda",
+    "min_dispersion",
+    "chroma_metric",
+)
 OPTIONS = tuple(o for o in _OPTION_ORDER if any(o in spec.options for spec in MODES.values()))
 """The keyword options of ``DreamPool.retrieve`` a batch job or the CLI passes through
 (scalars or lists: ``where`` and ``with_dreams`` are library-only)."""

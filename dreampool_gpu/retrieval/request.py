@@ -46,11 +46,13 @@ class Queries:
 
     def take(self, rows: torch.Tensor) -> Queries:
         """The queries at ``rows`` (``[b]`` int64)."""
+
         def part(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows]
 
-        return Queries(int(rows.numel()), part(self.chroma), part(self.spectral), part(self.embeddings),
-                       part(self.dreams))
+        return Queries(
+            int(rows.numel()), part(self.chroma), part(self.spectral), part(self.embeddings), part(self.dreams)
+        )
 
 
 @dataclass
@@ -83,9 +85,22 @@ class Request:
 
 
 def check_request(
-    pool: DreamPool, queries: Any, *, k: Any, mode: Any, class_hint: Any, classes: Any, category: Any,
-    utility_threshold: Any, utility_prior: Any, fetch_k: Any, mmr_lambda: Any, min_dispersion: Any,
-    where: Any, chroma_metric: Any, total_capacity: int | None = None,
+    pool: DreamPool,
+    queries: Any,
+    *,
+    k: Any,
+    mode: Any,
+    class_hint: Any,
+    classes: Any,
+    category: Any,
+    utility_threshold: Any,
+    utility_prior: Any,
+    fetch_k: Any,
+    mmr_lambda: Any,
+    min_dispersion: Any,
+    where: Any,
+    chroma_metric: Any,
+    total_capacity: int | None = None,
 ) -> Request:
     """Check ``DreamPool.retrieve``'s arguments (see there) against ``pool``; the pool is not changed.
 
@@ -107,8 +122,11 @@ def check_request(
     if mode_ not in CHROMA_MODES:
         pool._check_fresh()
     if mode_ is RetrievalMode.CLASS and (class_hint is None or (b and bool((hint < 0).any()))):
-        raise InvalidInputError("class_hint", f"a class label in 0..{config.num_classes - 1} for mode 'class'",
-                                None if class_hint is None else -1)
+        raise InvalidInputError(
+            "class_hint",
+            f"a class label in 0..{config.num_classes - 1} for mode 'class'",
+            None if class_hint is None else -1,
+        )
     balanced = class_list(classes, config.num_classes) if mode_ is RetrievalMode.BALANCED else []
     lam = pool.weights.mmr_lambda if mmr_lambda is None else v.check_number(mmr_lambda, "mmr_lambda", 0.0, 1.0)
     if mode_ is RetrievalMode.SOFT and mmr_lambda is None:
@@ -121,8 +139,9 @@ def check_request(
     if chroma_metric not in CHROMA_METRICS:
         raise InvalidInputError("chroma_metric", f"one of {', '.join(CHROMA_METRICS)}", repr(chroma_metric))
     keep = where_mask(where, pool.bank, pool.device)
-    return Request(mode_, k_, q, hint, prior, balanced, lam, dispersion, threshold, fetch, categories, keep,
-                   chroma_metric)
+    return Request(
+        mode_, k_, q, hint, prior, balanced, lam, dispersion, threshold, fetch, categories, keep, chroma_metric
+    )
 
 
 # ------------------------------------------------------------ arguments
@@ -209,8 +228,10 @@ def where_columns(bank: TensorBank) -> dict[str, torch.Tensor]:
     free slots, which never qualify whatever the mask says).
     """
     cols = bank.columns
-    out = {name: cols[name].clone() for name in ("coherence", "energy", "violation", "utility", "util_mean",
-                                                  "usage", "ids")}
+    out = {
+        name: cols[name].clone()
+        for name in ("coherence", "energy", "violation", "utility", "util_mean", "usage", "ids")
+    }
     out["id"] = out.pop("ids")
     out["class"] = cols["class_label"].long()
     out["hue"] = cols["hue_category"].long()
@@ -276,6 +297,9 @@ def embedding_queries(t: torch.Tensor, metric: Metric) -> torch.Tensor:
         bound = math.sqrt(torch.finfo(torch.float32).max / (4 * t.shape[1]))
         peak = float(t.abs().max())
         if peak > bound:
-            raise InvalidInputError("queries", f"euclidean embeddings with |values| <= {bound:.3g} "
-                                    "(squared distances overflow float32 beyond)", f"|values| up to {peak:.3g}")
+            raise InvalidInputError(
+                "queries",
+                f"euclidean embeddings with |values| <= {bound:.3g} (squared distances overflow float32 beyond)",
+                f"|values| up to {peak:.3g}",
+            )
     return t

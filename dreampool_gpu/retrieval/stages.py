@@ -69,8 +69,14 @@ def by_value(
 
 # ------------------------------------------------------------ candidates
 def embed_queries(
-    encoder: Encoder, cache: QueryCache, config: PoolConfig, chroma: torch.Tensor | None,
-    spectral: torch.Tensor | None, dreams: torch.Tensor | None, hint: torch.Tensor, prior: torch.Tensor,
+    encoder: Encoder,
+    cache: QueryCache,
+    config: PoolConfig,
+    chroma: torch.Tensor | None,
+    spectral: torch.Tensor | None,
+    dreams: torch.Tensor | None,
+    hint: torch.Tensor,
+    prior: torch.Tensor,
 ) -> torch.Tensor:
     """``[B, D]`` query embeddings in the bank's form from dreams (``[B, R, C, L, 3]``) or
     chroma (``[B, 3]``), with the class hints and utility priors ``[B]``.
@@ -81,9 +87,13 @@ def embed_queries(
         raise InvalidInputError("queries", "dreams, chroma or embeddings", None)
 
     def compute(rows: torch.Tensor) -> torch.Tensor:
-        z = encoder.encode_queries(dreams=None if dreams is None else dreams[rows], chroma=chroma[rows],
-                                   spectral=None if spectral is None else spectral[rows],  # None: chroma only
-                                   class_labels=hint[rows], utility=prior[rows])
+        z = encoder.encode_queries(
+            dreams=None if dreams is None else dreams[rows],
+            chroma=chroma[rows],
+            spectral=None if spectral is None else spectral[rows],  # None: chroma only
+            class_labels=hint[rows],
+            utility=prior[rows],
+        )
         return bank_form(z, config.metric)
 
     count = chroma.shape[0]
@@ -120,7 +130,11 @@ def chroma_candidates(
 
 
 def exact_candidates(
-    bank: TensorBank, config: PoolConfig, embedded: torch.Tensor, k: int, categories: torch.Tensor | None,
+    bank: TensorBank,
+    config: PoolConfig,
+    embedded: torch.Tensor,
+    k: int,
+    categories: torch.Tensor | None,
     keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k-NN ``[b, k]`` on embeddings over live entries in age order, ties to the older (stable top-k).
@@ -148,8 +162,13 @@ def exact_candidates(
 
 
 def knn(
-    bank: TensorBank, index: SearchIndex, config: PoolConfig, embedded: torch.Tensor, k: int,
-    categories: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+    bank: TensorBank,
+    index: SearchIndex,
+    config: PoolConfig,
+    embedded: torch.Tensor,
+    k: int,
+    categories: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (docs/spec.md §Retrieval).
 
@@ -175,22 +194,31 @@ def knn(
     elif not cpu and embedded.shape[0] * bank.capacity <= config.search_chunk_mb * 2**20:
         scores, slots = index.search(embedded, fetch, mask=both(hue[None, :] == categories[:, None], keep))
     else:
-        scores, slots = by_value(categories, fetch, lambda rows, c: index.search(
-            embedded[rows], fetch, mask=both(hue == c, keep)))
+        scores, slots = by_value(
+            categories, fetch, lambda rows, c: index.search(embedded[rows], fetch, mask=both(hue == c, keep))
+        )
     if fetch > k:
         straddles = (scores[:, k - 1] == scores[:, k]) & (scores[:, k] > float("-inf"))
         scores, slots = scores[:, :k].clone(), slots[:, :k].clone()
         if bool(straddles.any()):
             rows = torch.nonzero(straddles).squeeze(1)
             scores[rows], slots[rows] = exact_candidates(
-                bank, config, embedded[rows], k, None if categories is None else categories[rows], keep)
+                bank, config, embedded[rows], k, None if categories is None else categories[rows], keep
+            )
     return oldest_first_ties(scores, slots, bank.columns["ids"])
 
 
 # -------------------------------------------------------------- re-rank
 def diverse(
-    bank: TensorBank, queries: torch.Tensor, k: int, lam: float, min_dispersion: float,
-    keep: torch.Tensor | None, *, metric: str, chunk_mb: float,
+    bank: TensorBank,
+    queries: torch.Tensor,
+    k: int,
+    lam: float,
+    min_dispersion: float,
+    keep: torch.Tensor | None,
+    *,
+    metric: str,
+    chunk_mb: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MMR over the whole pool (``keep``'s entries) on chroma signatures (candidates oldest first).
 
@@ -216,8 +244,16 @@ def diverse(
 
 
 def hybrid(
-    bank: TensorBank, similarity: torch.Tensor, candidates: torch.Tensor, hint: torch.Tensor, k: int,
-    lam: float, min_dispersion: float, weights: HybridWeights, *, chunk_mb: float,
+    bank: TensorBank,
+    similarity: torch.Tensor,
+    candidates: torch.Tensor,
+    hint: torch.Tensor,
+    k: int,
+    lam: float,
+    min_dispersion: float,
+    weights: HybridWeights,
+    *,
+    chunk_mb: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates ``[B, m]`` (similarity, slots) -> hybrid base score -> MMR on embeddings -> ``[B, k]``.
 
@@ -242,8 +278,13 @@ def hybrid(
         vectors = bank.gather("embeddings", cand)
         points = bank.gather("chroma", cand)
         picks, scores = mmr(
-            base, vectors, k,
-            mmr_lambda=lam, delta=weights.delta, min_dispersion=min_dispersion, points=points,
+            base,
+            vectors,
+            k,
+            mmr_lambda=lam,
+            delta=weights.delta,
+            min_dispersion=min_dispersion,
+            points=points,
         )
         score_parts.append(scores)
         slot_parts.append(torch.where(picks >= 0, cand.gather(1, picks.clamp(min=0)), picks))

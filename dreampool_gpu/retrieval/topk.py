@@ -55,9 +55,7 @@ def _lowest_index_topk(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch
     return key.topk(k, dim=1).indices
 
 
-def pad_results(
-    scores: torch.Tensor, slots: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_results(scores: torch.Tensor, slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad ``[B, m]`` results (m <= k) to ``[B, k]`` with ``-inf`` / -1; -1 where not finite."""
     b, m = scores.shape
     found = torch.isfinite(scores) & (slots >= 0)

@@ -71,5 +71,10 @@ def index_nbytes_estimate(config: PoolConfig, device: torch.device, n: int) -> i
         return 0
     from dreampool_gpu.search import faiss_ivf  # loads FAISS: only for IVF pools
 
-    return faiss_ivf.estimate_nbytes(n, config.embedding_dim, threshold=config.ann_threshold,
-                                     nlist=config.ivf_nlist, churn_fraction=config.churn_rebuild_fraction)
+    return faiss_ivf.estimate_nbytes(
+        n,
+        config.embedding_dim,
+        threshold=config.ann_threshold,
+        nlist=config.ivf_nlist,
+        churn_fraction=config.churn_rebuild_fraction,
+    )

@@ -44,7 +44,6 @@ def refine_euclidean(
     return scores.gather(1, order), slots.gather(1, order)
 
 
-
 class ExactSearch(SearchIndex):
     """Brute-force scan of the bank's embeddings with torch matmul + topk.
 
@@ -130,8 +129,12 @@ class ExactSearch(SearchIndex):
             if keep is not None:
                 scores.masked_fill_(~keep[..., start:stop].expand_as(scores), float("-inf"))
             taken = min(k, stop - start)
-            torch.topk(scores, taken, dim=1, out=(cand_scores[:, filled : filled + taken],
-                                                  cand_slots[:, filled : filled + taken]))
+            torch.topk(
+                scores,
+                taken,
+                dim=1,
+                out=(cand_scores[:, filled : filled + taken], cand_slots[:, filled : filled + taken]),
+            )
             if start:
                 cand_slots[:, filled : filled + taken] += start
             filled += taken

@@ -38,7 +38,6 @@ def gpu_resources(temp_bytes: int) -> faiss.StandardGpuResources:
     return res
 
 
-
 class FaissFlatSearch(SearchIndex):
     """Exact FAISS brute-force k-NN over ``bank.columns["embeddings"]`` in place.
 
@@ -53,9 +52,7 @@ class FaissFlatSearch(SearchIndex):
 
     kind = "faiss-flat"
 
-    def __init__(
-        self, bank: TensorBank, metric: Metric, *, fallback: ExactSearch, chunk_bytes: int
-    ) -> None:
+    def __init__(self, bank: TensorBank, metric: Metric, *, fallback: ExactSearch, chunk_bytes: int) -> None:
         self.bank = bank
         self.metric = metric
         self.fallback = fallback

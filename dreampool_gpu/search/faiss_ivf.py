@@ -277,8 +277,10 @@ class IVFSearch(SearchIndex):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """See :meth:`SearchIndex.search`; exact scores of approximate candidates."""
         if k == 0:  # nothing to rank: [B, 0] whatever the engine state
-            return (torch.empty(queries.shape[0], 0, device=queries.device),
-                    torch.empty(queries.shape[0], 0, dtype=torch.int64, device=queries.device))
+            return (
+                torch.empty(queries.shape[0], 0, device=queries.device),
+                torch.empty(queries.shape[0], 0, dtype=torch.int64, device=queries.device),
+            )
         if self._index is not None:
             self._maintain()
         if mask is not None or self._index is None or k >= self.bank.size or queries.shape[0] == 0:
@@ -300,9 +302,7 @@ class IVFSearch(SearchIndex):
             scores[short], slots[short] = exact_scores, exact_slots
         return scores, slots
 
-    def _search_chunk(
-        self, queries: torch.Tensor, k: int, candidates: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_chunk(self, queries: torch.Tensor, k: int, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.on_gpu:
             _, labels = self._index.search(queries, candidates)
         else:
@@ -310,9 +310,7 @@ class IVFSearch(SearchIndex):
             labels = torch.from_numpy(found).to(self.bank.device)
         return self._rescore(queries, labels, k)
 
-    def _rescore(
-        self, queries: torch.Tensor, labels: torch.Tensor, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rescore(self, queries: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k of the candidate slots ``labels`` ``[B, C]`` (-1 = none) from the bank."""
         slots = labels.clamp(min=0)
         keep = (labels >= 0) & (self.bank.columns["ids"][slots] >= 0)
