@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dreampool_gpu.config import PoolConfig
 from dreampool_gpu.devices import resolve_device
+from dreampool_gpu.encoders import Encoder, FeatureEncoder
 from dreampool_gpu.errors import DreamPoolError
+from dreampool_gpu.fitting import FitReport
+from dreampool_gpu.learned import LearnedEncoder
 from dreampool_gpu.pool import DreamPool, Retrieval
 from dreampool_gpu.rerank import HybridWeights, mmr
 from dreampool_gpu.solver import score_dreams
@@ -23,6 +26,11 @@ __all__ = [
     # config
     "PoolConfig",
     "HybridWeights",
+    # encoders
+    "Encoder",
+    "FeatureEncoder",
+    "LearnedEncoder",
+    "FitReport",
     # building blocks
     "mmr",
     "score_dreams",
