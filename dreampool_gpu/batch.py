@@ -16,10 +16,19 @@ whose output is already complete does nothing.
 
 The pool is loaded read-only: retrievals bump usage counts in memory only and
 the checkpoint is never written.
+
+Under torchrun (``group=`` a ``torch.distributed`` process group, see
+:func:`run_retrieval_job`) every rank loads the same checkpoint (the pool is
+replicated, no collective runs per chunk), rank ``r`` answers the chunks ``i``
+with ``i % world == r`` and records them in ``progress-rank<r>.json``; rank 0
+takes the lock, merges the one output file and removes the work directory. The
+ranks agree on success or failure at each step, so an error on one rank ends
+every rank with an error instead of a hang.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -35,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from dreampool_gpu.atomic import atomic_write
 from dreampool_gpu.config import RetrievalMode
-from dreampool_gpu.errors import DimensionMismatchError, DreamPoolError, InvalidInputError
+from dreampool_gpu.errors import CollectiveError, DimensionMismatchError, DreamPoolError, InvalidInputError
 from dreampool_gpu.persist import manifest_digest
 from dreampool_gpu.pool import DreamPool
 from dreampool_gpu.retrieval.modes import CHROMA_MODES, OPTIONS
@@ -45,7 +54,7 @@ JOB_VERSION = 1
 DEFAULT_CHUNK = 65_536
 PROGRESS = "progress.json"
 LOCK = "lock"
-_OWN_PREFIXES = ("chunk-", PROGRESS, LOCK)
+_OWN_PREFIXES = ("chunk-", "progress", LOCK)  # "progress" covers progress.json and progress-rank<r>.json
 QUERY_SUFFIXES = (".npy", ".safetensors", ".pt")
 _FLOAT_NAMES = {"float16", "bfloat16", "float32", "float64", "F16", "BF16", "F32", "F64"}
 
@@ -293,7 +302,25 @@ def _load_progress(parts: Path, job: dict[str, Any]) -> tuple[set[int], bool]:
     if not same:
         _clear_parts(parts, keep_dir=True)
         return set(), True
+    done |= _rank_progress(parts, job)
     return {i for i in done if (parts / _chunk_name(i)).is_file()}, False
+
+
+def _rank_file(rank: int) -> str:
+    return f"progress-rank{rank}.json"
+
+
+def _rank_progress(parts: Path, job: dict[str, Any]) -> set[int]:
+    """Chunks recorded by the ranks of a torchrun run of ``job`` (``progress-rank<r>.json``)."""
+    done: set[int] = set()
+    for path in sorted(parts.glob("progress-rank*.json")):
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("job") == job:
+                done |= {int(i) for i in saved.get("done", [])}
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue  # unreadable: its chunks are computed again
+    return done
 
 
 def _clear_parts(parts: Path, *, keep_dir: bool) -> None:
@@ -345,6 +372,7 @@ def run_retrieval_job(
     device: str = "auto",
     options: dict[str, Any] | None = None,
     progress: bool = False,
+    group: Any = None,
 ) -> BatchReport:
     """Answer every query in ``queries_path`` from the pool saved at ``pool_path``.
 
@@ -366,7 +394,14 @@ def run_retrieval_job(
             or lists only (``class_hint``, ``classes``, ``category``,
             ``utility_threshold``, ``fetch_k``, ``mmr_lambda``, ``min_dispersion``, ``chroma_metric``;
             :data:`~dreampool_gpu.retrieval.modes.OPTIONS`).
-        progress: show a tqdm bar on stderr.
+        progress: show a tqdm bar on stderr (rank 0 only under torchrun).
+        group: a ``torch.distributed`` process group whose ranks share the job
+            (every rank calls this function with the same arguments, on a
+            filesystem they all see); None or a group of one: this process alone.
+            Each rank loads the pool itself; rank ``r`` answers chunks
+            ``i % world == r``; rank 0 writes ``out``. Every rank gets the same
+            report (``computed``, ``resumed`` and ``computed_queries`` summed over
+            the ranks).
 
     Returns:
         A :class:`BatchReport`.
@@ -378,9 +413,63 @@ def run_retrieval_job(
             interrupted save, which is read instead).
         DimensionMismatchError: queries that do not fit the pool and mode.
         CheckpointCorruptError: the pool checkpoint fails verification.
+        RankFailedError: (``group``) another rank failed; that rank raises its own error.
         Whatever interrupts the run (``KeyboardInterrupt``) leaves the finished
         chunks in :func:`work_dir` for the next run.
     """
+    args = (pool_path, queries_path, out, k, mode, chunk, key, device, options)
+    if group is not None and _world(group) > 1:
+        return _run_distributed(group, args, progress)
+    job = _prepare(*args)
+    if job.already_done:
+        return job.report(0, 0, 0, done=True)
+    parts = work_dir(job.out)
+    parts.mkdir(parents=True, exist_ok=True)
+    with _JobLock(parts, job.out):
+        return _run_chunks(
+            job.pool,
+            job.queries,
+            parts,
+            job.out,
+            job.job,
+            job.k,
+            job.mode,
+            job.options,
+            job.width,
+            progress,
+            job.report,
+        )
+
+
+@dataclass
+class _Job:
+    """A checked job, its pool loaded: what :func:`_prepare` hands to the runners."""
+
+    pool: DreamPool
+    queries: QueryFile
+    out: Path
+    job: dict[str, Any]
+    k: int
+    mode: RetrievalMode
+    options: dict[str, Any]
+    width: int
+    n_chunks: int
+    already_done: bool
+    report: Callable[..., BatchReport]
+
+
+def _prepare(
+    pool_path: str | os.PathLike[str],
+    queries_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    k: int | None,
+    mode: str | RetrievalMode,
+    chunk: int,
+    key: str | None,
+    device: str,
+    options: dict[str, Any] | None,
+) -> _Job:
+    """Check the arguments, load the pool and probe one row; nothing is written."""
     start = time.perf_counter()
     pool_dir, out = Path(pool_path), Path(out)
     mode_ = RetrievalMode.parse(mode)
@@ -431,12 +520,8 @@ def run_retrieval_job(
             time.perf_counter() - start,
         )
 
-    if _finished_job(out) == job:
-        return report(0, 0, 0, done=True)
-    parts = work_dir(out)
-    parts.mkdir(parents=True, exist_ok=True)
-    with _JobLock(parts, out):
-        return _run_chunks(pool, queries, parts, out, job, k_, mode_, options, width, progress, report)
+    done = _finished_job(out) == job
+    return _Job(pool, queries, out, job, k_, mode_, options, width, n_chunks, done, report)
 
 
 def _run_chunks(
@@ -521,6 +606,167 @@ class _JobLock:
             _clear_parts(self.path.parent, keep_dir=False)
 
 
+# ----------------------------------------------------------- under torchrun
+class RankFailedError(DreamPoolError, RuntimeError):
+    """Another rank of a batch job under torchrun failed (that rank raises its own error).
+
+    Attributes:
+        rank: the first rank that failed. step: what the ranks were doing. reason: its error, one line.
+    """
+
+    def __init__(self, rank: int, step: str, reason: str) -> None:
+        self.rank = rank
+        self.step = step
+        self.reason = reason
+        super().__init__(f"rank {rank} failed ({step}): {reason}")
+
+
+def _world(group: Any) -> int:
+    import torch.distributed as dist
+
+    return int(dist.get_world_size(group))
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for the other ranks: the message (notes included), or the exception's type."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    text = str(exc) if isinstance(exc, DreamPoolError) else f"{type(exc).__name__}: {exc}"
+    text += "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _agree(group: Any, step: str, failure: BaseException | None, payload: Any = None) -> list[Any]:
+    """Every rank's ``payload`` once all ranks finished ``step``; raise on every rank if any failed.
+
+    One ``all_gather_object`` of (error or None, payload) per step, never per chunk.
+    The failing rank re-raises its own exception, the others raise
+    :class:`RankFailedError` naming the first rank that failed.
+    """
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * _world(group)
+    mine = (None if failure is None else _describe(failure), payload)
+    try:
+        dist.all_gather_object(gathered, mine, group=group)
+    except Exception as exc:  # a rank that died, or the group's timeout
+        if failure is not None:
+            raise failure from None
+        raise CollectiveError(int(dist.get_rank(group)), f"all_gather_object ({step})", _describe(exc)) from None
+    if failure is not None:
+        raise failure
+    for rank, (reason, _) in enumerate(gathered):
+        if reason is not None:
+            raise RankFailedError(rank, step, reason)
+    return [item for _, item in gathered]
+
+
+def _run_distributed(group: Any, args: tuple[Any, ...], progress: bool) -> BatchReport:
+    """:func:`run_retrieval_job` on every rank of ``group``: each rank its share of the chunks, rank 0 merges."""
+    import torch.distributed as dist
+
+    start = time.perf_counter()
+    rank, world = int(dist.get_rank(group)), _world(group)
+    prepared: _Job | None = None
+    failure: BaseException | None = None
+    try:
+        prepared = _prepare(*args)
+    except BaseException as exc:  # Ctrl-C included: the other ranks must not wait for this one
+        failure = exc
+    finished = _agree(group, "loading the pool and checking the job", failure, prepared and prepared.already_done)
+    if prepared is None:  # unreachable: _agree raised
+        raise RankFailedError(rank, "setup", "no job")
+    job = prepared
+    if finished[0]:  # rank 0 decides: the output already holds this job
+        return job.report(0, 0, 0, done=True)
+
+    parts = work_dir(job.out)
+    lock = _JobLock(parts, job.out)
+    locked = False
+    state: tuple[list[int], bool] | None = None
+    if rank == 0:  # the only rank that reads, discards or creates progress.json
+        try:
+            parts.mkdir(parents=True, exist_ok=True)
+            lock.__enter__()
+            locked = True
+            done0, discarded0 = _load_progress(parts, job.job)
+            _write_json(parts / PROGRESS, {"job": job.job, "chunks": job.n_chunks, "done": sorted(done0)})
+            state = (sorted(done0), discarded0)
+        except BaseException as exc:
+            failure = exc
+    try:
+        states = _agree(group, "opening the work directory", failure, state)
+        done, discarded = set(states[0][0]), bool(states[0][1])
+        total, chunk = len(job.queries), int(job.job["chunk"])
+        bar = _progress_bar(total, progress and rank == 0, initial=sum(_rows(i, chunk, total) for i in done))
+        try:
+            counts = _agree(group, "retrieval", *_run_share(job, parts, rank, world, done, bar))
+            bar.update(total - bar.n)  # every rank's chunks are on disk now
+        finally:
+            bar.close()
+        failure = None
+        if rank == 0:
+            try:
+                _merge(parts, job.out, job.n_chunks, len(job.queries), job.width, job.job)
+            except BaseException as exc:
+                failure = exc
+        _agree(group, "merging the output", failure)
+    except BaseException as exc:
+        if locked:
+            lock.__exit__(type(exc), exc, exc.__traceback__)  # keeps the finished chunks
+        raise
+    if locked:
+        lock.__exit__(None, None, None)  # removes the work directory
+    computed = sum(c for c, _ in counts)
+    rows = sum(r for _, r in counts)
+    report = job.report(computed, len(done), rows, discarded=discarded)
+    return dataclasses.replace(report, seconds=time.perf_counter() - start)
+
+
+def _run_share(
+    job: _Job, parts: Path, rank: int, world: int, done: set[int], bar: Any
+) -> tuple[BaseException | None, tuple[int, int]]:
+    """This rank's chunks (``index % world == rank``, not yet done): (the failure or None, (chunks, rows))."""
+    total, chunk = len(job.queries), int(job.job["chunk"])
+    mine = [i for i in range(job.n_chunks) if i % world == rank and i not in done]
+    state = {"job": job.job, "rank": rank, "world": world, "done": []}
+    computed = rows = 0
+    try:
+        for index in mine:
+            lo, hi = index * chunk, min(total, (index + 1) * chunk)
+            try:
+                hits = job.pool.retrieve(job.queries.read(lo, hi), k=job.k, mode=job.mode, **job.options)
+            except DreamPoolError as exc:
+                if hasattr(exc, "add_note"):  # Python >= 3.11; the CLI prints notes
+                    exc.add_note(
+                        f"in query rows {lo}..{hi - 1} (chunk {index} of {job.n_chunks}, rank {rank}); "
+                        f"finished chunks are kept in {parts}"
+                    )
+                raise
+            _save_chunk(parts, index, hits.ids.cpu(), hits.scores.float().cpu())
+            state["done"].append(index)
+            _write_json(parts / _rank_file(rank), state)
+            computed += 1
+            rows += hi - lo
+            if bar.disable:
+                continue
+            bar.n = sum(_rows(i, chunk, total) for i in _chunks_on_disk(parts))  # every rank's, approximately
+            bar.refresh()
+    except BaseException as exc:  # Ctrl-C included
+        return exc, (computed, rows)
+    return None, (computed, rows)
+
+
+def _chunks_on_disk(parts: Path) -> set[int]:
+    found = set()
+    for path in parts.glob("chunk-*.safetensors"):
+        try:
+            found.add(int(path.stem.removeprefix("chunk-")))
+        except ValueError:
+            continue
+    return found
+
+
 RETRIEVE_OPTIONS = OPTIONS
 """The keyword options of :meth:`DreamPool.retrieve` a batch job passes through."""
 
@@ -563,7 +809,28 @@ def _merge(parts: Path, out: Path, n_chunks: int, total: int, width: int, job: d
         "queries": str(total),
     }
     tensors = {"ids": ids, "scores": scores}
-    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=meta)
+        _sort_header(tmp)
+
+    atomic_write(out, write)
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header in place with sorted keys, so equal results are equal bytes.
+
+    safetensors writes the metadata in hash order, which changes from process to
+    process; the header keeps its length (the spaces that pad it grow or shrink).
+    Left as it is where Python's JSON would come out longer than safetensors' own.
+    """
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
 
 
 def read_results(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -243,6 +243,12 @@ def _retrieve(args: argparse.Namespace) -> int:
     from dreampool_gpu.batch import run_retrieval_job, work_dir
 
     options = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) is not None}
+    group = _init_torchrun(args)
+    rank = 0
+    if group is not None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
     try:
         report = run_retrieval_job(
             args.pool,
@@ -255,6 +261,7 @@ def _retrieve(args: argparse.Namespace) -> int:
             device=args.device,
             options=options,
             progress=not args.no_progress,
+            group=group,
         )
     except KeyboardInterrupt:
         print(
@@ -263,6 +270,13 @@ def _retrieve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0  # under torchrun rank 0 reports
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -282,6 +296,30 @@ def _retrieve(args: argparse.Namespace) -> int:
         f"{rate:,.0f} queries/s computed"
     )
     return 0
+
+
+def _init_torchrun(args: argparse.Namespace) -> Any:
+    """Under torchrun (``WORLD_SIZE`` > 1): a gloo group from the environment, else None.
+
+    The group only agrees on each step of the job (a few small messages per run);
+    the pool is loaded by every rank. With CUDA, each rank uses ``cuda:LOCAL_RANK``.
+    """
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise InvalidInputError("WORLD_SIZE", "an integer (set by torchrun)", os.environ["WORLD_SIZE"]) from None
+    if world <= 1:
+        return None
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    if args.device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=args.dist_timeout))
+    return dist.group.WORLD
 
 
 def bench_script() -> Path:
@@ -359,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
         "signatures or [B, D] embeddings (embedding modes). Finished chunks are kept in "
         "OUT.parts/; "
         "rerunning an interrupted job with the same arguments resumes it. The pool is read-only: "
-        "usage counts are not written back.",
+        "usage counts are not written back. Under torchrun every rank loads the pool and answers "
+        "its share of the chunks; rank 0 writes OUT.",
     )
     retrieve.add_argument("pool", help="checkpoint directory (pool.save(path))")
     retrieve.add_argument("queries", help="queries file: .npy, .safetensors or .pt")
@@ -394,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--min-dispersion", type=float, default=None, help="stop MMR picks below this dispersion")
     retrieve.add_argument(
         "--chroma-metric", default=None, help="cosine (default) or euclidean scores of the chroma modes"
+    )
+    retrieve.add_argument(
+        "--dist-timeout",
+        type=_positive_int,
+        default=1800,
+        help="under torchrun: seconds a rank waits for the others at each step (default 1800)",
     )
     retrieve.add_argument("--json", action="store_true", help="print the job report as JSON")
     retrieve.add_argument("--no-progress", action="store_true", help="hide the progress bar")
