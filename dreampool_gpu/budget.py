@@ -131,6 +131,8 @@ def check_allocation(config: PoolConfig, specs: dict[str, ColumnSpec], capacity:
     available = available_bytes(device)
     if available is None or needed <= available:
         return
+    field: str
+    value: Any  # the offending field's value, as the error reports it
     if isinstance(config.memory_budget_mb, str):  # "N%" of the total, more than is free now
         field, value = "memory_budget_mb", config.memory_budget_mb
     elif per_entry > available:  # not even one entry fits: the entry's shape is the problem

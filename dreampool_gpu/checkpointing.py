@@ -7,17 +7,21 @@ safety are :mod:`dreampool_gpu.persist`'s, which never imports the pool.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from dreampool_gpu import persist
+
+if TYPE_CHECKING:
+    from dreampool_gpu.pool import DreamPool
 
 
 class Checkpointing:
     """Checkpoint methods of :class:`~dreampool_gpu.pool.DreamPool` (a mixin; the pool sets ``_lock``)."""
 
     _lock: threading.RLock
+    # The casts to DreamPool below are sound: this mixin is only ever a base of DreamPool.
 
     def save(self, path: persist.PathArg) -> None:
         """Write a checkpoint directory at ``path``, atomically (see :mod:`dreampool_gpu.persist`).
@@ -33,7 +37,7 @@ class Checkpointing:
         """
         with persist.WRITE_LOCK:  # saves land in the order their snapshots were taken
             with self._lock:
-                snap = persist.snapshot(self)
+                snap = persist.snapshot(cast("DreamPool", self))
             persist.write_checkpoint(snap, path)
 
     @classmethod
@@ -60,7 +64,8 @@ class Checkpointing:
         if distributed.is_sharded_checkpoint(path):  # a ShardedDreamPool's checkpoint, as one pool
             return distributed.load_merged(path, device=device)
         snap = persist.read_checkpoint(path)
-        pool = cls(persist.config_for_load(snap, device), encoder=encoder)
+        pool_cls = cast("type[DreamPool]", cls)
+        pool = pool_cls(persist.config_for_load(snap, device), encoder=encoder)
         with pool._lock:
             persist.restore(pool, snap)
         return pool
@@ -72,7 +77,7 @@ class Checkpointing:
         the pool can ride in a training checkpoint.
         """
         with self._lock:
-            return persist.to_state_dict(persist.snapshot(self))
+            return persist.to_state_dict(persist.snapshot(cast("DreamPool", self)))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Replace this pool's entries, counters and index with ``state_dict``'s.
@@ -88,4 +93,4 @@ class Checkpointing:
         """
         snap = persist.from_state_dict(state_dict)
         with self._lock:
-            persist.restore(self, snap)
+            persist.restore(cast("DreamPool", self), snap)

@@ -108,7 +108,7 @@ def _parse_enum(enum: type[Enum], value: Any, name: str) -> Any:
     try:
         return enum(value)
     except ValueError:
-        choices = ", ".join(str(m.value) for m in enum)  # type: ignore[attr-defined]
+        choices = ", ".join(str(m.value) for m in enum)
         raise InvalidConfigurationError(name, value, f"one of {choices}") from None
 
 

@@ -32,7 +32,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -264,6 +264,7 @@ class ShardedDreamPool:
         name, message, attrs = infos[first]
         cls = getattr(errors, name, None)
         builtin = getattr(builtins, name, None)
+        exc: Exception
         if isinstance(cls, type) and issubclass(cls, DreamPoolError):
             exc = cls.__new__(cls)
             Exception.__init__(exc, f"rank {first}: {message}")
@@ -329,7 +330,7 @@ class ShardedDreamPool:
 
         cols, error = self._local(parse)
         n = 0 if cols is None else int(cols["coherence"].shape[0])
-        table = self._agree([n, int(bool(force)), shard.bank.size, shard.config.capacity], error)
+        table = self._agree([n, int(bool(force)), shard.bank.size, shard.capacity], error)
         if bool((table[:, 1] != table[0, 1]).any()):
             raise InvalidInputError("force", "the same on every rank", table[:, 1].tolist())
         counts = table[:, 0].tolist()
@@ -526,9 +527,10 @@ class ShardedDreamPool:
         nmax = max(counts)
         if mode in EMBEDDING_MODES:
             cats = req.categories if req.categories is not None else torch.full((b,), -1, device=shard.device)
-            mine = {"embedded": req.embedded, "category": cats.long()}
+            # the parse set these: embeddings for an embedding mode, query chroma for a chroma mode
+            mine = {"embedded": cast(torch.Tensor, req.embedded), "category": cats.long()}
         else:
-            mine = {"chroma": req.q.chroma, "hint": req.hint}
+            mine = {"chroma": cast(torch.Tensor, req.q.chroma), "hint": req.hint}
         rows, layout = _pack({name: _pad_rows(t, nmax) for name, t in mine.items()}, nmax)
         table = self._all_gather(rows)
         everyone = _unpack(torch.cat([table[r, :c] for r, c in enumerate(counts)]), layout)
@@ -633,6 +635,7 @@ class ShardedDreamPool:
     def _diverse(self, req: _Request, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """MMR over the whole pool: every shard's (id, chroma) gathered, then run at the query's owner."""
         shard, q = self.shard, req.q
+        query_chroma = cast(torch.Tensor, q.chroma)  # diverse is a chroma mode: its queries carry chroma
         nmax = max(sizes)
         with shard._lock:
             by_age = shard.bank.slots_by_age()
@@ -647,7 +650,7 @@ class ShardedDreamPool:
         row_bytes = 4 * n + mmr_row_bytes(n, chroma.shape[1], shared=True)
         parts = []
         for part_rows in row_chunks(q.count, row_bytes, shard.config.rerank_chunk_mb):
-            relevance = rowwise_cosine(q.chroma[part_rows], chroma)
+            relevance = rowwise_cosine(query_chroma[part_rows], chroma)
             parts.append(
                 mmr(relevance, chroma, req.k, mmr_lambda=req.lam, min_dispersion=req.min_dispersion, points=chroma)
             )
@@ -698,7 +701,7 @@ class ShardedDreamPool:
         t, error = self._local(parse) if error is None else (None, error)
         table = self._agree([0 if t is None else t.numel()], error)
         counts = table[:, 0].tolist()
-        flat = t.reshape(-1)
+        flat = cast(torch.Tensor, t).reshape(-1)  # parsed: _agree raised on every rank if any parse failed
         everyone = self._all_gather(_pad_rows(flat, max(counts)))
         gathered = torch.cat([everyone[r, :c] for r, c in enumerate(counts)]).to(self.shard.device)
         mine = self._mine(gathered)
@@ -868,7 +871,8 @@ class ShardedDreamPool:
         if built is not None and built[0].device.type == "cuda" and "nccl" in str(dist.get_backend(group)):
             pool._comm = built[0].device
         pool._agree([], error)
-        pool._attach(built[0], group, built[1])
+        shard, watermarks = cast("tuple[DreamPool, dict[int, int]]", built)  # opened: _agree raised otherwise
+        pool._attach(shard, group, watermarks)
         return pool
 
     def state_dict(self) -> dict[str, Any]:

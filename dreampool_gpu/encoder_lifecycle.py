@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -165,7 +165,8 @@ class EncoderLifecycle:
                 )
             mover = getattr(encoder, "to", None)
             moved = mover(self.device) if callable(mover) else encoder
-            return moved.eval() if isinstance(moved, torch.nn.Module) else moved
+            moved = moved.eval() if isinstance(moved, torch.nn.Module) else moved
+            return cast(Encoder, moved)  # an Encoder's ``to`` returns the (moved) encoder, as nn.Module's does
         if isinstance(encoder, torch.nn.Module):
             return ModuleEncoder(encoder.to(self.device).eval(), cfg.dream_shape, d)
         raise InvalidConfigurationError(

@@ -67,7 +67,7 @@ def pci_bus_id(device: torch.device) -> str:
     torch's device index counts only the GPUs ``CUDA_VISIBLE_DEVICES`` shows, NVML's
     counts all of them; the bus id names the same GPU in both.
     """
-    props = torch.cuda.get_device_properties(device)
+    props: Any = torch.cuda.get_device_properties(device)  # torch's stubs omit the pci_* fields
     return f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
 
 

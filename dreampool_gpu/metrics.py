@@ -61,9 +61,9 @@ class _StatsCollector:
             if memory.get(key) is not None:
                 gauges[key] = (f"device memory ({memory.get('source', 'unknown')})", memory[key])
         for name, (help_text, value) in gauges.items():
-            family = GaugeMetricFamily(f"{ns}_{name}", help_text)
-            family.add_metric([], float(value))
-            yield family
+            gauge = GaugeMetricFamily(f"{ns}_{name}", help_text)
+            gauge.add_metric([], float(value))
+            yield gauge
 
 
 class PoolMetrics:

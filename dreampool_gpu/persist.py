@@ -258,9 +258,9 @@ def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
         if mine != theirs:
             expected = f"{_plain(mine)!r}, the value this pool was built with"
             raise InvalidConfigurationError(name, _plain(theirs), expected)
-    if snap.extent > pool.config.capacity:
+    if snap.extent > pool.capacity:
         raise InvalidConfigurationError(
-            "capacity", pool.config.capacity, f"at least {snap.extent} (the saved extent) to hold this state"
+            "capacity", pool.capacity, f"at least {snap.extent} (the saved extent) to hold this state"
         )
     _check_encoder(pool, snap)
     _spot_check(pool, snap)
@@ -307,7 +307,7 @@ def _bank_digest(columns: dict[str, torch.Tensor]) -> str:
     """sha256 of what a search index is built from: the ``ids`` and ``embeddings`` columns."""
     h = hashlib.sha256()
     for name in ("ids", "embeddings"):
-        h.update(columns[name].contiguous().view(torch.uint8).numpy())
+        h.update(columns[name].contiguous().view(torch.uint8).numpy().data)  # .data: the array's buffer
     return h.hexdigest()
 
 
@@ -385,7 +385,7 @@ def _recompute_problem(pool: DreamPool, snap: PoolSnapshot, alive: torch.Tensor)
         return f"stored chroma differs from the chroma of the stored dreams by up to {chroma_gap:.3g}"
     if snap.encoder_state is None:  # format 1: re-embedded on restore, nothing to compare with
         return None
-    embeddings = _embeddings_as_added(pool, snap, cols["dreams"], cols["class_label"].long())
+    embeddings = _embeddings_as_added(pool, snap.encoder_state, cols["dreams"], cols["class_label"].long())
     scale = 1.0 + float(cols["embeddings"].abs().max())
     embed_gap = float((embeddings - cols["embeddings"]).abs().max())
     if embed_gap > embed_tol * scale:
@@ -397,15 +397,15 @@ def _recompute_problem(pool: DreamPool, snap: PoolSnapshot, alive: torch.Tensor)
 
 
 def _embeddings_as_added(
-    pool: DreamPool, snap: PoolSnapshot, dreams: torch.Tensor, labels: torch.Tensor
+    pool: DreamPool, encoder_state: dict[str, torch.Tensor], dreams: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
-    """``[n, D]`` bank embeddings of ``dreams`` ``[n, R, C, L, 3]`` under the snapshot's encoder state.
+    """``[n, D]`` bank embeddings of ``dreams`` ``[n, R, C, L, 3]`` under a snapshot's ``encoder_state``.
 
     Computed as :meth:`DreamPool.add` embeds (features of the dreams, then
-    ``encode_entries``), by a copy of ``pool``'s encoder holding ``snap``'s state.
+    ``encode_entries``), by a copy of ``pool``'s encoder holding ``encoder_state``.
     """
     encoder = copy.deepcopy(pool.encoder)
-    encoder.load_state_dict(snap.encoder_state)
+    encoder.load_state_dict(encoder_state)
     dreams = dreams.float()
     spectral = spectral_features(dreams, window=pool.config.window)
     z = encoder.encode_entries(dreams, chroma=chroma_signature(dreams), spectral=spectral, class_labels=labels)
@@ -1030,6 +1030,8 @@ _MANIFEST_MAX = 1 << 20  # bytes: a manifest lists five files
 
 class _NotRegular(OSError):
     """Internal: a checkpoint path names a FIFO, device, socket or directory, not a regular file."""
+
+    strerror: str  # always set: raised as ``_NotRegular(errno, message, path)``
 
 
 def read_manifest_bytes(path: Path) -> bytes:

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, SupportsIndex, cast
 
 import numpy as np
 import torch
@@ -113,7 +113,7 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             self.config = self.config.replace(capacity=capacity)
         check_allocation(self.config, specs, capacity, self.device)  # a typed error, not the allocator's
         self.bank = TensorBank(
-            self.config.capacity,
+            capacity,
             self.config.dream_shape,
             self.config.embedding_dim,
             device=self.device,
@@ -146,9 +146,10 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             entry_id = int(entry_id) if ok else entry_id
         if not ok:
             raise InvalidInputError("id", "an int entry id", repr(entry_id))
+        value = int(cast(SupportsIndex, entry_id))  # ok: an int or np.integer (a 0-d tensor became an int)
         with self._lock:
-            query = torch.tensor([int(entry_id)], dtype=torch.int64, device=self.device)
-            return 0 <= int(entry_id) < self.bank.next_id and bool(self.bank.slots_of(query)[0] >= 0)
+            query = torch.tensor([value], dtype=torch.int64, device=self.device)
+            return 0 <= value < self.bank.next_id and bool(self.bank.slots_of(query)[0] >= 0)
 
     def __repr__(self) -> str:
         with self._lock:
@@ -187,16 +188,17 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             fitted = fit_capacity(
                 config, entry_bytes=self.bank.entry_nbytes(), budget_bytes=budget.budget_bytes, device=target
             )
-            if fitted < config.capacity:
+            if fitted < self.capacity:
                 raise InvalidConfigurationError(
                     "memory_budget_mb",
                     config.memory_budget_mb,
-                    f"a budget on {target} holding the pool's {config.capacity} slots",
+                    f"a budget on {target} holding the pool's {self.capacity} slots",
                 )
-            check_allocation(config, self.bank.specs, config.capacity, target)
+            check_allocation(config, self.bank.specs, self.capacity, target)
             self.bank.to(target)
-            if callable(getattr(self.encoder, "to", None)):
-                self.encoder.to(target)
+            mover = getattr(self.encoder, "to", None)  # optional: the Encoder protocol has no ``to``
+            if callable(mover):
+                mover(target)
             else:
                 for name, value in vars(self.encoder).items():
                     if isinstance(value, torch.Tensor):
@@ -267,7 +269,7 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             accepted = torch.nonzero(passed).squeeze(1)
             self.bank.check_ids_left(int(accepted.numel()))
             budget_room = self.budget.room(self.bank, self.index)
-            room = self.config.capacity if budget_room is None else min(self.config.capacity, budget_room)
+            room = self.capacity if budget_room is None else min(self.capacity, budget_room)
             if accepted.numel() > room and self.config.strict_budget:
                 raise CapacityExceededError(
                     f"{accepted.numel()} dreams passed the gate but the pool holds at most {room} "
@@ -284,7 +286,7 @@ class DreamPool(EncoderLifecycle, Checkpointing):
                     chroma_signature(newcomers), spectral_features(newcomers, window=self.config.window)
                 )
                 budget_room = self.budget.room(self.bank, self.index)
-                room = self.config.capacity if budget_room is None else min(self.config.capacity, budget_room)
+                room = self.capacity if budget_room is None else min(self.capacity, budget_room)
             self.counters["rejected"] += n - int(accepted.numel())
             accepted = accepted[self.eviction.admit(self.bank, coh[accepted], room, self._eviction_need)]
             self.counters["dropped"] += int(passed.sum()) - int(accepted.numel())
@@ -350,7 +352,7 @@ class DreamPool(EncoderLifecycle, Checkpointing):
     def _eviction_need(self, incoming: int) -> int:
         """How many entries must leave before ``incoming`` more fit the capacity and the budget."""
         return max(
-            self.bank.size + incoming - self.config.capacity,
+            self.bank.size + incoming - self.capacity,
             self.budget.eviction_count(self.bank, self.index, incoming),
         )
 

@@ -305,9 +305,9 @@ def mmr(
     blocked = ~torch.isfinite(rel)  # padded, already picked, or query stopped
     kept = torch.zeros(b, steps, dtype=torch.bool, device=device)
     maxsim = torch.zeros_like(rel)
-    dispersion = min_dispersion > 0 and points is not None
-    if dispersion:
-        chosen_points = torch.zeros(b, steps, points.shape[-1], dtype=work, device=device)
+    spread = points if min_dispersion > 0 else None  # the dispersion rule's points; None: rule off
+    if spread is not None:
+        chosen_points = torch.zeros(b, steps, spread.shape[-1], dtype=work, device=device)
         distance_sum = torch.zeros(b, dtype=work, device=device)
     # few kernels per step: on CUDA the loop is launch-bound, so picks and their
     # validity are stored raw and turned into (-1, -inf) padding once at the end
@@ -324,8 +324,8 @@ def mmr(
         picks[:, t] = best
         kept[:, t] = ok
         blocked[rows, best] = True
-        if dispersion:
-            p = points[best] if points.dim() == 2 else points[rows, best]
+        if spread is not None:
+            p = spread[best] if spread.dim() == 2 else spread[rows, best]
             if t > 0:
                 distance_sum += (chosen_points[:, :t] - p[:, None]).norm(dim=2).sum(1)
                 stop = ok & (distance_sum / (t * (t + 1) / 2) < min_dispersion)

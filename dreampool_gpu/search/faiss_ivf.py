@@ -212,7 +212,8 @@ class IVFSearch(SearchIndex):
         d = self.bank.embedding_dim
         nlist = max(1, min(self.nlist or auto_nlist(n), n // 39))
         metric = faiss.METRIC_INNER_PRODUCT if self.metric is Metric.COSINE else faiss.METRIC_L2
-        index = faiss.index_factory(d, f"IVF{nlist},PQ{pq_subquantizers(d)}x{PQ_BITS}", metric)
+        # an IndexIVFPQ; faiss types index_factory's result as the base Index, without these fields
+        index: Any = faiss.index_factory(d, f"IVF{nlist},PQ{pq_subquantizers(d)}x{PQ_BITS}", metric)
         index.cp.min_points_per_centroid = 1  # small pools: no "too few points" warning
         index.pq.cp.min_points_per_centroid = 1
         index.pq.cp.max_points_per_centroid = PQ_TRAIN_ROWS >> PQ_BITS
@@ -236,7 +237,8 @@ class IVFSearch(SearchIndex):
             return index
         if self._gpu_res is None:
             self._gpu_res = gpu_resources(self.chunk_bytes)
-        gpu = faiss.index_cpu_to_gpu(self._gpu_res, self.bank.device.index, index)
+        # a GpuIndexIVFPQ; faiss types index_cpu_to_gpu's result as the base GpuIndex, without nprobe
+        gpu: Any = faiss.index_cpu_to_gpu(self._gpu_res, self.bank.device.index, index)
         gpu.nprobe = self.nprobe
         return gpu
 
