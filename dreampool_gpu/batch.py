@@ -729,7 +729,8 @@ def _run_share(
     """This rank's chunks (``index % world == rank``, not yet done): (the failure or None, (chunks, rows))."""
     total, chunk = len(job.queries), int(job.job["chunk"])
     mine = [i for i in range(job.n_chunks) if i % world == rank and i not in done]
-    state = {"job": job.job, "rank": rank, "world": world, "done": []}
+    done_here: list[int] = []
+    state = {"job": job.job, "rank": rank, "world": world, "done": done_here}
     computed = rows = 0
     try:
         for index in mine:
@@ -744,7 +745,7 @@ def _run_share(
                     )
                 raise
             _save_chunk(parts, index, hits.ids.cpu(), hits.scores.float().cpu())
-            state["done"].append(index)
+            done_here.append(index)
             _write_json(parts / _rank_file(rank), state)
             computed += 1
             rows += hi - lo
