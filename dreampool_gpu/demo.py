@@ -417,12 +417,7 @@ def _random_replay(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` live entries drawn uniformly (among those of ``keep`` ``[capacity]`` bool where
     given): ids ``[n]``, dreams ``[n, R, C, L, 3]``, labels ``[n]``."""
-    slots = pool.bank.slots_by_age()
-    if keep is not None:
-        slots = slots[keep[slots]]
-    live = pool.bank.columns["ids"][slots]
-    pick = torch.randint(live.numel(), (min(n, live.numel()),), generator=rng)
-    ids = live[pick.to(live.device)]
+    ids = pool.sample(n, where=keep, generator=rng)
     return ids, pool.dreams(ids).float(), pool.metadata(ids)["class_label"].long()
 
 

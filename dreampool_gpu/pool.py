@@ -516,6 +516,34 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             out["found"] = slots >= 0
             return out
 
+    def sample(self, n: int, *, where: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Ids of ``min(n, m)`` draws, uniform with replacement, from the ``m`` live entries passing ``where``.
+
+        The replay draw of a training loop: ``where`` is a ``[capacity]`` bool mask or a
+        callable of the metadata columns, as in :meth:`retrieve`; ``generator`` (a CPU
+        ``torch.Generator``) makes the draw reproducible. Entries are indexed in age
+        order, so a seeded draw is the same on every run. Reads ``m`` on the host once.
+
+        Returns:
+            ``[min(n, m)]`` int64 ids on the pool's device (empty when none qualify).
+
+        Raises:
+            InvalidInputError: ``n`` not an int >= 0, a bad ``where`` or ``generator``.
+        """
+        with self._lock:
+            n = v.check_count(n, "n")
+            if generator is not None and not isinstance(generator, torch.Generator):
+                raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
+            keep = request.where_mask(where, self.bank, self.device)
+            slots = self.bank.slots_by_age()
+            if keep is not None:
+                slots = slots[keep[slots]]
+            live = self.bank.columns["ids"][slots]
+            if live.numel() == 0:
+                return live
+            pick = torch.randint(live.numel(), (min(n, live.numel()),), generator=generator)
+            return live[pick.to(live.device)]
+
     def diversity(self, ids: Any) -> dict[str, torch.Tensor]:
         """Diversity of each result set: mean, min, max pairwise chroma distance (docs/spec.md §Hybrid score and MMR).
 

@@ -51,6 +51,7 @@ SIGNATURES = {
             "*utility_threshold=0.0, *utility_prior=None, *fetch_k=None, *mmr_lambda=None, "
             "*min_dispersion=0.0, *with_dreams=False, *where=None, *chroma_metric='cosine'"
         ),
+        "sample": "n, *where=None, *generator=None",
         "save": "path",
         "state_dict": "",
         "stats": "",
