@@ -63,7 +63,7 @@ from dreampool_gpu.rerank import (
 )
 from dreampool_gpu.retrieval import request, stages
 from dreampool_gpu.retrieval.modes import EMBEDDING_MODES, RERANK_MODES
-from dreampool_gpu.retrieval.request import MAX_PADDED_K, Queries
+from dreampool_gpu.retrieval.request import Queries
 from dreampool_gpu.retrieval.topk import empty_results, pad_results
 
 TAG_BITS = 40
@@ -492,34 +492,23 @@ class ShardedDreamPool:
         min_dispersion: Any,
         with_dreams: Any,
     ) -> _Request:
-        """This rank's retrieve arguments, validated as :meth:`DreamPool.retrieve` does."""
+        """This rank's retrieve arguments, checked by the single pool's :func:`request.check_request`.
+
+        ``k`` and ``fetch_k`` are bounded by the whole sharded pool's capacity.
+        """
         shard = self.shard
         with shard._lock:
-            config = shard.config
-            mode_ = config.default_mode if mode is None else RetrievalMode.parse(mode)
-            high = max(self.total_capacity, MAX_PADDED_K)
-            k_ = config.retrieval_limit if k is None else v.check_count(k, "k", high=high)
-            q = shard._parse_queries(queries, mode_)
-            b = q.count
-            hint = shard._labels(class_hint, b, "class_hint")
-            prior = shard._per_dream(utility_prior, b, "utility_prior", 0.0, 1.0)
-            if mode_ is RetrievalMode.CLASS and (class_hint is None or (b and bool((hint < 0).any()))):
-                raise InvalidInputError(
-                    "class_hint", "a class label in 0..9 for mode 'class'", None if class_hint is None else -1
-                )
-            balanced = request.class_list(classes, config.num_classes) if mode_ is RetrievalMode.BALANCED else []
-            lam = shard.weights.mmr_lambda if mmr_lambda is None else v.check_number(mmr_lambda, "mmr_lambda", 0.0, 1.0)
-            if mode_ is RetrievalMode.SOFT and mmr_lambda is None:
-                lam = 1.0
-            disp = v.check_number(min_dispersion, "min_dispersion", 0.0, float("inf"))
-            thr = v.check_number(utility_threshold, "utility_threshold", float("-inf"), float("inf"))
-            fetch = max(k_, config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
-            fetch = min(fetch, max(k_, self.total_capacity))
-            categories = request.category_filter(category, q, mode_, shard.device)
-            embedded = shard._query_embeddings(q, hint, prior) if mode_ in EMBEDDING_MODES else None
+            r = request.check_request(
+                shard, queries, k=k, mode=mode, class_hint=class_hint, classes=classes, category=category,
+                utility_threshold=utility_threshold, utility_prior=utility_prior, fetch_k=fetch_k,
+                mmr_lambda=mmr_lambda, min_dispersion=min_dispersion, where=None, chroma_metric="cosine",
+                total_capacity=self.total_capacity,
+            )  # fmt: skip
+            embedded = shard._query_embeddings(r.q, r.hint, r.prior) if r.mode in EMBEDDING_MODES else None
             return _Request(
-                mode_, k_, fetch, lam, disp, thr, balanced, q, hint, categories, embedded, bool(with_dreams)
-            )
+                r.mode, r.k, r.fetch, r.lam, r.min_dispersion, r.utility_threshold, r.classes, r.q, r.hint,
+                r.categories, embedded, bool(with_dreams),
+            )  # fmt: skip
 
     def _sharded_topk(self, req: _Request, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather queries, take each shard's candidates, send them to the owners, merge (and re-rank)."""

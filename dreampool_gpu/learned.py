@@ -17,15 +17,47 @@ from torch import nn
 from dreampool_gpu.errors import DimensionMismatchError, InvalidConfigurationError
 
 
-class _Versioned(nn.Module):
-    """Shared ``version``: the parameters' in-place version counters, summed."""
+class _Trainable(nn.Module):
+    """What both trainable encoders share: ``version`` and the Encoder methods, from two embeddings.
+
+    Subclasses define ``embed_dreams`` (``[N, R, C, L, 3]`` -> ``[N, dim]``) and
+    ``embed_chroma`` (``[B, 3]`` -> ``[B, dim]``), both differentiable unit vectors.
+    """
+
+    dim: int
 
     @property
     def version(self) -> int:
         return sum(p._version for p in self.parameters())  # noqa: SLF001 - torch's own write counter
 
+    def embed_dreams(self, dreams: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-class LearnedEncoder(_Versioned):
+    def embed_chroma(self, chroma: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_entries(
+        self, dreams: torch.Tensor, *, chroma: torch.Tensor, spectral: torch.Tensor, class_labels: torch.Tensor
+    ) -> torch.Tensor:
+        """``[N, dim]`` embeddings of the dreams (labels shape the training, not the embedding)."""
+        return self.embed_dreams(dreams)
+
+    @torch.no_grad()
+    def encode_queries(
+        self,
+        *,
+        dreams: torch.Tensor | None,
+        chroma: torch.Tensor,
+        spectral: torch.Tensor | None,
+        class_labels: torch.Tensor,
+        utility: torch.Tensor,
+    ) -> torch.Tensor:
+        """``[B, dim]``: dream queries through :meth:`embed_dreams`, chroma-only ones through :meth:`embed_chroma`."""
+        return self.embed_chroma(chroma) if dreams is None else self.embed_dreams(dreams)
+
+
+class LearnedEncoder(_Trainable):
     """A small CNN over the dream plus a chroma head, both into one unit-sphere space.
 
     Dreams ``[N, R, C, L, 3]`` go in as ``3L`` channels of an ``R x C`` image
@@ -72,28 +104,8 @@ class LearnedEncoder(_Versioned):
         """``[B, 3]`` -> ``[B, dim]`` unit vectors (differentiable)."""
         return F.normalize(self.chroma_head(chroma.float() - 0.5), dim=1)
 
-    @torch.no_grad()
-    def encode_entries(
-        self, dreams: torch.Tensor, *, chroma: torch.Tensor, spectral: torch.Tensor, class_labels: torch.Tensor
-    ) -> torch.Tensor:
-        """``[N, dim]`` embeddings of the dreams (labels shape the training, not the embedding)."""
-        return self.embed_dreams(dreams)
 
-    @torch.no_grad()
-    def encode_queries(
-        self,
-        *,
-        dreams: torch.Tensor | None,
-        chroma: torch.Tensor,
-        spectral: torch.Tensor | None,
-        class_labels: torch.Tensor,
-        utility: torch.Tensor,
-    ) -> torch.Tensor:
-        """``[B, dim]``: dream queries through the CNN, chroma-only queries through the chroma head."""
-        return self.embed_chroma(chroma) if dreams is None else self.embed_dreams(dreams)
-
-
-class ModuleEncoder(_Versioned):
+class ModuleEncoder(_Trainable):
     """Adapter for a user's ``nn.Module`` mapping dreams ``[N, R, C, L, 3]`` to ``[N, D]``.
 
     Chroma-only queries are encoded as the flat dream of their colour, so they
@@ -143,23 +155,3 @@ class ModuleEncoder(_Versioned):
     def embed_chroma(self, chroma: torch.Tensor) -> torch.Tensor:
         """``[B, 3]`` -> ``[B, dim]``: the flat dream of each colour."""
         return self.embed_dreams(self._flat(chroma))
-
-    @torch.no_grad()
-    def encode_entries(
-        self, dreams: torch.Tensor, *, chroma: torch.Tensor, spectral: torch.Tensor, class_labels: torch.Tensor
-    ) -> torch.Tensor:
-        """``[N, dim]`` embeddings of the dreams."""
-        return self.embed_dreams(dreams)
-
-    @torch.no_grad()
-    def encode_queries(
-        self,
-        *,
-        dreams: torch.Tensor | None,
-        chroma: torch.Tensor,
-        spectral: torch.Tensor | None,
-        class_labels: torch.Tensor,
-        utility: torch.Tensor,
-    ) -> torch.Tensor:
-        """``[B, dim]``: dreams through the module, chroma as flat dreams."""
-        return self.embed_chroma(chroma) if dreams is None else self.embed_dreams(dreams)

@@ -631,10 +631,6 @@ class DreamPool(EncoderLifecycle, Checkpointing):
                 "ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})", f"{bad.numel()} unknown: {shown}"
             )
 
-    def _parse_queries(self, queries: Any, mode: RetrievalMode) -> request.Queries:
-        """Checked queries for ``mode`` (:func:`~dreampool_gpu.retrieval.request.parse_queries`)."""
-        return request.parse_queries(queries, mode, self.config, self.device, self.encoder)
-
     def _query_embeddings(self, q: request.Queries, hint: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """``[B, D]`` embeddings of parsed queries, through the query cache where it applies."""
         if q.embeddings is not None:
