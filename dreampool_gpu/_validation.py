@@ -1,17 +1,33 @@
 """Shared checks for tensors arriving at the public boundary.
 
 Each check raises a typed error from :mod:`dreampool_gpu.errors` naming what was
-expected and what arrived; none of them mutates its input.
+expected and what arrived; none of them mutates its input. Checks of tensor values
+go through :func:`require`, which, inside :func:`dreampool_gpu.checks.deferred`, records
+the outcome on the device instead of reading it on the host.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from dreampool_gpu import checks
 from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
+
+
+def require(ok: torch.Tensor, name: str, expected: str, arrived: Callable[[], Any]) -> None:
+    """Raise ``InvalidInputError(name, expected, arrived())`` unless ``ok`` (0-d bool) is True.
+
+    Inside :func:`dreampool_gpu.checks.deferred` the outcome is recorded instead (no host read).
+    """
+    deferred = checks.active()
+    if deferred is not None:
+        deferred.record(ok, name, expected)
+    elif not bool(ok):
+        raise InvalidInputError(name, expected, arrived())
 
 
 def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch.Tensor:
@@ -41,15 +57,19 @@ def check_float(t: torch.Tensor, name: str) -> None:
 
 def check_finite(t: torch.Tensor, name: str) -> None:
     """Require every value to be finite (no NaN or inf)."""
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise InvalidInputError(name, "finite values", "NaN or inf")
+    if t.numel():
+        require(torch.isfinite(t).all(), name, "finite values", lambda: "NaN or inf")
 
 
 def check_range(t: torch.Tensor, name: str, low: float, high: float) -> None:
     """Require every value to lie in ``[low, high]`` (NaN fails)."""
-    if t.numel() and not bool(((t >= low) & (t <= high)).all()):
-        lo, hi = float(t.nan_to_num(nan=float("inf")).min()), float(t.nan_to_num(nan=float("-inf")).max())
-        raise InvalidInputError(name, f"values in [{low}, {high}]", f"values in [{lo:.6g}, {hi:.6g}]")
+    if t.numel():
+
+        def arrived() -> str:
+            lo, hi = float(t.nan_to_num(nan=float("inf")).min()), float(t.nan_to_num(nan=float("-inf")).max())
+            return f"values in [{lo:.6g}, {hi:.6g}]"
+
+        require(((t >= low) & (t <= high)).all(), name, f"values in [{low}, {high}]", arrived)
 
 
 def check_shape(t: torch.Tensor, expected: tuple[int | None, ...], name: str) -> None:
@@ -64,6 +84,12 @@ def check_int(t: torch.Tensor, name: str) -> None:
     """Require an integer dtype."""
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise InvalidInputError(name, "an integer tensor", f"dtype {t.dtype}")
+
+
+def check_int_range(t: torch.Tensor, name: str, low: int, high: int, expected: str) -> None:
+    """Require every value of the integer ``t`` to lie in ``[low, high]`` (``expected`` says so)."""
+    if t.numel():
+        require(((t >= low) & (t <= high)).all(), name, expected, lambda: t.unique().tolist()[:10])
 
 
 def check_count(k: Any, name: str, *, high: int | None = None) -> int:

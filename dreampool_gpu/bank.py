@@ -151,15 +151,22 @@ class TensorBank:
 
     # ---------------------------------------------------------------- writes
     def free_slots(self, n: int) -> torch.Tensor:
-        """The ``n`` lowest free slots, ``[n]`` int64 (caller ensures enough are free)."""
-        return torch.nonzero(self.columns["ids"] < 0).squeeze(1)[:n]
+        """The ``min(n, free)`` lowest free slots, ``[min(n, free)]`` int64 ascending.
+
+        One top-k over ``[capacity]`` keys, with no host read (``nonzero`` would wait
+        for the device to size its output).
+        """
+        slot = torch.arange(self.capacity, device=self.device)
+        key = torch.where(self.columns["ids"] < 0, slot, slot + self.capacity)
+        return key.topk(min(n, self.capacity - self.size), largest=False, sorted=True).indices
 
     def write(self, slots: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Write new entries into free ``slots`` ``[m]``; return their new ids ``[m]``.
+        """Write new entries into the ``m`` lowest free slots ``slots`` (:meth:`free_slots`); return their ids ``[m]``.
 
         ``values`` holds a ``[m, ...]`` tensor for any columns other than ``ids``,
         ``usage``, ``feedback_count`` and ``inserted_at``; missing columns get
-        their fill value.
+        their fill value. The extent follows on the host: the lowest free slots fill
+        the ``extent - size`` holes below the extent first, then grow it to ``size + m``.
         """
         m = int(slots.numel())
         ids = torch.arange(self.next_id, self.next_id + m, dtype=torch.int64, device=self.device)
@@ -176,8 +183,7 @@ class TensorBank:
                 column[slots] = spec.fill
         self.next_id += m
         self.size += m
-        if m:
-            self.extent = max(self.extent, int(slots.max()) + 1)
+        self.extent = max(self.extent, self.size)
         self.revision += 1
         return ids
 

@@ -80,6 +80,20 @@ class DreamDtype(str, Enum):
     BFLOAT16 = "bfloat16"
 
 
+class CheckPolicy(str, Enum):
+    """When value checks of ``add`` and ``retrieve`` are read (docs/api.md, "Checks and host synchronisation").
+
+    ``immediate``: on the host, raising in the call. ``deferred``: recorded on the device
+    (no host synchronisation); a failed call returns empty results, changes nothing, and
+    its error is raised at the pool's next host read. ``auto``: deferred on CUDA,
+    immediate on CPU (where reading a value costs no device wait).
+    """
+
+    AUTO = "auto"
+    IMMEDIATE = "immediate"
+    DEFERRED = "deferred"
+
+
 class Window(str, Enum):
     """Window applied along rows and cols before the FFT; plain strings accepted."""
 
@@ -195,6 +209,8 @@ class PoolConfig:
         budget_threshold: share of the budget the pool may use (docs/spec.md §Memory budget: 0.9), in (0, 1].
         strict_budget: raise CapacityExceededError instead of dropping dreams when an
             accepted batch is larger than the whole pool (capacity or budget).
+        checks: when value checks are read: ``auto`` (deferred on CUDA, immediate on CPU),
+            ``immediate`` or ``deferred`` (see :class:`CheckPolicy`).
     """
 
     dream_shape: tuple[int, int, int] = (16, 16, 4)
@@ -232,6 +248,7 @@ class PoolConfig:
     memory_budget_mb: float | str | None = None
     budget_threshold: float = 0.9
     strict_budget: bool = False
+    checks: CheckPolicy = CheckPolicy.AUTO
 
     def __post_init__(self) -> None:
         shape = tuple(self.dream_shape) if isinstance(self.dream_shape, (list, tuple)) else None
@@ -304,6 +321,7 @@ class PoolConfig:
             raise InvalidConfigurationError("budget_threshold", share, "a number in (0, 1]")
         if not isinstance(self.strict_budget, bool):
             raise InvalidConfigurationError("strict_budget", self.strict_budget, "true or false")
+        object.__setattr__(self, "checks", _parse_enum(CheckPolicy, self.checks, "checks"))
 
     @property
     def default_mode(self) -> RetrievalMode:

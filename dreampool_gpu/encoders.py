@@ -204,7 +204,9 @@ class FeatureEncoder:
     def _class_block(self, labels: torch.Tensor, *, entries: bool) -> torch.Tensor:
         labels = labels.long()
         slot = torch.where(labels >= 0, labels, torch.full_like(labels, self.num_classes))
-        block = F.one_hot(slot, self.num_classes + 1).float() * _CLASS_WEIGHT
+        # scatter, not F.one_hot: on CPU one_hot reads the labels' range on the host
+        block = torch.zeros(labels.shape[0], self.num_classes + 1, device=labels.device)
+        block.scatter_(1, slot[:, None], _CLASS_WEIGHT)
         if not entries:  # a query without a hint says nothing about classes
             block = block * (labels >= 0)[:, None]
         return block

@@ -75,6 +75,19 @@ class EncoderFitError(DreamPoolError, RuntimeError):
     """Training an encoder failed (the loss diverged); the pool is unchanged."""
 
 
+class HostSyncError(DreamPoolError, RuntimeError):
+    """An operation that makes the host wait for the device ran under
+    :func:`~dreampool_gpu.sync_guard.forbid_host_sync`.
+
+    Attributes:
+        operation: what would have synchronised.
+    """
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+        super().__init__(f"host synchronisation under forbid_host_sync: {operation}")
+
+
 class CapacityExceededError(DreamPoolError, RuntimeError):
     """An add does not fit the pool's capacity or memory budget (strict mode)."""
 

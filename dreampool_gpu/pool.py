@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from dreampool_gpu import _validation as v
+from dreampool_gpu import checks
 from dreampool_gpu.bank import TensorBank, column_specs
 from dreampool_gpu.budget import (
     MemoryBudget,
@@ -21,7 +22,7 @@ from dreampool_gpu.budget import (
 )
 from dreampool_gpu.cache import QueryCache
 from dreampool_gpu.checkpointing import Checkpointing
-from dreampool_gpu.config import PoolConfig, RetrievalMode
+from dreampool_gpu.config import CheckPolicy, PoolConfig, RetrievalMode
 from dreampool_gpu.counters import new_counters
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
@@ -40,7 +41,7 @@ from dreampool_gpu.retrieval import request, stages
 from dreampool_gpu.retrieval.modes import MODES
 from dreampool_gpu.retrieval.request import check_request
 from dreampool_gpu.search import make_index
-from dreampool_gpu.spectral import spectral_features
+from dreampool_gpu.spectral import spectral_of_checked
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -129,6 +130,7 @@ class DreamPool(EncoderLifecycle, Checkpointing):
         )
         self.counters = new_counters()
         self._lock = threading.RLock()
+        self._fault = checks.FaultFlag(self.device)
         self.metrics: PoolMetrics | None = None
 
     def __len__(self) -> int:
@@ -252,22 +254,34 @@ class DreamPool(EncoderLifecycle, Checkpointing):
         """
         with self._lock:
             force = v.check_flag(force, "force")
-            batch = v.as_tensor(dreams, "dreams", device=self.device)
-            batch = validate_dreams(batch, dream_shape=self.config.dream_shape)
-            n = batch.shape[0]
-            if coherence is None:
-                raise InvalidInputError("coherence", "[N] values in [0, 1] (a scalar is broadcast)", None)
-            coh = self._per_dream(coherence, n, "coherence", 0.0, 1.0)
-            eng = self._per_dream(energy, n, "energy", 0.0, float("inf"))
-            vio = self._per_dream(violation, n, "violation", 0.0, 1.0)
-            labels = self._labels(class_labels, n, "class_labels")
-            self._check_fresh()
 
+            def checked() -> tuple[torch.Tensor, ...]:
+                batch = v.as_tensor(dreams, "dreams", device=self.device)
+                batch = validate_dreams(batch, dream_shape=self.config.dream_shape)
+                n = batch.shape[0]
+                if coherence is None:
+                    raise InvalidInputError("coherence", "[N] values in [0, 1] (a scalar is broadcast)", None)
+                coh = self._per_dream(coherence, n, "coherence", 0.0, 1.0)
+                eng = self._per_dream(energy, n, "energy", 0.0, float("inf"))
+                vio = self._per_dream(violation, n, "violation", 0.0, 1.0)
+                return batch, coh, eng, vio, self._labels(class_labels, n, "class_labels")
+
+            with checks.deferred(self.sync_free) as deferred:
+                batch, coh, eng, vio, labels = checked()
+            self._check_fresh()
+            n = batch.shape[0]
             passed = coh >= self.config.coherence_threshold
             if force:
                 passed = torch.ones_like(passed)
-            accepted = torch.nonzero(passed).squeeze(1)
-            self.bank.check_ids_left(int(accepted.numel()))
+            # the call's one host read: an earlier call's fault, this call's checks, the gate's count
+            own = (deferred or checks.DeferredChecks()).first_failure(self.device)
+            fault, failed, count = torch.stack([self._fault.code, own, passed.sum()]).tolist()
+            self._fault.raise_code(fault)
+            if failed:  # read them again on the host, to name the bad argument and its values
+                with checks.immediate():
+                    checked()
+            accepted = torch.argsort(passed.to(torch.uint8), descending=True, stable=True)[:count]
+            self.bank.check_ids_left(count)
             budget_room = self.budget.room(self.bank, self.index)
             room = self.capacity if budget_room is None else min(self.capacity, budget_room)
             if accepted.numel() > room and self.config.strict_budget:
@@ -282,14 +296,12 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             ):
                 # before admission: the rebuilt index may change what the budget holds
                 newcomers = batch[accepted]
-                self._refit_statistics(
-                    chroma_signature(newcomers), spectral_features(newcomers, window=self.config.window)
-                )
+                self._refit_statistics(chroma_signature(newcomers), spectral_of_checked(newcomers, self.config.window))
                 budget_room = self.budget.room(self.bank, self.index)
                 room = self.capacity if budget_room is None else min(self.capacity, budget_room)
-            self.counters["rejected"] += n - int(accepted.numel())
+            self.counters["rejected"] += n - count
             accepted = accepted[self.eviction.admit(self.bank, coh[accepted], room, self._eviction_need)]
-            self.counters["dropped"] += int(passed.sum()) - int(accepted.numel())
+            self.counters["dropped"] += count - int(accepted.numel())
             out = torch.full((n,), -1, dtype=torch.int64, device=self.device)
             m = int(accepted.numel())
             if m == 0:
@@ -297,7 +309,7 @@ class DreamPool(EncoderLifecycle, Checkpointing):
 
             kept = batch[accepted]
             chroma = chroma_signature(kept)
-            spectral = spectral_features(kept, window=self.config.window)
+            spectral = spectral_of_checked(kept, self.config.window)
             kept_labels = labels[accepted]
             embeddings = self._embed(
                 self.encoder.encode_entries(kept, chroma=chroma, spectral=spectral, class_labels=kept_labels)
@@ -415,7 +427,7 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             InvalidInputError, DimensionMismatchError: bad input (pool unchanged).
         """
         start = time.perf_counter()
-        with self._lock:
+        with self._lock, checks.deferred(self.sync_free) as deferred:
             req = check_request(
                 self,
                 queries,
@@ -434,6 +446,10 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             )
             b = req.q.count
             scores, slots = MODES[req.mode].run(self, req)
+            if deferred is not None and deferred.flags:  # a failed check empties the results
+                ok = self._fault.record("retrieve", deferred)
+                slots = torch.where(ok, slots, -1)
+                scores = torch.where(ok, scores, float("-inf"))
             ids = self.bank.gather("ids", slots)
             usage = self.bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
             usage.index_add_(0, slots.clamp(min=0).reshape(-1), (slots >= 0).reshape(-1).to(usage.dtype))
@@ -462,6 +478,7 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             InvalidInputError: utility out of range or not finite, ids never issued.
         """
         with self._lock:
+            self._fault.raise_code(int(self._fault.code))  # feedback reads the host anyway (its count)
             id_t = v.as_ids(ids, "ids", device=self.device)
             u = v.as_tensor(utility, "utility", device=self.device)
             if u.numel() == 0 or (not u.is_floating_point() and u.dtype != torch.bool and not u.is_complex()):
@@ -485,12 +502,31 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             total = cols["util_mean"] * count + torch.zeros_like(cols["util_mean"]).index_add_(0, slots, values)
             count.index_add_(0, slots, torch.ones_like(slots, dtype=count.dtype))
             touched = torch.zeros_like(cols["util_mean"], dtype=torch.bool).index_fill_(0, slots, True)
-            cols["util_mean"] = torch.where(touched, total / count.clamp(min=1), cols["util_mean"])
+            cols["util_mean"].copy_(torch.where(touched, total / count.clamp(min=1), cols["util_mean"]))  # in place
             order = torch.arange(slots.numel(), device=self.device)
             last = torch.full_like(count, -1, dtype=torch.int64).scatter_reduce_(0, slots, order, "amax")
             cols["utility"][touched] = values[last[touched]]
             self.counters["feedback"] += int(slots.numel())
             return int(slots.numel())
+
+    def check(self) -> None:
+        """Raise the error of the first deferred check that failed since the last raise (one host read).
+
+        With ``checks="deferred"`` (the default on CUDA) a call whose input fails a value
+        check returns empty results and changes nothing; its error waits on the device
+        until ``add``, ``feedback`` or this method reads it (docs/api.md).
+
+        Raises:
+            InvalidInputError: naming the argument and the check it failed.
+        """
+        with self._lock:
+            self._fault.raise_code(int(self._fault.code))
+
+    @property
+    def sync_free(self) -> bool:
+        """Whether value checks are deferred (``config.checks``, ``auto``: on CUDA): no host reads."""
+        policy = self.config.checks
+        return policy is CheckPolicy.DEFERRED or (policy is CheckPolicy.AUTO and self.device.type == "cuda")
 
     def enable_metrics(self, *, registry: Any = None) -> PoolMetrics:
         """Start Prometheus metrics for this pool (needs prometheus-client); returns them.

@@ -288,10 +288,39 @@ def mmr(
     delta = v.check_number(delta, "delta", 0.0, 1.0)
     min_dispersion = v.check_number(min_dispersion, "min_dispersion", 0.0, float("inf"))
     _check_mmr_inputs(relevance, vectors, points, min_dispersion)
+    norms = _vector_norms(vectors, torch.promote_types(relevance.dtype, torch.float32))
+    return mmr_unchecked(
+        relevance,
+        vectors,
+        k,
+        mmr_lambda=mmr_lambda,
+        delta=delta,
+        min_dispersion=min_dispersion,
+        points=points,
+        norms=norms,
+    )
+
+
+def mmr_unchecked(
+    relevance: torch.Tensor,
+    vectors: torch.Tensor,
+    k: int,
+    *,
+    mmr_lambda: float,
+    delta: float = 0.0,
+    min_dispersion: float = 0.0,
+    points: torch.Tensor | None = None,
+    norms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mmr` on inputs the caller has checked (finite vectors, no NaN relevance): no host read.
+
+    ``norms`` (the vectors' L2 norms in the working dtype) are computed when not given.
+    """
     b, m = relevance.shape
     device = relevance.device
     work = torch.promote_types(relevance.dtype, torch.float32)
-    norms = _vector_norms(vectors, work)
+    if norms is None:
+        norms = torch.linalg.vector_norm(vectors, dim=-1, dtype=work)
     picks = torch.full((b, k), -1, dtype=torch.int64, device=device)
     scores = torch.full((b, k), float("-inf"), dtype=relevance.dtype, device=device)
     steps = min(k, m)

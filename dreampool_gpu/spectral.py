@@ -101,14 +101,14 @@ def _normalised_entropy(psd: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return torch.where(live, entropy, torch.zeros_like(entropy))
 
 
-def _chunk_features(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _chunk_features(x: torch.Tensor, weights: torch.Tensor, check: bool) -> torch.Tensor:
     """Features ``[B, 8]`` float32 of a non-empty chunk ``[B, R, C, L, 3]``; weights ``[R, C]``."""
     n_dreams, rows, cols = x.shape[:3]
     n = rows * cols
     # [B, 3, R, C] contiguous: channels first so fft2 runs over the last two dims.
     image = x.permute(0, 4, 1, 2, 3).mean(dim=-1, dtype=torch.float32)
-    # NaN/inf in a dream reaches its layer mean; checking the L-times smaller mean is cheaper.
-    check_finite(image, "dreams")
+    if check:  # NaN/inf in a dream reaches its layer mean; checking the L-times smaller mean is cheaper
+        check_finite(image, "dreams")
     # One batched fft2 over dreams and channels.
     spectrum = torch.view_as_real(torch.fft.fft2(image * weights))
     re, im = spectrum.unbind(-1)
@@ -144,12 +144,20 @@ def spectral_features(dreams: Any, *, window: Window | str = Window.HANN) -> tor
             float32), or an unknown window.
         DimensionMismatchError: not ``[N, R, C, L, 3]``.
     """
-    kind = Window(window)
-    x = as_dream_batch(dreams)
+    return _features(as_dream_batch(dreams), Window(window), check=True)
+
+
+def spectral_of_checked(dreams: torch.Tensor, window: Window) -> torch.Tensor:
+    """:func:`spectral_features` of a batch already checked (``validate_dreams``): no host read."""
+    return _features(dreams, window, check=False)
+
+
+def _features(x: torch.Tensor, kind: Window, *, check: bool) -> torch.Tensor:
+    """``[N, 8]`` features of a ``[N, R, C, L, 3]`` float batch, in chunks (see :func:`spectral_features`)."""
     n_dreams, rows, cols = x.shape[:3]
     if n_dreams == 0:  # MKL's FFT rejects an empty batch
         return torch.zeros(0, SPECTRAL_DIM, device=x.device)
     weights = torch.outer(window_vector(rows, kind, device=x.device), window_vector(cols, kind, device=x.device))
     budget = _CHUNK_PSD_VALUES.get(x.device.type, _DEFAULT_CHUNK_PSD_VALUES)
     chunk = max(1, budget // (3 * rows * cols))
-    return torch.cat([_chunk_features(part, weights) for part in torch.split(x, chunk)])
+    return torch.cat([_chunk_features(part, weights, check) for part in torch.split(x, chunk)])

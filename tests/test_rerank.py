@@ -32,6 +32,7 @@ from dreampool_gpu.rerank import (
     hybrid_scores,
     mmr,
     mmr_row_bytes,
+    mmr_unchecked,
     row_chunks,
     rowwise_cosine,
 )
@@ -587,9 +588,9 @@ class TestPoolChunking:
 
         def recording_mmr(relevance, vectors, k, **kw):
             calls.append((relevance.shape, vectors.shape))
-            return mmr(relevance, vectors, k, **kw)
+            return mmr_unchecked(relevance, vectors, k, **kw)
 
-        monkeypatch.setattr(stages_module, "mmr", recording_mmr)
+        monkeypatch.setattr(stages_module, "mmr_unchecked", recording_mmr)
         got = pool.retrieve(queries, k=6, mode=mode, **kwargs)
         assert torch.equal(got.ids, want.ids)
         assert torch.equal(got.scores, want.scores)

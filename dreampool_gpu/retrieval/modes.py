@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dreampool_gpu import checks
 from dreampool_gpu.config import RetrievalMode
 from dreampool_gpu.errors import InvalidInputError
 from dreampool_gpu.retrieval import stages
@@ -71,7 +72,11 @@ def _similar(pool: DreamPool, req: Request) -> Result:
 
 
 def _class(pool: DreamPool, req: Request) -> Result:
+    """Chroma candidates within each query's class: one ``[B, capacity]`` mask in a sync-free call
+    while it fits ``search_chunk_mb`` (grouping by class reads the hints on the host), else per class."""
     labels, chroma = pool.bank.columns["class_label"], _chroma_of(req)
+    if checks.sync_free() and req.q.count * pool.capacity <= pool.config.search_chunk_mb * 2**20:
+        return _chroma(pool, req, chroma, labels[None, :] == req.hint[:, None])
     return stages.by_value(req.hint, req.k, lambda rows, c: _chroma(pool, req, chroma[rows], (labels == c)[None, :]))
 
 

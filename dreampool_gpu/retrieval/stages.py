@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from dreampool_gpu import checks
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.cache import QueryCache, query_keys
 from dreampool_gpu.config import Metric, PoolConfig
@@ -20,8 +21,8 @@ from dreampool_gpu.rerank import (
     HybridWeights,
     class_match,
     hybrid_scores,
-    mmr,
     mmr_row_bytes,
+    mmr_unchecked,
     row_chunks,
     rowwise_cosine,
 )
@@ -81,7 +82,8 @@ def embed_queries(
     """``[B, D]`` query embeddings in the bank's form from dreams (``[B, R, C, L, 3]``) or
     chroma (``[B, 3]``), with the class hints and utility priors ``[B]``.
 
-    Chroma-only queries go through ``cache`` (keyed by chroma, hint and prior).
+    Chroma-only queries go through ``cache`` (keyed by chroma, hint and prior), except in
+    sync-free calls: building a key reads the query on the host.
     """
     if chroma is None:  # unreachable: parse_queries always gives chroma or embeddings
         raise InvalidInputError("queries", "dreams, chroma or embeddings", None)
@@ -98,7 +100,7 @@ def embed_queries(
 
     count = chroma.shape[0]
     every = torch.arange(count, device=chroma.device)
-    if dreams is not None or cache.capacity == 0:
+    if dreams is not None or cache.capacity == 0 or checks.sync_free():  # a cache key is a host read
         return compute(every)
     out = torch.empty(count, config.embedding_dim, device=chroma.device)
     return cache.get_or_compute(query_keys(chroma, hint, prior), compute, out)
@@ -175,8 +177,9 @@ def knn(
     On CPU the engine is asked for one more neighbour; rows where a tie
     straddles the k-th place (exact duplicates) are re-selected exactly in age
     order (:func:`exact_candidates`), so the oldest of the tied entries make the
-    cut. On CUDA that check would cost a host synchronisation: there ties are
-    ordered oldest first within the k returned, and the cut is the engine's.
+    cut. On CUDA (and in sync-free calls, see :mod:`dreampool_gpu.checks`) that check
+    would cost a host synchronisation: there ties are ordered oldest first within the
+    k returned, and the cut is the engine's.
 
     With ``categories`` (``[B]`` hue categories) each query searches only its
     category: on CUDA with one ``[B, capacity]`` mask while it fits
@@ -186,7 +189,7 @@ def knn(
     """
     if k == 0:
         return empty_results(embedded.shape[0], bank.device)
-    cpu = bank.device.type == "cpu"
+    cpu = bank.device.type == "cpu" and not checks.sync_free()
     fetch = k + 1 if cpu and 0 < k < bank.size else k
     hue = bank.columns["hue_category"]
     if categories is None:
@@ -236,7 +239,7 @@ def diverse(
         relevance = chroma_scores(queries[rows], chroma, metric)
         if keep is not None:  # -inf marks a filtered candidate for mmr: no host round trip
             relevance = relevance.masked_fill(~keep[by_age][None, :], float("-inf"))
-        parts.append(mmr(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma))
+        parts.append(mmr_unchecked(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma))
     picks = torch.cat([p[0] for p in parts])
     scores = torch.cat([p[1] for p in parts])
     slots = torch.where(picks >= 0, by_age[picks.clamp(min=0)] if n else picks, picks)
@@ -277,7 +280,7 @@ def hybrid(
         base = hybrid_scores(sim, util, match, weights)
         vectors = bank.gather("embeddings", cand)
         points = bank.gather("chroma", cand)
-        picks, scores = mmr(
+        picks, scores = mmr_unchecked(
             base,
             vectors,
             k,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from dreampool_gpu import checks
 from dreampool_gpu.rerank import row_chunks
 
 TOPK_BYTES_PER_SCORE = 8  # stable_topk's temporaries per score: the float and the tie masks
@@ -24,7 +25,9 @@ def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     any of the tied columns. One ``topk`` and one equality pass find the rows where
     that happens (more columns equal the k-th value than were kept); only those
     rows are re-selected exactly (all values above the k-th value, then the
-    lowest-index equals). The set is then ordered by value, then index. ``-inf``
+    lowest-index equals). In a sync-free call (:func:`dreampool_gpu.checks.sync_free`)
+    every row is re-selected and the result kept where a tie straddles, with no host
+    read. The set is then ordered by value, then index. ``-inf``
     marks excluded columns: a row with fewer than k finite values is filled with
     some ``-inf`` columns, in no set order (callers treat them as padding).
 
@@ -38,7 +41,9 @@ def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     values, chosen = scores.topk(k, dim=1)
     kth = values[:, -1:]
     straddles = ((scores == kth).sum(1) > (values == kth).sum(1)) & (kth[:, 0] > float("-inf"))
-    if bool(straddles.any()):
+    if checks.sync_free():  # every row re-selected, kept where a tie straddles: no host read
+        chosen = torch.where(straddles[:, None], _lowest_index_topk(scores, kth, k), chosen)
+    elif bool(straddles.any()):
         rows = torch.nonzero(straddles).squeeze(1)
         chosen[rows] = _lowest_index_topk(scores[rows], kth[rows], k)
     chosen = chosen.sort(dim=1).values
@@ -103,12 +108,13 @@ def oldest_first_ties(
 
     Returns:
         ``(scores, slots)`` reordered, on the input's device. On CPU rows are
-        checked for ties first and returned as they are without any; on CUDA it
-        always sorts, to stay free of host synchronisation.
+        checked for ties first and returned as they are without any; on CUDA (and in
+        sync-free calls) it always sorts, to stay free of host synchronisation.
     """
     if scores.shape[1] < 2:
         return scores, slots
-    if scores.device.type == "cpu" and not bool((scores[:, 1:] == scores[:, :-1]).any()):
+    cpu = scores.device.type == "cpu" and not checks.sync_free()
+    if cpu and not bool((scores[:, 1:] == scores[:, :-1]).any()):
         return scores, slots  # (padding's -inf ties take the sort: harmless, -inf stays last)
     order = slot_ids[slots.clamp(min=0)].sort(dim=1, stable=True).indices
     scores, slots = scores.gather(1, order), slots.gather(1, order)

@@ -1,0 +1,149 @@
+"""Value checks without host synchronisation: recorded on the device, raised at the next sync.
+
+Reading a check's outcome (``bool(t.all())``) makes the host wait for the device: on
+CUDA that is a stall in every training step. Under :func:`deferred` the value checks
+of :mod:`dreampool_gpu._validation` record their outcome as a 0-d bool tensor in a
+:class:`DeferredChecks` instead; the pool turns a failed call into empty results
+(every id -1) with no effect on its state, and keeps the first failure's code in a
+:class:`FaultFlag` on the device, which raises the typed error at the pool's next host
+read (``add``'s one read, ``feedback``, ``stats``, saving, or :meth:`DreamPool.check`).
+
+Shape, dtype, device and option checks stay immediate: they read no tensor values.
+The policy is the config's ``checks`` (docs/api.md, "Checks and host synchronisation").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+
+from dreampool_gpu.errors import InvalidInputError
+
+_ACTIVE: ContextVar[DeferredChecks | None] = ContextVar("dreampool_deferred_checks", default=None)
+_CODES_PER_CALL = 64  # a call records at most this many checks (a retrieve or add records under 10)
+
+
+class DeferredChecks:
+    """The value checks of one call, as device tensors (no host read).
+
+    Attributes:
+        flags: 0-d bool tensors, True where a check passed.
+        labels: ``(argument, expected)`` of each flag, on the host.
+    """
+
+    def __init__(self) -> None:
+        self.flags: list[torch.Tensor] = []
+        self.labels: list[tuple[str, str]] = []
+
+    def record(self, ok: torch.Tensor, name: str, expected: str) -> None:
+        """Add one check's outcome ``ok`` (0-d bool, any device)."""
+        if len(self.flags) >= _CODES_PER_CALL:  # unreachable with the pool's own calls; a guard for new ones
+            raise InvalidInputError(name, f"at most {_CODES_PER_CALL} deferred checks per call", len(self.flags))
+        self.flags.append(ok)
+        self.labels.append((name, expected))
+
+    def passed(self, device: torch.device) -> torch.Tensor:
+        """0-d bool on ``device``: every recorded check passed (True when none was recorded)."""
+        if not self.flags:
+            return torch.ones((), dtype=torch.bool, device=device)
+        return torch.stack([f.to(device) for f in self.flags]).all()
+
+    def first_failure(self, device: torch.device) -> torch.Tensor:
+        """0-d int64 on ``device``: 0 when every check passed, else 1 + the index of the first failed one."""
+        if not self.flags:
+            return torch.zeros((), dtype=torch.int64, device=device)
+        bad = ~torch.stack([f.to(device) for f in self.flags])
+        return torch.where(bad.any(), bad.int().argmax() + 1, 0)
+
+
+def active() -> DeferredChecks | None:
+    """The checks being deferred in this context, or None (checks are immediate)."""
+    return _ACTIVE.get()
+
+
+def sync_free() -> bool:
+    """Whether the running call must not read device values on the host."""
+    return _ACTIVE.get() is not None
+
+
+@contextmanager
+def deferred(enabled: bool = True) -> Iterator[DeferredChecks | None]:
+    """Record value checks instead of reading them, while inside (a no-op when not ``enabled``)."""
+    if not enabled:
+        yield None
+        return
+    checks = DeferredChecks()
+    token = _ACTIVE.set(checks)
+    try:
+        yield checks
+    finally:
+        _ACTIVE.reset(token)
+
+
+@contextmanager
+def immediate() -> Iterator[None]:
+    """Read checks on the host while inside, even within :func:`deferred` (to name a failure)."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+class FaultFlag:
+    """The first failed deferred check of a pool, kept on its device until read.
+
+    ``code`` is a 0-d int64 tensor: 0 while nothing failed. The host keeps a table of
+    the check lists calls recorded (one row per distinct list, so the table stays small)
+    to name the argument when the fault is raised.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.code = torch.zeros((), dtype=torch.int64, device=device)
+        self._rows: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
+        self._table: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+
+    def to(self, device: torch.device) -> None:
+        """Keep the flag on ``device`` from now on."""
+        self.code = self.code.to(device)
+
+    def record(self, call: str, checks: DeferredChecks) -> torch.Tensor:
+        """Keep the first failure of ``checks`` (made by ``call``) unless an earlier one is kept.
+
+        Returns:
+            0-d bool on the flag's device: ``checks`` all passed.
+        """
+        device = self.code.device
+        key = (call, tuple(checks.labels))
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows[key] = len(self._table)
+            self._table.append(key)
+        first = checks.first_failure(device)
+        new = torch.where(first > 0, first + row * _CODES_PER_CALL, 0)
+        self.code = torch.where(self.code > 0, self.code, new)
+        return first == 0
+
+    def error(self, code: int) -> InvalidInputError:
+        """The typed error of a fault ``code`` (> 0) read from :attr:`code`."""
+        call, labels = self._table[(code - 1) // _CODES_PER_CALL]
+        name, expected = labels[(code - 1) % _CODES_PER_CALL]
+        return InvalidInputError(
+            name,
+            expected,
+            f"a value that failed this check in an earlier {call} call (checks='deferred': that call "
+            "returned empty results and changed nothing)",
+        )
+
+    def clear(self) -> None:
+        """Forget the kept failure (after raising it)."""
+        self.code = torch.zeros_like(self.code)
+
+    def raise_code(self, code: int) -> None:
+        """Raise the error of ``code`` (and clear the flag) when it is a fault."""
+        if code > 0:
+            self.clear()
+            raise self.error(code)

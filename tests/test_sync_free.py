@@ -1,0 +1,165 @@
+"""The hot path without host synchronisation: retrieve and add under checks="deferred".
+
+``forbid_host_sync`` fails on every operation that would make the host wait for a CUDA
+device (value reads, data-sized outputs), on CPU too: these tests prove on CI's CPU what
+the gpu-marked test proves with ``torch.cuda.set_sync_debug_mode("error")``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreampool_gpu import DreamPool, PoolConfig
+from dreampool_gpu.errors import HostSyncError, InvalidInputError
+from dreampool_gpu.sync_guard import forbid_host_sync
+
+SHAPE = (6, 6, 2)
+MODES = ("similar", "class", "balanced", "utility", "diverse", "soft", "hybrid", "category", "nearest")
+
+
+def _pool(checks: str = "deferred", **overrides) -> DreamPool:
+    config = dict(dream_shape=SHAPE, capacity=256, device="cpu", engine="torch", checks=checks)
+    return DreamPool(PoolConfig(**{**config, **overrides}))
+
+
+def _batch(n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "dreams": torch.rand(n, *SHAPE, 3, generator=g),
+        "coherence": torch.rand(n, generator=g),
+        "energy": torch.rand(n, generator=g),
+        "violation": torch.rand(n, generator=g),
+        "class_labels": torch.randint(-1, 10, (n,), generator=g),
+    }
+
+
+def _filled(**overrides) -> DreamPool:
+    pool = _pool(**overrides)
+    for seed in range(3):
+        pool.add(**_batch(64, seed))
+    g = torch.Generator().manual_seed(0)
+    pool.feedback(pool.sample(32, generator=g), torch.rand(32, generator=g))
+    return pool
+
+
+def test_guard_catches_what_would_sync_on_cuda():
+    t = torch.arange(6.0)
+    for operation in (
+        lambda: t.sum().item(),
+        lambda: bool(t.any()),
+        lambda: t.tolist(),
+        lambda: torch.nonzero(t),
+        lambda: t[t > 2],
+        lambda: t.unique(),
+        lambda: t.cpu(),
+        lambda: int(t[0]),
+    ):
+        with pytest.raises(HostSyncError), forbid_host_sync():
+            operation()
+    with forbid_host_sync():  # fixed-shape device work passes
+        assert torch.where(t > 2, t, 0.0).topk(2).indices.shape == (2,)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("queries", ["dreams", "chroma", "embeddings"])
+def test_retrieve_has_no_host_sync(mode, queries):
+    pool = _filled()
+    q = _batch(5, 9)["dreams"]
+    if queries == "chroma":
+        q = q.mean((1, 2, 3))
+    elif queries == "embeddings":
+        if mode in ("similar", "class", "balanced", "utility", "diverse"):
+            pytest.skip("chroma modes take dreams or chroma")
+        q = torch.randn(5, pool.config.embedding_dim)
+    options = {"class_hint": torch.tensor([0, 1, 2, 3, 4])} if mode == "class" else {}
+    if mode == "balanced":
+        options["classes"] = [1, 2]
+    if mode == "category" and queries == "embeddings":
+        options["category"] = torch.tensor([0, 1, 2, 3, 4])
+    expected = _filled(checks="immediate").retrieve(q, k=4, mode=mode, **options)
+    with forbid_host_sync():
+        hits = pool.retrieve(q, k=4, mode=mode, **options)
+    torch.testing.assert_close(hits.ids, expected.ids, rtol=0, atol=0)
+    # category: one [B, capacity] mask instead of one search per category (as on CUDA), so the
+    # matmul blocks rows differently and scores may differ in the last bit
+    tolerance = 1e-6 if mode == "category" else 0.0
+    torch.testing.assert_close(hits.scores, expected.scores, rtol=0, atol=tolerance)
+
+
+def test_retrieve_options_have_no_host_sync():
+    pool = _filled()
+    q = _batch(4, 11)["dreams"]
+    keep = torch.zeros(pool.capacity, dtype=torch.bool)
+    keep[::2] = True
+    with forbid_host_sync():
+        pool.retrieve(q, k=3, mode="hybrid", class_hint=2, utility_prior=0.5, category=3, where=keep)
+        pool.retrieve(q, k=3, mode="nearest", where=lambda c: c["coherence"] > 0.5, with_dreams=True)
+        pool.retrieve(q, k=3, mode="similar", chroma_metric="euclidean")
+        pool.retrieve(q, k=3, mode="diverse", min_dispersion=0.01)
+
+
+@pytest.mark.parametrize("eviction", ["fifo", "least_used", "lowest_utility"])
+def test_add_reads_the_host_once(eviction):
+    pool = _filled(eviction_policy=eviction, capacity=64)
+    batch = _batch(96, 5)  # ~47 stored, ~48 more accepted: this add evicts too
+    batch["coherence"] = 0.5 + batch["coherence"] / 2
+    with pytest.raises(HostSyncError, match="tolist"), forbid_host_sync():
+        pool.add(**batch)  # the one read: fault, checks and the gate's count together
+    twin = _filled(eviction_policy=eviction, capacity=64, checks="immediate")
+    size = len(pool)
+    with forbid_host_sync(allowed=1):
+        ids = pool.add(**batch)
+    assert len(pool) == min(pool.capacity, size + int((ids >= 0).sum()))
+    assert pool.counters["evicted"] > 0
+    torch.testing.assert_close(ids, twin.add(**batch), rtol=0, atol=0)
+    torch.testing.assert_close(pool.bank.columns["ids"], twin.bank.columns["ids"], rtol=0, atol=0)
+
+
+def test_bad_retrieve_is_empty_and_raised_later():
+    pool = _filled()
+    before = {name: t.clone() for name, t in pool.bank.columns.items()}
+    q = _batch(3, 4)["dreams"]
+    q[1, 0, 0, 0, 0] = float("nan")
+    with forbid_host_sync():
+        hits = pool.retrieve(q, k=4, mode="nearest")
+    assert bool((hits.ids == -1).all()) and bool(torch.isinf(hits.scores).all())
+    for name, column in pool.bank.columns.items():  # usage untouched: the call changed nothing
+        torch.testing.assert_close(column, before[name], rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(InvalidInputError, match="queries.*finite values.*earlier retrieve"):
+        pool.check()
+    pool.check()  # raised once, then cleared
+    assert bool((pool.retrieve(_batch(3, 4)["dreams"], k=4, mode="nearest").ids >= 0).all())
+
+
+def test_pending_fault_raises_at_next_add_and_add_changes_nothing():
+    pool = _filled()
+    pool.retrieve(_batch(2, 1)["dreams"], k=2, mode="class", class_hint=torch.tensor([1, -1]))
+    size, next_id = len(pool), pool.bank.next_id
+    with pytest.raises(InvalidInputError, match="class_hint"):
+        pool.add(**_batch(8, 2))
+    assert (len(pool), pool.bank.next_id) == (size, next_id)
+    pool.add(**_batch(8, 2))  # the fault was raised once
+
+
+def test_bad_add_names_the_argument_and_changes_nothing():
+    pool = _filled()
+    batch = _batch(8, 3)
+    batch["coherence"][2] = 1.5
+    size, next_id = len(pool), pool.bank.next_id
+    with pytest.raises(InvalidInputError, match=r"coherence.*\[0.0, 1.0\].*1\.5"):
+        pool.add(**batch)
+    assert (len(pool), pool.bank.next_id) == (size, next_id)
+
+
+def test_deferred_and_immediate_pools_store_the_same():
+    deferred, immediate = _filled(), _filled(checks="immediate")
+    for name in ("ids", "embeddings", "chroma", "coherence", "class_label", "util_mean"):
+        torch.testing.assert_close(deferred.bank.columns[name], immediate.bank.columns[name], rtol=0, atol=0)
+
+
+def test_checks_policy_defaults():
+    assert _pool(checks="auto").sync_free is False  # CPU: immediate
+    assert _pool(checks="deferred").sync_free is True
+    with pytest.raises(Exception, match="checks"):
+        PoolConfig(checks="sometimes")
