@@ -116,6 +116,10 @@ class TensorBank:
             self._sorted_ids, self._sorted_slots = torch.sort(self.columns["ids"], stable=True)
             self._order_revision = self.revision
 
+    def order_cache(self) -> list[torch.Tensor]:
+        """The tensors of the cached age order (kept across calls until the next revision)."""
+        return [self._sorted_ids, self._sorted_slots]
+
     def slots_by_age(self) -> torch.Tensor:
         """``[size]`` int64 slots of live entries, oldest first."""
         self._refresh_order()
@@ -135,11 +139,13 @@ class TensorBank:
 
     def gather(self, name: str, slots: torch.Tensor) -> torch.Tensor:
         """Rows of column ``name`` at ``slots`` (any shape); fill value where slot is -1."""
-        column = self.columns[name]
-        valid = slots >= 0
-        rows = column[slots.clamp(min=0)]
+        return self.gather_valid(name, slots.clamp(min=0), slots >= 0)
+
+    def gather_valid(self, name: str, safe: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """:meth:`gather` from ``safe = slots.clamp(min=0)`` and ``valid = slots >= 0``, which a caller already has."""
+        rows = self.columns[name][safe]
         mask = valid.reshape(tuple(valid.shape) + (1,) * (rows.dim() - valid.dim()))  # tuple: 0-dim slots too
-        return rows.masked_fill(~mask, self.specs[name].fill)  # a scalar fill: no host-to-device copy
+        return torch.where(mask, rows, self.specs[name].fill)  # a scalar fill: no host-to-device copy
 
     def nbytes(self) -> dict[str, int]:
         """Exact bytes per column (``numel * element_size``)."""

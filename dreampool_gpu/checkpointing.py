@@ -6,12 +6,12 @@ safety are :mod:`dreampool_gpu.persist`'s, which never imports the pool.
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from dreampool_gpu import persist
+from dreampool_gpu.streams import StreamOrderedLock
 
 if TYPE_CHECKING:
     from dreampool_gpu.pool import DreamPool
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class Checkpointing:
     """Checkpoint methods of :class:`~dreampool_gpu.pool.DreamPool` (a mixin; the pool sets ``_lock``)."""
 
-    _lock: threading.RLock
+    _lock: StreamOrderedLock
     # The casts to DreamPool below are sound: this mixin is only ever a base of DreamPool.
 
     def save(self, path: persist.PathArg) -> None:

@@ -124,7 +124,7 @@ class FaultFlag:
             self._table.append(key)
         first = checks.first_failure(device)
         new = torch.where(first > 0, first + row * _CODES_PER_CALL, 0)
-        self.code = torch.where(self.code > 0, self.code, new)
+        self.code.copy_(torch.where(self.code > 0, self.code, new))  # in place: a captured graph keeps writing here
         return first == 0
 
     def error(self, code: int) -> InvalidInputError:
@@ -140,7 +140,7 @@ class FaultFlag:
 
     def clear(self) -> None:
         """Forget the kept failure (after raising it)."""
-        self.code = torch.zeros_like(self.code)
+        self.code.zero_()
 
     def raise_code(self, code: int) -> None:
         """Raise the error of ``code`` (and clear the flag) when it is a fault."""

@@ -8,7 +8,6 @@ Swapping embeddings is all or nothing (:meth:`EncoderLifecycle._install_embeddin
 from __future__ import annotations
 
 import copy
-import threading
 import time
 from typing import Any, cast
 
@@ -23,6 +22,7 @@ from dreampool_gpu.errors import IndexStaleError, InvalidConfigurationError, Inv
 from dreampool_gpu.fitting import FitReport, train_encoder
 from dreampool_gpu.learned import LearnedEncoder, ModuleEncoder
 from dreampool_gpu.search import SearchIndex
+from dreampool_gpu.streams import StreamOrderedLock
 
 _EMBED_CHUNK = 4096  # entries embedded per encoder call when the whole bank is re-embedded
 
@@ -38,7 +38,7 @@ class EncoderLifecycle:
     encoder: Encoder
     counters: dict[str, int]
     _embedded_version: int
-    _lock: threading.RLock
+    _lock: StreamOrderedLock
 
     def fit_encoder(
         self,

@@ -279,5 +279,13 @@ def bank_form(z: torch.Tensor, metric: Metric) -> torch.Tensor:
     """
     if metric is not Metric.COSINE:
         return z
-    peak = z.abs().amax(dim=1, keepdim=True)
-    return F.normalize(z / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=1)
+    return unit_rows(z, z.abs().amax(dim=1, keepdim=True))
+
+
+def unit_rows(z: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """``z`` ``[N, D]`` divided by its rows' largest magnitudes ``peak`` ``[N, 1]``, then L2-normalised.
+
+    Zero rows stay zero (as in ``F.normalize``, whose arithmetic this repeats in fewer kernels).
+    """
+    scaled = z / torch.where(peak > 0, peak, 1.0)
+    return scaled / torch.linalg.vector_norm(scaled, dim=1, keepdim=True).clamp_min(1e-12)

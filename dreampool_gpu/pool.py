@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,14 +35,29 @@ from dreampool_gpu.errors import (
 )
 from dreampool_gpu.eviction import policy_for
 from dreampool_gpu.metrics import PoolMetrics
+from dreampool_gpu.prepared import PreparedRetrieval
 from dreampool_gpu.rerank import HybridWeights, diversity_stats
 from dreampool_gpu.retrieval import request, stages
 from dreampool_gpu.retrieval.modes import MODES
 from dreampool_gpu.retrieval.request import check_request
 from dreampool_gpu.search import make_index
 from dreampool_gpu.spectral import spectral_of_checked
+from dreampool_gpu.streams import StreamOrderedLock
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_RETRIEVE_DEFAULTS: dict[str, Any] = {
+    "class_hint": None,
+    "classes": None,
+    "category": None,
+    "utility_threshold": 0.0,
+    "utility_prior": None,
+    "fetch_k": None,
+    "mmr_lambda": None,
+    "min_dispersion": 0.0,
+    "where": None,
+    "chroma_metric": "cosine",
+}
+_RETRIEVE_OPTIONS = tuple(_RETRIEVE_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -129,8 +143,8 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             self.config.alpha, self.config.beta, self.config.gamma, self.config.delta, self.config.mmr_lambda
         )
         self.counters = new_counters()
-        self._lock = threading.RLock()
         self._fault = checks.FaultFlag(self.device)
+        self._lock = StreamOrderedLock(lambda: self.device, lambda: [*self.bank.order_cache(), self._fault.code])
         self.metrics: PoolMetrics | None = None
 
     def __len__(self) -> int:
@@ -427,39 +441,77 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             InvalidInputError, DimensionMismatchError: bad input (pool unchanged).
         """
         start = time.perf_counter()
-        with self._lock, checks.deferred(self.sync_free) as deferred:
-            req = check_request(
-                self,
-                queries,
-                k=k,
-                mode=mode,
-                class_hint=class_hint,
-                classes=classes,
-                category=category,
-                utility_threshold=utility_threshold,
-                utility_prior=utility_prior,
-                fetch_k=fetch_k,
-                mmr_lambda=mmr_lambda,
-                min_dispersion=min_dispersion,
-                where=where,
-                chroma_metric=chroma_metric,
-            )
-            b = req.q.count
+        options = dict(
+            k=k,
+            mode=mode,
+            class_hint=class_hint,
+            classes=classes,
+            category=category,
+            utility_threshold=utility_threshold,
+            utility_prior=utility_prior,
+            fetch_k=fetch_k,
+            mmr_lambda=mmr_lambda,
+            min_dispersion=min_dispersion,
+            where=where,
+            chroma_metric=chroma_metric,
+        )
+        with self._lock:
+            out = self._retrieve(queries, options, with_dreams=with_dreams, sync_free=self.sync_free)
+            b = out.ids.shape[0]
+            self.counters["queries"] += b
+            if self.metrics is not None:
+                if self.device.type == "cuda":  # latency, not launch time; only pools with metrics wait here
+                    torch.cuda.synchronize(self.device)
+                self.metrics.observe_retrieve(time.perf_counter() - start, b)
+            return out
+
+    def _retrieve(self, queries: Any, options: dict[str, Any], *, with_dreams: bool, sync_free: bool) -> Retrieval:
+        """:meth:`retrieve`'s device work (checks, the mode's stages, gathers, usage); the caller holds the lock."""
+        with checks.deferred(sync_free) as deferred:
+            req = check_request(self, queries, **options)
             scores, slots = MODES[req.mode].run(self, req)
             if deferred is not None and deferred.flags:  # a failed check empties the results
                 ok = self._fault.record("retrieve", deferred)
                 slots = torch.where(ok, slots, -1)
                 scores = torch.where(ok, scores, float("-inf"))
-            ids = self.bank.gather("ids", slots)
-            usage = self.bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
-            usage.index_add_(0, slots.clamp(min=0).reshape(-1), (slots >= 0).reshape(-1).to(usage.dtype))
-            self.counters["queries"] += b
-            dreams = self.bank.gather("dreams", slots) if with_dreams else None
-            if self.metrics is not None:
-                if self.device.type == "cuda":  # latency, not launch time; only pools with metrics wait here
-                    torch.cuda.synchronize(self.device)
-                self.metrics.observe_retrieve(time.perf_counter() - start, b)
-            return Retrieval(ids=ids, scores=scores, dreams=dreams)
+        safe, valid = slots.clamp(min=0), slots >= 0
+        ids = self.bank.gather_valid("ids", safe, valid)
+        usage = self.bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
+        usage.index_add_(0, safe.view(-1), valid.view(-1).to(usage.dtype))
+        dreams = self.bank.gather_valid("dreams", safe, valid) if with_dreams else None
+        return Retrieval(ids=ids, scores=scores, dreams=dreams)
+
+    def prepare_retrieve(
+        self,
+        queries: Any,
+        *,
+        k: int | None = None,
+        mode: str | RetrievalMode | None = None,
+        graph: bool = True,
+        **options: Any,
+    ) -> PreparedRetrieval:
+        """A callable ``f(queries) -> Retrieval`` for queries shaped like ``queries``, other arguments fixed.
+
+        On CUDA each call replays a CUDA graph of the whole retrieve (one launch), captured
+        again after any change to the bank or the encoder; elsewhere it runs eagerly.
+        Checks are deferred (see ``config.checks``); outputs are reused by the next call.
+        ``options`` are :meth:`retrieve`'s (``where`` as a mask tensor, read at each call;
+        no ``with_dreams``). See :class:`~dreampool_gpu.prepared.PreparedRetrieval`.
+
+        Raises:
+            InvalidInputError, DimensionMismatchError: bad queries or options (checked now).
+        """
+        unknown = sorted(set(options) - set(_RETRIEVE_OPTIONS))
+        if unknown:
+            raise InvalidInputError(unknown[0], f"one of {', '.join(_RETRIEVE_OPTIONS)}", repr(options[unknown[0]]))
+        with self._lock:
+            example = v.as_tensor(queries, "queries", device=self.device)
+            return PreparedRetrieval(
+                self,
+                example,
+                {**_RETRIEVE_DEFAULTS, **options, "k": k, "mode": mode},
+                graph=v.check_flag(graph, "graph"),
+            )
 
     # -------------------------------------------------------------- feedback
     def feedback(self, ids: Any, utility: Any) -> int:

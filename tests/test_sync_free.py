@@ -163,3 +163,37 @@ def test_checks_policy_defaults():
     assert _pool(checks="deferred").sync_free is True
     with pytest.raises(Exception, match="checks"):
         PoolConfig(checks="sometimes")
+
+
+@pytest.mark.gpu
+def test_no_sync_on_cuda_under_sync_debug_mode():
+    if not torch.cuda.is_available():
+        pytest.skip("gpu unavailable")
+    import warnings
+
+    pool = _pool(checks="auto", device="cuda")
+    assert pool.sync_free  # auto: deferred on CUDA
+    for seed in range(3):
+        pool.add(**{name: t.cuda() for name, t in _batch(64, seed).items()})
+    q = _batch(5, 9)["dreams"].cuda()
+    hint = torch.tensor([0, 1, 2, 3, 4], device="cuda")
+    for mode in MODES:  # warm-up: cuBLAS handles, cached age order
+        pool.retrieve(q, k=4, mode=mode, class_hint=hint, classes=[1, 2])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode in MODES:
+            pool.retrieve(q, k=4, mode=mode, class_hint=hint, classes=[1, 2])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    batch = {name: t.cuda() for name, t in _batch(32, 7).items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            pool.add(**batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]  # the gate's one read

@@ -22,7 +22,7 @@ from dreampool_gpu import _validation as v
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric, PoolConfig, RetrievalMode
 from dreampool_gpu.dreams import SINGLE_DREAM_HINT, chroma_signature, hue_category, validate_dreams
-from dreampool_gpu.encoders import Encoder, FeatureEncoder, bank_form
+from dreampool_gpu.encoders import Encoder, FeatureEncoder, unit_rows
 from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
 from dreampool_gpu.retrieval.modes import CHROMA_MODES, FILTERED_MODES
 from dreampool_gpu.retrieval.stages import CHROMA_METRICS
@@ -277,7 +277,7 @@ def parse_queries(
         v.check_range(t, "queries", 0.0, 1.0)
         return Queries(t.shape[0], chroma=t.float())
     if t.dim() == 2 and t.shape[1] == d and mode not in CHROMA_MODES:
-        return Queries(t.shape[0], embeddings=bank_form(embedding_queries(t, config.metric), config.metric))
+        return Queries(t.shape[0], embeddings=embedding_queries(t, config.metric))
     expected = "[B, R, C, L, 3] dreams or [B, 3] chroma"
     if mode not in CHROMA_MODES:
         expected += f" or [B, {d}] embeddings"
@@ -287,16 +287,24 @@ def parse_queries(
 
 
 def embedding_queries(t: torch.Tensor, metric: Metric) -> torch.Tensor:
-    """``[B, D]`` embedding queries as float32, finite there; under euclidean small enough
-    that squared distances to the bank stay finite in float32."""
-    t = t.float()
-    v.check_finite(t, "queries")  # after the cast: float64 values past float32's range are inf here
-    if metric is Metric.EUCLIDEAN and t.numel():
-        bound = math.sqrt(torch.finfo(torch.float32).max / (4 * t.shape[1]))
-        v.require(
-            (t.abs() <= bound).all(),
-            "queries",
-            f"euclidean embeddings with |values| <= {bound:.3g} (squared distances overflow float32 beyond)",
-            lambda: f"|values| up to {float(t.abs().max()):.3g}",
-        )
-    return t
+    """``[B, D]`` embedding queries, checked finite, in the bank's form (:func:`bank_form`) as float32.
+
+    Under euclidean they must be small enough that squared distances to the bank stay
+    finite in float32. The finiteness check reads the rows' peaks, which cosine's
+    normalisation needs anyway (a row with NaN or inf has a non-finite peak).
+    """
+    t = t.float()  # after the cast: float64 values past float32's range are inf here
+    peak = t.abs().amax(dim=1, keepdim=True) if t.numel() else t.new_zeros(t.shape[0], 1)
+    if t.numel():
+        v.require((peak < math.inf).all(), "queries", "finite values", lambda: "NaN or inf")  # NaN < inf is False
+    if metric is Metric.EUCLIDEAN:
+        if t.numel():
+            bound = math.sqrt(torch.finfo(torch.float32).max / (4 * t.shape[1]))
+            v.require(
+                (peak <= bound).all(),
+                "queries",
+                f"euclidean embeddings with |values| <= {bound:.3g} (squared distances overflow float32 beyond)",
+                lambda: f"|values| up to {float(peak.max()):.3g}",
+            )
+        return t
+    return unit_rows(t, peak)

@@ -201,7 +201,12 @@ def knn(
             categories, fetch, lambda rows, c: index.search(embedded[rows], fetch, mask=both(hue == c, keep))
         )
     if fetch > k:
-        straddles = (scores[:, k - 1] == scores[:, k]) & (scores[:, k] > float("-inf"))
+        # equal neighbours sit side by side in the best-first row: one check finds a tie
+        # within the k (order it oldest first) or straddling the cut (re-select exactly)
+        ties = (scores[:, 1:] == scores[:, :-1]) & (scores[:, 1:] > float("-inf"))
+        if not bool(ties.any()):
+            return scores[:, :k], slots[:, :k]
+        straddles = ties[:, k - 1]
         scores, slots = scores[:, :k].clone(), slots[:, :k].clone()
         if bool(straddles.any()):
             rows = torch.nonzero(straddles).squeeze(1)

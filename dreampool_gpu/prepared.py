@@ -1,0 +1,119 @@
+"""A fixed-shape retrieve, replayed as a CUDA graph: :meth:`DreamPool.prepare_retrieve`.
+
+An eager ``retrieve`` launches a few dozen small kernels, each with a few microseconds of
+host overhead; for one query that fixed cost dominates. With the batch shape, ``k``, the
+mode and its options fixed, the whole call (checks on the device, encoder, k-NN,
+re-ranking, gathers, usage counts) is captured once as a CUDA graph and replayed with a
+single launch. The capture reads the bank's tensors in place, so it stays valid while
+the bank's :attr:`~dreampool_gpu.bank.TensorBank.revision` and the encoder's version do
+not change; after an ``add``, eviction or fit the next call captures again. On CPU (or
+where capture fails) the same call runs eagerly, still skipping the argument parsing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dreampool_gpu import _validation as v
+from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
+
+if TYPE_CHECKING:
+    from dreampool_gpu.pool import DreamPool, Retrieval
+
+_PER_QUERY = ("class_hint", "category", "utility_prior")
+_WARMUP_RUNS = 2  # eager runs on a side stream before capture (allocator, cuBLAS workspaces)
+
+
+class PreparedRetrieval:
+    """``retrieve`` for queries of one shape and dtype, with every other argument fixed.
+
+    Calls take only the queries (``[B, ...]`` as the example given to
+    :meth:`DreamPool.prepare_retrieve`, on the pool's device) and return a
+    :class:`~dreampool_gpu.pool.Retrieval` whose tensors are reused by the next call
+    (clone them to keep them), as with any CUDA graph's outputs. Value checks are
+    deferred (a bad query gives empty results and raises at the pool's next host read).
+
+    Attributes:
+        graphed: whether calls replay a CUDA graph (False on CPU, or when capture failed).
+        captures: how many times the call was captured (once per bank revision it saw).
+        reason: why calls run eagerly, when they do.
+    """
+
+    def __init__(self, pool: DreamPool, example: torch.Tensor, options: dict[str, Any], *, graph: bool) -> None:
+        if callable(options.get("where")) and not isinstance(options.get("where"), torch.Tensor):
+            raise InvalidInputError(
+                "where",
+                "a [capacity] bool mask (update it in place between calls) for a prepared retrieve",
+                "a callable",
+            )
+        self.pool = pool
+        # per-query options as device tensors now: a copy from host memory cannot be captured
+        self.options = {
+            name: torch.as_tensor(value).to(pool.device)
+            if name in _PER_QUERY and value is not None and not isinstance(value, torch.Tensor)
+            else value
+            for name, value in options.items()
+        }
+        self.shape, self.dtype = tuple(example.shape), example.dtype
+        self.static = example.detach().clone()
+        self.graphed = graph and pool.device.type == "cuda"
+        self.reason = None if self.graphed else ("not CUDA" if pool.device.type != "cuda" else "graph=False")
+        self.captures = 0
+        self._graph: Any = None
+        self._out: Retrieval | None = None
+        self._state: tuple[int, int, int] | None = None
+        usage = pool.bank.columns["usage"]
+        before = usage.clone()
+        pool._retrieve(self.static, self.options, with_dreams=False, sync_free=True)  # bad options raise here
+        usage.copy_(before)  # the trial run counts no usage
+
+    def __call__(self, queries: Any) -> Retrieval:
+        """Retrieve for ``queries`` (the prepared shape and dtype, on the pool's device)."""
+        pool = self.pool
+        t = v.as_tensor(queries, "queries")
+        if tuple(t.shape) != self.shape or t.dtype != self.dtype or t.device != pool.device:
+            raise DimensionMismatchError(
+                f"{list(self.shape)} {self.dtype} on {pool.device} (as prepared)",
+                f"{list(t.shape)} {t.dtype} on {t.device}",
+                "queries of a prepared retrieve",
+            )
+        with pool._lock:
+            pool.counters["queries"] += self.shape[0]
+            if not self.graphed:
+                return pool._retrieve(t, self.options, with_dreams=False, sync_free=True)
+            self.static.copy_(t)
+            state = (pool.bank.revision, pool.encoder.version, id(pool.bank.columns["embeddings"]))
+            if state != self._state:
+                self._capture()
+                self._state = state
+            self._graph.replay()
+            if self._out is None:  # unreachable: _capture sets it or stops graphing
+                raise InvalidInputError("queries", "a captured graph", None)
+            return self._out
+
+    def _capture(self) -> None:
+        """Capture the call on a side stream, after warm-up runs whose usage counts are undone."""
+        pool = self.pool
+        usage = pool.bank.columns["usage"]
+        before = usage.clone()
+        side = torch.cuda.Stream(device=pool.device)
+        side.wait_stream(torch.cuda.current_stream(pool.device))
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(_WARMUP_RUNS):
+                    pool._retrieve(self.static, self.options, with_dreams=False, sync_free=True)
+                usage.copy_(before)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side):
+                    out = pool._retrieve(self.static, self.options, with_dreams=False, sync_free=True)
+        except RuntimeError as exc:  # e.g. a host read on a path the capture cannot hold: run eagerly
+            torch.cuda.current_stream(pool.device).wait_stream(side)
+            usage.copy_(before)
+            self.graphed, self.reason = False, f"capture failed: {exc}"
+            self._graph = self._out = None
+            return
+        torch.cuda.current_stream(pool.device).wait_stream(side)
+        self._graph, self._out = graph, out
+        self.captures += 1
