@@ -45,18 +45,15 @@ class DeferredChecks:
         self.flags.append(ok)
         self.labels.append((name, expected))
 
-    def passed(self, device: torch.device) -> torch.Tensor:
-        """0-d bool on ``device``: every recorded check passed (True when none was recorded)."""
-        if not self.flags:
-            return torch.ones((), dtype=torch.bool, device=device)
-        return torch.stack([f.to(device) for f in self.flags]).all()
+    def first_failure(self, device: torch.device, offset: int = 0) -> torch.Tensor:
+        """0-d int64 on ``device``: 0 when every check passed, else ``offset`` + 1 + the index of the first failed one.
 
-    def first_failure(self, device: torch.device) -> torch.Tensor:
-        """0-d int64 on ``device``: 0 when every check passed, else 1 + the index of the first failed one."""
-        if not self.flags:
-            return torch.zeros((), dtype=torch.int64, device=device)
-        bad = ~torch.stack([f.to(device) for f in self.flags])
-        return torch.where(bad.any(), bad.int().argmax() + 1, 0)
+        One ``where`` per check, from the last to the first (calls record a handful).
+        """
+        code = torch.zeros((), dtype=torch.int64, device=device)
+        for i in range(len(self.flags) - 1, -1, -1):
+            code = torch.where(self.flags[i].to(device), code, offset + i + 1)
+        return code
 
 
 def active() -> DeferredChecks | None:
@@ -122,10 +119,9 @@ class FaultFlag:
         if row is None:
             row = self._rows[key] = len(self._table)
             self._table.append(key)
-        first = checks.first_failure(device)
-        new = torch.where(first > 0, first + row * _CODES_PER_CALL, 0)
-        self.code.copy_(torch.where(self.code > 0, self.code, new))  # in place: a captured graph keeps writing here
-        return first == 0
+        new = checks.first_failure(device, offset=row * _CODES_PER_CALL)
+        torch.where(self.code > 0, self.code, new, out=self.code)  # in place: a captured graph keeps writing here
+        return new == 0
 
     def error(self, code: int) -> InvalidInputError:
         """The typed error of a fault ``code`` (> 0) read from :attr:`code`."""

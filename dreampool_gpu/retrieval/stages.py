@@ -131,38 +131,6 @@ def chroma_candidates(
     return stable_topk_by_age(by_age, queries.shape[0], k, scores, chunk_mb)
 
 
-def exact_candidates(
-    bank: TensorBank,
-    config: PoolConfig,
-    embedded: torch.Tensor,
-    k: int,
-    categories: torch.Tensor | None,
-    keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k-NN ``[b, k]`` on embeddings over live entries in age order, ties to the older (stable top-k).
-
-    Queries go in chunks whose ``[b, n]`` scores stay under ``search_chunk_mb``.
-    """
-    by_age = bank.slots_by_age()
-    vectors = bank.columns["embeddings"][by_age]
-    hue = bank.columns["hue_category"][by_age]
-    dropped = None if keep is None else ~keep[by_age]
-
-    def scores(rows: slice) -> torch.Tensor:
-        q = embedded[rows].to(vectors.dtype)
-        if config.metric is Metric.COSINE:
-            sim = q @ vectors.T
-        else:  # exact differences, as the engines' euclidean refinement
-            sim = -torch.cdist(q, vectors, compute_mode="donot_use_mm_for_euclid_dist")
-        if categories is not None:
-            sim.masked_fill_(hue[None, :] != categories[rows, None], float("-inf"))
-        if dropped is not None:
-            sim.masked_fill_(dropped[None, :], float("-inf"))
-        return sim
-
-    return stable_topk_by_age(by_age, embedded.shape[0], k, scores, config.search_chunk_mb)
-
-
 def knn(
     bank: TensorBank,
     index: SearchIndex,
@@ -176,7 +144,7 @@ def knn(
 
     On CPU the engine is asked for one more neighbour; rows where a tie
     straddles the k-th place (exact duplicates) are re-selected exactly in age
-    order (:func:`exact_candidates`), so the oldest of the tied entries make the
+    order (:func:`_reselect_ties`), so the oldest of the tied entries make the
     cut. On CUDA (and in sync-free calls, see :mod:`dreampool_gpu.checks`) that check
     would cost a host synchronisation: there ties are ordered oldest first within the
     k returned, and the cut is the engine's.
@@ -210,10 +178,43 @@ def knn(
         scores, slots = scores[:, :k].clone(), slots[:, :k].clone()
         if bool(straddles.any()):
             rows = torch.nonzero(straddles).squeeze(1)
-            scores[rows], slots[rows] = exact_candidates(
+            scores[rows], slots[rows] = _reselect_ties(
                 bank, config, embedded[rows], k, None if categories is None else categories[rows], keep
             )
     return oldest_first_ties(scores, slots, bank.columns["ids"])
+
+
+def _reselect_ties(
+    bank: TensorBank,
+    config: PoolConfig,
+    embedded: torch.Tensor,
+    k: int,
+    categories: torch.Tensor | None,
+    keep: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ``[b, k]`` k-NN of rows whose k-th place is tied: everything above the k-th score,
+    then the oldest (lowest id) of the entries equal to it; in slot layout, with no age-order copy.
+
+    Cosine scores by one matmul, euclidean by exact differences (as the engines' refinement).
+    Order within the result is left to :func:`oldest_first_ties`.
+    """
+    extent = bank.extent
+    vectors = bank.columns["embeddings"][:extent]
+    q = embedded.to(vectors.dtype)
+    if config.metric is Metric.COSINE:
+        sim = q @ vectors.T
+    else:
+        sim = -torch.cdist(q, vectors, compute_mode="donot_use_mm_for_euclid_dist")
+    excluded = ~bank.alive()[:extent] if keep is None else ~(bank.alive()[:extent] & keep[:extent])
+    sim.masked_fill_(excluded[None, :], float("-inf"))
+    if categories is not None:
+        sim.masked_fill_(bank.columns["hue_category"][None, :extent] != categories[:, None], float("-inf"))
+    kth = sim.topk(k, dim=1).values[:, -1:]
+    ids = bank.columns["ids"][:extent]
+    never = torch.iinfo(torch.int64).max
+    rank = torch.where(sim > kth, -1, torch.where(sim == kth, ids[None, :], never))  # lowest first
+    chosen = rank.topk(k, dim=1, largest=False).indices
+    return sim.gather(1, chosen), chosen
 
 
 # -------------------------------------------------------------- re-rank

@@ -106,7 +106,8 @@ class ExactSearch(SearchIndex):
             top_scores, top_slots = scores.topk(k, dim=1)
         else:
             top_scores, top_slots = self._chunked_topk(queries, k, keep, rows_per_chunk)
-        top_slots.masked_fill_(top_scores == float("-inf"), -1)  # scores are finite or masked to -inf
+        if keep is not None or k > self.bank.size:  # else every score is finite: nothing to mark
+            top_slots.masked_fill_(top_scores == float("-inf"), -1)  # scores are finite or masked to -inf
         if self.metric is Metric.EUCLIDEAN:
             top_scores, top_slots = refine_euclidean(queries, embeddings, top_slots, chunk_bytes=self.chunk_bytes)
         return top_scores, top_slots
