@@ -144,7 +144,7 @@ class DreamPool(EncoderLifecycle, Checkpointing):
         )
         self.counters = new_counters()
         self._fault = checks.FaultFlag(self.device)
-        self._lock = StreamOrderedLock(lambda: self.device, lambda: [*self.bank.order_cache(), self._fault.code])
+        self._lock = StreamOrderedLock(lambda: self.device, self._kept_tensors)
         self.metrics: PoolMetrics | None = None
 
     def __len__(self) -> int:
@@ -694,6 +694,14 @@ class DreamPool(EncoderLifecycle, Checkpointing):
     def capacity(self) -> int:
         """Slots of the bank: the configured capacity, lowered (or derived) to fit the memory budget."""
         return self.bank.capacity
+
+    def _kept_tensors(self) -> list[torch.Tensor]:
+        """Tensors kept across calls that a call may replace (age order, fault flag, encoder state)."""
+        kept = [*self.bank.order_cache(), self._fault.code]
+        encoder: Any = self.encoder
+        if isinstance(encoder, torch.nn.Module):
+            return kept + [*encoder.parameters(), *encoder.buffers()]
+        return kept + [t for t in vars(encoder).values() if isinstance(t, torch.Tensor)]
 
     def _embed(self, z: torch.Tensor) -> torch.Tensor:
         """Bank form of encoder output ``[N, D]`` (:func:`~dreampool_gpu.encoders.bank_form`)."""

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one GPU check: device facts, the gpu-marked tests, then the GPU benchmark profile, all
-# written into one folder (JSON, test log, plots).
+# The one GPU check: device facts, the gpu-marked tests, the sync-free/graph/stream tests, then
+# the GPU benchmark profile (per-call overhead included), all written into one folder (JSON, logs, plots).
 #   scripts/gpu_check.sh [OUT_DIR]     default: $OUT when set (the device tool's folder), else ./gpu-check
 # Uses the Python on PATH (or $PYTHON) as it is: a device image's own torch with CUDA; FAISS and
 # pytest-benchmark are optional (parts that need them are skipped and say so). Installs nothing,
@@ -33,6 +33,11 @@ fi
 rc=0
 echo "== gpu-marked tests"
 timeout 300 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rs 2>&1 | tee "$OUT_DIR/gpu-tests.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+
+echo "== sync-free hot path, prepared (graph) retrieve, streams: every test of those files, on CUDA"
+timeout 240 "$PY" -m pytest -q tests/test_sync_free.py tests/test_prepared.py tests/test_streams.py \
+  -p no:cacheprovider -rs 2>&1 | tee "$OUT_DIR/sync-free-tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 
 echo "== GPU benchmark profile"
