@@ -554,6 +554,7 @@ def _run_chunks(
             hi = min(total, lo + chunk)
             try:
                 hits = pool.retrieve(queries.read(lo, hi), k=k, mode=mode, **options)
+                pool.check()  # a deferred check (CUDA) fails here, in its chunk, before the chunk is saved
             except DreamPoolError as exc:
                 if hasattr(exc, "add_note"):  # Python >= 3.11; the CLI prints notes
                     exc.add_note(
@@ -737,6 +738,7 @@ def _run_share(
             lo, hi = index * chunk, min(total, (index + 1) * chunk)
             try:
                 hits = job.pool.retrieve(job.queries.read(lo, hi), k=job.k, mode=job.mode, **job.options)
+                job.pool.check()  # a deferred check (CUDA) fails here, in its chunk
             except DreamPoolError as exc:
                 if hasattr(exc, "add_note"):  # Python >= 3.11; the CLI prints notes
                     exc.add_note(

@@ -185,3 +185,32 @@ class TestJob:
         )
         want = DreamPool.load(saved_pool).retrieve(_dreams(7, 2), k=3, mode="similar", chroma_metric="euclidean")
         assert torch.equal(read_results(out)[1], want.scores)
+
+
+def test_deferred_checks_fail_in_their_chunk(tmp_path):
+    """A batch job on a deferred-checks pool raises the bad chunk's error, as with immediate checks."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from dreampool_gpu import DreamPool, PoolConfig
+    from dreampool_gpu.batch import run_retrieval_job
+    from dreampool_gpu.errors import InvalidInputError
+
+    pool = DreamPool(PoolConfig(dream_shape=(4, 4, 1), capacity=64, device="cpu", checks="deferred"))
+    pool.add(torch.rand(32, 4, 4, 1, 3), coherence=1.0)
+    pool.save(tmp_path / "pool")
+    queries = np.random.default_rng(0).random((40, 3)).astype(np.float32)
+    queries[25, 1] = np.nan
+    np.save(tmp_path / "q.npy", queries)
+    with pytest.raises(InvalidInputError, match="finite") as info:
+        run_retrieval_job(
+            tmp_path / "pool",
+            tmp_path / "q.npy",
+            tmp_path / "out.safetensors",
+            k=3,
+            mode="similar",
+            chunk=10,
+            device="cpu",
+        )
+    assert "rows 20..29" in "".join(getattr(info.value, "__notes__", []))
