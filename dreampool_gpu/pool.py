@@ -12,6 +12,7 @@ import torch
 
 from dreampool_gpu import _validation as v
 from dreampool_gpu import checks
+from dreampool_gpu.admission import Admission
 from dreampool_gpu.bank import TensorBank, column_specs
 from dreampool_gpu.budget import (
     MemoryBudget,
@@ -24,11 +25,9 @@ from dreampool_gpu.checkpointing import Checkpointing
 from dreampool_gpu.config import CheckPolicy, PoolConfig, RetrievalMode
 from dreampool_gpu.counters import new_counters
 from dreampool_gpu.devices import resolve_device
-from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
 from dreampool_gpu.encoder_lifecycle import EncoderLifecycle
-from dreampool_gpu.encoders import Encoder, FeatureEncoder, bank_form
+from dreampool_gpu.encoders import Encoder, bank_form
 from dreampool_gpu.errors import (
-    CapacityExceededError,
     DimensionMismatchError,
     InvalidConfigurationError,
     InvalidInputError,
@@ -41,7 +40,6 @@ from dreampool_gpu.retrieval import request, stages
 from dreampool_gpu.retrieval.modes import MODES
 from dreampool_gpu.retrieval.request import check_request
 from dreampool_gpu.search import make_index
-from dreampool_gpu.spectral import spectral_of_checked
 from dreampool_gpu.streams import StreamOrderedLock
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -84,7 +82,7 @@ class Retrieval:
         return self.ids >= 0
 
 
-class DreamPool(EncoderLifecycle, Checkpointing):
+class DreamPool(Admission, EncoderLifecycle, Checkpointing):
     """Long-term memory of dreams: gated adds, a tensor bank, k-NN, MMR, feedback.
 
     Every public method is thread-safe (one re-entrant lock) and validates its
@@ -226,161 +224,6 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             self.index.add(self.bank.slots_by_age())
             self.cache.clear()
             return self
-
-    # ------------------------------------------------------------------ add
-    def add(
-        self,
-        dreams: Any,
-        *,
-        coherence: Any,
-        energy: Any = None,
-        violation: Any = None,
-        class_labels: Any = None,
-        force: bool = False,
-    ) -> torch.Tensor:
-        """Add a batch of dreams; those below the coherence threshold are rejected.
-
-        Features (chroma, spectral, hue category, embedding) are computed for
-        the whole batch at once. Before writing, the eviction policy makes room
-        within the capacity and the memory budget (:mod:`dreampool_gpu.budget`);
-        when the pool returns, its usage is within the budget. When more dreams
-        pass the gate than the whole pool holds, the best that fit by the
-        policy admits are kept (:meth:`~dreampool_gpu.eviction.Eviction.admit`) and
-        the rest count as dropped, or, with ``strict_budget``, the call raises.
-
-        Args:
-            dreams: ``[N, R, C, L, 3]`` float, values in [0, 1], any device.
-
-        Keyword Args:
-            coherence: ``[N]`` in [0, 1]. energy: ``[N]`` >= 0 (default 0).
-            violation: ``[N]`` in [0, 1] (default 0).
-            class_labels: ``[N]`` int in 0..9, -1 = none; or None.
-            force: bypass the coherence gate.
-
-        Returns:
-            ``[N]`` int64 ids on the pool's device, of the dreams stored; -1 where
-            rejected or dropped.
-
-        Raises:
-            InvalidInputError, DimensionMismatchError: bad input (pool unchanged).
-            CapacityExceededError: with ``strict_budget``, more dreams passed the gate
-                than the whole pool holds (pool unchanged).
-        """
-        with self._lock:
-            force = v.check_flag(force, "force")
-
-            def checked() -> tuple[torch.Tensor, ...]:
-                batch = v.as_tensor(dreams, "dreams", device=self.device)
-                batch = validate_dreams(batch, dream_shape=self.config.dream_shape)
-                n = batch.shape[0]
-                if coherence is None:
-                    raise InvalidInputError("coherence", "[N] values in [0, 1] (a scalar is broadcast)", None)
-                coh = self._per_dream(coherence, n, "coherence", 0.0, 1.0)
-                eng = self._per_dream(energy, n, "energy", 0.0, float("inf"))
-                vio = self._per_dream(violation, n, "violation", 0.0, 1.0)
-                return batch, coh, eng, vio, self._labels(class_labels, n, "class_labels")
-
-            with checks.deferred(self.sync_free) as deferred:
-                batch, coh, eng, vio, labels = checked()
-            self._check_fresh()
-            n = batch.shape[0]
-            passed = coh >= self.config.coherence_threshold
-            if force:
-                passed = torch.ones_like(passed)
-            # the call's one host read: an earlier call's fault, this call's checks, the gate's count
-            own = (deferred or checks.DeferredChecks()).first_failure(self.device)
-            fault, failed, count = torch.stack([self._fault.code, own, passed.sum()]).tolist()
-            self._fault.raise_code(fault)
-            if failed:  # read them again on the host, to name the bad argument and its values
-                with checks.immediate():
-                    checked()
-            accepted = torch.argsort(passed.to(torch.uint8), descending=True, stable=True)[:count]
-            self.bank.check_ids_left(count)
-            budget_room = self.budget.room(self.bank, self.index)
-            room = self.capacity if budget_room is None else min(self.capacity, budget_room)
-            if accepted.numel() > room and self.config.strict_budget:
-                raise CapacityExceededError(
-                    f"{accepted.numel()} dreams passed the gate but the pool holds at most {room} "
-                    f"(capacity {self.config.capacity}, budget {self.budget.budget_bytes} bytes); strict_budget is set"
-                )
-            if (
-                isinstance(self.encoder, FeatureEncoder)
-                and accepted.numel()
-                and self.encoder.needs_refit(self.counters["added"] + int(accepted.numel()))
-            ):
-                # before admission: the rebuilt index may change what the budget holds
-                newcomers = batch[accepted]
-                self._refit_statistics(chroma_signature(newcomers), spectral_of_checked(newcomers, self.config.window))
-                budget_room = self.budget.room(self.bank, self.index)
-                room = self.capacity if budget_room is None else min(self.capacity, budget_room)
-            self.counters["rejected"] += n - count
-            accepted = accepted[self.eviction.admit(self.bank, coh[accepted], room, self._eviction_need)]
-            self.counters["dropped"] += count - int(accepted.numel())
-            out = torch.full((n,), -1, dtype=torch.int64, device=self.device)
-            m = int(accepted.numel())
-            if m == 0:
-                return out
-
-            kept = batch[accepted]
-            chroma = chroma_signature(kept)
-            spectral = spectral_of_checked(kept, self.config.window)
-            kept_labels = labels[accepted]
-            embeddings = self._embed(
-                self.encoder.encode_entries(kept, chroma=chroma, spectral=spectral, class_labels=kept_labels)
-            )
-            values = {
-                "dreams": kept,
-                "chroma": chroma,
-                "spectral": spectral,
-                "embeddings": embeddings,
-                "coherence": coh[accepted],
-                "energy": eng[accepted],
-                "violation": vio[accepted],
-                "class_label": kept_labels,
-                "hue_category": hue_category(chroma),
-            }
-            self._make_room(m, settle=False)
-            slots = self.bank.free_slots(m)
-            ids = self.bank.write(slots, values)
-            self.index.add(slots)
-            out[accepted] = ids
-            lost = 0
-            if self._make_room(0):  # the index grew past its share: the policy may take new entries too
-                gone = self.bank.slots_of(ids) < 0
-                lost = int(gone.sum())
-                out[accepted[gone]] = -1
-                self.counters["evicted"] -= lost  # reported as dropped: never stored, as the caller sees it
-                self.counters["dropped"] += lost
-            self.counters["added"] += m - lost
-            return out
-
-    def _make_room(self, incoming: int, *, settle: bool = True) -> int:
-        """Evict by the policy until ``incoming`` more entries fit the capacity and the budget.
-
-        The budget's count is ``ceil(bytes_to_free / average entry bytes)``
-        (:meth:`MemoryBudget.eviction_count`); with ``settle``, while the pool is still
-        over (an index need not shrink with evictions), it evicts again, until it fits
-        or is empty. Before a write ``settle`` is off: the estimate frees the slots, and
-        any remaining excess is settled after the write, when newcomers rank with
-        residents. Returns the number evicted.
-        """
-        count = self._eviction_need(incoming)
-        evicted = 0
-        while count > 0:
-            victims = self.eviction.order(self.bank)[:count]
-            self.index.remove(victims)
-            self.bank.remove(victims)
-            evicted += int(victims.numel())
-            count = self.budget.eviction_count(self.bank, self.index, incoming) if settle else 0
-        self.counters["evicted"] += evicted
-        return evicted
-
-    def _eviction_need(self, incoming: int) -> int:
-        """How many entries must leave before ``incoming`` more fit the capacity and the budget."""
-        return max(
-            self.bank.size + incoming - self.capacity,
-            self.budget.eviction_count(self.bank, self.index, incoming),
-        )
 
     # ------------------------------------------------------------- retrieve
     def retrieve(
