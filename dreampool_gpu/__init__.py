@@ -16,6 +16,7 @@ from dreampool_gpu.pool import DreamPool, Retrieval
 from dreampool_gpu.rerank import HybridWeights, mmr
 from dreampool_gpu.solver import score_dreams
 from dreampool_gpu.spectral import spectral_features
+from dreampool_gpu.stats import PoolStats
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     # pool
     "DreamPool",
     "Retrieval",
+    "PoolStats",
     # config
     "PoolConfig",
     "HybridWeights",

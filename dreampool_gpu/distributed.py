@@ -41,6 +41,7 @@ from dreampool_gpu import _validation as v
 from dreampool_gpu import errors, persist
 from dreampool_gpu.atomic import atomic_write
 from dreampool_gpu.config import PoolConfig, RetrievalMode
+from dreampool_gpu.counters import COUNTERS
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import validate_dreams
 from dreampool_gpu.encoders import FeatureEncoder
@@ -776,11 +777,11 @@ class ShardedDreamPool:
         return {n: t.reshape(*shape, *t.shape[1:]) for n, t in out.items()}
 
     def stats(self) -> dict[str, Any]:
-        """Totals over the shards (size, capacity, counters) and each shard's :meth:`DreamPool.stats`."""
-        mine = self.shard.stats()
+        """Totals over the shards (size, capacity, counters) and each shard's ``DreamPool.stats().to_dict()``."""
+        mine = self.shard.stats().to_dict()
         every: list[Any] = [None] * self.world_size
         self._run("all_gather_object", lambda: dist.all_gather_object(every, mine, group=self.group))
-        totals = {key: sum(s[key] for s in every) for key in ("size", "capacity", *self.shard.counters)}
+        totals = {key: sum(s[key] for s in every) for key in ("size", "capacity", *COUNTERS)}
         return {"world_size": self.world_size, **totals, "shards": every}
 
     # ----------------------------------------------------------- persistence

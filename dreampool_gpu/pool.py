@@ -41,6 +41,7 @@ from dreampool_gpu.retrieval.modes import MODES
 from dreampool_gpu.retrieval.request import check_request
 from dreampool_gpu.search import make_index
 from dreampool_gpu.spectral import spectral_features
+from dreampool_gpu.stats import PoolStats, pool_stats
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -560,46 +561,17 @@ class DreamPool(EncoderLifecycle, Checkpointing):
                 raise DimensionMismatchError("[B, k] ids", list(slots.shape), "ids")
             return diversity_stats(self.bank.gather("chroma", slots), slots >= 0)
 
-    def stats(self) -> dict[str, Any]:
-        """Size, counters, bytes by column, engine, cache and score means.
+    def stats(self) -> PoolStats:
+        """Size, counters, bytes by column, engine, cache, memory and score means, as a :class:`PoolStats`.
 
+        ``stats["size"]`` reads a key of ``stats.to_dict()`` (the plain JSON-able dict).
         ``search`` holds the engine's facts (``SearchIndex.describe``): its kind, the
         engine that answered the latest search, index bytes, and IVF state where used.
         ``memory`` holds the budget, the exact usage and the device's memory with its
         source (NVML on CUDA, else a fallback; see ``MemoryBudget.stats``).
         """
         with self._lock:
-            alive = self.bank.alive()
-            cols = self.bank.columns
-            size = self.bank.size
-
-            def mean(name: str) -> float:
-                return float(cols[name][alive].float().mean()) if size else 0.0
-
-            bytes_by_column = self.bank.nbytes()
-            return {
-                "size": size,
-                "capacity": self.config.capacity,
-                "device": str(self.device),
-                "engine": self.index.kind,
-                "next_id": self.bank.next_id,
-                **self.counters,
-                "acceptance_rate": self.counters["added"] / max(1, self.counters["added"] + self.counters["rejected"]),
-                "mean_coherence": mean("coherence"),
-                "mean_energy": mean("energy"),
-                "mean_violation": mean("violation"),
-                "bytes_by_column": bytes_by_column,
-                "bank_bytes": sum(bytes_by_column.values()),
-                "index_bytes": self.index.nbytes(),
-                "memory": self.budget.stats(self.bank, self.index),
-                "search": self.index.describe(),
-                "cache": {
-                    "size": len(self.cache),
-                    "hits": self.cache.hits,
-                    "misses": self.cache.misses,
-                    "hit_rate": self.cache.hit_rate,
-                },
-            }
+            return pool_stats(self.bank, self.index, self.budget, self.cache, self.counters, self.device)
 
     # ------------------------------------------------------------- helpers
     @property

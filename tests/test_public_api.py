@@ -13,12 +13,13 @@ import inspect
 import pytest
 
 import dreampool_gpu
-from dreampool_gpu import DreamPool, PoolConfig
+from dreampool_gpu import DreamPool, PoolConfig, PoolStats
 from dreampool_gpu.distributed import ShardedDreamPool
 
 ALL = [
     "DreamPool",
     "Retrieval",
+    "PoolStats",
     "PoolConfig",
     "HybridWeights",
     "Encoder",
@@ -92,6 +93,13 @@ SIGNATURES = {
         "replace": "**changes",
         "to_dict": "",
     },
+    "PoolStats": {
+        "__init__": (
+            "size, capacity, device, engine, next_id, counters, acceptance_rate, mean_coherence, mean_energy, "
+            "mean_violation, bytes_by_column, bank_bytes, index_bytes, memory, search, cache"
+        ),
+        "to_dict": "",
+    },
 }
 _KINDS = {"POSITIONAL_OR_KEYWORD": "", "KEYWORD_ONLY": "*", "VAR_KEYWORD": "**", "VAR_POSITIONAL": "*args "}
 
@@ -125,7 +133,7 @@ def test_all_is_pinned():
         assert hasattr(dreampool_gpu, name), name
 
 
-@pytest.mark.parametrize("cls", [DreamPool, ShardedDreamPool, PoolConfig], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [DreamPool, ShardedDreamPool, PoolConfig, PoolStats], ids=lambda c: c.__name__)
 def test_public_methods_are_pinned(cls):
     methods = _public_methods(cls)
     assert sorted(methods) == sorted(SIGNATURES[cls.__name__])
