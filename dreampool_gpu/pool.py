@@ -105,13 +105,12 @@ class DreamPool(EncoderLifecycle, Checkpointing):
         self.budget = MemoryBudget(
             self.config.memory_budget_mb, device=self.device, threshold=self.config.budget_threshold
         )
-        # capacity: as configured, lowered (or, when None, derived) so the preallocated bank fits the budget
+        # capacity: as configured, lowered (or, when None, derived) so the preallocated bank fits the budget;
+        # kept on the bank (``self.capacity``), never written back into the user's config
         specs = column_specs(self.config.dream_shape, self.config.embedding_dim, dream_dtype)
         capacity = fit_capacity(
             self.config, entry_bytes=entry_nbytes(specs), budget_bytes=self.budget.budget_bytes, device=self.device
         )
-        if capacity != self.config.capacity:
-            self.config = self.config.replace(capacity=capacity)
         check_allocation(self.config, specs, capacity, self.device)  # a typed error, not the allocator's
         self.bank = TensorBank(
             capacity,
@@ -159,7 +158,7 @@ class DreamPool(EncoderLifecycle, Checkpointing):
                 "" if self.budget.budget_bytes is None else f" of {self.budget.budget_bytes / 2**20:.1f} MiB budget"
             )
             return (
-                f"DreamPool(size={self.bank.size}/{self.config.capacity}, device={self.device}, "
+                f"DreamPool(size={self.bank.size}/{self.capacity}, device={self.device}, "
                 f"engine={self.index.kind}, dream_shape={self.config.dream_shape}, "
                 f"embedding_dim={self.config.embedding_dim}, memory={used / 2**20:.2f} MiB{budget})"
             )
@@ -274,7 +273,7 @@ class DreamPool(EncoderLifecycle, Checkpointing):
             if accepted.numel() > room and self.config.strict_budget:
                 raise CapacityExceededError(
                     f"{accepted.numel()} dreams passed the gate but the pool holds at most {room} "
-                    f"(capacity {self.config.capacity}, budget {self.budget.budget_bytes} bytes); strict_budget is set"
+                    f"(capacity {self.capacity}, budget {self.budget.budget_bytes} bytes); strict_budget is set"
                 )
             if (
                 isinstance(self.encoder, FeatureEncoder)
