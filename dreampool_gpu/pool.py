@@ -23,6 +23,7 @@ from dreampool_gpu.cache import QueryCache
 from dreampool_gpu.checkpointing import Checkpointing
 from dreampool_gpu.config import PoolConfig, RetrievalMode
 from dreampool_gpu.counters import new_counters
+from dreampool_gpu.device_move import DeviceMove
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
 from dreampool_gpu.encoder_lifecycle import EncoderLifecycle
@@ -70,7 +71,7 @@ class Retrieval:
         return self.ids >= 0
 
 
-class DreamPool(EncoderLifecycle, Checkpointing):
+class DreamPool(EncoderLifecycle, Checkpointing, DeviceMove):
     """Long-term memory of dreams: gated adds, a tensor bank, k-NN, MMR, feedback.
 
     Every public method is thread-safe (one re-entrant lock) and validates its
@@ -162,54 +163,6 @@ class DreamPool(EncoderLifecycle, Checkpointing):
                 f"engine={self.index.kind}, dream_shape={self.config.dream_shape}, "
                 f"embedding_dim={self.config.embedding_dim}, memory={used / 2**20:.2f} MiB{budget})"
             )
-
-    def to(self, device: str | torch.device) -> DreamPool:
-        """Move the pool to ``device`` in place and return it (as ``nn.Module.to`` does).
-
-        The bank, encoder and window spectrum move; the search index is rebuilt on
-        the new device from the bank; the query cache is emptied (its embeddings were
-        on the old device). Entries, ids, counters and the dreams' dtype are kept
-        (``dream_dtype="auto"`` is pinned to the stored dtype). On error the pool is
-        unchanged.
-
-        Raises:
-            DeviceUnavailableError: ``device`` is CUDA and absent.
-            InvalidConfigurationError: ``device`` names no device, or the budget
-                (``"N%"`` of the new device) cannot hold the bank.
-            InsufficientMemoryError: the bank does not fit the new device's free memory.
-        """
-        with self._lock:
-            target = resolve_device(device)
-            if target == self.device:
-                return self
-            dtype = self.bank.columns["dreams"].dtype
-            config = self.config.replace(device=str(target), dream_dtype=str(dtype).removeprefix("torch."))
-            budget = MemoryBudget(config.memory_budget_mb, device=target, threshold=config.budget_threshold)
-            fitted = fit_capacity(
-                config, entry_bytes=self.bank.entry_nbytes(), budget_bytes=budget.budget_bytes, device=target
-            )
-            if fitted < self.capacity:
-                raise InvalidConfigurationError(
-                    "memory_budget_mb",
-                    config.memory_budget_mb,
-                    f"a budget on {target} holding the pool's {self.capacity} slots",
-                )
-            check_allocation(config, self.bank.specs, self.capacity, target)
-            self.bank.to(target)
-            mover = getattr(self.encoder, "to", None)  # optional: the Encoder protocol has no ``to``
-            if callable(mover):
-                mover(target)
-            else:
-                for name, value in vars(self.encoder).items():
-                    if isinstance(value, torch.Tensor):
-                        setattr(self.encoder, name, value.to(target))
-            self._embedded_version = self.encoder.version  # a moved module has new parameter tensors
-            self.budget.close()
-            self.config, self.device, self.budget = config, target, budget
-            self.index = make_index(self.bank, config)
-            self.index.add(self.bank.slots_by_age())
-            self.cache.clear()
-            return self
 
     # ------------------------------------------------------------------ add
     def add(
