@@ -13,9 +13,12 @@ from dreampool_gpu.errors import DreamPoolError
 from dreampool_gpu.fitting import FitReport
 from dreampool_gpu.learned import LearnedEncoder
 from dreampool_gpu.pool import DreamPool, Retrieval
+from dreampool_gpu.prepared import PreparedRetrieval
 from dreampool_gpu.rerank import HybridWeights, mmr
 from dreampool_gpu.solver import score_dreams
 from dreampool_gpu.spectral import spectral_features
+from dreampool_gpu.stats import PoolStats
+from dreampool_gpu.sync_guard import forbid_host_sync
 
 __version__ = "0.1.0"
 
@@ -23,6 +26,8 @@ __all__ = [
     # pool
     "DreamPool",
     "Retrieval",
+    "PreparedRetrieval",
+    "PoolStats",
     # config
     "PoolConfig",
     "HybridWeights",
@@ -36,6 +41,7 @@ __all__ = [
     "score_dreams",
     "spectral_features",
     "resolve_device",
+    "forbid_host_sync",
     # errors
     "DreamPoolError",
     "__version__",

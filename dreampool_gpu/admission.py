@@ -130,7 +130,7 @@ class Admission:
             if accepted.numel() > room and self.config.strict_budget:
                 raise CapacityExceededError(
                     f"{accepted.numel()} dreams passed the gate but the pool holds at most {room} "
-                    f"(capacity {self.config.capacity}, budget {self.budget.budget_bytes} bytes); strict_budget is set"
+                    f"(capacity {self.bank.capacity}, budget {self.budget.budget_bytes} bytes); strict_budget is set"
                 )
             if (
                 isinstance(self.encoder, FeatureEncoder)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
+
+from dreampool_gpu.errors import InvalidInputError
 
 Key = tuple[int, ...]
 
@@ -81,6 +84,29 @@ class QueryCache:
                     if len(self._store) > self.capacity:
                         self._store.popitem(last=False)
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cache's state: ``{"capacity": int}``.
+
+        Entries are derived (query embeddings under the encoder state of the moment) and
+        the hit and miss counts describe this process's lookups, so neither is carried:
+        a loaded pool starts with an empty cache and recomputes on the first miss.
+        """
+        return {"capacity": self.capacity}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Adopt ``state`` (from :meth:`state_dict`): the cache is emptied and its counters reset.
+
+        The capacity stays this cache's own (the pool's ``query_cache_size``), as a pool
+        keeps its own configuration when it loads another's state.
+
+        Raises:
+            InvalidInputError: ``state`` is not a mapping with an int ``capacity`` >= 0.
+        """
+        capacity = state.get("capacity") if isinstance(state, Mapping) else None
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise InvalidInputError("state", "a mapping with an int capacity >= 0", repr(state)[:80])
+        self.clear()
 
     def clear(self) -> None:
         """Drop every entry and reset the counters."""

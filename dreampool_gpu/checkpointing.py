@@ -1,20 +1,110 @@
 """Checkpoints of a :class:`~dreampool_gpu.pool.DreamPool`: save/load a directory, state dicts.
 
-:class:`Checkpointing` is mixed into the pool; the on-disk format, checksums and crash
-safety are :mod:`dreampool_gpu.persist`'s, which never imports the pool.
+:class:`Checkpointing` is mixed into the pool. A pool's state is composed from its parts,
+each giving and taking its own (:func:`snapshot`, :func:`restore`): the bank
+(``TensorBank.state_dict``), the search index (``SearchIndex.state_dict``), the query
+cache (``QueryCache.state_dict``), the encoder (``state_dict``) and the counters. The
+on-disk format, checksums and crash safety are :mod:`dreampool_gpu.persist`'s, which
+never imports the pool.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+import logging
+import warnings
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 
 from dreampool_gpu import persist
+from dreampool_gpu.config import PoolConfig
 from dreampool_gpu.streams import StreamOrderedLock
 
 if TYPE_CHECKING:
     from dreampool_gpu.pool import DreamPool
+
+logger = logging.getLogger(__name__)
+
+P = TypeVar("P", bound="DreamPool")
+
+
+def snapshot(pool: DreamPool) -> persist.PoolSnapshot:
+    """The pool's state, composed from its parts' ``state_dict`` (caller holds the pool's lock).
+
+    Every tensor is a host copy (not a view), so the pool may change as soon as the lock
+    is released.
+    """
+    bank = pool.bank.state_dict()
+    columns = bank["columns"]
+    index = pool.index.state_dict()
+    return persist.PoolSnapshot(
+        config=pool.config,
+        capacity=pool.capacity,
+        size=bank["size"],
+        next_id=bank["next_id"],
+        extent=bank["extent"],
+        counters=dict(pool.counters),
+        columns=columns,
+        index_kind=index["kind"],
+        index_bytes=None if index["data"] is None else persist.tag_index(index["data"], persist.bank_digest(columns)),
+        encoder_kind=persist.encoder_kind(pool.encoder),
+        encoder_state={
+            name: t.detach().to("cpu", copy=True).contiguous() for name, t in pool.encoder.state_dict().items()
+        },
+        cache=pool.cache.state_dict(),
+    )
+
+
+def restore(pool: DreamPool, snap: persist.PoolSnapshot) -> None:
+    """Replace the pool's bank, counters, encoder state, cache and index with ``snap``'s (caller holds the lock).
+
+    Every check runs before the first write (:func:`persist.check_restorable`): on error
+    the pool is unchanged. Each part then loads its own state: the bank (dreams cast to
+    the pool's dtype), the counters, the encoder (a format-1 snapshot re-embeds the bank),
+    the query cache (emptied) and the index (the saved engine state when it was built
+    from this bank and the engine kind matches, else rebuilt from the bank).
+
+    Raises:
+        InvalidConfigurationError: the pool's configuration cannot hold ``snap``.
+        CheckpointCorruptError, InvalidInputError: the snapshot's data is inconsistent.
+    """
+    persist.check_restorable(pool, snap)
+    pool.bank.load_state_dict(
+        {"columns": snap.columns, "size": snap.size, "next_id": snap.next_id, "extent": snap.extent}
+    )
+    pool.counters.update({key: snap.counters.get(key, 0) for key in pool.counters})
+    pool.cache.load_state_dict(snap.cache if snap.cache is not None else pool.cache.state_dict())
+    pool._restore_encoder(snap.encoder_state)  # noqa: SLF001 - the pool's hook for its checkpoint
+    _restore_index(pool, snap)
+
+
+def _restore_index(pool: DreamPool, snap: persist.PoolSnapshot) -> None:
+    state = persist.index_state(snap, pool.bank.revision)
+    try:
+        restored = pool.index.load_state_dict(state)
+    except Exception as exc:  # any engine failure is recoverable: the bank is the truth (the index was rebuilt)
+        warnings.warn(
+            f"search index ({snap.index_kind}) could not be restored ({exc!r}); rebuilt from the bank",
+            persist.CheckpointRecoveryWarning,
+            stacklevel=4,
+        )
+        return
+    if not restored and state["data"] is not None:
+        logger.info("checkpoint index is %s, pool uses %s: rebuilding from the bank", snap.index_kind, pool.index.kind)
+
+
+def build_pool(cls: type[P], config: PoolConfig, capacity: int | None, *, encoder: Any = None) -> P:
+    """A new ``cls`` pool of ``config`` with ``capacity`` slots: a saved pool's resolved capacity.
+
+    The bank is fitted to ``capacity`` (lowered only where the budget on the pool's device
+    cannot hold it) and ``pool.config`` stays ``config`` as saved, the user's. ``capacity``
+    None (a checkpoint from before the capacity was saved) fits ``config`` anew.
+    """
+    if capacity is None or capacity == config.capacity:
+        return cls(config, encoder=encoder)
+    pool = cls(config.replace(capacity=capacity), encoder=encoder)
+    pool.config = config  # the fitted capacity lives on the bank (pool.capacity), not in the config
+    return pool
 
 
 class Checkpointing:
@@ -37,7 +127,7 @@ class Checkpointing:
         """
         with persist.WRITE_LOCK:  # saves land in the order their snapshots were taken
             with self._lock:
-                snap = persist.snapshot(cast("DreamPool", self))
+                snap = snapshot(cast("DreamPool", self))
             persist.write_checkpoint(snap, path)
 
     @classmethod
@@ -64,10 +154,11 @@ class Checkpointing:
         if distributed.is_sharded_checkpoint(path):  # a ShardedDreamPool's checkpoint, as one pool
             return distributed.load_merged(path, device=device)
         snap = persist.read_checkpoint(path)
-        pool_cls = cast("type[DreamPool]", cls)
-        pool = pool_cls(persist.config_for_load(snap, device), encoder=encoder)
+        pool = build_pool(
+            cast("type[DreamPool]", cls), persist.config_for_load(snap, device), snap.capacity, encoder=encoder
+        )
         with pool._lock:
-            persist.restore(pool, snap)
+            restore(pool, snap)
         return pool
 
     def state_dict(self) -> dict[str, Any]:
@@ -77,7 +168,7 @@ class Checkpointing:
         the pool can ride in a training checkpoint.
         """
         with self._lock:
-            return persist.to_state_dict(persist.snapshot(cast("DreamPool", self)))
+            return persist.to_state_dict(snapshot(cast("DreamPool", self)))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Replace this pool's entries, counters and index with ``state_dict``'s.
@@ -93,4 +184,4 @@ class Checkpointing:
         """
         snap = persist.from_state_dict(state_dict)
         with self._lock:
-            persist.restore(cast("DreamPool", self), snap)
+            restore(cast("DreamPool", self), snap)

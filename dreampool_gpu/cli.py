@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dreampool_gpu.counters import COUNTERS
 from dreampool_gpu.demo import ARMS
 from dreampool_gpu.errors import DreamPoolError, InvalidInputError
 from dreampool_gpu.retrieval.modes import OPTIONS
@@ -171,17 +170,17 @@ def pool_summary(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[s
     config = pool.config
     return {
         "path": str(where),
-        "size": stats["size"],
-        "capacity": stats["capacity"],
-        "next_id": stats["next_id"],
+        "size": stats.size,
+        "capacity": stats.capacity,
+        "next_id": stats.next_id,
         "dream_shape": list(config.dream_shape),
         "embedding_dim": config.embedding_dim,
         "metric": config.metric.value,
-        "device": stats["device"],
-        "engine": stats["engine"],
-        "index": stats["search"],
-        "index_bytes": stats["index_bytes"],
-        "bank_bytes": stats["bank_bytes"],
+        "device": stats.device,
+        "engine": stats.engine,
+        "index": dict(stats.search),
+        "index_bytes": stats.index_bytes,
+        "bank_bytes": stats.bank_bytes,
         "checkpoint_bytes": sum(f.stat().st_size for f in source.iterdir() if f.is_file()),
         "columns": columns,
         "classes": {
@@ -189,8 +188,8 @@ def pool_summary(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[s
             **dict(zip(CLASS_NAMES, class_counts[1:], strict=False)),
         },
         "hue_categories": {str(i): c for i, c in enumerate(hue_counts)},
-        "means": {name: stats[f"mean_{name}"] for name in ("coherence", "energy", "violation")},
-        "counters": {key: stats[key] for key in COUNTERS},
+        "means": {"coherence": stats.mean_coherence, "energy": stats.mean_energy, "violation": stats.mean_violation},
+        "counters": dict(stats.counters),
         "config": config.to_dict(),
     }
 

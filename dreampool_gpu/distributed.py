@@ -38,9 +38,10 @@ import torch
 import torch.distributed as dist
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import errors, persist
+from dreampool_gpu import checkpointing, errors, persist
 from dreampool_gpu.atomic import atomic_write
 from dreampool_gpu.config import PoolConfig, RetrievalMode
+from dreampool_gpu.counters import COUNTERS
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import validate_dreams
 from dreampool_gpu.encoders import FeatureEncoder
@@ -196,7 +197,7 @@ class ShardedDreamPool:
         self._watermarks = dict(watermarks)
         self._issuing = max(self._watermarks, key=lambda t: self._watermarks[t])
         shared = {k: val for k, val in shard.config.to_dict().items() if k not in _PER_SHARD_FIELDS}
-        table = self._agree([_crc(json.dumps(shared, sort_keys=True, default=str)), shard.config.capacity or 0], None)
+        table = self._agree([_crc(json.dumps(shared, sort_keys=True, default=str)), shard.capacity], None)
         if bool((table[:, 0] != table[0, 0]).any()):
             raise InvalidConfigurationError(
                 "config", "differs between ranks", f"the same configuration on every rank (except {_PER_SHARD_FIELDS})"
@@ -776,11 +777,11 @@ class ShardedDreamPool:
         return {n: t.reshape(*shape, *t.shape[1:]) for n, t in out.items()}
 
     def stats(self) -> dict[str, Any]:
-        """Totals over the shards (size, capacity, counters) and each shard's :meth:`DreamPool.stats`."""
-        mine = self.shard.stats()
+        """Totals over the shards (size, capacity, counters) and each shard's ``DreamPool.stats().to_dict()``."""
+        mine = self.shard.stats().to_dict()
         every: list[Any] = [None] * self.world_size
         self._run("all_gather_object", lambda: dist.all_gather_object(every, mine, group=self.group))
-        totals = {key: sum(s[key] for s in every) for key in ("size", "capacity", *self.shard.counters)}
+        totals = {key: sum(s[key] for s in every) for key in ("size", "capacity", *COUNTERS)}
         return {"world_size": self.world_size, **totals, "shards": every}
 
     # ----------------------------------------------------------- persistence
@@ -809,7 +810,7 @@ class ShardedDreamPool:
         def write() -> dict[str, Any]:
             with persist.WRITE_LOCK:
                 with self.shard._lock:
-                    snap = persist.snapshot(self.shard)
+                    snap = checkpointing.snapshot(self.shard)
                     marks = {**self._watermarks, self._issuing: self.shard.bank.next_id}
                 persist.write_checkpoint(snap, root / generation / f"shard-{self.rank:05d}")
             return {
@@ -895,7 +896,7 @@ class ShardedDreamPool:
                 )
             marks = {int(t): int(m) for t, m in state_dict["watermarks"].items()}
             with shard._lock:
-                backup = persist.snapshot(shard)
+                backup = checkpointing.snapshot(shard)
                 shard.load_state_dict(state_dict["shard"])
             return backup, marks
 
@@ -905,7 +906,7 @@ class ShardedDreamPool:
         except DreamPoolError:
             if done is not None:
                 with shard._lock:
-                    persist.restore(shard, done[0])
+                    checkpointing.restore(shard, done[0])
             raise
         self._watermarks = done[1]
         self._issuing = max(self._watermarks, key=lambda t: self._watermarks[t])
@@ -1003,9 +1004,9 @@ def _open_rank(root: Path, rank: int, world: int, device: Any) -> tuple[DreamPoo
     if manifest["world_size"] == world:  # same layout: the rank's own shard, as saved
         entry = shards[rank]
         snap = persist.read_checkpoint(root / entry["path"])
-        pool = DreamPool(_rank_config(persist.config_for_load(snap, device)))
+        pool = checkpointing.build_pool(DreamPool, _rank_config(persist.config_for_load(snap, device)), snap.capacity)
         with pool._lock:
-            persist.restore(pool, snap)
+            checkpointing.restore(pool, snap)
         return pool, {int(t): m for t, m in entry["watermarks"].items()}
     return _collect(
         root, manifest, lambda tag: tag % world == rank, lambda s: s % world == rank, device, default_tag=rank
@@ -1042,12 +1043,15 @@ def _collect(
         marks = {default_tag: default_tag << TAG_BITS}
     parts: list[dict[str, torch.Tensor]] = []
     encoder: tuple[str, dict[str, torch.Tensor] | None] = ("features", None)
+    capacity: int | None = None  # a shard's resolved capacity (the first shard read)
     for entry in shards:
         if not any(keep_tag(int(t)) for t in entry["watermarks"]):
             continue
         snap = persist.read_checkpoint(root / entry["path"])
         if encoder[1] is None:  # every shard holds the same encoder state (statistics are refit collectively)
             encoder = (snap.encoder_kind, snap.encoder_state)
+        if capacity is None:
+            capacity = snap.capacity if snap.capacity is not None else snap.config.capacity
         ids = snap.columns["ids"]
         keep = (ids >= 0) & torch.tensor([keep_tag(int(t)) for t in (ids >> TAG_BITS).tolist()], dtype=torch.bool)
         parts.append({name: col[keep] for name, col in snap.columns.items()})
@@ -1062,9 +1066,11 @@ def _collect(
         order = columns["ids"].argsort(stable=True)
         columns = {name: col[order] for name, col in columns.items()}
     size = int(columns["ids"].numel()) if columns else 0
-    if config.capacity is not None and size > config.capacity:
-        config = config.replace(capacity=size)
-    pool = DreamPool(_rank_config(config))
+    if capacity is None:
+        capacity = config.capacity
+    if capacity is not None and size > capacity:
+        capacity = size
+    pool = checkpointing.build_pool(DreamPool, _rank_config(config), capacity)
     if not columns:
         columns = {name: col[:0].cpu() for name, col in pool.bank.columns.items()}
     counters: dict[str, int] = {}
@@ -1086,5 +1092,5 @@ def _collect(
         encoder_state=encoder[1],
     )
     with pool._lock:
-        persist.restore(pool, snap)
+        checkpointing.restore(pool, snap)
     return pool, marks

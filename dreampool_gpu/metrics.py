@@ -47,16 +47,16 @@ class _StatsCollector:
         ns = self.namespace
         for name, help_text in COUNTERS.items():
             family = CounterMetricFamily(f"{ns}_{name}", help_text)
-            family.add_metric([], stats[name])
+            family.add_metric([], stats.counters[name])
             yield family
         gauges = {
-            "size": ("live entries", stats["size"]),
-            "capacity": ("slots preallocated", stats["capacity"]),
-            "bank_bytes": ("bytes of the tensor bank", stats["bank_bytes"]),
-            "index_bytes": ("bytes of the search index", stats["index_bytes"]),
-            "cache_hit_rate": ("query cache hit rate", stats["cache"]["hit_rate"]),
+            "size": ("live entries", stats.size),
+            "capacity": ("slots preallocated", stats.capacity),
+            "bank_bytes": ("bytes of the tensor bank", stats.bank_bytes),
+            "index_bytes": ("bytes of the search index", stats.index_bytes),
+            "cache_hit_rate": ("query cache hit rate", stats.cache.hit_rate),
         }
-        memory = stats.get("memory") or {}
+        memory = stats.memory
         for key in ("device_used_bytes", "device_total_bytes"):
             if memory.get(key) is not None:
                 gauges[key] = (f"device memory ({memory.get('source', 'unknown')})", memory[key])

@@ -5,7 +5,7 @@ A checkpoint is a directory::
     manifest.json      format name and version, sha256 + size of every other file,
                        and a digest of the manifest itself
     config.json        PoolConfig.to_dict()
-    state.json         bank scalars (size, next_id, extent), counters, index kind
+    state.json         bank scalars (size, next_id, extent), the pool's capacity, counters, index kind
     bank.safetensors   every bank column, rows [0, extent) (slot layout preserved)
     encoder.safetensors the encoder's state (statistics or weights) the embeddings were made with
     index.bin          the search engine's serialized state, when it has any
@@ -25,19 +25,19 @@ never writes to disk.
 
 The same content travels as a plain dict (:func:`to_state_dict`,
 :func:`from_state_dict`) that survives ``torch.save`` /
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. What goes into a :class:`PoolSnapshot`, and how
+it goes back into a pool, is :mod:`dreampool_gpu.checkpointing`'s: each part of the
+pool gives and takes its own state (``state_dict`` / ``load_state_dict``).
 """
 
 from __future__ import annotations
 
 import copy
 import ctypes
-import dataclasses
 import errno
 import functools
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -74,7 +74,6 @@ from dreampool_gpu.spectral import spectral_features
 if TYPE_CHECKING:
     from dreampool_gpu.pool import DreamPool
 
-logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "dreampool-checkpoint"
 FORMAT_VERSION = 2
@@ -131,17 +130,21 @@ class PoolSnapshot:
     """Everything a checkpoint holds, host-side.
 
     Attributes:
-        config: the pool's configuration.
+        config: the pool's configuration, as its user gave it.
+        capacity: the pool's resolved capacity (slots of its bank; the configured one
+            lowered or derived to fit the budget); None in checkpoints written before it
+            was saved (their ``config.capacity`` is the resolved one).
         size, next_id, extent: bank scalars.
         counters: the pool's counters.
         columns: name -> ``[extent, ...]`` CPU tensor, one per bank column.
         index_kind: ``SearchIndex.kind`` of the engine that produced ``index_bytes``.
         index_bytes: serialized engine state behind a header naming the bank it was
-            built from (:func:`_tag_index`), or None (rebuild from the bank).
+            built from (:func:`tag_index`), or None (rebuild from the bank).
         origin: the checkpoint directory it was read from (None for a state dict).
         encoder_kind: ``features``, ``learned``, ``module`` (a user's nn.Module) or ``custom``.
         encoder_state: the encoder's ``state_dict()`` as CPU tensors; None for a format-1
             checkpoint (the loading pool re-embeds its bank).
+        cache: the query cache's ``state_dict()`` (state dicts only; never written to disk).
     """
 
     config: PoolConfig
@@ -155,6 +158,8 @@ class PoolSnapshot:
     encoder_kind: str = "features"
     encoder_state: dict[str, torch.Tensor] | None = None
     origin: Path | None = None
+    capacity: int | None = None
+    cache: dict[str, Any] | None = None
 
 
 class _Invalid(Exception):
@@ -165,32 +170,7 @@ class _Invalid(Exception):
         self.where, self.expected, self.got = where, expected, got
 
 
-# ------------------------------------------------------------------ snapshot
-def snapshot(pool: DreamPool) -> PoolSnapshot:
-    """Copy the pool's persistent state to the host (caller holds the pool's lock).
-
-    Columns are copied (not viewed), so the pool may change as soon as the lock
-    is released.
-    """
-    bank = pool.bank.state_dict()
-    columns = bank["columns"]
-    engine_bytes = pool.index.serialize()
-    return PoolSnapshot(
-        config=pool.config,
-        size=bank["size"],
-        next_id=bank["next_id"],
-        extent=bank["extent"],
-        counters=dict(pool.counters),
-        columns=columns,
-        index_kind=pool.index.kind,
-        index_bytes=None if engine_bytes is None else _tag_index(engine_bytes, _bank_digest(columns)),
-        encoder_kind=encoder_kind(pool.encoder),
-        encoder_state={
-            name: t.detach().to("cpu", copy=True).contiguous() for name, t in pool.encoder.state_dict().items()
-        },
-    )
-
-
+# ------------------------------------------------------------------ restore checks
 def encoder_kind(encoder: Any) -> str:
     """The checkpoint's name for the kind of ``encoder``."""
     from dreampool_gpu.encoders import FeatureEncoder
@@ -240,18 +220,17 @@ def _check_encoder(pool: DreamPool, snap: PoolSnapshot) -> None:
     raise InvalidConfigurationError("encoder", problem[0], problem[1])
 
 
-def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
-    """Replace the pool's bank, counters and index with ``snap`` (caller holds the lock).
+def check_restorable(pool: DreamPool, snap: PoolSnapshot) -> None:
+    """Refuse ``snap`` where ``pool`` cannot hold it (caller holds the lock; nothing is changed).
 
-    Every check runs before the first write: on error the pool is unchanged.
-    A sample of entries must recompute from their stored dreams (:func:`_spot_check`).
-    Dreams are cast to the pool's dream dtype. The query cache is cleared; the
-    index is restored from ``snap.index_bytes`` when its engine kind matches and
-    rebuilt from the bank otherwise.
+    The structural fields of the configurations agree, the pool's capacity holds the
+    saved extent, the saved encoder state fits the pool's encoder, and a sample of
+    entries recomputes from their stored dreams (:func:`_spot_check`).
 
     Raises:
         InvalidConfigurationError: the pool's configuration cannot hold ``snap``
             (a structural field differs, or ``capacity`` is below the saved extent).
+        CheckpointCorruptError, InvalidInputError: the snapshot's data is inconsistent.
     """
     for name in _STRUCTURAL:
         mine, theirs = getattr(pool.config, name), getattr(snap.config, name)
@@ -264,35 +243,17 @@ def restore(pool: DreamPool, snap: PoolSnapshot) -> None:
         )
     _check_encoder(pool, snap)
     _spot_check(pool, snap)
-    pool.bank.load_state_dict(
-        {"columns": snap.columns, "size": snap.size, "next_id": snap.next_id, "extent": snap.extent}
-    )
-    pool.counters.update({key: snap.counters.get(key, 0) for key in pool.counters})
-    pool.cache.clear()
-    pool._restore_encoder(snap.encoder_state)  # noqa: SLF001 - the pool's hook for its checkpoint
-    if snap.encoder_state is None:  # format 1: the saved index holds the older encoder's embeddings
-        snap = dataclasses.replace(snap, index_bytes=None)
-    _restore_index(pool, snap)
 
 
-def _restore_index(pool: DreamPool, snap: PoolSnapshot) -> None:
-    index = pool.index
-    index.reset()
-    engine_bytes = _untag_index(snap, pool)
-    if engine_bytes is not None and snap.index_kind == index.kind:
-        try:
-            index.deserialize(engine_bytes)
-            return
-        except Exception as exc:  # any engine failure is recoverable: the bank is the truth
-            warnings.warn(
-                f"search index ({snap.index_kind}) could not be restored ({exc!r}); rebuilt from the bank",
-                CheckpointRecoveryWarning,
-                stacklevel=4,
-            )
-            index.reset()
-    elif engine_bytes is not None:
-        logger.info("checkpoint index is %s, pool uses %s: rebuilding from the bank", snap.index_kind, index.kind)
-    index.add(pool.bank.slots_by_age())
+def index_state(snap: PoolSnapshot, revision: int) -> dict[str, Any]:
+    """The ``SearchIndex.state_dict()`` to load once ``snap``'s bank is in a bank at ``revision``.
+
+    ``data`` is the saved engine state when its header names ``snap``'s bank (then it is
+    stamped with ``revision``); None, with a :class:`CheckpointRecoveryWarning`, for an
+    index of another bank; None for a format-1 snapshot (its embeddings are recomputed).
+    """
+    data = None if snap.encoder_state is None else _untag_index(snap)
+    return {"kind": snap.index_kind, "revision": revision, "data": data}
 
 
 # --------------------------------------------------------------- consistency
@@ -303,7 +264,7 @@ _SPOT_SAMPLE = 32  # live entries recomputed from their dreams on every restore
 _SPOT_TOLERANCE = {torch.float32: (1e-5, 1e-3), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 2e-2)}
 
 
-def _bank_digest(columns: dict[str, torch.Tensor]) -> str:
+def bank_digest(columns: dict[str, torch.Tensor]) -> str:
     """sha256 of what a search index is built from: the ``ids`` and ``embeddings`` columns."""
     h = hashlib.sha256()
     for name in ("ids", "embeddings"):
@@ -311,12 +272,12 @@ def _bank_digest(columns: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _tag_index(engine_bytes: bytes, digest: str) -> bytes:
+def tag_index(engine_bytes: bytes, digest: str) -> bytes:
     """Index bytes behind a header naming the bank digest they were built from."""
     return _INDEX_MAGIC + digest.encode() + b"\n" + engine_bytes
 
 
-def _untag_index(snap: PoolSnapshot, pool: DreamPool) -> bytes | None:
+def _untag_index(snap: PoolSnapshot) -> bytes | None:
     """The engine bytes of ``snap``'s index when it was built from ``snap``'s bank, else None.
 
     An index of another bank (copied from another pool, or from another save) would
@@ -329,13 +290,13 @@ def _untag_index(snap: PoolSnapshot, pool: DreamPool) -> bytes | None:
     head, _, body = data.partition(b"\n")
     if not head.startswith(_INDEX_MAGIC):
         reason = "it names no bank it was built from"
-    elif head[len(_INDEX_MAGIC) :].decode(errors="replace") != _bank_digest(snap.columns):
+    elif head[len(_INDEX_MAGIC) :].decode(errors="replace") != bank_digest(snap.columns):
         reason = "it was built from another bank (digest mismatch)"
     else:
         return body
     where = "" if snap.origin is None else f" in {snap.origin}"
     warnings.warn(
-        f"search index{where} not used: {reason}; rebuilt from the bank", CheckpointRecoveryWarning, stacklevel=5
+        f"search index{where} not used: {reason}; rebuilt from the bank", CheckpointRecoveryWarning, stacklevel=6
     )
     return None
 
@@ -453,7 +414,9 @@ def _check_int(value: Any, where: str, name: str, low: int, high: int | None = N
     return value
 
 
-def _build(config: Any, state: Any, columns: Any, index_bytes: Any, encoder_state: Any = None) -> PoolSnapshot:
+def _build(
+    config: Any, state: Any, columns: Any, index_bytes: Any, encoder_state: Any = None, cache: Any = None
+) -> PoolSnapshot:
     """Validate the parts of a snapshot against each other and assemble it."""
     if not isinstance(config, dict):
         raise _Invalid("config", "a mapping of PoolConfig fields", type(config).__name__)
@@ -466,7 +429,10 @@ def _build(config: Any, state: Any, columns: Any, index_bytes: Any, encoder_stat
     missing = sorted({"size", "next_id", "extent", "counters", "index_kind"} - set(state))
     if missing:
         raise _Invalid("state", "keys size, next_id, extent, counters, index_kind", f"no {missing[0]!r}")
-    extent = _check_int(state["extent"], "state", "extent", 0, cfg.capacity)
+    capacity = state.get("capacity")  # absent before it was saved: config.capacity was the resolved one then
+    if capacity is not None:
+        capacity = _check_int(capacity, "state", "capacity", 1)
+    extent = _check_int(state["extent"], "state", "extent", 0, capacity if capacity is not None else cfg.capacity)
     size = _check_int(state["size"], "state", "size", 0, extent)
     next_id = _check_int(state["next_id"], "state", "next_id", 0, torch.iinfo(torch.int64).max)
     counters = state["counters"]
@@ -488,6 +454,8 @@ def _build(config: Any, state: Any, columns: Any, index_bytes: Any, encoder_stat
         and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in encoder_state.items())
     ):
         raise _Invalid("encoder", "a mapping of name -> tensor", type(encoder_state).__name__)
+    if cache is not None and not (isinstance(cache, dict) and all(isinstance(k, str) for k in cache)):
+        raise _Invalid("cache", "a mapping of name -> value, or None", type(cache).__name__)
     return PoolSnapshot(
         cfg,
         size,
@@ -499,6 +467,8 @@ def _build(config: Any, state: Any, columns: Any, index_bytes: Any, encoder_stat
         index_bytes,
         kind,
         None if encoder_state is None else dict(encoder_state),
+        capacity=capacity,
+        cache=None if cache is None else dict(cache),
     )
 
 
@@ -569,6 +539,7 @@ def to_state_dict(snap: PoolSnapshot) -> dict[str, Any]:
         "bank": dict(snap.columns),
         "index": snap.index_bytes,
         "encoder": snap.encoder_state,
+        "cache": snap.cache,
     }
 
 
@@ -593,6 +564,7 @@ def from_state_dict(state_dict: Any) -> PoolSnapshot:
             state_dict.get("bank"),
             state_dict.get("index"),
             state_dict.get("encoder"),
+            state_dict.get("cache"),
         )
     except _Invalid as exc:
         raise InvalidInputError(f"state_dict[{exc.where!r}]", exc.expected, exc.got) from None
@@ -603,7 +575,7 @@ def _is_format_name(value: Any) -> bool:
 
 
 def _state_fields(snap: PoolSnapshot) -> dict[str, Any]:
-    return {
+    fields = {
         "size": snap.size,
         "next_id": snap.next_id,
         "extent": snap.extent,
@@ -611,6 +583,9 @@ def _state_fields(snap: PoolSnapshot) -> dict[str, Any]:
         "index_kind": snap.index_kind,
         "encoder_kind": snap.encoder_kind,
     }
+    if snap.capacity is not None:
+        fields["capacity"] = snap.capacity
+    return fields
 
 
 def _version_problem(version: Any) -> tuple[str, str] | None:

@@ -24,6 +24,7 @@ from dreampool_gpu.cache import QueryCache
 from dreampool_gpu.checkpointing import Checkpointing
 from dreampool_gpu.config import CheckPolicy, PoolConfig, RetrievalMode
 from dreampool_gpu.counters import new_counters
+from dreampool_gpu.device_move import DeviceMove
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.encoder_lifecycle import EncoderLifecycle
 from dreampool_gpu.encoders import Encoder, bank_form
@@ -40,6 +41,7 @@ from dreampool_gpu.retrieval import request, stages
 from dreampool_gpu.retrieval.modes import MODES
 from dreampool_gpu.retrieval.request import check_request
 from dreampool_gpu.search import make_index
+from dreampool_gpu.stats import PoolStats, pool_stats
 from dreampool_gpu.streams import StreamOrderedLock
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -82,7 +84,7 @@ class Retrieval:
         return self.ids >= 0
 
 
-class DreamPool(Admission, EncoderLifecycle, Checkpointing):
+class DreamPool(Admission, EncoderLifecycle, Checkpointing, DeviceMove):
     """Long-term memory of dreams: gated adds, a tensor bank, k-NN, MMR, feedback.
 
     Every public method is thread-safe (one re-entrant lock) and validates its
@@ -117,13 +119,12 @@ class DreamPool(Admission, EncoderLifecycle, Checkpointing):
         self.budget = MemoryBudget(
             self.config.memory_budget_mb, device=self.device, threshold=self.config.budget_threshold
         )
-        # capacity: as configured, lowered (or, when None, derived) so the preallocated bank fits the budget
+        # capacity: as configured, lowered (or, when None, derived) so the preallocated bank fits the budget;
+        # kept on the bank (``self.capacity``), never written back into the user's config
         specs = column_specs(self.config.dream_shape, self.config.embedding_dim, dream_dtype)
         capacity = fit_capacity(
             self.config, entry_bytes=entry_nbytes(specs), budget_bytes=self.budget.budget_bytes, device=self.device
         )
-        if capacity != self.config.capacity:
-            self.config = self.config.replace(capacity=capacity)
         check_allocation(self.config, specs, capacity, self.device)  # a typed error, not the allocator's
         self.bank = TensorBank(
             capacity,
@@ -172,58 +173,10 @@ class DreamPool(Admission, EncoderLifecycle, Checkpointing):
                 "" if self.budget.budget_bytes is None else f" of {self.budget.budget_bytes / 2**20:.1f} MiB budget"
             )
             return (
-                f"DreamPool(size={self.bank.size}/{self.config.capacity}, device={self.device}, "
+                f"DreamPool(size={self.bank.size}/{self.capacity}, device={self.device}, "
                 f"engine={self.index.kind}, dream_shape={self.config.dream_shape}, "
                 f"embedding_dim={self.config.embedding_dim}, memory={used / 2**20:.2f} MiB{budget})"
             )
-
-    def to(self, device: str | torch.device) -> DreamPool:
-        """Move the pool to ``device`` in place and return it (as ``nn.Module.to`` does).
-
-        The bank, encoder and window spectrum move; the search index is rebuilt on
-        the new device from the bank; the query cache is emptied (its embeddings were
-        on the old device). Entries, ids, counters and the dreams' dtype are kept
-        (``dream_dtype="auto"`` is pinned to the stored dtype). On error the pool is
-        unchanged.
-
-        Raises:
-            DeviceUnavailableError: ``device`` is CUDA and absent.
-            InvalidConfigurationError: ``device`` names no device, or the budget
-                (``"N%"`` of the new device) cannot hold the bank.
-            InsufficientMemoryError: the bank does not fit the new device's free memory.
-        """
-        with self._lock:
-            target = resolve_device(device)
-            if target == self.device:
-                return self
-            dtype = self.bank.columns["dreams"].dtype
-            config = self.config.replace(device=str(target), dream_dtype=str(dtype).removeprefix("torch."))
-            budget = MemoryBudget(config.memory_budget_mb, device=target, threshold=config.budget_threshold)
-            fitted = fit_capacity(
-                config, entry_bytes=self.bank.entry_nbytes(), budget_bytes=budget.budget_bytes, device=target
-            )
-            if fitted < self.capacity:
-                raise InvalidConfigurationError(
-                    "memory_budget_mb",
-                    config.memory_budget_mb,
-                    f"a budget on {target} holding the pool's {self.capacity} slots",
-                )
-            check_allocation(config, self.bank.specs, self.capacity, target)
-            self.bank.to(target)
-            mover = getattr(self.encoder, "to", None)  # optional: the Encoder protocol has no ``to``
-            if callable(mover):
-                mover(target)
-            else:
-                for name, value in vars(self.encoder).items():
-                    if isinstance(value, torch.Tensor):
-                        setattr(self.encoder, name, value.to(target))
-            self._embedded_version = self.encoder.version  # a moved module has new parameter tensors
-            self.budget.close()
-            self.config, self.device, self.budget = config, target, budget
-            self.index = make_index(self.bank, config)
-            self.index.add(self.bank.slots_by_age())
-            self.cache.clear()
-            return self
 
     # ------------------------------------------------------------- retrieve
     def retrieve(
@@ -491,46 +444,17 @@ class DreamPool(Admission, EncoderLifecycle, Checkpointing):
                 raise DimensionMismatchError("[B, k] ids", list(slots.shape), "ids")
             return diversity_stats(self.bank.gather("chroma", slots), slots >= 0)
 
-    def stats(self) -> dict[str, Any]:
-        """Size, counters, bytes by column, engine, cache and score means.
+    def stats(self) -> PoolStats:
+        """Size, counters, bytes by column, engine, cache, memory and score means, as a :class:`PoolStats`.
 
+        ``stats["size"]`` reads a key of ``stats.to_dict()`` (the plain JSON-able dict).
         ``search`` holds the engine's facts (``SearchIndex.describe``): its kind, the
         engine that answered the latest search, index bytes, and IVF state where used.
         ``memory`` holds the budget, the exact usage and the device's memory with its
         source (NVML on CUDA, else a fallback; see ``MemoryBudget.stats``).
         """
         with self._lock:
-            alive = self.bank.alive()
-            cols = self.bank.columns
-            size = self.bank.size
-
-            def mean(name: str) -> float:
-                return float(cols[name][alive].float().mean()) if size else 0.0
-
-            bytes_by_column = self.bank.nbytes()
-            return {
-                "size": size,
-                "capacity": self.config.capacity,
-                "device": str(self.device),
-                "engine": self.index.kind,
-                "next_id": self.bank.next_id,
-                **self.counters,
-                "acceptance_rate": self.counters["added"] / max(1, self.counters["added"] + self.counters["rejected"]),
-                "mean_coherence": mean("coherence"),
-                "mean_energy": mean("energy"),
-                "mean_violation": mean("violation"),
-                "bytes_by_column": bytes_by_column,
-                "bank_bytes": sum(bytes_by_column.values()),
-                "index_bytes": self.index.nbytes(),
-                "memory": self.budget.stats(self.bank, self.index),
-                "search": self.index.describe(),
-                "cache": {
-                    "size": len(self.cache),
-                    "hits": self.cache.hits,
-                    "misses": self.cache.misses,
-                    "hit_rate": self.cache.hit_rate,
-                },
-            }
+            return pool_stats(self.bank, self.index, self.budget, self.cache, self.counters, self.device)
 
     # ------------------------------------------------------------- helpers
     @property

@@ -179,19 +179,33 @@ class TestSizes:
         pool = make_pool(capacity=None, memory_budget_mb=0.02, engine="torch")
         e = pool.bank.entry_nbytes()
         limit = math.floor(0.9 * 0.02 * MIB)
-        assert pool.config.capacity == limit // e == pool.bank.capacity
+        assert pool.capacity == limit // e == pool.bank.capacity
+        assert pool.config.capacity is None  # the config stays as given
         assert sum(pool.bank.nbytes().values()) <= limit
         assert pool.stats()["memory"]["allocated_bytes"] <= limit
 
     def test_pool_with_capacity_and_budget_takes_the_smaller(self):
-        assert make_pool(capacity=5, memory_budget_mb=1).config.capacity == 5
+        assert make_pool(capacity=5, memory_budget_mb=1).capacity == 5
         small = make_pool(capacity=10_000, memory_budget_mb=0.01, engine="torch")
-        assert small.config.capacity == math.floor(0.9 * 0.01 * MIB) // small.bank.entry_nbytes() < 10_000
+        assert small.capacity == math.floor(0.9 * 0.01 * MIB) // small.bank.entry_nbytes() < 10_000
+        assert small.config.capacity == 10_000
 
     def test_no_budget_keeps_the_configured_capacity(self):
         pool = make_pool(capacity=7)
-        assert pool.config.capacity == 7 and pool.budget.budget_bytes is None
+        assert pool.capacity == pool.config.capacity == 7 and pool.budget.budget_bytes is None
         assert pool.stats()["memory"]["limit_bytes"] is None
+
+    @pytest.mark.parametrize("capacity", [10_000, None])
+    def test_fitted_capacity_stays_off_the_config(self, capacity):
+        pool = make_pool(capacity=capacity, memory_budget_mb=0.01, engine="torch")
+        fitted = math.floor(0.9 * 0.01 * MIB) // pool.bank.entry_nbytes()
+        assert pool.config.capacity == capacity and pool.capacity == pool.bank.capacity == fitted < 10_000
+        assert f"size=0/{fitted}," in repr(pool) and pool.stats().capacity == fitted
+
+    def test_strict_budget_names_the_fitted_capacity(self):
+        pool = make_pool(capacity=10_000, memory_budget_mb=0.01, engine="torch", strict_budget=True)
+        with pytest.raises(CapacityExceededError, match=f"capacity {pool.capacity},"):
+            pool.add(dreams(pool.capacity + 1), coherence=torch.ones(pool.capacity + 1))
 
     def test_index_estimate_zero_for_exact_engines(self):
         for engine in ("torch", "faiss-flat"):
@@ -227,7 +241,7 @@ def oracle_leavers(pool: DreamPool, policy: str, incoming: list[float]) -> tuple
             return float(meta["usage"][j])
         return means[j] if rated[j] else prior
 
-    count = len(ids) + len(incoming) - pool.config.capacity
+    count = len(ids) + len(incoming) - pool.capacity
     entries = [(key(j), ids[j], "resident") for j in range(len(ids))]
     if policy == "lowest_coherence":
         entries += [(c, pool.bank.next_id + i, "incoming") for i, c in enumerate(incoming)]
@@ -353,7 +367,7 @@ class TestOversizedBatch:
 
     def test_strict_with_budget(self):
         pool = make_pool(capacity=None, memory_budget_mb=0.01, strict_budget=True, engine="torch")
-        room = pool.config.capacity
+        room = pool.capacity
         with pytest.raises(CapacityExceededError):
             pool.add(dreams(room + 1), coherence=torch.ones(room + 1))
         assert len(pool) == 0
@@ -430,7 +444,7 @@ class TestWithinBudget:
         g = torch.Generator().manual_seed(1)
         offered = 0
         for step in range(60):
-            n = int(torch.randint(1, pool.config.capacity + 20, (), generator=g))
+            n = int(torch.randint(1, pool.capacity + 20, (), generator=g))
             offered += n
             out = pool.add(dreams(n, step), coherence=torch.rand(n, generator=g))
             mem = pool.stats()["memory"]
@@ -455,7 +469,7 @@ class TestWithinBudget:
             eviction_policy="lowest_coherence",
         )
         limit = pool.budget.limit_bytes
-        assert 1024 <= pool.config.capacity < 2048  # the index is trained once, then churns
+        assert 1024 <= pool.capacity < 2048  # the index is trained once, then churns
         g = torch.Generator().manual_seed(2)
         worst = 0.0
         for step in range(25):
@@ -586,7 +600,7 @@ class TestFallbacks:
 
         pool = make_pool(capacity=None, memory_budget_mb="0.001%")
         assert pool.budget.budget_bytes == int(float("0.001") / 100 * psutil.virtual_memory().total)
-        assert pool.config.capacity * pool.bank.entry_nbytes() <= pool.budget.limit_bytes
+        assert pool.capacity * pool.bank.entry_nbytes() <= pool.budget.limit_bytes
 
     def test_percent_without_a_total_is_a_config_error(self):
         with pytest.raises(InvalidConfigurationError, match="cannot be read"):
@@ -648,7 +662,7 @@ class TestRealNvml:
         probe.close()
         assert pool.budget.budget_bytes == int(1e-4 * total)
         for _ in range(10):
-            n = pool.config.capacity // 3 + 1
+            n = pool.capacity // 3 + 1
             pool.add(torch.rand(n, 4, 4, 2, 3, device=pool.device), coherence=torch.ones(n))
             mem = pool.stats()["memory"]
             assert mem["source"] == "nvml" and mem["within_budget"]

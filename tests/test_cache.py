@@ -126,3 +126,26 @@ class TestQueryCache:
             out, calls = lookup(cache, keys, tag=tag)
             assert calls == [[0, 1]] and out[:, 0].tolist() == [tag, tag + 1]
         assert len(cache) == 0 and cache.hits == 0
+
+
+class TestStateDict:
+    def test_state_is_the_capacity_and_loading_empties(self):
+        cache = QueryCache(4)
+        lookup(cache, keys_of((0.1, 0.2, 0.3), (0.4, 0.5, 0.6)))
+        lookup(cache, keys_of((0.1, 0.2, 0.3)))
+        assert cache.state_dict() == {"capacity": 4}
+        other = QueryCache(2)
+        lookup(other, keys_of((0.7, 0.8, 0.9)))
+        other.load_state_dict(cache.state_dict())
+        assert len(other) == 0 and other.hits == other.misses == 0
+        assert other.capacity == 2  # its own: the pool's query_cache_size
+
+    @pytest.mark.parametrize("state", [None, {}, {"capacity": -1}, {"capacity": True}, {"capacity": 1.5}])
+    def test_malformed_refused_and_cache_kept(self, state):
+        from dreampool_gpu.errors import InvalidInputError
+
+        cache = QueryCache(4)
+        lookup(cache, keys_of((0.1, 0.2, 0.3)))
+        with pytest.raises(InvalidInputError, match="capacity"):
+            cache.load_state_dict(state)
+        assert len(cache) == 1 and cache.misses == 1

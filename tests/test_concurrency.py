@@ -116,13 +116,13 @@ class Workload:
                 if meta is not None:
                     assert bool((meta["ids"][meta["found"]] == ids[meta["found"]]).all())
                 stats = pool.stats()
-                assert stats["size"] <= pool.config.capacity and stats["memory"]["within_budget"]
+                assert stats["size"] <= pool.capacity and stats["memory"]["within_budget"]
                 continue
             mode, kwargs = MODES[rng.randrange(len(MODES))]
             queries = torch.rand(rng.randint(1, 4), 3, generator=g)
             k = rng.randint(0, 12)
             strict = op % 8 == 0
-            floor = pool.bank.next_id - pool.config.capacity  # ids below this were dead before the call
+            floor = pool.bank.next_id - pool.capacity  # ids below this were dead before the call
             if strict:
                 with pool._lock:
                     hits = pool.retrieve(queries, k=k, mode=mode, **kwargs)
@@ -157,7 +157,7 @@ class TestThreads:
             memory_budget_mb=BUDGET_MB,
         )
         pool = DreamPool(config)
-        assert pool.config.capacity < CAPACITY  # derived from the budget
+        assert pool.capacity < CAPACITY  # derived from the budget
         work = Workload(pool, tmp_path / "ck")
         with ThreadPoolExecutor(2 * THREADS) as ex:
             futures = [ex.submit(work.writer, 100 + i) for i in range(THREADS)]
@@ -169,7 +169,7 @@ class TestThreads:
         assert sorted(work.issued) == list(range(bank.next_id))  # unique, no gaps, none lost
         assert counters["added"] == bank.next_id
         assert counters["added"] + counters["rejected"] + counters["dropped"] == work.offered
-        assert bank.size == counters["added"] - counters["evicted"] <= pool.config.capacity
+        assert bank.size == counters["added"] - counters["evicted"] <= pool.capacity
         assert pool.stats()["memory"]["within_budget"]
         live = live_ids(pool)
         assert len(live) == bank.size
@@ -182,7 +182,7 @@ class TestThreads:
         saved = DreamPool.load(tmp_path / "ck")
         assert saved.bank.next_id <= bank.next_id
         saved_live = live_ids(saved)
-        assert len(saved_live) == saved.bank.size <= pool.config.capacity
+        assert len(saved_live) == saved.bank.size <= pool.capacity
         assert saved_live == set(range(saved.bank.next_id - saved.bank.size, saved.bank.next_id))
         assert_index_agrees(saved)
 

@@ -8,7 +8,7 @@ from test_search import assert_matches_oracle, make_bank, oracle  # tests/ is on
 
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric, PoolConfig
-from dreampool_gpu.errors import InvalidConfigurationError
+from dreampool_gpu.errors import InvalidConfigurationError, InvalidInputError
 from dreampool_gpu.pool import DreamPool
 from dreampool_gpu.search import ExactSearch, make_index
 from dreampool_gpu.search.auto import AutoSearch, ExactAuto, prefer_faiss_flat
@@ -296,6 +296,69 @@ class TestIVFMemoryAndCheckpoints:
         fill(bank, engine, clustered(3000, Metric.COSINE))
         engine.reset()
         assert not engine.trained and engine.nbytes() == 0
+
+
+class TestIndexStateDict:
+    """SearchIndex.state_dict / load_state_dict: kind, the bank revision, the serialized data."""
+
+    def trained(self):
+        bank = TensorBank(3000, (1, 1, 1), D, device=torch.device("cpu"))
+        engine = ivf_engine(bank, Metric.COSINE)
+        fill(bank, engine, clustered(3000, Metric.COSINE))
+        evict(bank, engine, torch.tensor([5, 6, 7]))
+        return bank, engine
+
+    def test_round_trip_restores_the_data(self):
+        bank, engine = self.trained()
+        state = engine.state_dict()
+        assert state == {"kind": "faiss-ivf", "revision": bank.revision, "data": engine.serialize()}
+        queries = clustered(20, Metric.COSINE, seed=1)
+        restored = ivf_engine(bank, Metric.COSINE)
+        assert restored.load_state_dict(state) is True
+        assert restored.stale == 3 and restored.nbytes() == engine.nbytes()
+        torch.testing.assert_close(restored.search(queries, 10), engine.search(queries, 10))
+
+    @pytest.mark.parametrize("change", ["kind", "revision", "no-data"])
+    def test_mismatch_rebuilds_from_the_bank(self, change):
+        bank, engine = self.trained()
+        state = engine.state_dict()
+        if change == "kind":
+            state["kind"] = "faiss-flat"
+        elif change == "revision":  # the bank moved on since the state was taken
+            evict(bank, engine, torch.tensor([8]))
+        else:
+            state["data"] = None
+        rebuilt = ivf_engine(bank, Metric.COSINE)
+        assert rebuilt.load_state_dict(state) is False
+        assert rebuilt.stale == 0  # built from the bank's live entries, not from the saved state
+        queries = clustered(5, Metric.COSINE, seed=2)
+        exact = ExactSearch(bank, Metric.COSINE, chunk_bytes=2**20).search(queries, 10)
+        assert recall(rebuilt.search(queries, 10)[1], exact[1]) >= 0.9
+
+    def test_engine_without_state(self):
+        bank = make_bank(20, Metric.COSINE, torch.device("cpu"), capacity=32)
+        engine = ExactSearch(bank, Metric.COSINE, chunk_bytes=2**20)
+        state = engine.state_dict()
+        assert state == {"kind": "exact-torch", "revision": bank.revision, "data": None}
+        assert engine.load_state_dict(state) is False
+        auto = make_index(bank, config(engine="auto"))
+        assert auto.state_dict()["revision"] == bank.revision and auto.state_dict()["kind"] == "auto"
+
+    def test_damaged_data_raises_after_a_rebuild(self):
+        bank, engine = self.trained()
+        state = engine.state_dict()
+        state["data"] = b"X" + state["data"][1:]
+        fresh = ivf_engine(bank, Metric.COSINE)
+        with pytest.raises(ValueError, match="not a serialized"):
+            fresh.load_state_dict(state)
+        assert fresh.stale == 0 and fresh.search(clustered(2, Metric.COSINE), 3)[1].shape == (2, 3)
+
+    @pytest.mark.parametrize("state", [None, {"kind": "faiss-ivf"}, {"kind": "x", "revision": 0, "data": "text"}])
+    def test_malformed_state_refused(self, state):
+        bank, engine = self.trained()
+        with pytest.raises(InvalidInputError, match="state"):
+            engine.load_state_dict(state)
+        assert engine.stale == 3  # untouched
 
 
 class TestAuto:

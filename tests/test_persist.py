@@ -724,3 +724,54 @@ class TestRecovery:
         live.mkdir()
         pool.save(ck)
         assert siblings(ck) == [live.name]
+
+
+# ------------------------------------------------------------------ capacity
+class TestCapacity:
+    """A budget-lowered pool: ``config.capacity`` as given, ``pool.capacity`` as fitted, both kept by checkpoints."""
+
+    @staticmethod
+    def lowered(capacity):
+        pool = DreamPool(make_config(capacity=capacity, memory_budget_mb=0.01, engine="torch"))
+        assert pool.config.capacity == capacity and pool.capacity < 10_000
+        pool.add(torch.rand(pool.capacity + 3, *SHAPE, 3), coherence=torch.ones(pool.capacity + 3))
+        return pool
+
+    @pytest.mark.parametrize("capacity", [10_000, None])
+    def test_save_load_keeps_both(self, tmp_path, capacity):
+        pool = self.lowered(capacity)
+        pool.save(tmp_path / "ck")
+        assert json.loads((tmp_path / "ck" / STATE).read_bytes())["capacity"] == pool.capacity
+        loaded = DreamPool.load(tmp_path / "ck")
+        assert loaded.config == pool.config and loaded.config.capacity == capacity
+        assert loaded.capacity == pool.capacity and len(loaded) == len(pool) == pool.capacity
+        assert_same_pool(pool, loaded)
+
+    def test_load_builds_the_saved_capacity(self, tmp_path, monkeypatch):
+        pool = self.lowered(10_000)
+        pool.save(tmp_path / "ck")
+        fitted = pool.capacity
+        # a budget that would fit more slots now: the loaded pool still has the saved pool's slots
+        monkeypatch.setattr("dreampool_gpu.pool.fit_capacity", lambda config, **kw: config.capacity)
+        loaded = DreamPool.load(tmp_path / "ck")
+        assert loaded.capacity == fitted and loaded.config.capacity == 10_000
+
+    def test_state_dict_keeps_both(self):
+        pool = self.lowered(10_000)
+        into = DreamPool(make_config(capacity=10_000, memory_budget_mb=0.01, engine="torch"))
+        into.load_state_dict(pool.state_dict())
+        assert into.config.capacity == 10_000 and into.capacity == pool.capacity
+        assert_same_pool(pool, into)
+
+    def test_checkpoint_without_saved_capacity(self, tmp_path):
+        """Written before the capacity was saved: config.json held the fitted capacity."""
+        pool = self.lowered(10_000)
+        ck = tmp_path / "ck"
+        pool.save(ck)
+        state = json.loads((ck / STATE).read_bytes())
+        del state["capacity"]
+        rewrite(ck, STATE, json.dumps(state).encode())
+        rewrite(ck, CONFIG, json.dumps(pool.config.replace(capacity=pool.capacity).to_dict()).encode())
+        loaded = DreamPool.load(ck)
+        assert loaded.capacity == loaded.config.capacity == pool.capacity
+        assert_same_pool(pool, loaded)

@@ -13,12 +13,14 @@ import inspect
 import pytest
 
 import dreampool_gpu
-from dreampool_gpu import DreamPool, PoolConfig
+from dreampool_gpu import DreamPool, PoolConfig, PoolStats
 from dreampool_gpu.distributed import ShardedDreamPool
 
 ALL = [
     "DreamPool",
     "Retrieval",
+    "PreparedRetrieval",
+    "PoolStats",
     "PoolConfig",
     "HybridWeights",
     "Encoder",
@@ -29,6 +31,7 @@ ALL = [
     "score_dreams",
     "spectral_features",
     "resolve_device",
+    "forbid_host_sync",
     "DreamPoolError",
     "__version__",
 ]
@@ -37,6 +40,7 @@ SIGNATURES = {
     "DreamPool": {
         "__init__": "config=None, *encoder=None",
         "add": "dreams, *coherence, *energy=None, *violation=None, *class_labels=None, *force=False",
+        "check": "",
         "diversity": "ids",
         "dreams": "ids",
         "enable_metrics": "*registry=None",
@@ -45,6 +49,7 @@ SIGNATURES = {
         "load": "path, *device=None, *encoder=None",
         "load_state_dict": "state_dict",
         "metadata": "ids",
+        "prepare_retrieve": "queries, *k=None, *mode=None, *graph=True, **options",
         "reembed": "",
         "retrieve": (
             "queries, *k=None, *mode=None, *class_hint=None, *classes=None, *category=None, "
@@ -85,11 +90,18 @@ SIGNATURES = {
             "alpha=0.65, beta=0.2, gamma=0.1, delta=0.05, mmr_lambda=0.7, fetch_factor=4, "
             "search_chunk_mb=64.0, rerank_chunk_mb=64.0, engine='auto', ann_threshold=20000, "
             "ivf_nlist=0, ivf_nprobe=16, ivf_refine_factor=16, churn_rebuild_fraction=0.1, "
-            "memory_budget_mb=None, budget_threshold=0.9, strict_budget=False"
+            "memory_budget_mb=None, budget_threshold=0.9, strict_budget=False, checks='auto'"
         ),
         "from_dict": "data",
         "from_file": "path",
         "replace": "**changes",
+        "to_dict": "",
+    },
+    "PoolStats": {
+        "__init__": (
+            "size, capacity, device, engine, next_id, counters, acceptance_rate, mean_coherence, mean_energy, "
+            "mean_violation, bytes_by_column, bank_bytes, index_bytes, memory, search, cache"
+        ),
         "to_dict": "",
     },
 }
@@ -125,7 +137,7 @@ def test_all_is_pinned():
         assert hasattr(dreampool_gpu, name), name
 
 
-@pytest.mark.parametrize("cls", [DreamPool, ShardedDreamPool, PoolConfig], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [DreamPool, ShardedDreamPool, PoolConfig, PoolStats], ids=lambda c: c.__name__)
 def test_public_methods_are_pinned(cls):
     methods = _public_methods(cls)
     assert sorted(methods) == sorted(SIGNATURES[cls.__name__])

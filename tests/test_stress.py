@@ -125,7 +125,7 @@ class TestStress:
             )
         )
         g = torch.Generator().manual_seed(1)
-        capacity = pool.config.capacity  # derived from the budget
+        capacity = pool.capacity  # derived from the budget
         assert capacity < 100_000
         for step in range(3 * capacity // 250):
             ids_before, slots_before = live(pool)

@@ -49,6 +49,7 @@ class ExactAuto(SearchIndex):
     def __init__(self, torch_engine: ExactSearch, flat: FaissFlatSearch) -> None:
         self.torch_engine = torch_engine
         self.flat = flat
+        self.bank = torch_engine.bank
 
     def search(
         self, queries: torch.Tensor, k: int, *, mask: torch.Tensor | None = None
@@ -76,6 +77,7 @@ class AutoSearch(SearchIndex):
     def __init__(self, exact: ExactAuto, ivf: IVFSearch | None) -> None:
         self.exact = exact
         self.ivf = ivf
+        self.bank = exact.bank
 
     @property
     def _engine(self) -> SearchIndex:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from dreampool_gpu.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from dreampool_gpu.bank import TensorBank
 
 
 class SearchIndex(ABC):
@@ -16,12 +22,14 @@ class SearchIndex(ABC):
     vectors. Results are slots, not ids: the pool maps them.
 
     Attributes:
+        bank: the bank whose entries the engine indexes.
         kind: the engine's name (stable; checkpoints match serialized state by it).
         last_engine: ``kind`` of the engine that answered the latest search
             (engines that delegate, e.g. to exact search for a masked query, say so);
             None before the first search.
     """
 
+    bank: TensorBank
     kind: str = "abstract"
     last_engine: str | None = None
 
@@ -48,6 +56,48 @@ class SearchIndex(ABC):
 
     def deserialize(self, data: bytes) -> None:  # noqa: B027 - optional hook
         """Restore what :meth:`serialize` returned, for the bank it was saved with."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The engine's state: ``kind``, the bank ``revision`` it answers for, and ``data``.
+
+        ``data`` is :meth:`serialize`'s bytes, or None for an engine that holds nothing
+        worth saving (it rebuilds from the bank). Host values only.
+        """
+        return {"kind": self.kind, "revision": self.bank.revision, "data": self.serialize()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> bool:
+        """Adopt ``state`` (from :meth:`state_dict`) when it fits, else rebuild from the bank.
+
+        The saved ``data`` is restored when it is this engine's ``kind`` and was made at
+        the bank's current ``revision`` (revisions count within one process: a checkpoint
+        reader that proved the data belongs to the loaded bank stamps it with the bank's
+        revision). Otherwise, or when ``data`` is None, the engine is rebuilt from the
+        bank's live entries, so it never answers from a stale state.
+
+        Returns:
+            True when the saved data was restored, False when the engine was rebuilt.
+
+        Raises:
+            InvalidInputError: ``state`` is not a mapping with ``kind``, ``revision`` and ``data``.
+            Exception: whatever :meth:`deserialize` raises on damaged data; the engine
+                was rebuilt from the bank first, so it stays usable.
+        """
+        if not isinstance(state, Mapping) or not {"kind", "revision", "data"} <= set(state):
+            raise InvalidInputError("state", "a mapping with kind, revision and data", type(state).__name__)
+        data = state["data"]
+        if data is not None and not isinstance(data, bytes):
+            raise InvalidInputError("state['data']", "bytes or None", type(data).__name__)
+        self.reset()
+        if data is not None and state["kind"] == self.kind and state["revision"] == self.bank.revision:
+            try:
+                self.deserialize(data)
+                return True
+            except Exception:
+                self.reset()
+                self.add(self.bank.slots_by_age())
+                raise
+        self.add(self.bank.slots_by_age())
+        return False
 
     @abstractmethod
     def search(
