@@ -72,7 +72,7 @@ class TestAdd:
 
         def features():
             chroma = chroma_signature(dreams)
-            pool.encoder.encode(chroma, spectral=spectral_features(dreams), class_labels=labels)
+            pool.encoder.encode_entries(dreams, chroma=chroma, spectral=spectral_features(dreams), class_labels=labels)
             sync(bench_device)
 
         benchmark.pedantic(features, rounds=5, warmup_rounds=1)

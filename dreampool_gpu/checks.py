@@ -39,7 +39,7 @@ class DeferredChecks:
         self.labels: list[tuple[str, str]] = []
 
     def record(self, ok: torch.Tensor, name: str, expected: str) -> None:
-        """Add one check's outcome ``ok`` (0-d bool, any device)."""
+        """Add one check's outcome ``ok`` (0-d bool, on the checked tensor's device: the pool's)."""
         if len(self.flags) >= _CODES_PER_CALL:  # unreachable with the pool's own calls; a guard for new ones
             raise InvalidInputError(name, f"at most {_CODES_PER_CALL} deferred checks per call", len(self.flags))
         self.flags.append(ok)
@@ -52,7 +52,7 @@ class DeferredChecks:
         """
         code = torch.zeros((), dtype=torch.int64, device=device)
         for i in range(len(self.flags) - 1, -1, -1):
-            code = torch.where(self.flags[i].to(device), code, offset + i + 1)
+            code = torch.where(self.flags[i], code, offset + i + 1)  # flags are on the pool's device
         return code
 
 
