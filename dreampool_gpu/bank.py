@@ -144,7 +144,11 @@ class TensorBank:
     def gather_valid(self, name: str, safe: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """:meth:`gather` from ``safe = slots.clamp(min=0)`` and ``valid = slots >= 0``, which a caller already has."""
         rows = self.columns[name][safe]
-        mask = valid.reshape(tuple(valid.shape) + (1,) * (rows.dim() - valid.dim()))  # tuple: 0-dim slots too
+        mask = (
+            valid
+            if rows.dim() == valid.dim()
+            else valid.reshape(tuple(valid.shape) + (1,) * (rows.dim() - valid.dim()))
+        )
         return torch.where(mask, rows, self.specs[name].fill)  # a scalar fill: no host-to-device copy
 
     def nbytes(self) -> dict[str, int]:

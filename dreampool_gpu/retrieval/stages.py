@@ -171,9 +171,9 @@ def knn(
     if fetch > k:
         # equal neighbours sit side by side in the best-first row: one check finds a tie
         # within the k (order it oldest first) or straddling the cut (re-select exactly)
-        ties = (scores[:, 1:] == scores[:, :-1]) & (scores[:, 1:] > float("-inf"))
+        ties = scores.diff(dim=1) == 0  # -inf padding gives NaN differences: never a tie
         if not bool(ties.any()):
-            return scores[:, :k], slots[:, :k]
+            return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
         straddles = ties[:, k - 1]
         scores, slots = scores[:, :k].clone(), slots[:, :k].clone()
         if bool(straddles.any()):
