@@ -72,6 +72,10 @@ class QueryCache:
         self.hits += len(hit_rows)
         self.misses += len(missing)
         if hit_rows:
+            if out.is_cuda:  # kept across calls: never reused by another stream while this one reads it
+                stream = torch.cuda.current_stream(out.device)
+                for value in hit_values:
+                    value.record_stream(stream)
             out[torch.tensor(hit_rows, device=out.device)] = torch.stack(hit_values)
         if missing:
             index = torch.tensor(missing, device=out.device)

@@ -6,7 +6,9 @@ of :mod:`dreampool_gpu._validation` record their outcome as a 0-d bool tensor in
 :class:`DeferredChecks` instead; the pool turns a failed call into empty results
 (every id -1) with no effect on its state, and keeps the first failure's code in a
 :class:`FaultFlag` on the device, which raises the typed error at the pool's next host
-read (``add``'s one read, ``feedback``, ``stats``, saving, or :meth:`DreamPool.check`).
+read (``add``'s one read, ``feedback``, or :meth:`DreamPool.check`). Saving, ``stats``
+and ``state_dict`` neither raise nor carry it: a pending fault belongs to a call, not to
+the pool's state (which that call did not change).
 
 Shape, dtype, device and option checks stay immediate: they read no tensor values.
 The policy is the config's ``checks`` (docs/api.md, "Checks and host synchronisation").

@@ -6,8 +6,10 @@ mode and its options fixed, the whole call (checks on the device, encoder, k-NN,
 re-ranking, gathers, usage counts) is captured once as a CUDA graph and replayed with a
 single launch. The capture reads the bank's tensors in place, so it stays valid while
 the bank's :attr:`~dreampool_gpu.bank.TensorBank.revision` and the encoder's version do
-not change; after an ``add``, eviction or fit the next call captures again. On CPU (or
-where capture fails) the same call runs eagerly, still skipping the argument parsing.
+not change; after an ``add``, eviction or fit the next call captures again, and a capture
+synchronises the device once (CUDA graph capture does): graphs pay off where the bank
+changes rarely (evaluation, batch retrieval), not in a loop that adds every step. On CPU
+(or where capture fails) the same call runs eagerly, still skipping the argument parsing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dreampool_gpu import _validation as v
+from dreampool_gpu import checks
 from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
+from dreampool_gpu.retrieval.request import check_request
 
 if TYPE_CHECKING:
     from dreampool_gpu.pool import DreamPool, Retrieval
@@ -50,7 +54,7 @@ class PreparedRetrieval:
             )
         self.pool = pool
         # per-query options as device tensors now: a copy from host memory cannot be captured
-        self.options = {
+        self.options: dict[str, Any] = {
             name: torch.as_tensor(value).to(pool.device)
             if name in _PER_QUERY and value is not None and not isinstance(value, torch.Tensor)
             else value
@@ -64,10 +68,20 @@ class PreparedRetrieval:
         self._graph: Any = None
         self._out: Retrieval | None = None
         self._state: tuple[int, int, int] | None = None
-        usage = pool.bank.columns["usage"]
+        # a trial run: bad options raise now, named (preparing is not the hot path: it reads the host)
+        usage, pending = pool.bank.columns["usage"], pool._fault.code.clone()
         before = usage.clone()
-        pool._retrieve(self.static, self.options, with_dreams=False, sync_free=True)  # bad options raise here
-        usage.copy_(before)  # the trial run counts no usage
+        pool._fault.clear()
+        try:
+            pool._retrieve(self.static, self.options, with_dreams=False, sync_free=True)
+            failed = int(pool._fault.code)
+            if failed:
+                with checks.immediate():
+                    check_request(pool, self.static, **self.options)
+                raise pool._fault.error(failed)
+        finally:
+            usage.copy_(before)  # the trial run counts no usage
+            pool._fault.code.copy_(pending)  # and keeps an earlier call's fault as it was
 
     def __call__(self, queries: Any) -> Retrieval:
         """Retrieve for ``queries`` (the prepared shape and dtype, on the pool's device)."""
@@ -88,6 +102,8 @@ class PreparedRetrieval:
             if state != self._state:
                 self._capture()
                 self._state = state
+                if not self.graphed:  # capture failed: this call and the next run eagerly
+                    return pool._retrieve(t, self.options, with_dreams=False, sync_free=True)
             self._graph.replay()
             if self._out is None:  # unreachable: _capture sets it or stops graphing
                 raise InvalidInputError("queries", "a captured graph", None)
@@ -106,7 +122,7 @@ class PreparedRetrieval:
                     pool._retrieve(self.static, self.options, with_dreams=False, sync_free=True)
                 usage.copy_(before)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=side):
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                     out = pool._retrieve(self.static, self.options, with_dreams=False, sync_free=True)
         except RuntimeError as exc:  # e.g. a host read on a path the capture cannot hold: run eagerly
             torch.cuda.current_stream(pool.device).wait_stream(side)

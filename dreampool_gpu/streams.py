@@ -39,14 +39,19 @@ class StreamOrderedLock:
     def __enter__(self) -> StreamOrderedLock:
         self._lock.acquire()
         self._depth += 1
-        device = self._device()
-        if self._depth == 1 and device.type == "cuda":
-            stream = torch.cuda.current_stream(device)
-            if self._done is not None:
-                stream.wait_event(self._done)
-            for t in self._kept():
-                if t.device.type == "cuda":
-                    t.record_stream(stream)
+        try:
+            device = self._device()
+            if self._depth == 1 and device.type == "cuda":
+                stream = torch.cuda.current_stream(device)
+                if self._done is not None:
+                    stream.wait_event(self._done)
+                for t in self._kept():
+                    if t.device.type == "cuda":
+                        t.record_stream(stream)
+        except BaseException:
+            self._depth -= 1
+            self._lock.release()
+            raise
         return self
 
     def __exit__(

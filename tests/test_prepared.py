@@ -100,3 +100,27 @@ def test_prepared_graph_equals_eager_on_cuda():
     prepared(_queries("dreams", pool, 1))
     assert prepared.graphed, prepared.reason
     _check_equal_to_eager("cuda")
+
+
+@pytest.mark.parametrize(
+    ("mode", "options", "argument"),
+    [("class", {"class_hint": 15}, "class_hint"), ("hybrid", {"utility_prior": 2.0}, "utility_prior")],
+)
+def test_bad_option_values_raise_at_prepare_and_leave_no_fault(mode, options, argument):
+    pool = _pool()
+    with pytest.raises(InvalidInputError, match=argument):
+        pool.prepare_retrieve(_queries("dreams", pool, 0), k=3, mode=mode, **options)
+    pool.check()  # nothing pending: the trial's failure was raised, not kept
+
+
+def test_failed_capture_runs_eagerly(monkeypatch):
+    pool = _pool()
+    prepared = pool.prepare_retrieve(_queries("embeddings", pool, 0), k=3, mode="nearest")
+    prepared.graphed = True  # as on CUDA; the capture then fails
+
+    def failing_capture():
+        prepared.graphed, prepared.reason = False, "capture failed: simulated"
+
+    monkeypatch.setattr(prepared, "_capture", failing_capture)
+    q = _queries("embeddings", pool, 1)
+    assert torch.equal(prepared(q).ids, pool.retrieve(q, k=3, mode="nearest").ids)

@@ -54,3 +54,20 @@ def test_reader_on_default_stream_sees_writer_on_side_stream():
         pytest.skip("gpu unavailable")
     for ids, top in _writer_reader("cuda"):
         assert torch.equal(ids.cpu(), top.cpu())
+
+
+def test_lock_is_released_when_entering_fails():
+    from dreampool_gpu.streams import StreamOrderedLock
+
+    def kept() -> list[torch.Tensor]:
+        raise TypeError("an encoder whose tensors cannot be listed")
+
+    lock = StreamOrderedLock(lambda: torch.device("cuda"), kept)  # the CUDA branch: raises on any machine
+    with pytest.raises((TypeError, AssertionError, RuntimeError)):
+        with lock:
+            pass
+    taken = []
+    thread = threading.Thread(target=lambda: taken.append(lock._lock.acquire(timeout=5)))
+    thread.start()
+    thread.join(timeout=10)
+    assert taken == [True]

@@ -197,3 +197,14 @@ def test_no_sync_on_cuda_under_sync_debug_mode():
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in seen if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, [str(w.message) for w in syncs]  # the gate's one read
+
+
+@pytest.mark.parametrize("mode", ["nearest", "category", "soft", "hybrid"])
+def test_out_of_range_hint_never_reaches_an_index(mode):
+    pool = _filled()
+    q = _batch(2, 3)["dreams"]
+    with forbid_host_sync():
+        hits = pool.retrieve(q, k=3, mode=mode, class_hint=torch.tensor([1, 15]))
+    assert bool((hits.ids == -1).all())
+    with pytest.raises(InvalidInputError, match="class_hint"):
+        pool.check()

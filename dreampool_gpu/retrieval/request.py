@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dreampool_gpu import _validation as v
+from dreampool_gpu import checks
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric, PoolConfig, RetrievalMode
 from dreampool_gpu.dreams import SINGLE_DREAM_HINT, chroma_signature, hue_category, validate_dreams
@@ -172,6 +173,8 @@ def labels(x: Any, n: int, name: str, num_classes: int, device: torch.device) ->
         t = t.expand(n)
     v.check_shape(t, (n,), name)
     v.check_int_range(t, name, -1, num_classes - 1, f"class labels in 0..{num_classes - 1} or -1")
+    if checks.sync_free():  # a recorded failure must never reach an index: -1 (none) in its place
+        t = torch.where((t >= -1) & (t < num_classes), t, -1)
     return t
 
 

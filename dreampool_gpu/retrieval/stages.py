@@ -195,14 +195,16 @@ def _reselect_ties(
     """Exact ``[b, k]`` k-NN of rows whose k-th place is tied: everything above the k-th score,
     then the oldest (lowest id) of the entries equal to it; in slot layout, with no age-order copy.
 
-    Cosine scores by one matmul, euclidean by exact differences (as the engines' refinement).
-    Order within the result is left to :func:`oldest_first_ties`.
+    Cosine scores element-wise (a matmul can round identical vectors differently, which
+    would split a group of exact duplicates), euclidean by exact differences (as the
+    engines' refinement). Rows come back best first, equal scores oldest first.
     """
     extent = bank.extent
     vectors = bank.columns["embeddings"][:extent]
     q = embedded.to(vectors.dtype)
-    if config.metric is Metric.COSINE:
-        sim = q @ vectors.T
+    if config.metric is Metric.COSINE:  # element-wise: identical vectors score identically (a matmul may not)
+        step = max(1, int(config.search_chunk_mb * 2**20) // max(1, vectors.numel() * vectors.element_size()))
+        sim = torch.cat([(q[i : i + step, None, :] * vectors[None]).sum(-1) for i in range(0, q.shape[0], step)])
     else:
         sim = -torch.cdist(q, vectors, compute_mode="donot_use_mm_for_euclid_dist")
     excluded = ~bank.alive()[:extent] if keep is None else ~(bank.alive()[:extent] & keep[:extent])
@@ -214,7 +216,10 @@ def _reselect_ties(
     never = torch.iinfo(torch.int64).max
     rank = torch.where(sim > kth, -1, torch.where(sim == kth, ids[None, :], never))  # lowest first
     chosen = rank.topk(k, dim=1, largest=False).indices
-    return sim.gather(1, chosen), chosen
+    chosen = chosen.gather(1, ids[chosen].sort(dim=1, stable=True).indices)  # then best first, ties oldest first
+    scores = sim.gather(1, chosen)
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    return scores.gather(1, order), chosen.gather(1, order)
 
 
 # -------------------------------------------------------------- re-rank
