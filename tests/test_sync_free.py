@@ -208,3 +208,43 @@ def test_out_of_range_hint_never_reaches_an_index(mode):
     assert bool((hits.ids == -1).all())
     with pytest.raises(InvalidInputError, match="class_hint"):
         pool.check()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_pools_deferred_equals_immediate(seed):
+    """Random pools (metric, capacity, eviction, evictions, feedback) and calls: same results and usage."""
+    import random
+
+    r = random.Random(seed)
+    overrides = dict(
+        metric=r.choice(["cosine", "euclidean"]),
+        capacity=r.choice([8, 32, 64]),
+        eviction_policy=r.choice(["fifo", "least_used", "lowest_utility"]),
+    )
+    pools = {checks: _pool(checks, **overrides) for checks in ("immediate", "deferred")}
+    for step in range(r.randint(1, 4)):
+        batch = _batch(r.choice([0, 3, 17, 40]), seed * 100 + step)
+        ids = {name: p.add(**batch) for name, p in pools.items()}
+        assert torch.equal(ids["immediate"], ids["deferred"])
+    for p in pools.values():
+        if len(p):
+            g = torch.Generator().manual_seed(seed)
+            picked = p.sample(6, generator=g)
+            p.feedback(picked, torch.rand(picked.shape[0], generator=g))
+    b = r.choice([1, 5])
+    dreams = _batch(b, seed + 999)["dreams"]
+    capacity = overrides["capacity"]
+    for mode in MODES:
+        options = {"class_hint": torch.randint(0, 10, (b,))} if mode == "class" else {}
+        if mode == "balanced":
+            options["classes"] = [1, 2]
+        if mode in ("soft", "hybrid", "nearest") and r.random() < 0.4:
+            options["category"] = torch.randint(0, 12, (b,))
+        if r.random() < 0.4:
+            options["where"] = torch.rand(capacity, generator=torch.Generator().manual_seed(seed)) < 0.5
+        k = r.choice([0, 1, 3, 10, 40])
+        got = {name: p.retrieve(dreams, k=k, mode=mode, **options) for name, p in pools.items()}
+        pools["deferred"].check()
+        assert torch.equal(got["immediate"].ids, got["deferred"].ids), (mode, k, options.keys())
+        torch.testing.assert_close(got["immediate"].scores, got["deferred"].scores, atol=1e-6, rtol=0)
+    assert torch.equal(pools["immediate"].bank.columns["usage"], pools["deferred"].bank.columns["usage"])
