@@ -207,15 +207,19 @@ def _reselect_ties(
         sim = torch.cat([(q[i : i + step, None, :] * vectors[None]).sum(-1) for i in range(0, q.shape[0], step)])
     else:
         sim = -torch.cdist(q, vectors, compute_mode="donot_use_mm_for_euclid_dist")
-    excluded = ~bank.alive()[:extent] if keep is None else ~(bank.alive()[:extent] & keep[:extent])
-    sim.masked_fill_(excluded[None, :], float("-inf"))
+    if keep is not None or bank.size < extent:  # else every slot up to the extent is live
+        excluded = ~bank.alive()[:extent] if keep is None else ~(bank.alive()[:extent] & keep[:extent])
+        sim.masked_fill_(excluded[None, :], float("-inf"))
     if categories is not None:
         sim.masked_fill_(bank.columns["hue_category"][None, :extent] != categories[:, None], float("-inf"))
-    kth = sim.topk(k, dim=1).values[:, -1:]
+    values, top = sim.topk(k, dim=1)
+    kth = values[:, -1:]
     ids = bank.columns["ids"][:extent]
     never = torch.iinfo(torch.int64).max
-    rank = torch.where(sim > kth, -1, torch.where(sim == kth, ids[None, :], never))  # lowest first
-    chosen = rank.topk(k, dim=1, largest=False).indices
+    tied_ids, tied = torch.where(sim == kth, ids[None, :], never).topk(k, dim=1, largest=False)  # oldest tied
+    # of the top-k, those above the k-th score all make it; the oldest tied entries fill the rest
+    key = torch.cat([torch.where(values > kth, -1, never), tied_ids], dim=1)
+    chosen = torch.cat([top, tied], dim=1).gather(1, key.topk(k, dim=1, largest=False).indices)
     chosen = chosen.gather(1, ids[chosen].sort(dim=1, stable=True).indices)  # then best first, ties oldest first
     scores = sim.gather(1, chosen)
     order = scores.sort(dim=1, descending=True, stable=True).indices
