@@ -284,6 +284,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         *,
         k: int | None = None,
         mode: str | RetrievalMode | None = None,
+        with_dreams: bool = False,
         graph: bool = True,
         **options: Any,
     ) -> PreparedRetrieval:
@@ -292,8 +293,9 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         On CUDA each call replays a CUDA graph of the whole retrieve (one launch), captured
         again after any change to the bank or the encoder; elsewhere it runs eagerly.
         Checks are deferred (see ``config.checks``); outputs are reused by the next call.
-        ``options`` are :meth:`retrieve`'s (``where`` as a mask tensor, read at each call;
-        no ``with_dreams``). See :class:`~dreampool_gpu.prepared.PreparedRetrieval`.
+        ``options`` are :meth:`retrieve`'s (``where`` as a mask tensor, read at each call);
+        ``with_dreams`` gathers the results' dreams inside the call too (a replay batch with no
+        further host read). See :class:`~dreampool_gpu.prepared.PreparedRetrieval`.
 
         Raises:
             InvalidInputError, DimensionMismatchError: bad queries or options (checked now).
@@ -308,6 +310,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
                 example,
                 {**_RETRIEVE_DEFAULTS, **options, "k": k, "mode": mode},
                 graph=v.check_flag(graph, "graph"),
+                with_dreams=v.check_flag(with_dreams, "with_dreams"),
             )
 
     def check(self) -> None:

@@ -45,7 +45,9 @@ class PreparedRetrieval:
         reason: why calls run eagerly, when they do.
     """
 
-    def __init__(self, pool: DreamPool, example: torch.Tensor, options: dict[str, Any], *, graph: bool) -> None:
+    def __init__(
+        self, pool: DreamPool, example: torch.Tensor, options: dict[str, Any], *, graph: bool, with_dreams: bool
+    ) -> None:
         if callable(options.get("where")) and not isinstance(options.get("where"), torch.Tensor):
             raise InvalidInputError(
                 "where",
@@ -53,6 +55,7 @@ class PreparedRetrieval:
                 "a callable",
             )
         self.pool = pool
+        self.with_dreams = with_dreams
         # per-query options as device tensors now: a copy from host memory cannot be captured
         self.options: dict[str, Any] = {
             name: torch.as_tensor(value).to(pool.device)
@@ -73,7 +76,7 @@ class PreparedRetrieval:
         before = usage.clone()
         pool._fault.clear()
         try:
-            pool._retrieve(self.static, self.options, with_dreams=False, sync_free=True)
+            pool._retrieve(self.static, self.options, with_dreams=self.with_dreams, sync_free=True)
             failed = int(pool._fault.code)
             if failed:
                 with checks.immediate():
@@ -96,14 +99,14 @@ class PreparedRetrieval:
         with pool._lock:
             pool.counters["queries"] += self.shape[0]
             if not self.graphed:
-                return pool._retrieve(t, self.options, with_dreams=False, sync_free=True)
+                return pool._retrieve(t, self.options, with_dreams=self.with_dreams, sync_free=True)
             self.static.copy_(t)
             state = (pool.bank.revision, pool.encoder.version, id(pool.bank.columns["embeddings"]))
             if state != self._state:
                 self._capture()
                 self._state = state
                 if not self.graphed:  # capture failed: this call and the next run eagerly
-                    return pool._retrieve(t, self.options, with_dreams=False, sync_free=True)
+                    return pool._retrieve(t, self.options, with_dreams=self.with_dreams, sync_free=True)
             self._graph.replay()
             if self._out is None:  # unreachable: _capture sets it or stops graphing
                 raise InvalidInputError("queries", "a captured graph", None)
@@ -119,11 +122,11 @@ class PreparedRetrieval:
         try:
             with torch.cuda.stream(side):
                 for _ in range(_WARMUP_RUNS):
-                    pool._retrieve(self.static, self.options, with_dreams=False, sync_free=True)
+                    pool._retrieve(self.static, self.options, with_dreams=self.with_dreams, sync_free=True)
                 usage.copy_(before)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                    out = pool._retrieve(self.static, self.options, with_dreams=False, sync_free=True)
+                    out = pool._retrieve(self.static, self.options, with_dreams=self.with_dreams, sync_free=True)
         except RuntimeError as exc:  # e.g. a host read on a path the capture cannot hold: run eagerly
             torch.cuda.current_stream(pool.device).wait_stream(side)
             usage.copy_(before)

@@ -19,6 +19,7 @@ SMALL = {
     "training_loop.py": (["--steps", "4"], "checkpoint round trip"),
     "metrics_server.py": (["--steps", "3", "--port", "0"], "dreampool_size"),
     "batch_retrieval.py": (["--entries", "400", "--queries", "3000"], "ids (3000, 5) torch.int64"),
+    "sync_free_step.py": (["--steps", "12"], "sync-free steps: 12"),
 }
 
 

@@ -72,8 +72,8 @@ def test_prepared_checks_shape_and_options():
         prepared(torch.randn(5, pool.config.embedding_dim))
     with pytest.raises(InvalidInputError, match="where"):
         pool.prepare_retrieve(_queries("chroma", pool, 0), k=3, mode="similar", where=lambda c: c["coherence"] > 0)
-    with pytest.raises(InvalidInputError, match="with_dreams"):
-        pool.prepare_retrieve(_queries("chroma", pool, 0), k=3, mode="similar", with_dreams=True)
+    with pytest.raises(InvalidInputError, match="chroma_metrics"):
+        pool.prepare_retrieve(_queries("chroma", pool, 0), k=3, mode="similar", chroma_metrics="cosine")
     with pytest.raises(InvalidInputError, match="k"):
         pool.prepare_retrieve(_queries("chroma", pool, 0), k=-1, mode="similar")
     usage = pool.bank.columns["usage"].clone()
@@ -124,3 +124,12 @@ def test_failed_capture_runs_eagerly(monkeypatch):
     monkeypatch.setattr(prepared, "_capture", failing_capture)
     q = _queries("embeddings", pool, 1)
     assert torch.equal(prepared(q).ids, pool.retrieve(q, k=3, mode="nearest").ids)
+
+
+def test_prepared_with_dreams_gathers_them():
+    pool, twin = _pool(), _pool()
+    prepared = pool.prepare_retrieve(_queries("dreams", pool, 0), k=4, mode="nearest", with_dreams=True)
+    q = _queries("dreams", pool, 1)
+    got, want = prepared(q), twin.retrieve(q, k=4, mode="nearest", with_dreams=True)
+    assert got.dreams is not None and want.dreams is not None
+    assert torch.equal(got.dreams, want.dreams)

@@ -49,7 +49,7 @@ SIGNATURES = {
         "load": "path, *device=None, *encoder=None",
         "load_state_dict": "state_dict",
         "metadata": "ids",
-        "prepare_retrieve": "queries, *k=None, *mode=None, *graph=True, **options",
+        "prepare_retrieve": "queries, *k=None, *mode=None, *with_dreams=False, *graph=True, **options",
         "reembed": "",
         "retrieve": (
             "queries, *k=None, *mode=None, *class_hint=None, *classes=None, *category=None, "
