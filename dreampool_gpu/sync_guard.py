@@ -20,6 +20,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dreampool_gpu._validation import check_count
 from dreampool_gpu.errors import HostSyncError
 
 _aten = torch.ops.aten
@@ -108,12 +109,13 @@ def forbid_host_sync(allowed: int = 0) -> Iterator[None]:
     """Raise :class:`~dreampool_gpu.errors.HostSyncError` on any operation that would sync on CUDA.
 
     Args:
-        allowed: host reads let through before the guard raises (e.g. 1 for ``add``'s one read).
+        allowed: host reads let through before the guard raises (e.g. 1 for ``add``'s one read);
+            an int >= 0, else :class:`~dreampool_gpu.errors.InvalidInputError`.
 
     Examples:
         >>> with forbid_host_sync():
         ...     hits = pool.retrieve(queries, k=10, mode="nearest")   # raises if it would sync
     """
-    budget = _Budget(allowed)
+    budget = _Budget(check_count(allowed, "allowed"))
     with _FunctionGuard(budget), _DispatchGuard(budget):
         yield

@@ -133,3 +133,19 @@ def test_prepared_with_dreams_gathers_them():
     got, want = prepared(q), twin.retrieve(q, k=4, mode="nearest", with_dreams=True)
     assert got.dreams is not None and want.dreams is not None
     assert torch.equal(got.dreams, want.dreams)
+
+
+def test_prepare_and_call_refuse_bad_arguments_typed():
+    from dreampool_gpu.errors import DreamPoolError
+
+    pool = _pool()
+    q = _queries("embeddings", pool, 0)
+    for kwargs in ({"k": -1}, {"k": 2.5}, {"mode": "bogus"}, {"graph": "yes"}, {"with_dreams": 1}, {"fetch_k": -3}):
+        with pytest.raises(DreamPoolError):
+            pool.prepare_retrieve(q, **{"k": 3, "mode": "nearest", **kwargs})
+    with pytest.raises(DreamPoolError):
+        pool.prepare_retrieve(torch.randn(4, 7), k=3, mode="nearest")  # neither chroma nor embeddings
+    prepared = pool.prepare_retrieve(q, k=3, mode="nearest")
+    for bad in (q.double(), q[:2], q.tolist()[:2], "queries"):
+        with pytest.raises(DreamPoolError):
+            prepared(bad)

@@ -248,3 +248,10 @@ def test_random_pools_deferred_equals_immediate(seed):
         assert torch.equal(got["immediate"].ids, got["deferred"].ids), (mode, k, options.keys())
         torch.testing.assert_close(got["immediate"].scores, got["deferred"].scores, atol=1e-6, rtol=0)
     assert torch.equal(pools["immediate"].bank.columns["usage"], pools["deferred"].bank.columns["usage"])
+
+
+def test_guard_refuses_a_bad_allowance():
+    for allowed in (-1, 1.5, "1", None):
+        with pytest.raises(InvalidInputError, match="allowed"):
+            with forbid_host_sync(allowed=allowed):
+                pass
