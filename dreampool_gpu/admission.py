@@ -127,15 +127,15 @@ class Admission:
             self.bank.check_ids_left(count)
             budget_room = self.budget.room(self.bank, self.index)
             room = self.bank.capacity if budget_room is None else min(self.bank.capacity, budget_room)
-            if accepted.numel() > room and self.config.strict_budget:
+            if count > room and self.config.strict_budget:
                 raise CapacityExceededError(
-                    f"{accepted.numel()} dreams passed the gate but the pool holds at most {room} "
+                    f"{count} dreams passed the gate but the pool holds at most {room} "
                     f"(capacity {self.bank.capacity}, budget {self.budget.budget_bytes} bytes); strict_budget is set"
                 )
             if (
                 isinstance(self.encoder, FeatureEncoder)
-                and accepted.numel()
-                and self.encoder.needs_refit(self.counters["added"] + int(accepted.numel()))
+                and count
+                and self.encoder.needs_refit(self.counters["added"] + count)
             ):
                 # before admission: the rebuilt index may change what the budget holds
                 newcomers = batch[accepted]

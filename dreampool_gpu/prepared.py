@@ -14,6 +14,8 @@ changes rarely (evaluation, batch retrieval), not in a loop that adds every step
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -68,23 +70,21 @@ class PreparedRetrieval:
         self.graphed = graph and pool.device.type == "cuda"
         self.reason = None if self.graphed else ("not CUDA" if pool.device.type != "cuda" else "graph=False")
         self.captures = 0
-        self._graph: Any = None
-        self._out: Retrieval | None = None
+        self._captured: tuple[Any, Retrieval] | None = None  # (CUDA graph, its output)
         self._state: tuple[int, int, int] | None = None
         # a trial run: bad options raise now, named (preparing is not the hot path: it reads the host)
-        usage, pending = pool.bank.columns["usage"], pool._fault.code.clone()
-        before = usage.clone()
+        pending = pool._fault.code.clone()
         pool._fault.clear()
         try:
-            pool._retrieve(self.static, self.options, with_dreams=self.with_dreams, sync_free=True)
+            with _usage_undone(pool):
+                self._run()
             failed = int(pool._fault.code)
             if failed:
                 with checks.immediate():
                     check_request(pool, self.static, **self.options)
                 raise pool._fault.error(failed)
         finally:
-            usage.copy_(before)  # the trial run counts no usage
-            pool._fault.code.copy_(pending)  # and keeps an earlier call's fault as it was
+            pool._fault.code.copy_(pending)  # an earlier call's fault stays as it was
 
     def __call__(self, queries: Any) -> Retrieval:
         """Retrieve for ``queries`` (the prepared shape and dtype, on the pool's device)."""
@@ -98,41 +98,55 @@ class PreparedRetrieval:
             )
         with pool._lock:
             pool.counters["queries"] += self.shape[0]
-            if not self.graphed:
-                return pool._retrieve(t, self.options, with_dreams=self.with_dreams, sync_free=True)
-            self.static.copy_(t)
-            state = (pool.bank.revision, pool.encoder.version, id(pool.bank.columns["embeddings"]))
-            if state != self._state:
-                self._capture()
-                self._state = state
-                if not self.graphed:  # capture failed: this call and the next run eagerly
-                    return pool._retrieve(t, self.options, with_dreams=self.with_dreams, sync_free=True)
-            self._graph.replay()
-            if self._out is None:  # unreachable: _capture sets it or stops graphing
-                raise InvalidInputError("queries", "a captured graph", None)
-            return self._out
+            if self.graphed:
+                self.static.copy_(t)
+                state = (pool.bank.revision, pool.encoder.version, id(pool.bank.columns["embeddings"]))
+                if state != self._state:
+                    self._captured = self._capture()  # None when capture failed: eager from now on
+                    self._state = state
+                if self._captured is not None:
+                    graph, out = self._captured
+                    graph.replay()
+                    return out
+            return self._run(t)
 
-    def _capture(self) -> None:
-        """Capture the call on a side stream, after warm-up runs whose usage counts are undone."""
-        pool = self.pool
-        usage = pool.bank.columns["usage"]
-        before = usage.clone()
-        side = torch.cuda.Stream(device=pool.device)
-        side.wait_stream(torch.cuda.current_stream(pool.device))
+    def _run(self, queries: torch.Tensor | None = None) -> Retrieval:
+        """The call, eagerly, on ``queries`` (default: the static input buffer)."""
+        queries = self.static if queries is None else queries
+        return self.pool._retrieve(queries, self.options, with_dreams=self.with_dreams, sync_free=True)
+
+    def _capture(self) -> tuple[Any, Retrieval] | None:
+        """Capture the call on a side stream after warm-up runs (their usage counts undone).
+
+        Returns:
+            ``(graph, output)``, or None when capture failed (``graphed`` turns False, ``reason`` says why).
+        """
+        device = self.pool.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         try:
             with torch.cuda.stream(side):
-                for _ in range(_WARMUP_RUNS):
-                    pool._retrieve(self.static, self.options, with_dreams=self.with_dreams, sync_free=True)
-                usage.copy_(before)
+                with _usage_undone(self.pool):
+                    for _ in range(_WARMUP_RUNS):
+                        self._run()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                    out = pool._retrieve(self.static, self.options, with_dreams=self.with_dreams, sync_free=True)
+                    out = self._run()
         except RuntimeError as exc:  # e.g. a host read on a path the capture cannot hold: run eagerly
-            torch.cuda.current_stream(pool.device).wait_stream(side)
-            usage.copy_(before)
             self.graphed, self.reason = False, f"capture failed: {exc}"
-            self._graph = self._out = None
-            return
-        torch.cuda.current_stream(pool.device).wait_stream(side)
-        self._graph, self._out = graph, out
+            return None
+        finally:
+            torch.cuda.current_stream(device).wait_stream(side)
         self.captures += 1
+        return graph, out
+
+
+@contextmanager
+def _usage_undone(pool: DreamPool) -> Iterator[None]:
+    """Restore the bank's usage counts on leaving: runs that are not the caller's count no usage."""
+    usage = pool.bank.columns["usage"]
+    before = usage.clone()
+    try:
+        yield
+    finally:
+        usage.copy_(before)
