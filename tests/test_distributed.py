@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _equality import assert_same_results
 
 from dreampool_gpu import DreamPool, PoolConfig
 from dreampool_gpu.distributed import TAG_BITS, ShardedDreamPool, owner_of
@@ -111,8 +112,7 @@ def _check_modes(pool: ShardedDreamPool, single: DreamPool, counts: list[int], w
         q, kwargs, expected = answers[rank]
         got = pool.retrieve(q, mode=mode, **kwargs)
         where = f"rank {rank} mode {mode} {spec}"
-        assert torch.equal(_single_ids(got.ids, world), expected.ids), where
-        assert torch.equal(got.scores, expected.scores)
+        assert_same_results(_single_ids(got.ids, world), got.scores, expected.ids, expected.scores, where=where)
         if kwargs.get("with_dreams"):
             assert torch.equal(got.dreams, expected.dreams), where
 

@@ -1,8 +1,10 @@
-"""Results of every retrieval mode, bit for bit, against a recorded fixture (CPU).
+"""Results of every retrieval mode against a recorded fixture (CPU), as docs/spec.md promises.
 
-The fixture ``tests/data/mode_results.json`` holds the ids and scores (as
-``float.hex``) that each case returned when it was recorded; refactors of the
-retrieval path must reproduce them exactly. After an intended change of results,
+The fixture ``tests/data/mode_results.json`` holds the ids and scores that each case
+returned when it was recorded (on one CPU); refactors of the retrieval path must
+reproduce them up to the promised equality (scores within ``SCORE_TOL``, ids up to
+ties), on any CPU: BLAS and FAISS take other SIMD paths on
+other processors, so last bits are not compared. After an intended change of results,
 record it again with ``python tests/test_mode_results.py`` and review the diff.
 """
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _equality import assert_same_results
 
 from dreampool_gpu import DreamPool, PoolConfig
 
@@ -94,7 +97,7 @@ def _record() -> dict[str, dict]:
             hits = pool.retrieve(q, k=case.pop("k", 5), **case)
             out[f"{metric}/{engine}/{name}"] = {
                 "ids": hits.ids.tolist(),
-                "scores": [[float(s).hex() for s in row] for row in hits.scores.tolist()],
+                "scores": hits.scores.tolist(),
             }
     return out
 
@@ -115,9 +118,15 @@ def test_every_case_recorded(recorded, current):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_mode_results_bit_identical(case, recorded, current):
-    assert current[case]["ids"] == recorded[case]["ids"]
-    assert current[case]["scores"] == recorded[case]["scores"]
+def test_mode_results_match_the_fixture(case, recorded, current):
+    got, want = current[case], recorded[case]
+    assert_same_results(
+        torch.tensor(got["ids"]),
+        torch.tensor(got["scores"]),
+        torch.tensor(want["ids"]),
+        torch.tensor(want["scores"]),
+        where=case,
+    )
 
 
 if __name__ == "__main__":  # record the fixture from the current code

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _equality import assert_same_results
 
 from dreampool_gpu import DreamPool, PoolConfig
 from dreampool_gpu.errors import HostSyncError, InvalidInputError
@@ -212,7 +213,8 @@ def test_out_of_range_hint_never_reaches_an_index(mode):
 
 @pytest.mark.parametrize("seed", range(10))
 def test_random_pools_deferred_equals_immediate(seed):
-    """Random pools (metric, capacity, eviction, evictions, feedback) and calls: same results and usage."""
+    """Random pools (metric, capacity, eviction, evictions, feedback) and calls: the same results
+    (as docs/spec.md promises: scores within a tolerance, ids up to ties) and usage."""
     import random
 
     r = random.Random(seed)
@@ -234,6 +236,7 @@ def test_random_pools_deferred_equals_immediate(seed):
     b = r.choice([1, 5])
     dreams = _batch(b, seed + 999)["dreams"]
     capacity = overrides["capacity"]
+    same_ids = True
     for mode in MODES:
         options = {"class_hint": torch.randint(0, 10, (b,))} if mode == "class" else {}
         if mode == "balanced":
@@ -245,9 +248,13 @@ def test_random_pools_deferred_equals_immediate(seed):
         k = r.choice([0, 1, 3, 10, 40])
         got = {name: p.retrieve(dreams, k=k, mode=mode, **options) for name, p in pools.items()}
         pools["deferred"].check()
-        assert torch.equal(got["immediate"].ids, got["deferred"].ids), (mode, k, options.keys())
-        torch.testing.assert_close(got["immediate"].scores, got["deferred"].scores, atol=1e-6, rtol=0)
-    assert torch.equal(pools["immediate"].bank.columns["usage"], pools["deferred"].bank.columns["usage"])
+        a, d = got["immediate"], got["deferred"]
+        assert_same_results(a.ids, a.scores, d.ids, d.scores, where=f"{mode} k={k} {sorted(options)}")
+        same_ids &= torch.equal(a.ids, d.ids)
+    usage = [p.bank.columns["usage"] for p in pools.values()]
+    assert int(usage[0].sum()) == int(usage[1].sum())
+    if same_ids:  # (entries swapped within a tie are counted on either side)
+        assert torch.equal(usage[0], usage[1])
 
 
 def test_guard_refuses_a_bad_allowance():

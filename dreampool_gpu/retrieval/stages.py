@@ -169,19 +169,31 @@ def knn(
             categories, fetch, lambda rows, c: index.search(embedded[rows], fetch, mask=both(hue == c, keep))
         )
     if fetch > k:
-        # equal neighbours sit side by side in the best-first row: one check finds a tie
-        # within the k (order it oldest first) or straddling the cut (re-select exactly)
-        ties = scores.diff(dim=1) == 0  # -inf padding gives NaN differences: never a tie
-        if not bool(ties.any()):
+        # Equal entries sit side by side in the best-first row, but a matmul may round them
+        # apart by a few ulps (another BLAS path for another batch size or CPU). A row with
+        # scores within rounding of each other is re-selected with element-wise scores, which
+        # give identical vectors identical scores, so the oldest of equal entries make the cut.
+        near = near_ties(scores, embedded.shape[1])
+        if not bool(near.any()):
             return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
-        straddles = ties[:, k - 1]
         scores, slots = scores[:, :k].clone(), slots[:, :k].clone()
-        if bool(straddles.any()):
-            rows = torch.nonzero(straddles).squeeze(1)
-            scores[rows], slots[rows] = _reselect_ties(
-                bank, config, embedded[rows], k, None if categories is None else categories[rows], keep
-            )
+        rows = torch.nonzero(near.any(dim=1)).squeeze(1)
+        scores[rows], slots[rows] = _reselect_ties(
+            bank, config, embedded[rows], k, None if categories is None else categories[rows], keep
+        )
     return oldest_first_ties(scores, slots, bank.columns["ids"])
+
+
+def near_ties(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[B, k-1]`` bool: neighbours of a best-first row whose scores differ by at most rounding.
+
+    Two float32 dot products of the same ``dim``-vectors summed in another order differ by
+    at most about ``dim * 2**-23`` of the sum of absolute products (at most ``1 + |score|``
+    here: unit vectors for cosine, exact differences for euclidean). -inf padding gives NaN
+    differences: never a tie.
+    """
+    tol = max(1e-6, dim * 2.0**-23)
+    return scores.diff(dim=1).abs() <= tol * (1.0 + scores[:, 1:].abs())
 
 
 def _reselect_ties(
@@ -192,8 +204,9 @@ def _reselect_ties(
     categories: torch.Tensor | None,
     keep: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact ``[b, k]`` k-NN of rows whose k-th place is tied: everything above the k-th score,
-    then the oldest (lowest id) of the entries equal to it; in slot layout, with no age-order copy.
+    """Exact ``[b, k]`` k-NN of rows with near ties: everything above the k-th score, then the
+    oldest (lowest id) of the entries equal to it; in slot layout, with no age-order copy.
+    Slots are -1 (scores -inf) where fewer than k entries qualify.
 
     Cosine scores element-wise (a matmul can round identical vectors differently, which
     would split a group of exact duplicates), euclidean by exact differences (as the
@@ -223,7 +236,8 @@ def _reselect_ties(
     chosen = chosen.gather(1, ids[chosen].sort(dim=1, stable=True).indices)  # then best first, ties oldest first
     scores = sim.gather(1, chosen)
     order = scores.sort(dim=1, descending=True, stable=True).indices
-    return scores.gather(1, order), chosen.gather(1, order)
+    scores, chosen = scores.gather(1, order), chosen.gather(1, order)
+    return scores, chosen.masked_fill(scores == float("-inf"), -1)  # fewer than k qualify: padding
 
 
 # -------------------------------------------------------------- re-rank
