@@ -173,14 +173,22 @@ def knn(
         # apart by a few ulps (another BLAS path for another batch size or CPU). A row with
         # scores within rounding of each other is re-selected with element-wise scores, which
         # give identical vectors identical scores, so the oldest of equal entries make the cut.
+        # Rows whose k-th and (k+1)-th places are that close may hide a tied entry beyond
+        # the k+1 fetched: those are re-selected over the whole bank; the others only re-score
+        # their k+1 candidates.
         near = near_ties(scores, embedded.shape[1])
         if not bool(near.any()):
             return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
-        scores, slots = scores[:, :k].clone(), slots[:, :k].clone()
         rows = torch.nonzero(near.any(dim=1)).squeeze(1)
-        scores[rows], slots[rows] = _reselect_ties(
-            bank, config, embedded[rows], k, None if categories is None else categories[rows], keep
-        )
+        scores, slots = scores.clone(), slots.clone()
+        scores[rows], slots[rows] = _rescore_candidates(bank, config, embedded[rows], slots[rows])
+        scores, slots = scores[:, :k].contiguous(), slots[:, :k].contiguous()
+        cut = torch.nonzero(near[:, k - 1]).squeeze(1)
+        if cut.numel():
+            scores[cut], slots[cut] = _reselect_ties(
+                bank, config, embedded[cut], k, None if categories is None else categories[cut], keep
+            )
+        return scores, slots
     return oldest_first_ties(scores, slots, bank.columns["ids"])
 
 
@@ -194,6 +202,33 @@ def near_ties(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """
     tol = max(1e-6, dim * 2.0**-23)
     return scores.diff(dim=1).abs() <= tol * (1.0 + scores[:, 1:].abs())
+
+
+def _pair_scores(config: PoolConfig, queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``[b, m]`` scores of ``queries`` ``[b, D]`` against ``vectors`` ``[b, m, D]``, one pair at a time.
+
+    Element-wise products summed per pair (cosine) or exact differences (euclidean): identical
+    vectors score identically wherever they sit, which a matmul does not promise.
+    """
+    q = queries.to(vectors.dtype)[:, None, :]
+    if config.metric is Metric.COSINE:
+        return (q * vectors).sum(-1).float()
+    return -(q - vectors).float().pow(2).sum(-1).sqrt()
+
+
+def _rescore_candidates(
+    bank: TensorBank, config: PoolConfig, embedded: torch.Tensor, slots: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``[b, m]`` candidates ``slots`` (-1 padding) re-scored pair by pair.
+
+    Returns best-first rows, equal scores oldest first.
+    """
+    vectors = bank.columns["embeddings"][slots.clamp(min=0)]
+    scores = _pair_scores(config, embedded, vectors).masked_fill(slots < 0, float("-inf"))
+    order = bank.columns["ids"][slots.clamp(min=0)].sort(dim=1, stable=True).indices
+    scores, slots = scores.gather(1, order), slots.gather(1, order)
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    return scores.gather(1, order), slots.gather(1, order)
 
 
 def _reselect_ties(
