@@ -1023,9 +1023,9 @@ def _state_watermarks(raw: Any, rank: int, world: int) -> dict[int, int]:
 
 
 def _remove_generations(root: Path, generation: str, *, keep_new: bool) -> None:
-    """After a save of ``generation``: every other generation once it is committed (``keep_new``),
-    else ``generation`` itself unless the manifest names it. Best effort: leftovers are removed
-    by a later save, and a load only reads what the manifest names."""
+    """After a save of ``generation``: every other generation and temporary manifest once it is
+    committed (``keep_new``), else ``generation`` itself unless the manifest names it. Best
+    effort: leftovers are removed by a later save, and a load only reads what the manifest names."""
     if not keep_new:
         try:
             keep_new = _committed_generation(root) == generation
@@ -1037,6 +1037,8 @@ def _remove_generations(root: Path, generation: str, *, keep_new: bool) -> None:
     for stale in root.glob("gen-*"):
         if stale.name != generation:
             shutil.rmtree(stale, ignore_errors=True)
+    for tmp in root.glob(f".{_MANIFEST}.tmp-*"):  # a manifest write killed before its rename
+        tmp.unlink(missing_ok=True)
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
