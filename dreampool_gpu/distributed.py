@@ -78,7 +78,7 @@ _MANIFEST = "manifest.json"
 _MANIFEST_MAX = 1 << 20  # bytes: a manifest listing ~1,000 shards
 _GENERATION = re.compile(r"gen-[0-9a-f]{16,32}")  # version 1 wrote 16 digits; uuid4 hex is 32
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_TAG = re.compile(r"[0-9]{1,8}")
+_TAG = re.compile(r"0|[1-9][0-9]{0,7}")  # a tag as a JSON key, in canonical form
 _MAX_TAG = (1 << (63 - TAG_BITS)) - 1  # ids are int64
 _MODES = list(RetrievalMode)
 _ROUTES = ("least_full",)  # routes of a collective add ("local" is not one)
@@ -987,9 +987,12 @@ class ShardedDreamPool:
                     f"rank {repr(where[0])[:40]} of {repr(where[1])[:40]}",
                 )
             marks = _state_watermarks(state_dict.get("watermarks"), self.rank, self.world_size)
+            inner = state_dict.get("shard")
+            if not isinstance(inner, dict):
+                raise InvalidInputError("state_dict['shard']", "a DreamPool.state_dict()", type(inner).__name__)
             with shard._lock:
                 backup = checkpointing.snapshot(shard)
-                shard.load_state_dict(state_dict["shard"])
+                shard.load_state_dict(inner)
                 problem = _ids_problem(shard.bank.columns["ids"], shard.bank.next_id, marks)
                 if problem is not None:
                     checkpointing.restore(shard, backup)
@@ -1248,7 +1251,7 @@ def _parse_entry(
     missing = [key for key in required if key not in raw]
     if missing:
         raise bad(f"expected shard {rank} to list {', '.join(required)}, got no {missing[0]!r}")
-    if version >= 2 and (raw["rank"] != rank or isinstance(raw["rank"], bool) or raw["generation"] != generation):
+    if version >= 2 and (not _is_int(raw["rank"], 0) or raw["rank"] != rank or raw["generation"] != generation):
         raise bad(
             f"expected shard {rank} to be rank {rank} of generation {generation}, "
             f"got rank {repr(raw['rank'])[:40]} of {repr(raw['generation'])[:80]} (listed twice, or out of order)"
