@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import builtins
 import copy
+import errno
 import hashlib
 import json
 import math
+import numbers
 import os
+import re
 import shutil
 import struct
+import uuid
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,8 +43,8 @@ import torch.distributed as dist
 
 from dreampool_gpu import _validation as v
 from dreampool_gpu import checkpointing, errors, persist
-from dreampool_gpu.atomic import atomic_write
-from dreampool_gpu.config import PoolConfig, RetrievalMode
+from dreampool_gpu.atomic import atomic_write, fsync_path, write_synced
+from dreampool_gpu.config import DREAM_DTYPES, PoolConfig, RetrievalMode
 from dreampool_gpu.counters import COUNTERS
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.dreams import validate_dreams
@@ -69,9 +73,15 @@ from dreampool_gpu.retrieval.topk import empty_results, pad_results
 
 TAG_BITS = 40
 SHARDED_FORMAT = "dreampool-sharded-checkpoint"
-SHARDED_VERSION = 1
+SHARDED_VERSION = 2  # 2: each shard listed with its rank, generation and manifest sha256 (1 is still read)
 _MANIFEST = "manifest.json"
+_MANIFEST_MAX = 1 << 20  # bytes: a manifest listing ~1,000 shards
+_GENERATION = re.compile(r"gen-[0-9a-f]{16,32}")  # version 1 wrote 16 digits; uuid4 hex is 32
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TAG = re.compile(r"0|[1-9][0-9]{0,7}")  # a tag as a JSON key, in canonical form
+_MAX_TAG = (1 << (63 - TAG_BITS)) - 1  # ids are int64
 _MODES = list(RetrievalMode)
+_ROUTES = ("least_full",)  # routes of a collective add ("local" is not one)
 # fields of PoolConfig that may differ between shards; every other field must agree
 _PER_SHARD_FIELDS = ("capacity", "device", "memory_budget_mb")
 
@@ -173,36 +183,58 @@ class ShardedDreamPool:
 
     def __init__(self, config: PoolConfig | None = None, *, group: Any = None, encoder: Any = None) -> None:
         _require_group()
-        config = config if config is not None else PoolConfig()
-        if not isinstance(config, PoolConfig):
-            raise InvalidConfigurationError("config", type(config).__name__, "a PoolConfig (or None)")
-        rank = dist.get_rank(group)
-        extra = {} if encoder is None else {"encoder": encoder}
-        shard = DreamPool(_rank_config(config), **extra)
-        shard.bank.next_id = rank << TAG_BITS
-        self._attach(shard, group, {rank: rank << TAG_BITS})
+        self._bind(group)
 
-    def _attach(self, shard: DreamPool, group: Any, watermarks: dict[int, int]) -> None:
-        """Adopt ``shard`` and agree with the other ranks on the configuration (collective)."""
+        def build() -> DreamPool:
+            if config is not None and not isinstance(config, PoolConfig):
+                raise InvalidConfigurationError("config", type(config).__name__, "a PoolConfig (or None)")
+            extra = {} if encoder is None else {"encoder": encoder}
+            shard = DreamPool(_rank_config(config if config is not None else PoolConfig()), **extra)
+            shard.bank.next_id = self.rank << TAG_BITS
+            return shard
+
+        shard, error = self._local(build)
+        self._attach(shard, {self.rank: self.rank << TAG_BITS}, error)
+
+    def _bind(self, group: Any) -> None:
+        """Take ``group``'s rank and size; communicate on the CPU (CUDA under a pure NCCL backend)."""
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.shard = shard
-        if isinstance(shard.encoder, FeatureEncoder):  # statistics are the pool's, refit collectively
-            shard.encoder.auto_refit = False
-        backend = str(dist.get_backend(group))
-        cuda = shard.device.type == "cuda" and "nccl" in backend
-        self._comm = shard.device if cuda else torch.device("cpu")
-        # tags this shard owns -> the next id it would issue there; the issuing tag's is bank.next_id
-        self._watermarks = dict(watermarks)
-        self._issuing = max(self._watermarks, key=lambda t: self._watermarks[t])
-        shared = {k: val for k, val in shard.config.to_dict().items() if k not in _PER_SHARD_FIELDS}
-        table = self._agree([_crc(json.dumps(shared, sort_keys=True, default=str)), shard.capacity], None)
+        nccl = str(dist.get_backend(group)) == "nccl"
+        self._comm = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def _attach(self, shard: DreamPool | None, watermarks: dict[int, int], error: BaseException | None) -> None:
+        """Adopt ``shard`` and agree with the other ranks on the configuration and encoder kind (collective).
+
+        ``error``: this rank could not build its shard; every rank raises it after the agreement.
+        """
+        fields = [0, 0, 0]
+        if shard is not None:
+            if isinstance(shard.encoder, FeatureEncoder):  # statistics are the pool's, refit collectively
+                shard.encoder.auto_refit = False
+            if shard.device.type == "cuda" and "nccl" in str(dist.get_backend(self.group)):
+                self._comm = shard.device
+            shared = {k: val for k, val in shard.config.to_dict().items() if k not in _PER_SHARD_FIELDS}
+            fields = [
+                _fingerprint(json.dumps(shared, sort_keys=True, default=str).encode()),
+                _fingerprint(persist.encoder_kind(shard.encoder).encode()),
+                shard.capacity,
+            ]
+        table = self._agree(fields, error)
         if bool((table[:, 0] != table[0, 0]).any()):
             raise InvalidConfigurationError(
                 "config", "differs between ranks", f"the same configuration on every rank (except {_PER_SHARD_FIELDS})"
             )
-        self.total_capacity = int(table[:, 1].sum())
+        if bool((table[:, 1] != table[0, 1]).any()):
+            raise InvalidConfigurationError(
+                "encoder", "differs between ranks", "the same kind of encoder on every rank"
+            )
+        self.shard = cast(DreamPool, shard)  # built: _agree raised on every rank otherwise
+        # tags this shard owns -> the next id it would issue there; the issuing tag's is bank.next_id
+        self._watermarks = dict(watermarks)
+        self._issuing = max(self._watermarks, key=lambda t: self._watermarks[t])
+        self.total_capacity = int(table[:, 2].sum())
 
     # ----------------------------------------------------------- collectives
     def _run(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -301,22 +333,25 @@ class ShardedDreamPool:
         passes its batch (any size, 0 included), and the shard with the lowest fill
         fraction (ties to the lower rank) adds every rank's batch, in rank order, as
         one :meth:`DreamPool.add`. The coherence gate is the same on every shard.
-        Arguments as :meth:`DreamPool.add`.
+        Arguments as :meth:`DreamPool.add`. Any other ``route`` is taken as a collective call
+        and refused on every rank (``InvalidInputError``), as is a ``route`` or ``force`` that
+        differs between ranks.
         """
-        if route == "local":
+        if isinstance(route, str) and route == "local":
             return self.shard.add(
                 dreams, coherence=coherence, energy=energy, violation=violation, class_labels=class_labels, force=force
             )
-        if route != "least_full":
-            raise InvalidInputError("route", "'local' or 'least_full'", repr(route))
-        return self._add_routed(dreams, coherence, energy, violation, class_labels, force)
+        return self._add_routed(dreams, coherence, energy, violation, class_labels, force, route)
 
     def _add_routed(
-        self, dreams: Any, coherence: Any, energy: Any, violation: Any, class_labels: Any, force: bool
+        self, dreams: Any, coherence: Any, energy: Any, violation: Any, class_labels: Any, force: Any, route: Any
     ) -> torch.Tensor:
         shard = self.shard
 
         def parse() -> dict[str, torch.Tensor]:
+            if not (isinstance(route, str) and route in _ROUTES):
+                raise InvalidInputError("route", " or ".join(map(repr, ("local", *_ROUTES))), repr(route)[:80])
+            v.check_flag(force, "force")
             batch = validate_dreams(
                 v.as_tensor(dreams, "dreams", device=shard.device), dream_shape=shard.config.dream_shape
             )
@@ -331,11 +366,14 @@ class ShardedDreamPool:
 
         cols, error = self._local(parse)
         n = 0 if cols is None else int(cols["coherence"].shape[0])
-        table = self._agree([n, int(bool(force)), shard.bank.size, shard.capacity], error)
+        agreed = [0, 0] if cols is None else [_ROUTES.index(route), int(v.check_flag(force, "force"))]
+        table = self._agree([n, *agreed, shard.bank.size, shard.capacity], error)
         if bool((table[:, 1] != table[0, 1]).any()):
-            raise InvalidInputError("force", "the same on every rank", table[:, 1].tolist())
+            raise InvalidInputError("route", "the same on every rank", [_ROUTES[i] for i in table[:, 1].tolist()])
+        if bool((table[:, 2] != table[0, 2]).any()):
+            raise InvalidInputError("force", "the same on every rank", table[:, 2].tolist())
         counts = table[:, 0].tolist()
-        fill = table[:, 2].double() / table[:, 3].double()
+        fill = table[:, 3].double() / table[:, 4].double()
         owner = int(torch.argmin(fill))  # the first minimum: ties to the lower rank
         nmax = max(counts)
         rows, layout = _pack({name: _pad_rows(t, nmax) for name, t in cols.items()}, nmax)
@@ -409,9 +447,7 @@ class ShardedDreamPool:
         )
         fields = [0] * 11 if req is None else req.fields(shard.bank.size)
         table = self._agree([*fields, shard.counters["added"]], error)
-        self._refit_if_due(int(table[:, -1].sum()))
-        table = table[:, :-1]
-        if bool((table[:, 2:] != table[0, 2:]).any()):
+        if bool((table[:, 2:-1] != table[0, 2:-1]).any()):
             raise InvalidInputError(
                 "retrieve arguments",
                 "the same mode, k, fetch_k, mmr_lambda, "
@@ -419,6 +455,8 @@ class ShardedDreamPool:
                 "with_dreams on every rank",
                 "different values",
             )
+        self._refit_if_due(int(table[:, -1].sum()))
+        table = table[:, :-1]
         counts, sizes = table[:, 0].tolist(), table[:, 1].tolist()
         if req.mode is RetrievalMode.DIVERSE:
             scores, ids = self._diverse(req, sizes)
@@ -439,7 +477,7 @@ class ShardedDreamPool:
         (entries added to the whole pool) doubled since the last fit; shards re-embed."""
         encoder = self.shard.encoder
         if isinstance(encoder, FeatureEncoder) and added > 0 and added >= 2 * encoder.fitted_on:
-            self.refit_statistics(fitted_on=added)
+            self._refit(added)
 
     def refit_statistics(self, *, fitted_on: int | None = None) -> None:
         """Collective: fit the feature encoder's standardisation on the union of the shards.
@@ -448,7 +486,27 @@ class ShardedDreamPool:
         shard then holds identical statistics and re-embeds its entries (as a single
         pool's automatic refit does). Runs by itself inside :meth:`retrieve` whenever
         the pool's count of added entries doubles. A no-op for other encoders.
+
+        Raises:
+            InvalidInputError: (on every rank) ``fitted_on`` is not None or an int >= 0
+                on some rank, or differs between ranks.
         """
+
+        def check() -> int:
+            if fitted_on is None:
+                return -1
+            if isinstance(fitted_on, bool) or not isinstance(fitted_on, numbers.Integral) or fitted_on < 0:
+                raise InvalidInputError("fitted_on", "None or an int >= 0", repr(fitted_on)[:80])
+            return int(fitted_on)
+
+        value, error = self._local(check)
+        table = self._agree([0 if value is None else value], error)
+        if bool((table[:, 0] != table[0, 0]).any()):
+            raise InvalidInputError("fitted_on", "the same on every rank", table[:, 0].tolist())
+        self._refit(None if value == -1 else value)
+
+    def _refit(self, fitted_on: int | None) -> None:
+        """The collective part of :meth:`refit_statistics` (arguments already agreed)."""
         shard = self.shard
         if not isinstance(shard.encoder, FeatureEncoder):
             return
@@ -786,54 +844,84 @@ class ShardedDreamPool:
 
     # ----------------------------------------------------------- persistence
     def save(self, path: persist.PathArg) -> None:
-        """Write a sharded checkpoint directory at ``path`` (collective; a shared filesystem).
+        """Write a sharded checkpoint directory at ``path`` (collective; a filesystem every rank sees).
 
-        Each rank writes its shard into a new generation directory; after every rank
-        has written, rank 0 replaces ``manifest.json`` atomically and removes older
-        generations. Until then the previous manifest and its shards stay as they were,
-        so a failure or crash of any rank leaves the previous checkpoint loadable.
+        The ranks first agree on ``path`` (the same absolute path, holding the same
+        manifest, on every rank) and on a fresh generation name (a uuid4: never the
+        torch RNG, never a name used before). Each rank writes its shard into the new
+        generation directory, beside the committed one; after every rank has written,
+        rank 0 replaces ``manifest.json`` atomically, which commits the new generation,
+        then removes every other generation. Until the manifest is replaced the
+        committed checkpoint is untouched: a failure or crash of any rank before it
+        leaves that checkpoint loadable, as it was.
 
         Raises:
-            InvalidInputError: ``path`` is not a path, differs between ranks, or names
-                something other than a sharded checkpoint or an empty directory.
+            InvalidInputError: (on every rank) ``path`` is not a path on some rank, differs
+                between ranks, or names something other than a sharded checkpoint or an
+                empty directory.
             OSError: (on every rank) a rank's filesystem failed.
+            CollectiveError: a rank left or timed out.
         """
-        root, error = self._local(lambda: _check_target(path))
-        self._agree([_crc(str(root)) if root is not None else 0], error)
-        token = (
-            torch.randint(0, 2**62, (1,), dtype=torch.int64) if self.rank == 0 else torch.zeros(1, dtype=torch.int64)
-        )
-        token = token.to(self._comm)
-        self._run("broadcast", lambda: dist.broadcast(token, src=0, group=self.group))
-        generation = f"gen-{int(token):016x}"
 
-        def write() -> dict[str, Any]:
-            with persist.WRITE_LOCK:
-                with self.shard._lock:
-                    snap = checkpointing.snapshot(self.shard)
-                    marks = {**self._watermarks, self._issuing: self.shard.bank.next_id}
-                persist.write_checkpoint(snap, root / generation / f"shard-{self.rank:05d}")
-            return {
-                "path": f"{generation}/shard-{self.rank:05d}",
-                "size": snap.size,
-                "watermarks": {str(t): m for t, m in sorted(marks.items())},
-                "counters": snap.counters,
-                "config": snap.config.to_dict(),
-                "dream_dtype": str(snap.columns["dreams"].dtype)[6:],
-            }
+        def check() -> tuple[Path, list[int]]:
+            root = _check_target(path)
+            return root, _target_fields(root, _manifest_bytes(root))
 
-        entry, error = self._local(write)
-        self._agree([], error)
-        entries: list[Any] = [None] * self.world_size
-        self._run("all_gather_object", lambda: dist.all_gather_object(entries, entry, group=self.group))
-        error = None
-        if self.rank == 0:
-            _, error = self._local(lambda: _commit_manifest(root, generation, entries))
-        self._agree([], error)
-        if self.rank == 0:
-            for stale in root.glob("gen-*"):
-                if stale.name != generation:
-                    shutil.rmtree(stale, ignore_errors=True)
+        found, error = self._local(check)
+        hi, lo = struct.unpack("<qq", uuid.uuid4().bytes)  # every rank draws; rank 0's is used
+        table = self._agree([*(found[1] if found is not None else [0, 0]), hi, lo], error)
+        self._same_target(table)
+        root = cast("tuple[Path, list[int]]", found)[0]  # checked: _agree raised otherwise
+        generation = "gen-" + struct.pack("<qq", int(table[0, 2]), int(table[0, 3])).hex()
+        committed = False
+        try:
+            entry, error = self._local(lambda: self._write_shard(root, generation))
+            self._agree([], error)
+            entries: list[Any] = [None] * self.world_size
+            self._run("all_gather_object", lambda: dist.all_gather_object(entries, entry, group=self.group))
+            error = None
+            if self.rank == 0:
+                _, error = self._local(lambda: _commit_manifest(root, generation, entries))
+            self._agree([], error)
+            committed = True
+        finally:
+            if self.rank == 0:
+                _remove_generations(root, generation, keep_new=committed)
+
+    def _write_shard(self, root: Path, generation: str) -> dict[str, Any]:
+        """Write this rank's shard into ``root/generation``; its manifest entry."""
+        relative = f"{generation}/shard-{self.rank:05d}"
+        target = root / relative
+        if os.path.lexists(target):  # a generation is written once: never over another save's shard
+            raise FileExistsError(errno.EEXIST, "a shard of this generation already exists", str(target))
+        with persist.WRITE_LOCK:
+            with self.shard._lock:
+                snap = checkpointing.snapshot(self.shard)
+                marks = {**self._watermarks, self._issuing: self.shard.bank.next_id}
+            persist.write_checkpoint(snap, target)
+        return {
+            "rank": self.rank,
+            "generation": generation,
+            "path": relative,
+            "shard_digest": persist.manifest_digest(target),
+            "size": snap.size,
+            "watermarks": {str(t): m for t, m in sorted(marks.items())},
+            "counters": snap.counters,
+            "config": snap.config.to_dict(),
+            "dream_dtype": str(snap.columns["dreams"].dtype).removeprefix("torch."),
+        }
+
+    def _same_target(self, table: torch.Tensor) -> None:
+        """Refuse, on every rank, a save or load whose path or manifest differs between ranks."""
+        if bool((table[:, 0] != table[0, 0]).any()):
+            paths = len(set(table[:, 0].tolist()))
+            raise InvalidInputError("path", "the same path on every rank", f"{paths} different paths")
+        if bool((table[:, 1] != table[0, 1]).any()):
+            raise InvalidInputError(
+                "path",
+                "the same checkpoint on every rank (a filesystem every rank sees)",
+                "ranks that find different manifests (or none) at the path",
+            )
 
     @classmethod
     def load(
@@ -841,28 +929,32 @@ class ShardedDreamPool:
     ) -> ShardedDreamPool:
         """Open a sharded checkpoint (collective), at its world size or another one.
 
+        The ranks first agree on ``path`` (the same absolute path and manifest everywhere).
         At the saved world size each rank reads its own shard. At another, each rank
         reads the shards holding ids it now owns (``(id >> 40) % world_size``) and
         keeps those entries, ids and all columns unchanged; capacities grow to hold them.
 
         Raises:
-            CheckpointCorruptError: (on every rank) a missing or altered manifest or shard.
+            CheckpointCorruptError: (on every rank) a missing, altered or inconsistent
+                manifest or shard (one of another save or rank included), naming the file.
+            InvalidInputError: (on every rank) ``path`` differs between ranks.
         """
         _require_group()
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        built, error = None, None
-        try:
-            built = _open_rank(Path(os.fspath(path)), rank, world, device)
-        except Exception as exc:  # reported to every rank below
-            error = exc
         pool = cls.__new__(cls)
-        pool.group, pool.rank, pool.world_size = group, rank, world
-        pool._comm = torch.device("cpu")
-        if built is not None and built[0].device.type == "cuda" and "nccl" in str(dist.get_backend(group)):
-            pool._comm = built[0].device
-        pool._agree([], error)
-        shard, watermarks = cast("tuple[DreamPool, dict[int, int]]", built)  # opened: _agree raised otherwise
-        pool._attach(shard, group, watermarks)
+        pool._bind(group)
+
+        def check() -> tuple[Path, _Manifest, list[int]]:
+            root = _as_root(path)
+            data = _manifest_bytes(root)
+            if data is None:
+                raise CheckpointCorruptError(root / _MANIFEST, "missing")
+            return root, _parse_manifest(root / _MANIFEST, data), _target_fields(root, data)
+
+        found, error = pool._local(check)
+        pool._same_target(pool._agree(found[2] if found is not None else [0, 0], error))
+        root, manifest, _ = cast("tuple[Path, _Manifest, list[int]]", found)  # agreed: checked everywhere
+        built, error = pool._local(lambda: _open_rank(root, manifest, pool.rank, pool.world_size, device))
+        pool._attach(None if built is None else built[0], {} if built is None else built[1], error)
         return pool
 
     def state_dict(self) -> dict[str, Any]:
@@ -892,12 +984,19 @@ class ShardedDreamPool:
                 raise InvalidInputError(
                     "state_dict",
                     f"the state of rank {self.rank} of {self.world_size}",
-                    f"rank {where[0]} of {where[1]}",
+                    f"rank {repr(where[0])[:40]} of {repr(where[1])[:40]}",
                 )
-            marks = {int(t): int(m) for t, m in state_dict["watermarks"].items()}
+            marks = _state_watermarks(state_dict.get("watermarks"), self.rank, self.world_size)
+            inner = state_dict.get("shard")
+            if not isinstance(inner, dict):
+                raise InvalidInputError("state_dict['shard']", "a DreamPool.state_dict()", type(inner).__name__)
             with shard._lock:
                 backup = checkpointing.snapshot(shard)
-                shard.load_state_dict(state_dict["shard"])
+                shard.load_state_dict(inner)
+                problem = _ids_problem(shard.bank.columns["ids"], shard.bank.next_id, marks)
+                if problem is not None:
+                    checkpointing.restore(shard, backup)
+                    raise InvalidInputError("state_dict['watermarks']", "watermarks that fit the shard", problem)
             return backup, marks
 
         done, error = self._local(apply)
@@ -910,6 +1009,39 @@ class ShardedDreamPool:
             raise
         self._watermarks = done[1]
         self._issuing = max(self._watermarks, key=lambda t: self._watermarks[t])
+
+
+def _state_watermarks(raw: Any, rank: int, world: int) -> dict[int, int]:
+    """The watermarks of a shard state dict, checked as a manifest's are."""
+    if not isinstance(raw, dict) or not raw:
+        raise InvalidInputError("state_dict['watermarks']", "a non-empty mapping of tag -> next id", repr(raw)[:80])
+    marks: dict[int, int] = {}
+    for key, mark in raw.items():
+        tag = int(key) if isinstance(key, str) and _TAG.fullmatch(key) else -1
+        problem = _watermark_problem(tag, mark, rank, world) if tag >= 0 else f"tag {repr(key)[:40]} is not an int"
+        if problem is not None:
+            raise InvalidInputError("state_dict['watermarks']", f"watermarks of rank {rank} of {world}", problem)
+        marks[tag] = mark
+    return marks
+
+
+def _remove_generations(root: Path, generation: str, *, keep_new: bool) -> None:
+    """After a save of ``generation``: every other generation and temporary manifest once it is
+    committed (``keep_new``), else ``generation`` itself unless the manifest names it. Best
+    effort: leftovers are removed by a later save, and a load only reads what the manifest names."""
+    if not keep_new:
+        try:
+            keep_new = _committed_generation(root) == generation
+        except CheckpointCorruptError:
+            return
+        if not keep_new:
+            shutil.rmtree(root / generation, ignore_errors=True)
+        return
+    for stale in root.glob("gen-*"):
+        if stale.name != generation:
+            shutil.rmtree(stale, ignore_errors=True)
+    for tmp in root.glob(f".{_MANIFEST}.tmp-*"):  # a manifest write killed before its rename
+        tmp.unlink(missing_ok=True)
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -936,6 +1068,31 @@ def _rank_config(config: PoolConfig) -> PoolConfig:
 
 
 # ------------------------------------------------------------ checkpoints
+@dataclass(frozen=True)
+class _ShardEntry:
+    """One shard as the sharded manifest lists it (checked by :func:`_parse_manifest`)."""
+
+    rank: int
+    path: str  # relative to the checkpoint: "<generation>/shard-<rank:05d>"
+    digest: str | None  # sha256 of the shard's own manifest.json (None in version 1)
+    size: int
+    watermarks: dict[int, int]  # tag -> the next id that tag would issue
+    counters: dict[str, int]
+    config: PoolConfig
+    dream_dtype: str
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    """A verified sharded manifest: ``world_size`` shards of one generation, in rank order."""
+
+    path: Path  # the manifest file
+    version: int
+    world_size: int
+    generation: str
+    shards: list[_ShardEntry]
+
+
 def is_sharded_checkpoint(path: Any) -> bool:
     """True when ``path`` is a directory holding a sharded checkpoint's manifest."""
     try:
@@ -945,10 +1102,17 @@ def is_sharded_checkpoint(path: Any) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == SHARDED_FORMAT
 
 
-def _check_target(path: Any) -> Path:
+def _as_root(path: Any) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidInputError("path", "a str or os.PathLike", type(path).__name__)
-    root = Path(os.fspath(path))
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise InvalidInputError("path", "a non-empty str path without NUL bytes", repr(text)[:80])
+    return Path(text)
+
+
+def _check_target(path: Any) -> Path:
+    root = _as_root(path)
     if root.exists() and not is_sharded_checkpoint(root) and (not root.is_dir() or any(root.iterdir())):
         raise InvalidInputError(
             "path", "a sharded checkpoint, an empty directory or a new path", f"{root}, which holds something else"
@@ -956,12 +1120,31 @@ def _check_target(path: Any) -> Path:
     return root
 
 
+def _fingerprint(data: bytes) -> int:
+    """A signed int64 of the sha256 of ``data``: compared across ranks in an agreement."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little", signed=True)
+
+
+def _target_fields(root: Path, manifest: bytes | None) -> list[int]:
+    """Agreement fields of a checkpoint path: its absolute path and the manifest found there (0: none)."""
+    return [_fingerprint(os.fsencode(os.path.abspath(root))), 0 if manifest is None else _fingerprint(manifest)]
+
+
+def _manifest_bytes(root: Path) -> bytes | None:
+    """The manifest file's bytes, None when there is none (never blocks on a special file)."""
+    try:
+        return persist.read_manifest_bytes(root / _MANIFEST)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CheckpointCorruptError(root / _MANIFEST, f"unreadable sharded manifest ({exc})") from None
+
+
 def _digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _commit_manifest(root: Path, generation: str, shards: list[dict[str, Any]]) -> None:
-    """Write ``root/manifest.json`` naming ``generation``'s shards: temp file, fsync, rename, fsync dir."""
+def _manifest_data(generation: str, shards: list[dict[str, Any]]) -> bytes:
     body = {
         "format": SHARDED_FORMAT,
         "version": SHARDED_VERSION,
@@ -970,44 +1153,221 @@ def _commit_manifest(root: Path, generation: str, shards: list[dict[str, Any]]) 
         "generation": generation,
         "shards": shards,
     }
-    data = json.dumps({**body, "digest": _digest(body)}, indent=2, sort_keys=True).encode()
-    atomic_write(root / _MANIFEST, lambda tmp: tmp.write_bytes(data))
+    return json.dumps({**body, "digest": _digest(body)}, indent=2, sort_keys=True).encode()
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """The verified manifest of the sharded checkpoint at ``root``.
+def _commit_manifest(root: Path, generation: str, shards: list[dict[str, Any]]) -> None:
+    """Commit ``generation``: check the manifest naming its shards reads back, then write
+    ``root/manifest.json`` through a temporary file (fsync, rename, fsync the directory)."""
+    data = _manifest_data(generation, shards)
+    _parse_manifest(root / _MANIFEST, data)  # never commit what a load would refuse
+    fsync_path(root)  # the generation directory's entry is durable before the manifest names it
+    atomic_write(root / _MANIFEST, lambda tmp: write_synced(tmp, data))
+
+
+def _committed_generation(root: Path) -> str | None:
+    """The generation the manifest at ``root`` names; None when there is no manifest.
 
     Raises:
-        CheckpointCorruptError: missing, unparsable, altered, or a newer version.
+        CheckpointCorruptError: a manifest that cannot be read or verified.
     """
-    target = root / _MANIFEST
+    data = _manifest_bytes(root)
+    return None if data is None else _parse_manifest(root / _MANIFEST, data).generation
+
+
+def read_manifest(root: Path) -> _Manifest:
+    """The verified manifest of the sharded checkpoint at ``root`` (see :func:`_parse_manifest`).
+
+    Raises:
+        CheckpointCorruptError: missing, unreadable or malformed, naming the manifest file.
+    """
+    data = _manifest_bytes(root)
+    if data is None:
+        raise CheckpointCorruptError(root / _MANIFEST, "missing")
+    return _parse_manifest(root / _MANIFEST, data)
+
+
+def _is_int(value: Any, low: int, high: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
+def _parse_manifest(target: Path, data: bytes) -> _Manifest:
+    """Verify a sharded manifest's bytes as a single checkpoint's manifest is verified.
+
+    Checked: format, version, digest; every field's type; world size = number of shards;
+    shard ``r`` listed once, at index ``r``, at the relative path ``<generation>/shard-<r>``
+    (nothing absolute, no ``..``); its tags ``t`` with ``t % world_size == r`` and watermarks
+    inside their tag; the configuration shared by every shard (capacity, device and
+    memory budget aside); in version 2, each shard's rank, generation and manifest sha256.
+
+    Raises:
+        CheckpointCorruptError: naming ``target``, for every problem.
+    """
+
+    def bad(reason: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(target, reason)
+
+    if len(data) > _MANIFEST_MAX:
+        raise bad(f"larger than a sharded manifest can be ({_MANIFEST_MAX} bytes)")
     try:
-        manifest = json.loads(persist.read_manifest_bytes(target))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise CheckpointCorruptError(target, f"unreadable sharded manifest ({exc})") from None
+        manifest = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"unreadable sharded manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
-        raise CheckpointCorruptError(target, f"not a {SHARDED_FORMAT} manifest")
+        raise bad(f"not a {SHARDED_FORMAT} manifest")
     body = {k: val for k, val in manifest.items() if k != "digest"}
     if manifest.get("digest") != _digest(body):
-        raise CheckpointCorruptError(target, "digest mismatch")
-    if manifest.get("version") != SHARDED_VERSION or manifest.get("tag_bits") != TAG_BITS:
-        raise CheckpointCorruptError(
-            target, f"version {manifest.get('version')} (this library reads {SHARDED_VERSION})"
+        raise bad("digest mismatch (the manifest was altered)")
+    version = manifest.get("version")
+    if not isinstance(version, int) or not _is_int(version, 1, SHARDED_VERSION) or manifest.get("tag_bits") != TAG_BITS:
+        raise bad(
+            f"expected version 1..{SHARDED_VERSION} with tag_bits {TAG_BITS}, got version {version!r} "
+            f"and tag_bits {manifest.get('tag_bits')!r} (a newer version: upgrade dreampool_gpu)"
         )
-    return manifest
+    world, generation, shards = manifest.get("world_size"), manifest.get("generation"), manifest.get("shards")
+    if not _is_int(world, 1, 1 << (63 - TAG_BITS)):
+        raise bad(f"expected world_size: an int >= 1, got {world!r}")
+    if not isinstance(generation, str) or not _GENERATION.fullmatch(generation):
+        raise bad(f"expected generation: 'gen-' and 16 to 32 hex digits, got {repr(generation)[:80]}")
+    if not isinstance(shards, list) or len(shards) != world:
+        got = f"{len(shards)} shards" if isinstance(shards, list) else type(shards).__name__
+        raise bad(f"expected world_size {world} shards (one per rank), got {got}")
+    entries = [_parse_entry(bad, raw, r, world, generation, version) for r, raw in enumerate(shards)]
+    shared = [{k: val for k, val in e.config.to_dict().items() if k not in _PER_SHARD_FIELDS} for e in entries]
+    for r, fields in enumerate(shared):
+        if fields != shared[0]:
+            raise bad(f"shard {r}'s configuration differs from shard 0's (only {', '.join(_PER_SHARD_FIELDS)} may)")
+    return _Manifest(target, version, world, generation, entries)
 
 
-def _open_rank(root: Path, rank: int, world: int, device: Any) -> tuple[DreamPool, dict[int, int]]:
+def _parse_entry(
+    bad: Callable[[str], CheckpointCorruptError], raw: Any, rank: int, world: int, generation: str, version: int
+) -> _ShardEntry:
+    """Shard ``rank``'s manifest entry, every field checked (see :func:`_parse_manifest`)."""
+    if not isinstance(raw, dict):
+        raise bad(f"expected shard {rank}: a mapping, got {type(raw).__name__}")
+    required: tuple[str, ...] = ("path", "size", "watermarks", "counters", "config", "dream_dtype")
+    required += ("rank", "generation", "shard_digest") if version >= 2 else ()
+    missing = [key for key in required if key not in raw]
+    if missing:
+        raise bad(f"expected shard {rank} to list {', '.join(required)}, got no {missing[0]!r}")
+    if version >= 2 and (not _is_int(raw["rank"], 0) or raw["rank"] != rank or raw["generation"] != generation):
+        raise bad(
+            f"expected shard {rank} to be rank {rank} of generation {generation}, "
+            f"got rank {repr(raw['rank'])[:40]} of {repr(raw['generation'])[:80]} (listed twice, or out of order)"
+        )
+    expected_path = f"{generation}/shard-{rank:05d}"
+    if raw["path"] != expected_path:
+        raise bad(
+            f"expected shard {rank} at the relative path {expected_path!r} inside the checkpoint, "
+            f"got {repr(raw['path'])[:120]}"
+        )
+    digest = raw.get("shard_digest") if version >= 2 else None
+    if version >= 2 and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+        raise bad(f"expected shard {rank}'s shard_digest: 64 hex digits, got {repr(digest)[:80]}")
+    if not _is_int(raw["size"], 0):
+        raise bad(f"expected shard {rank}'s size: an int >= 0, got {repr(raw['size'])[:40]}")
+    marks = raw["watermarks"]
+    if not isinstance(marks, dict) or not marks:
+        raise bad(f"expected shard {rank}'s watermarks: a non-empty mapping of tag -> next id, got {repr(marks)[:80]}")
+    watermarks: dict[int, int] = {}
+    for key, mark in marks.items():
+        tag = int(key) if isinstance(key, str) and _TAG.fullmatch(key) else -1
+        problem = _watermark_problem(tag, mark, rank, world) if tag >= 0 else f"tag {repr(key)[:40]} is not an int"
+        if problem is not None:
+            raise bad(f"shard {rank}'s watermarks: {problem}")
+        watermarks[tag] = mark
+    counters = raw["counters"]
+    if not isinstance(counters, dict) or not all(isinstance(k, str) and _is_int(c, 0) for k, c in counters.items()):
+        raise bad(f"expected shard {rank}'s counters: a mapping of name -> int >= 0, got {repr(counters)[:80]}")
+    try:
+        config = PoolConfig.from_dict(raw["config"])
+    except (DreamPoolError, TypeError, ValueError) as exc:
+        raise bad(f"expected shard {rank}'s config: a PoolConfig, got {str(exc)[:200]}") from None
+    dtype = raw["dream_dtype"]
+    if not isinstance(dtype, str) or dtype not in DREAM_DTYPES or dtype == "auto":
+        raise bad(f"expected shard {rank}'s dream_dtype: a stored dtype name, got {repr(dtype)[:40]}")
+    return _ShardEntry(rank, expected_path, digest, raw["size"], watermarks, dict(counters), config, dtype)
+
+
+def _watermark_problem(tag: int, mark: Any, rank: int, world: int) -> str | None:
+    """Why ``tag -> mark`` cannot be a watermark of shard ``rank`` of ``world``; None when it can."""
+    if tag > _MAX_TAG:
+        return f"tag {tag} is beyond the largest ({_MAX_TAG})"
+    if tag % world != rank:
+        return f"tag {tag} belongs to rank {tag % world} of {world} (tag % world_size), not {rank}"
+    if not _is_int(mark, tag << TAG_BITS, (tag + 1) << TAG_BITS):
+        return f"next id of tag {tag}: an int in [{tag << TAG_BITS}, {(tag + 1) << TAG_BITS}], got {repr(mark)[:40]}"
+    return None
+
+
+def _ids_problem(ids: torch.Tensor, next_id: int, marks: dict[int, int]) -> str | None:
+    """Why a shard holding ``ids`` (with ``next_id``) does not fit the watermarks ``marks``; None when it does.
+
+    Every live id lies in a listed tag, below that tag's watermark (else a later add would
+    issue it again), and the shard's ``next_id`` is its issuing (highest) tag's watermark.
+    """
+    live = ids[ids >= 0].cpu()
+    for tag in (live >> TAG_BITS).unique().tolist():
+        top = int(live[(live >> TAG_BITS) == tag].max())
+        if tag not in marks:
+            return f"ids of tag {tag} (up to {top}), a tag its watermarks do not list"
+        if top >= marks[tag]:
+            return f"id {top} at or above its tag's watermark {marks[tag]}: a later add would issue it again"
+    if next_id != max(marks.values()):
+        return f"next id {next_id}, where its watermarks say {max(marks.values())}"
+    return None
+
+
+def _read_shard(root: Path, manifest: _Manifest, rank: int) -> persist.PoolSnapshot:
+    """Read shard ``rank`` of ``manifest`` and check it is the shard the manifest lists.
+
+    Its own manifest's sha256 is the one listed (version 2: a shard of another save or
+    another rank is refused, before and after reading), and its entries, counters and
+    configuration agree with the listing.
+
+    Raises:
+        CheckpointCorruptError: naming the shard's file, or the sharded manifest where
+            the listing disagrees with the shard.
+    """
+    entry = manifest.shards[rank]
+    where = root / entry.path
+    if not where.resolve().is_relative_to(root.resolve()):
+        raise CheckpointCorruptError(where, f"leads outside the checkpoint {root} (a link)")
+    found = persist.manifest_digest(where) if entry.digest is not None else None
+    if entry.digest is not None and found != entry.digest:
+        raise CheckpointCorruptError(
+            where / persist.MANIFEST,
+            "missing"
+            if found is None
+            else f"not shard {rank} of generation {manifest.generation}: its manifest's sha256 is {found}, "
+            f"the sharded manifest lists {entry.digest} (a shard of another save or another rank)",
+        )
+    snap = persist.read_checkpoint(where)
+    if snap.origin != where or (entry.digest is not None and persist.manifest_digest(where) != entry.digest):
+        raise CheckpointCorruptError(where / persist.MANIFEST, f"replaced while it was read (read {snap.origin})")
+    problem = _ids_problem(snap.columns["ids"], snap.next_id, entry.watermarks)
+    if problem is None and snap.size != entry.size:
+        problem = f"{snap.size} entries, where the listing says {entry.size}"
+    if problem is None and snap.counters != entry.counters:
+        problem = "other counters than the listing's"
+    if problem is None and snap.config.to_dict() != entry.config.to_dict():
+        problem = "another configuration than the listing's"
+    if problem is None and str(snap.columns["dreams"].dtype).removeprefix("torch.") != entry.dream_dtype:
+        problem = f"dreams of dtype {snap.columns['dreams'].dtype}, where the listing says {entry.dream_dtype}"
+    if problem is not None:
+        raise CheckpointCorruptError(manifest.path, f"shard {rank} ({entry.path}) holds {problem}")
+    return snap
+
+
+def _open_rank(root: Path, manifest: _Manifest, rank: int, world: int, device: Any) -> tuple[DreamPool, dict[int, int]]:
     """This rank's shard of the checkpoint at ``root`` for ``world`` ranks, and its tag watermarks."""
-    manifest = read_manifest(root)
-    shards = manifest["shards"]
-    if manifest["world_size"] == world:  # same layout: the rank's own shard, as saved
-        entry = shards[rank]
-        snap = persist.read_checkpoint(root / entry["path"])
+    if manifest.world_size == world:  # same layout: the rank's own shard, as saved
+        snap = _read_shard(root, manifest, rank)
         pool = checkpointing.build_pool(DreamPool, _rank_config(persist.config_for_load(snap, device)), snap.capacity)
         with pool._lock:
             checkpointing.restore(pool, snap)
-        return pool, {int(t): m for t, m in entry["watermarks"].items()}
+        return pool, dict(manifest.shards[rank].watermarks)
     return _collect(
         root, manifest, lambda tag: tag % world == rank, lambda s: s % world == rank, device, default_tag=rank
     )
@@ -1017,15 +1377,18 @@ def load_merged(path: persist.PathArg, *, device: str | torch.device | None = No
     """The whole sharded checkpoint at ``path`` as one :class:`DreamPool` (ids unchanged).
 
     New ids continue after the highest id ever issued. Used by :meth:`DreamPool.load`.
+
+    Raises:
+        CheckpointCorruptError: a missing, altered or inconsistent manifest or shard, naming the file.
     """
-    root = Path(os.fspath(path))
+    root = _as_root(path)
     pool, _ = _collect(root, read_manifest(root), lambda tag: True, lambda s: True, device, default_tag=0)
     return pool
 
 
 def _collect(
     root: Path,
-    manifest: dict[str, Any],
+    manifest: _Manifest,
     keep_tag: Callable[[int], bool],
     keep_counters: Callable[[int], bool],
     device: Any,
@@ -1037,17 +1400,17 @@ def _collect(
     Counters of the old shards ``keep_counters`` accepts are summed; the new pool
     issues ids in its highest kept tag, after that tag's watermark.
     """
-    shards = manifest["shards"]
-    marks = {int(t): m for entry in shards for t, m in entry["watermarks"].items() if keep_tag(int(t))}
+    shards = manifest.shards
+    marks = {t: m for entry in shards for t, m in entry.watermarks.items() if keep_tag(t)}
     if not marks:
         marks = {default_tag: default_tag << TAG_BITS}
     parts: list[dict[str, torch.Tensor]] = []
     encoder: tuple[str, dict[str, torch.Tensor] | None] = ("features", None)
     capacity: int | None = None  # a shard's resolved capacity (the first shard read)
     for entry in shards:
-        if not any(keep_tag(int(t)) for t in entry["watermarks"]):
+        if not any(keep_tag(t) for t in entry.watermarks):
             continue
-        snap = persist.read_checkpoint(root / entry["path"])
+        snap = _read_shard(root, manifest, entry.rank)
         if encoder[1] is None:  # every shard holds the same encoder state (statistics are refit collectively)
             encoder = (snap.encoder_kind, snap.encoder_state)
         if capacity is None:
@@ -1055,11 +1418,11 @@ def _collect(
         ids = snap.columns["ids"]
         keep = (ids >= 0) & torch.tensor([keep_tag(int(t)) for t in (ids >> TAG_BITS).tolist()], dtype=torch.bool)
         parts.append({name: col[keep] for name, col in snap.columns.items()})
-    config = PoolConfig.from_dict(shards[0]["config"])
+    config = shards[0].config
     if device is not None:
         config = config.replace(device=str(device))
     if config.dream_dtype == "auto":
-        config = config.replace(dream_dtype=shards[0]["dream_dtype"])
+        config = config.replace(dream_dtype=shards[0].dream_dtype)
     columns: dict[str, torch.Tensor] = {}
     if parts:
         columns = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
@@ -1076,8 +1439,8 @@ def _collect(
     counters: dict[str, int] = {}
     for s, entry in enumerate(shards):
         if keep_counters(s):
-            for key, value in entry["counters"].items():
-                counters[key] = counters.get(key, 0) + int(value)
+            for key, value in entry.counters.items():
+                counters[key] = counters.get(key, 0) + value
     issuing = max(marks, key=lambda t: marks[t])
     snap = persist.PoolSnapshot(
         config=pool.config,
