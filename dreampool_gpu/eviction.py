@@ -11,6 +11,7 @@ decide on the host from their own seeded generator and counts, which ride in the
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -335,8 +336,10 @@ class ClassBalanced(_Sampling):
         return {**super().state_dict(), "seen_per_label": seen}
 
     def load_state_dict(self, state: dict[str, Any] | None, bank: TensorBank) -> None:
-        """As :meth:`_Sampling.load_state_dict`; without per-label counts, the residents' are taken (labels
-        beyond ``num_classes`` are dropped)."""
+        """As :meth:`_Sampling.load_state_dict`, and the dreams seen per label (without them: the residents').
+
+        Counts of labels beyond ``num_classes`` are dropped (no such dream can arrive).
+        """
         super().load_state_dict(state, bank)
         self.seen_per_group = [0] * (self.num_classes + 1)
         if state and "seen_per_label" in state:
@@ -401,7 +404,7 @@ class ClassBalanced(_Sampling):
             return gone
 
         replaced: list[int] = []  # within-group order of residents (groups by label, oldest first)
-        start = [sum(residents[:g]) for g in range(groups)]
+        start = [0, *itertools.accumulate(residents)]
         dropped: set[int] = set()
         total = sum(counts)
         for i, label in enumerate(labels):
