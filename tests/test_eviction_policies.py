@@ -126,6 +126,20 @@ def test_reservoir_batches_equal_sequential_algorithm_r(sizes):
     assert pool.counters["added"] + pool.counters["dropped"] == sum(sizes)
 
 
+def test_reservoir_refills_evicted_room_only_by_draws():
+    """Entries evicted beyond the plan (a budget's settling) are not refilled by whatever comes next."""
+    admitted = 0
+    for seed in range(100):
+        pool = _pool(seed=seed)
+        _stream(pool, [10] * 4)  # 40 seen, 8 kept
+        pool._make_room(4)  # the budget's path: 4 random residents leave
+        assert len(pool) == 4
+        admitted += int(pool.add(_dreams(1, 77), coherence=1.0)[0] >= 0)
+        assert len(pool) <= 5
+    # each 41st dream enters with chance 8/41 (about 20 of 100), not always
+    assert 5 <= admitted <= 40
+
+
 def test_reservoir_counts_only_dreams_that_pass_the_gate():
     pool = _pool(coherence_threshold=0.5)
     pool.add(_dreams(10, 0), coherence=torch.tensor([0.9, 0.1] * 5))
