@@ -7,6 +7,7 @@ feedback and a memory budget. See README.md for a tour.
 from __future__ import annotations
 
 from dreampool_gpu.config import PoolConfig
+from dreampool_gpu.distributed import ShardedDreamPool
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.encoders import Encoder, FeatureEncoder
 from dreampool_gpu.errors import DreamPoolError
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     # pool
     "DreamPool",
+    "ShardedDreamPool",
     "Retrieval",
     "PreparedRetrieval",
     "PoolStats",

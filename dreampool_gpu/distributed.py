@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import builtins
 import copy
+import dataclasses
+import datetime
 import errno
 import hashlib
 import json
 import math
 import numbers
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -58,18 +62,12 @@ from dreampool_gpu.errors import (
 )
 from dreampool_gpu.merge import merge_candidates
 from dreampool_gpu.pool import DreamPool, Retrieval
-from dreampool_gpu.rerank import (
-    class_match,
-    hybrid_scores,
-    mmr,
-    mmr_row_bytes,
-    row_chunks,
-    rowwise_cosine,
-)
+from dreampool_gpu.rerank import diversity_stats, mmr_row_bytes, row_chunks
 from dreampool_gpu.retrieval import request, stages
-from dreampool_gpu.retrieval.modes import EMBEDDING_MODES, RERANK_MODES
+from dreampool_gpu.retrieval.modes import EMBEDDING_MODES, MODES, RERANK_MODES
 from dreampool_gpu.retrieval.request import Queries
 from dreampool_gpu.retrieval.topk import empty_results, pad_results
+from dreampool_gpu.stats import CacheStats, PoolStats
 
 TAG_BITS = 40
 SHARDED_FORMAT = "dreampool-sharded-checkpoint"
@@ -84,6 +82,9 @@ _MODES = list(RetrievalMode)
 _ROUTES = ("least_full",)  # routes of a collective add ("local" is not one)
 # fields of PoolConfig that may differ between shards; every other field must agree
 _PER_SHARD_FIELDS = ("capacity", "device", "memory_budget_mb")
+DEFAULT_TIMEOUT_S = 300.0
+"""Seconds a rank waits in one collective of a sharded pool before it raises ``CollectiveError``
+(the ``timeout`` argument of ``ShardedDreamPool``, bounded by the group's own timeout)."""
 
 
 def owner_of(ids: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -128,38 +129,120 @@ def _crc(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+# the retrieve arguments every rank must share, in the order of _Request.fields (after the counts)
+_AGREED = (
+    "mode",
+    "k",
+    "fetch_k",
+    "mmr_lambda",
+    "min_dispersion",
+    "utility_threshold",
+    "classes",
+    "category",
+    "with_dreams",
+    "chroma_metric",
+    "where",
+)
+
+
 @dataclass
 class _Request:
-    """One rank's validated retrieve arguments."""
+    """One rank's checked retrieve: the single pool's request, over this rank's shard.
 
-    mode: RetrievalMode
-    k: int
-    fetch: int
-    lam: float
-    min_dispersion: float
-    threshold: float
-    classes: list[int]
-    q: Queries
-    hint: torch.Tensor
-    categories: torch.Tensor | None
+    ``r.keep`` is this shard's ``where`` mask; ``embedded`` the ``[B, D]`` query
+    embeddings of an embedding mode; ``passing`` the shard's live entries passing
+    ``where``; ``where_print`` a fingerprint of the ``where`` function (0: none).
+    """
+
+    r: request.Request
     embedded: torch.Tensor | None
     with_dreams: bool
+    passing: int
+    where_print: int
 
-    def fields(self, shard_size: int) -> list[int]:
-        """Status fields: this rank's counts, then the arguments every rank must share."""
+    def fields(self) -> list[int]:
+        """Status fields: this rank's counts, then the arguments of :data:`_AGREED`."""
+        r = self.r
         return [
-            self.q.count,
-            shard_size,
-            _MODES.index(self.mode),
-            self.k,
-            self.fetch,
-            _bits(self.lam),
-            _bits(self.min_dispersion),
-            _bits(self.threshold),
-            _crc(repr(self.classes)),
-            int(self.categories is not None),
+            r.q.count,
+            self.passing,
+            _MODES.index(r.mode),
+            r.k,
+            r.fetch,
+            _bits(r.lam),
+            _bits(r.min_dispersion),
+            _bits(r.utility_threshold),
+            _crc(repr(r.classes)),
+            int(r.categories is not None),
             int(self.with_dreams),
+            stages.CHROMA_METRICS.index(r.chroma_metric),
+            self.where_print,
         ]
+
+
+def _shard_where(where: Any) -> Any:
+    """``where`` as a sharded pool takes it: None or a callable of the metadata columns.
+
+    A ``[capacity]`` mask names the slots of one pool; a sharded pool has a bank per
+    shard, so a mask is refused rather than applied to an unknown shard.
+
+    Raises:
+        InvalidInputError: a tensor, array or anything else that is not callable.
+    """
+    if where is None or (callable(where) and not isinstance(where, (torch.Tensor, np.ndarray))):
+        return where
+    raise InvalidInputError(
+        "where",
+        "None or a callable of the metadata columns, run on every shard "
+        "(a [capacity] mask names the slots of one pool, and a sharded pool has one bank per shard)",
+        type(where).__name__,
+    )
+
+
+def _where_print(where: Any) -> int:
+    """A fingerprint of a ``where`` callable's code (0 for None), compared across ranks.
+
+    Functions and lambdas by their bytecode, constants and names (not by the values
+    a closure captures); ``functools.partial`` by its function and arguments; other
+    callables by their type.
+    """
+    if where is None:
+        return 0
+    func = getattr(where, "func", where)  # functools.partial
+    code = getattr(func, "__code__", None)
+    text = type(where).__qualname__ if code is None else repr((code.co_code, code.co_consts, code.co_names))
+    if func is not where:
+        text += repr((getattr(where, "args", ()), sorted(getattr(where, "keywords", {}).items())))
+    return _fingerprint(text.encode())
+
+
+def _seconds(timeout: Any) -> float:
+    """``timeout`` (seconds > 0, or a ``datetime.timedelta``; None: the default) in seconds.
+
+    Raises:
+        InvalidInputError: anything else.
+    """
+    if timeout is None:
+        return DEFAULT_TIMEOUT_S
+    if isinstance(timeout, datetime.timedelta):
+        value = timeout.total_seconds()
+    elif isinstance(timeout, numbers.Real) and not isinstance(timeout, bool):
+        value = float(timeout)
+    else:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidInputError("timeout", "seconds > 0 (a number or a datetime.timedelta) or None", repr(timeout))
+    return value
+
+
+def _group_timeout(group: Any) -> float | None:
+    """The timeout ``group`` was created with, in seconds (None where torch does not say)."""
+    try:
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        backend = pg._get_backend(torch.device("cpu"))
+        return float(backend.options._timeout.total_seconds())
+    except (AttributeError, RuntimeError, ValueError):  # a private API: absent in some versions / backends
+        return None
 
 
 class ShardedDreamPool:
@@ -176,16 +259,23 @@ class ShardedDreamPool:
     Keyword Args:
         group: the process group (default: the world).
         encoder: handed to each shard's :class:`DreamPool` when given.
+        timeout: seconds (or a ``datetime.timedelta``) a rank waits in one collective
+            before it raises :class:`~dreampool_gpu.errors.CollectiveError`; default
+            :data:`DEFAULT_TIMEOUT_S` (300), and never longer than the group's own timeout.
 
     Attributes:
         shard: this rank's :class:`DreamPool`. rank, world_size: within ``group``.
+        timeout: the bound on each collective's wait, in seconds.
     """
 
-    def __init__(self, config: PoolConfig | None = None, *, group: Any = None, encoder: Any = None) -> None:
+    def __init__(
+        self, config: PoolConfig | None = None, *, group: Any = None, encoder: Any = None, timeout: Any = None
+    ) -> None:
         _require_group()
         self._bind(group)
 
         def build() -> DreamPool:
+            self._set_timeout(timeout)
             if config is not None and not isinstance(config, PoolConfig):
                 raise InvalidConfigurationError("config", type(config).__name__, "a PoolConfig (or None)")
             extra = {} if encoder is None else {"encoder": encoder}
@@ -203,6 +293,13 @@ class ShardedDreamPool:
         self.world_size = dist.get_world_size(group)
         nccl = str(dist.get_backend(group)) == "nccl"
         self._comm = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self._group_timeout = _group_timeout(group)
+        self._set_timeout(None)
+
+    def _set_timeout(self, timeout: Any) -> None:
+        """Bound every later collective's wait by ``timeout`` (see :func:`_seconds`) and the group's own."""
+        seconds = _seconds(timeout)
+        self.timeout = seconds if self._group_timeout is None else min(seconds, self._group_timeout)
 
     def _attach(self, shard: DreamPool | None, watermarks: dict[int, int], error: BaseException | None) -> None:
         """Adopt ``shard`` and agree with the other ranks on the configuration and encoder kind (collective).
@@ -237,19 +334,31 @@ class ShardedDreamPool:
         self.total_capacity = int(table[:, 2].sum())
 
     # ----------------------------------------------------------- collectives
-    def _run(self, name: str, fn: Callable[[], Any]) -> Any:
+    def _run(self, name: str, start: Callable[[], Any]) -> None:
+        """Start a collective (``async_op=True``) and wait for it at most :attr:`timeout` seconds.
+
+        Raises:
+            CollectiveError: the collective failed, or did not finish in time (a rank
+                that never entered it). The group is then unusable: the unfinished
+                operation stays posted on the other ranks.
+        """
         try:
-            return fn()
+            work = start()
+            if work is not None:
+                work.wait(timeout=datetime.timedelta(seconds=self.timeout))
         except DreamPoolError:
             raise
         except RuntimeError as exc:  # gloo/NCCL failures and timeouts (DistBackendError is one)
-            raise CollectiveError(self.rank, name, str(exc).splitlines()[0] if str(exc) else repr(exc)) from exc
+            reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            if "timed out" in reason.lower() or "timeout" in reason.lower():
+                reason += f" (waited up to {self.timeout:g} s: a rank that did not enter the call)"
+            raise CollectiveError(self.rank, name, reason) from exc
 
     def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """``[W, *t.shape]`` on the communication device: every rank's ``t``."""
         t = t.to(self._comm).contiguous()
         out = torch.empty((self.world_size, *t.shape), dtype=t.dtype, device=self._comm)
-        self._run("all_gather", lambda: dist.all_gather(list(out.unbind(0)), t, group=self.group))
+        self._run("all_gather", lambda: dist.all_gather(list(out.unbind(0)), t, group=self.group, async_op=True))
         return out
 
     def _all_to_all(self, rows: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
@@ -259,15 +368,23 @@ class ShardedDreamPool:
         self._run(
             "all_to_all",
             lambda: dist.all_to_all_single(
-                out, rows, output_split_sizes=recv, input_split_sizes=send, group=self.group
+                out, rows, output_split_sizes=recv, input_split_sizes=send, group=self.group, async_op=True
             ),
         )
         return out
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self._comm).contiguous()
-        self._run("all_reduce", lambda: dist.all_reduce(t, group=self.group))
+        self._run("all_reduce", lambda: dist.all_reduce(t, group=self.group, async_op=True))
         return t
+
+    def _all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order (two bounded all_gathers; only between
+        ranks of one job: unpickling runs what a peer sent, as ``all_gather_object`` does)."""
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        sizes = self._all_gather(torch.tensor([data.numel()], dtype=torch.int64)).cpu()[:, 0].tolist()
+        table = self._all_gather(_pad_rows(data, max(sizes))).cpu()
+        return [pickle.loads(table[r, :n].numpy().tobytes()) for r, n in enumerate(sizes)]
 
     def _agree(self, fields: list[int], error: BaseException | None) -> torch.Tensor:
         """All-gather ``[failed, *fields]`` int64; raise on every rank when any rank failed.
@@ -289,8 +406,7 @@ class ShardedDreamPool:
                 for k, val in vars(error).items()
             }
             info = (type(error).__name__, str(error), attrs)
-        infos: list[Any] = [None] * self.world_size
-        self._run("all_gather_object", lambda: dist.all_gather_object(infos, info, group=self.group))
+        infos = self._all_gather_objects(info)
         if error is not None:
             raise error
         first = next(r for r, i in enumerate(infos) if i is not None)
@@ -381,7 +497,11 @@ class ShardedDreamPool:
         self._run(
             "gather",
             lambda: dist.gather(
-                rows.to(self._comm), gathered if self.rank == owner else None, dst=owner, group=self.group
+                rows.to(self._comm),
+                gathered if self.rank == owner else None,
+                dst=owner,
+                group=self.group,
+                async_op=True,
             ),
         )
         ids, error = None, None
@@ -400,7 +520,7 @@ class ShardedDreamPool:
             )
         self._agree([], error)
         out = ids.to(self._comm) if ids is not None else torch.empty(sum(counts), dtype=torch.int64, device=self._comm)
-        self._run("broadcast", lambda: dist.broadcast(out, src=owner, group=self.group))
+        self._run("broadcast", lambda: dist.broadcast(out, src=owner, group=self.group, async_op=True))
         start = sum(counts[: self.rank])
         return out[start : start + n].to(shard.device)
 
@@ -420,50 +540,52 @@ class ShardedDreamPool:
         mmr_lambda: float | None = None,
         min_dispersion: float = 0.0,
         with_dreams: bool = False,
+        where: Any = None,
+        chroma_metric: str = "cosine",
     ) -> Retrieval:
         """Retrieve over the whole pool for this rank's queries (collective; any B, 0 included).
 
-        Arguments and result as :meth:`DreamPool.retrieve`; every rank must pass the
-        same mode, k, fetch_k, mmr_lambda, min_dispersion, utility_threshold, classes,
-        with_dreams, and give a category filter or not alike. The result equals that
-        of one :class:`DreamPool` holding every shard's entries in global id order.
+        Arguments and result as :meth:`DreamPool.retrieve`, except ``where``: None or a
+        callable of the metadata columns (as :meth:`DreamPool.retrieve` passes them), run
+        on every shard over that shard's entries (a ``[capacity]`` mask is refused:
+        it names the slots of one pool). Every rank must pass the same mode, k,
+        fetch_k, mmr_lambda, min_dispersion, utility_threshold, classes, with_dreams,
+        chroma_metric and ``where`` function (compared by its code), and give a
+        category filter or not alike; a difference raises ``InvalidInputError`` naming
+        the argument, on every rank. The result equals that of one :class:`DreamPool`
+        holding every shard's entries in global id order.
         """
         shard = self.shard
-        req, error = self._local(
-            lambda: self._parse(
-                queries,
-                k,
-                mode,
-                class_hint,
-                classes,
-                category,
-                utility_threshold,
-                utility_prior,
-                fetch_k,
-                mmr_lambda,
-                min_dispersion,
-                with_dreams,
-            )
+        options = dict(
+            k=k,
+            mode=mode,
+            class_hint=class_hint,
+            classes=classes,
+            category=category,
+            utility_threshold=utility_threshold,
+            utility_prior=utility_prior,
+            fetch_k=fetch_k,
+            mmr_lambda=mmr_lambda,
+            min_dispersion=min_dispersion,
+            where=where,
+            chroma_metric=chroma_metric,
         )
-        fields = [0] * 11 if req is None else req.fields(shard.bank.size)
+        req, error = self._local(lambda: self._parse(queries, options, with_dreams))
+        fields = [0] * (2 + len(_AGREED)) if req is None else req.fields()
         table = self._agree([*fields, shard.counters["added"]], error)
-        if bool((table[:, 2:-1] != table[0, 2:-1]).any()):
-            raise InvalidInputError(
-                "retrieve arguments",
-                "the same mode, k, fetch_k, mmr_lambda, "
-                "min_dispersion, utility_threshold, classes, category filter and "
-                "with_dreams on every rank",
-                "different values",
-            )
+        for i, name in enumerate(_AGREED):
+            column = table[:, 2 + i]
+            if bool((column != column[0]).any()):
+                differ = torch.nonzero(column != column[0]).squeeze(1).tolist()
+                raise InvalidInputError(name, "the same value on every rank", f"rank(s) {differ} differ from rank 0")
         self._refit_if_due(int(table[:, -1].sum()))
-        table = table[:, :-1]
         counts, sizes = table[:, 0].tolist(), table[:, 1].tolist()
-        if req.mode is RetrievalMode.DIVERSE:
+        if req.r.mode is RetrievalMode.DIVERSE:
             scores, ids = self._diverse(req, sizes)
         else:
             scores, ids = self._sharded_topk(req, counts)
         with shard._lock:
-            shard.counters["queries"] += req.q.count
+            shard.counters["queries"] += req.r.q.count
         flat = ids.reshape(-1)
         self._count_usage(flat, [c * ids.shape[1] for c in counts])
         dreams = None
@@ -536,54 +658,36 @@ class ShardedDreamPool:
             candidate.set_statistics(mean, var, fitted_on=added)
             shard._install_embeddings(*shard._embed_live(candidate), candidate)
 
-    def _parse(
-        self,
-        queries: Any,
-        k: Any,
-        mode: Any,
-        class_hint: Any,
-        classes: Any,
-        category: Any,
-        utility_threshold: Any,
-        utility_prior: Any,
-        fetch_k: Any,
-        mmr_lambda: Any,
-        min_dispersion: Any,
-        with_dreams: Any,
-    ) -> _Request:
+    def _parse(self, queries: Any, options: dict[str, Any], with_dreams: Any) -> _Request:
         """This rank's retrieve arguments, checked by the single pool's :func:`request.check_request`.
 
-        ``k`` and ``fetch_k`` are bounded by the whole sharded pool's capacity.
+        ``k`` and ``fetch_k`` are bounded by the whole sharded pool's capacity; ``where``
+        is evaluated on this rank's shard.
         """
         shard = self.shard
+        where = _shard_where(options["where"])
         with shard._lock:
-            r = request.check_request(
-                shard, queries, k=k, mode=mode, class_hint=class_hint, classes=classes, category=category,
-                utility_threshold=utility_threshold, utility_prior=utility_prior, fetch_k=fetch_k,
-                mmr_lambda=mmr_lambda, min_dispersion=min_dispersion, where=None, chroma_metric="cosine",
-                total_capacity=self.total_capacity,
-            )  # fmt: skip
+            r = request.check_request(shard, queries, **options, total_capacity=self.total_capacity)
             embedded = shard._query_embeddings(r.q, r.hint, r.prior) if r.mode in EMBEDDING_MODES else None
-            return _Request(
-                r.mode, r.k, r.fetch, r.lam, r.min_dispersion, r.utility_threshold, r.classes, r.q, r.hint,
-                r.categories, embedded, bool(with_dreams),
-            )  # fmt: skip
+            alive = shard.bank.alive()
+            passing = int((alive if r.keep is None else alive & r.keep).sum())
+        return _Request(r, embedded, v.check_flag(with_dreams, "with_dreams"), passing, _where_print(where))
 
     def _sharded_topk(self, req: _Request, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather queries, take each shard's candidates, send them to the owners, merge (and re-rank)."""
-        shard, mode, b = self.shard, req.mode, req.q.count
+        shard, r, b = self.shard, req.r, req.r.q.count
         nmax = max(counts)
-        if mode in EMBEDDING_MODES:
-            cats = req.categories if req.categories is not None else torch.full((b,), -1, device=shard.device)
+        if r.mode in EMBEDDING_MODES:
+            cats = r.categories if r.categories is not None else torch.full((b,), -1, device=shard.device)
             # the parse set these: embeddings for an embedding mode, query chroma for a chroma mode
             mine = {"embedded": cast(torch.Tensor, req.embedded), "category": cats.long()}
         else:
-            mine = {"chroma": cast(torch.Tensor, req.q.chroma), "hint": req.hint}
+            mine = {"chroma": cast(torch.Tensor, r.q.chroma), "hint": r.hint}
         rows, layout = _pack({name: _pad_rows(t, nmax) for name, t in mine.items()}, nmax)
         table = self._all_gather(rows)
-        everyone = _unpack(torch.cat([table[r, :c] for r, c in enumerate(counts)]), layout)
+        everyone = _unpack(torch.cat([table[rank, :c] for rank, c in enumerate(counts)]), layout)
         everyone = {name: t.to(shard.device) for name, t in everyone.items()}
-        width = max(req.fetch, req.k) if mode in RERANK_MODES else req.k
+        width = max(r.fetch, r.k) if r.mode in RERANK_MODES else r.k
         with shard._lock:
             cand = self._candidates(req, everyone, width)
         blocks = cand["scores"].shape[1]
@@ -591,23 +695,30 @@ class ShardedDreamPool:
         received = self._all_to_all(packed, counts, [b] * self.world_size)
         got = _unpack(received.reshape(self.world_size, b, packed.shape[1]).transpose(0, 1), cand_layout)
         got = {name: t.to(shard.device) for name, t in got.items()}  # each [b, W, blocks, width, ...]
-        if mode not in RERANK_MODES:
-            parts = [merge_candidates(got["scores"][:, :, j], got["ids"][:, :, j], req.k)[:2] for j in range(blocks)]
+        if r.mode not in RERANK_MODES:
+            parts = [merge_candidates(got["scores"][:, :, j], got["ids"][:, :, j], r.k)[:2] for j in range(blocks)]
             return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
         return self._rerank(req, got, width)
 
     def _candidates(self, req: _Request, q_all: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
-        """This shard's best ``width`` per gathered query: ``[T, blocks, width]`` scores and ids (+ payload)."""
-        shard, mode = self.shard, req.mode
-        bank = shard.bank
-        if mode in EMBEDDING_MODES:
-            embedded = q_all["embedded"]
-            cats = q_all["category"] if req.categories is not None else None
-            scores, slots = shard._knn(embedded, width, cats) if embedded.shape[0] else empty_results(0, shard.device)
+        """This shard's best ``width`` per gathered query: ``[T, blocks, width]`` scores and ids (+ payload).
+
+        Chroma modes run the single pool's row of the mode table (:data:`MODES`) on this
+        shard, with the gathered queries; embedding modes take the engine's k-NN
+        (:func:`stages.knn`), the candidate stage of their row. ``where`` is this shard's mask.
+        """
+        shard, r = self.shard, req.r
+        bank, count = shard.bank, next(iter(q_all.values())).shape[0]
+        if r.mode in EMBEDDING_MODES:
+            cats = q_all["category"] if r.categories is not None else None
+            if count:
+                scores, slots = stages.knn(bank, shard.index, shard.config, q_all["embedded"], width, cats, r.keep)
+            else:
+                scores, slots = empty_results(0, shard.device)
             if scores.shape[1] < width:  # no queries: keep the [0, width] layout
                 scores, slots = pad_results(scores, slots, width)
             out = {"scores": scores.float()[:, None], "ids": bank.gather("ids", slots)[:, None]}
-            if mode in RERANK_MODES:
+            if r.mode in RERANK_MODES:
                 out.update(
                     util=bank.gather("util_mean", slots)[:, None],
                     label=bank.gather("class_label", slots)[:, None],
@@ -615,38 +726,27 @@ class ShardedDreamPool:
                     points=bank.gather("chroma", slots)[:, None],
                 )
             return out
-        chroma, k = q_all["chroma"], req.k
-        count = int(chroma.shape[0])
-
-        def top(rows: torch.Tensor | slice, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-            return stages.chroma_candidates(
-                bank, chroma[rows], k, mask, metric="cosine", chunk_mb=shard.config.search_chunk_mb
+        blocks = len(r.classes) if r.mode is RetrievalMode.BALANCED else 1
+        if count == 0:
+            scores, slots = empty_results(0, shard.device)
+        else:
+            everyone = dataclasses.replace(
+                r,
+                q=Queries(count, chroma=q_all["chroma"]),
+                hint=q_all["hint"],
+                prior=torch.zeros(count, device=shard.device),
+                categories=None,
             )
-
-        every = slice(None)
-        labels = bank.columns["class_label"]
-        if mode is RetrievalMode.SIMILAR:
-            parts = [top(every)]
-        elif mode is RetrievalMode.CLASS:
-            parts = [stages.by_value(q_all["hint"], k, lambda rows, c: top(rows, (labels == c)[None, :]))]
-        elif mode is RetrievalMode.BALANCED:
-            parts = [top(every, (labels == c)[None, :]) for c in req.classes]
-        else:  # utility
-            parts = [top(every, (bank.columns["utility"] >= req.threshold)[None, :])]
-        if not parts:
-            return {
-                "scores": torch.empty(count, 0, k, device=shard.device),
-                "ids": torch.empty(count, 0, k, dtype=torch.int64, device=shard.device),
-            }
+            scores, slots = MODES[r.mode].run(shard, everyone)
         return {
-            "scores": torch.stack([p[0].float() for p in parts], dim=1),
-            "ids": torch.stack([bank.gather("ids", p[1]) for p in parts], dim=1),
+            "scores": scores.float().reshape(count, blocks, r.k),
+            "ids": bank.gather("ids", slots).reshape(count, blocks, r.k),
         }
 
     def _rerank(self, req: _Request, got: dict[str, torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft/hybrid at the query's owner: merged candidates -> hybrid base score -> MMR -> k."""
-        shard, b = self.shard, req.q.count
-        if req.k == 0:
+        """Soft/hybrid at the query's owner: merged candidates -> the single pool's hybrid re-rank -> k."""
+        shard, r, b = self.shard, req.r, req.r.q.count
+        if r.k == 0:
             return empty_results(b, shard.device)
         sim, cand, pos = merge_candidates(got["scores"][:, :, 0], got["ids"][:, :, 0], width)
         valid = cand >= 0
@@ -665,46 +765,51 @@ class ShardedDreamPool:
         row_bytes = 2 * width * (4 * d + 4 * p) + 64 * width + mmr_row_bytes(width, d)
         score_parts, id_parts = [], []
         for rows in row_chunks(b, row_bytes, shard.config.rerank_chunk_mb):
-            match = class_match(label[rows].long(), req.hint[rows])
-            base = hybrid_scores(sim[rows].masked_fill(~valid[rows], float("-inf")), util[rows], match, shard.weights)
-            picks, scores = mmr(
-                base,
+            picks, scores = stages.hybrid_rerank(
+                sim[rows],
+                valid[rows],
+                util[rows],
+                label[rows],
                 vectors[rows],
-                req.k,
-                mmr_lambda=req.lam,
-                delta=shard.weights.delta,
-                min_dispersion=req.min_dispersion,
-                points=points[rows],
+                points[rows],
+                r.hint[rows],
+                r.k,
+                r.lam,
+                r.min_dispersion,
+                shard.weights,
             )
             score_parts.append(scores)
             id_parts.append(torch.where(picks >= 0, cand[rows].gather(1, picks.clamp(min=0)), picks))
         return torch.cat(score_parts), torch.cat(id_parts)
 
     def _diverse(self, req: _Request, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """MMR over the whole pool: every shard's (id, chroma) gathered, then run at the query's owner."""
-        shard, q = self.shard, req.q
-        query_chroma = cast(torch.Tensor, q.chroma)  # diverse is a chroma mode: its queries carry chroma
+        """MMR over the whole pool: every shard's (id, chroma) passing ``where`` gathered, then
+        :func:`stages.diverse_over` at the query's owner."""
+        shard, r = self.shard, req.r
         nmax = max(sizes)
         with shard._lock:
             by_age = shard.bank.slots_by_age()
+            if r.keep is not None:
+                by_age = by_age[r.keep[by_age]]
             mine = {"ids": shard.bank.columns["ids"][by_age], "chroma": shard.bank.columns["chroma"][by_age]}
             rows, layout = _pack({name: _pad_rows(t, nmax) for name, t in mine.items()}, nmax)
         table = self._all_gather(rows)
-        union = _unpack(torch.cat([table[r, :c] for r, c in enumerate(sizes)]), layout)
+        union = _unpack(torch.cat([table[rank, :c] for rank, c in enumerate(sizes)]), layout)
         order = union["ids"].argsort(stable=True)
         ids = union["ids"][order].to(shard.device)
         chroma = union["chroma"][order].to(shard.device)
-        n = ids.numel()
-        row_bytes = 4 * n + mmr_row_bytes(n, chroma.shape[1], shared=True)
-        parts = []
-        for part_rows in row_chunks(q.count, row_bytes, shard.config.rerank_chunk_mb):
-            relevance = rowwise_cosine(query_chroma[part_rows], chroma)
-            parts.append(
-                mmr(relevance, chroma, req.k, mmr_lambda=req.lam, min_dispersion=req.min_dispersion, points=chroma)
-            )
-        picks = torch.cat([p[0] for p in parts])
-        scores = torch.cat([p[1] for p in parts])
-        out = torch.where(picks >= 0, ids[picks.clamp(min=0)] if n else picks, picks)
+        query_chroma = cast(torch.Tensor, r.q.chroma)  # diverse is a chroma mode: its queries carry chroma
+        scores, picks = stages.diverse_over(
+            query_chroma,
+            chroma,
+            r.k,
+            r.lam,
+            r.min_dispersion,
+            None,
+            metric=r.chroma_metric,
+            chunk_mb=shard.config.rerank_chunk_mb,
+        )
+        out = torch.where(picks >= 0, ids[picks.clamp(min=0)] if ids.numel() else picks, picks)
         return scores, out
 
     def _count_usage(self, ids: torch.Tensor, counts: list[int]) -> None:
@@ -834,13 +939,114 @@ class ShardedDreamPool:
         out = self._lookup(flat, counts, names)
         return {n: t.reshape(*shape, *t.shape[1:]) for n, t in out.items()}
 
-    def stats(self) -> dict[str, Any]:
-        """Totals over the shards (size, capacity, counters) and each shard's ``DreamPool.stats().to_dict()``."""
-        mine = self.shard.stats().to_dict()
-        every: list[Any] = [None] * self.world_size
-        self._run("all_gather_object", lambda: dist.all_gather_object(every, mine, group=self.group))
-        totals = {key: sum(s[key] for s in every) for key in ("size", "capacity", *COUNTERS)}
-        return {"world_size": self.world_size, **totals, "shards": every}
+    def diversity(self, ids: Any) -> dict[str, torch.Tensor]:
+        """Diversity of each result set, as :meth:`DreamPool.diversity` (collective: chroma fetched from the owners).
+
+        Args:
+            ids: ``[B, k]`` global ids, e.g. ``retrieve(...).ids``; -1 and evicted ids are left out.
+
+        Returns:
+            ``{"mean", "min", "max"}``, each ``[B]`` float32; NaN for a set with fewer than two live entries.
+        """
+
+        def check() -> None:
+            t = v.as_tensor(ids, "ids")
+            if t.dim() != 2:
+                raise errors.DimensionMismatchError("[B, k] ids", list(t.shape), "ids")
+
+        _, error = self._local(check)
+        flat, counts, _ = self._route_ids(ids, error)
+        found = self._lookup(flat, counts, ("chroma",))
+        b, k = v.as_tensor(ids, "ids").shape
+        return diversity_stats(found["chroma"].reshape(b, k, -1), found["found"].reshape(b, k))
+
+    def sample(self, n: int, *, where: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Ids of ``min(n, m)`` draws, uniform with replacement, from the ``m`` live entries of the
+        whole pool passing ``where`` (collective; each rank passes its own ``n``, 0 included).
+
+        As :meth:`DreamPool.sample`, over the union of the shards indexed in global id
+        order: with the same ``generator`` state, the draw is the one a single pool
+        holding the union in global id order makes. ``where`` is None or a callable of
+        the metadata columns, run on every shard (a mask is refused, as in :meth:`retrieve`).
+        Costs one status all_gather, one all_gather of each shard's (tag, count) pairs,
+        one all_gather of the draws and one all_reduce of their ids.
+
+        Returns:
+            ``[min(n, m)]`` int64 global ids on this shard's device.
+
+        Raises:
+            InvalidInputError: (on every rank) ``n`` not an int >= 0, a bad ``where`` or ``generator`` on some rank.
+        """
+        shard = self.shard
+
+        def parse() -> tuple[int, torch.Tensor]:
+            count = v.check_count(n, "n")
+            if generator is not None and not isinstance(generator, torch.Generator):
+                raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
+            with shard._lock:
+                keep = request.where_mask(_shard_where(where), shard.bank, shard.device)
+                slots = shard.bank.slots_by_age()
+                if keep is not None:
+                    slots = slots[keep[slots]]
+                return count, shard.bank.columns["ids"][slots].sort().values.cpu()
+
+        parsed, error = self._local(parse)
+        table = self._agree([0 if parsed is None else parsed[0]], error)
+        ids = cast("tuple[int, torch.Tensor]", parsed)[1]  # parsed: _agree raised on every rank otherwise
+        tags, per_tag = (ids >> TAG_BITS).unique_consecutive(return_counts=True)  # ids sorted: tags too
+        pairs = list(zip(tags.tolist(), per_tag.tolist(), strict=True))
+        listing = sorted(pair for part in self._all_gather_objects(pairs) for pair in part)  # tags are unique
+        total = sum(c for _, c in listing)
+        draws = [min(int(c), total) for c in table[:, 0].tolist()]
+        if max(draws) == 0:
+            return torch.empty(0, dtype=torch.int64, device=shard.device)
+        # a draw is a position in the union (tag-major = global id order), sent as (tag, index within tag)
+        pos = torch.randint(total, (draws[self.rank],), generator=generator) if draws[self.rank] else ids[:0]
+        all_tags = torch.tensor([t for t, _ in listing], dtype=torch.int64)
+        sizes = torch.tensor([c for _, c in listing], dtype=torch.int64)
+        ends = sizes.cumsum(0)
+        which = torch.searchsorted(ends, pos, right=True)
+        keys = (all_tags[which] << TAG_BITS) + pos - (ends - sizes)[which]
+        asked = self._all_gather(_pad_rows(keys, max(draws))).cpu()  # [W, max draws], -1 padding
+        mine = (asked >= 0) & (owner_of(asked, self.world_size) == self.rank)
+        first = torch.searchsorted(ids, (asked >> TAG_BITS) << TAG_BITS)  # my first id of the key's tag
+        at = (first + (asked & ((1 << TAG_BITS) - 1))).clamp(max=max(ids.numel() - 1, 0))
+        answer = torch.where(mine, ids[at] if ids.numel() else torch.zeros_like(asked), torch.zeros_like(asked))
+        answer = self._all_reduce(answer).cpu()  # every key answered by its one owner
+        return answer[self.rank, : draws[self.rank]].to(shard.device)
+
+    def __len__(self) -> int:
+        """Live entries of the whole pool: a collective (one all_reduce), so every rank calls ``len`` alike.
+
+        A sharded pool is always true (``bool(pool)`` is no collective): test ``len(pool) == 0``.
+        """
+        return int(self._all_reduce(torch.tensor([self.shard.bank.size], dtype=torch.int64))[0])
+
+    def __bool__(self) -> bool:
+        return True
+
+    def to(self, device: str | torch.device) -> ShardedDreamPool:
+        """Move this rank's shard to ``device`` in place and return the pool (no communication).
+
+        Each rank moves its own shard (e.g. to ``cuda:LOCAL_RANK``), as :meth:`DreamPool.to`.
+        Under NCCL, later collectives run on the shard's CUDA device.
+
+        Raises:
+            As :meth:`DreamPool.to` (the shard is then unchanged).
+        """
+        self.shard.to(device)
+        if self.shard.device.type == "cuda" and "nccl" in str(dist.get_backend(self.group)):
+            self._comm = self.shard.device
+        return self
+
+    def stats(self) -> ShardedPoolStats:
+        """The whole pool's :class:`ShardedPoolStats` (collective): a :class:`PoolStats` of totals,
+        plus ``world_size`` and each shard's own ``PoolStats`` (``shards``, in rank order).
+
+        ``stats["size"]``, ``stats["world_size"]``, ``stats["added"]`` and
+        ``stats["shards"][r]["size"]`` read the plain dict (``to_dict``), as before.
+        """
+        return _sharded_stats(self._all_gather_objects(self.shard.stats()), self.rank)
 
     # ----------------------------------------------------------- persistence
     def save(self, path: persist.PathArg) -> None:
@@ -877,8 +1083,7 @@ class ShardedDreamPool:
         try:
             entry, error = self._local(lambda: self._write_shard(root, generation))
             self._agree([], error)
-            entries: list[Any] = [None] * self.world_size
-            self._run("all_gather_object", lambda: dist.all_gather_object(entries, entry, group=self.group))
+            entries = self._all_gather_objects(entry)
             error = None
             if self.rank == 0:
                 _, error = self._local(lambda: _commit_manifest(root, generation, entries))
@@ -925,7 +1130,12 @@ class ShardedDreamPool:
 
     @classmethod
     def load(
-        cls, path: persist.PathArg, *, group: Any = None, device: str | torch.device | None = None
+        cls,
+        path: persist.PathArg,
+        *,
+        group: Any = None,
+        device: str | torch.device | None = None,
+        timeout: Any = None,
     ) -> ShardedDreamPool:
         """Open a sharded checkpoint (collective), at its world size or another one.
 
@@ -933,6 +1143,7 @@ class ShardedDreamPool:
         At the saved world size each rank reads its own shard. At another, each rank
         reads the shards holding ids it now owns (``(id >> 40) % world_size``) and
         keeps those entries, ids and all columns unchanged; capacities grow to hold them.
+        ``timeout`` as in :class:`ShardedDreamPool`.
 
         Raises:
             CheckpointCorruptError: (on every rank) a missing, altered or inconsistent
@@ -944,6 +1155,7 @@ class ShardedDreamPool:
         pool._bind(group)
 
         def check() -> tuple[Path, _Manifest, list[int]]:
+            pool._set_timeout(timeout)
             root = _as_root(path)
             data = _manifest_bytes(root)
             if data is None:
@@ -1009,6 +1221,66 @@ class ShardedDreamPool:
             raise
         self._watermarks = done[1]
         self._issuing = max(self._watermarks, key=lambda t: self._watermarks[t])
+
+
+@dataclass(frozen=True)
+class ShardedPoolStats(PoolStats):
+    """A sharded pool's :class:`PoolStats`: totals over the shards, plus each shard's own.
+
+    Summed over the shards: size, capacity, counters, bytes, index bytes and the cache's
+    size, hits and misses (acceptance and hit rates from the sums); the means weighted
+    by each shard's size; ``engine`` the shards' engine kinds, comma-joined when they
+    differ. This rank's shard's: ``device``, ``next_id`` (the id its next local add
+    issues), ``memory`` and ``search`` (facts of one device and one index).
+
+    Attributes:
+        world_size: ranks in the group. shards: every shard's :class:`PoolStats`, in rank order.
+    """
+
+    world_size: int
+    shards: tuple[PoolStats, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """:meth:`PoolStats.to_dict`, plus ``world_size`` and ``shards`` (each shard's ``to_dict()``)."""
+        return {**super().to_dict(), "world_size": self.world_size, "shards": [s.to_dict() for s in self.shards]}
+
+
+def _sharded_stats(every: list[PoolStats], rank: int) -> ShardedPoolStats:
+    """Every shard's stats (rank order) as the whole pool's, seen from ``rank``."""
+    mine, size = every[rank], sum(s.size for s in every)
+    counters = {name: sum(int(s.counters[name]) for s in every) for name in COUNTERS}
+    added, rejected = counters["added"], counters["rejected"]
+    hits, misses = sum(s.cache.hits for s in every), sum(s.cache.misses for s in every)
+    bytes_by_column = {name: sum(s.bytes_by_column.get(name, 0) for s in every) for name in mine.bytes_by_column}
+
+    def mean(name: str) -> float:
+        return sum(getattr(s, name) * s.size for s in every) / size if size else 0.0
+
+    return ShardedPoolStats(
+        size=size,
+        capacity=sum(s.capacity for s in every),
+        device=mine.device,
+        engine=",".join(dict.fromkeys(s.engine for s in every)),
+        next_id=mine.next_id,
+        counters=counters,
+        acceptance_rate=added / max(1, added + rejected),
+        mean_coherence=mean("mean_coherence"),
+        mean_energy=mean("mean_energy"),
+        mean_violation=mean("mean_violation"),
+        bytes_by_column=bytes_by_column,
+        bank_bytes=sum(s.bank_bytes for s in every),
+        index_bytes=sum(s.index_bytes for s in every),
+        memory=mine.memory,
+        search=mine.search,
+        cache=CacheStats(
+            size=sum(s.cache.size for s in every),
+            hits=hits,
+            misses=misses,
+            hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+        ),
+        world_size=len(every),
+        shards=tuple(every),
+    )
 
 
 def _state_watermarks(raw: Any, rank: int, world: int) -> dict[int, int]:

@@ -13,11 +13,11 @@ import inspect
 import pytest
 
 import dreampool_gpu
-from dreampool_gpu import DreamPool, PoolConfig, PoolStats
-from dreampool_gpu.distributed import ShardedDreamPool
+from dreampool_gpu import DreamPool, PoolConfig, PoolStats, ShardedDreamPool
 
 ALL = [
     "DreamPool",
+    "ShardedDreamPool",
     "Retrieval",
     "PreparedRetrieval",
     "PoolStats",
@@ -63,22 +63,25 @@ SIGNATURES = {
         "to": "device",
     },
     "ShardedDreamPool": {
-        "__init__": "config=None, *group=None, *encoder=None",
+        "__init__": "config=None, *group=None, *encoder=None, *timeout=None",
         "add": ("dreams, *coherence, *energy=None, *violation=None, *class_labels=None, *force=False, *route='local'"),
+        "diversity": "ids",
         "dreams": "ids",
         "feedback": "ids, utility",
-        "load": "path, *group=None, *device=None",
+        "load": "path, *group=None, *device=None, *timeout=None",
         "load_state_dict": "state_dict",
         "metadata": "ids",
         "refit_statistics": "*fitted_on=None",
         "retrieve": (
             "queries, *k=None, *mode=None, *class_hint=None, *classes=None, *category=None, "
             "*utility_threshold=0.0, *utility_prior=None, *fetch_k=None, *mmr_lambda=None, "
-            "*min_dispersion=0.0, *with_dreams=False"
+            "*min_dispersion=0.0, *with_dreams=False, *where=None, *chroma_metric='cosine'"
         ),
+        "sample": "n, *where=None, *generator=None",
         "save": "path",
         "state_dict": "",
         "stats": "",
+        "to": "device",
     },
     "PoolConfig": {
         "__init__": (

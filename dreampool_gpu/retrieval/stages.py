@@ -287,27 +287,47 @@ def diverse(
     metric: str,
     chunk_mb: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MMR over the whole pool (``keep``'s entries) on chroma signatures (candidates oldest first).
-
-    Queries (``[B, 3]`` chroma) go through in chunks whose ``[b, n]`` relevance and MMR
-    state stay under ``chunk_mb``; on CPU every row is bit-identical to an unchunked
-    run (on CUDA up to cuBLAS rounding, see ``rerank.rowwise_cosine``).
-    """
+    """MMR over the whole pool (``keep``'s entries) on chroma signatures (candidates oldest first)."""
     by_age = bank.slots_by_age()
-    chroma = bank.columns["chroma"][by_age]
-    n = by_age.numel()
+    excluded = None if keep is None else ~keep[by_age]
+    scores, picks = diverse_over(
+        queries, bank.columns["chroma"][by_age], k, lam, min_dispersion, excluded, metric=metric, chunk_mb=chunk_mb
+    )
+    slots = torch.where(picks >= 0, by_age[picks.clamp(min=0)] if by_age.numel() else picks, picks)
+    return scores, slots
+
+
+def diverse_over(
+    queries: torch.Tensor,
+    chroma: torch.Tensor,
+    k: int,
+    lam: float,
+    min_dispersion: float,
+    excluded: torch.Tensor | None,
+    *,
+    metric: str,
+    chunk_mb: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MMR of ``queries`` (``[B, 3]`` chroma) over candidates ``chroma`` ``[n, 3]`` (oldest first).
+
+    ``excluded``: ``[n]`` bool, candidates that never qualify (None: none). Queries go
+    through in chunks whose ``[b, n]`` relevance and MMR state stay under ``chunk_mb``;
+    on CPU every row is bit-identical to an unchunked run (on CUDA up to cuBLAS
+    rounding, see ``rerank.rowwise_cosine``). Returns ``[B, k]`` (scores, candidate
+    positions), -1 padding. The sharded pool runs it over the union of its shards.
+    """
+    n = chroma.shape[0]
     row_bytes = 4 * n + mmr_row_bytes(n, chroma.shape[1], shared=True)  # relevance + MMR state
     parts = []
     for rows in row_chunks(queries.shape[0], row_bytes, chunk_mb):
         # chroma scores as in chroma_candidates: batch-size invariant, so chunks change nothing
         relevance = chroma_scores(queries[rows], chroma, metric)
-        if keep is not None:  # -inf marks a filtered candidate for mmr: no host round trip
-            relevance = relevance.masked_fill(~keep[by_age][None, :], float("-inf"))
+        if excluded is not None:  # -inf marks a filtered candidate for mmr: no host round trip
+            relevance = relevance.masked_fill(excluded[None, :], float("-inf"))
         parts.append(mmr_unchecked(relevance, chroma, k, mmr_lambda=lam, min_dispersion=min_dispersion, points=chroma))
     picks = torch.cat([p[0] for p in parts])
     scores = torch.cat([p[1] for p in parts])
-    slots = torch.where(picks >= 0, by_age[picks.clamp(min=0)] if n else picks, picks)
-    return scores, slots
+    return scores, picks
 
 
 def hybrid(
@@ -337,22 +357,48 @@ def hybrid(
     score_parts, slot_parts = [], []
     for rows in row_chunks(candidates.shape[0], row_bytes, chunk_mb):
         cand = candidates[rows]
-        valid = cand >= 0
-        util = bank.gather("util_mean", cand)
-        match = class_match(bank.gather("class_label", cand).long(), hint[rows])
-        sim = similarity[rows].masked_fill(~valid, float("-inf"))
-        base = hybrid_scores(sim, util, match, weights)
-        vectors = bank.gather("embeddings", cand)
-        points = bank.gather("chroma", cand)
-        picks, scores = mmr_unchecked(
-            base,
-            vectors,
+        picks, scores = hybrid_rerank(
+            similarity[rows],
+            cand >= 0,
+            bank.gather("util_mean", cand),
+            bank.gather("class_label", cand),
+            bank.gather("embeddings", cand),
+            bank.gather("chroma", cand),
+            hint[rows],
             k,
-            mmr_lambda=lam,
-            delta=weights.delta,
-            min_dispersion=min_dispersion,
-            points=points,
+            lam,
+            min_dispersion,
+            weights,
         )
         score_parts.append(scores)
         slot_parts.append(torch.where(picks >= 0, cand.gather(1, picks.clamp(min=0)), picks))
     return torch.cat(score_parts), torch.cat(slot_parts)
+
+
+def hybrid_rerank(
+    similarity: torch.Tensor,
+    valid: torch.Tensor,
+    util: torch.Tensor,
+    labels: torch.Tensor,
+    vectors: torch.Tensor,
+    points: torch.Tensor,
+    hint: torch.Tensor,
+    k: int,
+    lam: float,
+    min_dispersion: float,
+    weights: HybridWeights,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gathered candidates -> hybrid base score -> MMR: ``[b, k]`` (candidate positions, scores).
+
+    Args:
+        similarity, valid, util, labels: ``[b, m]`` engine score, candidate present,
+            ``util_mean`` and class label of each candidate. vectors: ``[b, m, D]``
+            embeddings; points: ``[b, m, 3]`` chroma. hint: ``[b]`` class hints (-1 none).
+
+    Used by :func:`hybrid` (one bank) and the sharded pool (candidates of every shard).
+    """
+    match = class_match(labels.long(), hint)
+    base = hybrid_scores(similarity.masked_fill(~valid, float("-inf")), util, match, weights)
+    return mmr_unchecked(
+        base, vectors, k, mmr_lambda=lam, delta=weights.delta, min_dispersion=min_dispersion, points=points
+    )
