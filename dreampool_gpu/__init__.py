@@ -7,8 +7,8 @@ feedback and a memory budget. See README.md for a tour.
 from __future__ import annotations
 
 from dreampool_gpu.config import PoolConfig
-from dreampool_gpu.distributed import ShardedDreamPool
 from dreampool_gpu.devices import resolve_device
+from dreampool_gpu.distributed import ShardedDreamPool
 from dreampool_gpu.encoders import Encoder, FeatureEncoder
 from dreampool_gpu.errors import DreamPoolError
 from dreampool_gpu.fitting import FitReport

@@ -958,7 +958,8 @@ class ShardedDreamPool:
         flat, counts, _ = self._route_ids(ids, error)
         found = self._lookup(flat, counts, ("chroma",))
         b, k = v.as_tensor(ids, "ids").shape
-        return diversity_stats(found["chroma"].reshape(b, k, -1), found["found"].reshape(b, k))
+        chroma = found["chroma"]
+        return diversity_stats(chroma.reshape(b, k, *chroma.shape[1:]), found["found"].reshape(b, k))
 
     def sample(self, n: int, *, where: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Ids of ``min(n, m)`` draws, uniform with replacement, from the ``m`` live entries of the
