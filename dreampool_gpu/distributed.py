@@ -34,6 +34,7 @@ import pickle
 import re
 import shutil
 import struct
+import types
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
@@ -202,18 +203,32 @@ def _shard_where(where: Any) -> Any:
 def _where_print(where: Any) -> int:
     """A fingerprint of a ``where`` callable's code (0 for None), compared across ranks.
 
-    Functions and lambdas by their bytecode, constants and names (not by the values
-    a closure captures); ``functools.partial`` by its function and arguments; other
-    callables by their type.
+    Functions and lambdas by their bytecode, constants and names, nested code (a
+    comprehension) included, not by the values a closure captures; ``functools.partial``
+    by its function and arguments; other callables by their type.
     """
     if where is None:
         return 0
     func = getattr(where, "func", where)  # functools.partial
     code = getattr(func, "__code__", None)
-    text = type(where).__qualname__ if code is None else repr((code.co_code, code.co_consts, code.co_names))
+    text = type(where).__qualname__ if not isinstance(code, types.CodeType) else _code_text(code)
     if func is not where:
         text += repr((getattr(where, "args", ()), sorted(getattr(where, "keywords", {}).items())))
     return _fingerprint(text.encode())
+
+
+def _code_text(code: types.CodeType) -> str:
+    """``code`` as text that is the same in every process (no addresses, no set order)."""
+
+    def const(c: Any) -> str:
+        if isinstance(c, types.CodeType):
+            return _code_text(c)
+        if isinstance(c, (tuple, frozenset)):
+            parts = [const(x) for x in c]
+            return f"{type(c).__name__}({sorted(parts) if isinstance(c, frozenset) else parts})"
+        return repr(c)
+
+    return repr((code.co_code, [const(c) for c in code.co_consts], code.co_names))
 
 
 def _seconds(timeout: Any) -> float:

@@ -26,6 +26,11 @@ def _coherent(m: dict[str, torch.Tensor]) -> torch.Tensor:
     return m["coherence"] > 0.95
 
 
+def _coherent_listed(m: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The same filter through a comprehension: nested code whose fingerprint must match across ranks."""
+    return torch.stack([m[name] > 0.95 for name in ("coherence",)]).all(0)
+
+
 MODES = [
     ("similar", {"k": 5, "where": _coherent}),
     ("similar", {"k": 5, "chroma_metric": "euclidean"}),
@@ -38,6 +43,7 @@ MODES = [
     ("hybrid", {"k": 5, "fetch_k": 12, "class_hint": "hint", "where": _coherent}),
     ("category", {"k": 4, "category": "category", "where": _coherent}),
     ("nearest", {"k": 6, "where": _coherent}),
+    ("nearest", {"k": 3, "where": _coherent_listed}),
 ]
 
 
