@@ -34,6 +34,7 @@ import pickle
 import re
 import shutil
 import struct
+import time
 import types
 import uuid
 import zlib
@@ -61,6 +62,8 @@ from dreampool_gpu.errors import (
     InvalidConfigurationError,
     InvalidInputError,
 )
+from dreampool_gpu.fitting import FitReport, train_encoder
+from dreampool_gpu.learned import LearnedEncoder, ModuleEncoder
 from dreampool_gpu.merge import merge_candidates
 from dreampool_gpu.pool import DreamPool, Retrieval
 from dreampool_gpu.rerank import diversity_stats, mmr_row_bytes, row_chunks
@@ -514,7 +517,7 @@ class ShardedDreamPool:
             lambda: dist.gather(
                 rows.to(self._comm),
                 gathered if self.rank == owner else None,
-                dst=owner,
+                dst=self._global_rank(owner),
                 group=self.group,
                 async_op=True,
             ),
@@ -535,7 +538,7 @@ class ShardedDreamPool:
             )
         self._agree([], error)
         out = ids.to(self._comm) if ids is not None else torch.empty(sum(counts), dtype=torch.int64, device=self._comm)
-        self._run("broadcast", lambda: dist.broadcast(out, src=owner, group=self.group, async_op=True))
+        out = self._broadcast(out, src=owner)
         start = sum(counts[: self.rank])
         return out[start : start + n].to(shard.device)
 
@@ -672,6 +675,124 @@ class ShardedDreamPool:
             candidate = copy.deepcopy(shard.encoder)
             candidate.set_statistics(mean, var, fitted_on=added)
             shard._install_embeddings(*shard._embed_live(candidate), candidate)
+
+    def fit_encoder(
+        self,
+        *,
+        steps: int = 200,
+        batch_size: int = 256,
+        lr: float = 2e-3,
+        seed: int = 0,
+        colour_jitter: float = 0.05,
+        progress: bool = False,
+    ) -> FitReport:
+        """Train the shared encoder data-parallel over the shards, then re-embed every shard (collective).
+
+        As :meth:`DreamPool.fit_encoder`, with every rank a data-parallel worker: the
+        training starts from rank 0's encoder weights (broadcast); each step every rank
+        draws ``batch_size`` entries of its own shard (its generator seeded with
+        ``seed + rank * 2**32``), and one ``all_reduce`` averages the gradients and the
+        loss over the ranks, so every rank takes the same step and ends with the same
+        encoder. Every rank then re-embeds its shard. All or nothing on every rank: a
+        diverged loss is seen by every rank at the same step, and the pools are
+        unchanged. Arguments must be the same on every rank; every shard holds >= 2 entries.
+
+        Returns:
+            :class:`FitReport`: the losses averaged over the ranks; ``entries`` and
+            ``labelled`` of the whole pool.
+
+        Raises:
+            InvalidConfigurationError: (on every rank) the encoder is not trainable.
+            InvalidInputError: (on every rank) a bad or differing argument, or a shard with fewer than 2 entries.
+            EncoderFitError: (on every rank) the loss became NaN or infinite.
+        """
+        shard = self.shard
+        args = (steps, batch_size, lr, seed, colour_jitter)
+
+        def check() -> list[int]:
+            _check_fit(shard, steps, batch_size, lr, seed, colour_jitter)
+            with shard._lock:
+                shard._check_fresh()
+                live = shard.bank.slots_by_age()
+                labelled = int((shard.bank.columns["class_label"][live] >= 0).sum())
+            return [live.numel(), labelled, _fingerprint(repr(args).encode())]
+
+        found, error = self._local(check)
+        table = self._agree([0, 0, 0] if found is None else found, error)
+        if bool((table[:, 2] != table[0, 2]).any()):
+            differ = torch.nonzero(table[:, 2] != table[0, 2]).squeeze(1).tolist()
+            raise InvalidInputError(
+                "fit_encoder arguments", "the same steps, batch_size, lr, seed and colour_jitter on every rank",
+                f"rank(s) {differ} differ from rank 0",
+            )  # fmt: skip
+        if bool((table[:, 0] < 2).any()):
+            short = torch.nonzero(table[:, 0] < 2).squeeze(1).tolist()
+            raise InvalidInputError("pool", "at least 2 entries on every shard to fit on", f"fewer on rank(s) {short}")
+        start = time.perf_counter()
+        with shard._lock:
+            candidate = cast("LearnedEncoder | ModuleEncoder", copy.deepcopy(shard.encoder))  # checked trainable
+            tensors = [*candidate.parameters(), *candidate.buffers()]
+            with torch.no_grad():
+                flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0)
+                flat = self._broadcast(flat.to(self._comm), src=0).to(shard.device)
+                offset = 0
+                for t in tensors:
+                    t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
+                    offset += t.numel()
+            cols = shard.bank.columns
+            weights = 1.0 + torch.where(
+                cols["feedback_count"] > 0, cols["util_mean"], torch.zeros_like(cols["util_mean"])
+            )
+            losses = train_encoder(
+                candidate,
+                cols["dreams"],
+                shard.bank.slots_by_age(),
+                cols["class_label"].long(),
+                weights,
+                steps=int(steps),
+                batch_size=int(batch_size),
+                lr=float(lr),
+                seed=int(seed) + (self.rank << 32),
+                colour_jitter=float(colour_jitter),
+                progress=bool(progress) and self.rank == 0,
+                reduce_step=self._average_step,
+            )
+            embedded, error = self._local(lambda: shard._embed_live(candidate))
+        self._agree([], error)
+        live, vectors = cast("tuple[torch.Tensor, torch.Tensor]", embedded)  # embedded: _agree raised otherwise
+        with shard._lock:
+            shard._install_embeddings(live, vectors, candidate)
+        return FitReport(
+            losses=losses,
+            steps=int(steps),
+            seconds=time.perf_counter() - start,
+            entries=int(table[:, 0].sum()),
+            labelled=int(table[:, 1].sum()),
+        )
+
+    def _broadcast(self, t: torch.Tensor, *, src: int) -> torch.Tensor:
+        """``t`` of group rank ``src`` on every rank (same shape and dtype everywhere)."""
+        t = t.contiguous()
+        source = self._global_rank(src)
+        self._run("broadcast", lambda: dist.broadcast(t, src=source, group=self.group, async_op=True))
+        return t
+
+    def _global_rank(self, rank: int) -> int:
+        """The world rank of ``rank`` of this pool's group (torch's ``src``/``dst`` are world ranks)."""
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def _average_step(self, encoder: torch.nn.Module, loss: torch.Tensor) -> float:
+        """One ``all_reduce``: the mean over ranks of every gradient and of the loss; returns the mean loss."""
+        params = list(encoder.parameters())
+        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device) for p in params]
+        flat = torch.cat([loss.reshape(1).float(), *[g.float() for g in grads]])
+        flat = self._all_reduce(flat.to(self._comm)).to(loss.device) / self.world_size
+        offset = 1
+        for p in params:
+            if p.grad is not None:
+                p.grad.copy_(flat[offset : offset + p.numel()].reshape(p.shape))
+            offset += p.numel()
+        return float(flat[0])
 
     def _parse(self, queries: Any, options: dict[str, Any], with_dreams: Any) -> _Request:
         """This rank's retrieve arguments, checked by the single pool's :func:`request.check_request`.
@@ -1297,6 +1418,22 @@ def _sharded_stats(every: list[PoolStats], rank: int) -> ShardedPoolStats:
         world_size=len(every),
         shards=tuple(every),
     )
+
+
+def _check_fit(shard: DreamPool, steps: Any, batch_size: Any, lr: Any, seed: Any, colour_jitter: Any) -> None:
+    """:meth:`DreamPool.fit_encoder`'s checks of its encoder and arguments, on one shard."""
+    if not isinstance(shard.encoder, (LearnedEncoder, ModuleEncoder)):
+        raise InvalidConfigurationError(
+            "encoder",
+            type(shard.encoder).__name__,
+            "a trainable encoder: PoolConfig(encoder='learned') or ShardedDreamPool(config, encoder=<nn.Module>)",
+        )
+    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 2), ("seed", seed, 0)):
+        if v.check_count(value, name) < low:
+            raise InvalidInputError(name, f"an int >= {low}", value)
+    if v.check_number(lr, "lr", 0.0, 1.0) <= 0.0:
+        raise InvalidInputError("lr", "a learning rate in (0, 1]", lr)
+    v.check_number(colour_jitter, "colour_jitter", 0.0, 1.0)
 
 
 def _state_watermarks(raw: Any, rank: int, world: int) -> dict[int, int]:

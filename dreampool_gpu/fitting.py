@@ -20,6 +20,7 @@ only when training and re-embedding both succeeded.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -121,12 +122,15 @@ def train_encoder(
     colour_jitter: float = 0.05,
     tau: float = 0.1,
     progress: bool = False,
+    reduce_step: Callable[[TrainableEncoder, torch.Tensor], float] | None = None,
 ) -> list[float]:
     """Train ``encoder`` in place on the rows ``slots`` ``[n]`` of the bank columns; returns the losses.
 
     ``dreams`` ``[capacity, R, C, L, 3]``, ``labels`` ``[capacity]`` int64 (-1 none) and
     ``weights`` ``[capacity]`` (anchor weights) are the bank's, read in place one
-    batch at a time. Deterministic on CPU for a ``seed``.
+    batch at a time. Deterministic on CPU for a ``seed``. ``reduce_step(encoder, loss)``, when
+    given, runs after each backward pass and returns the loss to record (the sharded pool
+    averages gradients and losses over its ranks there).
 
     Raises:
         EncoderFitError: the loss became NaN or infinite (the caller discards ``encoder``).
@@ -153,7 +157,8 @@ def train_encoder(
                 loss = loss + supervised_contrastive(colour, entry, view_labels, view_weights, tau, keys=z.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            value = float(loss.detach())  # one host read per step: the NaN check and the report
+            # one host read per step: the NaN check and the report
+            value = float(loss.detach()) if reduce_step is None else reduce_step(encoder, loss.detach())
             if not math.isfinite(value):
                 raise EncoderFitError(
                     f"loss became {value} at step {step}; the pool is unchanged (try a lower lr than {lr})"

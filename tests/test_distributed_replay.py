@@ -19,7 +19,7 @@ from _equality import assert_same_results
 from test_distributed import PER_SHARD, TIMEOUT, _config, _data, _free_port, _queries, _single_ids
 
 from dreampool_gpu import DreamPool, PoolStats, ShardedDreamPool
-from dreampool_gpu.errors import CollectiveError, InvalidInputError
+from dreampool_gpu.errors import CollectiveError, InvalidConfigurationError, InvalidInputError
 
 
 def _coherent(m: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -71,6 +71,7 @@ def _checks(rank: int, world: int) -> None:
     _check_stats(pool, single, world)
     _check_refusals(pool, counts)
     assert pool.to("cpu") is pool and pool.shard.device.type == "cpu"
+    _check_fit(rank, world, counts)
     if world == 2:
         _check_timeout(rank)
 
@@ -159,8 +160,45 @@ def _check_refusals(pool: ShardedDreamPool, counts: list[int]) -> None:
     assert caught.value.name == "k"
     with pytest.raises(InvalidInputError):  # one rank's bad value: every rank raises
         pool.retrieve(q, k=3, mode="similar", chroma_metric="manhattan" if rank == 0 else "cosine")
+    with pytest.raises(InvalidConfigurationError):  # the features encoder is not trainable
+        pool.fit_encoder(steps=2)
     out = pool.retrieve(q, k=3, mode="similar")  # the group still works
     assert out.ids.shape == (counts[rank], 3)
+
+
+def _check_fit(rank: int, world: int, counts: list[int]) -> None:
+    """fit_encoder: data-parallel steps leave one encoder on every rank, every shard re-embedded with it."""
+    config = _config(PER_SHARD).replace(encoder="learned")
+    pool, single = ShardedDreamPool(config), DreamPool(config.replace(capacity=PER_SHARD * world))
+    for source in range(world):
+        d = _data(source)
+        single.add(d["dreams"], coherence=d["coherence"], class_labels=d["labels"])
+        if source == rank:
+            pool.add(d["dreams"], coherence=d["coherence"], class_labels=d["labels"])
+    before = torch.cat([p.detach().reshape(-1) for p in pool.shard.encoder.parameters()])
+    with pytest.raises(InvalidInputError, match="steps"):  # one rank's bad argument: every rank raises
+        pool.fit_encoder(steps=0 if rank == 0 else 3, batch_size=16)
+    with pytest.raises(InvalidInputError, match="fit_encoder arguments"):
+        pool.fit_encoder(steps=3, batch_size=16, seed=rank)
+    report = pool.fit_encoder(steps=3, batch_size=16, seed=1)
+    assert len(report.losses) == 3 and all(math.isfinite(x) for x in report.losses)
+    assert report.entries == len(single) and report.labelled == int(
+        (single.metadata(torch.arange(len(single)))["class_label"] >= 0).sum()
+    )
+    after = torch.cat([p.detach().reshape(-1) for p in pool.shard.encoder.parameters()])
+    assert not torch.equal(after, before)
+    every = [torch.empty_like(after) for _ in range(world)]
+    dist.all_gather(every, after)
+    assert all(torch.equal(every[0], e) for e in every)  # each rank took the same averaged steps
+    losses = [torch.empty(3, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(losses, torch.tensor(report.losses, dtype=torch.float64))
+    assert all(torch.equal(losses[0], x) for x in losses)
+    single.encoder.load_state_dict(pool.shard.encoder.state_dict())  # the reference adopts the fitted encoder
+    single.reembed()
+    answers = [single.retrieve(_queries(source, counts), k=5, mode="nearest") for source in range(world)]
+    got = pool.retrieve(_queries(rank, counts), k=5, mode="nearest")  # shards re-embedded with the new encoder
+    expected = answers[rank]
+    assert_same_results(_single_ids(got.ids, world), got.scores, expected.ids, expected.scores, where="fit")
 
 
 def _check_timeout(rank: int) -> None:

@@ -68,6 +68,7 @@ SIGNATURES = {
         "diversity": "ids",
         "dreams": "ids",
         "feedback": "ids, utility",
+        "fit_encoder": "*steps=200, *batch_size=256, *lr=0.002, *seed=0, *colour_jitter=0.05, *progress=False",
         "load": "path, *group=None, *device=None, *timeout=None",
         "load_state_dict": "state_dict",
         "metadata": "ids",
