@@ -2,7 +2,10 @@
 
 Every rank holds one shard, a :class:`~dreampool_gpu.pool.DreamPool` on its own
 device with its own capacity, budget and eviction. Methods other than a local
-``add`` are collectives: every rank of the group calls them, in the same order.
+``add`` and ``to`` are collectives: every rank of the group calls them, in the same
+order. The replay calls of :class:`DreamPool` (``retrieve`` with every option,
+``sample``, ``len``, ``stats``, ``diversity``, ``fit_encoder``) have the same
+signatures; ``where`` is a callable run on every shard (a mask is refused).
 
 Ids are global: ``id = tag << 40 | counter``. A fresh shard issues ids in tag
 ``rank``; the owner of an id is ``tag % world_size``. A shard stores the global
@@ -14,8 +17,9 @@ answers every retrieval exactly as the sharded pool does.
 
 Every collective call first agrees on a status (one ``all_gather`` of a few
 int64): a rank whose input is bad makes every rank raise the same error class,
-and no rank is left waiting in a data collective. A failed or timed-out
-collective raises :class:`~dreampool_gpu.errors.CollectiveError`.
+and no rank is left waiting in a data collective. A failed collective, or one
+that a rank does not enter within the pool's ``timeout`` (default
+:data:`DEFAULT_TIMEOUT_S`), raises :class:`~dreampool_gpu.errors.CollectiveError`.
 """
 
 from __future__ import annotations
