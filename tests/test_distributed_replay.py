@@ -72,6 +72,7 @@ def _checks(rank: int, world: int) -> None:
     _check_refusals(pool, counts)
     assert pool.to("cpu") is pool and pool.shard.device.type == "cpu"
     _check_fit(rank, world, counts)
+    _check_nothing_passes(pool, counts)
     if world == 2:
         _check_timeout(rank)
 
@@ -199,6 +200,20 @@ def _check_fit(rank: int, world: int, counts: list[int]) -> None:
     got = pool.retrieve(_queries(rank, counts), k=5, mode="nearest")  # shards re-embedded with the new encoder
     expected = answers[rank]
     assert_same_results(_single_ids(got.ids, world), got.scores, expected.ids, expected.scores, where="fit")
+
+
+def _check_nothing_passes(pool: ShardedDreamPool, counts: list[int]) -> None:
+    """A filter no entry passes, and an empty pool: padded results and empty draws, no hang."""
+    q = _queries(pool.rank, counts)
+    for mode in ("similar", "balanced", "diverse", "hybrid", "nearest"):
+        out = pool.retrieve(q, k=3, mode=mode, classes=[1, 2], where=lambda m: m["coherence"] > 2.0)
+        assert bool((out.ids == -1).all()) and bool((out.scores == float("-inf")).all()), mode
+    assert pool.sample(5, where=lambda m: m["coherence"] > 2.0).numel() == 0
+    empty = ShardedDreamPool(_config(10))
+    assert len(empty) == 0 and empty.sample(3).numel() == 0
+    assert bool((empty.retrieve(q, k=2, mode="diverse").ids == -1).all())
+    stats = empty.stats()
+    assert stats.size == 0 and stats.mean_coherence == 0.0 and stats.acceptance_rate == 0.0
 
 
 def _check_timeout(rank: int) -> None:
