@@ -711,7 +711,7 @@ class ShardedDreamPool:
             EncoderFitError: (on every rank) the loss became NaN or infinite.
         """
         shard = self.shard
-        args = (steps, batch_size, lr, seed, colour_jitter)
+        names = ("steps", "batch_size", "lr", "seed", "colour_jitter")
 
         def check() -> list[int]:
             _check_fit(shard, steps, batch_size, lr, seed, colour_jitter)
@@ -719,16 +719,16 @@ class ShardedDreamPool:
                 shard._check_fresh()
                 live = shard.bank.slots_by_age()
                 labelled = int((shard.bank.columns["class_label"][live] >= 0).sum())
-            return [live.numel(), labelled, _fingerprint(repr(args).encode())]
+            values = (int(steps), int(batch_size), float(lr), int(seed), float(colour_jitter))
+            return [live.numel(), labelled, *(_fingerprint(repr(x).encode()) for x in values)]
 
         found, error = self._local(check)
-        table = self._agree([0, 0, 0] if found is None else found, error)
-        if bool((table[:, 2] != table[0, 2]).any()):
-            differ = torch.nonzero(table[:, 2] != table[0, 2]).squeeze(1).tolist()
-            raise InvalidInputError(
-                "fit_encoder arguments", "the same steps, batch_size, lr, seed and colour_jitter on every rank",
-                f"rank(s) {differ} differ from rank 0",
-            )  # fmt: skip
+        table = self._agree([0] * (2 + len(names)) if found is None else found, error)
+        for i, name in enumerate(names):
+            column = table[:, 2 + i]
+            if bool((column != column[0]).any()):
+                differ = torch.nonzero(column != column[0]).squeeze(1).tolist()
+                raise InvalidInputError(name, "the same value on every rank", f"rank(s) {differ} differ from rank 0")
         if bool((table[:, 0] < 2).any()):
             short = torch.nonzero(table[:, 0] < 2).squeeze(1).tolist()
             raise InvalidInputError("pool", "at least 2 entries on every shard to fit on", f"fewer on rank(s) {short}")
