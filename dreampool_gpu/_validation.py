@@ -31,8 +31,14 @@ def require(ok: torch.Tensor, name: str, expected: str, arrived: Callable[[], An
 
 
 def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch.Tensor:
-    """Return ``x`` as a tensor on ``device`` (numpy arrays and nested lists accepted)."""
+    """Return ``x`` as a tensor on ``device`` (numpy arrays and nested lists accepted).
+
+    Every tensor argument of the public API enters here: only dense (strided) tensors
+    with data are accepted, so a sparse, nested, quantized or meta tensor is refused
+    once, named, before any kernel sees it.
+    """
     if isinstance(x, torch.Tensor):
+        check_dense(x, name)
         t = x
     else:
         if isinstance(x, np.ndarray) and not x.dtype.isnative:  # big-endian data: torch reads native order only
@@ -47,6 +53,21 @@ def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch
         except (RuntimeError, NotImplementedError) as exc:  # e.g. a meta tensor has no data to copy
             raise InvalidInputError(name, f"a tensor that can move to {device}", f"a tensor on {t.device}") from exc
     return t
+
+
+def check_dense(t: torch.Tensor, name: str) -> None:
+    """Require a dense tensor holding data: strided layout, not nested, quantized or on ``meta``."""
+    if t.layout != torch.strided or t.is_nested or t.is_quantized or t.is_meta:
+        kind = (
+            "a nested tensor"
+            if t.is_nested
+            else "a meta tensor (no data)"
+            if t.is_meta
+            else "a quantized tensor"
+            if t.is_quantized
+            else f"a tensor of layout {t.layout}"
+        )
+        raise InvalidInputError(name, "a dense (strided) tensor with data", kind)
 
 
 def check_float(t: torch.Tensor, name: str) -> None:
