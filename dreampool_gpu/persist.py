@@ -49,7 +49,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import psutil
 import torch
@@ -595,7 +595,7 @@ def from_state_dict(state_dict: Any) -> PoolSnapshot:
             state_dict.get("index"),
             state_dict.get("encoder"),
             state_dict.get("cache"),
-            version=version,
+            version=cast(int, version),  # an int: _version_problem said so
         )
     except _Invalid as exc:
         raise InvalidInputError(f"state_dict[{exc.where!r}]", exc.expected, exc.got) from None
