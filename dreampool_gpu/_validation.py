@@ -118,6 +118,7 @@ def check_count(k: Any, name: str, *, high: int | None = None) -> int:
     expected = "a non-negative int" if high is None else f"an int in [0, {high}]"
     if isinstance(k, bool) or not isinstance(k, int):
         if isinstance(k, torch.Tensor) and k.dim() == 0 and not k.is_floating_point() and k.dtype != torch.bool:
+            check_dense(k, name)
             k = int(k)
         else:
             raise InvalidInputError(name, expected, repr(k))
@@ -147,6 +148,7 @@ def check_flag(x: Any, name: str) -> bool:
     if isinstance(x, (bool, np.bool_)):
         return bool(x)
     if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype == torch.bool:
+        check_dense(x, name)
         return bool(x)
     shown = f"a tensor of shape {list(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
     raise InvalidInputError(name, "True or False", shown)

@@ -35,8 +35,7 @@ class _HeldInterrupt:
     """Hold SIGINT for a block (main thread, Python handler only): recorded in ``arrived``, not raised.
 
     On exit the previous handler is restored and, for a signal the block left in
-    ``arrived``, called (the default one raises KeyboardInterrupt) unless the block
-    is already raising.
+    ``arrived``, called (the default one raises KeyboardInterrupt).
     """
 
     def __enter__(self) -> _HeldInterrupt:
@@ -52,11 +51,19 @@ class _HeldInterrupt:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self.arrived = True
 
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+    def take_keyboard_interrupt(self) -> bool:
+        """True (once) when a signal arrived that the previous handler, Python's default,
+        would have raised as KeyboardInterrupt; a caller's own handler is left to :meth:`__exit__`."""
+        if self.arrived and self._previous is signal.default_int_handler:
+            self.arrived = False
+            return True
+        return False
+
+    def __exit__(self, *_: object) -> None:
         if self._previous is None:
             return
         signal.signal(signal.SIGINT, self._previous)
-        if self.arrived and exc_type is None:
+        if self.arrived:  # never lost: the default handler raises KeyboardInterrupt here
             self._previous(signal.SIGINT, None)
 
 
@@ -256,8 +263,7 @@ class EncoderLifecycle:
                 self.index.reset()
                 self.index.add(slots)
                 self.cache.clear()  # its entries were computed under the previous encoder
-                if held.arrived:
-                    held.arrived = False
+                if held.take_keyboard_interrupt():
                     raise KeyboardInterrupt  # Ctrl-C during the install: undone below, as if it came before
             except BaseException:
                 column[slots] = previous[0]

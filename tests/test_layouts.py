@@ -134,6 +134,27 @@ class TestOtherArguments:
         refused(pool, lambda: getattr(pool, method)(ids), "ids")
 
 
+@pytest.mark.parametrize("layout", ["sparse_coo", "meta"])
+class TestScalarsAndSequences:
+    """0-d tensors where an int or a flag is taken, and tensors of class labels."""
+
+    def test_k(self, pool, layout):
+        k = LAYOUTS[layout](torch.tensor(3))
+        refused(pool, lambda: pool.retrieve(torch.rand(2, 3), k=k, mode="nearest"), "k")
+
+    def test_sample_n(self, pool, layout):
+        n = LAYOUTS[layout](torch.tensor(3))
+        refused(pool, lambda: pool.sample(n), "n")
+
+    def test_balanced_classes(self, pool, layout):
+        for classes in (LAYOUTS[layout](torch.tensor([0, 1])), [LAYOUTS[layout](torch.tensor(0))]):
+            refused(pool, lambda c=classes: pool.retrieve(torch.rand(2, 3), k=3, mode="balanced", classes=c), "classes")
+
+    def test_add_force(self, pool, layout):
+        force = LAYOUTS[layout](torch.tensor(True))
+        refused(pool, lambda: pool.add(torch.rand(2, *SHAPE, 3), coherence=torch.ones(2), force=force), "force")
+
+
 def test_dense_tensors_still_pass(pool):
     """The same calls with dense tensors work (the refusals above are about layout only)."""
     for mode in MODES:

@@ -218,6 +218,34 @@ class TestAllOrNothing:
         assert_same_state(before, after)
         self.assert_answers_like_a_fresh_pool(pool, queries)
 
+    def test_a_callers_own_sigint_handler_runs_after_the_install(self, monkeypatch):
+        """A handler of the caller's (a graceful stop, say) is called once the install is complete."""
+        import signal
+
+        pool = learned_pool()
+        calls: list[int] = []
+        real_add, fired = pool.index.add, []
+
+        def add_then_sigint(slots):
+            out = real_add(slots)
+            if not fired:
+                fired.append(1)
+                signal.raise_signal(signal.SIGINT)
+                assert calls == []  # held
+            return out
+
+        monkeypatch.setattr(pool.index, "add", add_then_sigint)
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+        try:
+            report = pool.fit_encoder(steps=2, batch_size=16)
+            handler_after = signal.getsignal(signal.SIGINT)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        monkeypatch.undo()
+        assert calls == [signal.SIGINT] and report.steps == 2
+        assert callable(handler_after) and handler_after is not signal.default_int_handler
+        self.assert_answers_like_a_fresh_pool(pool, torch.rand(4, 3, generator=torch.Generator().manual_seed(9)))
+
     def test_a_completed_fit_returns_and_answers_like_a_fresh_pool(self):
         import signal
 
