@@ -50,7 +50,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import psutil
 import torch
@@ -193,9 +193,13 @@ def _check_encoder(pool: DreamPool, snap: PoolSnapshot) -> None:
         CheckpointCorruptError: (read from a directory) naming the encoder file.
         InvalidConfigurationError: (a state dict) naming ``encoder``.
     """
-    if snap.encoder_state is None:
-        return
     mine = encoder_kind(pool.encoder)
+    if snap.encoder_state is None:  # format 1: the bank is re-embedded by a feature encoder
+        if mine != "features":
+            raise InvalidConfigurationError(
+                "encoder", mine, "the feature encoder: a format-1 checkpoint carries no encoder state"
+            )
+        return
     problem = None
     if mine != snap.encoder_kind:
         problem = (
@@ -266,7 +270,9 @@ _INDEX_MAGIC = b"dreampool-index-of-bank:"
 _SPOT_SAMPLE = 32  # live entries recomputed from their dreams on every restore
 # |recomputed - stored| allowed, by the dreams' storage dtype (features were computed from the
 # caller's dreams before the cast to it): chroma absolute, embeddings relative to their scale
-_SPOT_TOLERANCE = {torch.float32: (1e-5, 1e-3), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 2e-2)}
+# (float32: tight enough to catch an encoder scaled by 1 + 1e-3, loose enough for another CPU's
+# or a GPU's TF32 convolutions, which move a learned encoder's unit embeddings by ~2e-5)
+_SPOT_TOLERANCE = {torch.float32: (1e-5, 3e-5), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 2e-2)}
 
 
 def bank_digest(columns: dict[str, torch.Tensor]) -> str:
@@ -420,9 +426,16 @@ def _check_int(value: Any, where: str, name: str, low: int, high: int | None = N
 
 
 def _build(
-    config: Any, state: Any, columns: Any, index_bytes: Any, encoder_state: Any = None, cache: Any = None
+    config: Any,
+    state: Any,
+    columns: Any,
+    index_bytes: Any,
+    encoder_state: Any = None,
+    cache: Any = None,
+    *,
+    version: int = FORMAT_VERSION,
 ) -> PoolSnapshot:
-    """Validate the parts of a snapshot against each other and assemble it."""
+    """Validate the parts of a snapshot of format ``version`` against each other and assemble it."""
     if not isinstance(config, dict):
         raise _Invalid("config", "a mapping of PoolConfig fields", type(config).__name__)
     try:
@@ -459,6 +472,7 @@ def _build(
         and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in encoder_state.items())
     ):
         raise _Invalid("encoder", "a mapping of name -> tensor", type(encoder_state).__name__)
+    _check_format_encoder(version, kind, cfg, encoder_state)
     if cache is not None and not (isinstance(cache, dict) and all(isinstance(k, str) for k in cache)):
         raise _Invalid("cache", "a mapping of name -> value, or None", type(cache).__name__)
     policy_state = state.get("eviction")
@@ -480,6 +494,22 @@ def _build(
         cache=None if cache is None else dict(cache),
         eviction=policy_state,
     )
+
+
+def _check_format_encoder(version: int, kind: str, cfg: PoolConfig, encoder_state: Any) -> None:
+    """Format 2 carries the encoder's state; format 1 (before encoders had state) holds only
+    feature-encoder pools, whose bank is re-embedded on load. Anything else would load a
+    fresh encoder beside embeddings of another (a learned pool relabelled as format 1)."""
+    if version >= 2 and encoder_state is None:
+        raise _Invalid("encoder", f"the encoder's state (format {version} carries it)", "none (missing)")
+    if version == 1 and encoder_state is not None:
+        raise _Invalid("encoder", "no encoder state in a format-1 checkpoint", "an encoder state")
+    if version == 1 and (kind != "features" or cfg.encoder != "features"):
+        raise _Invalid(
+            "encoder",
+            "a feature-encoder pool, the only kind a format-1 checkpoint holds (it carries no encoder state)",
+            f"encoder_kind {kind!r}, config encoder {cfg.encoder!r}, and no encoder state (missing)",
+        )
 
 
 def _upgrade_columns(columns: Any) -> Any:
@@ -575,6 +605,7 @@ def from_state_dict(state_dict: Any) -> PoolSnapshot:
             state_dict.get("index"),
             state_dict.get("encoder"),
             state_dict.get("cache"),
+            version=cast(int, version),  # an int: _version_problem said so
         )
     except _Invalid as exc:
         raise InvalidInputError(f"state_dict[{exc.where!r}]", exc.expected, exc.got) from None
@@ -908,7 +939,7 @@ def _read_once(target: Path, notes: list[str]) -> PoolSnapshot:
 
 def _read_directory(target: Path, notes: list[str]) -> PoolSnapshot:
     """Read and verify the checkpoint directory ``target``."""
-    files = _read_manifest(target)
+    files, version = _read_manifest(target)
     data = {name: _read_verified(target / name, files[name]) for name in _REQUIRED}
     index_bytes = None
     if INDEX in files:
@@ -935,15 +966,15 @@ def _read_directory(target: Path, notes: list[str]) -> PoolSnapshot:
         except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
             raise CheckpointCorruptError(target / ENCODER, f"not a readable safetensors file ({exc})") from None
     try:
-        snap = _build(config, state, columns, index_bytes, encoder_state)
+        snap = _build(config, state, columns, index_bytes, encoder_state, version=version)
     except _Invalid as exc:
         raise CheckpointCorruptError(target / _PART_FILE[exc.where], str(exc)) from None
     snap.origin = target
     return snap
 
 
-def _read_manifest(target: Path) -> dict[str, dict[str, Any]]:
-    """The manifest's file table, after checking format, version and digest."""
+def _read_manifest(target: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """The manifest's file table and format version, after checking format, version and digest."""
     where = target / MANIFEST
     try:
         data, _ = _read_regular(where, _MANIFEST_MAX)
@@ -980,7 +1011,7 @@ def _read_manifest(target: Path) -> dict[str, dict[str, Any]]:
             raise CheckpointCorruptError(
                 where, f"file entry {name!r} is not one of {', '.join(known)} with sha256 and bytes"
             )
-    return files
+    return files, manifest["format_version"]
 
 
 def _read_verified(path: Path, entry: dict[str, Any]) -> bytes:
