@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from dreampool_gpu import DreamPool, PoolConfig, cli, score_dreams
 from dreampool_gpu import batch as batch_mod
+from dreampool_gpu.batch import workdir
 from dreampool_gpu.batch import read_results, work_dir
 from dreampool_gpu.dreams import synthetic_dreams
 
@@ -390,7 +391,7 @@ class TestRetrieve:
 
 class TestResume:
     def _interrupt_after(self, monkeypatch, n):
-        real = batch_mod._save_chunk
+        real = workdir.save_chunk
         saved_chunks = []
 
         def save(parts, index, ids, scores):
@@ -399,18 +400,18 @@ class TestResume:
             real(parts, index, ids, scores)
             saved_chunks.append(index)
 
-        monkeypatch.setattr(batch_mod, "_save_chunk", save)
+        monkeypatch.setattr(workdir, "save_chunk", save)
         return saved_chunks
 
     def _record(self, monkeypatch):
-        real = batch_mod._save_chunk
+        real = workdir.save_chunk
         indices = []
 
         def save(parts, index, ids, scores):
             indices.append(index)
             real(parts, index, ids, scores)
 
-        monkeypatch.setattr(batch_mod, "_save_chunk", save)
+        monkeypatch.setattr(workdir, "save_chunk", save)
         return indices
 
     @pytest.mark.parametrize("mode", ["nearest", "hybrid"])
@@ -461,14 +462,14 @@ class TestResume:
 
     def test_interrupt_while_writing_leaves_no_temporary_files(self, capsys, saved, tmp_path, monkeypatch):
         out = tmp_path / "out.safetensors"
-        real = batch_mod.save_file
+        real = workdir.save_file
 
         def fail_on_the_output(tensors, path, metadata=None):
             real(tensors, path, metadata=metadata)
             if metadata is not None:  # the merged output: interrupted after the write
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(batch_mod, "save_file", fail_on_the_output)
+        monkeypatch.setattr(workdir, "save_file", fail_on_the_output)
         assert _retrieve(capsys, saved, "chroma.npy", out, "--chunk", "400")[0] == 130
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors.parts"]
         monkeypatch.undo()

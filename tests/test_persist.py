@@ -206,7 +206,7 @@ class TestRoundTrip:
     @pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
     def test_both_swap_paths(self, tmp_path, monkeypatch, exchange):
         if not exchange:
-            monkeypatch.setattr(persist, "_rename_exchange", lambda a, b: False)
+            monkeypatch.setattr(persist.files, "_rename_exchange", lambda a, b: False)
         ck = tmp_path / "ck"
         pool = churned_pool(rounds=1)
         for _ in range(3):
@@ -622,7 +622,7 @@ class TestNothingOverwritten:
         def broken(tensors):
             raise OSError("disk full")
 
-        monkeypatch.setattr(persist, "save_safetensors", broken)
+        monkeypatch.setattr(persist.files, "save_safetensors", broken)
         pool.add(torch.rand(3, *SHAPE, 3), coherence=torch.ones(3))
         with pytest.raises(OSError, match="disk full"):
             pool.save(ck)
@@ -675,8 +675,8 @@ class TestRecovery:
     def test_missing_checkpoint_is_not_retried(self, tmp_path, monkeypatch):
         """No directory and no .old copy: nothing is being saved, so the first failure is final."""
         reads = []
-        real = persist._read_once
-        monkeypatch.setattr(persist, "_read_once", lambda target, notes: (reads.append(target), real(target, notes))[1])
+        real = persist.verify._read_once
+        monkeypatch.setattr(persist.verify, "_read_once", lambda target, notes: (reads.append(target), real(target, notes))[1])
         (tmp_path / "empty").mkdir()
         for path in (tmp_path / "absent", tmp_path / "empty"):
             reads.clear()
@@ -700,11 +700,11 @@ class TestRecovery:
     def test_portable_swap_never_deletes_an_old_copy_in_place(self, saved, monkeypatch):
         """The two-rename swap renames the old copy away from ``.old`` before deleting it."""
         pool, ck = saved
-        monkeypatch.setattr(persist, "_rename_exchange", lambda a, b: False)
+        monkeypatch.setattr(persist.files, "_rename_exchange", lambda a, b: False)
         removed: list[str] = []
         real_rmtree = shutil.rmtree
         monkeypatch.setattr(
-            persist.shutil, "rmtree", lambda p, *a, **kw: (removed.append(Path(p).name), real_rmtree(p, *a, **kw))
+            persist.files.shutil, "rmtree", lambda p, *a, **kw: (removed.append(Path(p).name), real_rmtree(p, *a, **kw))
         )
         pool.add(torch.rand(3, *SHAPE, 3), coherence=torch.ones(3))
         pool.save(ck)
