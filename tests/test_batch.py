@@ -11,7 +11,6 @@ from _equality import assert_same_results
 from safetensors.torch import save_file
 
 from dreampool_gpu import DreamPool, PoolConfig
-from dreampool_gpu.batch import workdir
 from dreampool_gpu.batch import (
     RETRIEVE_OPTIONS,
     QueryFile,
@@ -20,6 +19,7 @@ from dreampool_gpu.batch import (
     read_results,
     run_retrieval_job,
     work_dir,
+    workdir,
 )
 from dreampool_gpu.config import RetrievalMode
 from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError

@@ -16,8 +16,7 @@ from safetensors.torch import save_file
 
 from dreampool_gpu import DreamPool, PoolConfig, cli, score_dreams
 from dreampool_gpu import batch as batch_mod
-from dreampool_gpu.batch import workdir
-from dreampool_gpu.batch import read_results, work_dir
+from dreampool_gpu.batch import read_results, work_dir, workdir
 from dreampool_gpu.dreams import synthetic_dreams
 
 SHAPE = (4, 4, 2)

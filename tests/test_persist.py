@@ -676,7 +676,9 @@ class TestRecovery:
         """No directory and no .old copy: nothing is being saved, so the first failure is final."""
         reads = []
         real = persist.verify._read_once
-        monkeypatch.setattr(persist.verify, "_read_once", lambda target, notes: (reads.append(target), real(target, notes))[1])
+        monkeypatch.setattr(
+            persist.verify, "_read_once", lambda target, notes: (reads.append(target), real(target, notes))[1]
+        )
         (tmp_path / "empty").mkdir()
         for path in (tmp_path / "absent", tmp_path / "empty"):
             reads.clear()
