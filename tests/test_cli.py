@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import stat
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +88,31 @@ class TestHelp:
         out = capsys.readouterr().out
         for command in ("demo", "info", "inspect", "retrieve", "bench"):
             assert command in out
+
+    def test_demo_help_names_every_arm(self, capsys):
+        from dreampool_gpu.demo import ARMS
+
+        with pytest.raises(SystemExit):
+            cli.main(["demo", "--help"])
+        out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+        assert ",".join(ARMS) in out
+
+    def test_an_unknown_arm_is_a_usage_error(self, capsys):
+        from dreampool_gpu.demo import ARMS
+
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["demo", "--arms", "none,bogus", "--no-progress"])
+        assert exc.value.code == 2
+        assert f"expected a comma-separated subset of {','.join(ARMS)}, got 'none,bogus'" in capsys.readouterr().err
+
+    def test_the_demo_is_imported_only_by_its_command(self):
+        code = (
+            "import sys; from dreampool_gpu import cli; "
+            "cli.build_parser().parse_args(['info']); "
+            "assert 'dreampool_gpu.demo' not in sys.modules, 'imported'"
+        )
+        root = Path(cli.__file__).resolve().parent.parent  # this checkout, not an installed copy
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(root)})
 
     def test_unknown_argument_is_a_usage_error(self, capsys):
         with pytest.raises(SystemExit) as exc:
