@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 
 def world_size(group: Any) -> int:
+    """Ranks in ``group``."""
     import torch.distributed as dist
 
     return int(dist.get_world_size(group))

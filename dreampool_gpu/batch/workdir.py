@@ -39,7 +39,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def save_chunk(parts: Path, index: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
-    """Write one finished chunk atomically."""
+    """Write one finished chunk atomically (the runners call it as ``workdir.save_chunk``)."""
     tensors = {"ids": ids.contiguous(), "scores": scores.contiguous()}
     atomic_write(parts / _chunk_name(index), lambda tmp: save_file(tensors, str(tmp)))
 
