@@ -1,7 +1,8 @@
 """ShardedDreamPool's replay calls against one DreamPool holding the union (gloo on localhost).
 
 ``retrieve`` with ``where=`` and ``chroma_metric``, ``stats()`` as ``PoolStats``, ``sample``,
-``len``, ``diversity``, ``to``, and a collective that one rank enters alone. As in
+``len``, ``diversity``, ``to``, a data-parallel ``fit_encoder``, refusals that name the
+argument, and a collective that one rank enters alone. As in
 test_distributed.py, each world size runs once as spawned processes and every rank
 replays every rank's calls on its own reference pool.
 """
