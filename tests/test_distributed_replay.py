@@ -220,13 +220,14 @@ def _check_nothing_passes(pool: ShardedDreamPool, counts: list[int]) -> None:
 
 def _check_timeout(rank: int) -> None:
     """A collective entered by one rank alone raises CollectiveError after the pool's timeout."""
-    group = dist.new_group([0, 1])  # the group's own timeout (60 s) is longer: the pool's 2 s applies
+    group = dist.new_group([0, 1])  # the group's own timeout (60 s) is longer: the pool's 5 s applies
     with pytest.raises(InvalidInputError, match="timeout"):  # a bad timeout on one rank: every rank raises
         ShardedDreamPool(_config(10), group=group, timeout=-1.0 if rank == 1 else 2.0)
-    quick = ShardedDreamPool(_config(10), group=group, timeout=datetime.timedelta(seconds=2))
-    assert quick.timeout == 2.0
+    dist.barrier()  # both ranks enter the constructor's collectives well within 5 s
+    quick = ShardedDreamPool(_config(10), group=group, timeout=datetime.timedelta(seconds=5))
+    assert quick.timeout == 5.0
     if rank == 0:
-        with pytest.raises(CollectiveError, match="waited up to 2 s"):
+        with pytest.raises(CollectiveError, match="waited up to 5 s"):
             quick.retrieve(torch.rand(2, 3), k=2)
     dist.barrier()
 
