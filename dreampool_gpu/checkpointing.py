@@ -152,10 +152,11 @@ class Checkpointing:
                 the error), or a format version newer than this library.
             DeviceUnavailableError: ``device`` is CUDA and absent.
         """
-        from dreampool_gpu import distributed  # imports the pool module
+        from dreampool_gpu.distributed.checkpoint import load_merged  # imports the pool module
+        from dreampool_gpu.distributed.manifest import is_sharded_checkpoint
 
-        if distributed.is_sharded_checkpoint(path):  # a ShardedDreamPool's checkpoint, as one pool
-            return distributed.load_merged(path, device=device)
+        if is_sharded_checkpoint(path):  # a ShardedDreamPool's checkpoint, as one pool
+            return load_merged(path, device=device)
         snap = persist.read_checkpoint(path)
         pool = build_pool(
             cast("type[DreamPool]", cls), persist.config_for_load(snap, device), snap.capacity, encoder=encoder
