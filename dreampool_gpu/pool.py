@@ -146,6 +146,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         self._fault = checks.FaultFlag(self.device)
         self._lock = StreamOrderedLock(lambda: self.device, self._kept_tensors)
         self.metrics: PoolMetrics | None = None
+        self._metadata_default = tuple(name for name in self.bank.specs if name != "dreams")
 
     def __len__(self) -> int:
         return self.bank.size
@@ -348,13 +349,34 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         with self._lock:
             return self.bank.gather("dreams", self._slots(ids))
 
-    def metadata(self, ids: Any) -> dict[str, torch.Tensor]:
-        """Every column except dreams for ``ids`` (any shape), plus ``found`` (bool)."""
+    def metadata(self, ids: Any, *, columns: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Columns of ``ids`` (any shape), each ``[*ids.shape, ...]``, plus ``found`` (bool).
+
+        ``columns`` names the bank columns to gather (default: every column except dreams);
+        only those are gathered.
+
+        Raises:
+            InvalidInputError: ids never issued, or ``columns`` names no bank column.
+        """
         with self._lock:
+            names = self._metadata_columns(columns)
             slots = self._slots(ids)
-            out = {name: self.bank.gather(name, slots) for name in self.bank.columns if name != "dreams"}
-            out["found"] = slots >= 0
+            safe, valid = slots.clamp(min=0), slots >= 0
+            out = {name: self.bank.gather_valid(name, safe, valid) for name in names}
+            out["found"] = valid
             return out
+
+    def _metadata_columns(self, columns: Sequence[str] | None) -> tuple[str, ...]:
+        """The checked column names of :meth:`metadata` (every column but dreams when None)."""
+        if columns is None:
+            return self._metadata_default
+        if isinstance(columns, str) or not isinstance(columns, Sequence):
+            raise InvalidInputError("columns", "a sequence of column names, or None", repr(columns))
+        names = tuple(columns)
+        for name in names:
+            if name not in self.bank.specs:
+                raise InvalidInputError("columns", f"names among {', '.join(self.bank.specs)}", repr(name))
+        return names
 
     def sample(self, n: int, *, where: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Ids of ``min(n, m)`` draws, uniform with replacement, from the ``m`` live entries passing ``where``.
