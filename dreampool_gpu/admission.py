@@ -23,8 +23,8 @@ from dreampool_gpu.encoders import Encoder, FeatureEncoder, bank_form
 from dreampool_gpu.errors import CapacityExceededError, InvalidInputError
 from dreampool_gpu.eviction import Eviction
 from dreampool_gpu.retrieval import request
-from dreampool_gpu.search import SearchIndex
-from dreampool_gpu.spectral import spectral_of_checked
+from dreampool_gpu.search import SearchIndex, index_nbytes_estimate
+from dreampool_gpu.spectral import SPECTRAL_DIM, spectral_of_checked
 from dreampool_gpu.streams import StreamOrderedLock
 
 
@@ -41,6 +41,8 @@ class Admission:
     counters: dict[str, int]
     _fault: checks.FaultFlag
     _lock: StreamOrderedLock
+    _lazy_for: PoolConfig | None
+    _lazy: bool
 
     if TYPE_CHECKING:  # defined by DreamPool and EncoderLifecycle
 
@@ -64,7 +66,9 @@ class Admission:
         """Add a batch of dreams; those below the coherence threshold are rejected.
 
         Features (chroma, spectral, hue category, embedding) are computed for
-        the whole batch at once. Before writing, the eviction policy makes room
+        the whole batch at once: here with ``features="eager"``, else (``lazy``, the
+        default) by the first call that reads them, for every waiting entry together.
+        Before writing, the eviction policy makes room
         within the capacity and the memory budget (:mod:`dreampool_gpu.budget`);
         when the pool returns, its usage is within the budget. When more dreams
         pass the gate than the whole pool holds, the best that fit by the
@@ -132,8 +136,10 @@ class Admission:
                     f"{count} dreams passed the gate but the pool holds at most {room} "
                     f"(capacity {self.bank.capacity}, budget {self.budget.budget_bytes} bytes); strict_budget is set"
                 )
+            lazy = self._lazy_features()
             if (
-                isinstance(self.encoder, FeatureEncoder)
+                not lazy
+                and isinstance(self.encoder, FeatureEncoder)
                 and count
                 and self.encoder.needs_refit(self.counters["added"] + count)
             ):
@@ -151,28 +157,21 @@ class Admission:
                 return out
 
             kept = batch[accepted]
-            chroma = chroma_signature(kept)
-            spectral = spectral_of_checked(kept, self.config.window)
             kept_labels = labels[accepted]
-            embeddings = bank_form(
-                self.encoder.encode_entries(kept, chroma=chroma, spectral=spectral, class_labels=kept_labels),
-                self.config.metric,
-            )
             values = {
                 "dreams": kept,
-                "chroma": chroma,
-                "spectral": spectral,
-                "embeddings": embeddings,
                 "coherence": coh[accepted],
                 "energy": eng[accepted],
                 "violation": vio[accepted],
                 "class_label": kept_labels,
-                "hue_category": hue_category(chroma),
             }
+            if not lazy:
+                values.update(self._features_of(kept, kept_labels))
             self._make_room(m, settle=False)
             slots = self.bank.free_slots(m)
-            ids = self.bank.write(slots, values)
-            self.index.add(slots)
+            ids = self.bank.write(slots, values, pending=lazy)
+            if not lazy:
+                self.index.add(slots)
             out[accepted] = ids
             lost = 0
             if self._make_room(0):  # the index grew past its share: the policy may take new entries too
@@ -183,6 +182,66 @@ class Admission:
                 self.counters["dropped"] += lost
             self.counters["added"] += m - lost
             return out
+
+    # ------------------------------------------------------------ features
+    def _lazy_features(self) -> bool:
+        """Whether ``add`` leaves the derived columns to :meth:`_settle_features` (``config.features``).
+
+        Lazy only where the engine keeps no vectors of its own at this capacity (no IVF-PQ): there
+        the index and the budget would have to follow entries that have no embedding yet.
+        """
+        if self._lazy_for is not self.config:  # a device move replaces the config
+            self._lazy_for = self.config
+            self._lazy = self.config.features == "lazy" and not index_nbytes_estimate(
+                self.config, self.device, self.bank.capacity
+            )
+        return self._lazy
+
+    def _features_of(self, dreams: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The derived columns (:data:`~dreampool_gpu.bank.DERIVED`) of checked dreams ``[m, R, C, L, 3]``
+        with class labels ``[m]``: chroma, spectral features, hue category and bank-form embedding."""
+        chroma = chroma_signature(dreams)
+        spectral = spectral_of_checked(dreams, self.config.window)
+        embeddings = bank_form(
+            self.encoder.encode_entries(dreams, chroma=chroma, spectral=spectral, class_labels=labels),
+            self.config.metric,
+        )
+        return {"chroma": chroma, "spectral": spectral, "embeddings": embeddings, "hue_category": hue_category(chroma)}
+
+    def _settle_features(self) -> None:
+        """The bank's settle hook: the derived columns of every waiting entry, in one batch, under the lock.
+
+        Computed from the stored dreams (``dream_dtype``) with the current encoder, then the
+        engine hears of the entries (``index.add``). With the ``features`` encoder a refit due
+        since the last one (the count of added entries doubled) runs now, on the live entries,
+        and re-embeds the bank.
+        """
+        with self._lock:
+            bank = self.bank
+            if not bank.pending:
+                return
+            slots = bank.pending_slots()
+            raw = bank.raw
+            dreams = raw["dreams"][slots].float()
+            labels = raw["class_label"][slots].long()
+            refit = isinstance(self.encoder, FeatureEncoder) and self.encoder.needs_refit(self.counters["added"])
+            if refit:
+                chroma = chroma_signature(dreams)
+                values = {
+                    "chroma": chroma,
+                    "spectral": spectral_of_checked(dreams, self.config.window),
+                    "hue_category": hue_category(chroma),
+                }
+            else:
+                values = self._features_of(dreams, labels)
+            for name, value in values.items():
+                raw[name][slots] = value.to(raw[name].dtype)
+            bank.settled()
+            if refit:  # fitted on the live entries (the waiting ones included), every embedding anew
+                empty = torch.empty(0, device=self.device)
+                self._refit_statistics(empty.reshape(0, 3), empty.reshape(0, SPECTRAL_DIM))
+            else:
+                self.index.add(slots)
 
     def _make_room(self, incoming: int, *, settle: bool = True) -> int:
         """Evict by the policy until ``incoming`` more entries fit the capacity and the budget.

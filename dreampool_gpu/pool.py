@@ -134,6 +134,9 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             device=self.device,
             dream_dtype=dream_dtype,
         )
+        self.bank.settle_hook = self._settle_features  # lazy features: computed when first read
+        self._lazy_for: PoolConfig | None = None
+        self._lazy = False
         self.encoder: Encoder = self._make_encoder(encoder)
         self._embedded_version = self.encoder.version  # the encoder version the bank's embeddings come from
         self.index = make_index(self.bank, self.config)
@@ -267,6 +270,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         """:meth:`retrieve`'s device work (checks, the mode's stages, gathers, usage); the caller holds the lock."""
         with checks.deferred(sync_free) as deferred:
             req = check_request(self, queries, **options)
+            self.bank.settle()  # every mode reads derived columns: waiting entries get them now, in one batch
             scores, slots = MODES[req.mode].run(self, req)
             if deferred is not None and deferred.flags:  # a failed check empties the results
                 ok = self._fault.record("retrieve", deferred)
