@@ -113,21 +113,23 @@ class Admission:
                     request.labels(class_labels, n, "class_labels", self.config.num_classes, self.device),
                 )
 
-            with checks.deferred(self.sync_free) as deferred:
+            with checks.bounded() as bounds:  # value checks: one aminmax per checked tensor, read below
                 batch, coh, eng, vio, labels = checked()
             self._check_fresh()
             n = batch.shape[0]
-            passed = coh >= self.config.coherence_threshold
-            if force:
-                passed = torch.ones_like(passed)
-            # the call's one host read: an earlier call's fault, this call's checks, the gate's count
-            own = (deferred or checks.DeferredChecks()).first_failure(self.device)
-            fault, failed, count = torch.stack([self._fault.code, own, passed.sum()]).tolist()
-            self._fault.raise_code(fault)
-            if failed:  # read them again on the host, to name the bad argument and its values
+            passed = None if force else coh >= self.config.coherence_threshold
+            gate = torch.full((), n, dtype=torch.float64) if passed is None else passed.sum(dtype=torch.float64)
+            # the call's one host read: an earlier call's fault, the gate's count, the checked values' extremes
+            fault, total, *extremes = checks.host_values([self._fault.code, gate.to(self.device), *bounds.extremes()])
+            self._fault.raise_code(int(fault))
+            if not bounds.hold(extremes):  # read them again on the host, to name the bad argument and its values
                 with checks.immediate():
                     checked()
-            accepted = torch.argsort(passed.to(torch.uint8), descending=True, stable=True)[:count]
+            count = int(total)
+            if passed is None or count == n:  # every dream passed: batch order as it is
+                accepted = torch.arange(n, device=self.device)
+            else:
+                accepted = torch.argsort(passed.to(torch.uint8), descending=True, stable=True)[:count]
             self.bank.check_ids_left(count)
             budget_room = self.budget.room(self.bank, self.index)
             room = self.bank.capacity if budget_room is None else min(self.bank.capacity, budget_room)
@@ -149,22 +151,20 @@ class Admission:
                 budget_room = self.budget.room(self.bank, self.index)
                 room = self.bank.capacity if budget_room is None else min(self.bank.capacity, budget_room)
             self.counters["rejected"] += n - count
-            accepted = accepted[self.eviction.admit(self.bank, coh[accepted], room, self._eviction_need)]
-            self.counters["dropped"] += count - int(accepted.numel())
-            out = torch.full((n,), -1, dtype=torch.int64, device=self.device)
+            picked = self.eviction.admit(self.bank, coh if count == n else coh[accepted], room, self._eviction_need)
+            if picked.numel() < count:  # else every position, ascending: ``accepted`` as it is
+                accepted = accepted[picked]
             m = int(accepted.numel())
+            self.counters["dropped"] += count - m
             if m == 0:
-                return out
+                return torch.full((n,), -1, dtype=torch.int64, device=self.device)
 
-            kept = batch[accepted]
-            kept_labels = labels[accepted]
-            values = {
-                "dreams": kept,
-                "coherence": coh[accepted],
-                "energy": eng[accepted],
-                "violation": vio[accepted],
-                "class_label": kept_labels,
-            }
+            if m == n:  # admitted positions are ascending: every dream, in batch order
+                kept, kept_labels, values = batch, labels, {"coherence": coh, "energy": eng, "violation": vio}
+            else:
+                kept, kept_labels = batch.index_select(0, accepted), labels[accepted]
+                values = {"coherence": coh[accepted], "energy": eng[accepted], "violation": vio[accepted]}
+            values.update(dreams=kept, class_label=kept_labels)
             if not lazy:
                 values.update(self._features_of(kept, kept_labels))
             self._make_room(m, settle=False)
@@ -172,7 +172,11 @@ class Admission:
             ids = self.bank.write(slots, values, pending=lazy)
             if not lazy:
                 self.index.add(slots)
-            out[accepted] = ids
+            if m == n:
+                out = ids  # a new tensor of this call's
+            else:
+                out = torch.full((n,), -1, dtype=torch.int64, device=self.device)
+                out[accepted] = ids
             lost = 0
             if self._make_room(0):  # the index grew past its share: the policy may take new entries too
                 gone = self.bank.slots_of(ids) < 0

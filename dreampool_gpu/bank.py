@@ -148,8 +148,9 @@ class TensorBank:
         self.revision = 0
         self.extent = 0
         self._order_revision = -1
-        self._sorted_ids = self.raw["ids"]
-        self._sorted_slots = self.raw["ids"]
+        self._sorted_ids = self._sorted_slots = self._live_ids = self._live_slots = self.raw["ids"]
+        self._by_slot = torch.arange(capacity, device=device)  # free_slots' keys: a slot, or past every free one
+        self._taken_key = self._by_slot + capacity
 
     # ----------------------------------------------------------------- reads
     def alive(self) -> torch.Tensor:
@@ -157,8 +158,11 @@ class TensorBank:
         return self.raw["ids"] >= 0
 
     def _refresh_order(self) -> None:
+        """Sort the ids once per revision: live ids ascending are the live entries oldest first."""
         if self._order_revision != self.revision:
             self._sorted_ids, self._sorted_slots = torch.sort(self.raw["ids"], stable=True)
+            free = self.capacity - self.size  # free slots hold -1: they sort first
+            self._live_ids, self._live_slots = self._sorted_ids[free:], self._sorted_slots[free:]
             self._order_revision = self.revision
 
     def order_cache(self) -> list[torch.Tensor]:
@@ -168,19 +172,35 @@ class TensorBank:
     def slots_by_age(self) -> torch.Tensor:
         """``[size]`` int64 slots of live entries, oldest first."""
         self._refresh_order()
-        return self._sorted_slots[self.capacity - self.size :]
+        return self._live_slots
+
+    def ids_by_age(self) -> torch.Tensor:
+        """``[size]`` int64 ids of live entries, oldest first (ascending)."""
+        self._refresh_order()
+        return self._live_ids
+
+    def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(safe, found)`` of ``ids`` (any shape, int64, on this device), both shaped like ``ids``.
+
+        ``found`` is True where the id is stored; ``safe`` is its slot there, and some live
+        slot (or 0 in an empty bank) elsewhere, so it can index a column as it is. Evicted ids,
+        never-issued ids and the padding id -1 are not found. One binary search, no host read.
+        """
+        self._refresh_order()
+        flat = ids.reshape(-1)
+        if self.size == 0:
+            return torch.zeros_like(ids), torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        pos = torch.searchsorted(self._live_ids, flat).clamp_(max=self.size - 1)
+        found = self._live_ids.index_select(0, pos) == flat  # live ids are >= 0: -1 is never found
+        return self._live_slots.index_select(0, pos).reshape(ids.shape), found.reshape(ids.shape)
 
     def slots_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Slots of ``ids`` (any shape, int64, on this device); -1 where absent.
 
         Evicted ids, never-issued ids and the padding id -1 all map to -1.
         """
-        self._refresh_order()
-        flat = ids.reshape(-1).contiguous()
-        pos = torch.searchsorted(self._sorted_ids, flat).clamp_(max=self.capacity - 1)
-        found = (self._sorted_ids[pos] == flat) & (flat >= 0)
-        slots = torch.where(found, self._sorted_slots[pos], torch.full_like(flat, -1))
-        return slots.reshape(ids.shape)
+        safe, found = self.lookup(ids)
+        return torch.where(found, safe, -1)
 
     def gather(self, name: str, slots: torch.Tensor) -> torch.Tensor:
         """Rows of column ``name`` at ``slots`` (any shape); fill value where slot is -1."""
@@ -211,8 +231,7 @@ class TensorBank:
         One top-k over ``[capacity]`` keys, with no host read (``nonzero`` would wait
         for the device to size its output).
         """
-        slot = torch.arange(self.capacity, device=self.device)
-        key = torch.where(self.raw["ids"] < 0, slot, slot + self.capacity)
+        key = torch.where(self.raw["ids"] < 0, self._by_slot, self._taken_key)
         return key.topk(min(n, self.capacity - self.size), largest=False, sorted=True).indices
 
     def write(self, slots: torch.Tensor, values: dict[str, torch.Tensor], *, pending: bool = False) -> torch.Tensor:
@@ -231,13 +250,13 @@ class TensorBank:
         for name, spec in self.specs.items():
             column = self.raw[name]
             if name == "ids":
-                column[slots] = ids
+                column.index_copy_(0, slots, ids)
             elif name == "inserted_at":
-                column[slots] = now
+                column.index_fill_(0, slots, now)
             elif name in values:
-                column[slots] = values[name].to(dtype=column.dtype)
+                column.index_copy_(0, slots, values[name].to(dtype=column.dtype))
             elif not (pending and name in DERIVED):
-                column[slots] = spec.fill
+                column.index_fill_(0, slots, spec.fill)
         if pending and m:
             self._wait(slots)
         self.next_id += m
@@ -285,7 +304,7 @@ class TensorBank:
         """Free ``slots`` ``[m]`` (live slots, no duplicates)."""
         if slots.numel() == 0:
             return
-        self.raw["ids"][slots] = -1
+        self.raw["ids"].index_fill_(0, slots, -1)
         self.size -= int(slots.numel())
         self.revision += 1
 
@@ -304,8 +323,10 @@ class TensorBank:
         self.raw = {name: t.to(device) for name, t in self.raw.items()}
         self.columns = _Columns(self, self.raw)
         self.device = device
-        self._order_revision, self._sorted_ids = -1, self.raw["ids"]
-        self._sorted_slots = self.raw["ids"]
+        self._order_revision = -1
+        self._sorted_ids = self._sorted_slots = self._live_ids = self._live_slots = self.raw["ids"]
+        self._by_slot = self._by_slot.to(device)
+        self._taken_key = self._taken_key.to(device)
         self.revision += 1
 
     def check_ids_left(self, incoming: int) -> None:

@@ -351,23 +351,23 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
     def dreams(self, ids: Any) -> torch.Tensor:
         """Dreams of ``ids`` (any shape) as ``[..., R, C, L, 3]``; zeros where absent."""
         with self._lock:
-            return self.bank.gather("dreams", self._slots(ids))
+            return self._gather(("dreams",), *self._lookup(ids))["dreams"]
 
     def metadata(self, ids: Any, *, columns: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Columns of ``ids`` (any shape), each ``[*ids.shape, ...]``, plus ``found`` (bool).
 
         ``columns`` names the bank columns to gather (default: every column except dreams);
-        only those are gathered.
+        only those are gathered (and only a derived column, e.g. ``embeddings``, needs the
+        entries' features: see ``PoolConfig.features``). Absent ids get each column's fill value.
 
         Raises:
             InvalidInputError: ids never issued, or ``columns`` names no bank column.
         """
         with self._lock:
             names = self._metadata_columns(columns)
-            slots = self._slots(ids)
-            safe, valid = slots.clamp(min=0), slots >= 0
-            out = {name: self.bank.gather_valid(name, safe, valid) for name in names}
-            out["found"] = valid
+            safe, found, every = self._lookup(ids)
+            out = self._gather(names, safe, found, every)
+            out["found"] = found
             return out
 
     def _metadata_columns(self, columns: Sequence[str] | None) -> tuple[str, ...]:
@@ -381,6 +381,19 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             if name not in self.bank.specs:
                 raise InvalidInputError("columns", f"names among {', '.join(self.bank.specs)}", repr(name))
         return names
+
+    def _gather(
+        self, names: Sequence[str], safe: torch.Tensor, found: torch.Tensor, every: bool
+    ) -> dict[str, torch.Tensor]:
+        """Columns ``names`` at :meth:`_lookup`'s rows; fill values where not ``found`` (no mask when ``every``)."""
+        if not every:
+            return {name: self.bank.gather_valid(name, safe, found) for name in names}
+        flat = safe.reshape(-1)
+        out = {}
+        for name in names:
+            column = self.bank.columns[name]
+            out[name] = column.index_select(0, flat).reshape(*safe.shape, *column.shape[1:])
+        return out
 
     def sample(self, n: int, *, where: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Ids of ``min(n, m)`` draws, uniform with replacement, from the ``m`` live entries passing ``where``.
@@ -401,10 +414,10 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             if generator is not None and not isinstance(generator, torch.Generator):
                 raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
             keep = request.where_mask(where, self.bank, self.device)
-            slots = self.bank.slots_by_age()
+            live = self.bank.ids_by_age()  # one sort per bank revision
             if keep is not None:
-                slots = slots[keep[slots]]
-            live = self.bank.columns["ids"][slots]
+                slots = self.bank.slots_by_age()
+                live = live[keep[slots]]
             if live.numel() == 0:
                 return live
             pick = torch.randint(live.numel(), (min(n, live.numel()),), generator=generator)
@@ -463,9 +476,24 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         return request.labels(x, n, name, self.config.num_classes, self.device)
 
     def _slots(self, ids: Any) -> torch.Tensor:
+        """Slots of ``ids`` (any shape; -1 where absent), after refusing ids never issued."""
+        safe, found, _ = self._lookup(ids)
+        return torch.where(found, safe, -1)
+
+    def _lookup(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(safe, found, every)`` of ``ids`` (:meth:`TensorBank.lookup`), ``every``: all found.
+
+        One host read, which also refuses ids this pool never issued (below -1 or at/after
+        ``next_id``), listing the first few.
+        """
         t = v.as_ids(ids, "ids", device=self.device).long()
-        self._check_issued(t)
-        return self.bank.slots_of(t)
+        safe, found = self.bank.lookup(t)
+        if t.numel() == 0:
+            return safe, found, True
+        low, high, every = checks.host_values([*torch.aminmax(t), found.all()])
+        if low < -1 or high >= self.bank.next_id:
+            self._check_issued(t)
+        return safe, found, bool(every)
 
     def _check_issued(self, ids: torch.Tensor) -> None:
         """Refuse ids this pool never issued (below -1 or at/after ``next_id``), listing the first few."""
