@@ -43,6 +43,7 @@ class Admission:
     _lock: StreamOrderedLock
     _lazy_for: PoolConfig | None
     _lazy: bool
+    _victims: torch.Tensor  # the slots the latest eviction freed
 
     if TYPE_CHECKING:  # defined by DreamPool and EncoderLifecycle
 
@@ -126,9 +127,8 @@ class Admission:
                 with checks.immediate():
                     checked()
             count = int(total)
-            if passed is None or count == n:  # every dream passed: batch order as it is
-                accepted = torch.arange(n, device=self.device)
-            else:
+            accepted = None  # None while every dream passed: batch order as it is
+            if passed is not None and count < n:
                 accepted = torch.argsort(passed.to(torch.uint8), descending=True, stable=True)[:count]
             self.bank.check_ids_left(count)
             budget_room = self.budget.room(self.bank, self.index)
@@ -146,20 +146,22 @@ class Admission:
                 and self.encoder.needs_refit(self.counters["added"] + count)
             ):
                 # before admission: the rebuilt index may change what the budget holds
-                newcomers = batch[accepted]
+                newcomers = batch if accepted is None else batch[accepted]
                 self._refit_statistics(chroma_signature(newcomers), spectral_of_checked(newcomers, self.config.window))
                 budget_room = self.budget.room(self.bank, self.index)
                 room = self.bank.capacity if budget_room is None else min(self.bank.capacity, budget_room)
             self.counters["rejected"] += n - count
-            picked = self.eviction.admit(self.bank, coh if count == n else coh[accepted], room, self._eviction_need)
-            if picked.numel() < count:  # else every position, ascending: ``accepted`` as it is
-                accepted = accepted[picked]
-            m = int(accepted.numel())
+            picked = self.eviction.admit(
+                self.bank, coh if accepted is None else coh[accepted], room, self._eviction_need
+            )
+            m = int(picked.numel())
+            if m < count:  # else every position, ascending: ``accepted`` as it is
+                accepted = picked if accepted is None else accepted[picked]
             self.counters["dropped"] += count - m
             if m == 0:
                 return torch.full((n,), -1, dtype=torch.int64, device=self.device)
 
-            if m == n:  # admitted positions are ascending: every dream, in batch order
+            if accepted is None:  # every dream, in batch order
                 kept, kept_labels, values = batch, labels, {"coherence": coh, "energy": eng, "violation": vio}
             else:
                 kept, kept_labels = batch.index_select(0, accepted), labels[accepted]
@@ -167,12 +169,14 @@ class Admission:
             values.update(dreams=kept, class_label=kept_labels)
             if not lazy:
                 values.update(self._features_of(kept, kept_labels))
-            self._make_room(m, settle=False)
-            slots = self.bank.free_slots(m)
+            full = self.bank.size == self.bank.capacity
+            evicted = self._make_room(m, settle=False)
+            # a full bank frees exactly the victims: those are the lowest free slots, ascending
+            slots = self._victims.sort().values if full and evicted == m else self.bank.free_slots(m)
             ids = self.bank.write(slots, values, pending=lazy)
             if not lazy:
                 self.index.add(slots)
-            if m == n:
+            if accepted is None:
                 out = ids  # a new tensor of this call's
             else:
                 out = torch.full((n,), -1, dtype=torch.int64, device=self.device)
@@ -181,7 +185,7 @@ class Admission:
             if self._make_room(0):  # the index grew past its share: the policy may take new entries too
                 gone = self.bank.slots_of(ids) < 0
                 lost = int(gone.sum())
-                out[accepted[gone]] = -1
+                out[gone if accepted is None else accepted[gone]] = -1
                 self.counters["evicted"] -= lost  # reported as dropped: never stored, as the caller sees it
                 self.counters["dropped"] += lost
             self.counters["added"] += m - lost
@@ -263,6 +267,7 @@ class Admission:
             victims = self.eviction.order(self.bank)[:count]
             self.index.remove(victims)
             self.bank.remove(victims)
+            self._victims = victims
             evicted += int(victims.numel())
             count = self.budget.eviction_count(self.bank, self.index, incoming) if settle else 0
         self.counters["evicted"] += evicted

@@ -104,7 +104,15 @@ class Bounds:
 
 def host_values(values: Sequence[torch.Tensor]) -> list[float]:
     """0-d tensors on one device, read on the host in one transfer (stacked in their promoted dtype:
-    include a float64 one where counts above 2**24 must stay exact beside float32 values)."""
+    include a float64 one where counts above 2**24 must stay exact beside float32 values).
+
+    On CPU, with no torch function mode active, each is read in place instead: there is no
+    transfer to wait for, and stacking mixed dtypes costs more than the reads. (Under a mode,
+    e.g. :func:`~dreampool_gpu.sync_guard.forbid_host_sync`, the read is the one stacked call
+    it is on CUDA.)
+    """
+    if values[0].device.type == "cpu" and not torch._C._is_torch_function_mode_enabled():
+        return [t.item() for t in values]
     return torch.stack(list(values)).tolist()
 
 

@@ -150,6 +150,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         self._lock = StreamOrderedLock(lambda: self.device, self._kept_tensors)
         self.metrics: PoolMetrics | None = None
         self._metadata_default = tuple(name for name in self.bank.specs if name != "dreams")
+        self._lookup_memo: tuple[Any, tuple[int, int], tuple[torch.Tensor, torch.Tensor, bool]] | None = None
 
     def __len__(self) -> int:
         return self.bank.size
@@ -414,14 +415,18 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             if generator is not None and not isinstance(generator, torch.Generator):
                 raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
             keep = request.where_mask(where, self.bank, self.device)
-            live = self.bank.ids_by_age()  # one sort per bank revision
+            live, slots = self.bank.ids_by_age(), self.bank.slots_by_age()  # one sort per bank revision
             if keep is not None:
-                slots = self.bank.slots_by_age()
-                live = live[keep[slots]]
+                passing = keep[slots]
+                live, slots = live[passing], slots[passing]
             if live.numel() == 0:
                 return live
-            pick = torch.randint(live.numel(), (min(n, live.numel()),), generator=generator)
-            return live[pick.to(live.device)]
+            pick = torch.randint(live.numel(), (min(n, live.numel()),), generator=generator).to(live.device)
+            ids = live[pick]
+            # their slots too: dreams(ids) and metadata(ids) of this batch need no lookup (see _lookup)
+            found = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+            self._lookup_memo = (ids, (ids._version, self.bank.revision), (slots[pick], found, True))
+            return ids
 
     def diversity(self, ids: Any) -> dict[str, torch.Tensor]:
         """Diversity of each result set: mean, min, max pairwise chroma distance (docs/spec.md §Hybrid score and MMR).
@@ -486,6 +491,9 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         One host read, which also refuses ids this pool never issued (below -1 or at/after
         ``next_id``), listing the first few.
         """
+        memo = self._lookup_memo  # dreams(ids) then metadata(ids) of one replay batch: looked up once
+        if memo is not None and memo[0] is ids and memo[1] == (ids._version, self.bank.revision):
+            return memo[2]
         t = v.as_ids(ids, "ids", device=self.device).long()
         safe, found = self.bank.lookup(t)
         if t.numel() == 0:
@@ -493,7 +501,10 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         low, high, every = checks.host_values([*torch.aminmax(t), found.all()])
         if low < -1 or high >= self.bank.next_id:
             self._check_issued(t)
-        return safe, found, bool(every)
+        result = (safe, found, bool(every))
+        if isinstance(ids, torch.Tensor):  # the same tensor, unchanged, in an unchanged bank: the same answer
+            self._lookup_memo = (ids, (ids._version, self.bank.revision), result)
+        return result
 
     def _check_issued(self, ids: torch.Tensor) -> None:
         """Refuse ids this pool never issued (below -1 or at/after ``next_id``), listing the first few."""
