@@ -393,7 +393,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         out = {}
         for name in names:
             column = self.bank.columns[name]
-            out[name] = column.index_select(0, flat).reshape(*safe.shape, *column.shape[1:])
+            out[name] = column.index_select(0, flat).reshape((*safe.shape, *column.shape[1:]))
         return out
 
     def sample(self, n: int, *, where: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
