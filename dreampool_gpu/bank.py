@@ -187,7 +187,7 @@ class TensorBank:
         never-issued ids and the padding id -1 are not found. One binary search, no host read.
         """
         self._refresh_order()
-        flat = ids.reshape(-1)
+        flat = ids.reshape(-1).contiguous()
         if self.size == 0:
             return torch.zeros_like(ids), torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         pos = torch.searchsorted(self._live_ids, flat).clamp_(max=self.size - 1)
