@@ -25,8 +25,8 @@ BATCH = 8
 CALL_BOUNDS = {
     "add": 40,
     "sample": 6,
-    "dreams": 17,
-    "metadata": 17,
+    "dreams": 19,
+    "metadata": 19,
     "dreams of a sample": 5,
     "metadata of a sample": 5,
     "feedback": 46,
