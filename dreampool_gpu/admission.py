@@ -9,6 +9,7 @@ for the ``fifo``, ``least_used`` and ``lowest_utility`` policies.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -97,15 +98,16 @@ class Admission:
         with self._lock:
             force = v.check_flag(force, "force")
 
-            def checked() -> tuple[torch.Tensor, ...]:
+            def checked() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
                 batch = v.as_tensor(dreams, "dreams", device=self.device)
                 batch = validate_dreams(batch, dream_shape=self.config.dream_shape)
                 n = batch.shape[0]
                 if coherence is None:
                     raise InvalidInputError("coherence", "[N] values in [0, 1] (a scalar is broadcast)", None)
                 coh = request.per_query(coherence, n, "coherence", 0.0, 1.0, self.device)
-                eng = request.per_query(energy, n, "energy", 0.0, float("inf"), self.device)
-                vio = request.per_query(violation, n, "violation", 0.0, 1.0, self.device)
+                # None: the column's fill (0) is written, no tensor made
+                eng = None if energy is None else request.per_query(energy, n, "energy", 0.0, math.inf, self.device)
+                vio = None if violation is None else request.per_query(violation, n, "violation", 0.0, 1.0, self.device)
                 return (
                     batch,
                     coh,
@@ -162,10 +164,13 @@ class Admission:
                 return torch.full((n,), -1, dtype=torch.int64, device=self.device)
 
             if accepted is None:  # every dream, in batch order
-                kept, kept_labels, values = batch, labels, {"coherence": coh, "energy": eng, "violation": vio}
+                kept, kept_labels = batch, labels
             else:
                 kept, kept_labels = batch.index_select(0, accepted), labels[accepted]
-                values = {"coherence": coh[accepted], "energy": eng[accepted], "violation": vio[accepted]}
+            per_dream = (("coherence", coh), ("energy", eng), ("violation", vio))
+            values = {  # an absent column (energy or violation not given) gets its fill value
+                name: t if accepted is None else t[accepted] for name, t in per_dream if t is not None
+            }
             values.update(dreams=kept, class_label=kept_labels)
             if not lazy:
                 values.update(self._features_of(kept, kept_labels))
