@@ -4,7 +4,9 @@ One thread (``torch.set_num_threads(1)``) for every benchmark of this file. Grou
 ``baseline`` first; ``benchmarks/report.py`` turns the others into cost ratios):
 
 - ``step ER 28x28x1 m=500 b=10``: one experience-replay step, ``sample(10)`` + ``dreams(ids)`` +
-  ``metadata(ids, columns=("class_label",))`` + ``add(10)`` into a full FIFO pool of 500, against
+  ``metadata(ids, columns=("class_label",))`` + ``add(10)`` into a full FIFO pool of 500 (and the
+  same step with ``metadata(ids)``, every column: the features of the entries added since are
+  computed at each step), against
   a plain buffer (a random index + gather, and a reservoir write of the 10 new dreams: the
   baseline) and, where ``torchrl`` imports, TorchRL's ``ReplayBuffer(LazyTensorStorage(500),
   RandomSampler())`` (``sample()`` + ``extend()``).
@@ -107,7 +109,7 @@ def _time(benchmark, fn) -> None:
 
 
 # ------------------------------------------------------------------ replay step
-@pytest.mark.parametrize("variant", ["plain", "pool", "torchrl"])
+@pytest.mark.parametrize("variant", ["plain", "pool", "pool-all-columns", "torchrl"])
 def test_er_step(benchmark, record_median, variant):
     benchmark.group = f"step ER {'x'.join(map(str, SHAPE))} m={MEMORY} b={BATCH}"
     benchmark.extra_info.update(memory=MEMORY, batch=BATCH, variant=variant, threads=1)
@@ -123,13 +125,14 @@ def test_er_step(benchmark, record_median, variant):
             plain.add(x, y)
             return dreams, labels
 
-    elif variant == "pool":
+    elif variant.startswith("pool"):
         pool = _full_pool()
+        columns = None if variant == "pool-all-columns" else ("class_label",)  # None: features too, every step
 
         def step():
             ids = pool.sample(BATCH, generator=g)
             dreams = pool.dreams(ids)
-            labels = pool.metadata(ids, columns=("class_label",))["class_label"]
+            labels = pool.metadata(ids, columns=columns)["class_label"]
             x, y = next(new)
             pool.add(x, coherence=ones, class_labels=y)
             return dreams, labels
