@@ -3,11 +3,14 @@
 Each check raises a typed error from :mod:`dreampool_gpu.errors` naming what was
 expected and what arrived; none of them mutates its input. Checks of tensor values
 go through :func:`require`, which, inside :func:`dreampool_gpu.checks.deferred`, records
-the outcome on the device instead of reading it on the host.
+the outcome on the device instead of reading it on the host; inside
+:func:`dreampool_gpu.checks.bounded` the range checks become limits read later, with the
+caller's host transfer.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -79,12 +82,20 @@ def check_float(t: torch.Tensor, name: str) -> None:
 def check_finite(t: torch.Tensor, name: str) -> None:
     """Require every value to be finite (no NaN or inf)."""
     if t.numel():
+        collected = checks.bounds()
+        if collected is not None:  # read later, with the call's host transfer
+            collected.limit(t, -math.inf, math.inf, finite=True)
+            return
         require(torch.isfinite(t).all(), name, "finite values", lambda: "NaN or inf")
 
 
 def check_range(t: torch.Tensor, name: str, low: float, high: float) -> None:
     """Require every value to lie in ``[low, high]`` (NaN fails)."""
     if t.numel():
+        collected = checks.bounds()
+        if collected is not None:
+            collected.limit(t, low, high)
+            return
 
         def arrived() -> str:
             lo, hi = float(t.nan_to_num(nan=float("inf")).min()), float(t.nan_to_num(nan=float("-inf")).max())
@@ -110,6 +121,10 @@ def check_int(t: torch.Tensor, name: str) -> None:
 def check_int_range(t: torch.Tensor, name: str, low: int, high: int, expected: str) -> None:
     """Require every value of the integer ``t`` to lie in ``[low, high]`` (``expected`` says so)."""
     if t.numel():
+        collected = checks.bounds()
+        if collected is not None:
+            collected.limit(t, low, high)
+            return
         require(((t >= low) & (t <= high)).all(), name, expected, lambda: t.unique().tolist()[:10])
 
 

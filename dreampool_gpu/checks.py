@@ -12,11 +12,17 @@ the pool's state (which that call did not change).
 
 Shape, dtype, device and option checks stay immediate: they read no tensor values.
 The policy is the config's ``checks`` (docs/api.md, "Checks and host synchronisation").
+
+A call that reads the host anyway (``add``, ``feedback``) collects its range and finiteness
+checks under :func:`bounded` instead: each checked tensor costs one ``aminmax``, and the
+extremes ride in the call's one host transfer (:class:`Bounds`); when one fails, the call runs
+its checks again immediately to name the argument.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -25,6 +31,7 @@ import torch
 from dreampool_gpu.errors import InvalidInputError
 
 _ACTIVE: ContextVar[DeferredChecks | None] = ContextVar("dreampool_deferred_checks", default=None)
+_BOUNDS: ContextVar[Bounds | None] = ContextVar("dreampool_bounds", default=None)
 _CODES_PER_CALL = 64  # a call records at most this many checks (a retrieve or add records under 10)
 
 
@@ -58,6 +65,73 @@ class DeferredChecks:
         return code
 
 
+class Bounds:
+    """The range and finiteness checks of one call as limits on each checked tensor's extremes.
+
+    :meth:`extremes` gives two 0-d tensors (min, max) per checked tensor, one ``aminmax``
+    each, for the caller to read with its own host transfer; :meth:`hold` judges the read
+    values on the host. NaN fails every check (its extremes are NaN).
+    """
+
+    def __init__(self) -> None:
+        self._slot: dict[int, int] = {}
+        self._tensors: list[torch.Tensor] = []
+        self._limits: list[tuple[float, float, bool]] = []  # (low, high, finite) per tensor
+
+    def limit(self, t: torch.Tensor, low: float, high: float, *, finite: bool = False) -> None:
+        """Require ``low <= t <= high`` everywhere (and finite values with ``finite``); ``t`` non-empty."""
+        i = self._slot.get(id(t))
+        if i is None:
+            self._slot[id(t)] = len(self._tensors)
+            self._tensors.append(t)
+            self._limits.append((low, high, finite))
+            return
+        lo, hi, fin = self._limits[i]
+        self._limits[i] = (max(lo, low), min(hi, high), fin or finite)
+
+    def extremes(self) -> list[torch.Tensor]:
+        """``[min_0, max_0, min_1, max_1, ...]`` 0-d tensors of the checked tensors (no host read)."""
+        return [x for t in self._tensors for x in torch.aminmax(t)]
+
+    def hold(self, values: Sequence[float]) -> bool:
+        """Whether every limit holds, given :meth:`extremes` read on the host (as floats)."""
+        for i, (low, high, finite) in enumerate(self._limits):
+            lo, hi = values[2 * i], values[2 * i + 1]
+            if not (low <= lo and hi <= high) or (finite and not (math.isfinite(lo) and math.isfinite(hi))):
+                return False
+        return True
+
+
+def host_values(values: Sequence[torch.Tensor]) -> list[float]:
+    """0-d tensors on one device, read on the host in one transfer (stacked in their promoted dtype:
+    include a float64 one where counts above 2**24 must stay exact beside float32 values).
+
+    On CPU, with no torch function mode active, each is read in place instead: there is no
+    transfer to wait for, and stacking mixed dtypes costs more than the reads. (Under a mode,
+    e.g. :func:`~dreampool_gpu.sync_guard.forbid_host_sync`, the read is the one stacked call
+    it is on CUDA.)
+    """
+    if values[0].device.type == "cpu" and not torch._C._is_torch_function_mode_enabled():
+        return [t.item() for t in values]
+    return torch.stack(list(values)).tolist()
+
+
+def bounds() -> Bounds | None:
+    """The :class:`Bounds` collecting this context's range checks, or None."""
+    return _BOUNDS.get()
+
+
+@contextmanager
+def bounded() -> Iterator[Bounds]:
+    """Collect range and finiteness checks as :class:`Bounds` while inside (no tensor is reduced yet)."""
+    collected = Bounds()
+    token = _BOUNDS.set(collected)
+    try:
+        yield collected
+    finally:
+        _BOUNDS.reset(token)
+
+
 def active() -> DeferredChecks | None:
     """The checks being deferred in this context, or None (checks are immediate)."""
     return _ACTIVE.get()
@@ -85,10 +159,11 @@ def deferred(enabled: bool = True) -> Iterator[DeferredChecks | None]:
 @contextmanager
 def immediate() -> Iterator[None]:
     """Read checks on the host while inside, even within :func:`deferred` (to name a failure)."""
-    token = _ACTIVE.set(None)
+    token, kept = _ACTIVE.set(None), _BOUNDS.set(None)
     try:
         yield
     finally:
+        _BOUNDS.reset(kept)
         _ACTIVE.reset(token)
 
 

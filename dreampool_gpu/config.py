@@ -116,6 +116,7 @@ DREAM_DTYPES = tuple(d.value for d in DreamDtype)
 ENGINES = tuple(e.value for e in Engine)
 ENCODERS = ("features", "learned")
 MAX_SEED = (1 << 64) - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+FEATURES = ("lazy", "eager")
 MAX_CLASSES = 1 << 16  # the feature encoder's class block is num_classes + 1 wide
 
 
@@ -217,6 +218,10 @@ class PoolConfig:
             accepted batch is larger than the whole pool (capacity or budget).
         checks: when value checks are read: ``auto`` (deferred on CUDA, immediate on CPU),
             ``immediate`` or ``deferred`` (see :class:`CheckPolicy`).
+        features: when an entry's chroma, spectral features, hue category and embedding are
+            computed: ``lazy`` (by the first call that reads them, for every waiting entry in one
+            batch; a replay-only loop never computes them) or ``eager`` (by ``add``). Pools whose
+            engine keeps its own vectors (IVF-PQ at this capacity) compute them eagerly.
     """
 
     dream_shape: tuple[int, int, int] = (16, 16, 4)
@@ -256,6 +261,7 @@ class PoolConfig:
     budget_threshold: float = 0.9
     strict_budget: bool = False
     checks: CheckPolicy = CheckPolicy.AUTO
+    features: str = "lazy"
 
     def __post_init__(self) -> None:
         shape = tuple(self.dream_shape) if isinstance(self.dream_shape, (list, tuple)) else None
@@ -304,6 +310,8 @@ class PoolConfig:
         _check_int("encoder_seed", self.encoder_seed, 0)
         if not isinstance(self.encoder, str) or self.encoder not in ENCODERS:
             raise InvalidConfigurationError("encoder", self.encoder, f"one of {', '.join(ENCODERS)}")
+        if not isinstance(self.features, str) or self.features not in FEATURES:
+            raise InvalidConfigurationError("features", self.features, f"one of {', '.join(FEATURES)}")
         _check_int("num_classes", self.num_classes, 1)
         if self.num_classes > MAX_CLASSES:
             raise InvalidConfigurationError("num_classes", self.num_classes, f"an int in [1, {MAX_CLASSES}]")

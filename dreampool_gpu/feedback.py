@@ -47,33 +47,60 @@ class Feedback:
             InvalidInputError: utility out of range or not finite, ids never issued.
         """
         with self._lock:
-            self._fault.raise_code(int(self._fault.code))  # feedback reads the host anyway (its count)
-            id_t = v.as_ids(ids, "ids", device=self.device)
-            u = v.as_tensor(utility, "utility", device=self.device)
-            if u.numel() == 0 or (not u.is_floating_point() and u.dtype != torch.bool and not u.is_complex()):
-                u = u.float()  # integer utilities (0, 1) and empty lists are values in [0, 1] too
-            v.check_float(u, "utility")
-            if u.dim() == 0:
-                u = u.expand(id_t.shape)
-            if u.shape != id_t.shape:
-                raise DimensionMismatchError(list(id_t.shape), list(u.shape), "utility")
-            v.check_finite(u, "utility")
-            v.check_range(u, "utility", 0.0, 1.0)
-            flat_ids = id_t.reshape(-1).long()
-            self._check_issued(flat_ids)
-            slots = self.bank.slots_of(flat_ids)
-            found = slots >= 0
-            slots, values = slots[found], u.reshape(-1)[found].float()
-            if slots.numel() == 0:
+
+            def parsed() -> tuple[torch.Tensor, torch.Tensor]:
+                id_t = v.as_ids(ids, "ids", device=self.device)
+                u = v.as_tensor(utility, "utility", device=self.device)
+                if u.numel() == 0 or (not u.is_floating_point() and u.dtype != torch.bool and not u.is_complex()):
+                    u = u.float()  # integer utilities (0, 1) and empty lists are values in [0, 1] too
+                v.check_float(u, "utility")
+                if u.dim() == 0:
+                    u = u.expand(id_t.shape)
+                if u.shape != id_t.shape:
+                    raise DimensionMismatchError(list(id_t.shape), list(u.shape), "utility")
+                v.check_finite(u, "utility")
+                v.check_range(u, "utility", 0.0, 1.0)
+                return id_t.reshape(-1).long(), u.reshape(-1).float()
+
+            with checks.bounded() as bounds:  # the utilities' checks: read with the call's one host read
+                flat_ids, values = parsed()
+            if flat_ids.numel() == 0:
+                self._fault.raise_code(int(self._fault.code))
                 return 0
-            cols = self.bank.columns
-            count = cols["feedback_count"]
-            total = cols["util_mean"] * count + torch.zeros_like(cols["util_mean"]).index_add_(0, slots, values)
-            count.index_add_(0, slots, torch.ones_like(slots, dtype=count.dtype))
-            touched = torch.zeros_like(cols["util_mean"], dtype=torch.bool).index_fill_(0, slots, True)
-            cols["util_mean"].copy_(torch.where(touched, total / count.clamp(min=1), cols["util_mean"]))  # in place
-            order = torch.arange(slots.numel(), device=self.device)
-            last = torch.full_like(count, -1, dtype=torch.int64).scatter_reduce_(0, slots, order, "amax")
-            cols["utility"][touched] = values[last[touched]]
-            self.counters["feedback"] += int(slots.numel())
-            return int(slots.numel())
+            safe, found = self.bank.lookup(flat_ids)
+            # the one host read: an earlier call's fault, the ids' range, how many are stored, the checks
+            fault, low, high, stored, *extremes = checks.host_values(
+                [self._fault.code, *torch.aminmax(flat_ids), found.sum(dtype=torch.float64), *bounds.extremes()]
+            )
+            self._fault.raise_code(int(fault))
+            if not bounds.hold(extremes):
+                with checks.immediate():
+                    parsed()
+            if low < -1 or high >= self.bank.next_id:
+                self._check_issued(flat_ids)
+            if stored:
+                self._record(safe, found, values)
+            self.counters["feedback"] += int(stored)
+            return int(stored)
+
+    def _record(self, safe: torch.Tensor, found: torch.Tensor, values: torch.Tensor) -> None:
+        """Count ``values`` ``[k]`` into the rows ``safe`` ``[k]`` where ``found``: running mean, count, last.
+
+        Misses go to a spare row of the ``[capacity + 1]`` temporaries; per slot, the sum and the
+        count of the call's values and the position of its last one are scattered once each.
+        """
+        cols, spare = self.bank.raw, self.bank.capacity
+        target = torch.where(found, safe, spare)
+        sums = values.new_zeros(spare + 1).index_add_(0, target, values)[:spare]
+        count = cols["feedback_count"]
+        hits = count.new_zeros(spare + 1).index_add_(0, target, torch.ones_like(target, dtype=count.dtype))[:spare]
+        order = torch.arange(target.numel(), device=target.device)
+        last = torch.full((spare + 1,), -1, dtype=torch.int64, device=target.device)
+        last = last.scatter_reduce_(0, target, order, "amax")[:spare]
+        touched = hits > 0
+        mean = cols["util_mean"]
+        total = mean * count + sums
+        count.add_(hits)
+        torch.where(touched, total / count.clamp(min=1), mean, out=mean)  # in place, untouched rows as they were
+        column = cols["utility"]
+        torch.where(touched, values[last.clamp(min=0)], column, out=column)

@@ -134,6 +134,9 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             device=self.device,
             dream_dtype=dream_dtype,
         )
+        self.bank.settle_hook = self._settle_features  # lazy features: computed when first read
+        self._lazy_for: PoolConfig | None = None
+        self._lazy = False
         self.encoder: Encoder = self._make_encoder(encoder)
         self._embedded_version = self.encoder.version  # the encoder version the bank's embeddings come from
         self.index = make_index(self.bank, self.config)
@@ -148,6 +151,8 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         self._fault = checks.FaultFlag(self.device)
         self._lock = StreamOrderedLock(lambda: self.device, self._kept_tensors)
         self.metrics: PoolMetrics | None = None
+        self._metadata_default = tuple(name for name in self.bank.specs if name != "dreams")
+        self._lookup_memo: tuple[Any, tuple[int, int], tuple[torch.Tensor, torch.Tensor, bool]] | None = None
 
     def __len__(self) -> int:
         return self.bank.size
@@ -268,6 +273,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         """:meth:`retrieve`'s device work (checks, the mode's stages, gathers, usage); the caller holds the lock."""
         with checks.deferred(sync_free) as deferred:
             req = check_request(self, queries, **options)
+            self.bank.settle()  # every mode reads derived columns: waiting entries get them now, in one batch
             scores, slots = MODES[req.mode].run(self, req)
             if deferred is not None and deferred.flags:  # a failed check empties the results
                 ok = self._fault.record("retrieve", deferred)
@@ -348,15 +354,49 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
     def dreams(self, ids: Any) -> torch.Tensor:
         """Dreams of ``ids`` (any shape) as ``[..., R, C, L, 3]``; zeros where absent."""
         with self._lock:
-            return self.bank.gather("dreams", self._slots(ids))
+            return self._gather(("dreams",), *self._lookup(ids))["dreams"]
 
-    def metadata(self, ids: Any) -> dict[str, torch.Tensor]:
-        """Every column except dreams for ``ids`` (any shape), plus ``found`` (bool)."""
+    def metadata(self, ids: Any, *, columns: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Columns of ``ids`` (any shape), each ``[*ids.shape, ...]``, plus ``found`` (bool).
+
+        ``columns`` names the bank columns to gather (default: every column except dreams);
+        only those are gathered (and only a derived column, e.g. ``embeddings``, needs the
+        entries' features: see ``PoolConfig.features``). Absent ids get each column's fill value.
+
+        Raises:
+            InvalidInputError: ids never issued, or ``columns`` names no bank column.
+        """
         with self._lock:
-            slots = self._slots(ids)
-            out = {name: self.bank.gather(name, slots) for name in self.bank.columns if name != "dreams"}
-            out["found"] = slots >= 0
+            names = self._metadata_columns(columns)
+            safe, found, every = self._lookup(ids)
+            out = self._gather(names, safe, found, every)
+            out["found"] = found
             return out
+
+    def _metadata_columns(self, columns: Sequence[str] | None) -> tuple[str, ...]:
+        """The checked column names of :meth:`metadata` (every column but dreams when None)."""
+        if columns is None:
+            return self._metadata_default
+        if isinstance(columns, str) or not isinstance(columns, Sequence):
+            raise InvalidInputError("columns", "a sequence of column names, or None", repr(columns))
+        names = tuple(columns)
+        for name in names:
+            if name not in self.bank.specs:
+                raise InvalidInputError("columns", f"names among {', '.join(self.bank.specs)}", repr(name))
+        return names
+
+    def _gather(
+        self, names: Sequence[str], safe: torch.Tensor, found: torch.Tensor, every: bool
+    ) -> dict[str, torch.Tensor]:
+        """Columns ``names`` at :meth:`_lookup`'s rows; fill values where not ``found`` (no mask when ``every``)."""
+        if not every:
+            return {name: self.bank.gather_valid(name, safe, found) for name in names}
+        flat = safe.reshape(-1)
+        out = {}
+        for name in names:
+            column = self.bank.columns[name]
+            out[name] = column.index_select(0, flat).reshape((*safe.shape, *column.shape[1:]))
+        return out
 
     def sample(self, n: int, *, where: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Ids of ``min(n, m)`` draws, uniform with replacement, from the ``m`` live entries passing ``where``.
@@ -377,14 +417,18 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             if generator is not None and not isinstance(generator, torch.Generator):
                 raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
             keep = request.where_mask(where, self.bank, self.device)
-            slots = self.bank.slots_by_age()
+            live, slots = self.bank.ids_by_age(), self.bank.slots_by_age()  # one sort per bank revision
             if keep is not None:
-                slots = slots[keep[slots]]
-            live = self.bank.columns["ids"][slots]
+                passing = keep[slots]
+                live, slots = live[passing], slots[passing]
             if live.numel() == 0:
                 return live
-            pick = torch.randint(live.numel(), (min(n, live.numel()),), generator=generator)
-            return live[pick.to(live.device)]
+            pick = torch.randint(live.numel(), (min(n, live.numel()),), generator=generator).to(live.device)
+            ids = live[pick]
+            # their slots too: dreams(ids) and metadata(ids) of this batch need no lookup (see _lookup)
+            found = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+            self._lookup_memo = (ids, (ids._version, self.bank.revision), (slots[pick], found, True))
+            return ids
 
     def diversity(self, ids: Any) -> dict[str, torch.Tensor]:
         """Diversity of each result set: mean, min, max pairwise chroma distance (docs/spec.md §Hybrid score and MMR).
@@ -439,9 +483,30 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         return request.labels(x, n, name, self.config.num_classes, self.device)
 
     def _slots(self, ids: Any) -> torch.Tensor:
+        """Slots of ``ids`` (any shape; -1 where absent), after refusing ids never issued."""
+        safe, found, _ = self._lookup(ids)
+        return torch.where(found, safe, -1)
+
+    def _lookup(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(safe, found, every)`` of ``ids`` (:meth:`TensorBank.lookup`), ``every``: all found.
+
+        One host read, which also refuses ids this pool never issued (below -1 or at/after
+        ``next_id``), listing the first few.
+        """
+        memo = self._lookup_memo  # dreams(ids) then metadata(ids) of one replay batch: looked up once
+        if memo is not None and memo[0] is ids and memo[1] == (ids._version, self.bank.revision):
+            return memo[2]
         t = v.as_ids(ids, "ids", device=self.device).long()
-        self._check_issued(t)
-        return self.bank.slots_of(t)
+        safe, found = self.bank.lookup(t)
+        if t.numel() == 0:
+            return safe, found, True
+        low, high, every = checks.host_values([*torch.aminmax(t), found.all()])
+        if low < -1 or high >= self.bank.next_id:
+            self._check_issued(t)
+        result = (safe, found, bool(every))
+        if isinstance(ids, torch.Tensor):  # the same tensor, unchanged, in an unchanged bank: the same answer
+            self._lookup_memo = (ids, (ids._version, self.bank.revision), result)
+        return result
 
     def _check_issued(self, ids: torch.Tensor) -> None:
         """Refuse ids this pool never issued (below -1 or at/after ``next_id``), listing the first few."""

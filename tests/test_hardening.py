@@ -661,7 +661,9 @@ class TestWhere:
         coherence = torch.rand(n, generator=g)
         labels = torch.randint(-1, 10, (n,), generator=g)
         batch = dreams(n, seed=6)
-        cfg = PoolConfig(dream_shape=SHAPE, capacity=n, device="cpu", coherence_threshold=0.0, engine=engine)
+        cfg = PoolConfig(
+            dream_shape=SHAPE, capacity=n, device="cpu", coherence_threshold=0.0, engine=engine, features="eager"
+        )  # eager: the encoder's statistics are fitted by add, before they are copied
         full, part = DreamPool(cfg), DreamPool(cfg)
         full.add(batch, coherence=coherence, class_labels=labels)
         kept = coherence >= 0.5

@@ -374,7 +374,7 @@ class TestChromaQueries:
     @pytest.mark.parametrize("mode", ["nearest", "soft", "hybrid"])
     def test_chroma_query_carries_no_spectral_evidence(self, mode):
         """A chroma query is its colour with the bank's mean spectral features (docs/spec.md, Encoders)."""
-        pool, _, _ = make_pool(60, capacity=64, query_cache_size=0)
+        pool, _, _ = make_pool(60, capacity=64, query_cache_size=0, features="eager")  # the encoder fitted now
         chroma = torch.rand(9, 3, generator=torch.Generator().manual_seed(4))
         enc = pool.encoder
         z = enc.encode_queries(

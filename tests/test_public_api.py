@@ -48,7 +48,7 @@ SIGNATURES = {
         "fit_encoder": "*steps=200, *batch_size=256, *lr=0.002, *seed=0, *colour_jitter=0.05, *progress=False",
         "load": "path, *device=None, *encoder=None",
         "load_state_dict": "state_dict",
-        "metadata": "ids",
+        "metadata": "ids, *columns=None",
         "prepare_retrieve": "queries, *k=None, *mode=None, *with_dreams=False, *graph=True, **options",
         "reembed": "",
         "retrieve": (
@@ -94,7 +94,7 @@ SIGNATURES = {
             "alpha=0.65, beta=0.2, gamma=0.1, delta=0.05, mmr_lambda=0.7, fetch_factor=4, "
             "search_chunk_mb=64.0, rerank_chunk_mb=64.0, engine='auto', ann_threshold=20000, "
             "ivf_nlist=0, ivf_nprobe=16, ivf_refine_factor=16, churn_rebuild_fraction=0.1, "
-            "memory_budget_mb=None, budget_threshold=0.9, strict_budget=False, checks='auto'"
+            "memory_budget_mb=None, budget_threshold=0.9, strict_budget=False, checks='auto', features='lazy'"
         ),
         "from_dict": "data",
         "from_file": "path",

@@ -1,0 +1,187 @@
+"""How many torch operations each pool call dispatches (CPU), pinned as upper bounds.
+
+A ``TorchDispatchMode`` counts every operator that reaches the dispatcher during one call in
+the steady state (the pool filled, its age order and features settled). The bounds are the
+counts measured when they were cut, with a little headroom: a change that adds operations to
+a hot path fails here, not in a benchmark weeks later. Lower a bound when a path gets cheaper.
+The second half checks that the cut paths still answer as before (against plain-Python oracles).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dreampool_gpu import DreamPool, PoolConfig
+from dreampool_gpu.config import RetrievalMode
+from dreampool_gpu.errors import InvalidInputError
+
+SHAPE = (4, 4, 1)
+BATCH = 8
+
+# measured on torch 2.13 CPU when the paths were cut (before: add 214, dreams 22, metadata 90 with
+# every column, feedback 51); "dreams"/"metadata": ids looked up, "... of a sample": the ids sample() returned
+CALL_BOUNDS = {
+    "add": 40,
+    "sample": 6,
+    "dreams": 19,
+    "metadata": 19,
+    "dreams of a sample": 5,
+    "metadata of a sample": 5,
+    "feedback": 46,
+}
+RETRIEVE_BOUNDS = {  # B = 1, k = 5; measured 135, 161, 207, 141, 213, 336, 336, 216, 139
+    RetrievalMode.SIMILAR: 150,
+    RetrievalMode.CLASS: 180,
+    RetrievalMode.BALANCED: 230,
+    RetrievalMode.UTILITY: 160,
+    RetrievalMode.DIVERSE: 235,
+    RetrievalMode.SOFT: 370,
+    RetrievalMode.HYBRID: 370,
+    RetrievalMode.CATEGORY: 240,
+    RetrievalMode.NEAREST: 155,
+}
+MODE_OPTIONS = {
+    RetrievalMode.CLASS: {"class_hint": 3},
+    RetrievalMode.BALANCED: {"classes": [1, 3]},
+    RetrievalMode.UTILITY: {"utility_threshold": 0.2},
+}
+
+
+class Count(TorchDispatchMode):
+    """Counts the operators dispatched inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def count(fn) -> tuple[int, list[str]]:
+    with Count() as counter:
+        fn()
+    return len(counter.ops), counter.ops
+
+
+@pytest.fixture
+def pool():
+    """A full pool of 64 (its adds evict), features settled, some feedback; inputs made beforehand."""
+    config = PoolConfig(dream_shape=SHAPE, capacity=64, device="cpu", coherence_threshold=0.0, query_cache_size=0)
+    pool = DreamPool(config)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        pool.add(
+            torch.rand(BATCH, *SHAPE, 3, generator=g),
+            coherence=torch.ones(BATCH),
+            class_labels=torch.randint(0, 10, (BATCH,), generator=g),
+        )
+    pool.feedback(pool.sample(16, generator=g), torch.rand(16, generator=g))
+    pool.bank.settle()
+    return pool
+
+
+def test_call_counts(pool):
+    g = torch.Generator().manual_seed(1)
+    dreams, labels, ones = torch.rand(BATCH, *SHAPE, 3, generator=g), torch.randint(0, 10, (BATCH,)), torch.ones(BATCH)
+    utility = torch.rand(BATCH, generator=g)
+    ids = pool.sample(BATCH, generator=g)
+    copies = iter([ids.clone() for _ in range(4)])  # other tensors of the same ids: looked up anew
+    calls = {
+        "add": lambda: pool.add(dreams, coherence=ones, class_labels=labels),
+        "sample": lambda: pool.sample(BATCH, generator=g),
+        "dreams": lambda: pool.dreams(next(copies)),
+        "metadata": lambda: pool.metadata(next(copies), columns=("class_label",)),
+        "feedback": lambda: pool.feedback(ids, utility),
+    }
+    for name, fn in calls.items():
+        fn()  # the steady state: the age order of this revision is sorted
+        n, ops = count(fn)
+        assert n <= CALL_BOUNDS[name], f"{name}: {n} operations (bound {CALL_BOUNDS[name]}): {ops}"
+    batch = pool.sample(BATCH, generator=g)
+    for name, fn in {
+        "dreams of a sample": lambda: pool.dreams(batch),
+        "metadata of a sample": lambda: pool.metadata(batch, columns=("class_label",)),
+    }.items():
+        n, ops = count(fn)
+        assert n <= CALL_BOUNDS[name], f"{name}: {n} operations (bound {CALL_BOUNDS[name]}): {ops}"
+
+
+def test_lookup_of_a_sample_answers_as_a_lookup(pool):
+    """The slots sample() keeps for its ids give what a fresh lookup gives; an id tensor changed in place is
+    looked up again."""
+    g = torch.Generator().manual_seed(5)
+    batch = pool.sample(BATCH, generator=g)
+    want = pool.dreams(batch.clone())
+    assert torch.equal(pool.dreams(batch), want)
+    assert torch.equal(pool.metadata(batch)["coherence"], pool.metadata(batch.clone())["coherence"])
+    batch[0] = -1  # in place: the kept slots no longer answer for it
+    got = pool.dreams(batch)
+    assert torch.equal(got[0], torch.zeros(*SHAPE, 3)) and torch.equal(got[1:], want[1:])
+    assert not bool(pool.metadata(batch)["found"][0])
+
+
+def test_add_never_featurises(pool):
+    """A lazy add computes no chroma, spectrum or embedding: no FFT, no matmul."""
+    g = torch.Generator().manual_seed(2)
+    dreams = torch.rand(BATCH, *SHAPE, 3, generator=g)
+    _, ops = count(lambda: pool.add(dreams, coherence=torch.ones(BATCH)))
+    assert not {"_fft_r2c", "_fft_c2c", "mm", "addmm", "mean"} & set(ops), ops
+
+
+@pytest.mark.parametrize("mode", list(RetrievalMode))
+def test_retrieve_counts(pool, mode):
+    q = torch.rand(1, *SHAPE, 3, generator=torch.Generator().manual_seed(3))
+    options = MODE_OPTIONS.get(mode, {})
+    pool.retrieve(q, k=5, mode=mode, **options)
+    n, ops = count(lambda: pool.retrieve(q, k=5, mode=mode, **options))
+    assert n <= RETRIEVE_BOUNDS[mode], f"{mode.value}: {n} operations (bound {RETRIEVE_BOUNDS[mode]}): {ops}"
+
+
+# ------------------------------------------------------ the cut paths answer as before
+def test_feedback_matches_an_oracle(pool):
+    """Repeated ids, absent ids and padding in one call: running mean, count and last utility per entry."""
+    live = pool.bank.ids_by_age()
+    evicted = int(live[0]) - 1  # issued, no longer stored
+    ids = torch.tensor([int(live[3]), -1, int(live[5]), int(live[3]), evicted, int(live[3]), int(live[7])])
+    utility = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.3, 0.2, 1.0])
+    before = pool.metadata(ids, columns=("util_mean", "feedback_count", "utility"))
+    columns = ("util_mean", "feedback_count", "utility")
+    every_before = pool.metadata(live, columns=columns)
+    want = {}
+    for i, u in zip(ids.tolist(), utility.tolist(), strict=True):
+        if i < 0 or i == evicted:
+            continue
+        j = ids.tolist().index(i)
+        mean, n, _ = want.get(i, (float(before["util_mean"][j]), int(before["feedback_count"][j]), None))
+        want[i] = ((mean * n + u) / (n + 1), n + 1, u)
+    assert pool.feedback(ids, utility) == 5
+    after = pool.metadata(torch.tensor(list(want)), columns=("util_mean", "feedback_count", "utility"))
+    for j, (mean, n, last) in enumerate(want.values()):
+        assert float(after["util_mean"][j]) == pytest.approx(mean, abs=1e-6)
+        assert int(after["feedback_count"][j]) == n
+        assert float(after["utility"][j]) == pytest.approx(last)
+    every_after = pool.metadata(live, columns=columns)
+    untouched = torch.tensor([i not in want for i in live.tolist()])
+    for name in columns:  # every other entry exactly as it was
+        assert torch.equal(every_after[name][untouched].nan_to_num(-7), every_before[name][untouched].nan_to_num(-7))
+
+
+def test_metadata_columns_and_absent_ids(pool):
+    live = pool.bank.ids_by_age()
+    ids = torch.tensor([[int(live[2]), -1], [int(live[0]) - 1, int(live[9])]])
+    some = pool.metadata(ids, columns=("class_label", "coherence"))
+    every = pool.metadata(ids)
+    assert set(some) == {"class_label", "coherence", "found"}
+    assert torch.equal(some["found"], torch.tensor([[True, False], [False, True]]))
+    for name in ("class_label", "coherence"):
+        assert torch.equal(some[name], every[name])
+    assert some["class_label"].tolist()[0][1] == -1 and some["coherence"].tolist()[1][0] == 0.0
+    assert torch.equal(pool.dreams(ids)[0, 1], torch.zeros(*SHAPE, 3))
+    with pytest.raises(InvalidInputError, match="columns"):
+        pool.metadata(ids, columns=("nope",))
+    with pytest.raises(InvalidInputError, match="columns"):
+        pool.metadata(ids, columns="class_label")
