@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import checks
+from dreampool_gpu import checks, columns
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.budget import MemoryBudget
 from dreampool_gpu.config import PoolConfig
@@ -56,11 +56,12 @@ class Admission:
         self,
         dreams: Any,
         *,
-        coherence: Any,
+        coherence: Any = None,
         energy: Any = None,
         violation: Any = None,
-        class_labels: Any = None,
+        class_label: Any = None,
         force: bool = False,
+        class_labels: Any = None,
     ) -> torch.Tensor:
         """Add a batch of dreams; those below the coherence threshold are rejected.
 
@@ -76,10 +77,11 @@ class Admission:
             dreams: ``[N, R, C, L, 3]`` float, values in [0, 1], any device.
 
         Keyword Args:
-            coherence: ``[N]`` in [0, 1]. energy: ``[N]`` >= 0 (default 0).
-            violation: ``[N]`` in [0, 1] (default 0).
-            class_labels: ``[N]`` int in 0..9, -1 = none; or None.
+            coherence: ``[N]`` in [0, 1]; required unless ``force`` (then default 1.0).
+            energy: ``[N]`` >= 0 (default 0). violation: ``[N]`` in [0, 1] (default 0).
+            class_label: ``[N]`` int in ``0..num_classes-1``, -1 = none; or None.
             force: bypass the coherence gate.
+            class_labels: the old name of ``class_label`` (a DeprecationWarning).
 
         Returns:
             ``[N]`` int64 ids on the pool's device, of the dreams stored; -1 where
@@ -92,13 +94,18 @@ class Admission:
         """
         with self._lock:
             force = v.check_flag(force, "force")
+            class_label = columns.renamed_argument(class_label, class_labels, "class_labels", "class_label")
+            if coherence is None and force:
+                coherence = 1.0
 
             def checked() -> tuple[torch.Tensor, ...]:
                 batch = v.as_tensor(dreams, "dreams", device=self.device)
                 batch = validate_dreams(batch, dream_shape=self.config.dream_shape)
                 n = batch.shape[0]
                 if coherence is None:
-                    raise InvalidInputError("coherence", "[N] values in [0, 1] (a scalar is broadcast)", None)
+                    raise InvalidInputError(
+                        "coherence", "[N] values in [0, 1] (a scalar is broadcast); optional only with force=True", None
+                    )
                 coh = request.per_query(coherence, n, "coherence", 0.0, 1.0, self.device)
                 eng = request.per_query(energy, n, "energy", 0.0, float("inf"), self.device)
                 vio = request.per_query(violation, n, "violation", 0.0, 1.0, self.device)
@@ -107,7 +114,7 @@ class Admission:
                     coh,
                     eng,
                     vio,
-                    request.labels(class_labels, n, "class_labels", self.config.num_classes, self.device),
+                    request.labels(class_label, n, "class_label", self.config.num_classes, self.device),
                 )
 
             with checks.deferred(self.sync_free) as deferred:

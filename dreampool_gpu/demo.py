@@ -390,13 +390,13 @@ def trusted(columns: dict[str, torch.Tensor], drop: float) -> torch.Tensor:
     """A ``where`` filter: the entries whose last utility is not among the ``drop`` fraction
     lowest of their stored class; ``[capacity]`` bool, on the columns' device.
 
-    ``columns``: the pool's metadata columns (``utility``, ``class``, ``id``), as a
+    ``columns``: the pool's metadata columns (``utility``, ``class_label``, ``ids``), as a
     ``where`` callable receives them. Relative per class, so that every class keeps
     ``1 - drop`` of its entries whatever the learner currently predicts: an absolute
     threshold on the learner's agreement lets a learner that favours one class filter
     the others out of its own replay, and collapse.
     """
-    util, cls, live = columns["utility"], columns["class"], columns["id"] >= 0
+    util, cls, live = columns["utility"], columns["class_label"], columns["ids"] >= 0
     keep = torch.zeros_like(live)
     for c in torch.unique(cls[live]).tolist():
         members = live & (cls == c)
@@ -406,10 +406,10 @@ def trusted(columns: dict[str, torch.Tensor], drop: float) -> torch.Tensor:
 
 
 def _columns(pool: DreamPool) -> dict[str, torch.Tensor]:
-    """The ``utility``, ``class`` and ``id`` columns ``[capacity]`` as a ``where`` callable
+    """The ``utility``, ``class_label`` and ``ids`` columns ``[capacity]`` as a ``where`` callable
     sees them (without its copies)."""
     cols = pool.bank.columns
-    return {"utility": cols["utility"], "class": cols["class_label"].long(), "id": cols["ids"]}
+    return {"utility": cols["utility"], "class_label": cols["class_label"].long(), "ids": cols["ids"]}
 
 
 def _random_replay(
@@ -482,7 +482,7 @@ def _feed_back(
     t = time.perf_counter()
     if ids.numel():
         pool.feedback(ids, replayed)
-    new = pool.add(x, coherence=1.0, class_labels=labels[:b], force=True)  # every one is kept
+    new = pool.add(x, coherence=1.0, class_label=labels[:b], force=True)  # every one is kept
     pool.feedback(new, entry)
     clock.pool += time.perf_counter() - t
     clock.helpful += int((replayed > 0.5).sum())

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from dreampool_gpu import _validation as v
 from dreampool_gpu import checkpointing, errors, persist
 from dreampool_gpu.atomic import atomic_write, fsync_path, write_synced
+from dreampool_gpu.columns import Columns, as_returned, renamed_argument
 from dreampool_gpu.config import DREAM_DTYPES, PoolConfig, RetrievalMode
 from dreampool_gpu.counters import COUNTERS
 from dreampool_gpu.devices import resolve_device
@@ -319,12 +320,13 @@ class ShardedDreamPool:
         self,
         dreams: Any,
         *,
-        coherence: Any,
+        coherence: Any = None,
         energy: Any = None,
         violation: Any = None,
-        class_labels: Any = None,
+        class_label: Any = None,
         force: bool = False,
         route: str = "local",
+        class_labels: Any = None,
     ) -> torch.Tensor:
         """Add a batch of dreams; returns ``[N]`` global ids (-1 where rejected or dropped).
 
@@ -337,11 +339,14 @@ class ShardedDreamPool:
         and refused on every rank (``InvalidInputError``), as is a ``route`` or ``force`` that
         differs between ranks.
         """
+        class_label = renamed_argument(class_label, class_labels, "class_labels", "class_label")
+        if coherence is None and force is True:
+            coherence = 1.0
         if isinstance(route, str) and route == "local":
             return self.shard.add(
-                dreams, coherence=coherence, energy=energy, violation=violation, class_labels=class_labels, force=force
+                dreams, coherence=coherence, energy=energy, violation=violation, class_label=class_label, force=force
             )
-        return self._add_routed(dreams, coherence, energy, violation, class_labels, force, route)
+        return self._add_routed(dreams, coherence, energy, violation, class_label, force, route)
 
     def _add_routed(
         self, dreams: Any, coherence: Any, energy: Any, violation: Any, class_labels: Any, force: Any, route: Any
@@ -356,12 +361,14 @@ class ShardedDreamPool:
                 v.as_tensor(dreams, "dreams", device=shard.device), dream_shape=shard.config.dream_shape
             )
             n = batch.shape[0]
+            if coherence is None:
+                raise InvalidInputError("coherence", "[N] values in [0, 1]; optional only with force=True", None)
             return {
                 "dreams": batch.float(),
                 "coherence": shard._per_dream(coherence, n, "coherence", 0.0, 1.0),
                 "energy": shard._per_dream(energy, n, "energy", 0.0, float("inf")),
                 "violation": shard._per_dream(violation, n, "violation", 0.0, 1.0),
-                "class_labels": shard._labels(class_labels, n, "class_labels"),
+                "class_labels": shard._labels(class_labels, n, "class_label"),
             }
 
         cols, error = self._local(parse)
@@ -394,7 +401,7 @@ class ShardedDreamPool:
                     coherence=union["coherence"],
                     energy=union["energy"],
                     violation=union["violation"],
-                    class_labels=union["class_labels"],
+                    class_label=union["class_labels"],
                     force=bool(force),
                 )
             )
@@ -826,13 +833,16 @@ class ShardedDreamPool:
         out = self._lookup(flat, counts, ("dreams",))["dreams"]
         return out.reshape(*shape, *out.shape[1:])
 
-    def metadata(self, ids: Any) -> dict[str, torch.Tensor]:
-        """Every column except dreams for global ``ids`` (any shape), plus ``found`` (collective)."""
+    def metadata(self, ids: Any) -> Columns:
+        """Every column except dreams for global ``ids`` (any shape), plus ``found`` (collective).
+
+        Named and typed as :meth:`DreamPool.metadata` (labels, ids and counts int64).
+        """
         flat, counts, _ = self._route_ids(ids)
         shape = v.as_tensor(ids, "ids").shape
         names = [n for n in self.shard.bank.columns if n != "dreams"]
         out = self._lookup(flat, counts, names)
-        return {n: t.reshape(*shape, *t.shape[1:]) for n, t in out.items()}
+        return Columns({n: as_returned(t.reshape(*shape, *t.shape[1:])) for n, t in out.items()})
 
     def stats(self) -> dict[str, Any]:
         """Totals over the shards (size, capacity, counters) and each shard's ``DreamPool.stats().to_dict()``."""

@@ -22,6 +22,7 @@ from dreampool_gpu.budget import (
 )
 from dreampool_gpu.cache import QueryCache
 from dreampool_gpu.checkpointing import Checkpointing
+from dreampool_gpu.columns import Columns, as_returned
 from dreampool_gpu.config import CheckPolicy, PoolConfig, RetrievalMode
 from dreampool_gpu.counters import new_counters
 from dreampool_gpu.device_move import DeviceMove
@@ -225,7 +226,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             with_dreams: also gather the dreams of the results.
             where: a filter applied before the k-NN and any re-ranking, in every mode:
                 a ``[capacity]`` bool mask over slots, or a callable that receives the
-                metadata columns (see :func:`~dreampool_gpu.retrieval.request.where_columns`) as
+                metadata columns (see :func:`~dreampool_gpu.columns.where_columns`) as
                 ``[capacity]`` tensors on the pool's device and returns one. Only entries
                 where it is True qualify.
             chroma_metric: how the chroma modes (``similar``, ``class``, ``balanced``,
@@ -350,30 +351,45 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         with self._lock:
             return self.bank.gather("dreams", self._slots(ids))
 
-    def metadata(self, ids: Any) -> dict[str, torch.Tensor]:
-        """Every column except dreams for ``ids`` (any shape), plus ``found`` (bool)."""
+    def metadata(self, ids: Any) -> Columns:
+        """Every column except dreams for ``ids`` (any shape), plus ``found`` (bool).
+
+        A dict under the columns' names (:mod:`~dreampool_gpu.columns`): ``ids``,
+        ``class_label`` (-1 none), ``hue_category``, ``usage`` and ``feedback_count`` int64
+        (``metadata(ids)["class_label"]`` is a ``cross_entropy`` target as it comes); an
+        unknown name raises :class:`~dreampool_gpu.errors.UnknownColumnError` listing them.
+        """
         with self._lock:
             slots = self._slots(ids)
-            out = {name: self.bank.gather(name, slots) for name in self.bank.columns if name != "dreams"}
+            out = Columns(
+                {name: as_returned(self.bank.gather(name, slots)) for name in self.bank.columns if name != "dreams"}
+            )
             out["found"] = slots >= 0
             return out
 
-    def sample(self, n: int, *, where: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Ids of ``min(n, m)`` draws, uniform with replacement, from the ``m`` live entries passing ``where``.
+    def sample(
+        self, n: int, *, where: Any = None, replace: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Ids of ``n`` draws, uniform, from the ``m`` live entries passing ``where``.
 
         The replay draw of a training loop: ``where`` is a ``[capacity]`` bool mask or a
-        callable of the metadata columns, as in :meth:`retrieve`; ``generator`` (a CPU
-        ``torch.Generator``) makes the draw reproducible. Entries are indexed in age
-        order, so a seeded draw is the same on every run. Reads ``m`` on the host once.
+        callable of the metadata columns, as in :meth:`retrieve`. ``replace=True`` (the
+        default) draws with replacement and returns exactly ``n`` ids whenever ``m >= 1``
+        (a fixed replay batch from the first entry on); ``replace=False`` returns
+        ``min(n, m)`` distinct ids. ``generator`` (a CPU ``torch.Generator``) makes the
+        draw reproducible: entries are indexed in age order, so a seeded draw is the same
+        on every run. Reads ``m`` on the host once.
 
         Returns:
-            ``[min(n, m)]`` int64 ids on the pool's device (empty when none qualify).
+            ``[n]`` (``replace=True``) or ``[min(n, m)]`` (``replace=False``) int64 ids on
+            the pool's device; ``[0]`` when no entry qualifies.
 
         Raises:
-            InvalidInputError: ``n`` not an int >= 0, a bad ``where`` or ``generator``.
+            InvalidInputError: ``n`` not an int >= 0, ``replace`` not a bool, a bad ``where`` or ``generator``.
         """
         with self._lock:
             n = v.check_count(n, "n")
+            replace = v.check_flag(replace, "replace")
             if generator is not None and not isinstance(generator, torch.Generator):
                 raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
             keep = request.where_mask(where, self.bank, self.device)
@@ -383,7 +399,10 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             live = self.bank.columns["ids"][slots]
             if live.numel() == 0:
                 return live
-            pick = torch.randint(live.numel(), (min(n, live.numel()),), generator=generator)
+            if replace:
+                pick = torch.randint(live.numel(), (n,), generator=generator)
+            else:
+                pick = torch.randperm(live.numel(), generator=generator)[:n]
             return live[pick.to(live.device)]
 
     def diversity(self, ids: Any) -> dict[str, torch.Tensor]:

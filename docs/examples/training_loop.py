@@ -52,8 +52,8 @@ def main() -> None:
         meta = pool.metadata(stored)  # utility, class_label, found (False once evicted)
         columns = {
             "utility": meta["utility"],
-            "class": meta["class_label"].long(),
-            "id": torch.where(meta["found"], stored, -1),
+            "class_label": meta["class_label"],
+            "ids": torch.where(meta["found"], stored, -1),
         }
         keep = trusted(columns, DROP)  # [len(stored)] bool
         ok = stored[keep]
@@ -68,11 +68,11 @@ def main() -> None:
         opt.step()
         u = agreement(logits.detach(), torch.cat([y, ry]))  # [FRESH + M] in (0, 1]
         pool.feedback(ids, u[FRESH:])
-        new = pool.add(x, coherence=1.0, class_labels=y, force=True)  # every labelled dream
+        new = pool.add(x, coherence=1.0, class_label=y, force=True)  # every labelled dream
         pool.feedback(new, u[:FRESH])  # its first record
         stored = torch.cat([stored, new[new >= 0]])
 
-        left_out = columns["id"][~keep & (columns["id"] >= 0)]  # their second chance
+        left_out = columns["ids"][~keep & (columns["ids"] >= 0)]  # their second chance
         if left_out.numel():
             again = left_out[torch.randperm(left_out.numel(), generator=g)[:RESCORE]]
             with torch.no_grad():
