@@ -23,6 +23,7 @@ from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
 from dreampool_gpu.encoders import Encoder, FeatureEncoder, bank_form
 from dreampool_gpu.errors import CapacityExceededError, InvalidInputError
 from dreampool_gpu.eviction import Eviction
+from dreampool_gpu.notices import Notices
 from dreampool_gpu.retrieval import request
 from dreampool_gpu.search import SearchIndex
 from dreampool_gpu.spectral import spectral_of_checked
@@ -42,6 +43,7 @@ class Admission:
     counters: dict[str, int]
     _fault: checks.FaultFlag
     _lock: StreamOrderedLock
+    _notices: Notices
 
     if TYPE_CHECKING:  # defined by DreamPool and EncoderLifecycle
 
@@ -133,6 +135,7 @@ class Admission:
             if failed:  # read them again on the host, to name the bad argument and its values
                 with checks.immediate():
                     checked()
+            self._notices.gate(n, count, self.config.coherence_threshold)  # from the count just read
             accepted = torch.argsort(passed.to(torch.uint8), descending=True, stable=True)[:count]
             self.bank.check_ids_left(count)
             budget_room = self.budget.room(self.bank, self.index)

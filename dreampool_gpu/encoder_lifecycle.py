@@ -38,6 +38,7 @@ class EncoderLifecycle:
     encoder: Encoder
     counters: dict[str, int]
     _embedded_version: int
+    _encoder_fitted: bool
     _lock: StreamOrderedLock
 
     def fit_encoder(
@@ -124,6 +125,7 @@ class EncoderLifecycle:
             )
             live, embeddings = self._embed_live(candidate)
             self._install_embeddings(live, embeddings, candidate)
+            self._encoder_fitted = True
             return FitReport(
                 losses=losses,
                 steps=steps,
@@ -230,6 +232,7 @@ class EncoderLifecycle:
         """
         if state is not None:
             self.encoder.load_state_dict(state)
+            self._encoder_fitted = self._encoder_fitted or _moved_from_init(self.encoder, self.config)
         elif isinstance(self.encoder, FeatureEncoder):
             live = self.bank.slots_by_age()
             cols = self.bank.columns
@@ -252,3 +255,11 @@ class EncoderLifecycle:
         )
         slots, embeddings = self._embed_live(candidate)
         self._install_embeddings(slots, embeddings, candidate)
+
+
+def _moved_from_init(encoder: Encoder, config: PoolConfig) -> bool:
+    """Whether a learned encoder's weights differ from those it starts with (it was fitted); True for others."""
+    if not isinstance(encoder, LearnedEncoder):
+        return True
+    initial = LearnedEncoder(config.dream_shape, config.embedding_dim, seed=config.encoder_seed).state_dict()
+    return any(not torch.equal(t.cpu(), initial[name]) for name, t in encoder.state_dict().items())

@@ -37,10 +37,11 @@ from dreampool_gpu.errors import (
 from dreampool_gpu.eviction import policy_for
 from dreampool_gpu.feedback import Feedback
 from dreampool_gpu.metrics import PoolMetrics
+from dreampool_gpu.notices import Notices
 from dreampool_gpu.prepared import PreparedRetrieval
 from dreampool_gpu.rerank import HybridWeights, diversity_stats
 from dreampool_gpu.retrieval import request, stages
-from dreampool_gpu.retrieval.modes import MODES
+from dreampool_gpu.retrieval.modes import CHROMA_MODES, MODES
 from dreampool_gpu.retrieval.request import check_request
 from dreampool_gpu.search import make_index
 from dreampool_gpu.stats import PoolStats, pool_stats
@@ -136,6 +137,8 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             dream_dtype=dream_dtype,
         )
         self.encoder: Encoder = self._make_encoder(encoder)
+        self._encoder_fitted = encoder is not None or self.config.encoder != "learned"  # a given one may be trained
+        self._notices = Notices()
         self._embedded_version = self.encoder.version  # the encoder version the bank's embeddings come from
         self.index = make_index(self.bank, self.config)
         self.cache = QueryCache(self.config.query_cache_size)
@@ -269,6 +272,8 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         """:meth:`retrieve`'s device work (checks, the mode's stages, gathers, usage); the caller holds the lock."""
         with checks.deferred(sync_free) as deferred:
             req = check_request(self, queries, **options)
+            if req.mode not in CHROMA_MODES:
+                self._notices.unfitted(self.encoder, self._encoder_fitted)
             scores, slots = MODES[req.mode].run(self, req)
             if deferred is not None and deferred.flags:  # a failed check empties the results
                 ok = self._fault.record("retrieve", deferred)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -117,3 +119,104 @@ def test_add_takes_class_label_and_the_old_class_labels_with_a_warning():
     with pytest.raises(InvalidInputError, match="class_label"):
         pool.add(dreams, coherence=1.0, class_label=[0, 10, 0])  # num_classes is 10
     assert len(pool) == before
+
+
+# ------------------------------------------------------------ loud gates
+def test_an_add_the_gate_rejects_entirely_warns_once_with_count_threshold_and_fix():
+    pool, _ = _pool(0)
+    with pytest.warns(UserWarning, match=r"rejected 2 of 2 dreams.*coherence_threshold=0\.75.*force=True"):
+        ids = pool.add(torch.rand(2, *SHAPE, 3), coherence=0.5)
+    assert ids.tolist() == [-1, -1] and len(pool) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per pool: the second rejection is silent
+        pool.add(torch.rand(3, *SHAPE, 3), coherence=0.1)
+    other, _ = _pool(0)
+    with pytest.warns(UserWarning, match="rejected 1 of 1"):  # another pool warns on its own
+        other.add(torch.rand(1, *SHAPE, 3), coherence=0.0)
+
+
+@pytest.mark.parametrize(
+    ("n", "passing", "warns"), [(10, 0, True), (20, 1, True), (10, 1, False), (8, 0, True), (7, 1, False)]
+)
+def test_the_gate_warns_above_the_documented_share(n, passing, warns):
+    from dreampool_gpu.notices import REJECT_MIN_BATCH, REJECT_SHARE
+
+    assert (REJECT_SHARE, REJECT_MIN_BATCH) == (0.9, 8)  # docs/api.md and the README state these
+    pool, _ = _pool(0)
+    coherence = torch.tensor([1.0] * passing + [0.2] * (n - passing))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = pool.add(torch.rand(n, *SHAPE, 3), coherence=coherence)
+    gate = [w for w in caught if issubclass(w.category, UserWarning) and "coherence gate" in str(w.message)]
+    assert len(gate) == int(warns) and int((ids >= 0).sum()) == passing
+    if warns:
+        assert f"rejected {n - passing} of {n}" in str(gate[0].message)
+        assert gate[0].filename == __file__  # points at the caller's line
+
+
+def test_force_and_a_lower_threshold_store_without_a_warning():
+    pool, _ = _pool(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bool((pool.add(torch.rand(4, *SHAPE, 3), force=True) >= 0).all())
+        low, _ = _pool(0, coherence_threshold=0.4)
+        assert bool((low.add(torch.rand(4, *SHAPE, 3), coherence=0.5) >= 0).all())
+
+
+def test_the_gate_warning_costs_no_extra_host_read():
+    from dreampool_gpu.sync_guard import forbid_host_sync
+
+    pool, _ = _pool(0, checks="deferred")
+    with pytest.warns(UserWarning, match="rejected 9 of 9"), forbid_host_sync(allowed=1):
+        pool.add(torch.rand(9, *SHAPE, 3), coherence=0.1)
+
+
+# ------------------------------------------------------------ unfitted learned encoder
+def _learned(n: int = 16) -> DreamPool:
+    pool = DreamPool(PoolConfig(dream_shape=(8, 8, 1), capacity=64, device="cpu", encoder="learned", num_classes=2))
+    pool.add(
+        torch.rand(n, 8, 8, 1, 3, generator=torch.Generator().manual_seed(1)),
+        force=True,
+        class_label=torch.arange(n) % 2,
+    )
+    return pool
+
+
+def test_embedding_modes_on_a_never_fitted_learned_encoder_warn_once():
+    pool = _learned()
+    q = torch.rand(2, 8, 8, 1, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pool.retrieve(q, k=3, mode="similar")  # a chroma mode does not use the encoder
+    with pytest.warns(UserWarning, match="never fitted.*fit_encoder"):
+        pool.retrieve(q, k=3, mode="nearest")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pool.retrieve(q, k=3, mode="hybrid")  # once per pool
+
+
+def test_a_fitted_or_reloaded_fitted_learned_encoder_does_not_warn(tmp_path):
+    pool = _learned()
+    pool.fit_encoder(steps=2, batch_size=8)
+    pool.save(tmp_path / "p")
+    unfitted = _learned()
+    unfitted.save(tmp_path / "u")
+    q = torch.rand(2, 8, 8, 1, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pool.retrieve(q, k=3, mode="nearest")
+        DreamPool.load(tmp_path / "p").retrieve(q, k=3, mode="nearest")
+    with pytest.warns(UserWarning, match="never fitted"):
+        DreamPool.load(tmp_path / "u").retrieve(q, k=3, mode="soft")
+
+
+def test_the_feature_encoder_and_a_given_module_do_not_warn():
+    q = torch.rand(2, *SHAPE, 3)
+    pool, _ = _pool()
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 3, 64))
+    given = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=32, device="cpu"), encoder=module)
+    given.add(torch.rand(4, *SHAPE, 3), force=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pool.retrieve(q, k=3, mode="nearest")
+        given.retrieve(q, k=3, mode="nearest")
