@@ -58,6 +58,10 @@ def test_readme_python_snippet_runs(tmp_path):
     script.write_text("\n\n".join(blocks))
     done = _run([str(script)], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    found = re.search(r"precision@10: ([0-9.]+)", done.stdout)
+    assert found, done.stdout[-2000:]  # the encoder snippet prints the precision it reaches
+    assert float(found.group(1)) >= 0.9  # a good fit, as the README says (1.0 measured)
+    assert "never fitted" not in done.stderr
 
 
 def test_configuration_doc_lists_every_field():
