@@ -176,13 +176,13 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
     def __repr__(self) -> str:
         with self._lock:
             used = MemoryBudget.usage(self.bank, self.index)
-            budget = (
-                "" if self.budget.budget_bytes is None else f" of {self.budget.budget_bytes / 2**20:.1f} MiB budget"
-            )
+            allocated = sum(self.bank.nbytes().values()) + self.index.nbytes()
+            budget = "" if self.budget.budget_bytes is None else f", budget {self.budget.budget_bytes / 2**20:.1f} MiB"
             return (
                 f"DreamPool(size={self.bank.size}/{self.capacity}, device={self.device}, "
                 f"engine={self.index.kind}, dream_shape={self.config.dream_shape}, "
-                f"embedding_dim={self.config.embedding_dim}, memory={used / 2**20:.2f} MiB{budget})"
+                f"embedding_dim={self.config.embedding_dim}, memory={used / 2**20:.2f} MiB used of "
+                f"{allocated / 2**20:.2f} MiB allocated{budget})"
             )
 
     # ------------------------------------------------------------- retrieve
@@ -215,7 +215,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
                 (more than the pool holds pads the result); default ``retrieval_limit``.
             mode: ``similar`` (``hard``), ``class``, ``balanced``, ``utility``, ``diverse``,
                 ``soft``, ``hybrid``, ``category`` or ``nearest``; default from config.
-            class_hint: int or ``[B]`` int in 0..9 (-1 none): the class for ``class``
+            class_hint: int or ``[B]`` int in ``0..num_classes-1`` (-1 none): the class for ``class``
                 (required) and the class match of ``soft``/``hybrid``.
             classes: class labels for ``balanced``.
             category: int or ``[B]`` hue category 0..11: the category of ``category`` mode

@@ -220,3 +220,54 @@ def test_the_feature_encoder_and_a_given_module_do_not_warn():
         warnings.simplefilter("error")
         pool.retrieve(q, k=3, mode="nearest")
         given.retrieve(q, k=3, mode="nearest")
+
+
+# ------------------------------------------------------------ smaller items
+def test_a_misspelt_config_field_is_a_configuration_error_with_a_hint():
+    from dreampool_gpu.errors import InvalidConfigurationError
+
+    with pytest.raises(InvalidConfigurationError, match="capcity=10.*did you mean 'capacity'") as caught:
+        PoolConfig(capcity=10)
+    assert caught.value.field == "capcity"
+    with pytest.raises(InvalidConfigurationError, match="did you mean 'coherence_threshold'"):
+        PoolConfig().replace(coherence_treshold=0.5)
+    with pytest.raises(InvalidConfigurationError, match="did you mean 'embedding_dim'"):
+        PoolConfig.from_dict({"embeding_dim": 32})
+    with pytest.raises(InvalidConfigurationError, match="zzz") as caught:
+        PoolConfig(zzz=1)
+    assert "did you mean" not in str(caught.value)
+    assert PoolConfig(capacity=10).capacity == 10  # known fields as before
+
+
+def test_a_missing_coherence_names_the_argument_not_an_internal_class():
+    pool, _ = _pool(0)
+    with pytest.raises(InvalidInputError, match="coherence.*force=True") as caught:
+        pool.add(torch.rand(2, *SHAPE, 3))
+    assert "Admission" not in str(caught.value) and len(pool) == 0
+
+
+def test_loading_a_torch_save_file_points_to_load_state_dict(tmp_path):
+    from dreampool_gpu.errors import CheckpointCorruptError
+
+    pool, _ = _pool()
+    torch.save(pool.state_dict(), tmp_path / "pool.pt")
+    with pytest.raises(CheckpointCorruptError, match="a torch.save file.*load_state_dict"):
+        DreamPool.load(tmp_path / "pool.pt")
+    restored = DreamPool(pool.config)
+    restored.load_state_dict(torch.load(tmp_path / "pool.pt", weights_only=True))  # what the hint says
+    assert len(restored) == len(pool)
+    (tmp_path / "notes.txt").write_text("not a pool")
+    with pytest.raises(CheckpointCorruptError, match="a file, not a checkpoint directory.*load_state_dict"):
+        DreamPool.load(tmp_path / "notes.txt")
+
+
+def test_repr_shows_the_preallocated_memory_beside_the_used():
+    import re
+
+    pool, _ = _pool()
+    text = repr(pool)
+    found = re.search(r"memory=([0-9.]+) MiB used of ([0-9.]+) MiB allocated", text)
+    assert found, text
+    allocated = (sum(pool.bank.nbytes().values()) + pool.index.nbytes()) / 2**20
+    assert float(found.group(2)) == pytest.approx(allocated, abs=0.01)
+    assert float(found.group(1)) < float(found.group(2))  # 12 of 32 slots live
