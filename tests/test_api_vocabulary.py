@@ -271,3 +271,18 @@ def test_repr_shows_the_preallocated_memory_beside_the_used():
     allocated = (sum(pool.bank.nbytes().values()) + pool.index.nbytes()) / 2**20
     assert float(found.group(2)) == pytest.approx(allocated, abs=0.01)
     assert float(found.group(1)) < float(found.group(2))  # 12 of 32 slots live
+
+
+def test_loading_a_user_encoder_pool_without_encoder_says_what_to_pass(tmp_path):
+    from dreampool_gpu.errors import InvalidConfigurationError
+
+    def module() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 3, 64))
+
+    pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=8, device="cpu"), encoder=module())
+    pool.add(torch.rand(3, *SHAPE, 3), force=True)
+    pool.save(tmp_path / "p")
+    with pytest.raises(InvalidConfigurationError, match="no encoder= given.*'module'.*encoder=") as caught:
+        DreamPool.load(tmp_path / "p")
+    assert "features" not in str(caught.value)  # the user never set it
+    assert len(DreamPool.load(tmp_path / "p", encoder=module())) == 3
