@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -444,7 +445,9 @@ def _retrieve(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Up to ``k`` stored dreams per fresh dream of ``x`` ``[B, R, C, L, 3]`` (hybrid mode,
     ``hint`` ``[B]`` as class hint, ``where`` filter): ids ``[M]``, dreams, labels ``[M]``."""
-    hits = pool.retrieve(x, k=k, mode="hybrid", class_hint=hint, fetch_k=fetch_k, where=where, with_dreams=True)
+    with warnings.catch_warnings():  # the learned arm retrieves before its first refit, on purpose
+        warnings.filterwarnings("ignore", message="retrieve: the embedding modes rank by the learned encoder")
+        hits = pool.retrieve(x, k=k, mode="hybrid", class_hint=hint, fetch_k=fetch_k, where=where, with_dreams=True)
     ids = hits.ids[hits.mask]
     return ids, hits.dreams[hits.mask].float(), pool.metadata(ids)["class_label"].long()  # type: ignore[index]
 
@@ -637,6 +640,20 @@ def summarise(results: list[ArmResult]) -> list[ArmSummary]:
     return out
 
 
+LEGEND = (
+    "reached / steps to / seconds to: runs whose validation accuracy reached the target, and when "
+    "(mean ± sd over those runs); final accuracy: at the last step.",
+    "helpful rate: replayed dreams whose measured utility was above 0.5; clean replay: replayed dreams "
+    "whose stored label is the true class; unique / 100 steps: distinct entries replayed per 100 steps.",
+    "util_mean right / wrong label: mean util_mean at the end of entries stored with a right and a wrong label.",
+    "train s: the learner's steps; pool s: pool calls (fit s: encoder fits among them); utility s: extra "
+    "forward passes measuring utility; pool, utility / train: those two over train s.",
+    "wall / step vs none, vs random: the arm's wall time per step over the no-pool and the random-replay "
+    "arm's, minus 1.",
+)
+"""What each column of :func:`table` means (``dreampool demo`` prints it under the table)."""
+
+
 def table(summaries: list[ArmSummary], *, target: float = 0.95) -> list[str]:
     """The comparison as markdown table lines."""
 
@@ -705,7 +722,7 @@ class DemoReport:
             f"{s.label_noise:.0%} label noise, class imbalance {s.imbalance:g}, "
             f"validation {s.validation} clean dreams"
         )
-        return [head, "", *table(self.summaries)]
+        return [head, "", *table(self.summaries), "", *LEGEND]
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready dict."""

@@ -286,3 +286,31 @@ def test_loading_a_user_encoder_pool_without_encoder_says_what_to_pass(tmp_path)
         DreamPool.load(tmp_path / "p")
     assert "features" not in str(caught.value)  # the user never set it
     assert len(DreamPool.load(tmp_path / "p", encoder=module())) == 3
+
+
+def test_the_demo_table_comes_with_a_legend_of_its_columns():
+    from dreampool_gpu.demo import LEGEND, table
+
+    cells = [c.strip() for c in table([])[0].strip("|").split("|")]
+    assert len(cells) == 15
+    legend = " ".join(LEGEND)
+    phrases = (
+        "reached",
+        "steps to",
+        "seconds to",
+        "final accuracy",
+        "helpful rate",
+        "clean replay",
+        "unique / 100 steps",
+        "util_mean right / wrong label",
+        "train s",
+        "pool s",
+        "fit s",
+        "utility s",
+        "pool, utility / train",
+        "wall / step vs none",
+        "vs random",
+    )
+    for phrase in phrases:
+        assert phrase in legend, phrase
+        assert any(phrase in c for c in cells), phrase  # and it is a column of the table
