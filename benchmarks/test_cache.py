@@ -6,7 +6,7 @@ building keys on the host. Three workloads of 64-query batches, mode
 the call), each batch drawn fresh per call:
 
 - ``repeated``: the same 64 queries every call (hit rate ~1);
-- ``clustered``: 32 centres, jitter below the key's 0.001 quantum (many hits);
+- ``clustered``: 32 centres, jitter below 0.001 (near repeats: no hits since keys are exact, issue 22);
 - ``unique``: fresh uniform queries (no hits).
 
 Role ``baseline`` is the pool with ``query_cache_size=0``; ``cached`` the default

@@ -31,8 +31,14 @@ def require(ok: torch.Tensor, name: str, expected: str, arrived: Callable[[], An
 
 
 def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch.Tensor:
-    """Return ``x`` as a tensor on ``device`` (numpy arrays and nested lists accepted)."""
+    """Return ``x`` as a tensor on ``device`` (numpy arrays and nested lists accepted).
+
+    Every tensor argument of the public API enters here: only dense (strided) tensors
+    with data are accepted, so a sparse, nested, quantized or meta tensor is refused
+    once, named, before any kernel sees it.
+    """
     if isinstance(x, torch.Tensor):
+        check_dense(x, name)
         t = x
     else:
         if isinstance(x, np.ndarray) and not x.dtype.isnative:  # big-endian data: torch reads native order only
@@ -47,6 +53,21 @@ def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch
         except (RuntimeError, NotImplementedError) as exc:  # e.g. a meta tensor has no data to copy
             raise InvalidInputError(name, f"a tensor that can move to {device}", f"a tensor on {t.device}") from exc
     return t
+
+
+def check_dense(t: torch.Tensor, name: str) -> None:
+    """Require a dense tensor holding data: strided layout, not nested, quantized or on ``meta``."""
+    if t.layout != torch.strided or t.is_nested or t.is_quantized or t.is_meta:
+        kind = (
+            "a nested tensor"
+            if t.is_nested
+            else "a meta tensor (no data)"
+            if t.is_meta
+            else "a quantized tensor"
+            if t.is_quantized
+            else f"a tensor of layout {t.layout}"
+        )
+        raise InvalidInputError(name, "a dense (strided) tensor with data", kind)
 
 
 def check_float(t: torch.Tensor, name: str) -> None:
@@ -97,6 +118,7 @@ def check_count(k: Any, name: str, *, high: int | None = None) -> int:
     expected = "a non-negative int" if high is None else f"an int in [0, {high}]"
     if isinstance(k, bool) or not isinstance(k, int):
         if isinstance(k, torch.Tensor) and k.dim() == 0 and not k.is_floating_point() and k.dtype != torch.bool:
+            check_dense(k, name)
             k = int(k)
         else:
             raise InvalidInputError(name, expected, repr(k))
@@ -126,6 +148,7 @@ def check_flag(x: Any, name: str) -> bool:
     if isinstance(x, (bool, np.bool_)):
         return bool(x)
     if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype == torch.bool:
+        check_dense(x, name)
         return bool(x)
     shown = f"a tensor of shape {list(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
     raise InvalidInputError(name, "True or False", shown)

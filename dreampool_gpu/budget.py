@@ -21,6 +21,12 @@ guess the graph's size; here the index reports its bytes, so the factor is 1 and
 every quantity in the eviction count is raw bytes (the original mixed adjusted and
 raw bytes).
 
+A budget given as ``"N%"`` is a share of the device's memory: on CUDA its total;
+on CPU the smallest of the host's RAM, its available RAM, the room under the
+process's ``RLIMIT_AS`` and the room under its memory cgroup's limit
+(:func:`~dreampool_gpu.memory.host_room`), the same room the check before
+allocating (:func:`check_allocation`) compares with.
+
 Device memory is read for :meth:`MemoryBudget.stats` and to resolve a budget
 given as ``"N%"`` of the device: on CUDA through NVML (``nvidia-ml-py``), the GPU
 found by its PCI bus id so ``CUDA_VISIBLE_DEVICES`` cannot mix GPUs up; without
@@ -31,7 +37,6 @@ source. Nothing here raises for a missing driver or library.
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 
@@ -46,6 +51,7 @@ from dreampool_gpu.memory import (
     MemoryReading,
     NvmlMemory,
     ProcessMemory,
+    host_room,
     open_probe,
     pci_bus_id,
 )
@@ -78,7 +84,8 @@ def fit_capacity(
     ``config.capacity``.
 
     Raises:
-        InvalidConfigurationError: the budget cannot hold a single entry.
+        InvalidConfigurationError: a MiB budget cannot hold a single entry.
+        InsufficientMemoryError: an ``"N%"`` budget cannot: the memory is not there.
     """
     if budget_bytes is None:
         if config.capacity is None:  # PoolConfig forbids this; kept for direct callers
@@ -95,6 +102,10 @@ def fit_capacity(
             low = mid
         else:
             high = mid - 1
+    if low == 0 and isinstance(config.memory_budget_mb, str):  # "N%" of what is left here: not there
+        raise InsufficientMemoryError(
+            "memory_budget_mb", config.memory_budget_mb, math.ceil(entry_bytes / threshold), budget_bytes, device
+        )
     if low == 0:
         need = math.ceil(entry_bytes / threshold) / MIB
         raise InvalidConfigurationError(
@@ -107,13 +118,15 @@ def fit_capacity(
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Bytes that can be allocated on ``device`` now: free GPU memory, or the host's available
-    RAM (psutil); None when unknown (never raises)."""
+    """Bytes that can be allocated on ``device`` now: free GPU memory, or on the host the
+    smallest of the available RAM and the room under ``RLIMIT_AS`` and the memory cgroup's
+    limit (:func:`~dreampool_gpu.memory.host_room`); None when unknown (never raises)."""
+    if device.type != "cuda":
+        smallest = host_room().smallest
+        return None if smallest is None else smallest[0]
     try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        return int(importlib.import_module("psutil").virtual_memory().available)
-    except Exception:  # no driver, no psutil: the allocation itself will tell
+        return int(torch.cuda.mem_get_info(device)[0])
+    except Exception:  # no driver: the allocation itself will tell
         return None
 
 
@@ -133,7 +146,8 @@ def check_allocation(config: PoolConfig, specs: dict[str, ColumnSpec], capacity:
         return
     field: str
     value: Any  # the offending field's value, as the error reports it
-    if isinstance(config.memory_budget_mb, str):  # "N%" of the total, more than is free now
+    budget_sized = config.memory_budget_mb is not None and (config.capacity is None or capacity < config.capacity)
+    if budget_sized and per_entry <= available:  # the budget set the capacity: more than is there
         field, value = "memory_budget_mb", config.memory_budget_mb
     elif per_entry > available:  # not even one entry fits: the entry's shape is the problem
         dreams = math.prod(specs["dreams"].shape) * specs["dreams"].dtype.itemsize
@@ -152,7 +166,8 @@ class MemoryBudget:
 
     Args:
         spec: ``PoolConfig.memory_budget_mb``: None (unlimited), MiB, or ``"N%"`` of
-            the device's total memory (the GPU's on CUDA, the host's RAM on CPU).
+            the device's memory (the GPU's total on CUDA; on CPU the smallest of the
+            host's RAM, its available RAM and the room under ``RLIMIT_AS`` and the cgroup limit).
 
     Keyword Args:
         device: the pool's device.
@@ -193,7 +208,8 @@ class MemoryBudget:
                 raise InvalidConfigurationError(
                     "memory_budget_mb", spec, f"MiB: the total memory of {device} cannot be read here"
                 )
-            self.budget_bytes = int(share * total)
+            room = host_room().smallest if device.type != "cuda" else None
+            self.budget_bytes = int(share * (total if room is None else min(total, room[0])))
         self.limit_bytes = None if self.budget_bytes is None else math.floor(self.threshold * self.budget_bytes)
 
     # ------------------------------------------------------------- device

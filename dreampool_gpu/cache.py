@@ -1,4 +1,4 @@
-"""LRU cache from quantised query signatures to embeddings (docs/spec.md §Query cache)."""
+"""LRU cache from exact query batches to their embeddings (docs/spec.md §Query cache)."""
 
 from __future__ import annotations
 
@@ -10,83 +10,85 @@ import torch
 
 from dreampool_gpu.errors import InvalidInputError
 
-Key = tuple[int, ...]
+Key = tuple[str, bytes]
 
 
 def query_keys(chroma: torch.Tensor, class_hint: torch.Tensor, utility_prior: torch.Tensor) -> list[Key]:
-    """One key per query: chroma, class hint and utility prior, each x1000 and rounded.
+    """One key per query ``[3]`` chroma, ``[]`` class hint, ``[]`` utility prior: their dtypes and exact bytes.
 
-    Queries within about 0.001 per component share a key. The original keyed on
-    chroma alone although class and utility change the embedding; they are part
-    of the key here. One host transfer for the whole batch.
+    Two queries share a key only when every input of their embedding is bit-for-bit
+    the same. One host transfer for the whole batch.
     """
-    chroma_q = torch.round(chroma.float() * 1000).long()
-    util_q = torch.round(utility_prior.float() * 1000).long()
-    packed = torch.cat([chroma_q, class_hint.long()[:, None], util_q[:, None]], dim=1).cpu()
-    return [tuple(row) for row in packed.tolist()]
+    parts = (chroma, class_hint[:, None], utility_prior[:, None])
+    packed = torch.cat([_row_bytes(p) for p in parts], dim=1).cpu().numpy()
+    dtypes = ",".join(str(p.dtype) for p in parts) + f"x{chroma.shape[1]}"
+    return [(dtypes, row.tobytes()) for row in packed]
+
+
+def _row_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``[B, m]`` -> ``[B, m * itemsize]`` uint8: each row's bytes (a dense copy: broadcast inputs have stride 0)."""
+    dense = torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+    return dense.view(torch.uint8).reshape(t.shape[0], t.shape[1] * t.element_size())
 
 
 class QueryCache:
-    """LRU map ``key -> [D]`` embedding with hit and miss counters.
+    """LRU map from a whole batch of query keys to its ``[B, D]`` embeddings, with hit and miss counters.
+
+    A batch is served from the cache only when the very same batch (same queries, same
+    order, same bytes) was computed before, so a hit is exactly what computing it again
+    gives: encoders need not give a query the same last bits in every batch (a BLAS
+    takes other paths for other batch sizes), and a cache of single queries would make
+    an answer depend on the batch the query was first asked in.
 
     Args:
-        capacity: entries kept; 0 disables the cache (every lookup computes).
+        capacity: query embeddings kept, summed over the cached batches (a larger batch is
+            not kept); 0 disables the cache (every lookup computes).
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.hits = 0
         self.misses = 0
-        self._store: OrderedDict[Key, torch.Tensor] = OrderedDict()
+        self._store: OrderedDict[tuple[Key, ...], torch.Tensor] = OrderedDict()
+        self._rows = 0
 
     def __len__(self) -> int:
-        return len(self._store)
+        """Query embeddings held."""
+        return self._rows
 
     @property
     def hit_rate(self) -> float:
-        """hits / (hits + misses), 0 before any lookup."""
+        """hits / (hits + misses), counted in queries; 0 before any lookup."""
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
     def get_or_compute(
         self, keys: list[Key], compute: Callable[[torch.Tensor], torch.Tensor], out: torch.Tensor
     ) -> torch.Tensor:
-        """Fill ``out`` ``[B, D]`` row by row: cached rows copied, missing rows computed.
+        """Fill ``out`` ``[B, D]``: copied from the cache when this batch was computed before, else computed.
 
         Args:
-            keys: one key per row of ``out``.
-            compute: given ``[m]`` int64 row indices of the misses, returns their
-                ``[m, D]`` embeddings (one batched call).
+            keys: one key per row of ``out`` (:func:`query_keys`).
+            compute: given ``[B]`` int64 row indices (all rows, in order), returns their
+                ``[B, D]`` embeddings (one batched call).
             out: destination, on the embeddings' device.
         """
-        missing = []
-        hit_rows, hit_values = [], []
-        for row, key in enumerate(keys):
-            cached = self._store.get(key) if self.capacity else None
-            if cached is None:
-                missing.append(row)
-            else:
-                self._store.move_to_end(key)
-                hit_rows.append(row)
-                hit_values.append(cached)
-        self.hits += len(hit_rows)
-        self.misses += len(missing)
-        if hit_rows:
+        batch = tuple(keys)
+        cached = self._store.get(batch) if self.capacity else None
+        if cached is not None:
+            self._store.move_to_end(batch)
+            self.hits += len(batch)
             if out.is_cuda:  # kept across calls: never reused by another stream while this one reads it
-                stream = torch.cuda.current_stream(out.device)
-                for value in hit_values:
-                    value.record_stream(stream)
-            out[torch.tensor(hit_rows, device=out.device)] = torch.stack(hit_values)
-        if missing:
-            index = torch.tensor(missing, device=out.device)
-            computed = compute(index)
-            out[index] = computed
-            if self.capacity:
-                for row, value in zip(missing, computed, strict=False):
-                    self._store[keys[row]] = value
-                    self._store.move_to_end(keys[row])
-                    if len(self._store) > self.capacity:
-                        self._store.popitem(last=False)
+                cached.record_stream(torch.cuda.current_stream(out.device))
+            return out.copy_(cached)
+        self.misses += len(batch)
+        computed = compute(torch.arange(len(batch), device=out.device))
+        out.copy_(computed)
+        if 0 < len(batch) <= self.capacity:
+            self._store[batch] = computed
+            self._rows += len(batch)
+            while self._rows > self.capacity:
+                self._rows -= self._store.popitem(last=False)[1].shape[0]
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -115,5 +117,6 @@ class QueryCache:
     def clear(self) -> None:
         """Drop every entry and reset the counters."""
         self._store.clear()
+        self._rows = 0
         self.hits = 0
         self.misses = 0

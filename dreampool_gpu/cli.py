@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dreampool_gpu.demo import ARMS
 from dreampool_gpu.errors import DreamPoolError, InvalidInputError
 from dreampool_gpu.retrieval.modes import OPTIONS
 from dreampool_gpu.synthetic import DATASETS
@@ -44,6 +43,8 @@ def _positive_int(text: str) -> int:
 
 
 def _arms(text: str) -> str:
+    from dreampool_gpu.demo import ARMS  # parsed only for `demo`: other commands never import it
+
     unknown = [a for a in text.split(",") if a not in ARMS]
     if unknown or not text:
         expected = f"a comma-separated subset of {','.join(ARMS)}"
@@ -54,7 +55,7 @@ def _arms(text: str) -> str:
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from dreampool_gpu.demo import run_demo
+    from dreampool_gpu.demo import ARMS, run_demo
 
     torch.set_num_threads(1)  # every arm gets the same compute, whatever else shares the CPU
     report = run_demo(
@@ -63,7 +64,7 @@ def _demo(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         dream_shape=args.shape,
         capacity=args.capacity,
-        arms=tuple(args.arms.split(",")),
+        arms=ARMS if args.arms is None else tuple(args.arms.split(",")),
         device=args.device,
         seed=args.seed,
         width=args.width,
@@ -356,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--arms",
         type=_arms,
-        default=",".join(ARMS),
-        help=f"comma-separated subset of {','.join(ARMS)}",
+        default=None,
+        help="comma-separated subset of none,random,trusted,feature,learned (default: every arm)",
     )
     demo.add_argument("--device", default="cpu", help='"cpu", "cuda" or "auto" (default cpu)')
     demo.add_argument("--seed", type=int, default=0, help="data seed (default 0)")

@@ -8,7 +8,11 @@ Swapping embeddings is all or nothing (:meth:`EncoderLifecycle._install_embeddin
 from __future__ import annotations
 
 import copy
+import signal
+import threading
 import time
+from collections.abc import Callable
+from types import FrameType
 from typing import Any, cast
 
 import torch
@@ -25,6 +29,42 @@ from dreampool_gpu.search import SearchIndex
 from dreampool_gpu.streams import StreamOrderedLock
 
 _EMBED_CHUNK = 4096  # entries embedded per encoder call when the whole bank is re-embedded
+
+
+class _HeldInterrupt:
+    """Hold SIGINT for a block (main thread, Python handler only): recorded in ``arrived``, not raised.
+
+    On exit the previous handler is restored and, for a signal the block left in
+    ``arrived``, called (the default one raises KeyboardInterrupt).
+    """
+
+    def __enter__(self) -> _HeldInterrupt:
+        self.arrived = False
+        self._previous: Callable[[int, FrameType | None], Any] | None = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if callable(previous):
+                self._previous = previous
+                signal.signal(signal.SIGINT, self._record)
+        return self
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.arrived = True
+
+    def take_keyboard_interrupt(self) -> bool:
+        """True (once) when a signal arrived that the previous handler, Python's default,
+        would have raised as KeyboardInterrupt; a caller's own handler is left to :meth:`__exit__`."""
+        if self.arrived and self._previous is signal.default_int_handler:
+            self.arrived = False
+            return True
+        return False
+
+    def __exit__(self, *_: object) -> None:
+        if self._previous is None:
+            return
+        signal.signal(signal.SIGINT, self._previous)
+        if self.arrived:  # never lost: the default handler raises KeyboardInterrupt here
+            self._previous(signal.SIGINT, None)
 
 
 class EncoderLifecycle:
@@ -59,7 +99,10 @@ class EncoderLifecycle:
         only when training and re-embedding succeed are the new encoder and the
         embeddings swapped in, the index rebuilt and the query cache cleared.
         A diverged loss, Ctrl-C or an out-of-memory error leaves the pool exactly
-        as it was. The pool's lock is held throughout (other threads wait).
+        as it was. The install (encoder, embeddings, index, query cache) is the last step
+        and one that Ctrl-C cannot split: it is undone whole, or complete with nothing
+        left to raise (a Ctrl-C landing in the instant after it is passed on, the pool
+        consistent). The pool's lock is held throughout (other threads wait).
         Deterministic on CPU for a ``seed``.
 
         Keyword Args:
@@ -124,15 +167,16 @@ class EncoderLifecycle:
                 progress=progress,
             )
             live, embeddings = self._embed_live(candidate)
-            self._install_embeddings(live, embeddings, candidate)
-            self._encoder_fitted = True
-            return FitReport(
+            report = FitReport(
                 losses=losses,
                 steps=steps,
                 seconds=time.perf_counter() - start,
                 entries=int(slots.numel()),
                 labelled=int((labels[slots] >= 0).sum()),
             )
+            self._install_embeddings(live, embeddings, candidate)  # the last step: nothing raises after it
+            self._encoder_fitted = True
+            return report
 
     def reembed(self) -> None:
         """Recompute every entry's embedding with the current encoder; rebuild the index.
@@ -204,24 +248,31 @@ class EncoderLifecycle:
     def _install_embeddings(self, slots: torch.Tensor, embeddings: torch.Tensor, encoder: Encoder) -> None:
         """Swap in ``encoder`` and its ``embeddings`` of ``slots``; rebuild the index; clear the cache.
 
-        All or nothing: on any failure (including KeyboardInterrupt) the previous
-        rows, encoder and index come back before the error propagates.
+        One step an interrupt cannot split: on any failure (a KeyboardInterrupt raised
+        anywhere in it included) the previous rows, encoder and index come back (the
+        cache holds no entry of the new encoder: as it was, or empty) before the error
+        propagates; a Ctrl-C on the main thread is
+        held while the step and its undo run, then acted on (the install undone) or, when
+        it lands after the install is complete, re-raised once the pool is consistent.
         """
         column = self.bank.columns["embeddings"]
         previous = (column[slots].clone(), self.encoder, self._embedded_version)
-        try:
-            column[slots] = embeddings
-            self.encoder, self._embedded_version = encoder, encoder.version
-            self.bank.revision += 1
-            self.index.reset()
-            self.index.add(slots)
-        except BaseException:
-            column[slots] = previous[0]
-            self.encoder, self._embedded_version = previous[1], previous[2]
-            self.index.reset()
-            self.index.add(slots)
-            raise
-        self.cache.clear()
+        with _HeldInterrupt() as held:
+            try:
+                column[slots] = embeddings
+                self.encoder, self._embedded_version = encoder, encoder.version
+                self.bank.revision += 1
+                self.index.reset()
+                self.index.add(slots)
+                self.cache.clear()  # its entries were computed under the previous encoder
+                if held.take_keyboard_interrupt():
+                    raise KeyboardInterrupt  # Ctrl-C during the install: undone below, as if it came before
+            except BaseException:
+                column[slots] = previous[0]
+                self.encoder, self._embedded_version = previous[1], previous[2]
+                self.index.reset()
+                self.index.add(slots)
+                raise
 
     def _restore_encoder(self, state: dict[str, torch.Tensor] | None) -> None:
         """Checkpoint hook (bank already restored): load the saved encoder state.

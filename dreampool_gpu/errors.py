@@ -125,6 +125,20 @@ class CollectiveError(DreamPoolError, RuntimeError):
         )
 
 
+class RankFailedError(DreamPoolError, RuntimeError):
+    """Another rank of a batch job under torchrun failed (that rank raises its own error).
+
+    Attributes:
+        rank: the first rank that failed. step: what the ranks were doing. reason: its error, one line.
+    """
+
+    def __init__(self, rank: int, step: str, reason: str) -> None:
+        self.rank = rank
+        self.step = step
+        self.reason = reason
+        super().__init__(f"rank {rank} failed ({step}): {reason}")
+
+
 class CheckpointNotFoundError(DreamPoolError, FileNotFoundError):
     """No checkpoint at a path (nothing there, and no copy left by an interrupted save).
 

@@ -195,4 +195,75 @@ def open_probe(device: torch.device, *, nvml: Any = None) -> MemoryProbe:
         return CudaMemory(device, note=f"NVML unavailable ({type(exc).__name__}: {exc})")
 
 
-# ------------------------------------------------------------- sizes
+# ------------------------------------------------------------- host limits
+CGROUP_ROOT = "/sys/fs/cgroup"  # where the process's memory cgroup is mounted (v2, or v1 under memory/)
+_UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded LLONG_MAX
+
+
+@dataclass(frozen=True)
+class HostRoom:
+    """Bytes this process can still allocate on the host, by each limit that applies.
+
+    Attributes:
+        available: the host's available RAM (psutil; ``os.sysconf`` without it).
+        rlimit_as: ``RLIMIT_AS`` (soft) minus the process's address space now; None without a limit.
+        cgroup: the memory cgroup's limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``)
+            minus its usage; None without a limit.
+    """
+
+    available: int | None
+    rlimit_as: int | None
+    cgroup: int | None
+
+    @property
+    def smallest(self) -> tuple[int, str] | None:
+        """``(bytes, name)`` of the tightest limit, or None when none could be read."""
+        known = [(v, k) for k, v in vars(self).items() if v is not None]
+        return min(known) if known else None
+
+
+def host_room() -> HostRoom:
+    """Read :class:`HostRoom` now (never raises: an unreadable limit is None)."""
+    return HostRoom(_available_ram(), _rlimit_as_room(), _cgroup_room())
+
+
+def _available_ram() -> int | None:
+    try:
+        return int(importlib.import_module("psutil").virtual_memory().available)
+    except Exception:  # no psutil: the kernel's count of free pages
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
+def _rlimit_as_room() -> int | None:
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/statm") as f:  # first field: the address space, in pages
+            size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (ImportError, OSError, ValueError, IndexError, AttributeError):  # not Linux: no reading
+        return None
+    return max(0, soft - size)
+
+
+def _cgroup_room() -> int | None:
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(os.path.join(CGROUP_ROOT, limit_file)) as f:
+                limit = f.read().strip()
+            if limit == "max" or int(limit) >= _UNLIMITED:
+                return None
+            with open(os.path.join(CGROUP_ROOT, usage_file)) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        return max(0, int(limit) - usage)
+    return None

@@ -11,7 +11,6 @@ from _equality import assert_same_results
 from safetensors.torch import save_file
 
 from dreampool_gpu import DreamPool, PoolConfig
-from dreampool_gpu import batch as batch_mod
 from dreampool_gpu.batch import (
     RETRIEVE_OPTIONS,
     QueryFile,
@@ -20,6 +19,7 @@ from dreampool_gpu.batch import (
     read_results,
     run_retrieval_job,
     work_dir,
+    workdir,
 )
 from dreampool_gpu.config import RetrievalMode
 from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
@@ -146,7 +146,7 @@ class TestJob:
 
     def test_an_interrupted_job_resumes_from_its_chunks(self, tmp_path, saved_pool, queries_npy, monkeypatch):
         out = tmp_path / "r.safetensors"
-        real = batch_mod._save_chunk
+        real = workdir.save_chunk
         saved = []
 
         def stop_after_two(parts, index, ids, scores):
@@ -155,11 +155,11 @@ class TestJob:
             real(parts, index, ids, scores)
             saved.append(index)
 
-        monkeypatch.setattr(batch_mod, "_save_chunk", stop_after_two)
+        monkeypatch.setattr(workdir, "save_chunk", stop_after_two)
         with pytest.raises(KeyboardInterrupt):
             run_retrieval_job(saved_pool, queries_npy, out, k=3, mode="nearest", chunk=2, device="cpu")
         assert not out.exists() and work_dir(out).is_dir()
-        monkeypatch.setattr(batch_mod, "_save_chunk", real)
+        monkeypatch.setattr(workdir, "save_chunk", real)
         report = run_retrieval_job(saved_pool, queries_npy, out, k=3, mode="nearest", chunk=2, device="cpu")
         assert report.resumed == 2 and report.computed == report.chunks - 2
         ids, _ = read_results(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -34,7 +35,7 @@ from dreampool_gpu.budget import (
     pci_bus_id,
 )
 from dreampool_gpu.config import EvictionPolicy
-from dreampool_gpu.errors import CapacityExceededError, InvalidConfigurationError
+from dreampool_gpu.errors import CapacityExceededError, InsufficientMemoryError, InvalidConfigurationError
 from dreampool_gpu.eviction import policy_for
 from dreampool_gpu.memory import nvml_available
 from dreampool_gpu.search.exact import ExactSearch
@@ -596,11 +597,15 @@ class TestFallbacks:
         assert mem["device_used_bytes"] == mem["allocated_bytes"] == 16 * pool.bank.entry_nbytes()
         assert ProcessMemory().read().total_bytes and ProcessMemory().read().total_bytes > 0
 
-    def test_percent_of_host_ram_on_cpu(self):
+    def test_percent_of_host_ram_on_cpu(self, monkeypatch):
+        """Of the smallest of the host's RAM and the room left (here half the RAM is available)."""
         import psutil
 
+        total = psutil.virtual_memory().total
+        room = memory_mod.HostRoom(total // 2, None, None)
+        monkeypatch.setattr(budget_mod, "host_room", lambda: room)
         pool = make_pool(capacity=None, memory_budget_mb="0.001%")
-        assert pool.budget.budget_bytes == int(float("0.001") / 100 * psutil.virtual_memory().total)
+        assert pool.budget.budget_bytes == int(float("0.001") / 100 * (total // 2))
         assert pool.capacity * pool.bank.entry_nbytes() <= pool.budget.limit_bytes
 
     def test_percent_without_a_total_is_a_config_error(self):
@@ -673,3 +678,119 @@ class TestRealNvml:
         pool.budget.close()
         assert pool.budget.read().source == "nvml"  # a new probe opens on demand
         pool.budget.close()
+
+
+# ------------------------------------------------------------ process limits (issue 22)
+class TestProcessLimits:
+    """docs/spec.md §Memory budget: on CPU "N%" and the check before allocating read the room
+    the process has, the smallest of available RAM, RLIMIT_AS and the memory cgroup."""
+
+    @staticmethod
+    def limit(monkeypatch, *, available=64 << 30, rlimit_as=None, cgroup=None):
+        room = memory_mod.HostRoom(available, rlimit_as, cgroup)
+        monkeypatch.setattr(budget_mod, "host_room", lambda: room)
+        return room
+
+    @pytest.mark.parametrize(
+        ("version", "files", "room"),
+        [
+            ("v2", {"memory.max": "1000000000\n", "memory.current": "400000000\n"}, 600_000_000),
+            ("v2", {"memory.max": "max\n", "memory.current": "400000000\n"}, None),
+            ("v2", {"memory.max": "300\n", "memory.current": "400\n"}, 0),
+            (
+                "v1",
+                {"memory/memory.limit_in_bytes": "2147483648\n", "memory/memory.usage_in_bytes": "147483648\n"},
+                2_000_000_000,
+            ),
+            (
+                "v1",
+                {"memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "1\n"},
+                None,
+            ),
+            ("none", {}, None),
+        ],
+    )
+    def test_cgroup_limits_are_read(self, tmp_path, monkeypatch, version, files, room):
+        for name, text in files.items():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text(text)
+        monkeypatch.setattr(memory_mod, "CGROUP_ROOT", str(tmp_path))
+        assert memory_mod.host_room().cgroup == room
+
+    def test_rlimit_as_room_is_the_limit_minus_the_address_space(self, monkeypatch):
+        import resource
+
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * resource.getpagesize()
+        monkeypatch.setattr(resource, "getrlimit", lambda which: (size + (300 << 20), resource.RLIM_INFINITY))
+        room = memory_mod.host_room().rlimit_as
+        assert room is not None and abs(room - (300 << 20)) < (50 << 20)
+        monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        assert memory_mod.host_room().rlimit_as is None
+
+    def test_smallest_names_the_tightest_limit(self):
+        assert memory_mod.HostRoom(5, 3, None).smallest == (3, "rlimit_as")
+        assert memory_mod.HostRoom(5, None, 2).smallest == (2, "cgroup")
+        assert memory_mod.HostRoom(None, None, None).smallest is None
+
+    @pytest.mark.parametrize("which", ["available", "rlimit_as", "cgroup"])
+    def test_percent_resolves_against_the_smallest(self, monkeypatch, which):
+        self.limit(monkeypatch, **{which: 40 << 20})
+        pool = make_pool(capacity=None, memory_budget_mb="50%", engine="torch")
+        assert pool.budget.budget_bytes == 20 << 20
+        assert pool.capacity * pool.bank.entry_nbytes() <= 0.9 * (20 << 20)
+
+    def test_percent_never_exceeds_the_host_total(self, monkeypatch):
+        total = ProcessMemory().read().total_bytes
+        self.limit(monkeypatch, available=None)  # no room known: the total, as before
+        assert MemoryBudget("10%", device=CPU).budget_bytes == int(0.1 * total)
+
+    def test_a_fixed_budget_beyond_the_room_raises_before_allocating(self, monkeypatch):
+        self.limit(monkeypatch, cgroup=1 << 20)
+        with pytest.raises(InsufficientMemoryError) as info:
+            make_pool(capacity=None, memory_budget_mb=64, engine="torch")
+        assert info.value.field == "memory_budget_mb" and info.value.available_bytes == 1 << 20
+
+    def test_a_capacity_beyond_the_room_names_capacity(self, monkeypatch):
+        self.limit(monkeypatch, rlimit_as=1 << 20)
+        with pytest.raises(InsufficientMemoryError) as info:
+            make_pool(capacity=10**6)
+        assert info.value.field == "capacity" and info.value.needed_bytes > 1 << 20
+
+    def test_a_percent_that_cannot_hold_one_entry(self, monkeypatch):
+        self.limit(monkeypatch, rlimit_as=100)
+        with pytest.raises(InsufficientMemoryError) as info:
+            make_pool(capacity=None, memory_budget_mb="50%")
+        assert info.value.field == "memory_budget_mb" and info.value.available_bytes == 50
+
+    def test_a_real_rlimit_as(self):
+        """A subprocess under ``setrlimit(RLIMIT_AS)``: "50%" fits the limit, a bank beyond it is a typed error."""
+        code = """
+import resource, torch
+from dreampool_gpu import DreamPool, PoolConfig
+from dreampool_gpu.errors import InsufficientMemoryError
+with open("/proc/self/statm") as f:
+    size = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+shape = (16, 16, 4)
+pool = DreamPool(PoolConfig(dream_shape=shape, capacity=None, memory_budget_mb="50%", device="cpu",
+                            engine="torch", coherence_threshold=0.0))
+pool.add(torch.rand(64, *shape, 3), coherence=torch.ones(64))
+print("fitted", pool.capacity * pool.bank.entry_nbytes(), len(pool))
+try:
+    DreamPool(PoolConfig(dream_shape=shape, capacity=10**6, device="cpu", engine="torch"))
+except InsufficientMemoryError as exc:
+    print("refused", exc.field)
+"""
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        fitted, refused = done.stdout.split("\n")[:2]
+        nbytes, size = map(int, fitted.split()[1:])
+        assert 0 < nbytes <= 0.9 * 0.5 * (1 << 30) and size == 64
+        assert refused == "refused capacity"

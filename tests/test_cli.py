@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import stat
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +19,7 @@ from safetensors.torch import save_file
 
 from dreampool_gpu import DreamPool, PoolConfig, cli, score_dreams
 from dreampool_gpu import batch as batch_mod
-from dreampool_gpu.batch import read_results, work_dir
+from dreampool_gpu.batch import read_results, work_dir, workdir
 from dreampool_gpu.dreams import synthetic_dreams
 
 SHAPE = (4, 4, 2)
@@ -85,6 +88,31 @@ class TestHelp:
         out = capsys.readouterr().out
         for command in ("demo", "info", "inspect", "retrieve", "bench"):
             assert command in out
+
+    def test_demo_help_names_every_arm(self, capsys):
+        from dreampool_gpu.demo import ARMS
+
+        with pytest.raises(SystemExit):
+            cli.main(["demo", "--help"])
+        out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+        assert ",".join(ARMS) in out
+
+    def test_an_unknown_arm_is_a_usage_error(self, capsys):
+        from dreampool_gpu.demo import ARMS
+
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["demo", "--arms", "none,bogus", "--no-progress"])
+        assert exc.value.code == 2
+        assert f"expected a comma-separated subset of {','.join(ARMS)}, got 'none,bogus'" in capsys.readouterr().err
+
+    def test_the_demo_is_imported_only_by_its_command(self):
+        code = (
+            "import sys; from dreampool_gpu import cli; "
+            "cli.build_parser().parse_args(['info']); "
+            "assert 'dreampool_gpu.demo' not in sys.modules, 'imported'"
+        )
+        root = Path(cli.__file__).resolve().parent.parent  # this checkout, not an installed copy
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(root)})
 
     def test_unknown_argument_is_a_usage_error(self, capsys):
         with pytest.raises(SystemExit) as exc:
@@ -391,7 +419,7 @@ class TestRetrieve:
 
 class TestResume:
     def _interrupt_after(self, monkeypatch, n):
-        real = batch_mod._save_chunk
+        real = workdir.save_chunk
         saved_chunks = []
 
         def save(parts, index, ids, scores):
@@ -400,18 +428,18 @@ class TestResume:
             real(parts, index, ids, scores)
             saved_chunks.append(index)
 
-        monkeypatch.setattr(batch_mod, "_save_chunk", save)
+        monkeypatch.setattr(workdir, "save_chunk", save)
         return saved_chunks
 
     def _record(self, monkeypatch):
-        real = batch_mod._save_chunk
+        real = workdir.save_chunk
         indices = []
 
         def save(parts, index, ids, scores):
             indices.append(index)
             real(parts, index, ids, scores)
 
-        monkeypatch.setattr(batch_mod, "_save_chunk", save)
+        monkeypatch.setattr(workdir, "save_chunk", save)
         return indices
 
     @pytest.mark.parametrize("mode", ["nearest", "hybrid"])
@@ -462,14 +490,14 @@ class TestResume:
 
     def test_interrupt_while_writing_leaves_no_temporary_files(self, capsys, saved, tmp_path, monkeypatch):
         out = tmp_path / "out.safetensors"
-        real = batch_mod.save_file
+        real = workdir.save_file
 
         def fail_on_the_output(tensors, path, metadata=None):
             real(tensors, path, metadata=metadata)
             if metadata is not None:  # the merged output: interrupted after the write
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(batch_mod, "save_file", fail_on_the_output)
+        monkeypatch.setattr(workdir, "save_file", fail_on_the_output)
         assert _retrieve(capsys, saved, "chroma.npy", out, "--chunk", "400")[0] == 130
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors.parts"]
         monkeypatch.undo()

@@ -193,7 +193,7 @@ class TestReadersDuringSaves:
     def test_every_load_is_one_whole_checkpoint(self, tmp_path, monkeypatch, swap):
         """3 threads load while a 4th adds and saves to the same path: no load fails or mixes two saves."""
         if swap == "two-renames":
-            monkeypatch.setattr(persist, "_rename_exchange", lambda a, b: False)
+            monkeypatch.setattr(persist.files, "_rename_exchange", lambda a, b: False)
         pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=64, device="cpu", coherence_threshold=0.0))
         g = torch.Generator().manual_seed(0)
         pool.add(torch.rand(64, *SHAPE, 3, generator=g), coherence=torch.ones(64))

@@ -52,13 +52,13 @@ def _paused(fn, name):
 def child(path: str, swap: str) -> None:
     """Load ``path``, then add and save forever (until killed), pausing before every filesystem step."""
     if swap == "two-renames":
-        persist._rename_exchange = lambda a, b: False
+        persist.files._rename_exchange = lambda a, b: False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CheckpointRecoveryWarning)
         pool = DreamPool.load(path)
-    persist._write_file = _paused(persist._write_file, "write")
-    persist._fsync_dir = _paused(persist._fsync_dir, "fsync")
-    persist._rename_exchange = _paused(persist._rename_exchange, "exchange")
+    persist.files._write_file = _paused(persist.files._write_file, "write")
+    persist.files._fsync_dir = _paused(persist.files._fsync_dir, "fsync")
+    persist.files._rename_exchange = _paused(persist.files._rename_exchange, "exchange")
     os.rename = _paused(os.rename, "rename")
     shutil.rmtree = _paused(shutil.rmtree, "rmtree")
     g = torch.Generator().manual_seed(os.getpid())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -51,7 +52,7 @@ def resign(ckpt, name, data):
     """Replace file ``name`` of checkpoint ``ckpt`` by ``data`` and sign the manifest again."""
     (ckpt / name).write_bytes(data)
     manifest = json.loads((ckpt / MANIFEST).read_bytes())
-    manifest["files"][name] = {"sha256": persist.hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     body = {key: value for key, value in manifest.items() if key != "digest"}
     manifest["digest"] = persist._digest(body)
     (ckpt / MANIFEST).write_bytes(json.dumps(manifest).encode())
@@ -177,7 +178,7 @@ class TestSpecialFiles:
                 reads.append(len(data))
             return data
 
-        monkeypatch.setattr(persist.os, "read", read)
+        monkeypatch.setattr(persist.files.os, "read", read)
         with pytest.raises(CheckpointCorruptError, match="5000000 bytes more than the manifest lists"):
             persist.read_checkpoint(tmp_path / "p")
         assert reads and sum(reads) == declared + 1

@@ -154,6 +154,109 @@ class TestAllOrNothing:
         after["revision"] = before["revision"]  # the failed swap bumped it: any reader re-validates
         assert_same_state(before, after)
 
+    @staticmethod
+    def answers(pool: DreamPool, queries: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(r.ids, r.scores) for r in (pool.retrieve(queries, k=5, mode=m) for m in ("nearest", "hybrid"))]
+
+    def assert_answers_like_a_fresh_pool(self, pool: DreamPool, queries: torch.Tensor) -> None:
+        fresh = DreamPool(pool.config)
+        fresh.load_state_dict(pool.state_dict())
+        for (ids, scores), (want_ids, want_scores) in zip(
+            self.answers(pool, queries), self.answers(fresh, queries), strict=True
+        ):
+            assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+
+    @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+    def test_interrupt_at_cache_clear_leaves_no_stale_embeddings(self, monkeypatch, error):
+        """The old encoder's cached query embeddings never answer for the new one (issue 22)."""
+        pool = learned_pool()
+        queries = torch.rand(4, 3, generator=torch.Generator().manual_seed(5))
+        self.answers(pool, queries)  # cached under the current encoder
+        before = state_of(pool)
+        real_clear = pool.cache.clear
+
+        def interrupted() -> None:
+            real_clear()
+            raise error("at cache.clear()")
+
+        monkeypatch.setattr(pool.cache, "clear", interrupted)
+        with pytest.raises(error):
+            pool.fit_encoder(steps=2, batch_size=16)
+        monkeypatch.undo()
+        after = state_of(pool)
+        after["revision"], after["cache"] = before["revision"], before["cache"]  # bumped; emptied by the fake
+        assert_same_state(before, after)  # the install was undone whole
+        self.assert_answers_like_a_fresh_pool(pool, queries)
+
+    def test_ctrl_c_during_the_install_is_held_then_undoes_it(self, monkeypatch):
+        """A real SIGINT in the middle of the install: held, then the install is undone as a whole."""
+        import signal
+
+        pool = learned_pool()
+        queries = torch.rand(4, 3, generator=torch.Generator().manual_seed(6))
+        self.answers(pool, queries)
+        before = state_of(pool)
+        real_add, seen = pool.index.add, []
+
+        def add_then_sigint(slots):
+            out = real_add(slots)
+            if not seen:
+                seen.append(1)
+                signal.raise_signal(signal.SIGINT)  # delivered to the held handler, not raised here
+                seen.append(2)
+            return out
+
+        monkeypatch.setattr(pool.index, "add", add_then_sigint)
+        with pytest.raises(KeyboardInterrupt):
+            pool.fit_encoder(steps=2, batch_size=16)
+        monkeypatch.undo()
+        assert seen == [1, 2]  # the index rebuild ran on: the signal was held
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        after = state_of(pool)
+        assert after["cache"] == 0  # emptied within the install (entries of the old encoder, a saving only)
+        after["revision"], after["cache"] = before["revision"], before["cache"]
+        assert_same_state(before, after)
+        self.assert_answers_like_a_fresh_pool(pool, queries)
+
+    def test_a_callers_own_sigint_handler_runs_after_the_install(self, monkeypatch):
+        """A handler of the caller's (a graceful stop, say) is called once the install is complete."""
+        import signal
+
+        pool = learned_pool()
+        calls: list[int] = []
+        real_add, fired = pool.index.add, []
+
+        def add_then_sigint(slots):
+            out = real_add(slots)
+            if not fired:
+                fired.append(1)
+                signal.raise_signal(signal.SIGINT)
+                assert calls == []  # held
+            return out
+
+        monkeypatch.setattr(pool.index, "add", add_then_sigint)
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+        try:
+            report = pool.fit_encoder(steps=2, batch_size=16)
+            handler_after = signal.getsignal(signal.SIGINT)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        monkeypatch.undo()
+        assert calls == [signal.SIGINT] and report.steps == 2
+        assert callable(handler_after) and handler_after is not signal.default_int_handler
+        self.assert_answers_like_a_fresh_pool(pool, torch.rand(4, 3, generator=torch.Generator().manual_seed(9)))
+
+    def test_a_completed_fit_returns_and_answers_like_a_fresh_pool(self):
+        import signal
+
+        pool = learned_pool()
+        queries = torch.rand(4, 3, generator=torch.Generator().manual_seed(8))
+        self.answers(pool, queries)
+        report = pool.fit_encoder(steps=2, batch_size=16)
+        assert report.steps == 2 and len(pool.cache) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        self.assert_answers_like_a_fresh_pool(pool, queries)
+
 
 class TestCheckpoints:
     def test_save_load_and_state_dict_give_identical_retrievals(self, tmp_path):

@@ -206,7 +206,7 @@ class TestRoundTrip:
     @pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
     def test_both_swap_paths(self, tmp_path, monkeypatch, exchange):
         if not exchange:
-            monkeypatch.setattr(persist, "_rename_exchange", lambda a, b: False)
+            monkeypatch.setattr(persist.files, "_rename_exchange", lambda a, b: False)
         ck = tmp_path / "ck"
         pool = churned_pool(rounds=1)
         for _ in range(3):
@@ -622,7 +622,7 @@ class TestNothingOverwritten:
         def broken(tensors):
             raise OSError("disk full")
 
-        monkeypatch.setattr(persist, "save_safetensors", broken)
+        monkeypatch.setattr(persist.files, "save_safetensors", broken)
         pool.add(torch.rand(3, *SHAPE, 3), coherence=torch.ones(3))
         with pytest.raises(OSError, match="disk full"):
             pool.save(ck)
@@ -675,8 +675,10 @@ class TestRecovery:
     def test_missing_checkpoint_is_not_retried(self, tmp_path, monkeypatch):
         """No directory and no .old copy: nothing is being saved, so the first failure is final."""
         reads = []
-        real = persist._read_once
-        monkeypatch.setattr(persist, "_read_once", lambda target, notes: (reads.append(target), real(target, notes))[1])
+        real = persist.verify._read_once
+        monkeypatch.setattr(
+            persist.verify, "_read_once", lambda target, notes: (reads.append(target), real(target, notes))[1]
+        )
         (tmp_path / "empty").mkdir()
         for path in (tmp_path / "absent", tmp_path / "empty"):
             reads.clear()
@@ -700,11 +702,11 @@ class TestRecovery:
     def test_portable_swap_never_deletes_an_old_copy_in_place(self, saved, monkeypatch):
         """The two-rename swap renames the old copy away from ``.old`` before deleting it."""
         pool, ck = saved
-        monkeypatch.setattr(persist, "_rename_exchange", lambda a, b: False)
+        monkeypatch.setattr(persist.files, "_rename_exchange", lambda a, b: False)
         removed: list[str] = []
         real_rmtree = shutil.rmtree
         monkeypatch.setattr(
-            persist.shutil, "rmtree", lambda p, *a, **kw: (removed.append(Path(p).name), real_rmtree(p, *a, **kw))
+            persist.files.shutil, "rmtree", lambda p, *a, **kw: (removed.append(Path(p).name), real_rmtree(p, *a, **kw))
         )
         pool.add(torch.rand(3, *SHAPE, 3), coherence=torch.ones(3))
         pool.save(ck)
@@ -775,3 +777,117 @@ class TestCapacity:
         loaded = DreamPool.load(ck)
         assert loaded.capacity == loaded.config.capacity == pool.capacity
         assert_same_pool(pool, loaded)
+
+
+# ------------------------------------------------------------ format 1 (issue 22)
+def relabel_as_format_1(ck):
+    """What a format-1 writer left: no encoder file, ``format_version`` 1, a valid signature."""
+    (ck / ENCODER).unlink()
+    manifest = json.loads((ck / MANIFEST).read_bytes())
+    del manifest["files"][ENCODER]
+    manifest["format_version"] = 1
+    resign(ck, manifest)
+
+
+def learned_saved(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    pool = DreamPool(make_config(encoder="learned", coherence_threshold=0.0, capacity=64))
+    pool.add(torch.rand(40, *SHAPE, 3, generator=g), coherence=torch.ones(40), class_labels=torch.arange(40) % 10)
+    pool.fit_encoder(steps=3, batch_size=16)
+    pool.save(tmp_path / "ck")
+    return pool, tmp_path / "ck"
+
+
+class TestFormat1:
+    """docs/spec.md §Checkpoints: format 1 holds feature-encoder pools only, re-embedded on load."""
+
+    def test_a_feature_pool_of_format_1_loads_re_embedded_and_saves_again(self, tmp_path):
+        pool = churned_pool()
+        pool.save(tmp_path / "ck")
+        relabel_as_format_1(tmp_path / "ck")
+        loaded = DreamPool.load(tmp_path / "ck")
+        fresh = DreamPool.load(tmp_path / "ck")
+        assert_same_pool(loaded, pool, ignore=("embeddings", "usage"))
+        assert_same_answers(loaded, fresh)
+        loaded.save(tmp_path / "again")  # consistent: its own re-save loads
+        assert_same_answers(DreamPool.load(tmp_path / "again"), loaded)
+
+    def test_a_learned_pool_relabelled_as_format_1_is_refused(self, tmp_path):
+        """It would load a fresh encoder beside the trained embeddings."""
+        _, ck = learned_saved(tmp_path)
+        relabel_as_format_1(ck)
+        with pytest.raises(CheckpointCorruptError, match="format-1") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / ENCODER
+
+    def test_format_2_without_its_encoder_file_is_refused(self, tmp_path):
+        pool = churned_pool()
+        pool.save(tmp_path / "ck")
+        ck = tmp_path / "ck"
+        (ck / ENCODER).unlink()
+        manifest = json.loads((ck / MANIFEST).read_bytes())
+        del manifest["files"][ENCODER]
+        resign(ck, manifest)
+        with pytest.raises(CheckpointCorruptError, match="missing") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / ENCODER
+
+    def test_state_dicts_follow_the_same_rules(self):
+        learned = DreamPool(make_config(encoder="learned", coherence_threshold=0.0))
+        learned.add(torch.rand(8, *SHAPE, 3), coherence=torch.ones(8))
+        sd = learned.state_dict()
+        sd["encoder"], sd["format_version"] = None, 1
+        with pytest.raises(InvalidInputError, match="format-1"):
+            DreamPool(learned.config).load_state_dict(sd)
+        sd["format_version"] = persist.FORMAT_VERSION
+        with pytest.raises(InvalidInputError, match="encoder"):
+            DreamPool(learned.config).load_state_dict(sd)
+        features = churned_pool()
+        sd = features.state_dict()
+        sd["encoder"], sd["format_version"] = None, 1
+        other = DreamPool(features.config)
+        other.load_state_dict(sd)
+        assert len(other) == len(features)
+
+    def test_a_user_encoder_cannot_take_a_format_1_state(self):
+        features = churned_pool()
+        sd = features.state_dict()
+        sd["encoder"], sd["format_version"] = None, 1
+        module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 2 * 3, features.config.embedding_dim))
+        other = DreamPool(features.config, encoder=module)
+        with pytest.raises(InvalidConfigurationError, match="format-1"):
+            other.load_state_dict(sd)
+
+
+class TestEncoderConsistency:
+    """The spot check catches an encoder state changed by 1e-3 (docs/spec.md §Checkpoints)."""
+
+    @pytest.mark.parametrize("scale", [1 + 1e-3, 1 - 1e-3])
+    def test_learned_encoder_scaled(self, tmp_path, scale):
+        from safetensors.torch import load_file, save
+
+        pool, ck = learned_saved(tmp_path)
+        state = load_file(ck / ENCODER)
+        rewrite(ck, ENCODER, save({k: v * scale for k, v in state.items()}))
+        with pytest.raises(CheckpointCorruptError, match="embeddings differ") as exc:
+            DreamPool.load(ck)
+        assert exc.value.path == ck / BANK
+
+    @pytest.mark.parametrize(("name", "match"), [("mean", "embeddings differ"), ("projection", "projection")])
+    def test_feature_encoder_scaled(self, tmp_path, name, match):
+        """(Scaling ``std`` alone scales every standardised feature alike: under cosine the
+        embeddings stay the same to the last bits, nothing to refuse.)"""
+        from safetensors.torch import load_file, save
+
+        pool = churned_pool()
+        pool.save(tmp_path / "ck")
+        ck = tmp_path / "ck"
+        state = load_file(ck / ENCODER)
+        state[name] = state[name] * (1 + 1e-3)
+        rewrite(ck, ENCODER, save(state))
+        with pytest.raises(CheckpointCorruptError, match=match):
+            DreamPool.load(ck)
+
+    def test_unchanged_checkpoints_still_load(self, tmp_path):
+        pool, ck = learned_saved(tmp_path)
+        assert_same_answers(DreamPool.load(ck), pool, modes=[("hybrid", {}), ("nearest", {})])

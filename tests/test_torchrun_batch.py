@@ -26,14 +26,14 @@ CHUNK = 4  # 23 queries: chunks 0..5, rank 0 answers 0, 2, 4 and rank 1 answers 
 # rank 1 is interrupted before it writes its first chunk; the CLI does the rest
 INTERRUPTED = """
 import os, sys
-from dreampool_gpu import batch
+from dreampool_gpu.batch import workdir
 from dreampool_gpu.cli import main
 
 if os.environ["RANK"] == "1":
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    batch._save_chunk = interrupted
+    workdir.save_chunk = interrupted
 sys.exit(main(sys.argv[1:]))
 """
 

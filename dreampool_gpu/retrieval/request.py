@@ -182,12 +182,16 @@ def class_list(classes: Sequence[int] | None, num_classes: int) -> list[int]:
     expected = "a sequence of class labels for mode 'balanced'"
     if classes is None or isinstance(classes, (str, bytes)):
         raise InvalidInputError("classes", expected, repr(classes))
+    if isinstance(classes, torch.Tensor):
+        v.check_dense(classes, "classes")
     try:
         items = list(classes)
     except TypeError:  # not iterable (an object, a 0-d tensor)
         raise InvalidInputError("classes", expected, type(classes).__name__) from None
     out = []
     for c in items:
+        if isinstance(c, torch.Tensor):
+            v.check_dense(c, "classes")
         try:
             boolean = isinstance(c, bool) or getattr(c, "dtype", None) in (torch.bool, np.bool_)
             label = None if boolean else operator.index(c)  # int, numpy or 0-dim torch ints
