@@ -96,6 +96,7 @@ class Admission:
         """
         with self._lock:
             force = v.check_flag(force, "force")
+            label_name = "class_label" if class_labels is None else "class_labels"  # errors name what the caller wrote
             class_label = columns.renamed_argument(class_label, class_labels, "class_labels", "class_label")
             if coherence is None and force:
                 coherence = 1.0
@@ -116,7 +117,7 @@ class Admission:
                     coh,
                     eng,
                     vio,
-                    request.labels(class_label, n, "class_label", self.config.num_classes, self.device),
+                    request.labels(class_label, n, label_name, self.config.num_classes, self.device),
                 )
 
             with checks.deferred(self.sync_free) as deferred:

@@ -314,3 +314,13 @@ def test_the_demo_table_comes_with_a_legend_of_its_columns():
     for phrase in phrases:
         assert phrase in legend, phrase
         assert any(phrase in c for c in cells), phrase  # and it is a column of the table
+
+
+def test_a_bad_label_error_names_the_keyword_the_caller_wrote():
+    pool, _ = _pool(0)
+    dreams = torch.rand(2, *SHAPE, 3)
+    with pytest.raises(InvalidInputError, match="invalid class_label:"):
+        pool.add(dreams, coherence=1.0, class_label=[0, 99])
+    with pytest.warns(DeprecationWarning), pytest.raises(InvalidInputError, match="invalid class_labels:"):
+        pool.add(dreams, coherence=1.0, class_labels=[0, 99])
+    assert len(pool) == 0
