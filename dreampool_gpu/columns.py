@@ -53,6 +53,7 @@ class Columns(dict[str, torch.Tensor]):
     ``m["class"]``, ``m["hue"]``, ``m["id"]`` read ``class_label``, ``hue_category`` and ``ids``
     with a ``DeprecationWarning``; ``m["age"]`` (seconds since added, float32) reads
     ``time.time() - m["inserted_at"]`` with one. ``in`` and iteration see the names only.
+    ``dict(m)`` is a plain dict (what ``torch.load(weights_only=True)`` reads back).
 
     Raises:
         UnknownColumnError: (a ``KeyError``) any other name, listing the columns.
