@@ -40,7 +40,7 @@ def saved(tmp_path_factory):
         coherence=scores.coherence,
         energy=scores.energy,
         violation=scores.violation,
-        class_labels=labels,
+        class_label=labels,
     )
     pool.save(root / "pool")
     chroma = torch.rand(N_QUERIES, 3, generator=generator)

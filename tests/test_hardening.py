@@ -40,7 +40,7 @@ def make_pool(n=40, *, seed=0, **overrides):
     cfg = {"dream_shape": SHAPE, "capacity": 64, "device": "cpu", "coherence_threshold": 0.0, **overrides}
     pool = DreamPool(PoolConfig(**cfg))
     labels = torch.randint(-1, 10, (n,), generator=torch.Generator().manual_seed(seed + 1))
-    pool.add(dreams(n, seed=seed, shape=cfg["dream_shape"]), coherence=torch.ones(n), class_labels=labels)
+    pool.add(dreams(n, seed=seed, shape=cfg["dream_shape"]), coherence=torch.ones(n), class_label=labels)
     return pool
 
 
@@ -668,9 +668,9 @@ class TestWhere:
         batch = dreams(n, seed=6)
         cfg = PoolConfig(dream_shape=SHAPE, capacity=n, device="cpu", coherence_threshold=0.0, engine=engine)
         full, part = DreamPool(cfg), DreamPool(cfg)
-        full.add(batch, coherence=coherence, class_labels=labels)
+        full.add(batch, coherence=coherence, class_label=labels)
         kept = coherence >= 0.5
-        part.add(batch[kept], coherence=coherence[kept], class_labels=labels[kept])
+        part.add(batch[kept], coherence=coherence[kept], class_label=labels[kept])
         part.encoder.load_state_dict(full.encoder.state_dict())  # the same feature statistics
         part.reembed()
         return full, part
