@@ -54,6 +54,7 @@ import torch.distributed as dist
 from dreampool_gpu import _validation as v
 from dreampool_gpu import checkpointing, errors, persist
 from dreampool_gpu.atomic import atomic_write, fsync_path, write_synced
+from dreampool_gpu.columns import Columns, as_returned, renamed_argument
 from dreampool_gpu.config import DREAM_DTYPES, PoolConfig, RetrievalMode
 from dreampool_gpu.counters import COUNTERS
 from dreampool_gpu.devices import resolve_device
@@ -457,12 +458,13 @@ class ShardedDreamPool:
         self,
         dreams: Any,
         *,
-        coherence: Any,
+        coherence: Any = None,
         energy: Any = None,
         violation: Any = None,
-        class_labels: Any = None,
+        class_label: Any = None,
         force: bool = False,
         route: str = "local",
+        class_labels: Any = None,
     ) -> torch.Tensor:
         """Add a batch of dreams; returns ``[N]`` global ids (-1 where rejected or dropped).
 
@@ -475,11 +477,14 @@ class ShardedDreamPool:
         and refused on every rank (``InvalidInputError``), as is a ``route`` or ``force`` that
         differs between ranks.
         """
+        class_label = renamed_argument(class_label, class_labels, "class_labels", "class_label")
+        if coherence is None and force is True:
+            coherence = 1.0
         if isinstance(route, str) and route == "local":
             return self.shard.add(
-                dreams, coherence=coherence, energy=energy, violation=violation, class_labels=class_labels, force=force
+                dreams, coherence=coherence, energy=energy, violation=violation, class_label=class_label, force=force
             )
-        return self._add_routed(dreams, coherence, energy, violation, class_labels, force, route)
+        return self._add_routed(dreams, coherence, energy, violation, class_label, force, route)
 
     def _add_routed(
         self, dreams: Any, coherence: Any, energy: Any, violation: Any, class_labels: Any, force: Any, route: Any
@@ -494,12 +499,14 @@ class ShardedDreamPool:
                 v.as_tensor(dreams, "dreams", device=shard.device), dream_shape=shard.config.dream_shape
             )
             n = batch.shape[0]
+            if coherence is None:
+                raise InvalidInputError("coherence", "[N] values in [0, 1]; optional only with force=True", None)
             return {
                 "dreams": batch.float(),
                 "coherence": shard._per_dream(coherence, n, "coherence", 0.0, 1.0),
                 "energy": shard._per_dream(energy, n, "energy", 0.0, float("inf")),
                 "violation": shard._per_dream(violation, n, "violation", 0.0, 1.0),
-                "class_labels": shard._labels(class_labels, n, "class_labels"),
+                "class_labels": shard._labels(class_labels, n, "class_label"),
             }
 
         cols, error = self._local(parse)
@@ -536,7 +543,7 @@ class ShardedDreamPool:
                     coherence=union["coherence"],
                     energy=union["energy"],
                     violation=union["violation"],
-                    class_labels=union["class_labels"],
+                    class_label=union["class_labels"],
                     force=bool(force),
                 )
             )
@@ -1071,13 +1078,16 @@ class ShardedDreamPool:
         out = self._lookup(flat, counts, ("dreams",))["dreams"]
         return out.reshape(*shape, *out.shape[1:])
 
-    def metadata(self, ids: Any) -> dict[str, torch.Tensor]:
-        """Every column except dreams for global ``ids`` (any shape), plus ``found`` (collective)."""
+    def metadata(self, ids: Any) -> Columns:
+        """Every column except dreams for global ``ids`` (any shape), plus ``found`` (collective).
+
+        Named and typed as :meth:`DreamPool.metadata` (labels, ids and counts int64).
+        """
         flat, counts, _ = self._route_ids(ids)
         shape = v.as_tensor(ids, "ids").shape
         names = [n for n in self.shard.bank.columns if n != "dreams"]
         out = self._lookup(flat, counts, names)
-        return {n: t.reshape(*shape, *t.shape[1:]) for n, t in out.items()}
+        return Columns({n: as_returned(t.reshape(*shape, *t.shape[1:])) for n, t in out.items()})
 
     def diversity(self, ids: Any) -> dict[str, torch.Tensor]:
         """Diversity of each result set, as :meth:`DreamPool.diversity` (collective: chroma fetched from the owners).
@@ -1101,9 +1111,11 @@ class ShardedDreamPool:
         chroma = found["chroma"]
         return diversity_stats(chroma.reshape(b, k, *chroma.shape[1:]), found["found"].reshape(b, k))
 
-    def sample(self, n: int, *, where: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Ids of ``min(n, m)`` draws, uniform with replacement, from the ``m`` live entries of the
-        whole pool passing ``where`` (collective; each rank passes its own ``n``, 0 included).
+    def sample(
+        self, n: int, *, where: Any = None, replace: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Ids of ``n`` uniform draws from the ``m`` live entries of the whole pool passing ``where``
+        (collective; each rank passes its own ``n``, 0 included, and ``replace``).
 
         As :meth:`DreamPool.sample`, over the union of the shards indexed in global id
         order: with the same ``generator`` state, the draw is the one a single pool
@@ -1113,15 +1125,18 @@ class ShardedDreamPool:
         one all_gather of the draws and one all_reduce of their ids.
 
         Returns:
-            ``[min(n, m)]`` int64 global ids on this shard's device.
+            ``[n]`` (``replace=True``: with replacement) or ``[min(n, m)]`` (``replace=False``:
+            distinct) int64 global ids on this shard's device; ``[0]`` when ``m = 0``.
 
         Raises:
-            InvalidInputError: (on every rank) ``n`` not an int >= 0, a bad ``where`` or ``generator`` on some rank.
+            InvalidInputError: (on every rank) ``n`` not an int >= 0, ``replace`` not a bool, a bad
+                ``where`` or ``generator`` on some rank.
         """
         shard = self.shard
 
         def parse() -> tuple[int, torch.Tensor]:
             count = v.check_count(n, "n")
+            v.check_flag(replace, "replace")
             if generator is not None and not isinstance(generator, torch.Generator):
                 raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
             with shard._lock:
@@ -1132,17 +1147,26 @@ class ShardedDreamPool:
                 return count, shard.bank.columns["ids"][slots].sort().values.cpu()
 
         parsed, error = self._local(parse)
-        table = self._agree([0 if parsed is None else parsed[0]], error)
+        table = self._agree([0 if parsed is None else parsed[0], int(replace is True)], error)
         ids = cast("tuple[int, torch.Tensor]", parsed)[1]  # parsed: _agree raised on every rank otherwise
         tags, per_tag = (ids >> TAG_BITS).unique_consecutive(return_counts=True)  # ids sorted: tags too
         pairs = list(zip(tags.tolist(), per_tag.tolist(), strict=True))
         listing = sorted(pair for part in self._all_gather_objects(pairs) for pair in part)  # tags are unique
         total = sum(c for _, c in listing)
-        draws = [min(int(c), total) for c in table[:, 0].tolist()]
+        draws = [
+            (int(c) if total else 0) if with_replacement else min(int(c), total)
+            for c, with_replacement in table[:, :2].tolist()
+        ]
         if max(draws) == 0:
             return torch.empty(0, dtype=torch.int64, device=shard.device)
         # a draw is a position in the union (tag-major = global id order), sent as (tag, index within tag)
-        pos = torch.randint(total, (draws[self.rank],), generator=generator) if draws[self.rank] else ids[:0]
+        mine_n = draws[self.rank]
+        if not mine_n:
+            pos = ids[:0]
+        elif replace:
+            pos = torch.randint(total, (mine_n,), generator=generator)
+        else:
+            pos = torch.randperm(total, generator=generator)[:mine_n]
         all_tags = torch.tensor([t for t, _ in listing], dtype=torch.int64)
         sizes = torch.tensor([c for _, c in listing], dtype=torch.int64)
         ends = sizes.cumsum(0)
