@@ -80,7 +80,7 @@ def pool_for(
         query_cache_size=0,
     )
     pool = DreamPool(cfg)
-    pool.add(bank.dreams, coherence=torch.ones(bank.dreams.shape[0]), class_labels=bank.labels if labelled else None)
+    pool.add(bank.dreams, coherence=torch.ones(bank.dreams.shape[0]), class_label=bank.labels if labelled else None)
     seconds = 0.0
     if encoder == "learned":
         seconds = pool.fit_encoder(steps=steps, seed=0, colour_jitter=jitter).seconds

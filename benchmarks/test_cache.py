@@ -58,7 +58,7 @@ def filled_pool(device: torch.device, cache_size: int) -> DreamPool:
         )
     )
     dreams = torch.rand(POOL, *SHAPE, 3, generator=torch.Generator().manual_seed(0))
-    pool.add(dreams.to(device), coherence=torch.ones(POOL), class_labels=torch.arange(POOL) % 10)
+    pool.add(dreams.to(device), coherence=torch.ones(POOL), class_label=torch.arange(POOL) % 10)
     return pool
 
 

@@ -80,7 +80,7 @@ def measure(n: int, shape: tuple[int, int, int], device_spec: str) -> dict[str, 
     warm = DreamPool(config(64))  # loads kernels, FFT plans, FAISS
     device = warm.device
     dreams, labels = synthetic_dreams(64, shape, generator=g)
-    warm.add(dreams.to(device), coherence=torch.ones(64), class_labels=labels)
+    warm.add(dreams.to(device), coherence=torch.ones(64), class_label=labels)
     warm.retrieve(dreams[:4].to(device), k=4)
     del warm, dreams, labels
     gc.collect()
@@ -91,7 +91,7 @@ def measure(n: int, shape: tuple[int, int, int], device_spec: str) -> dict[str, 
     batch = max(1, min(4096, (64 << 20) // (math.prod(shape) * 12)))  # <= 64 MiB of fp32 dreams at a time
     for first in range(0, n, batch):
         dreams, labels = synthetic_dreams(min(batch, n - first), shape, generator=g)
-        pool.add(dreams.to(device), coherence=torch.ones(len(dreams)), class_labels=labels)
+        pool.add(dreams.to(device), coherence=torch.ones(len(dreams)), class_label=labels)
     del dreams, labels
     gc.collect()
     fill_s = time.perf_counter() - start

@@ -42,7 +42,7 @@ def filled_pool(n: int, device: torch.device, **config) -> DreamPool:
     g = torch.Generator().manual_seed(0)
     for start in range(0, n, 4096):
         dreams, labels = synthetic_dreams(min(4096, n - start), SHAPE, generator=g)
-        pool.add(dreams.to(device), coherence=torch.ones(len(dreams)), class_labels=labels)
+        pool.add(dreams.to(device), coherence=torch.ones(len(dreams)), class_label=labels)
     return pool
 
 
@@ -84,7 +84,7 @@ class TestAdd:
         dreams, labels = add_batch
 
         def add():
-            pool.add(dreams, coherence=torch.ones(1024, device=bench_device), class_labels=labels)
+            pool.add(dreams, coherence=torch.ones(1024, device=bench_device), class_label=labels)
             sync(bench_device)
 
         benchmark.pedantic(add, rounds=5, warmup_rounds=1)

@@ -48,7 +48,7 @@ def test_retrieve_cost_by_encoder(benchmark, bench_device, record_median, role, 
     pool.add(
         bank.dreams.to(bench_device),
         coherence=torch.ones(10_000, device=bench_device),
-        class_labels=bank.labels.to(bench_device),
+        class_label=bank.labels.to(bench_device),
     )
     benchmark.group = "retrieve hybrid, B = 256, 10K entries, by encoder"
 

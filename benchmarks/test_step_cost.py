@@ -92,7 +92,7 @@ def _full_pool(**config) -> DreamPool:
     )
     dreams, labels = _stream(1)
     for i in range(MEMORY // BATCH):
-        pool.add(dreams[i % 64], coherence=torch.ones(BATCH), class_labels=labels[i % 64])
+        pool.add(dreams[i % 64], coherence=torch.ones(BATCH), class_label=labels[i % 64])
     return pool
 
 
@@ -134,7 +134,7 @@ def test_er_step(benchmark, record_median, variant):
             dreams = pool.dreams(ids)
             labels = pool.metadata(ids, columns=columns)["class_label"]
             x, y = next(new)
-            pool.add(x, coherence=ones, class_labels=y)
+            pool.add(x, coherence=ones, class_label=y)
             return dreams, labels
 
     else:
@@ -174,7 +174,7 @@ def test_add(benchmark, record_median, variant):
 
         def step():
             x, y = next(new)
-            return pool.add(x, coherence=ones, class_labels=y)
+            return pool.add(x, coherence=ones, class_label=y)
 
     _time(benchmark, step)
     record_median(benchmark, "baseline" if variant == "plain" else variant)

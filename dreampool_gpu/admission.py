@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import checks
+from dreampool_gpu import checks, columns
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.budget import MemoryBudget
 from dreampool_gpu.config import PoolConfig
@@ -24,6 +24,7 @@ from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
 from dreampool_gpu.encoders import Encoder, FeatureEncoder, bank_form
 from dreampool_gpu.errors import CapacityExceededError, InvalidInputError
 from dreampool_gpu.eviction import Eviction
+from dreampool_gpu.notices import Notices
 from dreampool_gpu.retrieval import request
 from dreampool_gpu.search import SearchIndex, index_nbytes_estimate
 from dreampool_gpu.spectral import SPECTRAL_DIM, spectral_of_checked
@@ -46,6 +47,7 @@ class Admission:
     _lazy_for: PoolConfig | None
     _lazy: bool
     _victims: torch.Tensor  # the slots the latest eviction freed
+    _notices: Notices
 
     if TYPE_CHECKING:  # defined by DreamPool and EncoderLifecycle
 
@@ -60,11 +62,12 @@ class Admission:
         self,
         dreams: Any,
         *,
-        coherence: Any,
+        coherence: Any = None,
         energy: Any = None,
         violation: Any = None,
-        class_labels: Any = None,
+        class_label: Any = None,
         force: bool = False,
+        class_labels: Any = None,
     ) -> torch.Tensor:
         """Add a batch of dreams; those below the coherence threshold are rejected.
 
@@ -82,10 +85,11 @@ class Admission:
             dreams: ``[N, R, C, L, 3]`` float, values in [0, 1], any device.
 
         Keyword Args:
-            coherence: ``[N]`` in [0, 1]. energy: ``[N]`` >= 0 (default 0).
-            violation: ``[N]`` in [0, 1] (default 0).
-            class_labels: ``[N]`` int in 0..9, -1 = none; or None.
+            coherence: ``[N]`` in [0, 1]; required unless ``force`` (then default 1.0).
+            energy: ``[N]`` >= 0 (default 0). violation: ``[N]`` in [0, 1] (default 0).
+            class_label: ``[N]`` int in ``0..num_classes-1``, -1 = none; or None.
             force: bypass the coherence gate.
+            class_labels: the old name of ``class_label`` (a DeprecationWarning).
 
         Returns:
             ``[N]`` int64 ids on the pool's device, of the dreams stored; -1 where
@@ -98,13 +102,19 @@ class Admission:
         """
         with self._lock:
             force = v.check_flag(force, "force")
+            label_name = "class_label" if class_labels is None else "class_labels"  # errors name what the caller wrote
+            class_label = columns.renamed_argument(class_label, class_labels, "class_labels", "class_label")
+            if coherence is None and force:
+                coherence = 1.0
 
             def checked() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
                 batch = v.as_tensor(dreams, "dreams", device=self.device)
                 batch = validate_dreams(batch, dream_shape=self.config.dream_shape)
                 n = batch.shape[0]
                 if coherence is None:
-                    raise InvalidInputError("coherence", "[N] values in [0, 1] (a scalar is broadcast)", None)
+                    raise InvalidInputError(
+                        "coherence", "[N] values in [0, 1] (a scalar is broadcast); optional only with force=True", None
+                    )
                 coh = request.per_query(coherence, n, "coherence", 0.0, 1.0, self.device)
                 # None: the column's fill (0) is written, no tensor made
                 eng = None if energy is None else request.per_query(energy, n, "energy", 0.0, math.inf, self.device)
@@ -114,7 +124,7 @@ class Admission:
                     coh,
                     eng,
                     vio,
-                    request.labels(class_labels, n, "class_labels", self.config.num_classes, self.device),
+                    request.labels(class_label, n, label_name, self.config.num_classes, self.device),
                 )
 
             with checks.bounded() as bounds:  # value checks: one aminmax per checked tensor, read below
@@ -142,6 +152,7 @@ class Admission:
                 with checks.immediate():
                     checked()
             count = int(total)
+            self._notices.gate(n, count, self.config.coherence_threshold)  # from the count just read
             accepted = None  # None while every dream passed: batch order as it is
             if passed is not None and count < n:
                 accepted = torch.argsort(passed.to(torch.uint8), descending=True, stable=True)[:count]

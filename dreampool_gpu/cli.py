@@ -145,7 +145,7 @@ def pool_summary(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[s
         CheckpointNotFoundError: no checkpoint at ``path``.
         CheckpointCorruptError: the checkpoint fails verification, or ``path`` is a file.
     """
-    from dreampool_gpu.dreams import CLASS_NAMES, NUM_HUE_CATEGORIES
+    from dreampool_gpu.dreams import NUM_HUE_CATEGORIES
     from dreampool_gpu.persist import checkpoint_source
     from dreampool_gpu.pool import DreamPool
 
@@ -157,7 +157,7 @@ def pool_summary(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[s
     alive = bank.alive()
     labels = bank.columns["class_label"][alive].long()
     hues = bank.columns["hue_category"][alive].long()
-    class_counts = (labels + 1).bincount(minlength=len(CLASS_NAMES) + 1).tolist()
+    class_counts = (labels + 1).bincount(minlength=pool.config.num_classes + 1).tolist()
     hue_counts = hues.bincount(minlength=NUM_HUE_CATEGORIES).tolist()
     nbytes = bank.nbytes()
     columns = {
@@ -184,11 +184,8 @@ def pool_summary(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[s
         "bank_bytes": stats.bank_bytes,
         "checkpoint_bytes": sum(f.stat().st_size for f in source.iterdir() if f.is_file()),
         "columns": columns,
-        "classes": {
-            "none": class_counts[0],
-            **dict(zip(CLASS_NAMES, class_counts[1:], strict=False)),
-        },
-        "hue_categories": {str(i): c for i, c in enumerate(hue_counts)},
+        "class_label": {str(label): c for label, c in enumerate(class_counts, start=-1)},  # -1: none
+        "hue_category": {str(i): c for i, c in enumerate(hue_counts)},
         "means": {"coherence": stats.mean_coherence, "energy": stats.mean_energy, "violation": stats.mean_violation},
         "counters": dict(stats.counters),
         "config": config.to_dict(),
@@ -218,8 +215,8 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
     for name, col in s["columns"].items():
         shape = "x".join(str(d) for d in col["shape"])
         lines.append(f"  {name:15} {shape:18} {col['dtype']:8} {_size(col['bytes']):>10}")
-    lines.append("classes         " + "  ".join(f"{k} {v}" for k, v in s["classes"].items()))
-    lines.append("hue categories  " + "  ".join(f"{k}:{v}" for k, v in s["hue_categories"].items()))
+    lines.append("class_label     " + "  ".join(f"{k}:{v}" for k, v in s["class_label"].items()) + "  (-1: none)")
+    lines.append("hue_category    " + "  ".join(f"{k}:{v}" for k, v in s["hue_category"].items()))
     return lines
 
 
@@ -417,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--chunk", type=int, default=65536, help="queries per chunk (default 65536)")
     retrieve.add_argument("--key", default=None, help="tensor name in a multi-tensor .safetensors/.pt file")
     retrieve.add_argument("--device", default="auto", help="where to load the pool (default auto: CUDA when present)")
-    retrieve.add_argument("--class-hint", type=int, default=None, help="class label 0..9 (mode class; soft/hybrid)")
+    retrieve.add_argument(
+        "--class-hint", type=int, default=None, help="class label 0..num_classes-1 (mode class; soft/hybrid)"
+    )
     retrieve.add_argument("--classes", type=_classes, default=None, help="class labels for mode balanced, e.g. 0,3,7")
     retrieve.add_argument(
         "--category",

@@ -8,6 +8,8 @@ the allowed range.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -350,12 +352,7 @@ class PoolConfig:
         Raises:
             InvalidConfigurationError: an unknown field, or a value out of range.
         """
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise InvalidConfigurationError(
-                unknown[0], changes[unknown[0]], f"a known field ({', '.join(sorted(known))})"
-            )
+        _refuse_unknown(changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -373,10 +370,7 @@ class PoolConfig:
         """Build from a dict; unknown keys raise InvalidConfigurationError."""
         if not isinstance(data, dict):
             raise InvalidConfigurationError("<config>", type(data).__name__, "a mapping of field: value")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known, key=repr)  # keys may be of any type
-        if unknown:
-            raise InvalidConfigurationError(unknown[0], data[unknown[0]], f"a known field ({', '.join(sorted(known))})")
+        _refuse_unknown(data)
         values = dict(data)
         if "dream_shape" in values and isinstance(values["dream_shape"], list):
             values["dream_shape"] = tuple(values["dream_shape"])
@@ -393,3 +387,32 @@ class PoolConfig:
         except (yaml.YAMLError, RecursionError, ValueError) as exc:  # deep nesting; ints over 4300 digits
             raise InvalidConfigurationError("<file>", str(path), f"valid YAML ({exc})") from exc
         return cls.from_dict(data or {})
+
+
+def _refuse_unknown(values: dict[Any, Any]) -> None:
+    """Raise for the first key of ``values`` that is not a field, with the nearest field name as a hint.
+
+    Raises:
+        InvalidConfigurationError: naming the unknown key, and the field it is probably a typo of.
+    """
+    known = sorted(f.name for f in dataclasses.fields(PoolConfig))
+    unknown = sorted(set(values) - set(known), key=repr)  # keys may be of any type
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise InvalidConfigurationError(name, values[name], f"a known field ({hint}fields: {', '.join(known)})")
+
+
+def _checked_init(init: Any) -> Any:
+    """``PoolConfig.__init__`` refusing unknown keywords with :class:`InvalidConfigurationError`, not TypeError."""
+
+    @functools.wraps(init)
+    def __init__(self: PoolConfig, *args: Any, **kwargs: Any) -> None:
+        _refuse_unknown(kwargs)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+setattr(PoolConfig, "__init__", _checked_init(PoolConfig.__init__))  # noqa: B010 - mypy refuses assigning a method

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -390,13 +391,13 @@ def trusted(columns: dict[str, torch.Tensor], drop: float) -> torch.Tensor:
     """A ``where`` filter: the entries whose last utility is not among the ``drop`` fraction
     lowest of their stored class; ``[capacity]`` bool, on the columns' device.
 
-    ``columns``: the pool's metadata columns (``utility``, ``class``, ``id``), as a
+    ``columns``: the pool's metadata columns (``utility``, ``class_label``, ``ids``), as a
     ``where`` callable receives them. Relative per class, so that every class keeps
     ``1 - drop`` of its entries whatever the learner currently predicts: an absolute
     threshold on the learner's agreement lets a learner that favours one class filter
     the others out of its own replay, and collapse.
     """
-    util, cls, live = columns["utility"], columns["class"], columns["id"] >= 0
+    util, cls, live = columns["utility"], columns["class_label"], columns["ids"] >= 0
     keep = torch.zeros_like(live)
     for c in torch.unique(cls[live]).tolist():
         members = live & (cls == c)
@@ -406,10 +407,10 @@ def trusted(columns: dict[str, torch.Tensor], drop: float) -> torch.Tensor:
 
 
 def _columns(pool: DreamPool) -> dict[str, torch.Tensor]:
-    """The ``utility``, ``class`` and ``id`` columns ``[capacity]`` as a ``where`` callable
+    """The ``utility``, ``class_label`` and ``ids`` columns ``[capacity]`` as a ``where`` callable
     sees them (without its copies)."""
     cols = pool.bank.columns
-    return {"utility": cols["utility"], "class": cols["class_label"].long(), "id": cols["ids"]}
+    return {"utility": cols["utility"], "class_label": cols["class_label"].long(), "ids": cols["ids"]}
 
 
 def _random_replay(
@@ -444,7 +445,9 @@ def _retrieve(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Up to ``k`` stored dreams per fresh dream of ``x`` ``[B, R, C, L, 3]`` (hybrid mode,
     ``hint`` ``[B]`` as class hint, ``where`` filter): ids ``[M]``, dreams, labels ``[M]``."""
-    hits = pool.retrieve(x, k=k, mode="hybrid", class_hint=hint, fetch_k=fetch_k, where=where, with_dreams=True)
+    with warnings.catch_warnings():  # the learned arm retrieves before its first refit, on purpose
+        warnings.filterwarnings("ignore", message="retrieve: the embedding modes rank by the learned encoder")
+        hits = pool.retrieve(x, k=k, mode="hybrid", class_hint=hint, fetch_k=fetch_k, where=where, with_dreams=True)
     ids = hits.ids[hits.mask]
     return ids, hits.dreams[hits.mask].float(), pool.metadata(ids)["class_label"].long()  # type: ignore[index]
 
@@ -482,7 +485,7 @@ def _feed_back(
     t = time.perf_counter()
     if ids.numel():
         pool.feedback(ids, replayed)
-    new = pool.add(x, coherence=1.0, class_labels=labels[:b], force=True)  # every one is kept
+    new = pool.add(x, coherence=1.0, class_label=labels[:b], force=True)  # every one is kept
     pool.feedback(new, entry)
     clock.pool += time.perf_counter() - t
     clock.helpful += int((replayed > 0.5).sum())
@@ -637,6 +640,20 @@ def summarise(results: list[ArmResult]) -> list[ArmSummary]:
     return out
 
 
+LEGEND = (
+    "reached / steps to / seconds to: runs whose validation accuracy reached the target, and when "
+    "(mean ± sd over those runs); final accuracy: at the last step.",
+    "helpful rate: replayed dreams whose measured utility was above 0.5; clean replay: replayed dreams "
+    "whose stored label is the true class; unique / 100 steps: distinct entries replayed per 100 steps.",
+    "util_mean right / wrong label: mean util_mean at the end of entries stored with a right and a wrong label.",
+    "train s: the learner's steps; pool s: pool calls (fit s: encoder fits among them); utility s: extra "
+    "forward passes measuring utility; pool, utility / train: those two over train s.",
+    "wall / step vs none, vs random: the arm's wall time per step over the no-pool and the random-replay "
+    "arm's, minus 1.",
+)
+"""What each column of :func:`table` means (``dreampool demo`` prints it under the table)."""
+
+
 def table(summaries: list[ArmSummary], *, target: float = 0.95) -> list[str]:
     """The comparison as markdown table lines."""
 
@@ -705,7 +722,7 @@ class DemoReport:
             f"{s.label_noise:.0%} label noise, class imbalance {s.imbalance:g}, "
             f"validation {s.validation} clean dreams"
         )
-        return [head, "", *table(self.summaries)]
+        return [head, "", *table(self.summaries), "", *LEGEND]
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready dict."""

@@ -78,6 +78,7 @@ class EncoderLifecycle:
     encoder: Encoder
     counters: dict[str, int]
     _embedded_version: int
+    _encoder_fitted: bool
     _lock: StreamOrderedLock
 
     def fit_encoder(
@@ -174,6 +175,7 @@ class EncoderLifecycle:
                 labelled=int((labels[slots] >= 0).sum()),
             )
             self._install_embeddings(live, embeddings, candidate)  # the last step: nothing raises after it
+            self._encoder_fitted = True
             return report
 
     def reembed(self) -> None:
@@ -281,6 +283,7 @@ class EncoderLifecycle:
         """
         if state is not None:
             self.encoder.load_state_dict(state)
+            self._encoder_fitted = self._encoder_fitted or _moved_from_init(self.encoder, self.config)
         elif isinstance(self.encoder, FeatureEncoder):
             live = self.bank.slots_by_age()
             cols = self.bank.columns
@@ -303,3 +306,11 @@ class EncoderLifecycle:
         )
         slots, embeddings = self._embed_live(candidate)
         self._install_embeddings(slots, embeddings, candidate)
+
+
+def _moved_from_init(encoder: Encoder, config: PoolConfig) -> bool:
+    """Whether a learned encoder's weights differ from those it starts with (it was fitted); True for others."""
+    if not isinstance(encoder, LearnedEncoder):
+        return True
+    initial = LearnedEncoder(config.dream_shape, config.embedding_dim, seed=config.encoder_seed).state_dict()
+    return any(not torch.equal(t.cpu(), initial[name]) for name, t in encoder.state_dict().items())

@@ -176,3 +176,23 @@ class InsufficientMemoryError(DreamPoolError, MemoryError):
             f"{field}={value!r} needs {needed_bytes:,} bytes on {device}, but {available_bytes:,} bytes "
             f"are available: lower {field}"
         )
+
+
+class UnknownColumnError(DreamPoolError, KeyError):
+    """A metadata column asked for by a name the pool does not have.
+
+    Raised by the mapping of :meth:`DreamPool.metadata` and the one a ``where=`` callable
+    receives (:mod:`dreampool_gpu.columns`); a ``KeyError``, so ``except KeyError`` works.
+
+    Attributes:
+        key: the name asked for.
+        valid: the names the mapping has.
+    """
+
+    def __init__(self, key: Any, valid: list[str]) -> None:
+        self.key = key
+        self.valid = valid
+        super().__init__(key)
+
+    def __str__(self) -> str:
+        return f"no metadata column {self.key!r}: the columns are {', '.join(self.valid)}"

@@ -22,6 +22,7 @@ from dreampool_gpu.budget import (
 )
 from dreampool_gpu.cache import QueryCache
 from dreampool_gpu.checkpointing import Checkpointing
+from dreampool_gpu.columns import Columns, as_returned
 from dreampool_gpu.config import CheckPolicy, PoolConfig, RetrievalMode
 from dreampool_gpu.counters import new_counters
 from dreampool_gpu.device_move import DeviceMove
@@ -36,10 +37,11 @@ from dreampool_gpu.errors import (
 from dreampool_gpu.eviction import policy_for
 from dreampool_gpu.feedback import Feedback
 from dreampool_gpu.metrics import PoolMetrics
+from dreampool_gpu.notices import Notices
 from dreampool_gpu.prepared import PreparedRetrieval
 from dreampool_gpu.rerank import HybridWeights, diversity_stats
 from dreampool_gpu.retrieval import request, stages
-from dreampool_gpu.retrieval.modes import MODES
+from dreampool_gpu.retrieval.modes import CHROMA_MODES, MODES
 from dreampool_gpu.retrieval.request import check_request
 from dreampool_gpu.search import make_index
 from dreampool_gpu.stats import PoolStats, pool_stats
@@ -138,6 +140,8 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         self._lazy_for: PoolConfig | None = None
         self._lazy = False
         self.encoder: Encoder = self._make_encoder(encoder)
+        self._encoder_fitted = encoder is not None or self.config.encoder != "learned"  # a given one may be trained
+        self._notices = Notices()
         self._embedded_version = self.encoder.version  # the encoder version the bank's embeddings come from
         self.index = make_index(self.bank, self.config)
         self.cache = QueryCache(self.config.query_cache_size)
@@ -177,13 +181,13 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
     def __repr__(self) -> str:
         with self._lock:
             used = MemoryBudget.usage(self.bank, self.index)
-            budget = (
-                "" if self.budget.budget_bytes is None else f" of {self.budget.budget_bytes / 2**20:.1f} MiB budget"
-            )
+            allocated = sum(self.bank.nbytes().values()) + self.index.nbytes()
+            budget = "" if self.budget.budget_bytes is None else f", budget {self.budget.budget_bytes / 2**20:.1f} MiB"
             return (
                 f"DreamPool(size={self.bank.size}/{self.capacity}, device={self.device}, "
                 f"engine={self.index.kind}, dream_shape={self.config.dream_shape}, "
-                f"embedding_dim={self.config.embedding_dim}, memory={used / 2**20:.2f} MiB{budget})"
+                f"embedding_dim={self.config.embedding_dim}, memory={used / 2**20:.2f} MiB used of "
+                f"{allocated / 2**20:.2f} MiB allocated{budget})"
             )
 
     # ------------------------------------------------------------- retrieve
@@ -216,7 +220,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
                 (more than the pool holds pads the result); default ``retrieval_limit``.
             mode: ``similar`` (``hard``), ``class``, ``balanced``, ``utility``, ``diverse``,
                 ``soft``, ``hybrid``, ``category`` or ``nearest``; default from config.
-            class_hint: int or ``[B]`` int in 0..9 (-1 none): the class for ``class``
+            class_hint: int or ``[B]`` int in ``0..num_classes-1`` (-1 none): the class for ``class``
                 (required) and the class match of ``soft``/``hybrid``.
             classes: class labels for ``balanced``.
             category: int or ``[B]`` hue category 0..11: the category of ``category`` mode
@@ -230,7 +234,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             with_dreams: also gather the dreams of the results.
             where: a filter applied before the k-NN and any re-ranking, in every mode:
                 a ``[capacity]`` bool mask over slots, or a callable that receives the
-                metadata columns (see :func:`~dreampool_gpu.retrieval.request.where_columns`) as
+                metadata columns (see :func:`~dreampool_gpu.columns.where_columns`) as
                 ``[capacity]`` tensors on the pool's device and returns one. Only entries
                 where it is True qualify.
             chroma_metric: how the chroma modes (``similar``, ``class``, ``balanced``,
@@ -274,6 +278,8 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         with checks.deferred(sync_free) as deferred:
             req = check_request(self, queries, **options)
             self.bank.settle()  # every mode reads derived columns: waiting entries get them now, in one batch
+            if req.mode not in CHROMA_MODES:
+                self._notices.unfitted(self.encoder, self._encoder_fitted)
             scores, slots = MODES[req.mode].run(self, req)
             if deferred is not None and deferred.flags:  # a failed check empties the results
                 ok = self._fault.record("retrieve", deferred)
@@ -356,12 +362,16 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         with self._lock:
             return self._gather(("dreams",), *self._lookup(ids))["dreams"]
 
-    def metadata(self, ids: Any, *, columns: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def metadata(self, ids: Any, *, columns: Sequence[str] | None = None) -> Columns:
         """Columns of ``ids`` (any shape), each ``[*ids.shape, ...]``, plus ``found`` (bool).
 
         ``columns`` names the bank columns to gather (default: every column except dreams);
         only those are gathered (and only a derived column, e.g. ``embeddings``, needs the
         entries' features: see ``PoolConfig.features``). Absent ids get each column's fill value.
+        A dict under the columns' names (:mod:`~dreampool_gpu.columns`): ``ids``,
+        ``class_label`` (-1 none), ``hue_category``, ``usage`` and ``feedback_count`` int64
+        (``metadata(ids)["class_label"]`` is a ``cross_entropy`` target as it comes); an
+        unknown name raises :class:`~dreampool_gpu.errors.UnknownColumnError` listing them.
 
         Raises:
             InvalidInputError: ids never issued, or ``columns`` names no bank column.
@@ -369,7 +379,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         with self._lock:
             names = self._metadata_columns(columns)
             safe, found, every = self._lookup(ids)
-            out = self._gather(names, safe, found, every)
+            out = Columns({name: as_returned(t) for name, t in self._gather(names, safe, found, every).items()})
             out["found"] = found
             return out
 
@@ -398,22 +408,29 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             out[name] = column.index_select(0, flat).reshape((*safe.shape, *column.shape[1:]))
         return out
 
-    def sample(self, n: int, *, where: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Ids of ``min(n, m)`` draws, uniform with replacement, from the ``m`` live entries passing ``where``.
+    def sample(
+        self, n: int, *, where: Any = None, replace: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Ids of ``n`` draws, uniform, from the ``m`` live entries passing ``where``.
 
         The replay draw of a training loop: ``where`` is a ``[capacity]`` bool mask or a
-        callable of the metadata columns, as in :meth:`retrieve`; ``generator`` (a CPU
-        ``torch.Generator``) makes the draw reproducible. Entries are indexed in age
-        order, so a seeded draw is the same on every run. Reads ``m`` on the host once.
+        callable of the metadata columns, as in :meth:`retrieve`. ``replace=True`` (the
+        default) draws with replacement and returns exactly ``n`` ids whenever ``m >= 1``
+        (a fixed replay batch from the first entry on); ``replace=False`` returns
+        ``min(n, m)`` distinct ids. ``generator`` (a CPU ``torch.Generator``) makes the
+        draw reproducible: entries are indexed in age order, so a seeded draw is the same
+        on every run. Reads ``m`` on the host once.
 
         Returns:
-            ``[min(n, m)]`` int64 ids on the pool's device (empty when none qualify).
+            ``[n]`` (``replace=True``) or ``[min(n, m)]`` (``replace=False``) int64 ids on
+            the pool's device; ``[0]`` when no entry qualifies.
 
         Raises:
-            InvalidInputError: ``n`` not an int >= 0, a bad ``where`` or ``generator``.
+            InvalidInputError: ``n`` not an int >= 0, ``replace`` not a bool, a bad ``where`` or ``generator``.
         """
         with self._lock:
             n = v.check_count(n, "n")
+            replace = v.check_flag(replace, "replace")
             if generator is not None and not isinstance(generator, torch.Generator):
                 raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
             keep = request.where_mask(where, self.bank, self.device)
@@ -423,7 +440,11 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
                 live, slots = live[passing], slots[passing]
             if live.numel() == 0:
                 return live
-            pick = torch.randint(live.numel(), (min(n, live.numel()),), generator=generator).to(live.device)
+            if replace:
+                pick = torch.randint(live.numel(), (n,), generator=generator)
+            else:
+                pick = torch.randperm(live.numel(), generator=generator)[:n]
+            pick = pick.to(live.device)
             ids = live[pick]
             # their slots too: dreams(ids) and metadata(ids) of this batch need no lookup (see _lookup)
             found = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)

@@ -40,7 +40,7 @@ def saved_pool(tmp_path_factory):
     pool.add(
         _dreams(30, 0),
         coherence=torch.rand(30, generator=torch.Generator().manual_seed(1)),
-        class_labels=torch.arange(30) % 10,
+        class_label=torch.arange(30) % 10,
     )
     path = tmp_path_factory.mktemp("pool") / "ck"
     pool.save(path)

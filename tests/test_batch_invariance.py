@@ -34,7 +34,7 @@ def _pool(metric: str, engine: str, checks: str) -> DreamPool:
     base = torch.rand(60, 1, 1, 1, 3, generator=g)
     dreams = (base + 0.1 * (torch.rand(60, *SHAPE, 3, generator=g) - 0.5)).clamp(0, 1)
     dreams = torch.cat([dreams, dreams[:12]])  # exact duplicates: ties the oldest must win
-    ids = pool.add(dreams, coherence=torch.ones(72), class_labels=torch.arange(72) % 5, force=True)
+    ids = pool.add(dreams, coherence=torch.ones(72), class_label=torch.arange(72) % 5, force=True)
     pool.feedback(ids[::2], torch.rand(36, generator=g))
     return pool
 

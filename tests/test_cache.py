@@ -163,7 +163,7 @@ class TestAnswersDoNotDependOnHistory:
         out = []
         for _ in range(2):
             pool = DreamPool(cfg)
-            pool.add(dreams, coherence=torch.ones(200), class_labels=torch.arange(200) % 10)
+            pool.add(dreams, coherence=torch.ones(200), class_label=torch.arange(200) % 10)
             out.append(pool)
         return out[0], out[1]
 

@@ -40,7 +40,7 @@ def saved(tmp_path_factory):
         coherence=scores.coherence,
         energy=scores.energy,
         violation=scores.violation,
-        class_labels=labels,
+        class_label=labels,
     )
     pool.save(root / "pool")
     chroma = torch.rand(N_QUERIES, 3, generator=generator)
@@ -190,9 +190,10 @@ class TestInspect:
         }
         assert s["columns"]["embeddings"]["shape"] == [300, 64]
         assert s["bank_bytes"] == sum(c["bytes"] for c in s["columns"].values())
-        assert sum(s["classes"].values()) == 250 and s["classes"]["none"] == 0
-        assert list(s["hue_categories"]) == [str(i) for i in range(12)]
-        assert sum(s["hue_categories"].values()) == 250
+        assert list(s["class_label"]) == [str(i) for i in range(-1, 10)]  # -1 (none), then 0..num_classes-1
+        assert sum(s["class_label"].values()) == 250 and s["class_label"]["-1"] == 0
+        assert list(s["hue_category"]) == [str(i) for i in range(12)]
+        assert sum(s["hue_category"].values()) == 250
         assert s["engine"] == "auto" and s["index"]["kind"] == "auto"
         assert s["checkpoint_bytes"] > 0
         assert (saved / "pool" / "manifest.json").read_bytes() == before  # read-only
@@ -201,7 +202,7 @@ class TestInspect:
         code, out, _ = _run(capsys, "inspect", saved / "pool")
         assert code == 0
         assert "250 / 300" in out
-        assert "hue categories" in out and "red" in out
+        assert "hue_category    0:" in out and "class_label     -1:0  0:" in out and "red" not in out
         assert "dreams          300x4x4x2x3" in out
 
     def test_missing_path(self, capsys, saved):

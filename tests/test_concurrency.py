@@ -94,7 +94,7 @@ class Workload:
                 n = rng.randint(1, 8)
                 dreams = torch.rand(n, *SHAPE, 3, generator=g)
                 ids = pool.add(
-                    dreams, coherence=torch.rand(n, generator=g), class_labels=torch.randint(-1, 10, (n,), generator=g)
+                    dreams, coherence=torch.rand(n, generator=g), class_label=torch.randint(-1, 10, (n,), generator=g)
                 )
                 with self.lock:
                     self.issued += [i for i in ids.tolist() if i >= 0]

@@ -47,8 +47,8 @@ def test_trusted_drops_the_least_agreed_per_class_and_never_a_whole_class():
     utility = torch.tensor([0.9, 0.8, 0.95, 0.1, 0.02, 0.01, 0.03, 0.001, 0.5, 0.5])
     columns = {
         "utility": utility,
-        "class": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 0, 1]),
-        "id": torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, -1]),  # the last two slots are free
+        "class_label": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 0, 1]),
+        "ids": torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, -1]),  # the last two slots are free
     }
     keep = trusted(columns, 0.25)
     assert keep.tolist() == [True, True, True, False, True, True, True, False, False, False]
@@ -98,7 +98,7 @@ def test_filtering_arms_replay_only_trusted_entries_and_rescore_the_rest(arm, mo
 
     def recording(columns, drop):
         keep = original(columns, drop)
-        masks.append((set(columns["id"][keep].tolist()), set(columns["id"][columns["id"] >= 0].tolist())))
+        masks.append((set(columns["ids"][keep].tolist()), set(columns["ids"][columns["ids"] >= 0].tolist())))
         return keep
 
     replayed: list[set[int]] = []

@@ -131,10 +131,10 @@ def _checks(rank: int, world: int, tmp: Path) -> None:
     single = DreamPool(_config(PER_SHARD * world))
     for source in range(world):
         d = _data(source)
-        ref = single.add(d["dreams"], coherence=d["coherence"], class_labels=d["labels"])
+        ref = single.add(d["dreams"], coherence=d["coherence"], class_label=d["labels"])
         assert bool((ref >= 0).all())
         if source == rank:
-            ids = pool.add(d["dreams"], coherence=d["coherence"], class_labels=d["labels"])
+            ids = pool.add(d["dreams"], coherence=d["coherence"], class_label=d["labels"])
             assert torch.equal(ids, (rank << TAG_BITS) + torch.arange(len(ids)))
             assert torch.equal(owner_of(ids, world), torch.full_like(ids, rank))
     counts = [4, 0] if world == 2 else [3, 5, 2]

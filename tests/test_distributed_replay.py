@@ -62,9 +62,9 @@ def _checks(rank: int, world: int) -> None:
     single = DreamPool(_config(PER_SHARD * world))
     for source in range(world):
         d = _data(source)
-        single.add(d["dreams"], coherence=d["coherence"], class_labels=d["labels"])
+        single.add(d["dreams"], coherence=d["coherence"], class_label=d["labels"])
         if source == rank:
-            pool.add(d["dreams"], coherence=d["coherence"], class_labels=d["labels"])
+            pool.add(d["dreams"], coherence=d["coherence"], class_label=d["labels"])
     assert len(pool) == len(single) and bool(pool)
     counts = [4, 0] if world == 2 else [3, 5, 2]
     _check_retrieve(pool, single, counts, world)
@@ -174,9 +174,9 @@ def _check_fit(rank: int, world: int, counts: list[int]) -> None:
     pool, single = ShardedDreamPool(config), DreamPool(config.replace(capacity=PER_SHARD * world))
     for source in range(world):
         d = _data(source)
-        single.add(d["dreams"], coherence=d["coherence"], class_labels=d["labels"])
+        single.add(d["dreams"], coherence=d["coherence"], class_label=d["labels"])
         if source == rank:
-            pool.add(d["dreams"], coherence=d["coherence"], class_labels=d["labels"])
+            pool.add(d["dreams"], coherence=d["coherence"], class_label=d["labels"])
     before = torch.cat([p.detach().reshape(-1) for p in pool.shard.encoder.parameters()])
     with pytest.raises(InvalidInputError, match="steps"):  # one rank's bad argument: every rank raises
         pool.fit_encoder(steps=0 if rank == 0 else 3, batch_size=16)

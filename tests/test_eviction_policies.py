@@ -42,7 +42,7 @@ def _stream(pool: DreamPool, sizes: list[int], labels: torch.Tensor | None = Non
     out, start = [], 0
     for b, m in enumerate(sizes):
         batch_labels = None if labels is None else labels[start : start + m]
-        out.append(pool.add(_dreams(m, 1000 + b), coherence=1.0, class_labels=batch_labels))
+        out.append(pool.add(_dreams(m, 1000 + b), coherence=1.0, class_label=batch_labels))
         start += m
     return out
 
@@ -171,9 +171,9 @@ def test_class_balanced_counts_equal_within_one(seed):
 def test_class_balanced_ties_evict_the_lowest_label():
     pool = _pool("class_balanced", capacity=4)
     _stream(pool, [4], torch.tensor([2, 1, 2, 1]))  # full: classes 1 and 2 tie with 2 entries each
-    pool.add(_dreams(1, 5), coherence=1.0, class_labels=torch.tensor([-1]))
+    pool.add(_dreams(1, 5), coherence=1.0, class_label=torch.tensor([-1]))
     assert _group_sizes(pool) == {-1: 1, 1: 1, 2: 2}
-    pool.add(_dreams(1, 6), coherence=1.0, class_labels=torch.tensor([3]))  # class 2 is now the largest
+    pool.add(_dreams(1, 6), coherence=1.0, class_label=torch.tensor([3]))  # class 2 is now the largest
     assert _group_sizes(pool) == {-1: 1, 1: 1, 2: 1, 3: 1}
 
 
@@ -199,7 +199,7 @@ def test_save_and_load_continue_the_same_choices(policy, tmp_path):
     fresh.load_state_dict(state)
     assert loaded.eviction.seen == fresh.eviction.seen == pool.eviction.seen == 30
     for b in range(5):
-        batch = dict(dreams=_dreams(6, 50 + b), coherence=1.0, class_labels=labels[30 + 6 * b : 36 + 6 * b])
+        batch = dict(dreams=_dreams(6, 50 + b), coherence=1.0, class_label=labels[30 + 6 * b : 36 + 6 * b])
         ids = pool.add(**batch)
         torch.testing.assert_close(loaded.add(**batch), ids, rtol=0, atol=0)
         torch.testing.assert_close(fresh.add(**batch), ids, rtol=0, atol=0)
@@ -269,7 +269,7 @@ def test_budget_is_respected(policy, engine):
     g = torch.Generator().manual_seed(0)
     for b in range(12):
         n = 40 if b % 3 else 400
-        pool.add(_dreams(n, b), coherence=1.0, class_labels=torch.randint(-1, 10, (n,), generator=g))
+        pool.add(_dreams(n, b), coherence=1.0, class_label=torch.randint(-1, 10, (n,), generator=g))
         memory = pool.stats()["memory"]
         assert memory["within_budget"] and memory["usage_bytes"] <= memory["limit_bytes"]
         assert len(pool) <= pool.capacity
@@ -283,7 +283,7 @@ def test_add_reads_the_host_once(policy):
     twin = _pool(policy, capacity=32, checks="immediate")
     g = torch.Generator().manual_seed(0)
     for b in range(4):
-        batch = dict(dreams=_dreams(24, b), coherence=1.0, class_labels=torch.randint(-1, 10, (24,), generator=g))
+        batch = dict(dreams=_dreams(24, b), coherence=1.0, class_label=torch.randint(-1, 10, (24,), generator=g))
         with pytest.raises(HostSyncError, match="tolist"), forbid_host_sync():
             pool.add(**batch)  # a refused add changes nothing
         with forbid_host_sync(allowed=1):
@@ -304,7 +304,7 @@ def test_add_syncs_once_on_cuda(policy):
     twin = _pool(policy, capacity=32)
     g = torch.Generator().manual_seed(0)
     batches = [
-        dict(dreams=_dreams(24, b), coherence=1.0, class_labels=torch.randint(-1, 10, (24,), generator=g))
+        dict(dreams=_dreams(24, b), coherence=1.0, class_label=torch.randint(-1, 10, (24,), generator=g))
         for b in range(4)
     ]
     for batch in batches[:2]:  # warm-up: pinned memory, cached age order; evictions from the second on

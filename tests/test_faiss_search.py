@@ -409,7 +409,7 @@ class TestAuto:
         pool = DreamPool(cfg)
         g = torch.Generator().manual_seed(0)  # noise, not class colours: no near-duplicate embeddings
         dreams, labels = torch.rand(1500, 4, 4, 1, 3, generator=g), torch.randint(0, 10, (1500,), generator=g)
-        pool.add(dreams, coherence=torch.ones(1500), class_labels=labels)
+        pool.add(dreams, coherence=torch.ones(1500), class_label=labels)
         hits = pool.retrieve(dreams[:3], k=4, mode="nearest", class_hint=labels[:3])  # encoded as the entries were
         stats = pool.stats()
         assert stats["engine"] == "auto" and stats["search"]["last_engine"] == "faiss-ivf"

@@ -71,7 +71,7 @@ def template():
     pool.add(
         torch.rand(16, *SHAPE, 3, generator=g),
         coherence=torch.rand(16, generator=g),
-        class_labels=torch.randint(-1, 10, (16,), generator=g),
+        class_label=torch.randint(-1, 10, (16,), generator=g),
     )
     hits = pool.retrieve(torch.rand(3, 3, generator=g), k=4, mode="hybrid")
     pool.feedback(hits.ids, torch.rand(3, 4, generator=g))
@@ -274,7 +274,7 @@ class TestFuzzAdd:
         ids, error = attempt(
             pool,
             lambda: pool.add(
-                dreams, coherence=coherence, energy=energy, violation=violation, class_labels=labels, force=force
+                dreams, coherence=coherence, energy=energy, violation=violation, class_label=labels, force=force
             ),
         )
         assert error is None or not clean, error

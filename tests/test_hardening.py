@@ -40,7 +40,7 @@ def make_pool(n=40, *, seed=0, **overrides):
     cfg = {"dream_shape": SHAPE, "capacity": 64, "device": "cpu", "coherence_threshold": 0.0, **overrides}
     pool = DreamPool(PoolConfig(**cfg))
     labels = torch.randint(-1, 10, (n,), generator=torch.Generator().manual_seed(seed + 1))
-    pool.add(dreams(n, seed=seed, shape=cfg["dream_shape"]), coherence=torch.ones(n), class_labels=labels)
+    pool.add(dreams(n, seed=seed, shape=cfg["dream_shape"]), coherence=torch.ones(n), class_label=labels)
     return pool
 
 
@@ -263,12 +263,17 @@ class TestDocumentedInputs:
 
 
 # ------------------------------------------------------------------ item 8
-@pytest.mark.parametrize("force", [True, False])
-def test_coherence_none_is_refused(force):
+def test_coherence_none_is_refused_without_force():
     pool = make_pool(n=2)
-    with pytest.raises(InvalidInputError, match="coherence"):
-        pool.add(dreams(2), coherence=None, force=force)
+    with pytest.raises(InvalidInputError, match="coherence.*force=True"):
+        pool.add(dreams(2), coherence=None)
     assert len(pool) == 2 and pool.counters["rejected"] == 0
+
+
+def test_coherence_defaults_to_one_with_force():
+    pool = make_pool(n=2)
+    ids = pool.add(dreams(2), force=True)
+    assert len(pool) == 4 and pool.metadata(ids)["coherence"].tolist() == [1.0, 1.0]
 
 
 # ------------------------------------------------------------------ item 9
@@ -665,9 +670,9 @@ class TestWhere:
             dream_shape=SHAPE, capacity=n, device="cpu", coherence_threshold=0.0, engine=engine, features="eager"
         )  # eager: the encoder's statistics are fitted by add, before they are copied
         full, part = DreamPool(cfg), DreamPool(cfg)
-        full.add(batch, coherence=coherence, class_labels=labels)
+        full.add(batch, coherence=coherence, class_label=labels)
         kept = coherence >= 0.5
-        part.add(batch[kept], coherence=coherence[kept], class_labels=labels[kept])
+        part.add(batch[kept], coherence=coherence[kept], class_label=labels[kept])
         part.encoder.load_state_dict(full.encoder.state_dict())  # the same feature statistics
         part.reembed()
         return full, part
@@ -687,18 +692,19 @@ class TestWhere:
     def test_columns_offered_to_the_callable(self):
         full, _ = self._pools(n=10)
         seen = {}
-        full.retrieve(dreams(1), k=2, where=lambda m: seen.update(m) or m["age"] >= 0)
+        full.retrieve(dreams(1), k=2, where=lambda m: seen.update(m) or m["inserted_at"] >= 0)
         assert set(seen) == {
             "coherence",
             "energy",
             "violation",
             "utility",
             "util_mean",
+            "feedback_count",
             "usage",
-            "class",
-            "hue",
-            "age",
-            "id",
+            "class_label",
+            "hue_category",
+            "inserted_at",
+            "ids",
         }
         assert all(t.shape == (10,) and t.device == full.device for t in seen.values())
 

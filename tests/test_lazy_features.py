@@ -50,7 +50,7 @@ def pool_of(features, *, capacity=64, refit=True, **overrides):
 def feed(pool, parts):
     ids = []
     for dreams, labels, coherence in parts:
-        ids.append(pool.add(dreams, coherence=coherence, class_labels=labels))
+        ids.append(pool.add(dreams, coherence=coherence, class_label=labels))
     return torch.cat(ids)
 
 
@@ -153,7 +153,7 @@ class TestPayOnlyForWhatIsUsed:
         monkeypatch.setattr(pool.encoder, "encode_entries", counting_encode)
         g = torch.Generator().manual_seed(0)
         for dreams, labels, coherence in batches([8] * 12):  # 96 adds into 40 slots: evictions, refits due
-            pool.add(dreams, coherence=coherence, class_labels=labels)
+            pool.add(dreams, coherence=coherence, class_label=labels)
             ids = pool.sample(6, generator=g)
             pool.dreams(ids)
             pool.metadata(ids, columns=("class_label", "utility"))

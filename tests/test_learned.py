@@ -223,6 +223,7 @@ class TestAllOrNothing:
         import signal
 
         pool = learned_pool()
+        pool.bank.settle()  # lazy features: their index.add comes now, not inside the fit
         calls: list[int] = []
         real_add, fired = pool.index.add, []
 

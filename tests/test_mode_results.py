@@ -45,7 +45,7 @@ def _pool(metric: str, engine: str) -> tuple[DreamPool, torch.Tensor]:
     dreams = _dreams(40, g)
     dreams = torch.cat([dreams, dreams[:8]])  # duplicates: equal scores, oldest must win
     labels = torch.randint(-1, 10, (48,), generator=g)
-    ids = pool.add(dreams, coherence=torch.rand(48, generator=g), class_labels=labels)
+    ids = pool.add(dreams, coherence=torch.rand(48, generator=g), class_label=labels)
     pool.feedback(ids[::3], torch.rand(ids[::3].shape[0], generator=g))
     return pool, _dreams(6, g)
 

@@ -77,7 +77,7 @@ def pool():
         pool.add(
             torch.rand(BATCH, *SHAPE, 3, generator=g),
             coherence=torch.ones(BATCH),
-            class_labels=torch.randint(0, 10, (BATCH,), generator=g),
+            class_label=torch.randint(0, 10, (BATCH,), generator=g),
         )
     pool.feedback(pool.sample(16, generator=g), torch.rand(16, generator=g))
     pool.bank.settle()
@@ -91,7 +91,7 @@ def test_call_counts(pool):
     ids = pool.sample(BATCH, generator=g)
     copies = iter([ids.clone() for _ in range(4)])  # other tensors of the same ids: looked up anew
     calls = {
-        "add": lambda: pool.add(dreams, coherence=ones, class_labels=labels),
+        "add": lambda: pool.add(dreams, coherence=ones, class_label=labels),
         "sample": lambda: pool.sample(BATCH, generator=g),
         "dreams": lambda: pool.dreams(next(copies)),
         "metadata": lambda: pool.metadata(next(copies), columns=("class_label",)),

@@ -58,7 +58,7 @@ def churned_pool(config=None, *, rounds=6, seed=0):
             dreams,
             coherence=torch.rand(n, generator=g),
             energy=torch.rand(n, generator=g),
-            class_labels=torch.randint(-1, 10, (n,), generator=g),
+            class_label=torch.randint(-1, 10, (n,), generator=g),
         )
         hits = pool.retrieve(torch.rand(3, 3, generator=g), k=4, mode="hybrid")
         pool.feedback(hits.ids, torch.rand(3, 4, generator=g))
@@ -792,7 +792,7 @@ def relabel_as_format_1(ck):
 def learned_saved(tmp_path):
     g = torch.Generator().manual_seed(4)
     pool = DreamPool(make_config(encoder="learned", coherence_threshold=0.0, capacity=64))
-    pool.add(torch.rand(40, *SHAPE, 3, generator=g), coherence=torch.ones(40), class_labels=torch.arange(40) % 10)
+    pool.add(torch.rand(40, *SHAPE, 3, generator=g), coherence=torch.ones(40), class_label=torch.arange(40) % 10)
     pool.fit_encoder(steps=3, batch_size=16)
     pool.save(tmp_path / "ck")
     return pool, tmp_path / "ck"

@@ -19,7 +19,7 @@ def _pool(device: str = "cpu", **overrides) -> DreamPool:
     pool.add(
         torch.rand(n, *SHAPE, 3, generator=g).to(pool.device),
         coherence=torch.ones(n, device=pool.device),
-        class_labels=torch.randint(0, 10, (n,), generator=g).to(pool.device),
+        class_label=torch.randint(0, 10, (n,), generator=g).to(pool.device),
     )
     return pool
 

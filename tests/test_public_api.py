@@ -39,7 +39,10 @@ ALL = [
 SIGNATURES = {
     "DreamPool": {
         "__init__": "config=None, *encoder=None",
-        "add": "dreams, *coherence, *energy=None, *violation=None, *class_labels=None, *force=False",
+        "add": (
+            "dreams, *coherence=None, *energy=None, *violation=None, *class_label=None, *force=False, "
+            "*class_labels=None"
+        ),
         "check": "",
         "diversity": "ids",
         "dreams": "ids",
@@ -56,7 +59,7 @@ SIGNATURES = {
             "*utility_threshold=0.0, *utility_prior=None, *fetch_k=None, *mmr_lambda=None, "
             "*min_dispersion=0.0, *with_dreams=False, *where=None, *chroma_metric='cosine'"
         ),
-        "sample": "n, *where=None, *generator=None",
+        "sample": "n, *where=None, *replace=True, *generator=None",
         "save": "path",
         "state_dict": "",
         "stats": "",
@@ -64,7 +67,10 @@ SIGNATURES = {
     },
     "ShardedDreamPool": {
         "__init__": "config=None, *group=None, *encoder=None, *timeout=None",
-        "add": ("dreams, *coherence, *energy=None, *violation=None, *class_labels=None, *force=False, *route='local'"),
+        "add": (
+            "dreams, *coherence=None, *energy=None, *violation=None, *class_label=None, *force=False, "
+            "*route='local', *class_labels=None"
+        ),
         "diversity": "ids",
         "dreams": "ids",
         "feedback": "ids, utility",
@@ -78,7 +84,7 @@ SIGNATURES = {
             "*utility_threshold=0.0, *utility_prior=None, *fetch_k=None, *mmr_lambda=None, "
             "*min_dispersion=0.0, *with_dreams=False, *where=None, *chroma_metric='cosine'"
         ),
-        "sample": "n, *where=None, *generator=None",
+        "sample": "n, *where=None, *replace=True, *generator=None",
         "save": "path",
         "state_dict": "",
         "stats": "",

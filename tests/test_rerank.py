@@ -554,7 +554,7 @@ def filled_pool(rerank_chunk_mb, n=120):
     g = torch.Generator().manual_seed(0)
     base = torch.rand(n, 1, 1, 1, 3, generator=g)
     dreams = (base + 0.05 * (torch.rand(n, *SHAPE, 3, generator=g) - 0.5)).clamp(0, 1)
-    ids = pool.add(dreams, coherence=torch.ones(n), class_labels=torch.randint(-1, 10, (n,), generator=g))
+    ids = pool.add(dreams, coherence=torch.ones(n), class_label=torch.randint(-1, 10, (n,), generator=g))
     pool.feedback(ids[::4], torch.rand(len(ids[::4]), generator=g))
     return pool
 

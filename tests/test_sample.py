@@ -1,4 +1,4 @@
-"""pool.sample: the replay draw of a training loop (uniform, with replacement, under a filter)."""
+"""pool.sample: the replay draw of a training loop (uniform, with or without replacement, under a filter)."""
 
 from __future__ import annotations
 
@@ -16,24 +16,33 @@ def pool_of(n: int) -> tuple[DreamPool, torch.Tensor]:
     ids = pool.add(
         torch.rand(n, *SHAPE, 3, generator=torch.Generator().manual_seed(0)),
         coherence=torch.ones(n),
-        class_labels=torch.arange(n) % 3,
+        class_label=torch.arange(n) % 3,
     )
     return pool, ids
 
 
 def test_draws_come_from_the_filtered_live_entries():
     pool, ids = pool_of(20)
-    draw = pool.sample(500, where=lambda m: m["class"] == 1, generator=torch.Generator().manual_seed(3))
-    assert draw.shape == (7,)  # min(n, m): 7 entries of class 1 qualify
-    assert set(draw.tolist()) <= set(ids[1::3].tolist())
+    draw = pool.sample(500, where=lambda m: m["class_label"] == 1, generator=torch.Generator().manual_seed(3))
+    assert draw.shape == (500,)  # with replacement: exactly n, from the 7 entries of class 1
+    assert set(draw.tolist()) == set(ids[1::3].tolist())  # 500 draws of 7 miss none (p ~ 7 * (6/7)^500)
 
 
-def test_count_is_min_of_n_and_qualifying_and_draws_repeat():
-    pool, ids = pool_of(20)
+def test_with_replacement_returns_exactly_n_and_draws_repeat():
+    pool, ids = pool_of(3)
     draw = pool.sample(15, generator=torch.Generator().manual_seed(1))
-    assert draw.shape == (15,) and set(draw.tolist()) <= set(ids.tolist())
+    assert draw.shape == (15,) and set(draw.tolist()) <= set(ids.tolist())  # more than the 3 stored
+    pool, ids = pool_of(20)
     many = pool.sample(20, generator=torch.Generator().manual_seed(1))
-    assert len(set(many.tolist())) < 20  # with replacement: 20 uniform draws of 20 repeat (p ~ 1 - 2e-8)
+    assert many.shape == (20,) and len(set(many.tolist())) < 20  # 20 uniform draws of 20 repeat (p ~ 1 - 2e-8)
+
+
+def test_without_replacement_returns_min_n_m_distinct_ids():
+    pool, ids = pool_of(20)
+    few = pool.sample(8, replace=False, generator=torch.Generator().manual_seed(2))
+    assert few.shape == (8,) and len(set(few.tolist())) == 8 and set(few.tolist()) <= set(ids.tolist())
+    every = pool.sample(500, where=lambda m: m["class_label"] == 1, replace=False)
+    assert sorted(every.tolist()) == sorted(ids[1::3].tolist())  # all 7, once each
 
 
 def test_seeded_draws_repeat_and_follow_age_order():
@@ -48,7 +57,8 @@ def test_empty_pool_or_filter_gives_no_draws():
     pool, _ = pool_of(0)
     assert pool.sample(4).shape == (0,)
     pool, _ = pool_of(5)
-    assert pool.sample(4, where=torch.zeros(32, dtype=torch.bool)).shape == (0,)
+    for replace in (True, False):
+        assert pool.sample(4, where=torch.zeros(32, dtype=torch.bool), replace=replace).shape == (0,)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +67,7 @@ def test_empty_pool_or_filter_gives_no_draws():
         ({"n": -1}, InvalidInputError),
         ({"n": 2.0}, InvalidInputError),
         ({"n": 2, "generator": 3}, InvalidInputError),
+        ({"n": 2, "replace": 1}, InvalidInputError),
         ({"n": 2, "where": torch.ones(5, dtype=torch.bool)}, DimensionMismatchError),
     ],
 )

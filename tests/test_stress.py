@@ -72,7 +72,7 @@ class TestStress:
             added = pool.add(
                 dreams,
                 coherence=torch.rand(BATCH, generator=g),
-                class_labels=torch.randint(-1, 10, (BATCH,), generator=g),
+                class_label=torch.randint(-1, 10, (BATCH,), generator=g),
             )
             offered += BATCH
             new = added[added >= 0]

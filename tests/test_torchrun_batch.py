@@ -52,7 +52,7 @@ def job(tmp_path_factory):
     pool.add(
         _dreams(30, 0),
         coherence=torch.rand(30, generator=torch.Generator().manual_seed(1)),
-        class_labels=torch.arange(30) % 10,
+        class_label=torch.arange(30) % 10,
     )
     pool.save(where / "pool")
     np.save(where / "q.npy", _dreams(23, 2).numpy())

@@ -43,7 +43,7 @@ def build_pool(path: Path, entries: int) -> None:
             coherence=scores.coherence,
             energy=scores.energy,
             violation=scores.violation,
-            class_labels=labels,
+            class_label=labels,
         )
     pool.save(path)
     print(f"saved a pool of {len(pool)} entries to {path}")

@@ -32,7 +32,7 @@ def main() -> None:
         for _ in range(args.steps):
             dreams, labels = synthetic_dreams(16, (8, 8, 2), generator=generator)
             scores = score_dreams(dreams)
-            pool.add(dreams, coherence=scores.coherence, class_labels=labels)
+            pool.add(dreams, coherence=scores.coherence, class_label=labels)
             pool.retrieve(dreams, k=4, mode="hybrid")
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:

@@ -31,7 +31,7 @@ def main() -> None:
     pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=512, device=args.device, engine="torch", checks="deferred"))
     stream = make_dataset("colours", args.steps * BATCH + 64, shape=SHAPE, seed=0)
     dreams, labels = stream.dreams.to(device), stream.labels.to(device)
-    pool.add(dreams[:64], coherence=1.0, class_labels=labels[:64])  # something to retrieve from
+    pool.add(dreams[:64], coherence=1.0, class_label=labels[:64])  # something to retrieve from
 
     step_batch = dreams[64 : 64 + BATCH]
     replay = pool.prepare_retrieve(step_batch, k=K, mode="hybrid", with_dreams=True)  # shapes fixed from here on
@@ -43,7 +43,7 @@ def main() -> None:
             hits = replay(batch)
             training_batch = torch.cat([batch, hits.dreams.flatten(0, 1).to(batch.dtype)])  # fresh + replay
         del training_batch  # (a learner would train on it here)
-        pool.add(batch, coherence=1.0, class_labels=batch_labels)  # one host read: the gate's count
+        pool.add(batch, coherence=1.0, class_label=batch_labels)  # one host read: the gate's count
         if step % 10 == 9:
             pool.check()  # raises here if a deferred check failed since the last call
     print(f"sync-free steps: {args.steps}, pool size {len(pool)}, last ids {tuple(hits.ids.shape)}")

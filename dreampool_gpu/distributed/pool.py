@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from dreampool_gpu import _validation as v
 from dreampool_gpu import persist
+from dreampool_gpu.columns import Columns, renamed_argument
 from dreampool_gpu.config import PoolConfig, RetrievalMode
 from dreampool_gpu.distributed import checkpoint, fit, retrieve, routing
 from dreampool_gpu.distributed.checkpoint import _rank_config
@@ -135,12 +136,13 @@ class ShardedDreamPool:
         self,
         dreams: Any,
         *,
-        coherence: Any,
+        coherence: Any = None,
         energy: Any = None,
         violation: Any = None,
-        class_labels: Any = None,
+        class_label: Any = None,
         force: bool = False,
         route: str = "local",
+        class_labels: Any = None,
     ) -> torch.Tensor:
         """Add a batch of dreams; returns ``[N]`` global ids (-1 where rejected or dropped).
 
@@ -153,11 +155,14 @@ class ShardedDreamPool:
         and refused on every rank (``InvalidInputError``), as is a ``route`` or ``force`` that
         differs between ranks.
         """
+        class_label = renamed_argument(class_label, class_labels, "class_labels", "class_label")
+        if coherence is None and force is True:
+            coherence = 1.0
         if isinstance(route, str) and route == "local":
             return self.shard.add(
-                dreams, coherence=coherence, energy=energy, violation=violation, class_labels=class_labels, force=force
+                dreams, coherence=coherence, energy=energy, violation=violation, class_label=class_label, force=force
             )
-        return self._add_routed(dreams, coherence, energy, violation, class_labels, force, route)
+        return self._add_routed(dreams, coherence, energy, violation, class_label, force, route)
 
     def _add_routed(
         self, dreams: Any, coherence: Any, energy: Any, violation: Any, class_labels: Any, force: Any, route: Any
@@ -172,12 +177,14 @@ class ShardedDreamPool:
                 v.as_tensor(dreams, "dreams", device=shard.device), dream_shape=shard.config.dream_shape
             )
             n = batch.shape[0]
+            if coherence is None:
+                raise InvalidInputError("coherence", "[N] values in [0, 1]; optional only with force=True", None)
             return {
                 "dreams": batch.float(),
                 "coherence": shard._per_dream(coherence, n, "coherence", 0.0, 1.0),
                 "energy": shard._per_dream(energy, n, "energy", 0.0, float("inf")),
                 "violation": shard._per_dream(violation, n, "violation", 0.0, 1.0),
-                "class_labels": shard._labels(class_labels, n, "class_labels"),
+                "class_labels": shard._labels(class_labels, n, "class_label"),
             }
 
         cols, error = local(parse)
@@ -214,7 +221,7 @@ class ShardedDreamPool:
                     coherence=union["coherence"],
                     energy=union["energy"],
                     violation=union["violation"],
-                    class_labels=union["class_labels"],
+                    class_label=union["class_labels"],
                     force=bool(force),
                 )
             )
@@ -345,8 +352,11 @@ class ShardedDreamPool:
         """Dreams of global ``ids`` (any shape) as ``[..., R, C, L, 3]``; zeros where absent (collective)."""
         return routing.dreams(self, ids)
 
-    def metadata(self, ids: Any) -> dict[str, torch.Tensor]:
-        """Every column except dreams for global ``ids`` (any shape), plus ``found`` (collective)."""
+    def metadata(self, ids: Any) -> Columns:
+        """Every column except dreams for global ``ids`` (any shape), plus ``found`` (collective).
+
+        Named and typed as :meth:`DreamPool.metadata` (labels, ids and counts int64).
+        """
         return routing.metadata(self, ids)
 
     def diversity(self, ids: Any) -> dict[str, torch.Tensor]:
@@ -360,9 +370,11 @@ class ShardedDreamPool:
         """
         return routing.diversity(self, ids)
 
-    def sample(self, n: int, *, where: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Ids of ``min(n, m)`` draws, uniform with replacement, from the ``m`` live entries of the
-        whole pool passing ``where`` (collective; each rank passes its own ``n``, 0 included).
+    def sample(
+        self, n: int, *, where: Any = None, replace: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Ids of ``n`` uniform draws from the ``m`` live entries of the whole pool passing ``where``
+        (collective; each rank passes its own ``n``, 0 included, and ``replace``).
 
         As :meth:`DreamPool.sample`, over the union of the shards indexed in global id
         order: with the same ``generator`` state, the draw is the one a single pool
@@ -372,12 +384,14 @@ class ShardedDreamPool:
         one all_gather of the draws and one all_reduce of their ids.
 
         Returns:
-            ``[min(n, m)]`` int64 global ids on this shard's device.
+            ``[n]`` (``replace=True``: with replacement) or ``[min(n, m)]`` (``replace=False``:
+            distinct) int64 global ids on this shard's device; ``[0]`` when ``m = 0``.
 
         Raises:
-            InvalidInputError: (on every rank) ``n`` not an int >= 0, a bad ``where`` or ``generator`` on some rank.
+            InvalidInputError: (on every rank) ``n`` not an int >= 0, ``replace`` not a bool, a bad
+                ``where`` or ``generator`` on some rank.
         """
-        return routing.sample(self, n, where=where, generator=generator)
+        return routing.sample(self, n, where=where, replace=replace, generator=generator)
 
     def __len__(self) -> int:
         """Live entries of the whole pool: a collective (one all_reduce), so every rank calls ``len`` alike.

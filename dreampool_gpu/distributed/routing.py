@@ -11,6 +11,7 @@ import torch
 
 from dreampool_gpu import _validation as v
 from dreampool_gpu import errors
+from dreampool_gpu.columns import Columns, as_returned
 from dreampool_gpu.distributed.collectives import _pack, _pad_rows, _unpack, local
 from dreampool_gpu.distributed.ids import TAG_BITS, owner_of
 from dreampool_gpu.errors import InvalidInputError
@@ -150,13 +151,13 @@ def dreams(sp: ShardedDreamPool, ids: Any) -> torch.Tensor:
     return out.reshape(*shape, *out.shape[1:])
 
 
-def metadata(sp: ShardedDreamPool, ids: Any) -> dict[str, torch.Tensor]:
+def metadata(sp: ShardedDreamPool, ids: Any) -> Columns:
     """:meth:`ShardedDreamPool.metadata` on ``sp``."""
     flat, counts, _ = route_ids(sp, ids)
     shape = v.as_tensor(ids, "ids").shape
     names = [n for n in sp.shard.bank.columns if n != "dreams"]
     out = lookup(sp, flat, counts, names)
-    return {n: t.reshape(*shape, *t.shape[1:]) for n, t in out.items()}
+    return Columns({n: as_returned(t.reshape(*shape, *t.shape[1:])) for n, t in out.items()})
 
 
 def diversity(sp: ShardedDreamPool, ids: Any) -> dict[str, torch.Tensor]:
@@ -176,13 +177,14 @@ def diversity(sp: ShardedDreamPool, ids: Any) -> dict[str, torch.Tensor]:
 
 
 def sample(
-    sp: ShardedDreamPool, n: int, *, where: Any = None, generator: torch.Generator | None = None
+    sp: ShardedDreamPool, n: int, *, where: Any = None, replace: bool = True, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """:meth:`ShardedDreamPool.sample` on ``sp``."""
     shard = sp.shard
 
     def parse() -> tuple[int, torch.Tensor]:
         count = v.check_count(n, "n")
+        v.check_flag(replace, "replace")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
         with shard._lock:
@@ -193,17 +195,26 @@ def sample(
             return count, shard.bank.columns["ids"][slots].sort().values.cpu()
 
     parsed, error = local(parse)
-    table = sp._net.agree([0 if parsed is None else parsed[0]], error)
+    table = sp._net.agree([0 if parsed is None else parsed[0], int(replace is True)], error)
     ids = cast("tuple[int, torch.Tensor]", parsed)[1]  # parsed: agree raised on every rank otherwise
     tags, per_tag = (ids >> TAG_BITS).unique_consecutive(return_counts=True)  # ids sorted: tags too
     pairs = list(zip(tags.tolist(), per_tag.tolist(), strict=True))
     listing = sorted(pair for part in sp._net.all_gather_objects(pairs) for pair in part)  # tags are unique
     total = sum(c for _, c in listing)
-    draws = [min(int(c), total) for c in table[:, 0].tolist()]
+    draws = [
+        (int(c) if total else 0) if with_replacement else min(int(c), total)
+        for c, with_replacement in table[:, :2].tolist()
+    ]
     if max(draws) == 0:
         return torch.empty(0, dtype=torch.int64, device=shard.device)
     # a draw is a position in the union (tag-major = global id order), sent as (tag, index within tag)
-    pos = torch.randint(total, (draws[sp.rank],), generator=generator) if draws[sp.rank] else ids[:0]
+    mine_n = draws[sp.rank]
+    if not mine_n:
+        pos = ids[:0]
+    elif replace:
+        pos = torch.randint(total, (mine_n,), generator=generator)
+    else:
+        pos = torch.randperm(total, generator=generator)[:mine_n]
     all_tags = torch.tensor([t for t, _ in listing], dtype=torch.int64)
     sizes = torch.tensor([c for _, c in listing], dtype=torch.int64)
     ends = sizes.cumsum(0)

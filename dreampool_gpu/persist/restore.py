@@ -80,7 +80,13 @@ def _check_encoder(pool: DreamPool, snap: PoolSnapshot) -> None:
             )
         return
     problem = None
-    if mine != snap.encoder_kind:
+    if mine != snap.encoder_kind and snap.encoder_kind in ("module", "custom") and mine in ("features", "learned"):
+        problem = (  # the caller gave no encoder=: name what to pass, not the config's default kind
+            "none (no encoder= given)",
+            f"the user {snap.encoder_kind!r} encoder the state was saved with: pass encoder= a fresh "
+            "module of the saved architecture (DreamPool.load(path, encoder=...)); its weights are loaded into it",
+        )
+    elif mine != snap.encoder_kind:
         problem = (
             mine,
             f"a {snap.encoder_kind!r} encoder, as the state was saved with (pass encoder= a module "

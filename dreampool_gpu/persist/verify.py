@@ -16,6 +16,7 @@ import math
 import os
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,13 @@ def _read_once(target: Path, notes: list[str]) -> PoolSnapshot:
         return _read_directory(target, notes)
     candidates = sorted(_siblings(target, "old"), key=_mtime, reverse=True)
     if os.path.lexists(target):
-        raise CheckpointCorruptError(target, "a file, not a checkpoint directory (DreamPool.save writes a directory)")
+        kind = "a torch.save file" if target.is_file() and zipfile.is_zipfile(target) else "a file"  # never open a FIFO
+        raise CheckpointCorruptError(
+            target,
+            f"{kind}, not a checkpoint directory (DreamPool.save writes a directory); a pool.state_dict() "
+            "saved with torch.save loads with pool = DreamPool(config); "
+            "pool.load_state_dict(torch.load(path, weights_only=True))",
+        )
     if not candidates:
         raise CheckpointNotFoundError(target)
     errors: list[CheckpointCorruptError] = []

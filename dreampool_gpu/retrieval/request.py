@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import operator
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import checks
+from dreampool_gpu import checks, columns
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric, PoolConfig, RetrievalMode
 from dreampool_gpu.dreams import SINGLE_DREAM_HINT, chroma_signature, hue_category, validate_dreams
@@ -224,26 +223,6 @@ def category_filter(category: Any, q: Queries, mode: RetrievalMode, device: torc
     return t
 
 
-def where_columns(bank: TensorBank) -> dict[str, torch.Tensor]:
-    """What a ``where`` callable receives: ``[capacity]`` copies on the bank's device.
-
-    ``coherence``, ``energy``, ``violation``, ``utility`` (NaN before any feedback),
-    ``util_mean`` float32; ``usage`` int32; ``class`` and ``hue`` int64 (class -1 =
-    none); ``age`` float32 seconds since the entry was added; ``id`` int64 (-1 on
-    free slots, which never qualify whatever the mask says).
-    """
-    cols = bank.columns
-    out = {
-        name: cols[name].clone()
-        for name in ("coherence", "energy", "violation", "utility", "util_mean", "usage", "ids")
-    }
-    out["id"] = out.pop("ids")
-    out["class"] = cols["class_label"].long()
-    out["hue"] = cols["hue_category"].long()
-    out["age"] = (time.time() - cols["inserted_at"]).float()
-    return out
-
-
 def where_mask(where: Any, bank: TensorBank, device: torch.device) -> torch.Tensor | None:
     """``where`` as a ``[capacity]`` bool mask on ``device`` (None: no filter)."""
     if where is None:
@@ -251,7 +230,7 @@ def where_mask(where: Any, bank: TensorBank, device: torch.device) -> torch.Tens
     expected = f"a [{bank.capacity}] bool mask, or a callable of the metadata columns returning one"
     if callable(where) and not isinstance(where, (torch.Tensor, np.ndarray)):
         try:
-            where = where(where_columns(bank))
+            where = where(columns.where_columns(bank))
         except Exception as exc:  # the caller's function: its failure is a bad argument
             raise InvalidInputError("where", expected, f"a callable that raised {type(exc).__name__}: {exc}") from exc
     t = v.as_tensor(where, "where", device=device)
