@@ -20,7 +20,7 @@ from typing import TypedDict
 
 import torch
 
-from dreampool_gpu.errors import CapacityExceededError
+from dreampool_gpu.errors import CapacityExceededError, InvalidInputError
 from dreampool_gpu.spectral import SPECTRAL_DIM
 
 DERIVED = frozenset({"chroma", "spectral", "hue_category", "embeddings"})
@@ -328,6 +328,19 @@ class TensorBank:
         self._by_slot = self._by_slot.to(device)
         self._taken_key = self._taken_key.to(device)
         self.revision += 1
+
+    def check_issued(self, ids: torch.Tensor) -> None:
+        """Refuse ``ids`` this bank never issued (below -1 or at/after ``next_id``), listing the first few.
+
+        Raises:
+            InvalidInputError: naming how many unknown ids and the first five.
+        """
+        if ids.numel() and bool(((ids < -1) | (ids >= self.next_id)).any()):
+            bad = ids[(ids < -1) | (ids >= self.next_id)].unique()
+            shown = ", ".join(str(i) for i in bad[:5].tolist()) + (", ..." if bad.numel() > 5 else "")
+            raise InvalidInputError(
+                "ids", f"ids issued by this pool (-1..{self.next_id - 1})", f"{bad.numel()} unknown: {shown}"
+            )
 
     def check_ids_left(self, incoming: int) -> None:
         """Refuse to issue ``incoming`` more ids when they would pass the int64 maximum.

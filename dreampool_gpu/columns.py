@@ -102,8 +102,9 @@ def where_columns(bank: TensorBank) -> Columns:
     return Columns({name: as_returned(bank.columns[name], copy=True) for name in WHERE_COLUMNS})
 
 
-def renamed_argument(value: Any, old_value: Any, old: str, new: str) -> Any:
-    """``value``, or ``old_value`` (passed under the old keyword ``old``, with a DeprecationWarning).
+def renamed_argument(value: Any, old_value: Any, old: str, new: str, *, depth: int = 1) -> Any:
+    """``value``, or ``old_value`` (passed under the old keyword ``old``, with a DeprecationWarning
+    pointing ``depth`` frames above the function that calls this one: its caller by default).
 
     Raises:
         InvalidInputError: both keywords were given.
@@ -113,6 +114,8 @@ def renamed_argument(value: Any, old_value: Any, old: str, new: str) -> Any:
     if value is not None:
         raise InvalidInputError(old, f"{new}= alone ({old}= is its old name)", "both")
     warnings.warn(
-        f"{old}= is now called {new}=; {old}= stops working in the next release", DeprecationWarning, stacklevel=3
+        f"{old}= is now called {new}=; {old}= stops working in the next release",
+        DeprecationWarning,
+        stacklevel=2 + depth,
     )
     return old_value

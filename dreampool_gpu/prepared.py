@@ -73,18 +73,18 @@ class PreparedRetrieval:
         self._captured: tuple[Any, Retrieval] | None = None  # (CUDA graph, its output)
         self._state: tuple[int, int, int] | None = None
         # a trial run: bad options raise now, named (preparing is not the hot path: it reads the host)
-        pending = pool._fault.code.clone()
-        pool._fault.clear()
+        pending = pool.parts.fault.code.clone()
+        pool.parts.fault.clear()
         try:
             with _usage_undone(pool):
                 self._run()
-            failed = int(pool._fault.code)
+            failed = int(pool.parts.fault.code)
             if failed:
                 with checks.immediate():
-                    check_request(pool, self.static, **self.options)
-                raise pool._fault.error(failed)
+                    check_request(pool.parts, self.static, **self.options)
+                raise pool.parts.fault.error(failed)
         finally:
-            pool._fault.code.copy_(pending)  # an earlier call's fault stays as it was
+            pool.parts.fault.code.copy_(pending)  # an earlier call's fault stays as it was
 
     def __call__(self, queries: Any) -> Retrieval:
         """Retrieve for ``queries`` (the prepared shape and dtype, on the pool's device)."""

@@ -132,7 +132,7 @@ def test_reservoir_refills_evicted_room_only_by_draws():
     for seed in range(100):
         pool = _pool(seed=seed)
         _stream(pool, [10] * 4)  # 40 seen, 8 kept
-        pool._make_room(4)  # the budget's path: 4 random residents leave
+        pool.parts.admitter.make_room(4)  # the budget's path: 4 random residents leave
         assert len(pool) == 4
         admitted += int(pool.add(_dreams(1, 77), coherence=1.0)[0] >= 0)
         assert len(pool) <= 5

@@ -754,7 +754,7 @@ class TestCapacity:
         pool.save(tmp_path / "ck")
         fitted = pool.capacity
         # a budget that would fit more slots now: the loaded pool still has the saved pool's slots
-        monkeypatch.setattr("dreampool_gpu.pool.fit_capacity", lambda config, **kw: config.capacity)
+        monkeypatch.setattr("dreampool_gpu.parts.fit_capacity", lambda config, **kw: config.capacity)
         loaded = DreamPool.load(tmp_path / "ck")
         assert loaded.capacity == fitted and loaded.config.capacity == 10_000
 

@@ -38,7 +38,7 @@ ALL = [
 
 SIGNATURES = {
     "DreamPool": {
-        "__init__": "config=None, *encoder=None",
+        "__init__": "config=None, *encoder=None, *eviction=None",
         "add": (
             "dreams, *coherence=None, *energy=None, *violation=None, *class_label=None, *force=False, "
             "*class_labels=None"

@@ -13,7 +13,6 @@ Modules: :mod:`.collectives` (bounded-wait collectives, the agreement on errors)
 
 from __future__ import annotations
 
-from dreampool_gpu.distributed.checkpoint import _open_rank as _open_rank  # tests read a rank's shard
 from dreampool_gpu.distributed.checkpoint import load_merged
 from dreampool_gpu.distributed.collectives import DEFAULT_TIMEOUT_S
 from dreampool_gpu.distributed.ids import TAG_BITS, owner_of

@@ -48,7 +48,7 @@ def refit(shard: DreamPool, net: Collectives, fitted_on: int | None) -> None:
     """The collective part of :meth:`refit_statistics` (arguments already agreed)."""
     if not isinstance(shard.encoder, FeatureEncoder):
         return
-    with shard._lock:
+    with shard.parts.lock:
         live = shard.bank.slots_by_age()
         cols = shard.bank.columns
         c = shard.encoder.content(cols["chroma"][live], cols["spectral"][live]).double()
@@ -67,10 +67,10 @@ def refit(shard: DreamPool, net: Collectives, fitted_on: int | None) -> None:
         if fitted_on is not None
         else int(net.all_reduce(torch.tensor([shard.counters["added"]], dtype=torch.float64, device=net.device))[0])
     )
-    with shard._lock:
+    with shard.parts.lock:
         candidate = copy.deepcopy(shard.encoder)
         candidate.set_statistics(mean, var, fitted_on=added)
-        shard._install_embeddings(*shard._embed_live(candidate), candidate)
+        shard.parts.encoders.install(*shard.parts.encoders.embed_live(candidate), candidate)
 
 
 def fit_encoder(
@@ -89,8 +89,8 @@ def fit_encoder(
 
     def check() -> list[int]:
         _check_fit(shard, steps, batch_size, lr, seed, colour_jitter)
-        with shard._lock:
-            shard._check_fresh()
+        with shard.parts.lock:
+            shard.parts.encoders.check_fresh()
             live = shard.bank.slots_by_age()
             labelled = int((shard.bank.columns["class_label"][live] >= 0).sum())
         values = (int(steps), int(batch_size), float(lr), int(seed), float(colour_jitter))
@@ -107,7 +107,7 @@ def fit_encoder(
         short = torch.nonzero(table[:, 0] < 2).squeeze(1).tolist()
         raise InvalidInputError("pool", "at least 2 entries on every shard to fit on", f"fewer on rank(s) {short}")
     start = time.perf_counter()
-    with shard._lock:
+    with shard.parts.lock:
         candidate = cast("LearnedEncoder | ModuleEncoder", copy.deepcopy(shard.encoder))  # checked trainable
         tensors = [*candidate.parameters(), *candidate.buffers()]
         with torch.no_grad():
@@ -133,11 +133,11 @@ def fit_encoder(
             progress=bool(progress) and net.rank == 0,
             reduce_step=lambda encoder, loss: _average_step(net, encoder, loss),
         )
-        embedded, error = local(lambda: shard._embed_live(candidate))
+        embedded, error = local(lambda: shard.parts.encoders.embed_live(candidate))
     net.agree([], error)
     live, vectors = cast("tuple[torch.Tensor, torch.Tensor]", embedded)  # embedded: agree raised otherwise
-    with shard._lock:
-        shard._install_embeddings(live, vectors, candidate)
+    with shard.parts.lock:
+        shard.parts.encoders.install(live, vectors, candidate)
     return FitReport(
         losses=losses,
         steps=int(steps),

@@ -27,7 +27,6 @@ from dreampool_gpu import persist
 from dreampool_gpu.columns import Columns, renamed_argument
 from dreampool_gpu.config import PoolConfig, RetrievalMode
 from dreampool_gpu.distributed import checkpoint, fit, retrieve, routing
-from dreampool_gpu.distributed.checkpoint import _rank_config
 from dreampool_gpu.distributed.collectives import (
     Collectives,
     _fingerprint,
@@ -39,12 +38,15 @@ from dreampool_gpu.distributed.collectives import (
 )
 from dreampool_gpu.distributed.ids import TAG_BITS
 from dreampool_gpu.distributed.manifest import _PER_SHARD_FIELDS
+from dreampool_gpu.distributed.shards import rank_config
 from dreampool_gpu.distributed.stats import ShardedPoolStats, _sharded_stats
 from dreampool_gpu.dreams import validate_dreams
 from dreampool_gpu.encoders import FeatureEncoder
 from dreampool_gpu.errors import InvalidConfigurationError, InvalidInputError
 from dreampool_gpu.fitting import FitReport
 from dreampool_gpu.pool import DreamPool, Retrieval
+from dreampool_gpu.retrieval import request
+from dreampool_gpu.retrieval.context import retrieve_options
 
 _ROUTES = ("least_full",)  # routes of a collective add ("local" is not one)
 
@@ -83,7 +85,7 @@ class ShardedDreamPool:
             if config is not None and not isinstance(config, PoolConfig):
                 raise InvalidConfigurationError("config", type(config).__name__, "a PoolConfig (or None)")
             extra = {} if encoder is None else {"encoder": encoder}
-            shard = DreamPool(_rank_config(config if config is not None else PoolConfig()), **extra)
+            shard = DreamPool(rank_config(config if config is not None else PoolConfig()), **extra)
             shard.bank.next_id = self.rank << TAG_BITS
             return shard
 
@@ -181,10 +183,10 @@ class ShardedDreamPool:
                 raise InvalidInputError("coherence", "[N] values in [0, 1]; optional only with force=True", None)
             return {
                 "dreams": batch.float(),
-                "coherence": shard._per_dream(coherence, n, "coherence", 0.0, 1.0),
-                "energy": shard._per_dream(energy, n, "energy", 0.0, float("inf")),
-                "violation": shard._per_dream(violation, n, "violation", 0.0, 1.0),
-                "class_labels": shard._labels(class_labels, n, "class_label"),
+                "coherence": request.per_query(coherence, n, "coherence", 0.0, 1.0, shard.device),
+                "energy": request.per_query(energy, n, "energy", 0.0, float("inf"), shard.device),
+                "violation": request.per_query(violation, n, "violation", 0.0, 1.0, shard.device),
+                "class_labels": request.labels(class_labels, n, "class_label", shard.config.num_classes, shard.device),
             }
 
         cols, error = local(parse)
@@ -266,20 +268,7 @@ class ShardedDreamPool:
         the argument, on every rank. The result equals that of one :class:`DreamPool`
         holding every shard's entries in global id order.
         """
-        options = dict(
-            k=k,
-            mode=mode,
-            class_hint=class_hint,
-            classes=classes,
-            category=category,
-            utility_threshold=utility_threshold,
-            utility_prior=utility_prior,
-            fetch_k=fetch_k,
-            mmr_lambda=mmr_lambda,
-            min_dispersion=min_dispersion,
-            where=where,
-            chroma_metric=chroma_metric,
-        )
+        options = retrieve_options(locals())
         return retrieve.retrieve(self, queries, options, with_dreams)
 
     def refit_statistics(self, *, fitted_on: int | None = None) -> None:

@@ -144,7 +144,7 @@ def retrieve(sp: ShardedDreamPool, queries: Any, options: dict[str, Any], with_d
         scores, ids = _diverse(sp, req, sizes)
     else:
         scores, ids = _sharded_topk(sp, req, counts)
-    with shard._lock:
+    with shard.parts.lock:
         shard.counters["queries"] += req.r.q.count
     flat = ids.reshape(-1)
     _count_usage(sp, flat, [c * ids.shape[1] for c in counts])
@@ -163,9 +163,9 @@ def _parse(sp: ShardedDreamPool, queries: Any, options: dict[str, Any], with_dre
     """
     shard = sp.shard
     where = _shard_where(options["where"])
-    with shard._lock:
-        r = request.check_request(shard, queries, **options, total_capacity=sp.total_capacity)
-        embedded = shard._query_embeddings(r.q, r.hint, r.prior) if r.mode in EMBEDDING_MODES else None
+    with shard.parts.lock:
+        r = request.check_request(shard.parts, queries, **options, total_capacity=sp.total_capacity)
+        embedded = shard.parts.encoders.query_embeddings(r.q, r.hint, r.prior) if r.mode in EMBEDDING_MODES else None
         alive = shard.bank.alive()
         passing = int((alive if r.keep is None else alive & r.keep).sum())
     return _Request(r, embedded, v.check_flag(with_dreams, "with_dreams"), passing, _where_print(where))
@@ -186,7 +186,7 @@ def _sharded_topk(sp: ShardedDreamPool, req: _Request, counts: list[int]) -> tup
     everyone = _unpack(torch.cat([table[rank, :c] for rank, c in enumerate(counts)]), layout)
     everyone = {name: t.to(shard.device) for name, t in everyone.items()}
     width = max(r.fetch, r.k) if r.mode in RERANK_MODES else r.k
-    with shard._lock:
+    with shard.parts.lock:
         cand = _candidates(sp, req, everyone, width)
     blocks = cand["scores"].shape[1]
     packed, cand_layout = _pack(cand, cand["scores"].shape[0])
@@ -238,7 +238,7 @@ def _candidates(
             prior=torch.zeros(count, device=shard.device),
             categories=None,
         )
-        scores, slots = MODES[r.mode].run(shard, everyone)
+        scores, slots = MODES[r.mode].run(shard.parts, everyone)
     return {
         "scores": scores.float().reshape(count, blocks, r.k),
         "ids": bank.gather("ids", slots).reshape(count, blocks, r.k),
@@ -292,7 +292,7 @@ def _diverse(sp: ShardedDreamPool, req: _Request, sizes: list[int]) -> tuple[tor
     :func:`stages.diverse_over` at the query's owner."""
     shard, r = sp.shard, req.r
     nmax = max(sizes)
-    with shard._lock:
+    with shard.parts.lock:
         by_age = shard.bank.slots_by_age()
         if r.keep is not None:
             by_age = by_age[r.keep[by_age]]
@@ -322,7 +322,7 @@ def _count_usage(sp: ShardedDreamPool, ids: torch.Tensor, counts: list[int]) -> 
     """Add 1 to the usage of every returned entry, on its owner (one all_gather of the result ids)."""
     table = sp._net.all_gather(_pad_rows(ids, max(counts)))
     flat = torch.cat([table[r, :c] for r, c in enumerate(counts)]).to(sp.shard.device)
-    with sp.shard._lock:
+    with sp.shard.parts.lock:
         slots = sp.shard.bank.slots_of(routing.owned(sp, flat))
         usage = sp.shard.bank.columns["usage"]
         usage.index_add_(0, slots.clamp(min=0), (slots >= 0).to(usage.dtype))

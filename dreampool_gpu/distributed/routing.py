@@ -82,7 +82,7 @@ def route_ids(
     gathered = torch.cat([everyone[r, :c] for r, c in enumerate(counts)]).to(sp.shard.device)
     mine = owned(sp, gathered)
     unknown = torch.zeros(sp.world_size, dtype=torch.int64)
-    with sp.shard._lock:
+    with sp.shard.parts.lock:
         unknown[sp.rank] = int(((mine >= 0) & ~issued(sp, mine)).any())
     unknown = sp._net.all_reduce(unknown).cpu()
     if bool(unknown.any()):
@@ -97,7 +97,7 @@ def lookup(sp: ShardedDreamPool, ids: torch.Tensor, counts: list[int], names: Se
     """Columns ``names`` (plus ``found``) of valid ``ids`` ``[n]``, each fetched from its owner."""
     nmax = max(counts)
     table = sp._net.all_gather(_pad_rows(ids, nmax)).to(sp.shard.device)  # [W, nmax]
-    with sp.shard._lock:
+    with sp.shard.parts.lock:
         slots = sp.shard.bank.slots_of(owned(sp, table))
         cols = {name: sp.shard.bank.gather(name, slots) for name in names}
         cols["found"] = slots >= 0
@@ -134,7 +134,7 @@ def feedback(sp: ShardedDreamPool, ids: Any, utility: Any) -> int:
     values = sp._net.all_gather(_pad_rows(parsed[1], max(counts)))
     everyone_u = torch.cat([values[r, :c] for r, c in enumerate(counts)]).to(shard.device)
     mine = owned(sp, everyone_ids)
-    with shard._lock:
+    with shard.parts.lock:
         found = (shard.bank.slots_of(mine) >= 0).to(torch.int64)
     per_source = torch.stack([part.sum() for part in found.split(counts)])
     recorded = sp._net.all_reduce(per_source).cpu()
@@ -187,7 +187,7 @@ def sample(
         v.check_flag(replace, "replace")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
-        with shard._lock:
+        with shard.parts.lock:
             keep = request.where_mask(_shard_where(where), shard.bank, shard.device)
             slots = shard.bank.slots_by_age()
             if keep is not None:
