@@ -424,9 +424,10 @@ class DreamPool:
             InvalidInputError: ids never issued, or ``columns`` names no bank column.
         """
         with self._lock:
-            names = self._parts.ids.columns(columns)
-            safe, found, every = self._parts.ids.find(ids)
-            out = Columns({name: as_returned(t) for name, t in self._parts.ids.gather(names, safe, found, every).items()})
+            lookup = self._parts.ids
+            names = lookup.columns(columns)
+            safe, found, every = lookup.find(ids)
+            out = Columns({name: as_returned(t) for name, t in lookup.gather(names, safe, found, every).items()})
             out["found"] = found
             return out
 

@@ -155,7 +155,7 @@ class RecordingSearch(ExactSearch):
 @pytest.fixture
 def recording_index(monkeypatch):
     monkeypatch.setattr(
-        "dreampool_gpu.pool.make_index", lambda bank, config: RecordingSearch(bank, config.metric, chunk_bytes=2**20)
+        "dreampool_gpu.parts.make_index", lambda bank, config: RecordingSearch(bank, config.metric, chunk_bytes=2**20)
     )
 
 

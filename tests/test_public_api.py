@@ -11,6 +11,7 @@ import enum
 import inspect
 
 import pytest
+import torch
 
 import dreampool_gpu
 from dreampool_gpu import DreamPool, PoolConfig, PoolStats, ShardedDreamPool
@@ -159,3 +160,16 @@ def test_pool_capacity_is_the_resolved_capacity():
     pool = DreamPool(PoolConfig(dream_shape=(2, 2, 1), capacity=None, memory_budget_mb=1, device="cpu"))
     assert isinstance(pool.capacity, int) and pool.capacity > 0
     assert pool.capacity == pool.bank.capacity == pool.stats()["capacity"]
+
+
+def test_pool_is_one_class_built_from_its_parts():
+    """No mixins: DreamPool's attributes are its parts', and a device move rebuilds the parts around the same bank."""
+    assert DreamPool.__bases__ == (object,)
+    pool = DreamPool(PoolConfig(dream_shape=(2, 2, 1), capacity=8, device="cpu", engine="torch"))
+    parts = pool.parts
+    assert pool.bank is parts.bank and pool.index is parts.index and pool.encoder is parts.encoders.encoder
+    assert pool.eviction is parts.admitter.eviction and pool.cache is parts.encoders.cache
+    assert parts.encoders.parts is parts and parts.admitter.parts is parts
+    pool.device = torch.device("cpu", 0)  # the move path on CPU: the pool believes it is elsewhere
+    assert pool.to("cpu") is pool and pool.parts is not parts and pool.bank is parts.bank
+    assert pool.parts.lock is parts.lock and pool.eviction is parts.eviction
