@@ -96,7 +96,7 @@ class PreparedRetrieval:
                 f"{list(t.shape)} {t.dtype} on {t.device}",
                 "queries of a prepared retrieve",
             )
-        with pool._lock:
+        with pool.parts.lock:
             pool.counters["queries"] += self.shape[0]
             if self.graphed:
                 self.static.copy_(t)
