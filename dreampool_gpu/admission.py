@@ -4,7 +4,8 @@
 attributes it declares). ``add`` reads the host once: one transfer carries an earlier call's
 deferred fault, this call's value checks and the gate's count (docs/api.md, "Checks and host
 synchronisation"); everything after it is sized by that count and runs without host reads
-for the ``fifo``, ``least_used`` and ``lowest_utility`` policies.
+for the ``fifo``, ``least_used``, ``lowest_utility``, ``reservoir`` and ``class_balanced``
+policies (the last reads the batch's labels and its group counts in that same transfer).
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ class Admission:
                 passed = torch.ones_like(passed)
             # the call's one host read: an earlier call's fault, this call's checks, the gate's count
             own = (deferred or checks.DeferredChecks()).first_failure(self.device)
-            fault, failed, count = torch.stack([self._fault.code, own, passed.sum()]).tolist()
+            head = torch.stack([self._fault.code, own, passed.sum()])
+            extra = self.eviction.reads(self.bank, labels, passed)  # what the policy decides by, same transfer
+            fault, failed, count, *read = (head if extra is None else torch.cat([head, extra])).tolist()
             self._fault.raise_code(fault)
             if failed:  # read them again on the host, to name the bad argument and its values
                 with checks.immediate():
@@ -143,7 +146,7 @@ class Admission:
                 budget_room = self.budget.room(self.bank, self.index)
                 room = self.bank.capacity if budget_room is None else min(self.bank.capacity, budget_room)
             self.counters["rejected"] += n - count
-            accepted = accepted[self.eviction.admit(self.bank, coh[accepted], room, self._eviction_need)]
+            accepted = accepted[self.eviction.admit(self.bank, coh[accepted], room, self._eviction_need, read)]
             self.counters["dropped"] += count - int(accepted.numel())
             out = torch.full((n,), -1, dtype=torch.int64, device=self.device)
             m = int(accepted.numel())
@@ -196,12 +199,13 @@ class Admission:
         """
         count = self._eviction_need(incoming)
         evicted = 0
-        while count > 0:
-            victims = self.eviction.order(self.bank)[:count]
+        victims = self.eviction.victims(self.bank, count)  # a sampling policy's plan may name more
+        while victims.numel():
             self.index.remove(victims)
             self.bank.remove(victims)
             evicted += int(victims.numel())
             count = self.budget.eviction_count(self.bank, self.index, incoming) if settle else 0
+            victims = self.eviction.victims(self.bank, count)
         self.counters["evicted"] += evicted
         return evicted
 

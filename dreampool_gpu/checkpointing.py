@@ -3,7 +3,8 @@
 :class:`Checkpointing` is mixed into the pool. A pool's state is composed from its parts,
 each giving and taking its own (:func:`snapshot`, :func:`restore`): the bank
 (``TensorBank.state_dict``), the search index (``SearchIndex.state_dict``), the query
-cache (``QueryCache.state_dict``), the encoder (``state_dict``) and the counters. The
+cache (``QueryCache.state_dict``), the encoder (``state_dict``), the eviction policy's generator
+and counts (``Eviction.state_dict``) and the counters. The
 on-disk format, checksums and crash safety are :mod:`dreampool_gpu.persist`'s, which
 never imports the pool.
 """
@@ -52,6 +53,7 @@ def snapshot(pool: DreamPool) -> persist.PoolSnapshot:
             name: t.detach().to("cpu", copy=True).contiguous() for name, t in pool.encoder.state_dict().items()
         },
         cache=pool.cache.state_dict(),
+        eviction=pool.eviction.state_dict() or None,
     )
 
 
@@ -73,6 +75,7 @@ def restore(pool: DreamPool, snap: persist.PoolSnapshot) -> None:
         {"columns": snap.columns, "size": snap.size, "next_id": snap.next_id, "extent": snap.extent}
     )
     pool.counters.update({key: snap.counters.get(key, 0) for key in pool.counters})
+    pool.eviction.load_state_dict(snap.eviction, pool.bank)  # None (older checkpoints): starts afresh
     pool.cache.load_state_dict(snap.cache if snap.cache is not None else pool.cache.state_dict())
     pool._restore_encoder(snap.encoder_state)  # noqa: SLF001 - the pool's hook for its checkpoint
     _restore_index(pool, snap)

@@ -60,6 +60,8 @@ class EvictionPolicy(str, Enum):
     LOWEST_COHERENCE = "lowest_coherence"
     LOWEST_UTILITY = "lowest_utility"
     LEAST_USED = "least_used"
+    RESERVOIR = "reservoir"
+    CLASS_BALANCED = "class_balanced"
 
 
 class Engine(str, Enum):
@@ -113,6 +115,7 @@ class Window(str, Enum):
 DREAM_DTYPES = tuple(d.value for d in DreamDtype)
 ENGINES = tuple(e.value for e in Engine)
 ENCODERS = ("features", "learned")
+MAX_SEED = (1 << 64) - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 MAX_CLASSES = 1 << 16  # the feature encoder's class block is num_classes + 1 wide
 
 
@@ -179,7 +182,10 @@ class PoolConfig:
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         metric: ``cosine`` or ``euclidean`` for embedding k-NN.
         dream_dtype: storage dtype of dreams; ``auto`` = float16 on CUDA, float32 on CPU.
-        eviction_policy: which entries leave first at capacity.
+        eviction_policy: which entries leave first at capacity; ``reservoir`` and
+            ``class_balanced`` also decide which newcomers a full pool admits (docs/spec.md §Adding).
+        eviction_seed: seed of the pool's own generator, drawn from by the ``reservoir`` and
+            ``class_balanced`` policies (its state rides in ``state_dict`` and checkpoints).
         query_cache_size: LRU size of the query-embedding cache (0 disables it).
         window: spectral window (``hann``, ``hamming``, ``none``).
         include_spectral / include_class / include_utility: encoder feature parts.
@@ -223,6 +229,7 @@ class PoolConfig:
     metric: Metric = Metric.COSINE
     dream_dtype: DreamDtype = DreamDtype.AUTO
     eviction_policy: EvictionPolicy = EvictionPolicy.FIFO
+    eviction_seed: int = 0
     query_cache_size: int = 128
     window: Window = Window.HANN
     include_spectral: bool = True
@@ -286,6 +293,7 @@ class PoolConfig:
         object.__setattr__(
             self, "eviction_policy", _parse_enum(EvictionPolicy, self.eviction_policy, "eviction_policy")
         )
+        _check_int("eviction_seed", self.eviction_seed, 0, MAX_SEED)
         _check_int("query_cache_size", self.query_cache_size, 0)
         if not isinstance(self.window, str) or self.window not in ("hann", "hamming", "none"):
             raise InvalidConfigurationError("window", self.window, "one of hann, hamming, none")

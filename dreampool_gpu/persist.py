@@ -5,7 +5,8 @@ A checkpoint is a directory::
     manifest.json      format name and version, sha256 + size of every other file,
                        and a digest of the manifest itself
     config.json        PoolConfig.to_dict()
-    state.json         bank scalars (size, next_id, extent), the pool's capacity, counters, index kind
+    state.json         bank scalars (size, next_id, extent), the pool's capacity, counters, index kind,
+                       the eviction policy's state (generator and counts), when it has one
     bank.safetensors   every bank column, rows [0, extent) (slot layout preserved)
     encoder.safetensors the encoder's state (statistics or weights) the embeddings were made with
     index.bin          the search engine's serialized state, when it has any
@@ -69,6 +70,7 @@ from dreampool_gpu.errors import (
     InvalidConfigurationError,
     InvalidInputError,
 )
+from dreampool_gpu.eviction import check_state
 from dreampool_gpu.spectral import spectral_features
 
 if TYPE_CHECKING:
@@ -145,6 +147,8 @@ class PoolSnapshot:
         encoder_state: the encoder's ``state_dict()`` as CPU tensors; None for a format-1
             checkpoint (the loading pool re-embeds its bank).
         cache: the query cache's ``state_dict()`` (state dicts only; never written to disk).
+        eviction: the eviction policy's ``state_dict()`` (generator and counts of the sampling
+            policies), in ``state.json``; None where it has none, or in older checkpoints.
     """
 
     config: PoolConfig
@@ -160,6 +164,7 @@ class PoolSnapshot:
     origin: Path | None = None
     capacity: int | None = None
     cache: dict[str, Any] | None = None
+    eviction: dict[str, Any] | None = None
 
 
 class _Invalid(Exception):
@@ -456,6 +461,10 @@ def _build(
         raise _Invalid("encoder", "a mapping of name -> tensor", type(encoder_state).__name__)
     if cache is not None and not (isinstance(cache, dict) and all(isinstance(k, str) for k in cache)):
         raise _Invalid("cache", "a mapping of name -> value, or None", type(cache).__name__)
+    policy_state = state.get("eviction")
+    problem = None if policy_state is None else check_state(policy_state)
+    if problem is not None:
+        raise _Invalid("state", "eviction: the eviction policy's state", problem)
     return PoolSnapshot(
         cfg,
         size,
@@ -469,6 +478,7 @@ def _build(
         None if encoder_state is None else dict(encoder_state),
         capacity=capacity,
         cache=None if cache is None else dict(cache),
+        eviction=policy_state,
     )
 
 
@@ -585,6 +595,8 @@ def _state_fields(snap: PoolSnapshot) -> dict[str, Any]:
     }
     if snap.capacity is not None:
         fields["capacity"] = snap.capacity
+    if snap.eviction is not None:
+        fields["eviction"] = snap.eviction
     return fields
 
 

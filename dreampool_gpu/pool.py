@@ -138,7 +138,9 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         self._embedded_version = self.encoder.version  # the encoder version the bank's embeddings come from
         self.index = make_index(self.bank, self.config)
         self.cache = QueryCache(self.config.query_cache_size)
-        self.eviction = policy_for(self.config.eviction_policy)
+        self.eviction = policy_for(
+            self.config.eviction_policy, seed=self.config.eviction_seed, num_classes=self.config.num_classes
+        )
         self.weights = HybridWeights(
             self.config.alpha, self.config.beta, self.config.gamma, self.config.delta, self.config.mmr_lambda
         )

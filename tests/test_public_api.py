@@ -84,7 +84,7 @@ SIGNATURES = {
         "__init__": (
             "dream_shape=(16, 16, 4), capacity=1000, coherence_threshold=0.75, "
             "retrieval_limit=3, retrieval_mode='hybrid', embedding_dim=64, device='auto', "
-            "metric='cosine', dream_dtype='auto', eviction_policy='fifo', "
+            "metric='cosine', dream_dtype='auto', eviction_policy='fifo', eviction_seed=0, "
             "query_cache_size=128, window='hann', include_spectral=True, include_class=True, "
             "include_utility=True, encoder_seed=0, encoder='features', num_classes=10, "
             "alpha=0.65, beta=0.2, gamma=0.1, delta=0.05, mmr_lambda=0.7, fetch_factor=4, "
