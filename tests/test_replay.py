@@ -18,10 +18,16 @@ SHAPE = (2, 2, 1)
 FLAT = 2 * 2 * 1 * 3
 
 
-def pool_of(n: int, *, classes=None, capacity: int = 64, device: str = "cpu", seed: int = 0) -> tuple[DreamPool, torch.Tensor]:
-    pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=capacity, coherence_threshold=0.0, device=device, num_classes=4))
+def pool_of(
+    n: int, *, classes=None, capacity: int = 64, device: str = "cpu", seed: int = 0
+) -> tuple[DreamPool, torch.Tensor]:
+    pool = DreamPool(
+        PoolConfig(dream_shape=SHAPE, capacity=capacity, coherence_threshold=0.0, device=device, num_classes=4)
+    )
     labels = torch.arange(n) % 4 if classes is None else torch.as_tensor(classes)
-    ids = pool.add(torch.rand(n, *SHAPE, 3, generator=torch.Generator().manual_seed(seed)), coherence=1.0, class_labels=labels)
+    ids = pool.add(
+        torch.rand(n, *SHAPE, 3, generator=torch.Generator().manual_seed(seed)), coherence=1.0, class_labels=labels
+    )
     return pool, ids
 
 
@@ -301,7 +307,12 @@ def test_knn_shapley_matches_brute_force(n, k, invalid):
     got = knn_shapley(dist, eval_y, cand_y, valid, k)
     want = brute_force_shapley(dist, eval_y, cand_y, valid, k)
     assert torch.allclose(got, want, atol=1e-9)
-    assert torch.allclose(got.sum(1), torch.tensor([brute_force_shapley(dist, eval_y, cand_y, valid, k)[r].sum() for r in range(3)], dtype=torch.float64))
+    assert torch.allclose(
+        got.sum(1),
+        torch.tensor(
+            [brute_force_shapley(dist, eval_y, cand_y, valid, k)[r].sum() for r in range(3)], dtype=torch.float64
+        ),
+    )
 
 
 def test_knn_shapley_prefers_entries_that_classify_memory_well():
@@ -316,7 +327,12 @@ def test_knn_shapley_prefers_entries_that_classify_memory_well():
     x, y = batch()
     y = torch.full_like(y, 3)
     picks = torch.cat(
-        [KNNShapley(pool, lambda d: d.flatten(1), per_class=6, generator=torch.Generator().manual_seed(s)).select(x, y, 6) for s in range(10)]
+        [
+            KNNShapley(pool, lambda d: d.flatten(1), per_class=6, generator=torch.Generator().manual_seed(s)).select(
+                x, y, 6
+            )
+            for s in range(10)
+        ]
     )
     assert int(odd) not in picks.tolist()
 
