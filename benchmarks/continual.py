@@ -36,6 +36,7 @@ import importlib.util
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +51,7 @@ from dreampool_gpu.replay import MIR, KNNShapley, Nearest, Uniform
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES, PER_CLASS_TRAIN, PER_CLASS_TEST, TASKS = 10, 400, 100, 5
-STRATEGIES = ("uniform", "mir", "mir_plain", "mir_drop", "mir_disputed", "mir_both", "knn_shapley", "nearest")
+STRATEGIES = ("uniform", "mir", "mir_plain", "mir_drop", "knn_shapley", "nearest")
 ARMS = (
     "finetune",
     "er",
@@ -60,6 +61,11 @@ ARMS = (
     "knn_shapley/reservoir",
     "nearest/reservoir",
 )
+DEMO = [
+    "--seeds", "3", "--memories", "500", "--quiet", "--short",
+    "--arms", "er", "uniform/reservoir", "mir/reservoir", "knn_shapley/reservoir",
+    "--out", str(ROOT / "benchmarks" / "results" / "continual_demo.json"),
+]  # fmt: skip
 MEMORY = {"reservoir": "reservoir", "balanced": "class_balanced"}  # the pool's eviction policies
 
 
@@ -196,14 +202,10 @@ def make_strategy(name: str, pool: DreamPool, model: MLP, opt: torch.optim.Optim
         return Uniform(pool, generator=gen)
     if name == "mir":
         return MIR(pool, model, loss, optimizer=opt, generator=gen)
-    if name == "mir_plain":
-        return MIR(pool, model, loss, optimizer=opt, drop_high_loss=0.0, generator=gen)
-    if name == "mir_drop":
+    if name == "mir_plain":  # no guard: Aljundi et al.'s rule
+        return MIR(pool, model, loss, optimizer=opt, drop_disputed=False, generator=gen)
+    if name == "mir_drop":  # the 20% highest-loss candidates set aside instead
         return MIR(pool, model, loss, optimizer=opt, drop_high_loss=0.2, drop_disputed=False, generator=gen)
-    if name == "mir_disputed":
-        return MIR(pool, model, loss, optimizer=opt, drop_high_loss=0.0, drop_disputed=True, generator=gen)
-    if name == "mir_both":
-        return MIR(pool, model, loss, optimizer=opt, drop_high_loss=0.2, drop_disputed=True, generator=gen)
     if name == "knn_shapley":
         return KNNShapley(pool, model.features, generator=gen)
     if name == "nearest":
@@ -340,6 +342,28 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['noise']:>5.0%} {r['memory']:>5}  {r['arm']:<22} {r['accuracy_mean']:6.1f} ± {r['accuracy_std']:4.1f} "
             f"{r['forgetting_mean']:6.1f} ± {r['forgetting_std']:4.1f} {vs:>7} {won:>5} {ms:>28}"
         )
+    return "\n".join(out)
+
+
+def short_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The demo's table: arm, final accuracy, forgetting, paired difference against ER, one block per condition."""
+    out = []
+    for noise in sorted({r["noise"] for r in rows}):
+        for memory in sorted({r["memory"] for r in rows}):
+            out.append(f"{'clean labels' if noise == 0 else f'{noise:.0%} label noise'}, M = {memory}")
+            out.append(f"  {'arm':<22} {'accuracy %':>13} {'forgetting %':>13} {'vs ER':>14}")
+            for r in rows:
+                if r["noise"] != noise or r["memory"] != memory:
+                    continue
+                vs = f"{r['vs_er_accuracy']:+.1f} ({r['seeds_won']}/{r['seeds']})" if r["arm"] != "er" else ""
+                out.append(
+                    f"  {r['arm']:<22} {r['accuracy_mean']:6.1f} ± {r['accuracy_std']:4.1f} "
+                    f"{r['forgetting_mean']:6.1f} ± {r['forgetting_std']:4.1f} {vs:>14}"
+                )
+    out.append(
+        "accuracy: final average over the 5 tasks; forgetting: mean drop from each task's best; "
+        "vs ER: paired accuracy difference in points (seeds won); mean ± std over seeds"
+    )
     return "\n".join(out)
 
 
@@ -484,7 +508,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --out with .png)")
     parser.add_argument("--plot-only", type=Path, default=None, help="re-plot a saved JSON")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--short", action="store_true", help="print the short table (arm, accuracy, forgetting, vs ER)")
+    parser.add_argument("--demo", action="store_true", help="the short run of scripts/demo.sh: " + " ".join(DEMO))
     args = parser.parse_args(argv)
+    if args.demo:
+        rest = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--demo"]
+        return main([*DEMO, *rest])
     if args.plot_only is not None:
         report = json.loads(args.plot_only.read_text())
         print(plot(report["summary"], args.plot or args.plot_only.with_suffix(".png")))
@@ -510,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     png = plot(report["summary"], args.plot or args.out.with_suffix(".png"))
-    print(table(report["summary"]))
+    print(short_table(report["summary"]) if args.short else table(report["summary"]))
     print(f"{report['seconds']:.0f} s on {args.workers} processes; JSON {args.out}" + (f"; plot {png}" if png else ""))
     return 0
 

@@ -174,11 +174,18 @@ class MIR:
     A call draws ``candidates`` entries uniformly, takes a virtual SGD step on the incoming batch
     (``torch.func.functional_call`` on updated copies of the parameters: the module, its
     ``.grad``, the optimizer and its buffers, BatchNorm statistics included, are untouched),
-    and scores each candidate by its loss after the step minus its loss before. Before scoring,
-    the fraction ``drop_high_loss`` of the candidates with the highest loss before the step is
-    set aside: an entry the model gets badly wrong is more often mislabelled than forgotten, and
-    a mislabelled entry is exactly what plain MIR prefers (its loss change is the largest).
-    The ``k`` best-scoring of the rest are replayed.
+    and scores each candidate by its loss after the step minus its loss before; the ``k``
+    best-scoring eligible candidates are replayed.
+
+    Plain MIR prefers mislabelled entries (their loss change is the largest). The default guard,
+    ``drop_disputed``, leaves out a candidate the model assigns to a third class: neither the
+    candidate's label nor a class of the incoming batch, and present among the entries passing
+    ``where``. Forgetting shows as predictions of the classes being learned now (the incoming
+    ones), which stay eligible; a confident vote for another remembered class is a dispute of
+    the stored label. ``drop_high_loss`` (off by default) sets aside that fraction of the
+    candidates with the highest loss before the step: it helps under label noise but costs
+    clean streams, whose highest-loss entries are the forgotten ones (docs/benchmarks.md,
+    "Continual learning").
 
     Cost per call: one forward and one backward on the ``B`` incoming dreams, two forwards on
     the ``candidates`` (one batched forward each, before and after), no k-NN.
@@ -194,7 +201,8 @@ class MIR:
         lr: the virtual step's learning rate.
         candidates: entries scored per call (the paper's C; 50).
         drop_high_loss: fraction in [0, 1) of the candidates with the highest current loss set
-            aside before scoring (0.2; 0 is plain MIR).
+            aside before scoring (0: none).
+        drop_disputed: leave out candidates predicted as a third eligible class (True).
         generator: a ``torch.Generator`` for the candidate draw.
 
     Raises:
@@ -211,8 +219,8 @@ class MIR:
         optimizer: torch.optim.Optimizer | None = None,
         lr: float | None = None,
         candidates: int = 50,
-        drop_high_loss: float = 0.2,
-        drop_disputed: bool = False,
+        drop_high_loss: float = 0.0,
+        drop_disputed: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
@@ -291,7 +299,8 @@ class MIR:
         if self.drop_disputed:
             pred = logits.argmax(1)
             eligible = snap.present(self.pool.config.num_classes)
-            disputed = (pred != labels) & eligible[pred.clamp(max=eligible.numel() - 1)] & (pred < eligible.numel())
+            known = eligible[pred.clamp(max=eligible.numel() - 1)] & (pred < eligible.numel())
+            disputed = (pred != labels) & known & ~torch.isin(pred, yt)
             score = torch.where(disputed, -math.inf, score)
         return snap.ids_of(slots), score
 

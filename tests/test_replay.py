@@ -177,7 +177,7 @@ def test_mir_selects_the_top_oracle_loss_change():
     pool, ids = pool_of(20)
     net = Net().eval()  # eval: the oracle's step and MIR's see the same BatchNorm behaviour
     x, y = batch(5)
-    mir = MIR(pool, net, per_sample, lr=0.5, candidates=20, drop_high_loss=0.0)
+    mir = MIR(pool, net, per_sample, lr=0.5, candidates=20, drop_disputed=False)
     got = mir.select(x, y, 6)
     dreams, labels = pool.dreams(ids), pool.metadata(ids)["class_label"].long()
     stepped = copy.deepcopy(net)
@@ -207,7 +207,7 @@ def test_mir_prefers_interfered_entries_on_a_constructed_case():
         net[1].bias.zero_()
     x = torch.full((4, *SHAPE, 3), 0.8)
     y = torch.ones(4, dtype=torch.long)
-    got = MIR(pool, net, per_sample, lr=1.0, candidates=12, drop_high_loss=0.0).select(x, y, 6)
+    got = MIR(pool, net, per_sample, lr=1.0, candidates=12, drop_disputed=False).select(x, y, 6)
     assert set(got.tolist()) == set(ids_near.tolist())
 
 
@@ -216,8 +216,8 @@ def test_mir_learning_rate_from_optimizer_follows_it():
     net = Net().eval()
     x, y = batch()
     opt = torch.optim.SGD(net.parameters(), lr=0.3)
-    by_opt = MIR(pool, net, per_sample, optimizer=opt, drop_high_loss=0.0, generator=torch.Generator().manual_seed(2))
-    by_lr = MIR(pool, net, per_sample, lr=0.3, drop_high_loss=0.0, generator=torch.Generator().manual_seed(2))
+    by_opt = MIR(pool, net, per_sample, optimizer=opt, drop_disputed=False, generator=torch.Generator().manual_seed(2))
+    by_lr = MIR(pool, net, per_sample, lr=0.3, drop_disputed=False, generator=torch.Generator().manual_seed(2))
     ids_a, score_a = by_opt.scores(x, y)
     ids_b, score_b = by_lr.scores(x, y)
     assert torch.equal(ids_a, ids_b) and torch.allclose(score_a, score_b, atol=1e-6)
@@ -230,7 +230,7 @@ def test_mir_drop_high_loss_sets_aside_the_highest_current_losses():
     pool, ids = pool_of(20)
     net = Net().eval()
     x, y = batch()
-    mir = MIR(pool, net, per_sample, lr=0.1, candidates=20, drop_high_loss=0.25)
+    mir = MIR(pool, net, per_sample, lr=0.1, candidates=20, drop_high_loss=0.25, drop_disputed=False)
     cand, score = mir.scores(x, y)
     slots_loss = per_sample(net(pool.dreams(cand)), pool.metadata(cand)["class_label"].long())
     dropped = ~torch.isfinite(score)
@@ -245,12 +245,18 @@ def test_mir_drop_disputed_skips_entries_predicted_as_another_replayable_class()
     with torch.no_grad():
         net[1].weight.zero_()
         net[1].bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))  # predicts class 2 for everything
-    x, y = batch()
-    got = MIR(pool, net, per_sample, lr=0.1, drop_high_loss=0.0, drop_disputed=True).select(x, y, 8)
+    x, _ = batch()
+    y = torch.tensor([1, 3, 1, 3])
+    mir = MIR(pool, net, per_sample, lr=0.1)  # drop_disputed is the default
+    got = mir.select(x, y, 8)
     assert set(got.tolist()) - {-1} == set(ids[4:].tolist())  # class-0 entries are disputed by class 2
-    net[1].bias.data = torch.tensor([0.0, 5.0, 0.0, 0.0])  # predicts class 1, which no entry holds
-    got = MIR(pool, net, per_sample, lr=0.1, drop_high_loss=0.0, drop_disputed=True).select(x, y, 8)
+    got = mir.select(x, torch.tensor([2, 3, 1, 3]), 8)  # class 2 is being learned now: interference, kept
     assert set(got.tolist()) == set(ids.tolist())
+    got = mir.select(x, y, 8, where=lambda m: m["class"] == 0)  # class 2 not eligible: no dispute
+    assert set(got.tolist()) - {-1} == set(ids[:4].tolist())
+    net[1].bias.data = torch.tensor([0.0, 5.0, 0.0, 0.0])  # predicts class 1, which no entry holds
+    assert set(mir.select(x, y, 8).tolist()) == set(ids.tolist())
+    assert set(MIR(pool, net, per_sample, lr=0.1, drop_disputed=False).select(x, y, 8).tolist()) == set(ids.tolist())
 
 
 def test_mir_refuses_bad_configuration():
