@@ -180,13 +180,13 @@ class Reservoir:
 
 
 # -------------------------------------------------------------------- runs
-def make_pool(memory: int, policy: str, seed: int) -> DreamPool:
+def make_pool(memory: int, policy: str, seed: int, device: str = "cpu") -> DreamPool:
     config = PoolConfig(
         dream_shape=(28, 28, 1),
         capacity=memory,
         coherence_threshold=0.0,
         embedding_dim=8,
-        device="cpu",
+        device=device,
         eviction_policy=MEMORY[policy],
         eviction_seed=seed,
         retrieval_mode="nearest",
