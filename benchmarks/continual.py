@@ -367,6 +367,26 @@ def short_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The summary as a markdown table (docs/benchmarks.md)."""
+    out = [
+        "| noise | M | arm | final accuracy % | forgetting % | vs ER (points) | seeds won | vs ER forgetting "
+        "| ms / step: learner + replay + add |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        t = r["seconds_per_step"]
+        vs = "" if r["arm"] == "er" else f"{r['vs_er_accuracy']:+.1f} ± {r['vs_er_accuracy_std']:.1f}"
+        won = "" if r["arm"] == "er" else f"{r['seeds_won']}/{r['seeds']}"
+        fg = "" if r["arm"] == "er" else f"{r['vs_er_forgetting']:+.1f}"
+        out.append(
+            f"| {r['noise']:.0%} | {r['memory']} | {r['arm']} | {r['accuracy_mean']:.1f} ± {r['accuracy_std']:.1f} "
+            f"| {r['forgetting_mean']:.1f} ± {r['forgetting_std']:.1f} | {vs} | {won} | {fg} "
+            f"| {1e3 * t['learner']:.2f} + {1e3 * t['replay']:.2f} + {1e3 * t['add']:.2f} |"
+        )
+    return "\n".join(out)
+
+
 def plot(rows: Sequence[dict[str, Any]], path: Path, memory: int | None = None) -> Path | None:
     """Mean accuracy matrices (rows: after task i; columns: task j) at one memory size, one panel per arm and noise."""
     try:
@@ -381,7 +401,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, memory: int | None = None) 
     sel = [r for r in rows if r["memory"] == memory]
     noises = sorted({r["noise"] for r in sel})
     arms = list(dict.fromkeys(r["arm"] for r in sel))
-    fig, axes = plt.subplots(len(noises), len(arms), figsize=(2.3 * len(arms), 2.5 * len(noises)), squeeze=False)
+    fig, axes = plt.subplots(len(noises), len(arms), figsize=(2.3 * len(arms), 2.9 * len(noises)), squeeze=False)
     for i, noise in enumerate(noises):
         for j, arm in enumerate(arms):
             ax = axes[i][j]
@@ -516,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main([*DEMO, *rest])
     if args.plot_only is not None:
         report = json.loads(args.plot_only.read_text())
+        print(markdown(report["summary"]))
         print(plot(report["summary"], args.plot or args.plot_only.with_suffix(".png")))
         return 0
     for arm in args.arms:
