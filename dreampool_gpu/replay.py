@@ -47,7 +47,7 @@ class _Snapshot:
         with pool._lock:
             bank = pool.bank
             self.ids = bank.columns["ids"].clone()
-            self.classes = bank.columns["class_label"].long()
+            self.classes = bank.columns["class_label"].long().clone()
             keep = (self.ids >= 0) & (self.classes >= 0)
             mask = request.where_mask(where, bank, pool.device)
             self.keep = keep if mask is None else keep & mask
@@ -270,9 +270,10 @@ class MIR:
     def scores(self, x: Any, y: Any, *, where: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate ids ``[candidates]`` (-1 padding) and their interference scores (``-inf`` where not eligible)."""
         xt, yt, _ = _check_batch(x, y, 0, self.pool)
-        snap = _Snapshot(self.pool, where)
-        slots = _draw(snap, self.candidates, self.generator)
-        dreams, labels = snap.gather(slots)
+        with self.pool._lock:  # draw and gather see the same bank
+            snap = _Snapshot(self.pool, where)
+            slots = _draw(snap, self.candidates, self.generator)
+            dreams, labels = snap.gather(slots)
         cand_x = dreams.to(xt.dtype)
         named = dict(self.model.named_parameters())
         trained = [n for n, p in named.items() if p.requires_grad]
@@ -389,20 +390,18 @@ class KNNShapley:
     def select(self, x: Any, y: Any, k: int, *, where: Any = None) -> torch.Tensor:
         """``[k]`` int64 ids on the pool's device of the highest-valued candidates (-1 padding)."""
         xt, yt, k = _check_batch(x, y, k, self.pool)
-        snap = _Snapshot(self.pool, where)
-        classes = self.pool.config.num_classes
-        present = torch.zeros(classes + 1, device=snap.keep.device).index_add_(
-            0, torch.where(snap.keep, snap.classes, classes), torch.ones(snap.capacity, device=snap.keep.device)
-        )[:classes]
-        n_present = (present > 0).sum().clamp(min=1)
-        per = torch.clamp(torch.ceil(k / n_present.float()).long(), min=self.per_class)
-        width = max(self.per_class, k)
-        cand = _balanced(
-            snap, classes, width, torch.zeros((), dtype=torch.long, device=per.device), per, self.generator
-        )
-        evals = _balanced(snap, classes, self.per_class, per, torch.full_like(per, self.per_class), self.generator)
-        slots = torch.cat([cand, evals])
-        dreams, labels = snap.gather(slots)
+        with self.pool._lock:  # draw and gather see the same bank
+            snap = _Snapshot(self.pool, where)
+            classes = self.pool.config.num_classes
+            n_present = snap.present(classes).sum().clamp(min=1)
+            per = torch.clamp(torch.ceil(k / n_present.float()).long(), min=self.per_class)
+            width = max(self.per_class, k)
+            cand = _balanced(
+                snap, classes, width, torch.zeros((), dtype=torch.long, device=per.device), per, self.generator
+            )
+            evals = _balanced(snap, classes, self.per_class, per, torch.full_like(per, self.per_class), self.generator)
+            slots = torch.cat([cand, evals])
+            dreams, labels = snap.gather(slots)
         with torch.no_grad():
             feats = self.features(torch.cat([xt, dreams.to(xt.dtype)]))
         if feats.dim() != 2 or feats.shape[0] != xt.shape[0] + slots.numel():
@@ -456,9 +455,10 @@ class Nearest:
     def select(self, x: Any, y: Any, k: int, *, where: Any = None) -> torch.Tensor:
         """``[k]`` int64 ids on the pool's device of the candidates nearest the batch (-1 padding)."""
         xt, _, k = _check_batch(x, y, k, self.pool)
-        snap = _Snapshot(self.pool, where)
-        slots = _draw(snap, self.candidates or snap.capacity, self.generator)
-        dreams, _ = snap.gather(slots)
+        with self.pool._lock:  # draw and gather see the same bank
+            snap = _Snapshot(self.pool, where)
+            slots = _draw(snap, self.candidates or snap.capacity, self.generator)
+            dreams, _ = snap.gather(slots)
         with torch.no_grad():
             feats = self.features(torch.cat([xt, dreams.to(xt.dtype)]))
         if feats.dim() != 2 or feats.shape[0] != xt.shape[0] + slots.numel():
