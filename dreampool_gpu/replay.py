@@ -35,7 +35,7 @@ from dreampool_gpu.pool import DreamPool
 from dreampool_gpu.retrieval import request
 from dreampool_gpu.search.exact import pairwise_scores
 
-__all__ = ["KNNShapley", "MIR", "Nearest", "Uniform"]
+__all__ = ["KNNShapley", "MIR", "Nearest", "Uniform", "knn_shapley"]
 
 Features = Callable[[torch.Tensor], torch.Tensor]
 
