@@ -11,6 +11,7 @@ decide on the host from their own seeded generator and counts, which ride in the
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -265,9 +266,9 @@ class _Sampling(Eviction):
 class Reservoir(_Sampling):
     """Reservoir sampling over the admitted stream (Algorithm R): each of ``n`` dreams seen stays with chance ``M/n``.
 
-    ``M`` is the room (capacity, or fewer under a budget). The ``n``-th dream that
-    passes the gate enters a pool with room to spare; once it is full, it replaces a
-    uniformly random resident with probability ``M/n`` and is dropped otherwise. A batch
+    ``M`` is the room (capacity, or fewer under a budget). The first ``M`` dreams that
+    pass the gate enter; the ``n``-th after them replaces a uniformly random resident
+    with probability ``M/n`` and is dropped otherwise. A batch
     is decided as that sequence, one dream after another, from one draw of the generator
     per dream past the room (a later dream may replace an earlier one of its batch).
     """
@@ -284,14 +285,17 @@ class Reservoir(_Sampling):
     ) -> torch.Tensor:
         """Positions of the batch stored; the residents they replace become the plan.
 
-        The reservoir's positions are the residents, oldest first, then the newcomers
-        that fill free room, in batch order. A dream past the room draws ``j`` uniform
-        in ``[0, n)``; ``j < room`` replaces position ``j``. Each position keeps its last
-        writer: a newcomer overwritten later in its batch is never stored.
+        The reservoir has ``room`` positions: the residents, oldest first, then free ones,
+        which the first ``room`` dreams of the stream fill in batch order. Dream ``n >
+        room`` draws ``j`` uniform in ``[0, n)``; ``j < room`` writes position ``j``
+        (replacing its resident, or filling it if free). Each position keeps its last
+        writer: a newcomer overwritten later in its batch is never stored. Entries the
+        budget evicted beyond the plan leave free positions that only draws refill, so
+        they bring no bias towards the newest dreams.
         """
         m = coherence.shape[0]
         size = bank.size
-        free = min(m, max(0, room - size))
+        free = min(m, max(0, room - size), max(0, room - self.seen))  # the first M dreams of the stream
         with _on_host():
             position = torch.full((m,), -1, dtype=torch.int64)
             position[:free] = torch.arange(size, size + free)
@@ -335,8 +339,10 @@ class ClassBalanced(_Sampling):
         return {**super().state_dict(), "seen_per_label": seen}
 
     def load_state_dict(self, state: dict[str, Any] | None, bank: TensorBank) -> None:
-        """As :meth:`_Sampling.load_state_dict`; without per-label counts, the residents' are taken (labels
-        beyond ``num_classes`` are dropped)."""
+        """As :meth:`_Sampling.load_state_dict`, and the dreams seen per label (without them: the residents').
+
+        Counts of labels beyond ``num_classes`` are dropped (no such dream can arrive).
+        """
         super().load_state_dict(state, bank)
         self.seen_per_group = [0] * (self.num_classes + 1)
         if state and "seen_per_label" in state:
@@ -401,7 +407,7 @@ class ClassBalanced(_Sampling):
             return gone
 
         replaced: list[int] = []  # within-group order of residents (groups by label, oldest first)
-        start = [sum(residents[:g]) for g in range(groups)]
+        start = [0, *itertools.accumulate(residents)]
         dropped: set[int] = set()
         total = sum(counts)
         for i, label in enumerate(labels):
