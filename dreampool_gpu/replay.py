@@ -1,0 +1,469 @@
+"""Replay strategies: which pool entries a training step replays next to its incoming batch.
+
+Each strategy has one method, ``select(x, y, k, *, where=None)``: ``x`` the incoming dreams
+``[B, R, C, L, 3]``, ``y`` their labels ``[B]``, ``k`` how many entries to replay, ``where`` a
+filter as in :meth:`DreamPool.retrieve` (a ``[capacity]`` bool mask or a callable of the
+metadata columns). It returns ``[k]`` int64 pool ids on the pool's device, ``-1`` where fewer
+entries qualify; gather the replay batch with ``pool.dreams(ids)`` and its labels with
+``pool.metadata(ids)["class_label"]`` (or from the returned ids' rows).
+
+- :class:`Uniform`: uniform draws without replacement (random replay).
+- :class:`MIR`: maximally interfered retrieval (Aljundi et al. 2019): the candidates whose loss
+  a virtual SGD step on the incoming batch raises most, with a guard against mislabelled entries.
+- :class:`KNNShapley`: ASER-style (Shim et al. 2021) KNN-Shapley values on the learner's features.
+- :class:`Nearest`: the candidates nearest the incoming batch in the learner's feature space.
+
+Candidate draws, class-balanced draws, scoring and the final top-k run on the pool's device
+with fixed shapes: no host synchronisation (the strategies read the bank's columns under the
+pool's lock and gather rows by slot, skipping the id checks of ``pool.dreams``, which read the
+host). Entries without a class label (-1) never qualify: every strategy needs labels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from dreampool_gpu import _validation as v
+from dreampool_gpu.config import Metric
+from dreampool_gpu.errors import DimensionMismatchError, InvalidConfigurationError, InvalidInputError
+from dreampool_gpu.pool import DreamPool
+from dreampool_gpu.retrieval import request
+from dreampool_gpu.search.exact import pairwise_scores
+
+__all__ = ["KNNShapley", "MIR", "Nearest", "Uniform", "knn_shapley"]
+
+Features = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _Snapshot:
+    """The bank's ``[capacity]`` id and class columns and the slots that qualify, read under the pool's lock."""
+
+    def __init__(self, pool: DreamPool, where: Any) -> None:
+        with pool._lock:
+            bank = pool.bank
+            self.ids = bank.columns["ids"].clone()
+            self.classes = bank.columns["class_label"].long().clone()
+            keep = (self.ids >= 0) & (self.classes >= 0)
+            mask = request.where_mask(where, bank, pool.device)
+            self.keep = keep if mask is None else keep & mask
+        self.pool = pool
+        self.capacity = int(self.ids.numel())
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dreams ``[n, R, C, L, 3]`` (zeros at -1) and labels ``[n]`` (-1 at -1) of ``slots`` ``[n]``."""
+        with self.pool._lock:
+            dreams = self.pool.bank.gather("dreams", slots)
+        labels = torch.where(slots >= 0, self.classes[slots.clamp(min=0)], -1)
+        return dreams, labels
+
+    def present(self, num_classes: int) -> torch.Tensor:
+        """``[num_classes]`` bool: the classes of at least one qualifying entry."""
+        cls = torch.where(self.keep, self.classes, num_classes)
+        count = torch.zeros(num_classes + 1, device=cls.device).index_add_(
+            0, cls, torch.ones_like(cls, dtype=torch.float)
+        )
+        return count[:num_classes] > 0
+
+    def ids_of(self, slots: torch.Tensor) -> torch.Tensor:
+        return torch.where(slots >= 0, self.ids[slots.clamp(min=0)], -1)
+
+
+def _uniform_keys(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """``[n]`` uniform keys in [0, 1) on ``device``, from ``generator`` (on any device) when given."""
+    if generator is None:
+        return torch.rand(n, device=device)
+    return torch.rand(n, generator=generator, device=generator.device).to(device, non_blocking=True)
+
+
+def _draw(snap: _Snapshot, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``[n]`` slots drawn uniformly without replacement among qualifying ones, -1 padding at the end."""
+    keys = torch.where(snap.keep, _uniform_keys(snap.capacity, snap.keep.device, generator), -1.0)
+    top = keys.topk(min(n, snap.capacity))
+    slots = torch.where(top.values >= 0, top.indices, -1)
+    return _pad(slots, n)
+
+
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` ``[m]`` cut or padded with -1 to ``[n]``."""
+    if t.numel() >= n:
+        return t[:n]
+    return torch.cat([t, t.new_full((n - t.numel(),), -1)])
+
+
+def _balanced(
+    snap: _Snapshot, num_classes: int, width: int, first: torch.Tensor, count: torch.Tensor, generator: Any
+) -> torch.Tensor:
+    """Class-balanced random slots ``[num_classes * width]``: per class, ranks ``first .. first+count-1``.
+
+    Qualifying slots are shuffled, grouped by class (stable), and each class contributes its
+    entries of rank ``first <= r < first + count`` (0-d device tensors) in up to ``width`` places;
+    -1 where a class has fewer.
+    """
+    keys = _uniform_keys(snap.capacity, snap.keep.device, generator)
+    order = keys.argsort()
+    cls = torch.where(snap.keep, snap.classes, num_classes)[order]
+    by_class = cls.argsort(stable=True)
+    slots, sorted_cls = order[by_class], cls[by_class]
+    wanted = torch.arange(num_classes, device=cls.device)
+    start = torch.searchsorted(sorted_cls, wanted)
+    stop = torch.searchsorted(sorted_cls, wanted, right=True)
+    rank = torch.arange(width, device=cls.device)
+    pos = start[:, None] + first + rank[None, :]
+    ok = (pos < stop[:, None]) & (rank[None, :] < count)
+    picked = torch.where(ok, slots[pos.clamp(max=snap.capacity - 1)], -1)
+    return picked.reshape(-1)
+
+
+def _check_batch(x: Any, y: Any, k: Any, pool: DreamPool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Validate ``x`` ``[B, R, C, L, 3]`` float, ``y`` ``[B]`` int and ``k`` >= 0; move them to the pool's device."""
+    k = v.check_count(k, "k")
+    xt = v.as_tensor(x, "x", device=pool.device)
+    shape = (*pool.config.dream_shape, 3)
+    if xt.dim() != 5 or tuple(xt.shape[1:]) != shape:
+        raise DimensionMismatchError(f"[B, {', '.join(map(str, shape))}]", list(xt.shape), "x")
+    if not xt.is_floating_point():
+        raise InvalidInputError("x", "a float tensor of dreams", f"dtype {xt.dtype}")
+    yt = v.as_tensor(y, "y", device=pool.device)
+    if yt.dim() != 1 or yt.shape[0] != xt.shape[0] or yt.is_floating_point() or yt.dtype == torch.bool:
+        raise InvalidInputError("y", f"[{xt.shape[0]}] integer labels", f"{list(yt.shape)} {yt.dtype}")
+    return xt, yt.long(), k
+
+
+def _check_generator(generator: Any) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
+    return generator
+
+
+def _top(scores: torch.Tensor, slots: torch.Tensor, k: int, snap: _Snapshot) -> torch.Tensor:
+    """Ids of the ``k`` best-scoring slots (``-inf`` = not eligible), -1 padding."""
+    top = scores.topk(min(k, scores.numel()))
+    picked = torch.where(torch.isfinite(top.values), slots[top.indices], -1)
+    return _pad(snap.ids_of(picked), k)
+
+
+class Uniform:
+    """Random replay: ``k`` entries drawn uniformly without replacement.
+
+    Cost per call: no forward or backward, no k-NN; one ``[capacity]`` random draw and top-k.
+
+    Args:
+        pool: the :class:`~dreampool_gpu.pool.DreamPool` to draw from.
+        generator: a ``torch.Generator`` (on any device) for reproducible draws; None uses torch's.
+    """
+
+    def __init__(self, pool: DreamPool, *, generator: torch.Generator | None = None) -> None:
+        self.pool = pool
+        self.generator = _check_generator(generator)
+
+    def select(self, x: Any, y: Any, k: int, *, where: Any = None) -> torch.Tensor:
+        """``[k]`` int64 ids on the pool's device, -1 where fewer qualify (``x``, ``y`` checked, not used)."""
+        _, _, k = _check_batch(x, y, k, self.pool)
+        snap = _Snapshot(self.pool, where)
+        return snap.ids_of(_draw(snap, k, self.generator))
+
+
+class MIR:
+    """Maximally interfered retrieval (Aljundi et al. 2019) with a guard against mislabelled entries.
+
+    A call draws ``candidates`` entries uniformly, takes a virtual SGD step on the incoming batch
+    (``torch.func.functional_call`` on updated copies of the parameters: the module, its
+    ``.grad``, the optimizer and its buffers, BatchNorm statistics included, are untouched),
+    and scores each candidate by its loss after the step minus its loss before; the ``k``
+    best-scoring eligible candidates are replayed.
+
+    Plain MIR prefers mislabelled entries (their loss change is the largest). The default guard,
+    ``drop_disputed``, leaves out a candidate the model assigns to a third class: neither the
+    candidate's label nor a class of the incoming batch, and present among the entries passing
+    ``where``. Forgetting shows as predictions of the classes being learned now (the incoming
+    ones), which stay eligible; a confident vote for another remembered class is a dispute of
+    the stored label. ``drop_high_loss`` (off by default) sets aside that fraction of the
+    candidates with the highest loss before the step: it helps under label noise but costs
+    clean streams, whose highest-loss entries are the forgotten ones (docs/benchmarks.md,
+    "Continual learning").
+
+    Cost per call: one forward and one backward on the ``B`` incoming dreams, two forwards on
+    the ``candidates`` (one batched forward each, before and after), no k-NN.
+
+    Args:
+        pool: the pool to draw from.
+        model: an ``nn.Module`` mapping dreams ``[N, R, C, L, 3]`` (the incoming batch's dtype)
+            to logits ``[N, classes]``.
+        loss_fn: ``loss_fn(logits, labels)`` giving per-sample losses ``[N]``, e.g.
+            ``nn.CrossEntropyLoss(reduction="none")``.
+        optimizer: its first parameter group's ``lr`` is the virtual step's, read at each call
+            (so a scheduler is followed), unless ``lr`` is given.
+        lr: the virtual step's learning rate.
+        candidates: entries scored per call (the paper's C; 50).
+        drop_high_loss: fraction in [0, 1) of the candidates with the highest current loss set
+            aside before scoring (0: none).
+        drop_disputed: leave out candidates predicted as a third eligible class (True).
+        generator: a ``torch.Generator`` for the candidate draw.
+
+    Raises:
+        InvalidConfigurationError: neither ``lr`` nor an ``optimizer`` with an ``lr``; a bad
+            ``candidates`` or ``drop_high_loss``.
+    """
+
+    def __init__(
+        self,
+        pool: DreamPool,
+        model: torch.nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr: float | None = None,
+        candidates: int = 50,
+        drop_high_loss: float = 0.0,
+        drop_disputed: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise InvalidConfigurationError("model", type(model).__name__, "an nn.Module")
+        if not callable(loss_fn):
+            raise InvalidConfigurationError("loss_fn", loss_fn, "a callable (logits, labels) -> [N] losses")
+        if lr is None and (optimizer is None or "lr" not in optimizer.param_groups[0]):
+            raise InvalidConfigurationError(
+                "lr", lr, "a learning rate, or an optimizer whose first param group has 'lr'"
+            )
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+            raise InvalidConfigurationError("lr", lr, "a number > 0")
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise InvalidConfigurationError("candidates", candidates, "an int >= 1")
+        if isinstance(drop_high_loss, bool) or not isinstance(drop_high_loss, (int, float)):
+            raise InvalidConfigurationError("drop_high_loss", drop_high_loss, "a number in [0, 1)")
+        if not 0.0 <= drop_high_loss < 1.0:
+            raise InvalidConfigurationError("drop_high_loss", drop_high_loss, "a number in [0, 1)")
+        self.pool, self.model, self.loss_fn = pool, model, loss_fn
+        self.optimizer, self.lr = optimizer, lr
+        self.candidates, self.drop_high_loss = candidates, float(drop_high_loss)
+        self.drop_disputed = bool(drop_disputed)
+        self.generator = _check_generator(generator)
+
+    def _lr(self) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None else None
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+            raise InvalidConfigurationError("optimizer", lr, "a first param group whose 'lr' is a number >= 0")
+        return float(lr)
+
+    def _losses(
+        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        return self._check_losses(self.loss_fn(functional_call(self.model, (params, buffers), (x,)), y), y)
+
+    def _check_losses(self, losses: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if losses.shape != y.shape:
+            raise InvalidConfigurationError(
+                "loss_fn",
+                getattr(self.loss_fn, "__name__", self.loss_fn),
+                f"per-sample losses {list(y.shape)}, got {list(losses.shape)}",
+            )
+        return losses
+
+    def scores(self, x: Any, y: Any, *, where: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate ids ``[candidates]`` (-1 padding) and their interference scores (``-inf`` where not eligible)."""
+        xt, yt, _ = _check_batch(x, y, 0, self.pool)
+        with self.pool._lock:  # draw and gather see the same bank
+            snap = _Snapshot(self.pool, where)
+            slots = _draw(snap, self.candidates, self.generator)
+            dreams, labels = snap.gather(slots)
+        cand_x = dreams.to(xt.dtype)
+        named = dict(self.model.named_parameters())
+        trained = [n for n, p in named.items() if p.requires_grad]
+        params = {n: p.detach() for n, p in named.items()}
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        with torch.enable_grad():
+            live = {n: (p.detach().requires_grad_() if n in trained else p) for n, p in params.items()}
+            loss = self._losses(live, buffers, xt, yt).mean()
+            grads = torch.autograd.grad(loss, [live[n] for n in trained], allow_unused=True)
+        lr = self._lr()
+        stepped = dict(params)
+        with torch.no_grad():
+            for n, g in zip(trained, grads, strict=True):
+                if g is not None:
+                    stepped[n] = params[n] - lr * g
+            safe = labels.clamp(min=0)
+            logits = functional_call(self.model, (params, buffers), (cand_x,))
+            before = self._check_losses(self.loss_fn(logits, safe), safe)
+            after = self._losses(stepped, buffers, cand_x, safe)
+        valid = slots >= 0
+        score = torch.where(valid, after - before, -math.inf)
+        if self.drop_high_loss > 0:
+            score = torch.where(self._highest(before, valid), -math.inf, score)
+        if self.drop_disputed:
+            pred = logits.argmax(1)
+            eligible = snap.present(self.pool.config.num_classes)
+            known = eligible[pred.clamp(max=eligible.numel() - 1)] & (pred < eligible.numel())
+            disputed = (pred != labels) & known & ~torch.isin(pred, yt)
+            score = torch.where(disputed, -math.inf, score)
+        return snap.ids_of(slots), score
+
+    def _highest(self, before: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``[C]`` bool: the ``floor(drop_high_loss * n_valid)`` valid candidates of highest loss."""
+        n_valid = valid.sum()
+        drop = torch.floor(self.drop_high_loss * n_valid.float())
+        key = torch.where(valid, before, -math.inf)
+        rank = key.argsort(descending=True, stable=True).argsort()
+        return valid & (rank < drop)
+
+    def select(self, x: Any, y: Any, k: int, *, where: Any = None) -> torch.Tensor:
+        """``[k]`` int64 ids on the pool's device of the most interfered candidates (-1 padding)."""
+        k = v.check_count(k, "k")
+        ids, score = self.scores(x, y, where=where)
+        top = score.topk(min(k, score.numel()))
+        return _pad(torch.where(torch.isfinite(top.values), ids[top.indices], -1), k)
+
+
+def knn_shapley(
+    dist: torch.Tensor, eval_labels: torch.Tensor, cand_labels: torch.Tensor, cand_valid: torch.Tensor, k: int
+) -> torch.Tensor:
+    """KNN-Shapley values ``[E, N]`` of ``N`` candidates for each of ``E`` evaluation points (Jia et al. 2019).
+
+    ``dist`` ``[E, N]`` distances; the utility of a candidate set for one evaluation point is
+    the share of its ``k`` nearest (fewer when the set is smaller, divided by ``k`` anyway)
+    carrying the point's label. Candidates with ``cand_valid`` False take no part and get 0.
+    Closed form over the candidates sorted by distance (ties by index), ``n`` valid:
+    ``s_n = 1[y_n = y] / max(n, k)``, ``s_j = s_{j+1} + (1[y_j = y] - 1[y_{j+1} = y]) min(k, j) / (k j)``.
+    """
+    e, n = dist.shape
+    d = torch.where(cand_valid[None, :], dist, math.inf)
+    order = d.argsort(dim=1, stable=True)
+    match = ((cand_labels[order] == eval_labels[:, None]) & cand_valid[order]).to(dist.dtype)
+    nxt = torch.cat([match[:, 1:], match.new_zeros(e, 1)], dim=1)
+    j = torch.arange(1, n + 1, device=dist.device, dtype=dist.dtype)
+    n_valid = cand_valid.sum().to(dist.dtype)
+    factor = torch.where(j == n_valid, 1.0 / torch.clamp(n_valid, min=float(k)), torch.clamp(j, max=float(k)) / (k * j))
+    terms = torch.where(j <= n_valid, (match - nxt) * factor, 0.0)
+    sorted_sv = terms.flip(1).cumsum(1).flip(1)
+    return torch.zeros_like(sorted_sv).scatter_(1, order, sorted_sv)
+
+
+class KNNShapley:
+    """ASER-style replay (Shim et al. 2021): KNN-Shapley values on the learner's features.
+
+    A call draws a class-balanced candidate sample (``per_class`` entries of each class, more
+    when needed so that at least ``k`` replay slots are filled: ``max(per_class, ceil(k / classes
+    present))``) and a disjoint class-balanced evaluation sample of ``per_class`` per class. Each
+    candidate's value is its mean KNN-Shapley value (``knn_shapley``, ``k`` neighbours) for the
+    evaluation sample (cooperative: it helps classify memory) minus its mean value for the
+    incoming batch (adversarial: a candidate near incoming points of another label gets a
+    negative value there, so a higher score). The ``k`` highest are replayed. Where ``where``
+    keeps every incoming class out of the candidates, the adversarial term is 0 by construction.
+
+    Cost per call: one forward of ``features`` over the incoming batch and the two samples
+    (no backward), one batched ``[B + E, N]`` distance matrix with the pool's exact k-NN kernel
+    and one sort of it.
+
+    Args:
+        pool: the pool to draw from (labels 0..``pool.config.num_classes``-1).
+        features: a callable mapping dreams ``[N, R, C, L, 3]`` (the incoming batch's dtype) to
+            features ``[N, D]``, e.g. the learner's penultimate layer; called under ``no_grad``.
+        k: neighbours of the KNN utility (ASER's K).
+        per_class: class-balanced sample size per class (ASER's ``n_smp_cls``).
+        generator: a ``torch.Generator`` for the samples.
+    """
+
+    def __init__(
+        self,
+        pool: DreamPool,
+        features: Features,
+        *,
+        k: int = 3,
+        per_class: int = 2,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not callable(features):
+            raise InvalidConfigurationError("features", features, "a callable dreams -> [N, D] features")
+        for name, val in (("k", k), ("per_class", per_class)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise InvalidConfigurationError(name, val, "an int >= 1")
+        self.pool, self.features, self.k, self.per_class = pool, features, k, per_class
+        self.generator = _check_generator(generator)
+
+    def select(self, x: Any, y: Any, k: int, *, where: Any = None) -> torch.Tensor:
+        """``[k]`` int64 ids on the pool's device of the highest-valued candidates (-1 padding)."""
+        xt, yt, k = _check_batch(x, y, k, self.pool)
+        with self.pool._lock:  # draw and gather see the same bank
+            snap = _Snapshot(self.pool, where)
+            classes = self.pool.config.num_classes
+            n_present = snap.present(classes).sum().clamp(min=1)
+            per = torch.clamp(torch.ceil(k / n_present.float()).long(), min=self.per_class)
+            width = max(self.per_class, k)
+            cand = _balanced(
+                snap, classes, width, torch.zeros((), dtype=torch.long, device=per.device), per, self.generator
+            )
+            evals = _balanced(snap, classes, self.per_class, per, torch.full_like(per, self.per_class), self.generator)
+            slots = torch.cat([cand, evals])
+            dreams, labels = snap.gather(slots)
+        with torch.no_grad():
+            feats = self.features(torch.cat([xt, dreams.to(xt.dtype)]))
+        if feats.dim() != 2 or feats.shape[0] != xt.shape[0] + slots.numel():
+            raise InvalidConfigurationError("features", "its output", f"[N, D] features, got {list(feats.shape)}")
+        b, c = xt.shape[0], cand.numel()
+        feats = feats.float()
+        dist = -pairwise_scores(torch.cat([feats[:b], feats[b + c :]]), feats[b : b + c], Metric.EUCLIDEAN)
+        valid = cand >= 0
+        sv = knn_shapley(dist, torch.cat([yt, labels[c:]]), labels[:c], valid, self.k)
+        adv = sv[:b].mean(0)
+        eval_valid = (evals >= 0).to(sv.dtype)
+        coop = (sv[b:] * eval_valid[:, None]).sum(0) / eval_valid.sum().clamp(min=1.0)
+        score = torch.where(valid, coop - adv, -math.inf)
+        return _top(score, cand, k, snap)
+
+
+class Nearest:
+    """Replay the candidates nearest the incoming batch in the learner's feature space (a baseline).
+
+    A call draws ``candidates`` entries uniformly (all qualifying entries when None) and scores
+    each by its distance to the nearest incoming dream, both through ``features``; the ``k``
+    nearest are replayed.
+
+    Cost per call: one forward of ``features`` over the incoming batch and the candidates
+    (no backward), one ``[B, candidates]`` distance matrix with the pool's exact k-NN kernel.
+
+    Args:
+        pool: the pool to draw from.
+        features: a callable mapping dreams ``[N, R, C, L, 3]`` to features ``[N, D]``.
+        candidates: entries scored per call (None: every qualifying entry, up to ``capacity``).
+        generator: a ``torch.Generator`` for the candidate draw.
+    """
+
+    def __init__(
+        self,
+        pool: DreamPool,
+        features: Features,
+        *,
+        candidates: int | None = 50,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not callable(features):
+            raise InvalidConfigurationError("features", features, "a callable dreams -> [N, D] features")
+        if candidates is not None and (
+            isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1
+        ):
+            raise InvalidConfigurationError("candidates", candidates, "an int >= 1 or None")
+        self.pool, self.features, self.candidates = pool, features, candidates
+        self.generator = _check_generator(generator)
+
+    def select(self, x: Any, y: Any, k: int, *, where: Any = None) -> torch.Tensor:
+        """``[k]`` int64 ids on the pool's device of the candidates nearest the batch (-1 padding)."""
+        xt, _, k = _check_batch(x, y, k, self.pool)
+        with self.pool._lock:  # draw and gather see the same bank
+            snap = _Snapshot(self.pool, where)
+            slots = _draw(snap, self.candidates or snap.capacity, self.generator)
+            dreams, _ = snap.gather(slots)
+        with torch.no_grad():
+            feats = self.features(torch.cat([xt, dreams.to(xt.dtype)]))
+        if feats.dim() != 2 or feats.shape[0] != xt.shape[0] + slots.numel():
+            raise InvalidConfigurationError("features", "its output", f"[N, D] features, got {list(feats.shape)}")
+        b = xt.shape[0]
+        feats = feats.float()
+        near = pairwise_scores(feats[:b], feats[b:], Metric.EUCLIDEAN).max(0).values
+        return _top(torch.where(slots >= 0, near, -math.inf), slots, k, snap)
