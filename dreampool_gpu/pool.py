@@ -2,7 +2,7 @@
 
 The public methods check their input and delegate: ``add`` to the admitter, ``feedback`` to
 :func:`~dreampool_gpu.feedback.record_feedback`, the encoder methods to the encoder slot,
-``retrieve`` to the mode table over the parts (a :class:`~dreampool_gpu.retrieval.request.RetrievalContext`),
+``retrieve`` to :func:`~dreampool_gpu.retrieval.walk.walk` over the parts,
 checkpoints to :mod:`~dreampool_gpu.checkpointing`, ``to`` to :mod:`~dreampool_gpu.device_move`.
 """
 
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Generic, SupportsIndex, TypeVar, cast, overload
 
 import numpy as np
 import torch
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import checkpointing, checks, device_move, persist
+from dreampool_gpu import checkpointing, device_move, persist
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.budget import MemoryBudget
 from dreampool_gpu.cache import QueryCache
@@ -34,8 +33,7 @@ from dreampool_gpu.prepared import PreparedRetrieval
 from dreampool_gpu.rerank import HybridWeights, diversity_stats
 from dreampool_gpu.retrieval import request
 from dreampool_gpu.retrieval.context import RETRIEVE_DEFAULTS, retrieve_options
-from dreampool_gpu.retrieval.modes import CHROMA_MODES, MODES
-from dreampool_gpu.retrieval.request import check_request
+from dreampool_gpu.retrieval.walk import Retrieval, walk
 from dreampool_gpu.search import SearchIndex
 from dreampool_gpu.stats import PoolStats, pool_stats
 from dreampool_gpu.streams import StreamOrderedLock
@@ -68,30 +66,6 @@ class _Part(Generic[T]):
         if not self.settable:
             raise AttributeError(f"DreamPool.{self.name} is read-only (it belongs to the pool's parts)")
         setattr(pool.parts, self.name, value)
-
-
-@dataclass(frozen=True)
-class Retrieval:
-    """Result of :meth:`DreamPool.retrieve`, on the pool's device.
-
-    Attributes:
-        ids: ``[B, k]`` int64 entry ids, best first, -1 padding.
-        scores: ``[B, k]`` float32, higher is better, ``-inf`` padding. Chroma
-            methods: chroma cosine; nearest: embedding similarity (cosine, or minus
-            the euclidean distance); soft/hybrid: hybrid base score; diverse: chroma
-            cosine of each pick (the order is MMR's).
-        dreams: ``[B, k, R, C, L, 3]`` when asked for with ``with_dreams=True``
-            (zeros at padding), else None.
-    """
-
-    ids: torch.Tensor
-    scores: torch.Tensor
-    dreams: torch.Tensor | None = None
-
-    @property
-    def mask(self) -> torch.Tensor:
-        """``[B, k]`` bool, True where a result is present."""
-        return self.ids >= 0
 
 
 class DreamPool:
@@ -311,7 +285,7 @@ class DreamPool:
         start = time.perf_counter()
         options = retrieve_options(locals())
         with self._lock:
-            out = self._retrieve(queries, options, with_dreams=with_dreams, sync_free=self.sync_free)
+            out = walk(self._parts, queries, options, with_dreams=with_dreams, sync_free=self.sync_free)
             b = out.ids.shape[0]
             self.counters["queries"] += b
             if self.metrics is not None:
@@ -319,25 +293,6 @@ class DreamPool:
                     torch.cuda.synchronize(self.device)
                 self.metrics.observe_retrieve(time.perf_counter() - start, b)
             return out
-
-    def _retrieve(self, queries: Any, options: dict[str, Any], *, with_dreams: bool, sync_free: bool) -> Retrieval:
-        """:meth:`retrieve`'s device work (checks, the mode's stages, gathers, usage); the caller holds the lock."""
-        with checks.deferred(sync_free) as deferred:
-            req = check_request(self._parts, queries, **options)
-            self.bank.settle()  # every mode reads derived columns: waiting entries get them now, in one batch
-            if req.mode not in CHROMA_MODES:
-                self._parts.notices.unfitted(self.encoder, self._parts.encoders.fitted)
-            scores, slots = MODES[req.mode].run(self._parts, req)
-            if deferred is not None and deferred.flags:  # a failed check empties the results
-                ok = self._parts.fault.record("retrieve", deferred)
-                slots = torch.where(ok, slots, -1)
-                scores = torch.where(ok, scores, float("-inf"))
-        safe, valid = slots.clamp(min=0), slots >= 0
-        ids = self.bank.gather_valid("ids", safe, valid)
-        usage = self.bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
-        usage.index_add_(0, safe.view(-1), valid.view(-1).to(usage.dtype))
-        dreams = self.bank.gather_valid("dreams", safe, valid) if with_dreams else None
-        return Retrieval(ids=ids, scores=scores, dreams=dreams)
 
     def prepare_retrieve(
         self,

@@ -24,9 +24,10 @@ from dreampool_gpu import _validation as v
 from dreampool_gpu import checks
 from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
 from dreampool_gpu.retrieval.request import check_request
+from dreampool_gpu.retrieval.walk import Retrieval, walk
 
 if TYPE_CHECKING:
-    from dreampool_gpu.pool import DreamPool, Retrieval
+    from dreampool_gpu.pool import DreamPool
 
 _PER_QUERY = ("class_hint", "category", "utility_prior")
 _WARMUP_RUNS = 2  # eager runs on a side stream before capture (allocator, cuBLAS workspaces)
@@ -113,7 +114,7 @@ class PreparedRetrieval:
     def _run(self, queries: torch.Tensor | None = None) -> Retrieval:
         """The call, eagerly, on ``queries`` (default: the static input buffer)."""
         queries = self.static if queries is None else queries
-        return self.pool._retrieve(queries, self.options, with_dreams=self.with_dreams, sync_free=True)
+        return walk(self.pool.parts, queries, self.options, with_dreams=self.with_dreams, sync_free=True)
 
     def _capture(self) -> tuple[Any, Retrieval] | None:
         """Capture the call on a side stream after warm-up runs (their usage counts undone).
