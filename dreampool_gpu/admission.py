@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import checks, columns
+from dreampool_gpu import checks, user_columns
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.budget import MemoryBudget
+from dreampool_gpu.columns import renamed_argument
 from dreampool_gpu.config import PoolConfig
 from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
 from dreampool_gpu.encoders import Encoder, FeatureEncoder, bank_form
@@ -67,6 +68,7 @@ class Admission:
         violation: Any = None,
         class_label: Any = None,
         force: bool = False,
+        columns: Any = None,
         class_labels: Any = None,
     ) -> torch.Tensor:
         """Add a batch of dreams; those below the coherence threshold are rejected.
@@ -89,6 +91,8 @@ class Admission:
             energy: ``[N]`` >= 0 (default 0). violation: ``[N]`` in [0, 1] (default 0).
             class_label: ``[N]`` int in ``0..num_classes-1``, -1 = none; or None.
             force: bypass the coherence gate.
+            columns: the user columns of the batch (``PoolConfig.columns``), ``{name: [N, *shape]}``
+                (a 0-d value is broadcast); a declared column not given gets 0 (False).
             class_labels: the old name of ``class_label`` (a DeprecationWarning).
 
         Returns:
@@ -103,11 +107,18 @@ class Admission:
         with self._lock:
             force = v.check_flag(force, "force")
             label_name = "class_label" if class_labels is None else "class_labels"  # errors name what the caller wrote
-            class_label = columns.renamed_argument(class_label, class_labels, "class_labels", "class_label")
+            class_label = renamed_argument(class_label, class_labels, "class_labels", "class_label")
             if coherence is None and force:
                 coherence = 1.0
 
-            def checked() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+            def checked() -> tuple[
+                torch.Tensor,
+                torch.Tensor,
+                torch.Tensor | None,
+                torch.Tensor | None,
+                torch.Tensor,
+                dict[str, torch.Tensor],
+            ]:
                 batch = v.as_tensor(dreams, "dreams", device=self.device)
                 batch = validate_dreams(batch, dream_shape=self.config.dream_shape)
                 n = batch.shape[0]
@@ -125,10 +136,11 @@ class Admission:
                     eng,
                     vio,
                     request.labels(class_label, n, label_name, self.config.num_classes, self.device),
+                    user_columns.checked_values(self.config.columns, columns, n, self.device),
                 )
 
             with checks.bounded() as bounds:  # value checks: one aminmax per checked tensor, read below
-                batch, coh, eng, vio, labels = checked()
+                batch, coh, eng, vio, labels, user = checked()
             self._check_fresh()
             n = batch.shape[0]
             passed = None if force else coh >= self.config.coherence_threshold
@@ -191,7 +203,7 @@ class Admission:
                 kept, kept_labels = batch, labels
             else:
                 kept, kept_labels = batch.index_select(0, accepted), labels[accepted]
-            per_dream = (("coherence", coh), ("energy", eng), ("violation", vio))
+            per_dream = (("coherence", coh), ("energy", eng), ("violation", vio), *user.items())
             values = {  # an absent column (energy or violation not given) gets its fill value
                 name: t if accepted is None else t[accepted] for name, t in per_dream if t is not None
             }

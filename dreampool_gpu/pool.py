@@ -46,6 +46,7 @@ from dreampool_gpu.retrieval.request import check_request
 from dreampool_gpu.search import make_index
 from dreampool_gpu.stats import PoolStats, pool_stats
 from dreampool_gpu.streams import StreamOrderedLock
+from dreampool_gpu.updates import ColumnUpdates
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _RETRIEVE_DEFAULTS: dict[str, Any] = {
@@ -87,7 +88,7 @@ class Retrieval:
         return self.ids >= 0
 
 
-class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove):
+class DreamPool(Admission, Feedback, ColumnUpdates, EncoderLifecycle, Checkpointing, DeviceMove):
     """Long-term memory of dreams: gated adds, a tensor bank, k-NN, MMR, feedback.
 
     Every public method is thread-safe (one re-entrant lock) and validates its
@@ -124,7 +125,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         )
         # capacity: as configured, lowered (or, when None, derived) so the preallocated bank fits the budget;
         # kept on the bank (``self.capacity``), never written back into the user's config
-        specs = column_specs(self.config.dream_shape, self.config.embedding_dim, dream_dtype)
+        specs = column_specs(self.config.dream_shape, self.config.embedding_dim, dream_dtype, self.config.columns)
         capacity = fit_capacity(
             self.config, entry_bytes=entry_nbytes(specs), budget_bytes=self.budget.budget_bytes, device=self.device
         )
@@ -135,6 +136,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             self.config.embedding_dim,
             device=self.device,
             dream_dtype=dream_dtype,
+            user=self.config.columns,
         )
         self.bank.settle_hook = self._settle_features  # lazy features: computed when first read
         self._lazy_for: PoolConfig | None = None
