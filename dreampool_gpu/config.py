@@ -270,7 +270,7 @@ class PoolConfig:
     strict_budget: bool = False
     checks: CheckPolicy = CheckPolicy.AUTO
     features: str = "lazy"
-    columns: UserColumns = dataclasses.field(default_factory=UserColumns)
+    columns: UserColumns = UserColumns()  # immutable: one shared empty declaration
 
     def __post_init__(self) -> None:
         shape = tuple(self.dream_shape) if isinstance(self.dream_shape, (list, tuple)) else None

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import checkpointing, errors, persist
+from dreampool_gpu import checkpointing, errors, persist, user_columns
 from dreampool_gpu.atomic import atomic_write, fsync_path, write_synced
 from dreampool_gpu.columns import Columns, as_returned, renamed_argument
 from dreampool_gpu.config import DREAM_DTYPES, PoolConfig, RetrievalMode
@@ -77,6 +77,7 @@ from dreampool_gpu.retrieval.modes import EMBEDDING_MODES, MODES, RERANK_MODES
 from dreampool_gpu.retrieval.request import Queries
 from dreampool_gpu.retrieval.topk import empty_results, pad_results
 from dreampool_gpu.stats import CacheStats, PoolStats
+from dreampool_gpu.updates import checked_update
 
 TAG_BITS = 40
 SHARDED_FORMAT = "dreampool-sharded-checkpoint"
@@ -88,6 +89,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TAG = re.compile(r"0|[1-9][0-9]{0,7}")  # a tag as a JSON key, in canonical form
 _MAX_TAG = (1 << (63 - TAG_BITS)) - 1  # ids are int64
 _MODES = list(RetrievalMode)
+_USER = "user:"  # prefix of user columns among a routed batch's columns
 _ROUTES = ("least_full",)  # routes of a collective add ("local" is not one)
 # fields of PoolConfig that may differ between shards; every other field must agree
 _PER_SHARD_FIELDS = ("capacity", "device", "memory_budget_mb")
@@ -464,6 +466,7 @@ class ShardedDreamPool:
         class_label: Any = None,
         force: bool = False,
         route: str = "local",
+        columns: Any = None,
         class_labels: Any = None,
     ) -> torch.Tensor:
         """Add a batch of dreams; returns ``[N]`` global ids (-1 where rejected or dropped).
@@ -473,21 +476,35 @@ class ShardedDreamPool:
         passes its batch (any size, 0 included), and the shard with the lowest fill
         fraction (ties to the lower rank) adds every rank's batch, in rank order, as
         one :meth:`DreamPool.add`. The coherence gate is the same on every shard.
-        Arguments as :meth:`DreamPool.add`. Any other ``route`` is taken as a collective call
-        and refused on every rank (``InvalidInputError``), as is a ``route`` or ``force`` that
-        differs between ranks.
+        Arguments as :meth:`DreamPool.add` (``columns``: the user columns, on either route).
+        Any other ``route`` is taken as a collective call and refused on every rank
+        (``InvalidInputError``), as is a ``route`` or ``force`` that differs between ranks.
         """
         class_label = renamed_argument(class_label, class_labels, "class_labels", "class_label")
         if coherence is None and force is True:
             coherence = 1.0
         if isinstance(route, str) and route == "local":
             return self.shard.add(
-                dreams, coherence=coherence, energy=energy, violation=violation, class_label=class_label, force=force
+                dreams,
+                coherence=coherence,
+                energy=energy,
+                violation=violation,
+                class_label=class_label,
+                force=force,
+                columns=columns,
             )
-        return self._add_routed(dreams, coherence, energy, violation, class_label, force, route)
+        return self._add_routed(dreams, coherence, energy, violation, class_label, force, route, columns)
 
     def _add_routed(
-        self, dreams: Any, coherence: Any, energy: Any, violation: Any, class_labels: Any, force: Any, route: Any
+        self,
+        dreams: Any,
+        coherence: Any,
+        energy: Any,
+        violation: Any,
+        class_labels: Any,
+        force: Any,
+        route: Any,
+        columns: Any,
     ) -> torch.Tensor:
         shard = self.shard
 
@@ -507,6 +524,7 @@ class ShardedDreamPool:
                 "energy": shard._per_dream(energy, n, "energy", 0.0, float("inf")),
                 "violation": shard._per_dream(violation, n, "violation", 0.0, 1.0),
                 "class_labels": shard._labels(class_labels, n, "class_label"),
+                **_user_rows(shard, columns, n),
             }
 
         cols, error = self._local(parse)
@@ -545,6 +563,7 @@ class ShardedDreamPool:
                     violation=union["violation"],
                     class_label=union["class_labels"],
                     force=bool(force),
+                    columns={name: union[_USER + name] for name in shard.bank.user_names},
                 )
             )
         self._agree([], error)
@@ -1071,6 +1090,43 @@ class ShardedDreamPool:
         shard.feedback(mine[keep], everyone_u[keep])
         return int(recorded[self.rank])
 
+    def update(self, ids: Any, **columns: Any) -> int:
+        """Write user columns of global ids at their owners (collective), as :meth:`DreamPool.update`.
+
+        Every rank names the same columns (any number of ids, 0 included). When several ranks
+        write one entry, the highest rank's value is the one kept.
+
+        Returns:
+            The number of this rank's ids written.
+        """
+        shard = self.shard
+        names = tuple(shard.config.columns)
+
+        def parse() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with shard._lock:
+                return checked_update(shard.config, ids, columns, shard.device)
+
+        parsed, error = self._local(parse)
+        given = 0 if parsed is None else sum(1 << names.index(name) for name in parsed[1])
+        table = self._agree([given], error)
+        if bool((table[:, 0] != table[0, 0]).any()):
+            sets = [[n for i, n in enumerate(names) if mask >> i & 1] for mask in table[:, 0].tolist()]
+            raise InvalidInputError("columns", "the same user columns named on every rank", sets)
+        flat, values = cast(tuple[torch.Tensor, dict[str, torch.Tensor]], parsed)
+        _, counts, everyone_ids = self._route_ids(flat)
+        rows, layout = _pack(values, flat.numel())
+        gathered = self._all_gather(_pad_rows(rows, max(counts)))
+        everyone = _unpack(torch.cat([gathered[r, :c] for r, c in enumerate(counts)]), layout)
+        mine = self._mine(everyone_ids)
+        with shard._lock:
+            found = (shard.bank.slots_of(mine) >= 0).to(torch.int64)
+        per_source = torch.stack([part.sum() for part in found.split(counts)])
+        written = self._all_reduce(per_source).cpu()
+        keep = mine >= 0
+        if bool(keep.any()):
+            shard.update(mine[keep], **{name: t.to(shard.device)[keep] for name, t in everyone.items()})
+        return int(written[self.rank])
+
     def dreams(self, ids: Any) -> torch.Tensor:
         """Dreams of global ``ids`` (any shape) as ``[..., R, C, L, 3]``; zeros where absent (collective)."""
         flat, counts, _ = self._route_ids(ids)
@@ -1495,6 +1551,17 @@ def _remove_generations(root: Path, generation: str, *, keep_new: bool) -> None:
             shutil.rmtree(stale, ignore_errors=True)
     for tmp in root.glob(f".{_MANIFEST}.tmp-*"):  # a manifest write killed before its rename
         tmp.unlink(missing_ok=True)
+
+
+def _user_rows(shard: DreamPool, columns: Any, n: int) -> dict[str, torch.Tensor]:
+    """Every user column of a routed batch of ``n``, checked, ``[n, *shape]`` (fill where not given),
+    under :data:`_USER`-prefixed names: the same layout on every rank (the shards' configurations agree)."""
+    given = user_columns.checked_values(shard.config.columns, columns, n, shard.device)
+    out = {}
+    for name, (shape, dtype) in shard.config.columns.specs().items():
+        fill = torch.zeros((n, *shape), dtype=dtype, device=shard.device)
+        out[_USER + name] = given[name].contiguous() if name in given else fill
+    return out
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

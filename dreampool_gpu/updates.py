@@ -22,6 +22,30 @@ from dreampool_gpu.streams import StreamOrderedLock
 from dreampool_gpu.user_columns import checked_column
 
 
+def checked_update(
+    config: PoolConfig, ids: Any, columns: dict[str, Any], device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The arguments of :meth:`ColumnUpdates.update`, checked: flat ``[k]`` int64 ids and ``name -> [k, *shape]``.
+
+    Value checks join the caller's :func:`~dreampool_gpu.checks.bounded` read when inside one.
+
+    Raises:
+        InvalidInputError: no column, a name that is no user column of ``config``, or bad values.
+        DimensionMismatchError: values not shaped ``[*ids.shape, *shape]``.
+    """
+    specs = config.columns.specs()
+    declared = ", ".join(specs) if specs else "none declared (PoolConfig(columns=...))"
+    if not columns:
+        raise InvalidInputError("columns", f"at least one user column to write ({declared})", "none")
+    for name in columns:
+        if name not in specs:
+            raise InvalidInputError(name, f"a user column: {declared}", "a keyword that names none")
+    id_t = v.as_ids(ids, "ids", device=device)
+    lead, n = tuple(id_t.shape), id_t.numel()
+    values = {name: checked_column(name, value, specs[name], lead, device) for name, value in columns.items()}
+    return id_t.reshape(-1).long(), {name: t.reshape(n, *specs[name][0]) for name, t in values.items()}
+
+
 class ColumnUpdates:
     """``update`` of :class:`~dreampool_gpu.pool.DreamPool` (a mixin)."""
 
@@ -55,26 +79,8 @@ class ColumnUpdates:
             DimensionMismatchError: values not shaped ``[*ids.shape, *shape]``.
         """
         with self._lock:
-            specs = self.config.columns.specs()
-            if not columns:
-                names = ", ".join(specs) if specs else "none declared (PoolConfig(columns=...))"
-                raise InvalidInputError("columns", f"at least one user column to write ({names})", "none")
-            for name in columns:
-                if name not in specs:
-                    names = ", ".join(specs) if specs else "none (declare them in PoolConfig(columns=...))"
-                    raise InvalidInputError(name, f"a user column: {names}", "a keyword that names none")
-
-            def parsed() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-                id_t = v.as_ids(ids, "ids", device=self.device)
-                lead = tuple(id_t.shape)
-                values = {
-                    name: checked_column(name, value, specs[name], lead, self.device) for name, value in columns.items()
-                }
-                n = id_t.numel()
-                return id_t.reshape(-1).long(), {name: t.reshape(n, *specs[name][0]) for name, t in values.items()}
-
             with checks.bounded() as bounds:  # the values' checks: read with the call's one host read
-                flat_ids, values = parsed()
+                flat_ids, values = checked_update(self.config, ids, columns, self.device)
             if flat_ids.numel() == 0:
                 self._fault.raise_code(int(self._fault.code))
                 return 0
@@ -85,7 +91,7 @@ class ColumnUpdates:
             self._fault.raise_code(int(fault))
             if not bounds.hold(extremes):
                 with checks.immediate():
-                    parsed()
+                    checked_update(self.config, ids, columns, self.device)
             if low < -1 or high >= self.bank.next_id:
                 self._check_issued(flat_ids)
             if stored:
