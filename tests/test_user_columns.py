@@ -424,3 +424,64 @@ def test_lazy_features_unaffected():
     eager.add(x, force=True, columns={"logits": logits_of(x), "task": 2})
     for name in ("chroma", "embeddings", "spectral"):  # settled later, the features are those of an eager add
         assert torch.allclose(pool.metadata(ids, columns=(name,))[name], eager.metadata(ids, columns=(name,))[name])
+
+
+# ----------------------------------------------------------------- sharded
+def _sharded_worker(rank: int, world: int, port: int) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from dreampool_gpu import ShardedDreamPool
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    torch.set_num_threads(1)
+    try:
+        cfg = PoolConfig(dream_shape=SHAPE, capacity=32, device="cpu", engine="torch", columns=COLUMNS)
+        pool = ShardedDreamPool(cfg)
+        x = dreams(3, seed=rank)
+        local = pool.add(x, force=True, columns={"logits": logits_of(x), "task": tag_of(x)})
+        y = dreams(2, seed=10 + rank)
+        routed = pool.add(y, force=True, route="least_full", columns={"task": tag_of(y)})  # logits: fill
+        every = [dreams(3, seed=r) for r in range(world)]  # what every rank added locally
+        ids = pool._all_gather(torch.cat([local, routed])).reshape(-1)  # [W * 5]: 3 local, 2 routed per rank
+        m = pool.metadata(ids)
+        assert bool(m["found"].all()), rank
+        for r in range(world):
+            mine = m["task"][5 * r : 5 * r + 3]
+            assert torch.equal(mine, tag_of(every[r])[:3]), (rank, r)
+            assert torch.equal(m["logits"][5 * r : 5 * r + 3], logits_of(every[r])[:3]), (rank, r)
+            assert torch.equal(m["task"][5 * r + 3 : 5 * r + 5], tag_of(dreams(2, seed=10 + r))), (rank, r)
+            assert not bool(m["logits"][5 * r + 3 : 5 * r + 5].any()), (rank, r)
+        # a collective update: every rank writes the other rank's first entry and its own second
+        other = ids[5 * ((rank + 1) % world)]
+        assert pool.update(torch.stack([other, ids[5 * rank + 1], torch.tensor(-1)]), task=100 + rank) == 2
+        after = pool.metadata(ids)["task"]
+        for r in range(world):
+            assert int(after[5 * r]) == 100 + (r + 1) % world and int(after[5 * r + 1]) == 100 + r, (rank, r)
+        try:  # a rank naming another column: refused on every rank, nothing written
+            pool.update(ids[:1], **({"task": 1} if rank == 0 else {"logits": torch.zeros(1, 10)}))
+        except InvalidInputError as exc:
+            assert "same user columns" in str(exc)
+        else:
+            raise AssertionError("columns differing between ranks were accepted")
+        assert torch.equal(pool.metadata(ids)["task"], after)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_pool_carries_user_columns():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_worker, args=(2, port), nprocs=2, join=True)
