@@ -427,7 +427,7 @@ def test_lazy_features_unaffected():
 
 
 # ----------------------------------------------------------------- sharded
-def _sharded_worker(rank: int, world: int, port: int) -> None:
+def _sharded_worker(rank: int, world: int, port: int, root: str) -> None:
     import datetime
 
     import torch.distributed as dist
@@ -472,11 +472,17 @@ def _sharded_worker(rank: int, world: int, port: int) -> None:
         else:
             raise AssertionError("columns differing between ranks were accepted")
         assert torch.equal(pool.metadata(ids)["task"], after)
+        pool.save(root)  # the sharded checkpoint carries them: opened as one pool, and back as shards
+        merged = DreamPool.load(root)
+        assert torch.equal(merged.metadata(ids)["task"], after)
+        assert torch.equal(merged.metadata(ids)["logits"], pool.metadata(ids)["logits"])
+        again = ShardedDreamPool.load(root)
+        assert torch.equal(again.metadata(ids)["task"], after)
     finally:
         dist.destroy_process_group()
 
 
-def test_sharded_pool_carries_user_columns():
+def test_sharded_pool_carries_user_columns(tmp_path):
     import socket
 
     import torch.multiprocessing as mp
@@ -484,4 +490,4 @@ def test_sharded_pool_carries_user_columns():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_sharded_worker, args=(2, port), nprocs=2, join=True)
+    mp.spawn(_sharded_worker, args=(2, port, str(tmp_path / "sharded")), nprocs=2, join=True)
