@@ -146,7 +146,8 @@ def checked_values(declared: UserColumns, given: Any, n: int, device: torch.devi
     broadcast to every entry). Columns not given are left out (the
     bank writes their fill value). Checked like every input: the dtype must cast to the
     declared one without changing kind (floats into a float column; ints or bools into an int
-    column; bools into a bool column), float values must be finite, int32 values fit int32.
+    column; bools into a bool column), float values must be finite and fit the declared float
+    dtype (no overflow to inf, e.g. above 65504 for float16), int32 values fit int32.
     Value checks join the caller's :func:`~dreampool_gpu.checks.bounded` read when inside one.
 
     Raises:
@@ -184,6 +185,11 @@ def checked_column(
     v.check_shape(t, (*lead, *shape), label)
     if t.is_floating_point():
         v.check_finite(t, label)
+    if dtype.is_floating_point and t.dtype != torch.bool:  # values the cast would turn into inf
+        top = torch.finfo(dtype).max
+        source = torch.finfo(t.dtype).max if t.is_floating_point() else torch.iinfo(t.dtype).max
+        if source > top:
+            v.check_range(t, label, -top, top)
     elif dtype == torch.int32 and t.dtype == torch.int64:
         info = torch.iinfo(torch.int32)
         v.check_int_range(t, label, info.min, info.max, f"int32 values in [{info.min}, {info.max}]")

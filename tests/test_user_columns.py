@@ -205,6 +205,18 @@ class TestAddAndRead:
         m = pool.metadata(ids)
         assert m["step"].tolist() == [1, 2**31 - 1] and m["step"].dtype == torch.int64  # integers come back int64
 
+    def test_half_column_refuses_overflow(self):
+        pool = make_pool(columns={"soft": ((2,), "float16"), "wide": ((), "bfloat16")})
+        for bad in ({"soft": torch.tensor([[1.0, 7e4], [0.0, 0.0]])}, {"soft": torch.tensor([[1, 70000], [0, 0]])}):
+            with pytest.raises(InvalidInputError, match="soft"):
+                pool.add(dreams(2), force=True, columns=bad)
+        with pytest.raises(InvalidInputError, match="wide"):
+            pool.add(dreams(2), force=True, columns={"wide": torch.tensor([1e300, 0.0], dtype=torch.float64)})
+        assert len(pool) == 0
+        ids = pool.add(dreams(2), force=True, columns={"soft": [[65504.0, -1.0], [0.5, 2]], "wide": [1e38, 0]})
+        m = pool.metadata(ids)
+        assert m["soft"].tolist() == [[65504.0, -1.0], [0.5, 2.0]] and bool(torch.isfinite(m["wide"]).all())
+
     def test_pool_without_columns_refuses_them(self):
         pool = make_pool(columns=None)
         with pytest.raises(InvalidInputError, match="declare them"):
