@@ -57,7 +57,7 @@ def column_specs(
 ) -> dict[str, ColumnSpec]:
     """The bank's columns, in a fixed order (also the checkpoint layout), then the ``user`` columns (fill 0)."""
     nan = float("nan")
-    own = {
+    specs = {
         "ids": ColumnSpec((), torch.int64, -1),
         "embeddings": ColumnSpec((embedding_dim,), torch.float32, 0.0),
         "dreams": ColumnSpec((*dream_shape, 3), dream_dtype, 0.0),
@@ -74,14 +74,9 @@ def column_specs(
         "hue_category": ColumnSpec((), torch.int8, 0),
         "inserted_at": ColumnSpec((), torch.float64, 0.0),
     }
-    extra = {} if user is None else user.specs()
-    return {
-        **own,
-        **{
-            name: ColumnSpec(shape, dtype, False if dtype == torch.bool else 0)
-            for name, (shape, dtype) in extra.items()
-        },
-    }
+    for name, (shape, dtype) in ({} if user is None else user.specs()).items():
+        specs[name] = ColumnSpec(shape, dtype, False if dtype == torch.bool else 0)
+    return specs
 
 
 class _Columns(dict[str, torch.Tensor]):

@@ -18,9 +18,8 @@ from typing import Any
 
 import yaml
 
-from dreampool_gpu import user_columns
 from dreampool_gpu.errors import InvalidConfigurationError, InvalidInputError
-from dreampool_gpu.user_columns import UserColumns
+from dreampool_gpu.user_columns import UserColumns, parse_columns
 
 
 class Metric(str, Enum):
@@ -347,7 +346,7 @@ class PoolConfig:
         if not isinstance(self.strict_budget, bool):
             raise InvalidConfigurationError("strict_budget", self.strict_budget, "true or false")
         object.__setattr__(self, "checks", _parse_enum(CheckPolicy, self.checks, "checks"))
-        object.__setattr__(self, "columns", user_columns.parse(self.columns))
+        object.__setattr__(self, "columns", parse_columns(self.columns))
 
     @property
     def default_mode(self) -> RetrievalMode:

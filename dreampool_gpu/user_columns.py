@@ -93,11 +93,11 @@ class UserColumns(Mapping[str, tuple[tuple[int, ...], str]]):
         return {name: (shape, USER_DTYPES[dtype]) for name, shape, dtype in self._items}
 
     def to_dict(self) -> dict[str, list[Any]]:
-        """JSON/YAML-safe form: ``{name: [[*shape], dtype]}`` (what :func:`parse` reads back)."""
+        """JSON/YAML-safe form: ``{name: [[*shape], dtype]}`` (what :func:`parse_columns` reads back)."""
         return {name: [list(shape), dtype] for name, shape, dtype in self._items}
 
 
-def parse(value: Any) -> UserColumns:
+def parse_columns(value: Any) -> UserColumns:
     """Check the ``columns`` field of a configuration and normalise it.
 
     Accepts None (no columns), a :class:`UserColumns`, or a mapping ``name -> (shape, dtype)``
