@@ -12,6 +12,7 @@ batch (:func:`checked_values`), ``metadata`` and ``where=`` read them, and
 
 from __future__ import annotations
 
+import keyword
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -66,7 +67,8 @@ RESERVED = frozenset(
 class UserColumns(Mapping[str, tuple[tuple[int, ...], str]]):
     """Declared user columns: an immutable, hashable mapping ``name -> (shape, dtype name)``, sorted by name.
 
-    Equal to a dict of the same declarations. :meth:`specs` gives ``name -> (shape, torch dtype)``.
+    Built by :func:`parse_columns`; equal to a dict of the same declarations. :meth:`specs` gives
+    ``name -> (shape, torch dtype)``.
     """
 
     def __init__(self, items: tuple[tuple[str, tuple[int, ...], str], ...] = ()) -> None:
@@ -115,8 +117,10 @@ def parse_columns(value: Any) -> UserColumns:
         raise InvalidConfigurationError("columns", value, "a mapping of name -> (shape, dtype), or None")
     items = []
     for name, decl in value.items():
-        if not isinstance(name, str) or not name.isidentifier():
-            raise InvalidConfigurationError("columns", name, "column names that are Python identifiers")
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise InvalidConfigurationError(
+                "columns", name, "column names that are Python identifiers (update(ids, name=...) takes them)"
+            )
         if name in RESERVED:
             raise InvalidConfigurationError(
                 "columns", name, f"a name other than the pool's own ({', '.join(sorted(RESERVED))})"

@@ -90,6 +90,7 @@ class TestConfig:
             ({"found": ((), "bool")}, "columns"),  # metadata's own key
             ({"age": ((), "float32")}, "columns"),  # an old spelling
             ({"not an identifier": ((), "int64")}, "columns"),
+            ({"lambda": ((), "int64")}, "columns"),  # a keyword: update(ids, lambda=...) cannot be written
             ({3: ((), "int64")}, "columns"),
             ({"x": ((-1,), "float32")}, "columns['x']"),
             ({"x": ((2.0,), "float32")}, "columns['x']"),
