@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import checks, columns
+from dreampool_gpu import checks, user_columns
+from dreampool_gpu.columns import renamed_argument
 from dreampool_gpu.config import PoolConfig
 from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
 from dreampool_gpu.encoders import FeatureEncoder, bank_form
@@ -59,17 +60,25 @@ class Admitter:
         violation: Any = None,
         class_label: Any = None,
         force: bool = False,
+        columns: Any = None,
         class_labels: Any = None,
     ) -> torch.Tensor:
         """:meth:`DreamPool.add` (the caller holds the pool's lock)."""
         parts = self.parts
         force = v.check_flag(force, "force")
         label_name = "class_label" if class_labels is None else "class_labels"  # errors name what the caller wrote
-        class_label = columns.renamed_argument(class_label, class_labels, "class_labels", "class_label", depth=2)
+        class_label = renamed_argument(class_label, class_labels, "class_labels", "class_label", depth=2)
         if coherence is None and force:
             coherence = 1.0
 
-        def checked() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        def checked() -> tuple[
+            torch.Tensor,
+            torch.Tensor,
+            torch.Tensor | None,
+            torch.Tensor | None,
+            torch.Tensor,
+            dict[str, torch.Tensor],
+        ]:
             batch = v.as_tensor(dreams, "dreams", device=parts.device)
             batch = validate_dreams(batch, dream_shape=parts.config.dream_shape)
             n = batch.shape[0]
@@ -87,10 +96,11 @@ class Admitter:
                 eng,
                 vio,
                 request.labels(class_label, n, label_name, parts.config.num_classes, parts.device),
+                user_columns.checked_values(parts.config.columns, columns, n, parts.device),
             )
 
         with checks.bounded() as bounds:  # value checks: one aminmax per checked tensor, read below
-            batch, coh, eng, vio, labels = checked()
+            batch, coh, eng, vio, labels, user = checked()
         parts.encoders.check_fresh()
         n = batch.shape[0]
         passed = None if force else coh >= parts.config.coherence_threshold
@@ -155,7 +165,7 @@ class Admitter:
             kept, kept_labels = batch, labels
         else:
             kept, kept_labels = batch.index_select(0, accepted), labels[accepted]
-        per_dream = (("coherence", coh), ("energy", eng), ("violation", vio))
+        per_dream = (("coherence", coh), ("energy", eng), ("violation", vio), *user.items())
         values = {  # an absent column (energy or violation not given) gets its fill value
             name: t if accepted is None else t[accepted] for name, t in per_dream if t is not None
         }

@@ -97,9 +97,11 @@ def where_columns(bank: TensorBank) -> Columns:
     ``coherence``, ``energy``, ``violation``, ``utility`` (NaN before any feedback),
     ``util_mean`` float32; ``inserted_at`` float64 (``time.time()`` when added);
     ``ids``, ``class_label`` (-1 = none), ``hue_category``, ``usage``, ``feedback_count``
-    int64. Free slots have id -1 and never qualify, whatever the mask says.
+    int64; then the user columns (``PoolConfig.columns``), ``[capacity, *shape]`` each.
+    Free slots have id -1 and never qualify, whatever the mask says.
     """
-    return Columns({name: as_returned(bank.columns[name], copy=True) for name in WHERE_COLUMNS})
+    names = (*WHERE_COLUMNS, *bank.user_names)
+    return Columns({name: as_returned(bank.columns[name], copy=True) for name in names})
 
 
 def renamed_argument(value: Any, old_value: Any, old: str, new: str, *, depth: int = 1) -> Any:

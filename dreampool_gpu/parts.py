@@ -141,7 +141,14 @@ def _new_bank(config: PoolConfig, device: torch.device, budget: MemoryBudget) ->
     """An empty bank for ``config`` on ``device``: the capacity as configured, lowered (or, when
     None, derived) so the preallocated bank fits ``budget``; never written back into the config."""
     dream_dtype = _DTYPES.get(config.dream_dtype, torch.float16 if device.type == "cuda" else torch.float32)
-    specs = column_specs(config.dream_shape, config.embedding_dim, dream_dtype)
+    specs = column_specs(config.dream_shape, config.embedding_dim, dream_dtype, config.columns)
     capacity = fit_capacity(config, entry_bytes=entry_nbytes(specs), budget_bytes=budget.budget_bytes, device=device)
     check_allocation(config, specs, capacity, device)  # a typed error, not the allocator's
-    return TensorBank(capacity, config.dream_shape, config.embedding_dim, device=device, dream_dtype=dream_dtype)
+    return TensorBank(
+        capacity,
+        config.dream_shape,
+        config.embedding_dim,
+        device=device,
+        dream_dtype=dream_dtype,
+        user=config.columns,
+    )

@@ -37,6 +37,7 @@ from dreampool_gpu.retrieval.walk import Retrieval, walk
 from dreampool_gpu.search import SearchIndex
 from dreampool_gpu.stats import PoolStats, pool_stats
 from dreampool_gpu.streams import StreamOrderedLock
+from dreampool_gpu.updates import update_columns
 
 _PREPARED_OPTIONS = tuple(name for name in RETRIEVE_DEFAULTS if name not in ("k", "mode"))  # **options
 
@@ -162,6 +163,7 @@ class DreamPool:
         violation: Any = None,
         class_label: Any = None,
         force: bool = False,
+        columns: Any = None,
         class_labels: Any = None,
     ) -> torch.Tensor:
         """Add a batch of dreams; those below the coherence threshold are rejected.
@@ -184,6 +186,8 @@ class DreamPool:
             energy: ``[N]`` >= 0 (default 0). violation: ``[N]`` in [0, 1] (default 0).
             class_label: ``[N]`` int in ``0..num_classes-1``, -1 = none; or None.
             force: bypass the coherence gate.
+            columns: the user columns of the batch (``PoolConfig.columns``), ``{name: [N, *shape]}``
+                (a 0-d value is broadcast); a declared column not given gets 0 (False).
             class_labels: the old name of ``class_label`` (a DeprecationWarning).
 
         Returns:
@@ -203,6 +207,7 @@ class DreamPool:
                 violation=violation,
                 class_label=class_label,
                 force=force,
+                columns=columns,
                 class_labels=class_labels,
             )
 
@@ -223,6 +228,28 @@ class DreamPool:
         """
         with self._lock:
             return record_feedback(self._parts, ids, utility)
+
+    def update(self, ids: Any, **columns: Any) -> int:
+        """Write user columns (``PoolConfig.columns``) of stored entries by id.
+
+        ``pool.update(ids, logits=new_logits, task=3)``: each keyword names a declared user
+        column and gives ``[*ids.shape, *shape]`` values (a 0-d value is broadcast), checked
+        as in ``add``. Padding ids (-1) and ids evicted since they were returned are skipped;
+        where an id repeats, its last value is written. Columns not named keep their values.
+
+        Args:
+            ids: int ids, any shape (e.g. ``sample(n)``'s or ``retrieve(...).ids``).
+
+        Returns:
+            The number of ids written (repeats counted).
+
+        Raises:
+            InvalidInputError: no column given, a name that is not a user column, values of a
+                dtype that does not cast, non-finite floats, or ids never issued (pool unchanged).
+            DimensionMismatchError: values not shaped ``[*ids.shape, *shape]``.
+        """
+        with self._lock:
+            return update_columns(self._parts, ids, columns)
 
     # ------------------------------------------------------------- retrieve
     def retrieve(

@@ -42,7 +42,7 @@ SIGNATURES = {
         "__init__": "config=None, *encoder=None, *eviction=None",
         "add": (
             "dreams, *coherence=None, *energy=None, *violation=None, *class_label=None, *force=False, "
-            "*class_labels=None"
+            "*columns=None, *class_labels=None"
         ),
         "check": "",
         "diversity": "ids",
@@ -65,12 +65,13 @@ SIGNATURES = {
         "state_dict": "",
         "stats": "",
         "to": "device",
+        "update": "ids, **columns",
     },
     "ShardedDreamPool": {
         "__init__": "config=None, *group=None, *encoder=None, *timeout=None",
         "add": (
             "dreams, *coherence=None, *energy=None, *violation=None, *class_label=None, *force=False, "
-            "*route='local', *class_labels=None"
+            "*route='local', *columns=None, *class_labels=None"
         ),
         "diversity": "ids",
         "dreams": "ids",
@@ -90,6 +91,7 @@ SIGNATURES = {
         "state_dict": "",
         "stats": "",
         "to": "device",
+        "update": "ids, **columns",
     },
     "PoolConfig": {
         "__init__": (
@@ -101,7 +103,8 @@ SIGNATURES = {
             "alpha=0.65, beta=0.2, gamma=0.1, delta=0.05, mmr_lambda=0.7, fetch_factor=4, "
             "search_chunk_mb=64.0, rerank_chunk_mb=64.0, engine='auto', ann_threshold=20000, "
             "ivf_nlist=0, ivf_nprobe=16, ivf_refine_factor=16, churn_rebuild_fraction=0.1, "
-            "memory_budget_mb=None, budget_threshold=0.9, strict_budget=False, checks='auto', features='lazy'"
+            "memory_budget_mb=None, budget_threshold=0.9, strict_budget=False, checks='auto', features='lazy', "
+            "columns={}"
         ),
         "from_dict": "data",
         "from_file": "path",

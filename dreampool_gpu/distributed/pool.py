@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import persist
+from dreampool_gpu import persist, user_columns
 from dreampool_gpu.columns import Columns, renamed_argument
 from dreampool_gpu.config import PoolConfig, RetrievalMode
 from dreampool_gpu.distributed import checkpoint, fit, retrieve, routing
@@ -49,6 +49,7 @@ from dreampool_gpu.retrieval import request
 from dreampool_gpu.retrieval.context import retrieve_options
 
 _ROUTES = ("least_full",)  # routes of a collective add ("local" is not one)
+_USER = "user:"  # prefix of user columns among a routed batch's columns
 
 
 class ShardedDreamPool:
@@ -144,6 +145,7 @@ class ShardedDreamPool:
         class_label: Any = None,
         force: bool = False,
         route: str = "local",
+        columns: Any = None,
         class_labels: Any = None,
     ) -> torch.Tensor:
         """Add a batch of dreams; returns ``[N]`` global ids (-1 where rejected or dropped).
@@ -153,21 +155,35 @@ class ShardedDreamPool:
         passes its batch (any size, 0 included), and the shard with the lowest fill
         fraction (ties to the lower rank) adds every rank's batch, in rank order, as
         one :meth:`DreamPool.add`. The coherence gate is the same on every shard.
-        Arguments as :meth:`DreamPool.add`. Any other ``route`` is taken as a collective call
-        and refused on every rank (``InvalidInputError``), as is a ``route`` or ``force`` that
-        differs between ranks.
+        Arguments as :meth:`DreamPool.add` (``columns``: the user columns, on either route).
+        Any other ``route`` is taken as a collective call and refused on every rank
+        (``InvalidInputError``), as is a ``route`` or ``force`` that differs between ranks.
         """
         class_label = renamed_argument(class_label, class_labels, "class_labels", "class_label")
         if coherence is None and force is True:
             coherence = 1.0
         if isinstance(route, str) and route == "local":
             return self.shard.add(
-                dreams, coherence=coherence, energy=energy, violation=violation, class_label=class_label, force=force
+                dreams,
+                coherence=coherence,
+                energy=energy,
+                violation=violation,
+                class_label=class_label,
+                force=force,
+                columns=columns,
             )
-        return self._add_routed(dreams, coherence, energy, violation, class_label, force, route)
+        return self._add_routed(dreams, coherence, energy, violation, class_label, force, route, columns)
 
     def _add_routed(
-        self, dreams: Any, coherence: Any, energy: Any, violation: Any, class_labels: Any, force: Any, route: Any
+        self,
+        dreams: Any,
+        coherence: Any,
+        energy: Any,
+        violation: Any,
+        class_labels: Any,
+        force: Any,
+        route: Any,
+        columns: Any,
     ) -> torch.Tensor:
         shard = self.shard
 
@@ -187,6 +203,7 @@ class ShardedDreamPool:
                 "energy": request.per_query(energy, n, "energy", 0.0, float("inf"), shard.device),
                 "violation": request.per_query(violation, n, "violation", 0.0, 1.0, shard.device),
                 "class_labels": request.labels(class_labels, n, "class_label", shard.config.num_classes, shard.device),
+                **_user_rows(shard, columns, n),
             }
 
         cols, error = local(parse)
@@ -225,6 +242,7 @@ class ShardedDreamPool:
                     violation=union["violation"],
                     class_label=union["class_labels"],
                     force=bool(force),
+                    columns={name: union[_USER + name] for name in shard.bank.user_names},
                 )
             )
         self._net.agree([], error)
@@ -336,6 +354,17 @@ class ShardedDreamPool:
             The number of this rank's (id, utility) pairs recorded.
         """
         return routing.feedback(self, ids, utility)
+
+    def update(self, ids: Any, **columns: Any) -> int:
+        """Write user columns of global ids at their owners (collective), as :meth:`DreamPool.update`.
+
+        Every rank names the same columns (any number of ids, 0 included). When several ranks
+        write one entry, the highest rank's value is the one kept.
+
+        Returns:
+            The number of this rank's ids written.
+        """
+        return routing.update(self, ids, columns)
 
     def dreams(self, ids: Any) -> torch.Tensor:
         """Dreams of global ``ids`` (any shape) as ``[..., R, C, L, 3]``; zeros where absent (collective)."""
@@ -475,3 +504,14 @@ class ShardedDreamPool:
         On any rank's error every rank raises and every shard is left as it was.
         """
         checkpoint.load_state_dict(self, state_dict)
+
+
+def _user_rows(shard: DreamPool, columns: Any, n: int) -> dict[str, torch.Tensor]:
+    """Every user column of a routed batch of ``n``, checked, ``[n, *shape]`` (fill where not given),
+    under :data:`_USER`-prefixed names: the same layout on every rank (the shards' configurations agree)."""
+    given = user_columns.checked_values(shard.config.columns, columns, n, shard.device)
+    out = {}
+    for name, (shape, dtype) in shard.config.columns.specs().items():
+        fill = torch.zeros((n, *shape), dtype=dtype, device=shard.device)
+        out[_USER + name] = given[name].contiguous() if name in given else fill
+    return out

@@ -1,5 +1,5 @@
 """Requests by global id in a sharded pool: each id checked and answered at its owner
-(feedback, dreams, metadata, diversity), and uniform draws over the union of the shards."""
+(feedback, update, dreams, metadata, diversity), and uniform draws over the union of the shards."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from dreampool_gpu.distributed.ids import TAG_BITS, owner_of
 from dreampool_gpu.errors import InvalidInputError
 from dreampool_gpu.rerank import diversity_stats
 from dreampool_gpu.retrieval import request
+from dreampool_gpu.updates import checked_update
 
 if TYPE_CHECKING:
     from dreampool_gpu.distributed.pool import ShardedDreamPool
@@ -141,6 +142,37 @@ def feedback(sp: ShardedDreamPool, ids: Any, utility: Any) -> int:
     keep = mine >= 0
     shard.feedback(mine[keep], everyone_u[keep])
     return int(recorded[sp.rank])
+
+
+def update(sp: ShardedDreamPool, ids: Any, columns: dict[str, Any]) -> int:
+    """:meth:`ShardedDreamPool.update` on ``sp``."""
+    shard = sp.shard
+    names = tuple(shard.config.columns)
+
+    def parse() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with shard.parts.lock:
+            return checked_update(shard.config, ids, columns, shard.device)
+
+    parsed, error = local(parse)
+    given = 0 if parsed is None else sum(1 << names.index(name) for name in parsed[1])
+    table = sp._net.agree([given], error)
+    if bool((table[:, 0] != table[0, 0]).any()):
+        sets = [[n for i, n in enumerate(names) if mask >> i & 1] for mask in table[:, 0].tolist()]
+        raise InvalidInputError("columns", "the same user columns named on every rank", sets)
+    flat, values = cast(tuple[torch.Tensor, dict[str, torch.Tensor]], parsed)
+    _, counts, everyone_ids = route_ids(sp, flat)
+    rows, layout = _pack(values, flat.numel())
+    gathered = sp._net.all_gather(_pad_rows(rows, max(counts)))
+    everyone = _unpack(torch.cat([gathered[r, :c] for r, c in enumerate(counts)]), layout)
+    mine = owned(sp, everyone_ids)
+    with shard.parts.lock:
+        found = (shard.bank.slots_of(mine) >= 0).to(torch.int64)
+    per_source = torch.stack([part.sum() for part in found.split(counts)])
+    written = sp._net.all_reduce(per_source).cpu()
+    keep = mine >= 0
+    if bool(keep.any()):
+        shard.update(mine[keep], **{name: t.to(shard.device)[keep] for name, t in everyone.items()})
+    return int(written[sp.rank])
 
 
 def dreams(sp: ShardedDreamPool, ids: Any) -> torch.Tensor:

@@ -45,6 +45,7 @@ _STRUCTURAL = (
     "encoder_seed",
     "encoder",
     "num_classes",
+    "columns",
 )
 
 _SPOT_SAMPLE = 32  # live entries recomputed from their dreams on every restore
