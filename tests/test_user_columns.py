@@ -463,7 +463,10 @@ def _sharded_worker(rank: int, world: int, port: int, root: str) -> None:
         y = dreams(2, seed=10 + rank)
         routed = pool.add(y, force=True, route="least_full", columns={"task": tag_of(y)})  # logits: fill
         every = [dreams(3, seed=r) for r in range(world)]  # what every rank added locally
-        ids = pool._all_gather(torch.cat([local, routed])).reshape(-1)  # [W * 5]: 3 local, 2 routed per rank
+        mine = torch.cat([local, routed])
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        ids = torch.cat(gathered)  # [W * 5]: 3 local, 2 routed per rank
         m = pool.metadata(ids)
         assert bool(m["found"].all()), rank
         for r in range(world):
