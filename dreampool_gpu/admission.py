@@ -24,7 +24,6 @@ from dreampool_gpu.dreams import chroma_signature, hue_category, validate_dreams
 from dreampool_gpu.encoders import FeatureEncoder, bank_form
 from dreampool_gpu.errors import CapacityExceededError, InvalidInputError
 from dreampool_gpu.eviction import Eviction
-from dreampool_gpu.retrieval import request
 from dreampool_gpu.search import index_nbytes_estimate
 from dreampool_gpu.spectral import SPECTRAL_DIM, spectral_of_checked
 
@@ -86,16 +85,16 @@ class Admitter:
                 raise InvalidInputError(
                     "coherence", "[N] values in [0, 1] (a scalar is broadcast); optional only with force=True", None
                 )
-            coh = request.per_query(coherence, n, "coherence", 0.0, 1.0, parts.device)
+            coh = v.per_item(coherence, n, "coherence", 0.0, 1.0, parts.device)
             # None: the column's fill (0) is written, no tensor made
-            eng = None if energy is None else request.per_query(energy, n, "energy", 0.0, math.inf, parts.device)
-            vio = None if violation is None else request.per_query(violation, n, "violation", 0.0, 1.0, parts.device)
+            eng = None if energy is None else v.per_item(energy, n, "energy", 0.0, math.inf, parts.device)
+            vio = None if violation is None else v.per_item(violation, n, "violation", 0.0, 1.0, parts.device)
             return (
                 batch,
                 coh,
                 eng,
                 vio,
-                request.labels(class_label, n, label_name, parts.config.num_classes, parts.device),
+                v.class_labels(class_label, n, label_name, parts.config.num_classes, parts.device),
                 user_columns.checked_values(parts.config.columns, columns, n, parts.device),
             )
 

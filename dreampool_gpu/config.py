@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from dreampool_gpu import _validation as v
 from dreampool_gpu.errors import InvalidConfigurationError, InvalidInputError
 from dreampool_gpu.user_columns import UserColumns, parse_columns
 
@@ -139,10 +140,8 @@ def _check_unit(name: str, value: float) -> None:
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    bad = isinstance(value, bool) or not isinstance(value, int) or value < low
-    if bad or (high is not None and value > high):
-        upper = "" if high is None else f" and <= {high}"
-        raise InvalidConfigurationError(name, value, f"an int >= {low}{upper}")
+    if not v.int_in_range(value, low, high):
+        raise InvalidConfigurationError(name, value, v.int_range_text(low, high))
 
 
 def parse_memory_budget(value: Any) -> tuple[float | None, float | None]:

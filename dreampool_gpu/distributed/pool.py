@@ -45,7 +45,6 @@ from dreampool_gpu.encoders import FeatureEncoder
 from dreampool_gpu.errors import InvalidConfigurationError, InvalidInputError
 from dreampool_gpu.fitting import FitReport
 from dreampool_gpu.pool import DreamPool, Retrieval
-from dreampool_gpu.retrieval import request
 from dreampool_gpu.retrieval.context import retrieve_options
 
 _ROUTES = ("least_full",)  # routes of a collective add ("local" is not one)
@@ -199,10 +198,10 @@ class ShardedDreamPool:
                 raise InvalidInputError("coherence", "[N] values in [0, 1]; optional only with force=True", None)
             return {
                 "dreams": batch.float(),
-                "coherence": request.per_query(coherence, n, "coherence", 0.0, 1.0, shard.device),
-                "energy": request.per_query(energy, n, "energy", 0.0, float("inf"), shard.device),
-                "violation": request.per_query(violation, n, "violation", 0.0, 1.0, shard.device),
-                "class_labels": request.labels(class_labels, n, "class_label", shard.config.num_classes, shard.device),
+                "coherence": v.per_item(coherence, n, "coherence", 0.0, 1.0, shard.device),
+                "energy": v.per_item(energy, n, "energy", 0.0, float("inf"), shard.device),
+                "violation": v.per_item(violation, n, "violation", 0.0, 1.0, shard.device),
+                "class_labels": v.class_labels(class_labels, n, "class_label", shard.config.num_classes, shard.device),
                 **_user_rows(shard, columns, n),
             }
 

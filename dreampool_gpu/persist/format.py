@@ -35,6 +35,7 @@ from typing import Any, TypeAlias, cast
 
 import torch
 
+from dreampool_gpu import _validation as v
 from dreampool_gpu.bank import column_specs
 from dreampool_gpu.config import DREAM_DTYPES, PoolConfig
 from dreampool_gpu.dreams import NUM_HUE_CATEGORIES
@@ -144,10 +145,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------- validation
 def _check_int(value: Any, where: str, name: str, low: int, high: int | None = None) -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
-        bound = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
-        raise _Invalid(where, f"{name}: {bound}", repr(value))
+    if not v.int_in_range(value, low, high):
+        raise _Invalid(where, f"{name}: {v.int_range_text(low, high)}", repr(value))
     return value
 
 

@@ -2,8 +2,8 @@
 
 :func:`check_request` turns ``DreamPool.retrieve``'s arguments into a :class:`Request`
 (or raises the typed error naming the argument); the stages below it run on checked
-tensors only. The per-argument checks (:func:`labels`, :func:`per_query`, ...) are the
-one place for each; ``add`` and the sharded pool use them too.
+tensors only. The checks shared with ``add`` and the sharded pool (per-dream values, class
+labels, ints) live in :mod:`dreampool_gpu._validation`, the one validation module.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import checks, columns
+from dreampool_gpu import columns
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric, PoolConfig, RetrievalMode
 from dreampool_gpu.dreams import SINGLE_DREAM_HINT, chroma_signature, hue_category, validate_dreams
@@ -117,8 +117,8 @@ def check_request(
     k_ = config.retrieval_limit if k is None else v.check_count(k, "k", high=max(capacity, MAX_PADDED_K))
     q = parse_queries(queries, mode_, config, ctx.device, ctx.encoders.encoder)
     b = q.count
-    hint = labels(class_hint, b, "class_hint", config.num_classes, ctx.device)
-    prior = per_query(utility_prior, b, "utility_prior", 0.0, 1.0, ctx.device)
+    hint = v.class_labels(class_hint, b, "class_hint", config.num_classes, ctx.device)
+    prior = v.per_item(utility_prior, b, "utility_prior", 0.0, 1.0, ctx.device)
     if mode_ not in CHROMA_MODES:
         ctx.encoders.check_fresh()
     if mode_ is RetrievalMode.CLASS:
@@ -145,38 +145,6 @@ def check_request(
 
 
 # ------------------------------------------------------------ arguments
-def per_query(x: Any, n: int, name: str, low: float, high: float, device: torch.device) -> torch.Tensor:
-    """``x`` (None: zeros; a scalar is broadcast) as ``[n]`` float32 in ``[low, high]`` on ``device``."""
-    if x is None:
-        return torch.zeros(n, device=device)
-    t = v.as_tensor(x, name, device=device)
-    if t.dtype == torch.bool or t.is_complex():
-        raise InvalidInputError(name, "real numbers", f"dtype {t.dtype}")
-    t = t.float()
-    if t.dim() == 0:
-        t = t.expand(n)
-    v.check_shape(t, (n,), name)
-    v.check_finite(t, name)
-    v.check_range(t, name, low, high)
-    return t
-
-
-def labels(x: Any, n: int, name: str, num_classes: int, device: torch.device) -> torch.Tensor:
-    """``x`` (None: all -1; a scalar is broadcast) as ``[n]`` int64 class labels in -1..num_classes-1."""
-    if x is None:
-        return torch.full((n,), -1, dtype=torch.int64, device=device)
-    t = v.as_tensor(x, name, device=device)
-    v.check_int(t, name)
-    t = t.long()
-    if t.dim() == 0:
-        t = t.expand(n)
-    v.check_shape(t, (n,), name)
-    v.check_int_range(t, name, -1, num_classes - 1, f"class labels in 0..{num_classes - 1} or -1")
-    if checks.sync_free():  # a recorded failure must never reach an index: -1 (none) in its place
-        t = torch.where((t >= -1) & (t < num_classes), t, -1)
-    return t
-
-
 def class_list(classes: Sequence[int] | None, num_classes: int) -> list[int]:
     """``balanced``'s ``classes`` as a list of ints in 0..num_classes-1."""
     expected = "a sequence of class labels for mode 'balanced'"
