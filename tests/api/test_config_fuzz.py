@@ -12,7 +12,6 @@ from _fuzz import (
     check_config,
     config_dicts,
     junk,
-    saved_checkpoint,
     valid_configs,
     yaml_dicts,
 )
@@ -28,7 +27,6 @@ def scratch():
     root = tempfile.mkdtemp(prefix="dreampool-fuzz-scratch-")
     yield root
     shutil.rmtree(root, ignore_errors=True)
-    shutil.rmtree(os.path.dirname(saved_checkpoint()), ignore_errors=True)
 
 
 class TestFuzzConfig:
