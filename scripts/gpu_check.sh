@@ -36,7 +36,7 @@ timeout 300 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rs --continue-o
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 
 echo "== sync-free hot path, prepared (graph) retrieve, streams: every test of those files, on CUDA"
-timeout 240 "$PY" -m pytest -q tests/test_sync_free.py tests/test_prepared.py tests/test_streams.py \
+timeout 240 "$PY" -m pytest -q tests/retrieval/test_sync_free.py tests/retrieval/test_prepared.py tests/retrieval/test_streams.py \
   -p no:cacheprovider -rs 2>&1 | tee "$OUT_DIR/sync-free-tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 

@@ -21,7 +21,7 @@ pytest.importorskip("torch.distributed")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (3, 4, 2)
 CHUNK = 4  # 23 queries: chunks 0..5, rank 0 answers 0, 2, 4 and rank 1 answers 1, 3, 5
 # rank 1 is interrupted before it writes its first chunk; the CLI does the rest

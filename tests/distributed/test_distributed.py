@@ -264,7 +264,7 @@ def test_sharded_pool_needs_an_initialised_group() -> None:
 
 
 def test_ddp_example_runs_with_three_ranks(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
         [sys.executable, str(root / "docs/examples/ddp_training_loop.py"), str(tmp_path / "ckpt")],
         capture_output=True,

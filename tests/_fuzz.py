@@ -1,4 +1,6 @@
-"""Bad input, fuzzed: every public entry point returns a correct result or raises a DreamPoolError.
+"""Bad input, fuzzed, shared by the *_fuzz.py tests: strategies, pool snapshots and checks.
+
+Every public entry point returns a correct result or raises a DreamPoolError.
 
 Strategies draw NaN, inf and out-of-range values, wrong dtypes, shapes and
 devices (``meta`` tensors everywhere; CUDA tensors where present), non-contiguous
@@ -21,16 +23,12 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
-import warnings
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import yaml
-from hypothesis import event, given
+from hypothesis import event
 from hypothesis import strategies as st
 
 from dreampool_gpu import DreamPool, PoolConfig
@@ -40,13 +38,29 @@ from dreampool_gpu.errors import DreamPoolError
 from dreampool_gpu.persist import MANIFEST
 
 SHAPE = (2, 3, 2)
+
+
 CAPACITY = 12
+
+
 DIM = 8
+
+
 CHROMA_MODES = {"similar", "hard", "class", "balanced", "utility", "diverse"}
+
+
 ORDERED_MODES = {"similar", "hard", "class", "utility", "category", "nearest"}  # best first, not MMR
+
+
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
 OTHERS = [torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool, torch.complex64]
+
+
 SPECIALS = [math.nan, math.inf, -math.inf, -1.0, 2.0, 1e30, -1e30, -0.0, 1e-45, 0.5]
+
+
 DEVICES = ["cpu", "meta"] + (["cuda"] if cuda_available() else [])
 
 
@@ -242,6 +256,8 @@ counts = st.one_of(
     st.builds(torch.tensor, st.integers(-2, 20)),
     st.builds(torch.tensor, st.floats(0, 5)),
 )
+
+
 modes = st.one_of(
     st.sampled_from([m.value for m in RetrievalMode] + ["hard"]),
     st.sampled_from(list(RetrievalMode)),
@@ -252,176 +268,6 @@ modes = st.one_of(
 
 def expected_width(k, mode, classes):
     return k * len(classes) if mode == "balanced" else k
-
-
-# ----------------------------------------------------------------------- add
-class TestFuzzAdd:
-    @given(data=st.data())
-    def test_add(self, data):
-        draw = data.draw
-        pool = fresh_pool()
-        clean = draw(st.booleans())  # half the examples are valid calls, to check the results too
-        n = draw(st.integers(0, 6))
-        shape = (n, *SHAPE, 3) if clean or _flag(draw, 85) else (n, *draw(st.tuples(*[st.integers(0, 3)] * 3)), 3)
-        dreams = draw(tensors(shape, clean=clean))
-        coherence = draw(argument((n,), clean=clean))
-        energy = draw(argument((n,), high=5.0, optional=True, clean=clean))
-        violation = draw(argument((n,), optional=True, clean=clean))
-        labels = draw(argument((n,), kind="int", low=-1, high=9, optional=True, clean=clean))
-        force = draw(st.booleans())
-        next_before, alive_before = pool.bank.next_id, live_ids(pool)
-        counters_before = dict(pool.counters)
-        ids, error = attempt(
-            pool,
-            lambda: pool.add(
-                dreams, coherence=coherence, energy=energy, violation=violation, class_label=labels, force=force
-            ),
-        )
-        assert error is None or not clean, error
-        if error is not None:
-            return
-        check_bank(pool)
-        batch = torch.as_tensor(dreams).to(pool.device)
-        assert ids.shape == (batch.shape[0],) and ids.dtype == torch.int64 and ids.device == pool.device
-        new = ids[ids >= 0]
-        assert new.tolist() == list(range(next_before, pool.bank.next_id))  # fresh, increasing
-        assert set(new.tolist()) <= live_ids(pool)
-        stored = pool.counters["added"] - counters_before["added"]
-        assert stored == new.numel()
-        evicted = pool.counters["evicted"] - counters_before["evicted"]
-        assert len(alive_before - live_ids(pool)) == evicted
-        if new.numel():
-            accepted = torch.nonzero(ids >= 0).squeeze(1)
-            expected = batch[accepted].to(pool.bank.columns["dreams"].dtype)
-            assert torch.equal(pool.dreams(new), expected)
-            if not force:
-                coh = torch.as_tensor(coherence, dtype=torch.float32, device=pool.device).expand(batch.shape[0])
-                assert bool((coh[accepted] >= pool.config.coherence_threshold).all())
-
-
-# ------------------------------------------------------------------ retrieve
-class TestFuzzRetrieve:
-    @given(data=st.data())
-    def test_retrieve(self, data):
-        draw = data.draw
-        pool = fresh_pool()
-        clean = draw(st.booleans())
-        b = draw(st.integers(0, 4))
-        mode = draw(
-            st.one_of(st.none(), st.sampled_from([m.value for m in RetrievalMode] + ["hard"]))
-            if clean
-            else st.one_of(st.none(), modes)
-        )
-        name = pool.config.retrieval_mode if mode is None else mode
-        chroma_only = isinstance(name, str) and name in CHROMA_MODES
-        shapes = [(b, *SHAPE, 3), (b, 3)] + ([] if clean and chroma_only else [(b, DIM)])
-        queries = draw(tensors(draw(st.sampled_from(shapes)), clean=clean))
-        k = draw(st.one_of(st.none(), st.integers(0, CAPACITY)) if clean else st.one_of(st.none(), counts))
-        class_mode = clean and mode == "class"  # class mode needs a hint naming a class
-        class_hint = draw(
-            argument((b,), kind="int", low=0 if class_mode else -1, high=9, optional=not class_mode, clean=clean)
-        )
-        class_lists = st.one_of(st.lists(st.integers(0, 9), max_size=4), st.lists(st.integers(0, 9)).map(tuple))
-        classes = draw(
-            class_lists if clean else st.one_of(st.none(), class_lists, st.lists(st.integers(-2, 12), max_size=4), junk)
-        )
-        category = draw(
-            argument((b,), kind="int", low=0, high=11, optional=not (clean and mode == "category"), clean=clean)
-        )  # embedding queries in category mode need one
-        threshold = draw(st.floats(-1, 2) if clean else st.one_of(st.floats(-1, 2), junk))
-        prior = draw(argument((b,), optional=True, clean=clean))
-        fetch_k = draw(st.one_of(st.none(), st.integers(0, 30)) if clean else st.one_of(st.none(), counts))
-        lam = draw(st.one_of(st.none(), st.floats(0, 1)) if clean else st.one_of(st.none(), st.floats(0, 1), junk))
-        dispersion = draw(st.floats(0, 0.5) if clean else st.one_of(st.floats(0, 0.5), st.floats(allow_nan=True), junk))
-        with_dreams = draw(st.booleans())
-        alive = live_ids(pool)
-        hits, error = attempt(
-            pool,
-            lambda: pool.retrieve(
-                queries,
-                k=k,
-                mode=mode,
-                class_hint=class_hint,
-                classes=classes,
-                category=category,
-                utility_threshold=threshold,
-                utility_prior=prior,
-                fetch_k=fetch_k,
-                mmr_lambda=lam,
-                min_dispersion=dispersion,
-                with_dreams=with_dreams,
-            ),
-        )
-        assert error is None or not clean, error
-        if error is not None:
-            return
-        mode_ = (pool.config.default_mode if mode is None else RetrievalMode.parse(mode)).value
-        k_ = pool.config.retrieval_limit if k is None else int(k)
-        rows = torch.as_tensor(queries).shape[0]
-        width = expected_width(k_, mode_, classes)
-        assert hits.ids.shape == hits.scores.shape == (rows, width)
-        assert hits.ids.dtype == torch.int64 and hits.scores.dtype == torch.float32
-        present = hits.ids >= 0
-        assert torch.equal(present, torch.isfinite(hits.scores))  # padding is (-1, -inf) together
-        assert set(hits.ids[present].tolist()) <= alive
-        repeats = mode_ == "balanced" and len(set(classes)) < len(classes)  # a class asked twice answers twice
-        for row in hits.ids.tolist():
-            got = [i for i in row if i >= 0]
-            assert len(set(got)) == len(got) or repeats
-        if mode_ in ORDERED_MODES:
-            s = hits.scores.nan_to_num(neginf=-1e9)
-            assert bool((s[:, :-1] >= s[:, 1:]).all())
-        if with_dreams:
-            assert hits.dreams.shape == (rows, width, *SHAPE, 3)
-        else:
-            assert hits.dreams is None
-
-
-# ------------------------------------------------------------------ feedback
-class TestFuzzFeedback:
-    @given(data=st.data())
-    def test_feedback(self, data):
-        draw = data.draw
-        pool = fresh_pool()
-        clean = draw(st.booleans())
-        shape = draw(st.sampled_from([(draw(st.integers(0, 6)),), (2, 3), ()]))
-        top = pool.bank.next_id
-        ids = draw(argument(shape, kind="int", low=-1, high=top - 1 if clean else top + 1, clean=clean))
-        utility = draw(argument(shape, clean=clean))
-        alive = live_ids(pool)
-        recorded, error = attempt(pool, lambda: pool.feedback(ids, utility))
-        assert error is None or not clean or torch.as_tensor(utility).dim() > torch.as_tensor(ids).dim(), error
-        if error is not None:
-            return
-        check_bank(pool)
-        flat = [i for i in torch.as_tensor(ids).reshape(-1).tolist()]
-        assert recorded == sum(1 for i in flat if i in alive)
-        util = pool.bank.columns["util_mean"]
-        assert bool(((util >= 0) & (util <= 1)).all())
-
-
-# ----------------------------------------------------------- dreams, metadata
-class TestFuzzGather:
-    @pytest.mark.parametrize("which", ["dreams", "metadata"])
-    @given(data=st.data())
-    def test_gather(self, data, which):
-        draw = data.draw
-        pool = fresh_pool()
-        shape = tuple(draw(st.lists(st.integers(0, 3), max_size=3)))
-        ids = draw(argument(shape, kind="int", low=-1, high=pool.bank.next_id + 1))
-        alive = live_ids(pool)
-        out, error = attempt(pool, lambda: getattr(pool, which)(ids))
-        if error is not None:
-            return
-        id_t = torch.as_tensor(ids).cpu()
-        out = {k: v.cpu() for k, v in out.items()} if which == "metadata" else out.cpu()
-        found = torch.tensor([i in alive for i in id_t.reshape(-1).tolist()], dtype=torch.bool).reshape(id_t.shape)
-        if which == "dreams":
-            assert out.shape == (*id_t.shape, *SHAPE, 3)
-            assert bool((out[~found] == 0).all())
-        else:
-            assert torch.equal(out["found"], found)
-            assert torch.equal(out["ids"][found], id_t[found].long())
 
 
 # ------------------------------------------------------------------ state dict
@@ -492,25 +338,6 @@ def copy_state_dict(sd):
     }
 
 
-class TestFuzzStateDict:
-    @pytest.mark.filterwarnings("ignore::dreampool_gpu.persist.CheckpointRecoveryWarning")  # damaged index bytes
-    @given(data=st.data())
-    def test_load_state_dict(self, data):
-        pool = fresh_pool()
-        sd = copy_state_dict(template())
-        mutate_state_dict(data.draw, sd)
-        _, error = attempt(pool, lambda: pool.load_state_dict(sd))
-        if error is not None:
-            return
-        check_bank(pool)
-        mine = pool.state_dict()
-        for name, t in mine["bank"].items():  # the pool now holds exactly what was given (dreams cast)
-            assert torch.equal(bits(t), bits(sd["bank"][name].to(t.dtype))), name
-        assert {k: mine["state"][k] for k in ("size", "next_id", "extent")} == {
-            k: sd["state"][k] for k in ("size", "next_id", "extent")
-        }
-
-
 # ------------------------------------------------------------------ checkpoints
 @functools.cache
 def saved_checkpoint():
@@ -544,100 +371,6 @@ def resign(ck, name):
         json.dump(manifest, f)
 
 
-@pytest.fixture(scope="module")
-def scratch():
-    root = tempfile.mkdtemp(prefix="dreampool-fuzz-scratch-")
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-    shutil.rmtree(os.path.dirname(saved_checkpoint()), ignore_errors=True)
-
-
-class TestFuzzCheckpoint:
-    @given(data=st.data())
-    def test_load_damaged(self, data, scratch):
-        draw = data.draw
-        ck = os.path.join(scratch, "ck")
-        shutil.rmtree(ck, ignore_errors=True)
-        shutil.copytree(saved_checkpoint(), ck)
-        files = sorted(os.listdir(ck))
-        for _ in range(draw(st.integers(1, 3))):
-            name = draw(st.sampled_from(files + ["index.bin", "notes.txt"]))
-            path = os.path.join(ck, name)
-            data_ = Path(path).read_bytes() if os.path.exists(path) else b""
-            how = draw(st.sampled_from(["flip", "truncate", "append", "delete", "replace", "json", "resign"]))
-            if how == "flip" and data_:
-                i = draw(st.integers(0, len(data_) - 1))
-                data_ = data_[:i] + bytes([data_[i] ^ draw(st.integers(1, 255))]) + data_[i + 1 :]
-            elif how == "truncate":
-                data_ = data_[: draw(st.integers(0, max(0, len(data_) - 1)))]
-            elif how == "append":
-                data_ += draw(st.binary(min_size=1, max_size=16))
-            elif how == "replace":
-                data_ = draw(st.binary(max_size=64))
-            elif how == "json":
-                data_ = json.dumps(
-                    draw(
-                        st.one_of(
-                            st.dictionaries(st.text(max_size=8), st.integers() | st.text()),
-                            st.integers(),
-                            st.lists(st.integers()),
-                        )
-                    )
-                ).encode()
-            if how == "delete":
-                if os.path.exists(path):
-                    os.remove(path)
-                continue
-            with open(path, "wb") as f:
-                f.write(data_)
-            if how == "resign" and name != MANIFEST and os.path.exists(os.path.join(ck, MANIFEST)):
-                try:
-                    resign(ck, name)
-                except (ValueError, AttributeError, TypeError):  # the manifest itself was damaged before
-                    pass
-        before = tree_digest(scratch)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                loaded = DreamPool.load(ck)
-        except DreamPoolError as exc:
-            event(f"rejected: {type(exc).__name__}")
-            loaded = None
-        else:
-            event("accepted")
-            check_bank(loaded)
-        assert tree_digest(scratch) == before  # loading never writes
-
-    @given(
-        name=st.one_of(
-            st.text(st.characters(blacklist_characters="/", blacklist_categories=("Cs",)), min_size=0, max_size=24),
-            st.just("ck"),
-            st.just(".."),
-            st.just("."),
-            st.just("file"),
-        ),
-        wrap=st.sampled_from(["str", "path", "bytes", "junk"]),
-        junk_value=junk.filter(lambda x: not isinstance(x, str)),
-    )  # a str would be a path relative to cwd
-    def test_save_paths(self, name, wrap, junk_value, scratch):
-        pool = fresh_pool()
-        where = os.path.join(scratch, "save")
-        os.makedirs(where, exist_ok=True)
-        open(os.path.join(where, "file"), "w").close()
-        full = os.path.join(where, name)
-        path = {
-            "str": full,
-            "path": Path(full) if name else full,
-            "bytes": full.encode("utf-8", "surrogatepass"),
-            "junk": junk_value,
-        }[wrap]
-        _, error = attempt(pool, lambda: pool.save(path))
-        if error is None:
-            loaded = DreamPool.load(path)
-            check_bank(loaded)
-            assert live_ids(loaded) == live_ids(pool)
-
-
 # ------------------------------------------------------------------ config
 config_values = st.one_of(
     junk,
@@ -664,7 +397,11 @@ config_values = st.one_of(
         ]
     ),
 )
+
+
 field_names = st.sampled_from(sorted(PoolConfig().to_dict()) + ["unknown_field"])
+
+
 config_dicts = st.dictionaries(
     st.one_of(field_names, st.integers(), st.none(), st.text(max_size=3)), config_values, max_size=6
 )
@@ -682,6 +419,8 @@ yaml_values = st.one_of(
     st.integers(0, 64),
     st.sampled_from(["cpu", "auto", "cuda:3", "euclidean", "least_used", "bfloat16", "hamming", "soft"]),
 )
+
+
 yaml_dicts = st.dictionaries(st.one_of(field_names, st.integers(), st.none()), yaml_values, max_size=6)
 
 
@@ -713,55 +452,3 @@ valid_configs = st.fixed_dictionaries(
         "search_chunk_mb": st.floats(0.01, 1e6),
     },
 )
-
-
-class TestFuzzConfig:
-    @given(values=valid_configs | config_dicts | junk)
-    def test_from_dict(self, values):
-        try:
-            cfg = PoolConfig.from_dict(values)
-        except DreamPoolError as exc:
-            event(f"rejected: {type(exc).__name__}")
-            return
-        event("accepted")
-        check_config(cfg)
-
-    @given(
-        content=st.one_of(
-            valid_configs.map(lambda d: yaml.safe_dump(d).encode()),
-            yaml_dicts.map(lambda d: yaml.safe_dump(d).encode()),
-            st.text(max_size=60).map(str.encode),
-            st.binary(max_size=60),
-            st.sampled_from(
-                [
-                    b"capacity: [",
-                    b"- 1\n- 2",
-                    b"!!python/object:os.system {}",
-                    b"\xff\xfe",
-                    b"{a: *b}",
-                    b"capacity: 1e999",
-                    b"dream_shape: !!binary aGVsbG8=",
-                    b"&a [*a]",
-                    b"[" * 3000 + b"]" * 3000,
-                    b"capacity: " + b"9" * 5000,
-                ]
-            ),
-        )
-    )
-    def test_from_file(self, content, scratch):
-        path = os.path.join(scratch, "config.yaml")
-        with open(path, "wb") as f:
-            f.write(content)
-        try:
-            cfg = PoolConfig.from_file(path)
-        except DreamPoolError as exc:
-            event(f"rejected: {type(exc).__name__}")
-            return
-        event("accepted")
-        check_config(cfg)
-
-    @pytest.mark.parametrize("path", ["<scratch>", "missing.yaml", None, 3, ["a"]])
-    def test_from_file_not_a_file(self, scratch, path):
-        where = scratch if path == "<scratch>" else os.path.join(scratch, path) if isinstance(path, str) else path
-        with pytest.raises(DreamPoolError, match="<file>"):
-            PoolConfig.from_file(where)

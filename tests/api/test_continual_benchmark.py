@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "continual.py"
+PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "continual.py"
 
 
 def _load():

@@ -17,7 +17,7 @@ import yaml
 from dreampool_gpu.config import EvictionPolicy, Metric, PoolConfig
 from dreampool_gpu.errors import InvalidConfigurationError
 
-PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+PRESETS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 def test_presets_found():

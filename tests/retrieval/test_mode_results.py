@@ -5,7 +5,7 @@ returned when it was recorded (on one CPU); refactors of the retrieval path must
 reproduce them up to the promised equality (scores within ``SCORE_TOL``, ids up to
 ties), on any CPU: BLAS and FAISS take other SIMD paths on
 other processors, so last bits are not compared. After an intended change of results,
-record it again with ``python tests/test_mode_results.py`` and review the diff.
+record it again with ``PYTHONPATH=tests python tests/retrieval/test_mode_results.py`` and review the diff.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from _equality import assert_same_results
 
 from dreampool_gpu import DreamPool, PoolConfig
 
-FIXTURE = Path(__file__).parent / "data" / "mode_results.json"
+FIXTURE = Path(__file__).parent.parent / "data" / "mode_results.json"
 SHAPE = (3, 4, 2)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPORT_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
+REPORT_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "report.py"
 
 
 def _load_report():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parent.parent
 HEX_FLOAT = re.compile(r"[-+]?0x[0-9a-f]+(\.[0-9a-f]*)?p[-+]?\d+", re.IGNORECASE)
 
 
