@@ -51,13 +51,14 @@ from dreampool_gpu.replay import MIR, KNNShapley, Nearest, Uniform
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES, PER_CLASS_TRAIN, PER_CLASS_TEST, TASKS = 10, 400, 100, 5
-STRATEGIES = ("uniform", "mir", "mir_plain", "mir_drop", "knn_shapley", "nearest")
+STRATEGIES = ("uniform", "mir", "mir_plain", "mir_increase", "mir_drop", "knn_shapley", "nearest")
 ARMS = (
     "finetune",
     "er",
     "uniform/reservoir",
     "uniform/balanced",
     "mir/reservoir",
+    "mir_plain/reservoir",
     "knn_shapley/reservoir",
     "nearest/reservoir",
 )
@@ -202,10 +203,13 @@ def make_strategy(name: str, pool: DreamPool, model: MLP, opt: torch.optim.Optim
         return Uniform(pool, generator=gen)
     if name == "mir":
         return MIR(pool, model, loss, optimizer=opt, generator=gen)
-    if name == "mir_plain":  # no guard: Aljundi et al.'s rule
-        return MIR(pool, model, loss, optimizer=opt, drop_disputed=False, generator=gen)
-    if name == "mir_drop":  # the 20% highest-loss candidates set aside instead
-        return MIR(pool, model, loss, optimizer=opt, drop_high_loss=0.2, drop_disputed=False, generator=gen)
+    paper = {"balanced": False, "score": "increase"}  # Aljundi et al.'s draw and score
+    if name == "mir_plain":  # Aljundi et al.'s rule: uniform candidates, loss increase, no guard
+        return MIR(pool, model, loss, optimizer=opt, drop_disputed=False, generator=gen, **paper)
+    if name == "mir_increase":  # the paper's draw and score with the drop_disputed guard (the earlier default)
+        return MIR(pool, model, loss, optimizer=opt, generator=gen, **paper)
+    if name == "mir_drop":  # the paper's rule with the 20% highest-loss candidates set aside
+        return MIR(pool, model, loss, optimizer=opt, drop_high_loss=0.2, drop_disputed=False, generator=gen, **paper)
     if name == "knn_shapley":
         return KNNShapley(pool, model.features, generator=gen)
     if name == "nearest":

@@ -114,6 +114,22 @@ def _present(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return count[:num_classes] > 0
 
 
+def _round_robin(labels: torch.Tensor, num_classes: int, n: int) -> torch.Tensor:
+    """``[min(n, m)]`` positions into ``labels`` ``[m]`` (in random order already), class by class in turn.
+
+    Each class's first entry, then each class's second, ...: a class-balanced draw of ``n``
+    (classes with fewer entries give their share to the others).
+    """
+    m = labels.numel()
+    cls = torch.where(labels >= 0, labels, num_classes)
+    by_class = cls.argsort(stable=True)
+    start = torch.searchsorted(cls[by_class], torch.arange(num_classes + 1, device=cls.device))
+    rank = torch.empty_like(by_class)
+    rank[by_class] = torch.arange(m, device=cls.device) - start[cls[by_class]]
+    key = rank.double() + torch.arange(m, device=cls.device, dtype=torch.double) / max(m, 1)
+    return key.topk(min(n, m), largest=False).indices
+
+
 def _balanced(
     labels: torch.Tensor, num_classes: int, width: int, first: torch.Tensor, count: torch.Tensor
 ) -> torch.Tensor:
@@ -189,25 +205,38 @@ class Uniform:
 class MIR:
     """Maximally interfered retrieval (Aljundi et al. 2019) with a guard against mislabelled entries.
 
-    A call draws ``candidates`` entries uniformly, takes a virtual SGD step on the incoming batch
+    A call draws ``candidates`` entries, takes a virtual SGD step on the incoming batch
     (``torch.func.functional_call`` on updated copies of the parameters: the module, its
     ``.grad``, the optimizer and its buffers, BatchNorm statistics included, are untouched),
-    and scores each candidate by its loss after the step minus its loss before; the ``k``
-    best-scoring eligible candidates are replayed.
+    scores each candidate by its loss after that step, and replays the ``k`` best-scoring
+    eligible candidates.
 
-    Plain MIR prefers mislabelled entries (their loss change is the largest). The default guard,
-    ``drop_disputed``, leaves out a candidate the model assigns to a third class: neither the
-    candidate's label nor a class of the incoming batch, and held by another candidate of the
-    draw (a class the filter leaves replayable). Forgetting shows as predictions of the classes
-    being learned now (the incoming ones), which stay eligible; a confident vote for another
-    remembered class is a dispute of the stored label. ``drop_high_loss`` (off by default) sets
-    aside that fraction of the candidates with the highest loss before the step: it helps under
-    label noise but costs clean streams, whose highest-loss entries are the forgotten ones
-    (docs/benchmarks.md,
-    "Continual learning").
+    The defaults differ from the paper's rule in three places, each chosen on held-out seeds
+    (docs/benchmarks.md, "Continual learning"); ``balanced=False, score="increase",
+    drop_disputed=False`` is the paper's rule.
+
+    - ``score="after"``: the loss after the virtual step, not its increase. The increase ranks
+      an entry the learner has already forgotten (high loss before and after) below one it is
+      about to forget; in a class-incremental stream both need replay. The loss after the step
+      ranks both by how wrong the learner will be on them.
+    - ``balanced=True``: the candidates are drawn class by class in turn (each eligible class's
+      first random entry, then each one's second, ...), so every remembered class is scored
+      each step even when memory holds few of it.
+    - ``drop_disputed=True``: a high-loss rule prefers mislabelled entries. The guard leaves
+      out a candidate the model assigns to a third class: neither the candidate's label nor a
+      class of the incoming batch, and held by another candidate of the draw (a class the
+      filter leaves replayable). Forgetting shows as predictions of the classes being learned
+      now (the incoming ones), which stay eligible; a confident vote for another remembered
+      class is a dispute of the stored label.
+
+    ``drop_high_loss`` (off by default) sets aside that fraction of the candidates with the
+    highest loss before the step: it helps under label noise but costs clean streams, whose
+    highest-loss entries are the forgotten ones.
 
     Cost per call: one forward and one backward on the ``B`` incoming dreams, two forwards on
-    the ``candidates`` (one batched forward each, before and after), no k-NN.
+    the ``candidates`` (one batched forward each, before and after), no k-NN. The balanced
+    draw shuffles every eligible id and gathers their labels (one ``pool.sample`` of them all,
+    one id lookup for the candidates' dreams).
 
     Args:
         pool: the pool to draw from.
@@ -222,11 +251,13 @@ class MIR:
         drop_high_loss: fraction in [0, 1) of the candidates with the highest current loss set
             aside before scoring (0: none).
         drop_disputed: leave out candidates predicted as a third eligible class (True).
+        balanced: draw the candidates class by class in turn (True) or uniformly (False).
+        score: ``"after"`` (loss after the virtual step) or ``"increase"`` (after minus before).
         generator: a CPU ``torch.Generator`` for the candidate draw.
 
     Raises:
         InvalidConfigurationError: neither ``lr`` nor an ``optimizer`` with an ``lr``; a bad
-            ``candidates`` or ``drop_high_loss``.
+            ``candidates``, ``drop_high_loss`` or ``score``.
     """
 
     def __init__(
@@ -240,6 +271,8 @@ class MIR:
         candidates: int = 50,
         drop_high_loss: float = 0.0,
         drop_disputed: bool = True,
+        balanced: bool = True,
+        score: str = "after",
         generator: torch.Generator | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
@@ -258,10 +291,13 @@ class MIR:
             raise InvalidConfigurationError("drop_high_loss", drop_high_loss, "a number in [0, 1)")
         if not 0.0 <= drop_high_loss < 1.0:
             raise InvalidConfigurationError("drop_high_loss", drop_high_loss, "a number in [0, 1)")
+        if score not in ("after", "increase"):
+            raise InvalidConfigurationError("score", score, "'after' or 'increase'")
         self.pool, self.model, self.loss_fn = pool, model, loss_fn
         self.optimizer, self.lr = optimizer, lr
         self.candidates, self.drop_high_loss = candidates, float(drop_high_loss)
         self.drop_disputed = bool(drop_disputed)
+        self.balanced, self.score = bool(balanced), score
         self.generator = _check_generator(generator)
 
     def _lr(self) -> float:
@@ -290,8 +326,16 @@ class MIR:
         """Candidate ids ``[candidates]`` (-1 padding) and their interference scores (``-inf`` where not eligible)."""
         xt, yt, _ = _check_batch(x, y, 0, self.pool)
         with self.pool._lock:  # filter, draw and gather see the same bank
-            ids = _draw(self.pool, self.candidates, _eligible(self.pool, where), self.generator)
-            dreams, labels = _gather(self.pool, ids)
+            keep = _eligible(self.pool, where)
+            if self.balanced:
+                order = _draw(self.pool, keep.numel(), keep, self.generator)  # every eligible id, shuffled
+                every = self.pool.metadata(order, columns=("class_label",))["class_label"]
+                pick = _round_robin(every, self.pool.config.num_classes, self.candidates)
+                ids, labels = order[pick], every[pick]
+                dreams = self.pool.dreams(ids)
+            else:
+                ids = _draw(self.pool, self.candidates, keep, self.generator)
+                dreams, labels = _gather(self.pool, ids)
         cand_x = dreams.to(xt.dtype)
         named = dict(self.model.named_parameters())
         trained = [n for n, p in named.items() if p.requires_grad]
@@ -312,7 +356,7 @@ class MIR:
             before = self._check_losses(self.loss_fn(logits, safe), safe)
             after = self._losses(stepped, buffers, cand_x, safe)
         valid = labels >= 0
-        score = torch.where(valid, after - before, -math.inf)
+        score = torch.where(valid, after - before if self.score == "increase" else after, -math.inf)
         if self.drop_high_loss > 0:
             score = torch.where(self._highest(before, valid), -math.inf, score)
         if self.drop_disputed:

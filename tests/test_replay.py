@@ -112,9 +112,9 @@ def test_bad_arguments_raise_typed_errors(index):
         s.select(x, y, 2, where=torch.ones(pool.capacity))
 
 
-@pytest.mark.parametrize(("index", "reads"), [(0, 2), (1, 2), (2, 3), (3, 2)])
+@pytest.mark.parametrize(("index", "reads"), [(0, 2), (1, 3), (2, 3), (3, 2)])
 def test_select_reads_the_host_only_in_the_pools_draw(index, reads):
-    """A filtered ``pool.sample`` sizes its draw on the host (2 reads); KNNShapley looks its ids up (1)."""
+    """A filtered ``pool.sample`` sizes its draw on the host (2 reads); class-balanced draws look ids up (1)."""
     pool, _ = pool_of(12)
     x, y = batch()
     s = strategies(pool)[index]
@@ -193,12 +193,13 @@ def test_mir_leaves_model_grads_optimizer_and_buffers_untouched():
         assert torch.equal(state["momentum_buffer"], now["state"][key]["momentum_buffer"])
 
 
-def test_mir_selects_the_top_oracle_loss_change():
-    """Plain MIR over every entry returns the k largest loss increases of an explicit SGD step (oracle)."""
+@pytest.mark.parametrize(("score", "balanced"), [("increase", False), ("after", True)])
+def test_mir_selects_the_top_oracle_score(score, balanced):
+    """Unguarded MIR over every entry returns the k largest losses after (or increases by) an explicit SGD step."""
     pool, ids = pool_of(20)
     net = Net().eval()  # eval: the oracle's step and MIR's see the same BatchNorm behaviour
     x, y = batch(5)
-    mir = MIR(pool, net, per_sample, lr=0.5, candidates=20, drop_disputed=False)
+    mir = MIR(pool, net, per_sample, lr=0.5, candidates=20, drop_disputed=False, score=score, balanced=balanced)
     got = mir.select(x, y, 6)
     dreams, labels = pool.dreams(ids), pool.metadata(ids)["class_label"].long()
     stepped = copy.deepcopy(net)
@@ -207,7 +208,9 @@ def test_mir_selects_the_top_oracle_loss_change():
     with torch.no_grad():
         for p in stepped.parameters():
             p -= 0.5 * p.grad
-        change = per_sample(stepped(dreams), labels) - per_sample(net(dreams), labels)
+        change = per_sample(stepped(dreams), labels)
+        if score == "increase":
+            change = change - per_sample(net(dreams), labels)
     order = change.argsort(descending=True)
     kth = change[order[5]]
     assert set(got.tolist()) >= set(ids[change > kth + 1e-5].tolist())
@@ -237,14 +240,31 @@ def test_mir_learning_rate_from_optimizer_follows_it():
     net = Net().eval()
     x, y = batch()
     opt = torch.optim.SGD(net.parameters(), lr=0.3)
-    by_opt = MIR(pool, net, per_sample, optimizer=opt, drop_disputed=False, generator=torch.Generator().manual_seed(2))
-    by_lr = MIR(pool, net, per_sample, lr=0.3, drop_disputed=False, generator=torch.Generator().manual_seed(2))
+    kw = {"drop_disputed": False, "score": "increase"}
+    by_opt = MIR(pool, net, per_sample, optimizer=opt, generator=torch.Generator().manual_seed(2), **kw)
+    by_lr = MIR(pool, net, per_sample, lr=0.3, generator=torch.Generator().manual_seed(2), **kw)
     ids_a, score_a = by_opt.scores(x, y)
     ids_b, score_b = by_lr.scores(x, y)
     assert torch.equal(ids_a, ids_b) and torch.allclose(score_a, score_b, atol=1e-6)
     opt.param_groups[0]["lr"] = 0.0  # a scheduler's change is read at the next call: no step, no change
     _, zero = by_opt.scores(x, y)
     assert torch.allclose(zero[torch.isfinite(zero)], torch.zeros(()), atol=1e-6)
+
+
+def test_mir_balanced_draw_takes_each_class_in_turn():
+    """40 entries of class 0 and 2 of each other class: 8 balanced candidates are 2 of each class."""
+    pool, ids = pool_of(46, classes=[0] * 40 + [1, 2, 3] * 2)
+    x, y = batch()
+    for seed in range(5):
+        mir = MIR(pool, Net(), per_sample, lr=0.1, candidates=8, generator=torch.Generator().manual_seed(seed))
+        cand, _ = mir.scores(x, y)
+        labels = pool.metadata(cand, columns=("class_label",))["class_label"]
+        assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3] and len(set(cand.tolist())) == 8
+    uniform = MIR(
+        pool, Net(), per_sample, lr=0.1, candidates=8, balanced=False, generator=torch.Generator().manual_seed(0)
+    )
+    draws = [pool.metadata(uniform.scores(x, y)[0], columns=("class_label",))["class_label"] for _ in range(20)]
+    assert float(torch.cat(draws).eq(0).float().mean()) > 0.6  # uniform over entries: mostly class 0 (40 of 46)
 
 
 def test_mir_drop_high_loss_sets_aside_the_highest_current_losses():
@@ -291,6 +311,8 @@ def test_mir_refuses_bad_configuration():
         MIR(pool, net, per_sample, lr=0.1, candidates=0)
     with pytest.raises(InvalidConfigurationError):
         MIR(pool, net, per_sample, lr=0.1, drop_high_loss=1.0)
+    with pytest.raises(InvalidConfigurationError):
+        MIR(pool, net, per_sample, lr=0.1, score="before")
     with pytest.raises(InvalidConfigurationError):
         MIR(pool, lambda z: z, per_sample, lr=0.1)  # type: ignore[arg-type]
     x, y = batch()
