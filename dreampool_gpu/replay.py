@@ -101,8 +101,10 @@ def _gather(pool: DreamPool, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _pad(t: torch.Tensor, n: int, fill: float = -1) -> torch.Tensor:
-    """``t`` ``[m, ...]`` cut or padded with ``fill`` to ``[n, ...]``."""
-    if t.shape[0] >= n:
+    """``t`` ``[m, ...]`` cut or padded with ``fill`` to ``[n, ...]`` (``t`` itself when ``m == n``)."""
+    if t.shape[0] == n:
+        return t  # the same tensor: pool.dreams(ids) right after pool.sample needs no lookup
+    if t.shape[0] > n:
         return t[:n]
     return torch.cat([t, t.new_full((n - t.shape[0], *t.shape[1:]), fill)])
 
