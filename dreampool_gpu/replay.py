@@ -37,7 +37,12 @@ from torch.func import functional_call
 from dreampool_gpu import _validation as v
 from dreampool_gpu.columns import RENAMED, WHERE_COLUMNS, Columns, as_returned
 from dreampool_gpu.config import Metric
-from dreampool_gpu.errors import DimensionMismatchError, InvalidConfigurationError, InvalidInputError
+from dreampool_gpu.errors import (
+    DimensionMismatchError,
+    InvalidConfigurationError,
+    InvalidInputError,
+    UnknownColumnError,
+)
 from dreampool_gpu.pool import DreamPool
 from dreampool_gpu.retrieval import request
 from dreampool_gpu.search.exact import pairwise_scores
@@ -52,7 +57,8 @@ class _Eligible(Columns):
 
     The pool hands a ``where`` callable a copy of every column, the derived ones (``hue_category``)
     included, and reading those makes the entries' lazy features be computed (``PoolConfig.features``).
-    A replay filter reads one or two columns (``class_label``); this mapping reads only those.
+    A replay filter reads one or two columns (``class_label``); this mapping reads only those
+    (``in`` and iteration see the columns read so far). Old spellings warn as in ``Columns``.
     """
 
     def __init__(self, pool: DreamPool) -> None:
@@ -61,12 +67,14 @@ class _Eligible(Columns):
 
     def __missing__(self, key: str) -> torch.Tensor:
         name = RENAMED.get(key, "inserted_at" if key == "age" else key)
-        if name in WHERE_COLUMNS and not dict.__contains__(self, name):
+        if name not in WHERE_COLUMNS:
+            raise UnknownColumnError(key, list(WHERE_COLUMNS))
+        if not dict.__contains__(self, name):
             # the one read of pool internals: see _eligible
             dict.__setitem__(self, name, as_returned(self._pool.bank.columns[name], copy=True))
             if name == key:
                 return dict.__getitem__(self, name)
-        return super().__missing__(key)
+        return self._legacy(key)  # an old spelling: warns at the caller's line
 
 
 def _eligible(pool: DreamPool, where: Any) -> torch.Tensor:
