@@ -29,7 +29,8 @@ D = 64
 
 def _count_bytes(pool: ShardedDreamPool, counter: dict[str, int]) -> None:
     """Wrap the pool's collectives to add up the bytes this rank receives."""
-    gather, to_all, reduce = pool._all_gather, pool._all_to_all, pool._all_reduce
+    net = pool._net  # the pool's Collectives (dreampool_gpu/distributed/collectives.py)
+    gather, to_all, reduce = net.all_gather, net.all_to_all, net.all_reduce
 
     def all_gather(t: torch.Tensor) -> torch.Tensor:
         out = gather(t)
@@ -46,7 +47,7 @@ def _count_bytes(pool: ShardedDreamPool, counter: dict[str, int]) -> None:
         counter["bytes"] += t.numel() * t.element_size()
         return reduce(t)
 
-    pool._all_gather, pool._all_to_all, pool._all_reduce = all_gather, all_to_all, all_reduce
+    net.all_gather, net.all_to_all, net.all_reduce = all_gather, all_to_all, all_reduce
 
 
 def _run(rank: int, world: int, port: int, args: argparse.Namespace, out: dict) -> None:

@@ -167,3 +167,47 @@ def check_flag(x: Any, name: str) -> bool:
         return bool(x)
     shown = f"a tensor of shape {list(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
     raise InvalidInputError(name, "True or False", shown)
+
+
+def int_in_range(value: Any, low: int, high: int | None = None) -> bool:
+    """Whether ``value`` is a Python int (not a bool) in ``[low, high]`` (no upper bound when None)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
+def int_range_text(low: int, high: int | None = None) -> str:
+    """How :func:`int_in_range` reads in an error message."""
+    return f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+
+
+# ---------------------------------------------------------------- per-dream and per-query values
+def per_item(x: Any, n: int, name: str, low: float, high: float, device: torch.device) -> torch.Tensor:
+    """``x`` (None: zeros; a scalar is broadcast) as ``[n]`` float32 in ``[low, high]`` on ``device``:
+    a value per dream or per query (coherence, energy, violation, utility prior)."""
+    if x is None:
+        return torch.zeros(n, device=device)
+    t = as_tensor(x, name, device=device)
+    if t.dtype == torch.bool or t.is_complex():
+        raise InvalidInputError(name, "real numbers", f"dtype {t.dtype}")
+    t = t.float()
+    if t.dim() == 0:
+        t = t.expand(n)
+    check_shape(t, (n,), name)
+    check_finite(t, name)
+    check_range(t, name, low, high)
+    return t
+
+
+def class_labels(x: Any, n: int, name: str, num_classes: int, device: torch.device) -> torch.Tensor:
+    """``x`` (None: all -1; a scalar is broadcast) as ``[n]`` int64 class labels in -1..num_classes-1."""
+    if x is None:
+        return torch.full((n,), -1, dtype=torch.int64, device=device)
+    t = as_tensor(x, name, device=device)
+    check_int(t, name)
+    t = t.long()
+    if t.dim() == 0:
+        t = t.expand(n)
+    check_shape(t, (n,), name)
+    check_int_range(t, name, -1, num_classes - 1, f"class labels in 0..{num_classes - 1} or -1")
+    if checks.sync_free():  # a recorded failure must never reach an index: -1 (none) in its place
+        t = torch.where((t >= -1) & (t < num_classes), t, -1)
+    return t

@@ -5,6 +5,9 @@ Ids are int64, increasing and never reused; a free slot holds id -1. Every
 write and removal bumps :attr:`TensorBank.revision`, which derived structures
 (search indexes, the id->slot map) use to know when they are stale.
 
+User columns (:mod:`dreampool_gpu.user_columns`) follow the bank's own, filled with 0 (False
+for bool) until written; they are columns like any other (bytes, state, gathers).
+
 An entry may be written without its :data:`DERIVED` columns (``write(..., pending=True)``):
 it waits until something reads one of them through :attr:`TensorBank.columns`, which first
 calls the owner's :attr:`TensorBank.settle_hook` (the pool featurises every waiting entry in
@@ -20,8 +23,9 @@ from typing import TypedDict
 
 import torch
 
-from dreampool_gpu.errors import CapacityExceededError
+from dreampool_gpu.errors import CapacityExceededError, InvalidInputError
 from dreampool_gpu.spectral import SPECTRAL_DIM
+from dreampool_gpu.user_columns import UserColumns
 
 DERIVED = frozenset({"chroma", "spectral", "hue_category", "embeddings"})
 """Columns computed from an entry's dream and class label (by ``add``, or later when lazy)."""
@@ -46,11 +50,14 @@ class BankState(TypedDict):
 
 
 def column_specs(
-    dream_shape: tuple[int, int, int], embedding_dim: int, dream_dtype: torch.dtype
+    dream_shape: tuple[int, int, int],
+    embedding_dim: int,
+    dream_dtype: torch.dtype,
+    user: UserColumns | None = None,
 ) -> dict[str, ColumnSpec]:
-    """The bank's columns, in a fixed order (also the checkpoint layout)."""
+    """The bank's columns, in a fixed order (also the checkpoint layout), then the ``user`` columns (fill 0)."""
     nan = float("nan")
-    return {
+    specs = {
         "ids": ColumnSpec((), torch.int64, -1),
         "embeddings": ColumnSpec((embedding_dim,), torch.float32, 0.0),
         "dreams": ColumnSpec((*dream_shape, 3), dream_dtype, 0.0),
@@ -67,6 +74,9 @@ def column_specs(
         "hue_category": ColumnSpec((), torch.int8, 0),
         "inserted_at": ColumnSpec((), torch.float64, 0.0),
     }
+    for name, (shape, dtype) in ({} if user is None else user.specs()).items():
+        specs[name] = ColumnSpec(shape, dtype, False if dtype == torch.bool else 0)
+    return specs
 
 
 class _Columns(dict[str, torch.Tensor]):
@@ -105,11 +115,13 @@ class TensorBank:
     Keyword Args:
         device: where every column lives.
         dream_dtype: storage dtype of the ``dreams`` column.
+        user: user columns stored after the bank's own (``PoolConfig.columns``).
 
     Attributes:
         columns: name -> tensor ``[capacity, ...]``. ``ids`` is -1 on free slots. Reading a
             :data:`DERIVED` column settles waiting entries first (:meth:`settle`).
         raw: the same tensors, read as they are (derived columns of waiting entries unset).
+        user_names: the user columns' names, sorted (the last of :attr:`columns`).
         pending: True while entries wait for their derived columns.
         settle_hook: called by :meth:`settle` with nothing; it reads :meth:`pending_slots`
             and writes the derived columns through :attr:`raw`.
@@ -127,12 +139,14 @@ class TensorBank:
         *,
         device: torch.device,
         dream_dtype: torch.dtype = torch.float32,
+        user: UserColumns | None = None,
     ) -> None:
         self.capacity = capacity
         self.dream_shape = dream_shape
         self.embedding_dim = embedding_dim
         self.device = device
-        self.specs = column_specs(dream_shape, embedding_dim, dream_dtype)
+        self.specs = column_specs(dream_shape, embedding_dim, dream_dtype, user)
+        self.user_names = tuple(user or ())
         self.raw: dict[str, torch.Tensor] = {
             name: torch.full((capacity, *spec.shape), spec.fill, dtype=spec.dtype, device=device)
             for name, spec in self.specs.items()
@@ -328,6 +342,19 @@ class TensorBank:
         self._by_slot = self._by_slot.to(device)
         self._taken_key = self._taken_key.to(device)
         self.revision += 1
+
+    def check_issued(self, ids: torch.Tensor) -> None:
+        """Refuse ``ids`` this bank never issued (below -1 or at/after ``next_id``), listing the first few.
+
+        Raises:
+            InvalidInputError: naming how many unknown ids and the first five.
+        """
+        if ids.numel() and bool(((ids < -1) | (ids >= self.next_id)).any()):
+            bad = ids[(ids < -1) | (ids >= self.next_id)].unique()
+            shown = ", ".join(str(i) for i in bad[:5].tolist()) + (", ..." if bad.numel() > 5 else "")
+            raise InvalidInputError(
+                "ids", f"ids issued by this pool (-1..{self.next_id - 1})", f"{bad.numel()} unknown: {shown}"
+            )
 
     def check_ids_left(self, incoming: int) -> None:
         """Refuse to issue ``incoming`` more ids when they would pass the int64 maximum.

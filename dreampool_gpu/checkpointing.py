@@ -1,6 +1,6 @@
 """Checkpoints of a :class:`~dreampool_gpu.pool.DreamPool`: save/load a directory, state dicts.
 
-:class:`Checkpointing` is mixed into the pool. A pool's state is composed from its parts,
+Functions over the pool's :class:`~dreampool_gpu.parts.PoolParts`. A pool's state is composed from its parts,
 each giving and taking its own (:func:`snapshot`, :func:`restore`): the bank
 (``TensorBank.state_dict``), the search index (``SearchIndex.state_dict``), the query
 cache (``QueryCache.state_dict``), the encoder (``state_dict``), the eviction policy's generator
@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from dreampool_gpu import persist
 from dreampool_gpu.config import PoolConfig
-from dreampool_gpu.streams import StreamOrderedLock
 
 if TYPE_CHECKING:
+    from dreampool_gpu.parts import PoolParts
     from dreampool_gpu.pool import DreamPool
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 P = TypeVar("P", bound="DreamPool")
 
 
-def snapshot(pool: DreamPool) -> persist.PoolSnapshot:
+def snapshot(pool: PoolParts) -> persist.PoolSnapshot:
     """The pool's state, composed from its parts' ``state_dict`` (caller holds the pool's lock).
 
     Every tensor is a host copy (not a view), so the pool may change as soon as the lock
@@ -40,7 +40,7 @@ def snapshot(pool: DreamPool) -> persist.PoolSnapshot:
     index = pool.index.state_dict()
     return persist.PoolSnapshot(
         config=pool.config,
-        capacity=pool.capacity,
+        capacity=pool.bank.capacity,
         size=bank["size"],
         next_id=bank["next_id"],
         extent=bank["extent"],
@@ -57,7 +57,7 @@ def snapshot(pool: DreamPool) -> persist.PoolSnapshot:
     )
 
 
-def restore(pool: DreamPool, snap: persist.PoolSnapshot) -> None:
+def restore(pool: PoolParts, snap: persist.PoolSnapshot) -> None:
     """Replace the pool's bank, counters, encoder state, cache and index with ``snap``'s (caller holds the lock).
 
     Every check runs before the first write (:func:`persist.check_restorable`): on error
@@ -77,11 +77,11 @@ def restore(pool: DreamPool, snap: persist.PoolSnapshot) -> None:
     pool.counters.update({key: snap.counters.get(key, 0) for key in pool.counters})
     pool.eviction.load_state_dict(snap.eviction, pool.bank)  # None (older checkpoints): starts afresh
     pool.cache.load_state_dict(snap.cache if snap.cache is not None else pool.cache.state_dict())
-    pool._restore_encoder(snap.encoder_state)  # noqa: SLF001 - the pool's hook for its checkpoint
+    pool.encoders.restore(snap.encoder_state)
     _restore_index(pool, snap)
 
 
-def _restore_index(pool: DreamPool, snap: persist.PoolSnapshot) -> None:
+def _restore_index(pool: PoolParts, snap: persist.PoolSnapshot) -> None:
     state = persist.index_state(snap, pool.bank.revision)
     try:
         restored = pool.index.load_state_dict(state)
@@ -89,7 +89,7 @@ def _restore_index(pool: DreamPool, snap: persist.PoolSnapshot) -> None:
         warnings.warn(
             f"search index ({snap.index_kind}) could not be restored ({exc!r}); rebuilt from the bank",
             persist.CheckpointRecoveryWarning,
-            stacklevel=4,
+            stacklevel=5,  # the caller of DreamPool.load / load_state_dict
         )
         return
     if not restored and state["data"] is not None:
@@ -110,81 +110,31 @@ def build_pool(cls: type[P], config: PoolConfig, capacity: int | None, *, encode
     return pool
 
 
-class Checkpointing:
-    """Checkpoint methods of :class:`~dreampool_gpu.pool.DreamPool` (a mixin; the pool sets ``_lock``)."""
+def save(pool: PoolParts, path: persist.PathArg) -> None:
+    """:meth:`DreamPool.save`: the state copied under the pool's lock, then written outside it."""
+    with persist.WRITE_LOCK:  # saves land in the order their snapshots were taken
+        with pool.lock:
+            snap = snapshot(pool)
+        persist.write_checkpoint(snap, path)
 
-    _lock: StreamOrderedLock
-    # The casts to DreamPool below are sound: this mixin is only ever a base of DreamPool.
 
-    def save(self, path: persist.PathArg) -> None:
-        """Write a checkpoint directory at ``path``, atomically (see :mod:`dreampool_gpu.persist`).
+def load(cls: type[P], path: persist.PathArg, *, device: str | torch.device | None, encoder: Any) -> P:
+    """:meth:`DreamPool.load` of a single pool's checkpoint, as a ``cls``."""
+    snap = persist.read_checkpoint(path)
+    pool = build_pool(cls, persist.config_for_load(snap, device), snap.capacity, encoder=encoder)
+    with pool.parts.lock:
+        restore(pool.parts, snap)
+    return pool
 
-        The pool's state is copied under its lock, then written while other
-        threads keep using the pool. Readers of ``path`` see the previous
-        checkpoint or this one, never a mix.
 
-        Raises:
-            InvalidInputError: ``path`` is not a path, or names something that is
-                not a dreampool checkpoint (it is never overwritten).
-            OSError: the filesystem failed; the previous checkpoint is intact.
-        """
-        with persist.WRITE_LOCK:  # saves land in the order their snapshots were taken
-            with self._lock:
-                snap = snapshot(cast("DreamPool", self))
-            persist.write_checkpoint(snap, path)
+def state_dict(pool: PoolParts) -> dict[str, Any]:
+    """:meth:`DreamPool.state_dict`."""
+    with pool.lock:
+        return persist.to_state_dict(snapshot(pool))
 
-    @classmethod
-    def load(cls, path: persist.PathArg, *, device: str | torch.device | None = None, encoder: Any = None) -> Any:
-        """Build a pool from the checkpoint at ``path``, verifying every checksum.
 
-        A sharded checkpoint (:meth:`ShardedDreamPool.save`) opens as one pool holding
-        every shard's entries, ids unchanged (:func:`dreampool_gpu.distributed.load_merged`).
-
-        Keyword Args:
-            device: where the new pool lives (default: the saved configuration's
-                device). A pool saved on CUDA loads on CPU and the reverse; the
-                dreams keep their saved dtype.
-            encoder: for a pool saved with a user's module (or custom encoder), a fresh
-                instance of the same architecture; the saved weights are loaded into it.
-
-        Raises:
-            CheckpointCorruptError: a missing, truncated or altered file (named in
-                the error), or a format version newer than this library.
-            DeviceUnavailableError: ``device`` is CUDA and absent.
-        """
-        from dreampool_gpu import distributed  # imports the pool module
-
-        if distributed.is_sharded_checkpoint(path):  # a ShardedDreamPool's checkpoint, as one pool
-            return distributed.load_merged(path, device=device)
-        snap = persist.read_checkpoint(path)
-        pool = build_pool(
-            cast("type[DreamPool]", cls), persist.config_for_load(snap, device), snap.capacity, encoder=encoder
-        )
-        with pool._lock:
-            restore(pool, snap)
-        return pool
-
-    def state_dict(self) -> dict[str, Any]:
-        """The pool's state as a dict of CPU tensors, bytes and plain values.
-
-        Round-trips through ``torch.save`` / ``torch.load(weights_only=True)``, so
-        the pool can ride in a training checkpoint.
-        """
-        with self._lock:
-            return persist.to_state_dict(snapshot(cast("DreamPool", self)))
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Replace this pool's entries, counters and index with ``state_dict``'s.
-
-        The pool keeps its own configuration; fields that shape the stored data
-        (dream shape, embedding, encoder, metric, window) must match, and the
-        capacity must hold the saved entries. Dreams are cast to this pool's dtype.
-
-        Raises:
-            InvalidInputError: not a state dict of this format, or a malformed part.
-            InvalidConfigurationError: the state does not fit this pool's configuration.
-            (On error the pool is unchanged.)
-        """
-        snap = persist.from_state_dict(state_dict)
-        with self._lock:
-            restore(cast("DreamPool", self), snap)
+def load_state_dict(pool: PoolParts, state: dict[str, Any]) -> None:
+    """:meth:`DreamPool.load_state_dict`."""
+    snap = persist.from_state_dict(state)
+    with pool.lock:
+        restore(pool, snap)

@@ -97,13 +97,16 @@ def where_columns(bank: TensorBank) -> Columns:
     ``coherence``, ``energy``, ``violation``, ``utility`` (NaN before any feedback),
     ``util_mean`` float32; ``inserted_at`` float64 (``time.time()`` when added);
     ``ids``, ``class_label`` (-1 = none), ``hue_category``, ``usage``, ``feedback_count``
-    int64. Free slots have id -1 and never qualify, whatever the mask says.
+    int64; then the user columns (``PoolConfig.columns``), ``[capacity, *shape]`` each.
+    Free slots have id -1 and never qualify, whatever the mask says.
     """
-    return Columns({name: as_returned(bank.columns[name], copy=True) for name in WHERE_COLUMNS})
+    names = (*WHERE_COLUMNS, *bank.user_names)
+    return Columns({name: as_returned(bank.columns[name], copy=True) for name in names})
 
 
-def renamed_argument(value: Any, old_value: Any, old: str, new: str) -> Any:
-    """``value``, or ``old_value`` (passed under the old keyword ``old``, with a DeprecationWarning).
+def renamed_argument(value: Any, old_value: Any, old: str, new: str, *, depth: int = 1) -> Any:
+    """``value``, or ``old_value`` (passed under the old keyword ``old``, with a DeprecationWarning
+    pointing ``depth`` frames above the function that calls this one: its caller by default).
 
     Raises:
         InvalidInputError: both keywords were given.
@@ -113,6 +116,8 @@ def renamed_argument(value: Any, old_value: Any, old: str, new: str) -> Any:
     if value is not None:
         raise InvalidInputError(old, f"{new}= alone ({old}= is its old name)", "both")
     warnings.warn(
-        f"{old}= is now called {new}=; {old}= stops working in the next release", DeprecationWarning, stacklevel=3
+        f"{old}= is now called {new}=; {old}= stops working in the next release",
+        DeprecationWarning,
+        stacklevel=2 + depth,
     )
     return old_value

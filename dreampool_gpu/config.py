@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
+from dreampool_gpu import _validation as v
 from dreampool_gpu.errors import InvalidConfigurationError, InvalidInputError
+from dreampool_gpu.user_columns import UserColumns, parse_columns
 
 
 class Metric(str, Enum):
@@ -138,10 +140,8 @@ def _check_unit(name: str, value: float) -> None:
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    bad = isinstance(value, bool) or not isinstance(value, int) or value < low
-    if bad or (high is not None and value > high):
-        upper = "" if high is None else f" and <= {high}"
-        raise InvalidConfigurationError(name, value, f"an int >= {low}{upper}")
+    if not v.int_in_range(value, low, high):
+        raise InvalidConfigurationError(name, value, v.int_range_text(low, high))
 
 
 def parse_memory_budget(value: Any) -> tuple[float | None, float | None]:
@@ -224,6 +224,10 @@ class PoolConfig:
             computed: ``lazy`` (by the first call that reads them, for every waiting entry in one
             batch; a replay-only loop never computes them) or ``eager`` (by ``add``). Pools whose
             engine keeps its own vectors (IVF-PQ at this capacity) compute them eagerly.
+        columns: user columns stored with every entry, ``{name: (shape, dtype)}``, e.g.
+            ``{"logits": ((10,), "float32"), "task": ((), "int64")}`` (dtypes: float32, float16,
+            bfloat16, int64, int32, bool); kept as a :class:`~dreampool_gpu.user_columns.UserColumns`
+            (see :mod:`dreampool_gpu.user_columns`). Empty by default.
     """
 
     dream_shape: tuple[int, int, int] = (16, 16, 4)
@@ -264,6 +268,7 @@ class PoolConfig:
     strict_budget: bool = False
     checks: CheckPolicy = CheckPolicy.AUTO
     features: str = "lazy"
+    columns: UserColumns = UserColumns()  # immutable: one shared empty declaration
 
     def __post_init__(self) -> None:
         shape = tuple(self.dream_shape) if isinstance(self.dream_shape, (list, tuple)) else None
@@ -340,6 +345,7 @@ class PoolConfig:
         if not isinstance(self.strict_budget, bool):
             raise InvalidConfigurationError("strict_budget", self.strict_budget, "true or false")
         object.__setattr__(self, "checks", _parse_enum(CheckPolicy, self.checks, "checks"))
+        object.__setattr__(self, "columns", parse_columns(self.columns))
 
     @property
     def default_mode(self) -> RetrievalMode:
@@ -360,6 +366,9 @@ class PoolConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, UserColumns):
+                out[f.name] = value.to_dict()
+                continue
             out[f.name] = (
                 value.value if isinstance(value, Enum) else (list(value) if isinstance(value, tuple) else value)
             )

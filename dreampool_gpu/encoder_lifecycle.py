@@ -1,8 +1,11 @@
-"""The pool's encoder lifecycle: choose it, check it is fresh, train it, re-embed the bank.
+"""The pool's encoder slot: choose the encoder, check it is fresh, train it, re-embed the bank.
 
-:class:`EncoderLifecycle` is mixed into :class:`~dreampool_gpu.pool.DreamPool`; its
-methods run under the pool's lock and read the pool's bank, index, cache and config.
-Swapping embeddings is all or nothing (:meth:`EncoderLifecycle._install_embeddings`).
+:class:`EncoderSlot` is a part of a :class:`~dreampool_gpu.pool.DreamPool`: it owns the
+encoder, the encoder version the bank's embeddings come from, whether a learned encoder
+was fitted, and the query cache (entries computed under the current encoder). It reads
+the bank, index, config and counters of the :class:`~dreampool_gpu.parts.PoolParts` it
+belongs to; its methods run under the pool's lock. Swapping embeddings is all or nothing
+(:meth:`EncoderSlot.install`).
 """
 
 from __future__ import annotations
@@ -13,20 +16,22 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.cache import QueryCache
 from dreampool_gpu.config import PoolConfig
 from dreampool_gpu.encoders import Encoder, FeatureEncoder, bank_form
 from dreampool_gpu.errors import IndexStaleError, InvalidConfigurationError, InvalidInputError
 from dreampool_gpu.fitting import FitReport, train_encoder
 from dreampool_gpu.learned import LearnedEncoder, ModuleEncoder
-from dreampool_gpu.search import SearchIndex
-from dreampool_gpu.streams import StreamOrderedLock
+from dreampool_gpu.retrieval import stages
+
+if TYPE_CHECKING:
+    from dreampool_gpu.parts import PoolParts
+    from dreampool_gpu.retrieval.request import Queries
 
 _EMBED_CHUNK = 4096  # entries embedded per encoder call when the whole bank is re-embedded
 
@@ -67,173 +72,109 @@ class _HeldInterrupt:
             self._previous(signal.SIGINT, None)
 
 
-class EncoderLifecycle:
-    """Encoder methods of :class:`~dreampool_gpu.pool.DreamPool` (a mixin; the pool sets the attributes)."""
+class EncoderSlot:
+    """The encoder of one pool and what depends on it (a part of :class:`~dreampool_gpu.parts.PoolParts`).
 
-    config: PoolConfig
-    device: torch.device
-    bank: TensorBank
-    index: SearchIndex
-    cache: QueryCache
-    encoder: Encoder
-    counters: dict[str, int]
-    _embedded_version: int
-    _encoder_fitted: bool
-    _lock: StreamOrderedLock
+    Args:
+        parts: the pool's parts (bank, index, config, device, counters), read at each call.
+        encoder: the encoder, on the pool's device (:func:`make_encoder`).
+        fitted: False for a learned encoder with its initial weights (retrievals warn).
+        cache: the query cache.
 
-    def fit_encoder(
-        self,
-        *,
-        steps: int = 200,
-        batch_size: int = 256,
-        lr: float = 2e-3,
-        seed: int = 0,
-        colour_jitter: float = 0.05,
-        progress: bool = False,
-    ) -> FitReport:
-        """Train the pool's encoder on its entries, then re-embed the bank: all or nothing.
+    Attributes:
+        encoder: the encoder. embedded_version: the encoder version the bank's embeddings
+            come from. fitted: see above. cache: the query cache.
+    """
 
-        Supervised contrastive training on two augmented views of each sampled
-        entry (class labels as positives where present, utility feedback as anchor
-        weights; :mod:`dreampool_gpu.fitting`). A copy of the encoder is trained;
-        only when training and re-embedding succeed are the new encoder and the
-        embeddings swapped in, the index rebuilt and the query cache cleared.
-        A diverged loss, Ctrl-C or an out-of-memory error leaves the pool exactly
-        as it was. The install (encoder, embeddings, index, query cache) is the last step
-        and one that Ctrl-C cannot split: it is undone whole, or complete with nothing
-        left to raise (a Ctrl-C landing in the instant after it is passed on, the pool
-        consistent). The pool's lock is held throughout (other threads wait).
-        Deterministic on CPU for a ``seed``.
+    def __init__(self, parts: PoolParts, encoder: Encoder, *, fitted: bool, cache: QueryCache) -> None:
+        self.parts = parts
+        self.encoder = encoder
+        self.embedded_version = encoder.version
+        self.fitted = fitted
+        self.cache = cache
 
-        Keyword Args:
-            steps: optimizer steps (>= 1). batch_size: entries per step (>= 2).
-            lr: AdamW learning rate (> 0). seed: sampling and augmentation seed.
-            colour_jitter: half-width of the per-channel colour gain of the views, in [0, 1]:
-                what colour change the embedding learns to ignore. Raise it (e.g. 0.25)
-                when colour is a nuisance for your classes and the pool has no labels to say so.
-            progress: show a tqdm bar with the loss.
-
-        Returns:
-            :class:`~dreampool_gpu.fitting.FitReport` (loss per step, seconds, entries).
-
-        Raises:
-            InvalidConfigurationError: the encoder is not trainable (the ``features`` encoder).
-            InvalidInputError: bad arguments, or fewer than 2 entries in the pool.
-            EncoderFitError: the loss became NaN or infinite.
-        """
-        with self._lock:
-            if not isinstance(self.encoder, (LearnedEncoder, ModuleEncoder)):
-                raise InvalidConfigurationError(
-                    "encoder",
-                    type(self.encoder).__name__,
-                    "a trainable encoder: PoolConfig(encoder='learned') or DreamPool(config, encoder=<nn.Module>)",
-                )
-            steps, batch_size, seed = (
-                v.check_count(steps, "steps"),
-                v.check_count(batch_size, "batch_size"),
-                v.check_count(seed, "seed"),
+    def fit(self, *, steps: Any, batch_size: Any, lr: Any, seed: Any, colour_jitter: Any, progress: Any) -> FitReport:
+        """:meth:`DreamPool.fit_encoder`'s work (the caller holds the pool's lock)."""
+        if not isinstance(self.encoder, (LearnedEncoder, ModuleEncoder)):
+            raise InvalidConfigurationError(
+                "encoder",
+                type(self.encoder).__name__,
+                "a trainable encoder: PoolConfig(encoder='learned') or DreamPool(config, encoder=<nn.Module>)",
             )
-            lr = v.check_number(lr, "lr", 0.0, 1.0)
-            colour_jitter = v.check_number(colour_jitter, "colour_jitter", 0.0, 1.0)
-            for name, value, ok, expected in (
-                ("steps", steps, steps >= 1, "an int >= 1"),
-                ("batch_size", batch_size, batch_size >= 2, "an int >= 2"),
-                ("lr", lr, lr > 0.0, "a learning rate in (0, 1]"),
-            ):
-                if not ok:
-                    raise InvalidInputError(name, expected, value)
-            self._check_fresh()
-            slots = self.bank.slots_by_age()
-            if slots.numel() < 2:
-                raise InvalidInputError("pool", "at least 2 entries to fit the encoder on", f"{slots.numel()} entries")
-            start = time.perf_counter()
-            cols = self.bank.columns
-            labels = cols["class_label"].long()
-            weights = 1.0 + torch.where(
-                cols["feedback_count"] > 0, cols["util_mean"], torch.zeros_like(cols["util_mean"])
-            )
-            candidate = copy.deepcopy(self.encoder)
-            losses = train_encoder(
-                candidate,
-                cols["dreams"],
-                slots,
-                labels,
-                weights,
-                steps=steps,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                colour_jitter=colour_jitter,
-                progress=progress,
-            )
-            live, embeddings = self._embed_live(candidate)
-            report = FitReport(
-                losses=losses,
-                steps=steps,
-                seconds=time.perf_counter() - start,
-                entries=int(slots.numel()),
-                labelled=int((labels[slots] >= 0).sum()),
-            )
-            self._install_embeddings(live, embeddings, candidate)  # the last step: nothing raises after it
-            self._encoder_fitted = True
-            return report
+        steps, batch_size, seed = (
+            v.check_count(steps, "steps"),
+            v.check_count(batch_size, "batch_size"),
+            v.check_count(seed, "seed"),
+        )
+        lr = v.check_number(lr, "lr", 0.0, 1.0)
+        colour_jitter = v.check_number(colour_jitter, "colour_jitter", 0.0, 1.0)
+        for name, value, ok, expected in (
+            ("steps", steps, steps >= 1, "an int >= 1"),
+            ("batch_size", batch_size, batch_size >= 2, "an int >= 2"),
+            ("lr", lr, lr > 0.0, "a learning rate in (0, 1]"),
+        ):
+            if not ok:
+                raise InvalidInputError(name, expected, value)
+        self.check_fresh()
+        slots = self.parts.bank.slots_by_age()
+        if slots.numel() < 2:
+            raise InvalidInputError("pool", "at least 2 entries to fit the encoder on", f"{slots.numel()} entries")
+        start = time.perf_counter()
+        cols = self.parts.bank.columns
+        labels = cols["class_label"].long()
+        weights = 1.0 + torch.where(cols["feedback_count"] > 0, cols["util_mean"], torch.zeros_like(cols["util_mean"]))
+        candidate = copy.deepcopy(self.encoder)
+        losses = train_encoder(
+            candidate,
+            cols["dreams"],
+            slots,
+            labels,
+            weights,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            colour_jitter=colour_jitter,
+            progress=progress,
+        )
+        live, embeddings = self.embed_live(candidate)
+        report = FitReport(
+            losses=losses,
+            steps=steps,
+            seconds=time.perf_counter() - start,
+            entries=int(slots.numel()),
+            labelled=int((labels[slots] >= 0).sum()),
+        )
+        self.install(live, embeddings, candidate)  # the last step: nothing raises after it
+        self.fitted = True
+        return report
 
     def reembed(self) -> None:
-        """Recompute every entry's embedding with the current encoder; rebuild the index.
+        """Recompute every entry's embedding with the current encoder and install them (:meth:`install`)."""
+        live, embeddings = self.embed_live(self.encoder)
+        self.install(live, embeddings, self.encoder)
 
-        Call it after changing a user encoder's weights outside :meth:`fit_encoder`
-        (embedding retrievals raise :class:`~dreampool_gpu.errors.IndexStaleError`
-        until then). All or nothing, like :meth:`fit_encoder`.
-        """
-        with self._lock:
-            live, embeddings = self._embed_live(self.encoder)
-            self._install_embeddings(live, embeddings, self.encoder)
-
-    def _make_encoder(self, encoder: Any) -> Encoder:
-        """The pool's encoder on its device, from the ``encoder`` argument or the config."""
-        cfg, d = self.config, self.config.embedding_dim
-        if encoder is None:
-            if cfg.encoder == "learned":
-                return LearnedEncoder(cfg.dream_shape, d, seed=cfg.encoder_seed).to(self.device).eval()
-            return FeatureEncoder(
-                d,
-                include_spectral=cfg.include_spectral,
-                include_class=cfg.include_class,
-                include_utility=cfg.include_utility,
-                num_classes=cfg.num_classes,
-                seed=cfg.encoder_seed,
-                device=self.device,
-            )
-        if isinstance(encoder, Encoder):
-            if getattr(encoder, "dim", None) != d:
-                raise InvalidConfigurationError(
-                    "encoder", f"an encoder of dim {getattr(encoder, 'dim', None)}", f"dim {d} (embedding_dim)"
-                )
-            mover = getattr(encoder, "to", None)
-            moved = mover(self.device) if callable(mover) else encoder
-            moved = moved.eval() if isinstance(moved, torch.nn.Module) else moved
-            return cast(Encoder, moved)  # an Encoder's ``to`` returns the (moved) encoder, as nn.Module's does
-        if isinstance(encoder, torch.nn.Module):
-            return ModuleEncoder(encoder.to(self.device).eval(), cfg.dream_shape, d)
-        raise InvalidConfigurationError(
-            "encoder",
-            type(encoder).__name__,
-            "None, an Encoder, or a torch.nn.Module mapping [N, R, C, L, 3] to [N, D]",
+    def query_embeddings(self, q: Queries, hint: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` embeddings of parsed queries, through the query cache where it applies."""
+        if q.embeddings is not None:
+            return q.embeddings
+        return stages.embed_queries(
+            self.encoder, self.cache, self.parts.config, q.chroma, q.spectral, q.dreams, hint, prior
         )
 
-    def _check_fresh(self) -> None:
+    def check_fresh(self) -> None:
         """Raise when the encoder changed since the bank's embeddings were computed."""
-        if self.encoder.version != self._embedded_version:
+        if self.encoder.version != self.embedded_version:
             raise IndexStaleError(
                 f"the encoder changed (version {self.encoder.version}) since the bank was embedded "
-                f"(version {self._embedded_version}): call pool.reembed() (or pool.fit_encoder())"
+                f"(version {self.embedded_version}): call pool.reembed() (or pool.fit_encoder())"
             )
 
-    def _embed_live(self, encoder: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_live(self, encoder: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
         """Live slots in age order ``[n]`` and their embeddings ``[n, D]`` under ``encoder``."""
-        slots = self.bank.slots_by_age()
-        cols = self.bank.columns
-        parts = [torch.empty(0, self.config.embedding_dim, device=self.device)]
+        slots = self.parts.bank.slots_by_age()
+        cols = self.parts.bank.columns
+        parts = [torch.empty(0, self.parts.config.embedding_dim, device=self.parts.device)]
         for start in range(0, slots.numel(), _EMBED_CHUNK):
             s = slots[start : start + _EMBED_CHUNK]
             z = encoder.encode_entries(
@@ -242,10 +183,10 @@ class EncoderLifecycle:
                 spectral=cols["spectral"][s],
                 class_labels=cols["class_label"][s].long(),
             )
-            parts.append(bank_form(z.float(), self.config.metric))
+            parts.append(bank_form(z.float(), self.parts.config.metric))
         return slots, torch.cat(parts)
 
-    def _install_embeddings(self, slots: torch.Tensor, embeddings: torch.Tensor, encoder: Encoder) -> None:
+    def install(self, slots: torch.Tensor, embeddings: torch.Tensor, encoder: Encoder) -> None:
         """Swap in ``encoder`` and its ``embeddings`` of ``slots``; rebuild the index; clear the cache.
 
         One step an interrupt cannot split: on any failure (a KeyboardInterrupt raised
@@ -255,26 +196,26 @@ class EncoderLifecycle:
         held while the step and its undo run, then acted on (the install undone) or, when
         it lands after the install is complete, re-raised once the pool is consistent.
         """
-        column = self.bank.columns["embeddings"]
-        previous = (column[slots].clone(), self.encoder, self._embedded_version)
+        column = self.parts.bank.columns["embeddings"]
+        previous = (column[slots].clone(), self.encoder, self.embedded_version)
         with _HeldInterrupt() as held:
             try:
                 column[slots] = embeddings
-                self.encoder, self._embedded_version = encoder, encoder.version
-                self.bank.revision += 1
-                self.index.reset()
-                self.index.add(slots)
+                self.encoder, self.embedded_version = encoder, encoder.version
+                self.parts.bank.revision += 1
+                self.parts.index.reset()
+                self.parts.index.add(slots)
                 self.cache.clear()  # its entries were computed under the previous encoder
                 if held.take_keyboard_interrupt():
                     raise KeyboardInterrupt  # Ctrl-C during the install: undone below, as if it came before
             except BaseException:
                 column[slots] = previous[0]
-                self.encoder, self._embedded_version = previous[1], previous[2]
-                self.index.reset()
-                self.index.add(slots)
+                self.encoder, self.embedded_version = previous[1], previous[2]
+                self.parts.index.reset()
+                self.parts.index.add(slots)
                 raise
 
-    def _restore_encoder(self, state: dict[str, torch.Tensor] | None) -> None:
+    def restore(self, state: dict[str, torch.Tensor] | None) -> None:
         """Checkpoint hook (bank already restored): load the saved encoder state.
 
         A format-1 checkpoint has none: its embeddings came from an older feature
@@ -283,29 +224,31 @@ class EncoderLifecycle:
         """
         if state is not None:
             self.encoder.load_state_dict(state)
-            self._encoder_fitted = self._encoder_fitted or _moved_from_init(self.encoder, self.config)
+            self.fitted = self.fitted or _moved_from_init(self.encoder, self.parts.config)
         elif isinstance(self.encoder, FeatureEncoder):
-            live = self.bank.slots_by_age()
-            cols = self.bank.columns
-            self.encoder.fit_statistics(cols["chroma"][live], cols["spectral"][live], fitted_on=self.counters["added"])
-            slots, embeddings = self._embed_live(self.encoder)
+            live = self.parts.bank.slots_by_age()
+            cols = self.parts.bank.columns
+            self.encoder.fit_statistics(
+                cols["chroma"][live], cols["spectral"][live], fitted_on=self.parts.counters["added"]
+            )
+            slots, embeddings = self.embed_live(self.encoder)
             cols["embeddings"][slots] = embeddings
-        self._embedded_version = self.encoder.version
+        self.embedded_version = self.encoder.version
 
-    def _refit_statistics(self, chroma: torch.Tensor, spectral: torch.Tensor) -> None:
+    def refit_statistics(self, chroma: torch.Tensor, spectral: torch.Tensor) -> None:
         """Refit the feature encoder's standardisation on the bank plus a new batch; re-embed the bank."""
         if not isinstance(self.encoder, FeatureEncoder):
             return
-        live = self.bank.slots_by_age()
-        cols = self.bank.columns
+        live = self.parts.bank.slots_by_age()
+        cols = self.parts.bank.columns
         candidate = copy.deepcopy(self.encoder)
         candidate.fit_statistics(
             torch.cat([cols["chroma"][live], chroma]),
             torch.cat([cols["spectral"][live], spectral]),
-            fitted_on=self.counters["added"] + chroma.shape[0],
+            fitted_on=self.parts.counters["added"] + chroma.shape[0],
         )
-        slots, embeddings = self._embed_live(candidate)
-        self._install_embeddings(slots, embeddings, candidate)
+        slots, embeddings = self.embed_live(candidate)
+        self.install(slots, embeddings, candidate)
 
 
 def _moved_from_init(encoder: Encoder, config: PoolConfig) -> bool:
@@ -314,3 +257,36 @@ def _moved_from_init(encoder: Encoder, config: PoolConfig) -> bool:
         return True
     initial = LearnedEncoder(config.dream_shape, config.embedding_dim, seed=config.encoder_seed).state_dict()
     return any(not torch.equal(t.cpu(), initial[name]) for name, t in encoder.state_dict().items())
+
+
+def make_encoder(encoder: Any, config: PoolConfig, device: torch.device) -> Encoder:
+    """The pool's encoder on ``device``, from ``DreamPool``'s ``encoder`` argument or ``config``."""
+    cfg, d = config, config.embedding_dim
+    if encoder is None:
+        if cfg.encoder == "learned":
+            return LearnedEncoder(cfg.dream_shape, d, seed=cfg.encoder_seed).to(device).eval()
+        return FeatureEncoder(
+            d,
+            include_spectral=cfg.include_spectral,
+            include_class=cfg.include_class,
+            include_utility=cfg.include_utility,
+            num_classes=cfg.num_classes,
+            seed=cfg.encoder_seed,
+            device=device,
+        )
+    if isinstance(encoder, Encoder):
+        if getattr(encoder, "dim", None) != d:
+            raise InvalidConfigurationError(
+                "encoder", f"an encoder of dim {getattr(encoder, 'dim', None)}", f"dim {d} (embedding_dim)"
+            )
+        mover = getattr(encoder, "to", None)
+        moved = mover(device) if callable(mover) else encoder
+        moved = moved.eval() if isinstance(moved, torch.nn.Module) else moved
+        return cast(Encoder, moved)  # an Encoder's ``to`` returns the (moved) encoder, as nn.Module's does
+    if isinstance(encoder, torch.nn.Module):
+        return ModuleEncoder(encoder.to(device).eval(), cfg.dream_shape, d)
+    raise InvalidConfigurationError(
+        "encoder",
+        type(encoder).__name__,
+        "None, an Encoder, or a torch.nn.Module mapping [N, R, C, L, 3] to [N, D]",
+    )

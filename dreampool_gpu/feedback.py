@@ -1,6 +1,6 @@
-"""Utility feedback: the last utility and the running mean of each entry (:class:`Feedback`).
+"""Utility feedback: the last utility and the running mean of each entry (:func:`record_feedback`).
 
-A mixin of :class:`~dreampool_gpu.pool.DreamPool` (the pool sets the attributes it declares).
+Runs over a pool's parts (bank, fault flag, counters) under the pool's lock.
 ``feedback`` returns how many records it stored, so it reads the host (it also raises a
 deferred check's error kept from an earlier call, docs/api.md).
 """
@@ -15,92 +15,69 @@ from dreampool_gpu import _validation as v
 from dreampool_gpu import checks
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.errors import DimensionMismatchError
-from dreampool_gpu.streams import StreamOrderedLock
+
+if TYPE_CHECKING:
+    from dreampool_gpu.parts import PoolParts
 
 
-class Feedback:
-    """``feedback`` of :class:`~dreampool_gpu.pool.DreamPool` (a mixin)."""
+def record_feedback(parts: PoolParts, ids: Any, utility: Any) -> int:
+    """:meth:`DreamPool.feedback` over the pool's parts (the caller holds the pool's lock)."""
+    device, bank, flag = parts.device, parts.bank, parts.fault
 
-    device: torch.device
-    bank: TensorBank
-    counters: dict[str, int]
-    _fault: checks.FaultFlag
-    _lock: StreamOrderedLock
+    def parsed() -> tuple[torch.Tensor, torch.Tensor]:
+        id_t = v.as_ids(ids, "ids", device=device)
+        u = v.as_tensor(utility, "utility", device=device)
+        if u.numel() == 0 or (not u.is_floating_point() and u.dtype != torch.bool and not u.is_complex()):
+            u = u.float()  # integer utilities (0, 1) and empty lists are values in [0, 1] too
+        v.check_float(u, "utility")
+        if u.dim() == 0:
+            u = u.expand(id_t.shape)
+        if u.shape != id_t.shape:
+            raise DimensionMismatchError(list(id_t.shape), list(u.shape), "utility")
+        v.check_finite(u, "utility")
+        v.check_range(u, "utility", 0.0, 1.0)
+        return id_t.reshape(-1).long(), u.reshape(-1).float()
 
-    if TYPE_CHECKING:  # defined by DreamPool
+    with checks.bounded() as bounds:  # the utilities' checks: read with the call's one host read
+        flat_ids, values = parsed()
+    if flat_ids.numel() == 0:
+        flag.raise_code(int(flag.code))
+        return 0
+    safe, found = bank.lookup(flat_ids)
+    # the one host read: an earlier call's fault, the ids' range, how many are stored, the checks
+    fault, low, high, stored, *extremes = checks.host_values(
+        [flag.code, *torch.aminmax(flat_ids), found.sum(dtype=torch.float64), *bounds.extremes()]
+    )
+    flag.raise_code(int(fault))
+    if not bounds.hold(extremes):
+        with checks.immediate():
+            parsed()
+    if low < -1 or high >= bank.next_id:
+        bank.check_issued(flat_ids)
+    if stored:
+        _record(bank, safe, found, values)
+    parts.counters["feedback"] += int(stored)
+    return int(stored)
 
-        def _check_issued(self, ids: torch.Tensor) -> None: ...
 
-    def feedback(self, ids: Any, utility: Any) -> int:
-        """Record utility feedback for entries; padding ids (-1) are ignored.
+def _record(bank: TensorBank, safe: torch.Tensor, found: torch.Tensor, values: torch.Tensor) -> None:
+    """Count ``values`` ``[k]`` into the rows ``safe`` ``[k]`` where ``found``: running mean, count, last.
 
-        Each entry keeps the last utility and the running mean ``util_mean`` used
-        by hybrid scoring. Ids evicted since they were returned are skipped.
-
-        Args:
-            ids: int64 ids, any shape. utility: same shape (or a scalar), in [0, 1].
-
-        Returns:
-            The number of (id, utility) pairs recorded.
-
-        Raises:
-            InvalidInputError: utility out of range or not finite, ids never issued.
-        """
-        with self._lock:
-
-            def parsed() -> tuple[torch.Tensor, torch.Tensor]:
-                id_t = v.as_ids(ids, "ids", device=self.device)
-                u = v.as_tensor(utility, "utility", device=self.device)
-                if u.numel() == 0 or (not u.is_floating_point() and u.dtype != torch.bool and not u.is_complex()):
-                    u = u.float()  # integer utilities (0, 1) and empty lists are values in [0, 1] too
-                v.check_float(u, "utility")
-                if u.dim() == 0:
-                    u = u.expand(id_t.shape)
-                if u.shape != id_t.shape:
-                    raise DimensionMismatchError(list(id_t.shape), list(u.shape), "utility")
-                v.check_finite(u, "utility")
-                v.check_range(u, "utility", 0.0, 1.0)
-                return id_t.reshape(-1).long(), u.reshape(-1).float()
-
-            with checks.bounded() as bounds:  # the utilities' checks: read with the call's one host read
-                flat_ids, values = parsed()
-            if flat_ids.numel() == 0:
-                self._fault.raise_code(int(self._fault.code))
-                return 0
-            safe, found = self.bank.lookup(flat_ids)
-            # the one host read: an earlier call's fault, the ids' range, how many are stored, the checks
-            fault, low, high, stored, *extremes = checks.host_values(
-                [self._fault.code, *torch.aminmax(flat_ids), found.sum(dtype=torch.float64), *bounds.extremes()]
-            )
-            self._fault.raise_code(int(fault))
-            if not bounds.hold(extremes):
-                with checks.immediate():
-                    parsed()
-            if low < -1 or high >= self.bank.next_id:
-                self._check_issued(flat_ids)
-            if stored:
-                self._record(safe, found, values)
-            self.counters["feedback"] += int(stored)
-            return int(stored)
-
-    def _record(self, safe: torch.Tensor, found: torch.Tensor, values: torch.Tensor) -> None:
-        """Count ``values`` ``[k]`` into the rows ``safe`` ``[k]`` where ``found``: running mean, count, last.
-
-        Misses go to a spare row of the ``[capacity + 1]`` temporaries; per slot, the sum and the
-        count of the call's values and the position of its last one are scattered once each.
-        """
-        cols, spare = self.bank.raw, self.bank.capacity
-        target = torch.where(found, safe, spare)
-        sums = values.new_zeros(spare + 1).index_add_(0, target, values)[:spare]
-        count = cols["feedback_count"]
-        hits = count.new_zeros(spare + 1).index_add_(0, target, torch.ones_like(target, dtype=count.dtype))[:spare]
-        order = torch.arange(target.numel(), device=target.device)
-        last = torch.full((spare + 1,), -1, dtype=torch.int64, device=target.device)
-        last = last.scatter_reduce_(0, target, order, "amax")[:spare]
-        touched = hits > 0
-        mean = cols["util_mean"]
-        total = mean * count + sums
-        count.add_(hits)
-        torch.where(touched, total / count.clamp(min=1), mean, out=mean)  # in place, untouched rows as they were
-        column = cols["utility"]
-        torch.where(touched, values[last.clamp(min=0)], column, out=column)
+    Misses go to a spare row of the ``[capacity + 1]`` temporaries; per slot, the sum and the
+    count of the call's values and the position of its last one are scattered once each.
+    """
+    cols, spare = bank.raw, bank.capacity
+    target = torch.where(found, safe, spare)
+    sums = values.new_zeros(spare + 1).index_add_(0, target, values)[:spare]
+    count = cols["feedback_count"]
+    hits = count.new_zeros(spare + 1).index_add_(0, target, torch.ones_like(target, dtype=count.dtype))[:spare]
+    order = torch.arange(target.numel(), device=target.device)
+    last = torch.full((spare + 1,), -1, dtype=torch.int64, device=target.device)
+    last = last.scatter_reduce_(0, target, order, "amax")[:spare]
+    touched = hits > 0
+    mean = cols["util_mean"]
+    total = mean * count + sums
+    count.add_(hits)
+    torch.where(touched, total / count.clamp(min=1), mean, out=mean)  # in place, untouched rows as they were
+    column = cols["utility"]
+    torch.where(touched, values[last.clamp(min=0)], column, out=column)

@@ -38,7 +38,7 @@ class Notices:
             f"add: the coherence gate rejected {rejected} of {n} dreams (coherence below "
             f"coherence_threshold={threshold:g}), which are not stored; pass force=True to store them "
             f"whatever their coherence, or lower PoolConfig(coherence_threshold=...)",
-            stacklevel=3,  # the caller of add
+            stacklevel=4,  # the caller of DreamPool.add (through Admitter.add)
         )
 
     def unfitted(self, encoder: Encoder, fitted: bool) -> None:

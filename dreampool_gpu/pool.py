@@ -1,93 +1,75 @@
-"""DreamPool: the facade that wires validation, features, bank, search and re-ranking."""
+"""DreamPool: the facade over its parts (:mod:`dreampool_gpu.parts`).
+
+The public methods check their input and delegate: ``add`` to the admitter, ``feedback`` to
+:func:`~dreampool_gpu.feedback.record_feedback`, the encoder methods to the encoder slot,
+``retrieve`` to :func:`~dreampool_gpu.retrieval.walk.walk` over the parts,
+checkpoints to :mod:`~dreampool_gpu.checkpointing`, ``to`` to :mod:`~dreampool_gpu.device_move`.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, SupportsIndex, cast
+from typing import Any, Generic, SupportsIndex, TypeVar, cast, overload
 
 import numpy as np
 import torch
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import checks
-from dreampool_gpu.admission import Admission
-from dreampool_gpu.bank import TensorBank, column_specs
-from dreampool_gpu.budget import (
-    MemoryBudget,
-    check_allocation,
-    entry_nbytes,
-    fit_capacity,
-)
+from dreampool_gpu import checkpointing, device_move, persist
+from dreampool_gpu.bank import TensorBank
+from dreampool_gpu.budget import MemoryBudget
 from dreampool_gpu.cache import QueryCache
-from dreampool_gpu.checkpointing import Checkpointing
 from dreampool_gpu.columns import Columns, as_returned
 from dreampool_gpu.config import CheckPolicy, PoolConfig, RetrievalMode
-from dreampool_gpu.counters import new_counters
-from dreampool_gpu.device_move import DeviceMove
-from dreampool_gpu.devices import resolve_device
-from dreampool_gpu.encoder_lifecycle import EncoderLifecycle
-from dreampool_gpu.encoders import Encoder, bank_form
-from dreampool_gpu.errors import (
-    DimensionMismatchError,
-    InvalidConfigurationError,
-    InvalidInputError,
-)
-from dreampool_gpu.eviction import policy_for
-from dreampool_gpu.feedback import Feedback
+from dreampool_gpu.encoders import Encoder
+from dreampool_gpu.errors import DimensionMismatchError, InvalidConfigurationError, InvalidInputError
+from dreampool_gpu.eviction import Eviction
+from dreampool_gpu.feedback import record_feedback
+from dreampool_gpu.fitting import FitReport
 from dreampool_gpu.metrics import PoolMetrics
-from dreampool_gpu.notices import Notices
+from dreampool_gpu.parts import PoolParts, build_parts
 from dreampool_gpu.prepared import PreparedRetrieval
 from dreampool_gpu.rerank import HybridWeights, diversity_stats
-from dreampool_gpu.retrieval import request, stages
-from dreampool_gpu.retrieval.modes import CHROMA_MODES, MODES
-from dreampool_gpu.retrieval.request import check_request
-from dreampool_gpu.search import make_index
+from dreampool_gpu.retrieval import request
+from dreampool_gpu.retrieval.context import RETRIEVE_DEFAULTS, retrieve_options
+from dreampool_gpu.retrieval.walk import Retrieval, walk
+from dreampool_gpu.search import SearchIndex
 from dreampool_gpu.stats import PoolStats, pool_stats
 from dreampool_gpu.streams import StreamOrderedLock
+from dreampool_gpu.updates import update_columns
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_RETRIEVE_DEFAULTS: dict[str, Any] = {
-    "class_hint": None,
-    "classes": None,
-    "category": None,
-    "utility_threshold": 0.0,
-    "utility_prior": None,
-    "fetch_k": None,
-    "mmr_lambda": None,
-    "min_dispersion": 0.0,
-    "where": None,
-    "chroma_metric": "cosine",
-}
-_RETRIEVE_OPTIONS = tuple(_RETRIEVE_DEFAULTS)
+_PREPARED_OPTIONS = tuple(name for name in RETRIEVE_DEFAULTS if name not in ("k", "mode"))  # **options
 
 
-@dataclass(frozen=True)
-class Retrieval:
-    """Result of :meth:`DreamPool.retrieve`, on the pool's device.
-
-    Attributes:
-        ids: ``[B, k]`` int64 entry ids, best first, -1 padding.
-        scores: ``[B, k]`` float32, higher is better, ``-inf`` padding. Chroma
-            methods: chroma cosine; nearest: embedding similarity (cosine, or minus
-            the euclidean distance); soft/hybrid: hybrid base score; diverse: chroma
-            cosine of each pick (the order is MMR's).
-        dreams: ``[B, k, R, C, L, 3]`` when asked for with ``with_dreams=True``
-            (zeros at padding), else None.
-    """
-
-    ids: torch.Tensor
-    scores: torch.Tensor
-    dreams: torch.Tensor | None = None
-
-    @property
-    def mask(self) -> torch.Tensor:
-        """``[B, k]`` bool, True where a result is present."""
-        return self.ids >= 0
+T = TypeVar("T")
 
 
-class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove):
+class _Part(Generic[T]):
+    """A pool attribute read from (and, where settable, written to) the pool's :class:`PoolParts`."""
+
+    def __init__(self, doc: str, *, settable: bool = True) -> None:
+        self.__doc__, self.settable = doc, settable
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, pool: None, owner: type) -> _Part[T]: ...
+
+    @overload
+    def __get__(self, pool: DreamPool, owner: type) -> T: ...
+
+    def __get__(self, pool: DreamPool | None, owner: type) -> T | _Part[T]:
+        return self if pool is None else cast(T, getattr(pool.parts, self.name))
+
+    def __set__(self, pool: DreamPool, value: T) -> None:
+        if not self.settable:
+            raise AttributeError(f"DreamPool.{self.name} is read-only (it belongs to the pool's parts)")
+        setattr(pool.parts, self.name, value)
+
+
+class DreamPool:
     """Long-term memory of dreams: gated adds, a tensor bank, k-NN, MMR, feedback.
 
     Every public method is thread-safe (one re-entrant lock) and validates its
@@ -102,6 +84,9 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             ``torch.nn.Module`` mapping dreams ``[N, R, C, L, 3]`` to ``[N, embedding_dim]``
             (wrapped in :class:`~dreampool_gpu.learned.ModuleEncoder`). It is moved to the
             pool's device.
+        eviction: the eviction policy, an :class:`~dreampool_gpu.eviction.Eviction` instance
+            (e.g. ``eviction.Reservoir(seed=0)`` or a subclass of your own); default the one
+            ``config.eviction_policy`` names.
 
     Examples:
         >>> pool = DreamPool(PoolConfig(dream_shape=(8, 8, 2), device="cpu"))
@@ -110,53 +95,31 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         >>> pool.feedback(hits.ids, torch.rand(4, 5))
     """
 
-    def __init__(self, config: PoolConfig | None = None, *, encoder: Any = None) -> None:
+    def __init__(self, config: PoolConfig | None = None, *, encoder: Any = None, eviction: Any = None) -> None:
         if config is not None and not isinstance(config, PoolConfig):
             raise InvalidConfigurationError("config", type(config).__name__, "a PoolConfig (or None for the defaults)")
-        self.config = config if config is not None else PoolConfig()
-        self.device = resolve_device(self.config.device)
-        if self.config.dream_dtype == "auto":
-            dream_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        else:
-            dream_dtype = _DTYPES[self.config.dream_dtype]
-        self.budget = MemoryBudget(
-            self.config.memory_budget_mb, device=self.device, threshold=self.config.budget_threshold
+        self._lock = StreamOrderedLock(lambda: self._parts.device, self._kept_tensors)
+        self._parts = build_parts(
+            config if config is not None else PoolConfig(), self._lock, encoder=encoder, eviction=eviction
         )
-        # capacity: as configured, lowered (or, when None, derived) so the preallocated bank fits the budget;
-        # kept on the bank (``self.capacity``), never written back into the user's config
-        specs = column_specs(self.config.dream_shape, self.config.embedding_dim, dream_dtype)
-        capacity = fit_capacity(
-            self.config, entry_bytes=entry_nbytes(specs), budget_bytes=self.budget.budget_bytes, device=self.device
-        )
-        check_allocation(self.config, specs, capacity, self.device)  # a typed error, not the allocator's
-        self.bank = TensorBank(
-            capacity,
-            self.config.dream_shape,
-            self.config.embedding_dim,
-            device=self.device,
-            dream_dtype=dream_dtype,
-        )
-        self.bank.settle_hook = self._settle_features  # lazy features: computed when first read
-        self._lazy_for: PoolConfig | None = None
-        self._lazy = False
-        self.encoder: Encoder = self._make_encoder(encoder)
-        self._encoder_fitted = encoder is not None or self.config.encoder != "learned"  # a given one may be trained
-        self._notices = Notices()
-        self._embedded_version = self.encoder.version  # the encoder version the bank's embeddings come from
-        self.index = make_index(self.bank, self.config)
-        self.cache = QueryCache(self.config.query_cache_size)
-        self.eviction = policy_for(
-            self.config.eviction_policy, seed=self.config.eviction_seed, num_classes=self.config.num_classes
-        )
-        self.weights = HybridWeights(
-            self.config.alpha, self.config.beta, self.config.gamma, self.config.delta, self.config.mmr_lambda
-        )
-        self.counters = new_counters()
-        self._fault = checks.FaultFlag(self.device)
-        self._lock = StreamOrderedLock(lambda: self.device, self._kept_tensors)
         self.metrics: PoolMetrics | None = None
-        self._metadata_default = tuple(name for name in self.bank.specs if name != "dreams")
-        self._lookup_memo: tuple[Any, tuple[int, int], tuple[torch.Tensor, torch.Tensor, bool]] | None = None
+
+    # ---------------------------------------------------------------- parts
+    @property
+    def parts(self) -> PoolParts:
+        """The pool's parts (:class:`~dreampool_gpu.parts.PoolParts`); a device move replaces them."""
+        return self._parts
+
+    config = _Part[PoolConfig]("The pool's configuration, as its user gave it (the capacity is :attr:`capacity`).")
+    device = _Part[torch.device]("Where the pool's tensors live.")
+    bank = _Part[TensorBank]("The entries (:class:`~dreampool_gpu.bank.TensorBank`).", settable=False)
+    index = _Part[SearchIndex]("The k-NN engine over the bank's embeddings.")
+    budget = _Part[MemoryBudget]("The memory budget.")
+    encoder = _Part[Encoder]("The encoder of the bank's embeddings.", settable=False)
+    cache = _Part[QueryCache]("The query cache (embeddings of recent query batches).", settable=False)
+    eviction = _Part[Eviction]("The eviction policy.", settable=False)
+    weights = _Part[HybridWeights]("The hybrid score's weights.", settable=False)
+    counters = _Part[dict[str, int]]("``stats()``'s counters (added, rejected, ...).", settable=False)
 
     def __len__(self) -> int:
         return self.bank.size
@@ -189,6 +152,104 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
                 f"embedding_dim={self.config.embedding_dim}, memory={used / 2**20:.2f} MiB used of "
                 f"{allocated / 2**20:.2f} MiB allocated{budget})"
             )
+
+    # ------------------------------------------------------------ add, feedback
+    def add(
+        self,
+        dreams: Any,
+        *,
+        coherence: Any = None,
+        energy: Any = None,
+        violation: Any = None,
+        class_label: Any = None,
+        force: bool = False,
+        columns: Any = None,
+        class_labels: Any = None,
+    ) -> torch.Tensor:
+        """Add a batch of dreams; those below the coherence threshold are rejected.
+
+        Features (chroma, spectral, hue category, embedding) are computed for
+        the whole batch at once: here with ``features="eager"``, else (``lazy``, the
+        default) by the first call that reads them, for every waiting entry together.
+        Before writing, the eviction policy makes room
+        within the capacity and the memory budget (:mod:`dreampool_gpu.budget`);
+        when the pool returns, its usage is within the budget. When more dreams
+        pass the gate than the whole pool holds, the best that fit by the
+        policy admits are kept (:meth:`~dreampool_gpu.eviction.Eviction.admit`) and
+        the rest count as dropped, or, with ``strict_budget``, the call raises.
+
+        Args:
+            dreams: ``[N, R, C, L, 3]`` float, values in [0, 1], any device.
+
+        Keyword Args:
+            coherence: ``[N]`` in [0, 1]; required unless ``force`` (then default 1.0).
+            energy: ``[N]`` >= 0 (default 0). violation: ``[N]`` in [0, 1] (default 0).
+            class_label: ``[N]`` int in ``0..num_classes-1``, -1 = none; or None.
+            force: bypass the coherence gate.
+            columns: the user columns of the batch (``PoolConfig.columns``), ``{name: [N, *shape]}``
+                (a 0-d value is broadcast); a declared column not given gets 0 (False).
+            class_labels: the old name of ``class_label`` (a DeprecationWarning).
+
+        Returns:
+            ``[N]`` int64 ids on the pool's device, of the dreams stored; -1 where
+            rejected or dropped.
+
+        Raises:
+            InvalidInputError, DimensionMismatchError: bad input (pool unchanged).
+            CapacityExceededError: with ``strict_budget``, more dreams passed the gate
+                than the whole pool holds (pool unchanged).
+        """
+        with self._lock:
+            return self._parts.admitter.add(
+                dreams,
+                coherence=coherence,
+                energy=energy,
+                violation=violation,
+                class_label=class_label,
+                force=force,
+                columns=columns,
+                class_labels=class_labels,
+            )
+
+    def feedback(self, ids: Any, utility: Any) -> int:
+        """Record utility feedback for entries; padding ids (-1) are ignored.
+
+        Each entry keeps the last utility and the running mean ``util_mean`` used
+        by hybrid scoring. Ids evicted since they were returned are skipped.
+
+        Args:
+            ids: int64 ids, any shape. utility: same shape (or a scalar), in [0, 1].
+
+        Returns:
+            The number of (id, utility) pairs recorded.
+
+        Raises:
+            InvalidInputError: utility out of range or not finite, ids never issued.
+        """
+        with self._lock:
+            return record_feedback(self._parts, ids, utility)
+
+    def update(self, ids: Any, **columns: Any) -> int:
+        """Write user columns (``PoolConfig.columns``) of stored entries by id.
+
+        ``pool.update(ids, logits=new_logits, task=3)``: each keyword names a declared user
+        column and gives ``[*ids.shape, *shape]`` values (a 0-d value is broadcast), checked
+        as in ``add``. Padding ids (-1) and ids evicted since they were returned are skipped;
+        where an id repeats, its last value is written. Columns not named keep their values.
+
+        Args:
+            ids: int ids, any shape (e.g. ``sample(n)``'s or ``retrieve(...).ids``).
+
+        Returns:
+            The number of ids written (repeats counted).
+
+        Raises:
+            InvalidInputError: no column given, a name that is not a user column, values of a
+                dtype that does not cast, non-finite floats, or ids never issued (pool unchanged).
+            DimensionMismatchError: values not shaped ``[*ids.shape, *shape]``.
+        """
+        with self._lock:
+            return update_columns(self._parts, ids, columns)
 
     # ------------------------------------------------------------- retrieve
     def retrieve(
@@ -249,22 +310,9 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             InvalidInputError, DimensionMismatchError: bad input (pool unchanged).
         """
         start = time.perf_counter()
-        options = dict(
-            k=k,
-            mode=mode,
-            class_hint=class_hint,
-            classes=classes,
-            category=category,
-            utility_threshold=utility_threshold,
-            utility_prior=utility_prior,
-            fetch_k=fetch_k,
-            mmr_lambda=mmr_lambda,
-            min_dispersion=min_dispersion,
-            where=where,
-            chroma_metric=chroma_metric,
-        )
+        options = retrieve_options(locals())
         with self._lock:
-            out = self._retrieve(queries, options, with_dreams=with_dreams, sync_free=self.sync_free)
+            out = walk(self._parts, queries, options, with_dreams=with_dreams, sync_free=self.sync_free)
             b = out.ids.shape[0]
             self.counters["queries"] += b
             if self.metrics is not None:
@@ -272,25 +320,6 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
                     torch.cuda.synchronize(self.device)
                 self.metrics.observe_retrieve(time.perf_counter() - start, b)
             return out
-
-    def _retrieve(self, queries: Any, options: dict[str, Any], *, with_dreams: bool, sync_free: bool) -> Retrieval:
-        """:meth:`retrieve`'s device work (checks, the mode's stages, gathers, usage); the caller holds the lock."""
-        with checks.deferred(sync_free) as deferred:
-            req = check_request(self, queries, **options)
-            self.bank.settle()  # every mode reads derived columns: waiting entries get them now, in one batch
-            if req.mode not in CHROMA_MODES:
-                self._notices.unfitted(self.encoder, self._encoder_fitted)
-            scores, slots = MODES[req.mode].run(self, req)
-            if deferred is not None and deferred.flags:  # a failed check empties the results
-                ok = self._fault.record("retrieve", deferred)
-                slots = torch.where(ok, slots, -1)
-                scores = torch.where(ok, scores, float("-inf"))
-        safe, valid = slots.clamp(min=0), slots >= 0
-        ids = self.bank.gather_valid("ids", safe, valid)
-        usage = self.bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
-        usage.index_add_(0, safe.view(-1), valid.view(-1).to(usage.dtype))
-        dreams = self.bank.gather_valid("dreams", safe, valid) if with_dreams else None
-        return Retrieval(ids=ids, scores=scores, dreams=dreams)
 
     def prepare_retrieve(
         self,
@@ -314,15 +343,15 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
         Raises:
             InvalidInputError, DimensionMismatchError: bad queries or options (checked now).
         """
-        unknown = sorted(set(options) - set(_RETRIEVE_OPTIONS))
+        unknown = sorted(set(options) - set(_PREPARED_OPTIONS))
         if unknown:
-            raise InvalidInputError(unknown[0], f"one of {', '.join(_RETRIEVE_OPTIONS)}", repr(options[unknown[0]]))
+            raise InvalidInputError(unknown[0], f"one of {', '.join(_PREPARED_OPTIONS)}", repr(options[unknown[0]]))
         with self._lock:
             example = v.as_tensor(queries, "queries", device=self.device)
             return PreparedRetrieval(
                 self,
                 example,
-                {**_RETRIEVE_DEFAULTS, **options, "k": k, "mode": mode},
+                {**RETRIEVE_DEFAULTS, **options, "k": k, "mode": mode},
                 graph=v.check_flag(graph, "graph"),
                 with_dreams=v.check_flag(with_dreams, "with_dreams"),
             )
@@ -338,7 +367,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             InvalidInputError: naming the argument and the check it failed.
         """
         with self._lock:
-            self._fault.raise_code(int(self._fault.code))
+            self._parts.fault.raise_code(int(self._parts.fault.code))
 
     @property
     def sync_free(self) -> bool:
@@ -360,7 +389,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
     def dreams(self, ids: Any) -> torch.Tensor:
         """Dreams of ``ids`` (any shape) as ``[..., R, C, L, 3]``; zeros where absent."""
         with self._lock:
-            return self._gather(("dreams",), *self._lookup(ids))["dreams"]
+            return self._parts.ids.gather(("dreams",), *self._parts.ids.find(ids))["dreams"]
 
     def metadata(self, ids: Any, *, columns: Sequence[str] | None = None) -> Columns:
         """Columns of ``ids`` (any shape), each ``[*ids.shape, ...]``, plus ``found`` (bool).
@@ -377,36 +406,12 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             InvalidInputError: ids never issued, or ``columns`` names no bank column.
         """
         with self._lock:
-            names = self._metadata_columns(columns)
-            safe, found, every = self._lookup(ids)
-            out = Columns({name: as_returned(t) for name, t in self._gather(names, safe, found, every).items()})
+            lookup = self._parts.ids
+            names = lookup.columns(columns)
+            safe, found, every = lookup.find(ids)
+            out = Columns({name: as_returned(t) for name, t in lookup.gather(names, safe, found, every).items()})
             out["found"] = found
             return out
-
-    def _metadata_columns(self, columns: Sequence[str] | None) -> tuple[str, ...]:
-        """The checked column names of :meth:`metadata` (every column but dreams when None)."""
-        if columns is None:
-            return self._metadata_default
-        if isinstance(columns, str) or not isinstance(columns, Sequence):
-            raise InvalidInputError("columns", "a sequence of column names, or None", repr(columns))
-        names = tuple(columns)
-        for name in names:
-            if name not in self.bank.specs:
-                raise InvalidInputError("columns", f"names among {', '.join(self.bank.specs)}", repr(name))
-        return names
-
-    def _gather(
-        self, names: Sequence[str], safe: torch.Tensor, found: torch.Tensor, every: bool
-    ) -> dict[str, torch.Tensor]:
-        """Columns ``names`` at :meth:`_lookup`'s rows; fill values where not ``found`` (no mask when ``every``)."""
-        if not every:
-            return {name: self.bank.gather_valid(name, safe, found) for name in names}
-        flat = safe.reshape(-1)
-        out = {}
-        for name in names:
-            column = self.bank.columns[name]
-            out[name] = column.index_select(0, flat).reshape((*safe.shape, *column.shape[1:]))
-        return out
 
     def sample(
         self, n: int, *, where: Any = None, replace: bool = True, generator: torch.Generator | None = None
@@ -446,9 +451,10 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
                 pick = torch.randperm(live.numel(), generator=generator)[:n]
             pick = pick.to(live.device)
             ids = live[pick]
-            # their slots too: dreams(ids) and metadata(ids) of this batch need no lookup (see _lookup)
-            found = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-            self._lookup_memo = (ids, (ids._version, self.bank.revision), (slots[pick], found, True))
+            # their slots too: dreams(ids) and metadata(ids) of this batch need no lookup
+            self._parts.ids.remember(
+                ids, (slots[pick], torch.ones(ids.shape, dtype=torch.bool, device=ids.device), True)
+            )
             return ids
 
     def diversity(self, ids: Any) -> dict[str, torch.Tensor]:
@@ -462,7 +468,7 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
             a set with fewer than two live entries.
         """
         with self._lock:
-            slots = self._slots(ids)
+            slots = self._parts.ids.slots(ids)
             if slots.dim() != 2:
                 raise DimensionMismatchError("[B, k] ids", list(slots.shape), "ids")
             return diversity_stats(self.bank.gather("chroma", slots), slots >= 0)
@@ -487,69 +493,147 @@ class DreamPool(Admission, Feedback, EncoderLifecycle, Checkpointing, DeviceMove
 
     def _kept_tensors(self) -> list[torch.Tensor]:
         """Tensors kept across calls that a call may replace (age order, fault flag, encoder state)."""
-        kept = [*self.bank.order_cache(), self._fault.code]
+        kept = [*self.bank.order_cache(), self._parts.fault.code]
         encoder: Any = self.encoder
         if isinstance(encoder, torch.nn.Module):
             return kept + [*encoder.parameters(), *encoder.buffers()]
         return kept + [t for t in vars(encoder).values() if isinstance(t, torch.Tensor)]
 
-    def _embed(self, z: torch.Tensor) -> torch.Tensor:
-        """Bank form of encoder output ``[N, D]`` (:func:`~dreampool_gpu.encoders.bank_form`)."""
-        return bank_form(z, self.config.metric)
+    # -------------------------------------------------------------- encoder
+    def fit_encoder(
+        self,
+        *,
+        steps: int = 200,
+        batch_size: int = 256,
+        lr: float = 2e-3,
+        seed: int = 0,
+        colour_jitter: float = 0.05,
+        progress: bool = False,
+    ) -> FitReport:
+        """Train the pool's encoder on its entries, then re-embed the bank: all or nothing.
 
-    def _per_dream(self, x: Any, n: int, name: str, low: float, high: float) -> torch.Tensor:
-        return request.per_query(x, n, name, low, high, self.device)
+        Supervised contrastive training on two augmented views of each sampled
+        entry (class labels as positives where present, utility feedback as anchor
+        weights; :mod:`dreampool_gpu.fitting`). A copy of the encoder is trained;
+        only when training and re-embedding succeed are the new encoder and the
+        embeddings swapped in, the index rebuilt and the query cache cleared.
+        A diverged loss, Ctrl-C or an out-of-memory error leaves the pool exactly
+        as it was. The install (encoder, embeddings, index, query cache) is the last step
+        and one that Ctrl-C cannot split: it is undone whole, or complete with nothing
+        left to raise (a Ctrl-C landing in the instant after it is passed on, the pool
+        consistent). The pool's lock is held throughout (other threads wait).
+        Deterministic on CPU for a ``seed``.
 
-    def _labels(self, x: Any, n: int, name: str) -> torch.Tensor:
-        return request.labels(x, n, name, self.config.num_classes, self.device)
+        Keyword Args:
+            steps: optimizer steps (>= 1). batch_size: entries per step (>= 2).
+            lr: AdamW learning rate (> 0). seed: sampling and augmentation seed.
+            colour_jitter: half-width of the per-channel colour gain of the views, in [0, 1]:
+                what colour change the embedding learns to ignore. Raise it (e.g. 0.25)
+                when colour is a nuisance for your classes and the pool has no labels to say so.
+            progress: show a tqdm bar with the loss.
 
-    def _slots(self, ids: Any) -> torch.Tensor:
-        """Slots of ``ids`` (any shape; -1 where absent), after refusing ids never issued."""
-        safe, found, _ = self._lookup(ids)
-        return torch.where(found, safe, -1)
+        Returns:
+            :class:`~dreampool_gpu.fitting.FitReport` (loss per step, seconds, entries).
 
-    def _lookup(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """``(safe, found, every)`` of ``ids`` (:meth:`TensorBank.lookup`), ``every``: all found.
-
-        One host read, which also refuses ids this pool never issued (below -1 or at/after
-        ``next_id``), listing the first few.
+        Raises:
+            InvalidConfigurationError: the encoder is not trainable (the ``features`` encoder).
+            InvalidInputError: bad arguments, or fewer than 2 entries in the pool.
+            EncoderFitError: the loss became NaN or infinite.
         """
-        memo = self._lookup_memo  # dreams(ids) then metadata(ids) of one replay batch: looked up once
-        if memo is not None and memo[0] is ids and memo[1] == (ids._version, self.bank.revision):
-            return memo[2]
-        t = v.as_ids(ids, "ids", device=self.device).long()
-        safe, found = self.bank.lookup(t)
-        if t.numel() == 0:
-            return safe, found, True
-        low, high, every = checks.host_values([*torch.aminmax(t), found.all()])
-        if low < -1 or high >= self.bank.next_id:
-            self._check_issued(t)
-        result = (safe, found, bool(every))
-        if isinstance(ids, torch.Tensor):  # the same tensor, unchanged, in an unchanged bank: the same answer
-            self._lookup_memo = (ids, (ids._version, self.bank.revision), result)
-        return result
-
-    def _check_issued(self, ids: torch.Tensor) -> None:
-        """Refuse ids this pool never issued (below -1 or at/after ``next_id``), listing the first few."""
-        if ids.numel() and bool(((ids < -1) | (ids >= self.bank.next_id)).any()):
-            bad = ids[(ids < -1) | (ids >= self.bank.next_id)].unique()
-            shown = ", ".join(str(i) for i in bad[:5].tolist()) + (", ..." if bad.numel() > 5 else "")
-            raise InvalidInputError(
-                "ids", f"ids issued by this pool (-1..{self.bank.next_id - 1})", f"{bad.numel()} unknown: {shown}"
+        with self._lock:
+            return self._parts.encoders.fit(
+                steps=steps, batch_size=batch_size, lr=lr, seed=seed, colour_jitter=colour_jitter, progress=progress
             )
 
-    def _query_embeddings(self, q: request.Queries, hint: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` embeddings of parsed queries, through the query cache where it applies."""
-        if q.embeddings is not None:
-            return q.embeddings
-        return stages.embed_queries(self.encoder, self.cache, self.config, q.chroma, q.spectral, q.dreams, hint, prior)
+    def reembed(self) -> None:
+        """Recompute every entry's embedding with the current encoder; rebuild the index.
 
-    def _knn(
-        self,
-        embedded: torch.Tensor,
-        k: int,
-        categories: torch.Tensor | None = None,
-        keep: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The engine's k-NN ``[B, k]``, ties oldest first (:func:`~dreampool_gpu.retrieval.stages.knn`)."""
-        return stages.knn(self.bank, self.index, self.config, embedded, k, categories, keep)
+        Call it after changing a user encoder's weights outside :meth:`fit_encoder`
+        (embedding retrievals raise :class:`~dreampool_gpu.errors.IndexStaleError`
+        until then). All or nothing, like :meth:`fit_encoder`.
+        """
+        with self._lock:
+            self._parts.encoders.reembed()
+
+    # ---------------------------------------------------------- checkpoints
+    def save(self, path: persist.PathArg) -> None:
+        """Write a checkpoint directory at ``path``, atomically (see :mod:`dreampool_gpu.persist`).
+
+        The pool's state is copied under its lock, then written while other
+        threads keep using the pool. Readers of ``path`` see the previous
+        checkpoint or this one, never a mix.
+
+        Raises:
+            InvalidInputError: ``path`` is not a path, or names something that is
+                not a dreampool checkpoint (it is never overwritten).
+            OSError: the filesystem failed; the previous checkpoint is intact.
+        """
+        checkpointing.save(self._parts, path)
+
+    @classmethod
+    def load(cls, path: persist.PathArg, *, device: str | torch.device | None = None, encoder: Any = None) -> DreamPool:
+        """Build a pool from the checkpoint at ``path``, verifying every checksum.
+
+        A sharded checkpoint (:meth:`ShardedDreamPool.save`) opens as one pool holding
+        every shard's entries, ids unchanged (:func:`dreampool_gpu.distributed.load_merged`).
+
+        Keyword Args:
+            device: where the new pool lives (default: the saved configuration's
+                device). A pool saved on CUDA loads on CPU and the reverse; the
+                dreams keep their saved dtype.
+            encoder: for a pool saved with a user's module (or custom encoder), a fresh
+                instance of the same architecture; the saved weights are loaded into it.
+
+        Raises:
+            CheckpointCorruptError: a missing, truncated or altered file (named in
+                the error), or a format version newer than this library.
+            DeviceUnavailableError: ``device`` is CUDA and absent.
+        """
+        from dreampool_gpu.distributed.manifest import is_sharded_checkpoint
+        from dreampool_gpu.distributed.shards import merged_pool  # never imports this module
+
+        if is_sharded_checkpoint(path):  # a ShardedDreamPool's checkpoint, as one pool
+            return merged_pool(path, device=device, pool_cls=cls)
+        return checkpointing.load(cls, path, device=device, encoder=encoder)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pool's state as a dict of CPU tensors, bytes and plain values.
+
+        Round-trips through ``torch.save`` / ``torch.load(weights_only=True)``, so
+        the pool can ride in a training checkpoint.
+        """
+        return checkpointing.state_dict(self._parts)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Replace this pool's entries, counters and index with ``state_dict``'s.
+
+        The pool keeps its own configuration; fields that shape the stored data
+        (dream shape, embedding, encoder, metric, window) must match, and the
+        capacity must hold the saved entries. Dreams are cast to this pool's dtype.
+
+        Raises:
+            InvalidInputError: not a state dict of this format, or a malformed part.
+            InvalidConfigurationError: the state does not fit this pool's configuration.
+            (On error the pool is unchanged.)
+        """
+        checkpointing.load_state_dict(self._parts, state_dict)
+
+    # --------------------------------------------------------------- device
+    def to(self, device: str | torch.device) -> DreamPool:
+        """Move the pool to ``device`` in place and return it (as ``nn.Module.to`` does).
+
+        The bank, encoder and window spectrum move; the search index is rebuilt on
+        the new device from the bank; the query cache is emptied (its embeddings were
+        on the old device). Entries, ids, counters and the dreams' dtype are kept
+        (``dream_dtype="auto"`` is pinned to the stored dtype). On error the pool is
+        unchanged.
+
+        Raises:
+            DeviceUnavailableError: ``device`` is CUDA and absent.
+            InvalidConfigurationError: ``device`` names no device, or the budget
+                (``"N%"`` of the new device) cannot hold the bank.
+            InsufficientMemoryError: the bank does not fit the new device's free memory.
+        """
+        with self._lock:
+            self._parts = device_move.moved(self._parts, device)
+            return self

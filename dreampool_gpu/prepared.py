@@ -24,9 +24,10 @@ from dreampool_gpu import _validation as v
 from dreampool_gpu import checks
 from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
 from dreampool_gpu.retrieval.request import check_request
+from dreampool_gpu.retrieval.walk import Retrieval, walk
 
 if TYPE_CHECKING:
-    from dreampool_gpu.pool import DreamPool, Retrieval
+    from dreampool_gpu.pool import DreamPool
 
 _PER_QUERY = ("class_hint", "category", "utility_prior")
 _WARMUP_RUNS = 2  # eager runs on a side stream before capture (allocator, cuBLAS workspaces)
@@ -73,18 +74,18 @@ class PreparedRetrieval:
         self._captured: tuple[Any, Retrieval] | None = None  # (CUDA graph, its output)
         self._state: tuple[int, int, int] | None = None
         # a trial run: bad options raise now, named (preparing is not the hot path: it reads the host)
-        pending = pool._fault.code.clone()
-        pool._fault.clear()
+        pending = pool.parts.fault.code.clone()
+        pool.parts.fault.clear()
         try:
             with _usage_undone(pool):
                 self._run()
-            failed = int(pool._fault.code)
+            failed = int(pool.parts.fault.code)
             if failed:
                 with checks.immediate():
-                    check_request(pool, self.static, **self.options)
-                raise pool._fault.error(failed)
+                    check_request(pool.parts, self.static, **self.options)
+                raise pool.parts.fault.error(failed)
         finally:
-            pool._fault.code.copy_(pending)  # an earlier call's fault stays as it was
+            pool.parts.fault.code.copy_(pending)  # an earlier call's fault stays as it was
 
     def __call__(self, queries: Any) -> Retrieval:
         """Retrieve for ``queries`` (the prepared shape and dtype, on the pool's device)."""
@@ -96,7 +97,7 @@ class PreparedRetrieval:
                 f"{list(t.shape)} {t.dtype} on {t.device}",
                 "queries of a prepared retrieve",
             )
-        with pool._lock:
+        with pool.parts.lock:
             pool.counters["queries"] += self.shape[0]
             if self.graphed:
                 self.static.copy_(t)
@@ -113,7 +114,7 @@ class PreparedRetrieval:
     def _run(self, queries: torch.Tensor | None = None) -> Retrieval:
         """The call, eagerly, on ``queries`` (default: the static input buffer)."""
         queries = self.static if queries is None else queries
-        return self.pool._retrieve(queries, self.options, with_dreams=self.with_dreams, sync_free=True)
+        return walk(self.pool.parts, queries, self.options, with_dreams=self.with_dreams, sync_free=True)
 
     def _capture(self) -> tuple[Any, Retrieval] | None:
         """Capture the call on a side stream after warm-up runs (their usage counts undone).

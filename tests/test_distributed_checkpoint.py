@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dreampool_gpu import DreamPool, PoolConfig, distributed, persist
-from dreampool_gpu.distributed import TAG_BITS, ShardedDreamPool
+from dreampool_gpu.distributed import TAG_BITS, ShardedDreamPool, shards
 from dreampool_gpu.errors import (
     CheckpointCorruptError,
     CollectiveError,
@@ -355,7 +355,7 @@ def test_a_shard_of_another_save_is_refused(ckpt: Path, saved: Path) -> None:
     _refused(ckpt, _shard(ckpt, 1) / "manifest.json")
     manifest = distributed.read_manifest(ckpt)  # ShardedDreamPool.load's own path, rank 1 of 3
     with pytest.raises(CheckpointCorruptError):
-        distributed._open_rank(ckpt, manifest, 1, 3, None)
+        shards.open_rank(ckpt, manifest, 1, 3, None, DreamPool)
 
 
 def test_swapped_shards_are_refused_even_with_a_resigned_manifest(ckpt: Path) -> None:
@@ -443,7 +443,7 @@ def test_every_malformed_field_is_a_typed_error_naming_the_manifest(ckpt: Path, 
     _refused(ckpt, ckpt / "manifest.json")
     with pytest.raises(CheckpointCorruptError) as caught:
         distributed.read_manifest(ckpt)
-        distributed._open_rank(ckpt, distributed.read_manifest(ckpt), 0, 3, None)
+        shards.open_rank(ckpt, distributed.read_manifest(ckpt), 0, 3, None, DreamPool)
     assert Path(caught.value.path) == ckpt / "manifest.json"
 
 

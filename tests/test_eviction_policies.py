@@ -132,7 +132,7 @@ def test_reservoir_refills_evicted_room_only_by_draws():
     for seed in range(100):
         pool = _pool(seed=seed)
         _stream(pool, [10] * 4)  # 40 seen, 8 kept
-        pool._make_room(4)  # the budget's path: 4 random residents leave
+        pool.parts.admitter.make_room(4)  # the budget's path: 4 random residents leave
         assert len(pool) == 4
         admitted += int(pool.add(_dreams(1, 77), coherence=1.0)[0] >= 0)
         assert len(pool) <= 5
@@ -323,3 +323,23 @@ def test_add_syncs_once_on_cuda(policy):
         assert len(syncs) == 1, syncs  # the gate's one read
         torch.testing.assert_close(ids.cpu(), twin.add(**batch), rtol=0, atol=0)
     assert pool.counters["evicted"] > 0
+
+
+def test_a_policy_object_passed_in_is_the_pools_policy():
+    """``DreamPool(config, eviction=...)`` takes the policy as a part: the same draws as the config naming it."""
+    from dreampool_gpu.eviction import Reservoir
+
+    named = _pool(seed=3)
+    policy = Reservoir(seed=3)
+    given = DreamPool(named.config.replace(eviction_policy="fifo", eviction_seed=0), eviction=policy)
+    assert given.eviction is policy
+    kept_named = _kept_positions(named, _stream(named, [10] * 4))
+    kept_given = _kept_positions(given, _stream(given, [10] * 4))
+    assert torch.equal(kept_named, kept_given)
+    assert len(given) == 8 and not bool(kept_given[:8].all())  # a reservoir, not fifo's first 8 nor its last 8
+    assert not bool(kept_given[-8:].all())
+
+
+def test_an_eviction_that_is_not_a_policy_is_refused():
+    with pytest.raises(InvalidConfigurationError, match="eviction"):
+        DreamPool(PoolConfig(dream_shape=SHAPE, capacity=8, device="cpu"), eviction="reservoir")

@@ -122,14 +122,15 @@ class TestAllOrNothing:
     def test_interrupt_while_re_embedding_leaves_the_pool_unchanged(self, monkeypatch):
         pool = learned_pool()
         before = state_of(pool)
-        real = pool._embed_live
+        slot = pool.parts.encoders
+        real = slot.embed_live
 
         def interrupted(encoder):
             if encoder is not pool.encoder:
                 raise KeyboardInterrupt
             return real(encoder)
 
-        monkeypatch.setattr(pool, "_embed_live", interrupted)
+        monkeypatch.setattr(slot, "embed_live", interrupted)
         with pytest.raises(KeyboardInterrupt):
             pool.fit_encoder(steps=2, batch_size=16)
         monkeypatch.undo()

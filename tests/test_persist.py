@@ -155,7 +155,7 @@ class RecordingSearch(ExactSearch):
 @pytest.fixture
 def recording_index(monkeypatch):
     monkeypatch.setattr(
-        "dreampool_gpu.pool.make_index", lambda bank, config: RecordingSearch(bank, config.metric, chunk_bytes=2**20)
+        "dreampool_gpu.parts.make_index", lambda bank, config: RecordingSearch(bank, config.metric, chunk_bytes=2**20)
     )
 
 
@@ -754,7 +754,7 @@ class TestCapacity:
         pool.save(tmp_path / "ck")
         fitted = pool.capacity
         # a budget that would fit more slots now: the loaded pool still has the saved pool's slots
-        monkeypatch.setattr("dreampool_gpu.pool.fit_capacity", lambda config, **kw: config.capacity)
+        monkeypatch.setattr("dreampool_gpu.parts.fit_capacity", lambda config, **kw: config.capacity)
         loaded = DreamPool.load(tmp_path / "ck")
         assert loaded.capacity == fitted and loaded.config.capacity == 10_000
 

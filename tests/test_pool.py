@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dreampool_gpu import DreamPool, PoolConfig
+from dreampool_gpu.encoders import bank_form
 from dreampool_gpu.errors import (
     DimensionMismatchError,
     DreamPoolError,
@@ -112,7 +113,7 @@ def query_embeddings(pool, queries, hint=None):
         class_labels=hint,
         utility=torch.zeros(b),
     )
-    return pool._embed(z)
+    return bank_form(z, pool.config.metric)
 
 
 def ids_of(result, row=0):

@@ -11,6 +11,7 @@ import enum
 import inspect
 
 import pytest
+import torch
 
 import dreampool_gpu
 from dreampool_gpu import DreamPool, PoolConfig, PoolStats, ShardedDreamPool
@@ -38,10 +39,10 @@ ALL = [
 
 SIGNATURES = {
     "DreamPool": {
-        "__init__": "config=None, *encoder=None",
+        "__init__": "config=None, *encoder=None, *eviction=None",
         "add": (
             "dreams, *coherence=None, *energy=None, *violation=None, *class_label=None, *force=False, "
-            "*class_labels=None"
+            "*columns=None, *class_labels=None"
         ),
         "check": "",
         "diversity": "ids",
@@ -64,12 +65,13 @@ SIGNATURES = {
         "state_dict": "",
         "stats": "",
         "to": "device",
+        "update": "ids, **columns",
     },
     "ShardedDreamPool": {
         "__init__": "config=None, *group=None, *encoder=None, *timeout=None",
         "add": (
             "dreams, *coherence=None, *energy=None, *violation=None, *class_label=None, *force=False, "
-            "*route='local', *class_labels=None"
+            "*route='local', *columns=None, *class_labels=None"
         ),
         "diversity": "ids",
         "dreams": "ids",
@@ -89,6 +91,7 @@ SIGNATURES = {
         "state_dict": "",
         "stats": "",
         "to": "device",
+        "update": "ids, **columns",
     },
     "PoolConfig": {
         "__init__": (
@@ -100,7 +103,8 @@ SIGNATURES = {
             "alpha=0.65, beta=0.2, gamma=0.1, delta=0.05, mmr_lambda=0.7, fetch_factor=4, "
             "search_chunk_mb=64.0, rerank_chunk_mb=64.0, engine='auto', ann_threshold=20000, "
             "ivf_nlist=0, ivf_nprobe=16, ivf_refine_factor=16, churn_rebuild_fraction=0.1, "
-            "memory_budget_mb=None, budget_threshold=0.9, strict_budget=False, checks='auto', features='lazy'"
+            "memory_budget_mb=None, budget_threshold=0.9, strict_budget=False, checks='auto', features='lazy', "
+            "columns={}"
         ),
         "from_dict": "data",
         "from_file": "path",
@@ -159,3 +163,16 @@ def test_pool_capacity_is_the_resolved_capacity():
     pool = DreamPool(PoolConfig(dream_shape=(2, 2, 1), capacity=None, memory_budget_mb=1, device="cpu"))
     assert isinstance(pool.capacity, int) and pool.capacity > 0
     assert pool.capacity == pool.bank.capacity == pool.stats()["capacity"]
+
+
+def test_pool_is_one_class_built_from_its_parts():
+    """No mixins: DreamPool's attributes are its parts', and a device move rebuilds the parts around the same bank."""
+    assert DreamPool.__bases__ == (object,)
+    pool = DreamPool(PoolConfig(dream_shape=(2, 2, 1), capacity=8, device="cpu", engine="torch"))
+    parts = pool.parts
+    assert pool.bank is parts.bank and pool.index is parts.index and pool.encoder is parts.encoders.encoder
+    assert pool.eviction is parts.admitter.eviction and pool.cache is parts.encoders.cache
+    assert parts.encoders.parts is parts and parts.admitter.parts is parts
+    pool.device = torch.device("cpu", 0)  # the move path on CPU: the pool believes it is elsewhere
+    assert pool.to("cpu") is pool and pool.parts is not parts and pool.bank is parts.bank
+    assert pool.parts.lock is parts.lock and pool.eviction is parts.eviction

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _equality import assert_same_results
 
 from dreampool_gpu import DreamPool, PoolConfig
 from dreampool_gpu.batch import read_results, run_retrieval_job, work_dir
@@ -67,7 +68,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _torchrun(job: Path, out: Path, *, script: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _torchrun(
+    job: Path, out: Path, *, script: Path | None = None, queries: str = "q.npy"
+) -> subprocess.CompletedProcess[str]:
     target = [str(script)] if script else ["-m", "dreampool_gpu.cli"]
     command = [
         sys.executable,
@@ -82,7 +85,7 @@ def _torchrun(job: Path, out: Path, *, script: Path | None = None) -> subprocess
         *target,
         "retrieve",
         str(job / "pool"),
-        str(job / "q.npy"),
+        str(job / queries),
         "--out",
         str(out),
         "--k",
@@ -140,3 +143,21 @@ def test_one_failed_rank_stops_both_and_the_rerun_resumes_its_partners_chunks(jo
     assert (report["computed"], report["resumed"], report["computed_queries"]) == (3, 3, 11)
     assert out.read_bytes() == (job / "single.safetensors").read_bytes()
     assert not parts.exists()
+
+
+def test_chroma_queries_with_near_repeats_equal_a_single_process(job):
+    """Chroma queries in an embedding mode, some repeated and some 0.0004 apart: the query cache
+    never hands a query another's embedding, so two ranks answer as one process does."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.rand(12, 3, generator=g)
+    chroma = torch.cat([base, base[:6] + 0.0004, base[:5]]).clamp(0, 1)  # 23 queries
+    np.save(job / "chroma.npy", chroma.numpy())
+    single = job / "chroma-single.safetensors"
+    run_retrieval_job(job / "pool", job / "chroma.npy", single, k=10, mode="hybrid", chunk=CHUNK, device="cpu")
+    out = job / "chroma-two.safetensors"
+    run = _torchrun(job, out, queries="chroma.npy")
+    assert run.returncode == 0, run.stderr
+    got, want = read_results(out), read_results(single)
+    assert_same_results(got[0], got[1], want[0], want[1])
+    fresh = DreamPool.load(job / "pool").retrieve(chroma, k=10, mode="hybrid")  # one call, no history
+    assert_same_results(got[0], got[1], fresh.ids, fresh.scores)

@@ -12,8 +12,11 @@ A checkpoint is a directory::
     encoder.safetensors the encoder's state (statistics or weights) the embeddings were made with
     index.bin          the search engine's serialized state, when it has any
 
-Format 1 (before encoders had state) is still read: its embeddings came from an
-older feature encoder, so a pool loaded from it re-embeds its bank.
+Format 3 adds user columns (``PoolConfig.columns``): declared in ``config.json``, stored in
+``bank.safetensors`` after the bank's own columns; a checkpoint whose configuration declares
+a column its bank lacks is refused. Formats 1 and 2 have none and load as they are (their
+configuration declares no columns). Format 1 (before encoders had state) is still read: its
+embeddings came from an older feature encoder, so a pool loaded from it re-embeds its bank.
 
 The same content travels as a plain dict (:func:`to_state_dict`,
 :func:`from_state_dict`) that survives ``torch.save`` /
@@ -32,6 +35,7 @@ from typing import Any, TypeAlias, cast
 
 import torch
 
+from dreampool_gpu import _validation as v
 from dreampool_gpu.bank import column_specs
 from dreampool_gpu.config import DREAM_DTYPES, PoolConfig
 from dreampool_gpu.dreams import NUM_HUE_CATEGORIES
@@ -39,7 +43,7 @@ from dreampool_gpu.errors import DreamPoolError, InvalidInputError
 from dreampool_gpu.eviction import check_state
 
 FORMAT_NAME = "dreampool-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 STATE = "state.json"
@@ -141,10 +145,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------- validation
 def _check_int(value: Any, where: str, name: str, low: int, high: int | None = None) -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
-        bound = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
-        raise _Invalid(where, f"{name}: {bound}", repr(value))
+    if not v.int_in_range(value, low, high):
+        raise _Invalid(where, f"{name}: {v.int_range_text(low, high)}", repr(value))
     return value
 
 
@@ -165,6 +167,8 @@ def _build(
         cfg = PoolConfig.from_dict(config)
     except DreamPoolError as exc:
         raise _Invalid("config", "a valid PoolConfig", str(exc)) from None
+    if version < 3 and cfg.columns:  # user columns came with format 3
+        raise _Invalid("config", f"no user columns in a format-{version} checkpoint", f"columns {dict(cfg.columns)}")
     if not isinstance(state, dict):
         raise _Invalid("state", "a mapping", type(state).__name__)
     missing = sorted({"size", "next_id", "extent", "counters", "index_kind"} - set(state))
@@ -249,7 +253,7 @@ def _upgrade_columns(columns: Any) -> Any:
 def _check_columns(columns: Any, cfg: PoolConfig, extent: int, size: int, next_id: int) -> None:
     if not isinstance(columns, dict):
         raise _Invalid("bank", "a mapping of column name -> tensor", type(columns).__name__)
-    specs = column_specs(cfg.dream_shape, cfg.embedding_dim, torch.float32)
+    specs = column_specs(cfg.dream_shape, cfg.embedding_dim, torch.float32, cfg.columns)
     if set(columns) != set(specs):
         diff = sorted(set(specs) ^ set(columns), key=str)
         raise _Invalid("bank", f"exactly the columns {', '.join(specs)}", f"a difference in {diff[0]!r}")

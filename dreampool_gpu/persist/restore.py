@@ -31,7 +31,7 @@ from dreampool_gpu.persist.format import (
 from dreampool_gpu.spectral import spectral_features
 
 if TYPE_CHECKING:
-    from dreampool_gpu.pool import DreamPool
+    from dreampool_gpu.parts import PoolParts
 
 # Config fields that shape what the bank stores: a state can only go into a pool that agrees on them.
 _STRUCTURAL = (
@@ -45,6 +45,7 @@ _STRUCTURAL = (
     "encoder_seed",
     "encoder",
     "num_classes",
+    "columns",
 )
 
 _SPOT_SAMPLE = 32  # live entries recomputed from their dreams on every restore
@@ -64,15 +65,15 @@ def encoder_kind(encoder: Any) -> str:
     return next((name for cls, name in kinds if isinstance(encoder, cls)), "custom")
 
 
-def _check_encoder(pool: DreamPool, snap: PoolSnapshot) -> None:
-    """The saved encoder state fits ``pool.encoder``: same kind, names, shapes and dtypes, and
+def _check_encoder(parts: PoolParts, snap: PoolSnapshot) -> None:
+    """The saved encoder state fits ``parts.encoder``: same kind, names, shapes and dtypes, and
     for the feature encoder the projection its configuration (seed, parts, classes) makes.
 
     Raises:
         CheckpointCorruptError: (read from a directory) naming the encoder file.
         InvalidConfigurationError: (a state dict) naming ``encoder``.
     """
-    mine = encoder_kind(pool.encoder)
+    mine = encoder_kind(parts.encoder)
     if snap.encoder_state is None:  # format 1: the bank is re-embedded by a feature encoder
         if mine != "features":
             raise InvalidConfigurationError(
@@ -92,7 +93,7 @@ def _check_encoder(pool: DreamPool, snap: PoolSnapshot) -> None:
             f"a {snap.encoder_kind!r} encoder, as the state was saved with (pass encoder= a module "
             "of the saved architecture for a 'module' or 'custom' encoder)",
         )
-    current = pool.encoder.state_dict()
+    current = parts.encoder.state_dict()
     for name in sorted(set(current) | set(snap.encoder_state)):
         a, b = current.get(name), snap.encoder_state.get(name)
         if problem is None and (a is None or b is None or a.shape != b.shape or a.dtype != b.dtype):
@@ -114,8 +115,8 @@ def _check_encoder(pool: DreamPool, snap: PoolSnapshot) -> None:
     raise InvalidConfigurationError("encoder", problem[0], problem[1])
 
 
-def check_restorable(pool: DreamPool, snap: PoolSnapshot) -> None:
-    """Refuse ``snap`` where ``pool`` cannot hold it (caller holds the lock; nothing is changed).
+def check_restorable(parts: PoolParts, snap: PoolSnapshot) -> None:
+    """Refuse ``snap`` where the pool of ``parts`` cannot hold it (caller holds the lock; nothing is changed).
 
     The structural fields of the configurations agree, the pool's capacity holds the
     saved extent, the saved encoder state fits the pool's encoder, and a sample of
@@ -127,16 +128,16 @@ def check_restorable(pool: DreamPool, snap: PoolSnapshot) -> None:
         CheckpointCorruptError, InvalidInputError: the snapshot's data is inconsistent.
     """
     for name in _STRUCTURAL:
-        mine, theirs = getattr(pool.config, name), getattr(snap.config, name)
+        mine, theirs = getattr(parts.config, name), getattr(snap.config, name)
         if mine != theirs:
             expected = f"{_plain(mine)!r}, the value this pool was built with"
             raise InvalidConfigurationError(name, _plain(theirs), expected)
-    if snap.extent > pool.capacity:
+    if snap.extent > parts.bank.capacity:
         raise InvalidConfigurationError(
-            "capacity", pool.capacity, f"at least {snap.extent} (the saved extent) to hold this state"
+            "capacity", parts.bank.capacity, f"at least {snap.extent} (the saved extent) to hold this state"
         )
-    _check_encoder(pool, snap)
-    _spot_check(pool, snap)
+    _check_encoder(parts, snap)
+    _spot_check(parts, snap)
 
 
 def index_state(snap: PoolSnapshot, revision: int) -> dict[str, Any]:
@@ -174,8 +175,8 @@ def _untag_index(snap: PoolSnapshot) -> bytes | None:
     return None
 
 
-def _spot_check(pool: DreamPool, snap: PoolSnapshot) -> None:
-    """Refuse a snapshot whose derived columns do not follow from its dreams under ``pool``'s encoder.
+def _spot_check(parts: PoolParts, snap: PoolSnapshot) -> None:
+    """Refuse a snapshot whose derived columns do not follow from its dreams under the pool's encoder.
 
     Checksums prove the bytes are the ones written, not that they agree: a manifest
     signed again with another ``encoder_seed``, embeddings scaled under cosine, or
@@ -191,13 +192,13 @@ def _spot_check(pool: DreamPool, snap: PoolSnapshot) -> None:
     problem = None
     if alive.numel():
         stored = snap.columns["embeddings"][alive]
-        if pool.config.metric.value == "cosine":
+        if parts.config.metric.value == "cosine":
             norms = stored.norm(dim=1)
             worst = float((norms - 1).abs().max())
             if worst > 1e-3:
                 problem = f"cosine embeddings of unit norm, norms up to {float(norms.max()):.6g}"
         if problem is None:
-            problem = _recompute_problem(pool, snap, alive)
+            problem = _recompute_problem(parts, snap, alive)
     if problem is None:
         return
     reason = f"inconsistent data: {problem}; the bank does not follow from its dreams with this configuration"
@@ -206,11 +207,11 @@ def _spot_check(pool: DreamPool, snap: PoolSnapshot) -> None:
     raise InvalidInputError("state_dict", "a bank whose derived columns follow from its dreams", reason)
 
 
-def _recompute_problem(pool: DreamPool, snap: PoolSnapshot, alive: torch.Tensor) -> str | None:
+def _recompute_problem(parts: PoolParts, snap: PoolSnapshot, alive: torch.Tensor) -> str | None:
     """What differs when a sample of entries is recomputed from its dreams; None when nothing does."""
     picks = alive[torch.linspace(0, alive.numel() - 1, min(_SPOT_SAMPLE, alive.numel())).round().long().unique()]
     cols = {
-        name: snap.columns[name][picks].to(pool.device) for name in ("dreams", "chroma", "embeddings", "class_label")
+        name: snap.columns[name][picks].to(parts.device) for name in ("dreams", "chroma", "embeddings", "class_label")
     }
     chroma_tol, embed_tol = _SPOT_TOLERANCE.get(cols["dreams"].dtype, _SPOT_TOLERANCE[torch.bfloat16])
     chroma = chroma_signature(cols["dreams"])
@@ -219,7 +220,7 @@ def _recompute_problem(pool: DreamPool, snap: PoolSnapshot, alive: torch.Tensor)
         return f"stored chroma differs from the chroma of the stored dreams by up to {chroma_gap:.3g}"
     if snap.encoder_state is None:  # format 1: re-embedded on restore, nothing to compare with
         return None
-    embeddings = _embeddings_as_added(pool, snap.encoder_state, cols["dreams"], cols["class_label"].long())
+    embeddings = _embeddings_as_added(parts, snap.encoder_state, cols["dreams"], cols["class_label"].long())
     scale = 1.0 + float(cols["embeddings"].abs().max())
     embed_gap = float((embeddings - cols["embeddings"]).abs().max())
     if embed_gap > embed_tol * scale:
@@ -231,19 +232,21 @@ def _recompute_problem(pool: DreamPool, snap: PoolSnapshot, alive: torch.Tensor)
 
 
 def _embeddings_as_added(
-    pool: DreamPool, encoder_state: dict[str, torch.Tensor], dreams: torch.Tensor, labels: torch.Tensor
+    parts: PoolParts, encoder_state: dict[str, torch.Tensor], dreams: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
     """``[n, D]`` bank embeddings of ``dreams`` ``[n, R, C, L, 3]`` under a snapshot's ``encoder_state``.
 
     Computed as :meth:`DreamPool.add` embeds (features of the dreams, then
-    ``encode_entries``), by a copy of ``pool``'s encoder holding ``encoder_state``.
+    ``encode_entries``), by a copy of the pool's encoder holding ``encoder_state``.
     """
-    encoder = copy.deepcopy(pool.encoder)
+    from dreampool_gpu.encoders import bank_form
+
+    encoder = copy.deepcopy(parts.encoder)
     encoder.load_state_dict(encoder_state)
     dreams = dreams.float()
-    spectral = spectral_features(dreams, window=pool.config.window)
+    spectral = spectral_features(dreams, window=parts.config.window)
     z = encoder.encode_entries(dreams, chroma=chroma_signature(dreams), spectral=spectral, class_labels=labels)
-    return pool._embed(z)  # noqa: SLF001 - the bank form of an embedding is the pool's rule
+    return bank_form(z, parts.config.metric)
 
 
 def config_for_load(snap: PoolSnapshot, device: str | torch.device | None) -> PoolConfig:

@@ -18,10 +18,11 @@ from dreampool_gpu import checks
 from dreampool_gpu.config import RetrievalMode
 from dreampool_gpu.errors import InvalidInputError
 from dreampool_gpu.retrieval import stages
+from dreampool_gpu.retrieval.context import RETRIEVE_DEFAULTS
 from dreampool_gpu.retrieval.topk import empty_results
 
 if TYPE_CHECKING:
-    from dreampool_gpu.pool import DreamPool
+    from dreampool_gpu.retrieval.context import RetrievalContext
     from dreampool_gpu.retrieval.request import Request
 
 Result = tuple[torch.Tensor, torch.Tensor]
@@ -37,7 +38,7 @@ class ModeSpec:
             ``where`` (None: none). rerank: the re-rank stage (None, ``mmr`` or ``hybrid``).
         options: the keyword arguments of ``retrieve`` the mode reads, besides ``k``,
             ``mode``, ``where`` and ``with_dreams`` (every mode accepts every option; the
-            others are ignored). run: ``(pool, request) -> (scores, slots)``.
+            others are ignored). run: ``(context, request) -> (scores, slots)``.
     """
 
     mode: RetrievalMode
@@ -45,18 +46,18 @@ class ModeSpec:
     filter: str | None
     rerank: str | None
     options: tuple[str, ...]
-    run: Callable[[DreamPool, Request], Result]
+    run: Callable[[RetrievalContext, Request], Result]
 
 
-def _chroma(pool: DreamPool, req: Request, queries: torch.Tensor, mask: torch.Tensor | None) -> Result:
+def _chroma(ctx: RetrievalContext, req: Request, queries: torch.Tensor, mask: torch.Tensor | None) -> Result:
     """Chroma candidates of ``queries`` ``[b, 3]`` within ``mask`` and the request's ``where``."""
     return stages.chroma_candidates(
-        pool.bank,
+        ctx.bank,
         queries,
         req.k,
         stages.both(mask, req.keep),
         metric=req.chroma_metric,
-        chunk_mb=pool.config.search_chunk_mb,
+        chunk_mb=ctx.config.search_chunk_mb,
     )
 
 
@@ -67,64 +68,70 @@ def _chroma_of(req: Request) -> torch.Tensor:
     return chroma
 
 
-def _similar(pool: DreamPool, req: Request) -> Result:
-    return _chroma(pool, req, _chroma_of(req), None)
+def _similar(ctx: RetrievalContext, req: Request) -> Result:
+    return _chroma(ctx, req, _chroma_of(req), None)
 
 
-def _class(pool: DreamPool, req: Request) -> Result:
+def _class(ctx: RetrievalContext, req: Request) -> Result:
     """Chroma candidates within each query's class: one ``[B, capacity]`` mask in a sync-free call
     while it fits ``search_chunk_mb`` (grouping by class reads the hints on the host), else per class."""
-    labels, chroma = pool.bank.columns["class_label"], _chroma_of(req)
-    if checks.sync_free() and req.q.count * pool.capacity <= pool.config.search_chunk_mb * 2**20:
-        return _chroma(pool, req, chroma, labels[None, :] == req.hint[:, None])
-    return stages.by_value(req.hint, req.k, lambda rows, c: _chroma(pool, req, chroma[rows], (labels == c)[None, :]))
+    labels, chroma = ctx.bank.columns["class_label"], _chroma_of(req)
+    if checks.sync_free() and req.q.count * ctx.bank.capacity <= ctx.config.search_chunk_mb * 2**20:
+        return _chroma(ctx, req, chroma, labels[None, :] == req.hint[:, None])
+    return stages.by_value(req.hint, req.k, lambda rows, c: _chroma(ctx, req, chroma[rows], (labels == c)[None, :]))
 
 
-def _balanced(pool: DreamPool, req: Request) -> Result:
-    labels, chroma = pool.bank.columns["class_label"], _chroma_of(req)
-    parts = [_chroma(pool, req, chroma, (labels == c)[None, :]) for c in req.classes]
+def _balanced(ctx: RetrievalContext, req: Request) -> Result:
+    labels, chroma = ctx.bank.columns["class_label"], _chroma_of(req)
+    parts = [_chroma(ctx, req, chroma, (labels == c)[None, :]) for c in req.classes]
     if not parts:
-        return empty_results(req.q.count, pool.device)
+        return empty_results(req.q.count, ctx.device)
     return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
 
-def _utility(pool: DreamPool, req: Request) -> Result:
-    return _chroma(pool, req, _chroma_of(req), (pool.bank.columns["utility"] >= req.utility_threshold)[None, :])
+def _utility(ctx: RetrievalContext, req: Request) -> Result:
+    return _chroma(ctx, req, _chroma_of(req), (ctx.bank.columns["utility"] >= req.utility_threshold)[None, :])
 
 
-def _diverse(pool: DreamPool, req: Request) -> Result:
+def _diverse(ctx: RetrievalContext, req: Request) -> Result:
     return stages.diverse(
-        pool.bank,
+        ctx.bank,
         _chroma_of(req),
         req.k,
         req.lam,
         req.min_dispersion,
         req.keep,
         metric=req.chroma_metric,
-        chunk_mb=pool.config.rerank_chunk_mb,
+        chunk_mb=ctx.config.rerank_chunk_mb,
     )
 
 
-def _nearest(pool: DreamPool, req: Request) -> Result:
-    return pool._knn(pool._query_embeddings(req.q, req.hint, req.prior), req.k, req.categories, req.keep)
+def _embedded(ctx: RetrievalContext, req: Request) -> torch.Tensor:
+    """``[B, D]`` query embeddings, through the query cache where it applies."""
+    return ctx.encoders.query_embeddings(req.q, req.hint, req.prior)
 
 
-def _hybrid(pool: DreamPool, req: Request) -> Result:
+def _nearest(ctx: RetrievalContext, req: Request) -> Result:
+    return stages.knn(ctx.bank, ctx.index, ctx.config, _embedded(ctx, req), req.k, req.categories, req.keep)
+
+
+def _hybrid(ctx: RetrievalContext, req: Request) -> Result:
     """Soft candidates (``fetch`` k-NN, within ``categories``) -> hybrid base score -> MMR -> k."""
     if req.k == 0:
-        return empty_results(req.q.count, pool.device)
-    embedded = pool._query_embeddings(req.q, req.hint, req.prior)
-    similarity, candidates = pool._knn(embedded, max(req.fetch, req.k), req.categories, req.keep)
+        return empty_results(req.q.count, ctx.device)
+    similarity, candidates = stages.knn(
+        ctx.bank, ctx.index, ctx.config, _embedded(ctx, req), max(req.fetch, req.k), req.categories, req.keep
+    )
     return stages.hybrid(
-        pool.bank,
+        ctx.bank,
         similarity,
         candidates,
         req.hint,
         req.k,
         req.lam,
         req.min_dispersion,
-        pool.weights,
-        chunk_mb=pool.config.rerank_chunk_mb,
+        ctx.weights,
+        chunk_mb=ctx.config.rerank_chunk_mb,
     )
 
 
@@ -157,17 +164,6 @@ FILTERED_MODES = frozenset(m for m, spec in MODES.items() if spec.filter == "cat
 RERANK_MODES = frozenset(m for m, spec in MODES.items() if spec.rerank == "hybrid")
 """Modes that re-rank ``fetch_k`` embedding candidates (hybrid score, then MMR)."""
 
-_OPTION_ORDER = (
-    "class_hint",
-    "classes",
-    "category",
-    "utility_threshold",
-    "utility_prior",
-    "fetch_k",
-    "mmr_lambda",
-    "min_dispersion",
-    "chroma_metric",
-)
-OPTIONS = tuple(o for o in _OPTION_ORDER if any(o in spec.options for spec in MODES.values()))
+OPTIONS = tuple(o for o in RETRIEVE_DEFAULTS if any(o in spec.options for spec in MODES.values()))
 """The keyword options of ``DreamPool.retrieve`` a batch job or the CLI passes through
 (scalars or lists: ``where`` and ``with_dreams`` are library-only)."""

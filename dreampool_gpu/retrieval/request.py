@@ -2,8 +2,8 @@
 
 :func:`check_request` turns ``DreamPool.retrieve``'s arguments into a :class:`Request`
 (or raises the typed error naming the argument); the stages below it run on checked
-tensors only. The per-argument checks (:func:`labels`, :func:`per_query`, ...) are the
-one place for each; ``add`` and the sharded pool use them too.
+tensors only. The checks shared with ``add`` and the sharded pool (per-dream values, class
+labels, ints) live in :mod:`dreampool_gpu._validation`, the one validation module.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import checks, columns
+from dreampool_gpu import columns
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric, PoolConfig, RetrievalMode
 from dreampool_gpu.dreams import SINGLE_DREAM_HINT, chroma_signature, hue_category, validate_dreams
@@ -29,7 +29,7 @@ from dreampool_gpu.retrieval.stages import CHROMA_METRICS
 from dreampool_gpu.spectral import spectral_of_checked
 
 if TYPE_CHECKING:
-    from dreampool_gpu.pool import DreamPool
+    from dreampool_gpu.retrieval.context import RetrievalContext
 
 MAX_PADDED_K = 1 << 16  # k past the capacity only pads; capped so that [B, k] results stay allocatable
 
@@ -85,7 +85,7 @@ class Request:
 
 
 def check_request(
-    pool: DreamPool,
+    ctx: RetrievalContext,
     queries: Any,
     *,
     k: Any,
@@ -102,25 +102,25 @@ def check_request(
     chroma_metric: Any,
     total_capacity: int | None = None,
 ) -> Request:
-    """Check ``DreamPool.retrieve``'s arguments (see there) against ``pool``; the pool is not changed.
+    """Check ``DreamPool.retrieve``'s arguments (see there) against the pool ``ctx`` views; nothing is changed.
 
-    ``total_capacity`` (default the pool's) bounds ``k`` and ``fetch_k``: a shard passes its
+    ``total_capacity`` (default the bank's) bounds ``k`` and ``fetch_k``: a shard passes its
     whole sharded pool's.
 
     Raises:
         InvalidInputError, DimensionMismatchError: the first bad argument, named.
         IndexStaleError: an embedding mode while the encoder changed since the bank was embedded.
     """
-    config = pool.config
-    capacity = pool.capacity if total_capacity is None else total_capacity
+    config = ctx.config
+    capacity = ctx.bank.capacity if total_capacity is None else total_capacity
     mode_ = config.default_mode if mode is None else RetrievalMode.parse(mode)
     k_ = config.retrieval_limit if k is None else v.check_count(k, "k", high=max(capacity, MAX_PADDED_K))
-    q = parse_queries(queries, mode_, config, pool.device, pool.encoder)
+    q = parse_queries(queries, mode_, config, ctx.device, ctx.encoders.encoder)
     b = q.count
-    hint = labels(class_hint, b, "class_hint", config.num_classes, pool.device)
-    prior = per_query(utility_prior, b, "utility_prior", 0.0, 1.0, pool.device)
+    hint = v.class_labels(class_hint, b, "class_hint", config.num_classes, ctx.device)
+    prior = v.per_item(utility_prior, b, "utility_prior", 0.0, 1.0, ctx.device)
     if mode_ not in CHROMA_MODES:
-        pool._check_fresh()
+        ctx.encoders.check_fresh()
     if mode_ is RetrievalMode.CLASS:
         expected = f"a class label in 0..{config.num_classes - 1} for mode 'class'"
         if class_hint is None:
@@ -128,55 +128,23 @@ def check_request(
         if b:
             v.require((hint >= 0).all(), "class_hint", expected, lambda: -1)
     balanced = class_list(classes, config.num_classes) if mode_ is RetrievalMode.BALANCED else []
-    lam = pool.weights.mmr_lambda if mmr_lambda is None else v.check_number(mmr_lambda, "mmr_lambda", 0.0, 1.0)
+    lam = ctx.weights.mmr_lambda if mmr_lambda is None else v.check_number(mmr_lambda, "mmr_lambda", 0.0, 1.0)
     if mode_ is RetrievalMode.SOFT and mmr_lambda is None:
         lam = 1.0
     dispersion = v.check_number(min_dispersion, "min_dispersion", 0.0, float("inf"))
     threshold = v.check_number(utility_threshold, "utility_threshold", float("-inf"), float("inf"))
     fetch = max(k_, config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
     fetch = min(fetch, max(k_, capacity))  # candidates beyond capacity would all be padding
-    categories = category_filter(category, q, mode_, pool.device)
+    categories = category_filter(category, q, mode_, ctx.device)
     if chroma_metric not in CHROMA_METRICS:
         raise InvalidInputError("chroma_metric", f"one of {', '.join(CHROMA_METRICS)}", repr(chroma_metric))
-    keep = where_mask(where, pool.bank, pool.device)
+    keep = where_mask(where, ctx.bank, ctx.device)
     return Request(
         mode_, k_, q, hint, prior, balanced, lam, dispersion, threshold, fetch, categories, keep, chroma_metric
     )
 
 
 # ------------------------------------------------------------ arguments
-def per_query(x: Any, n: int, name: str, low: float, high: float, device: torch.device) -> torch.Tensor:
-    """``x`` (None: zeros; a scalar is broadcast) as ``[n]`` float32 in ``[low, high]`` on ``device``."""
-    if x is None:
-        return torch.zeros(n, device=device)
-    t = v.as_tensor(x, name, device=device)
-    if t.dtype == torch.bool or t.is_complex():
-        raise InvalidInputError(name, "real numbers", f"dtype {t.dtype}")
-    t = t.float()
-    if t.dim() == 0:
-        t = t.expand(n)
-    v.check_shape(t, (n,), name)
-    v.check_finite(t, name)
-    v.check_range(t, name, low, high)
-    return t
-
-
-def labels(x: Any, n: int, name: str, num_classes: int, device: torch.device) -> torch.Tensor:
-    """``x`` (None: all -1; a scalar is broadcast) as ``[n]`` int64 class labels in -1..num_classes-1."""
-    if x is None:
-        return torch.full((n,), -1, dtype=torch.int64, device=device)
-    t = v.as_tensor(x, name, device=device)
-    v.check_int(t, name)
-    t = t.long()
-    if t.dim() == 0:
-        t = t.expand(n)
-    v.check_shape(t, (n,), name)
-    v.check_int_range(t, name, -1, num_classes - 1, f"class labels in 0..{num_classes - 1} or -1")
-    if checks.sync_free():  # a recorded failure must never reach an index: -1 (none) in its place
-        t = torch.where((t >= -1) & (t < num_classes), t, -1)
-    return t
-
-
 def class_list(classes: Sequence[int] | None, num_classes: int) -> list[int]:
     """``balanced``'s ``classes`` as a list of ints in 0..num_classes-1."""
     expected = "a sequence of class labels for mode 'balanced'"
