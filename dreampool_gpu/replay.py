@@ -67,8 +67,9 @@ class _Eligible(Columns):
 
     def __missing__(self, key: str) -> torch.Tensor:
         name = RENAMED.get(key, "inserted_at" if key == "age" else key)
-        if name not in WHERE_COLUMNS:
-            raise UnknownColumnError(key, list(WHERE_COLUMNS))
+        names = (*WHERE_COLUMNS, *self._pool.bank.user_names)  # what the pool's where callables see
+        if name not in names:
+            raise UnknownColumnError(key, list(names))
         if not dict.__contains__(self, name):
             # the one read of pool internals: see _eligible
             dict.__setitem__(self, name, as_returned(self._pool.bank.columns[name], copy=True))

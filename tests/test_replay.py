@@ -124,6 +124,21 @@ def test_select_reads_the_host_only_in_the_pools_draw(index, reads):
     assert got.shape == (4,)
 
 
+def test_where_callable_reads_user_columns_and_refuses_unknown_names():
+    config = PoolConfig(
+        dream_shape=SHAPE, capacity=16, coherence_threshold=0.0, num_classes=4, columns={"task": ((), "int64")}
+    )
+    pool = DreamPool(config)
+    ids = pool.add(
+        torch.rand(8, *SHAPE, 3), coherence=1.0, class_label=torch.arange(8) % 4, columns={"task": torch.arange(8) // 4}
+    )
+    x, y = batch()
+    got = Uniform(pool).select(x, y, 6, where=lambda m: m["task"] == 1)
+    assert sorted(got[:4].tolist()) == sorted(ids[4:].tolist()) and got[4:].tolist() == [-1, -1]
+    with pytest.raises(InvalidInputError):
+        Uniform(pool).select(x, y, 2, where=lambda m: m["nope"] > 0)
+
+
 @pytest.mark.parametrize("index", range(4))
 def test_a_class_filter_computes_no_lazy_features(index, monkeypatch):
     """A replay loop (add, select with a ``where`` on labels, gather) never featurises the entries."""
