@@ -51,13 +51,14 @@ from dreampool_gpu.replay import MIR, KNNShapley, Nearest, Uniform
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES, PER_CLASS_TRAIN, PER_CLASS_TEST, TASKS = 10, 400, 100, 5
-STRATEGIES = ("uniform", "mir", "mir_plain", "mir_drop", "knn_shapley", "nearest")
+STRATEGIES = ("uniform", "mir", "mir_plain", "mir_increase", "mir_drop", "knn_shapley", "nearest")
 ARMS = (
     "finetune",
     "er",
     "uniform/reservoir",
     "uniform/balanced",
     "mir/reservoir",
+    "mir_plain/reservoir",
     "knn_shapley/reservoir",
     "nearest/reservoir",
 )
@@ -202,15 +203,32 @@ def make_strategy(name: str, pool: DreamPool, model: MLP, opt: torch.optim.Optim
         return Uniform(pool, generator=gen)
     if name == "mir":
         return MIR(pool, model, loss, optimizer=opt, generator=gen)
-    if name == "mir_plain":  # no guard: Aljundi et al.'s rule
-        return MIR(pool, model, loss, optimizer=opt, drop_disputed=False, generator=gen)
-    if name == "mir_drop":  # the 20% highest-loss candidates set aside instead
-        return MIR(pool, model, loss, optimizer=opt, drop_high_loss=0.2, drop_disputed=False, generator=gen)
+    paper = {"balanced": False, "score": "increase"}  # Aljundi et al.'s draw and score
+    if name == "mir_plain":  # Aljundi et al.'s rule: uniform candidates, loss increase, no guard
+        return MIR(pool, model, loss, optimizer=opt, drop_disputed=False, generator=gen, **paper)
+    if name == "mir_increase":  # the paper's draw and score with the drop_disputed guard (the earlier default)
+        return MIR(pool, model, loss, optimizer=opt, generator=gen, **paper)
+    if name == "mir_drop":  # the paper's rule with the 20% highest-loss candidates set aside
+        return MIR(pool, model, loss, optimizer=opt, drop_high_loss=0.2, drop_disputed=False, generator=gen, **paper)
     if name == "knn_shapley":
         return KNNShapley(pool, model.features, generator=gen)
     if name == "nearest":
         return Nearest(pool, model.features, generator=gen)
     raise SystemExit(f"unknown strategy {name!r}: one of {', '.join(STRATEGIES)}")
+
+
+def replay_batch(
+    strategy: Any, pool: DreamPool, dreams: torch.Tensor, y: torch.Tensor, k: int, exclude: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The replay batch of one step: flat digits ``[k, 784]`` and labels ``[k]`` (-1 and zeros where fewer qualify).
+
+    The cheapest calls: a ``where`` reading the label column alone, the ids passed on as
+    returned (padding included: ``cross_entropy(ignore_index=-1)`` skips it), and the label
+    column alone gathered.
+    """
+    ids = strategy.select(dreams, y, k, where=lambda m: ~torch.isin(m["class_label"], exclude))
+    rx = MLP.flat(pool.dreams(ids))
+    return rx, pool.metadata(ids, columns=("class_label",))["class_label"]
 
 
 def evaluate(model: MLP, stream: Stream) -> list[float]:
@@ -244,21 +262,18 @@ def run_arm(arm: str, stream: Stream, memory: int, seed: int, replay: int = 10, 
                 rx, ry = buffer.sample(replay, exclude)
             elif pool is not None:
                 dreams = as_dreams(x)
-                ids = strategy.select(dreams, y, replay, where=lambda m, ex=exclude: ~torch.isin(m["class"], ex))
-                ids = ids[ids >= 0]
-                rx = MLP.flat(pool.dreams(ids).float())
-                ry = pool.metadata(ids)["class_label"].long()
+                rx, ry = replay_batch(strategy, pool, dreams, y, replay, exclude)
             else:
                 rx, ry = x[:0], y[:0]
             t1 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(torch.cat([x, rx])), torch.cat([y, ry])).backward()
+            nn.functional.cross_entropy(model(torch.cat([x, rx])), torch.cat([y, ry]), ignore_index=-1).backward()
             opt.step()
             t2 = time.perf_counter()
             if buffer is not None:
                 buffer.add(x, y)
             elif pool is not None:
-                pool.add(dreams, coherence=1.0, class_labels=y)
+                pool.add(dreams, coherence=1.0, class_label=y)
             t3 = time.perf_counter()
             times["replay"] += t1 - t0
             times["learner"] += t2 - t1

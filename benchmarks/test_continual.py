@@ -49,8 +49,8 @@ def test_step(benchmark, bench_device, record_median, arm):
         buffer.add(old_x.to(bench_device), old_y.to(bench_device))
     elif arm != "learner":
         pool = continual.make_pool(MEMORY, "reservoir", 0, device=str(bench_device))
-        pool.add(continual.as_dreams(old_x), coherence=1.0, class_labels=old_y)
-        gen = torch.Generator(device=bench_device).manual_seed(1)
+        pool.add(continual.as_dreams(old_x), coherence=1.0, class_label=old_y)
+        gen = torch.Generator().manual_seed(1)  # pool.sample draws with a CPU generator
         strategy = continual.make_strategy(arm, pool, model, opt, gen)
     state = {"i": 0}
 
@@ -61,19 +61,16 @@ def test_step(benchmark, bench_device, record_median, arm):
             rx, ry = buffer.sample(10, exclude)
         elif pool is not None:
             dreams = continual.as_dreams(x)
-            ids = strategy.select(dreams, y, 10, where=lambda m: ~torch.isin(m["class"], exclude))
-            ids = ids[ids >= 0]
-            rx = continual.MLP.flat(pool.dreams(ids).float())
-            ry = pool.metadata(ids)["class_label"].long()
+            rx, ry = continual.replay_batch(strategy, pool, dreams, y, 10, exclude)
         else:
             rx, ry = x, y
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(torch.cat([x, rx])), torch.cat([y, ry])).backward()
+        nn.functional.cross_entropy(model(torch.cat([x, rx])), torch.cat([y, ry]), ignore_index=-1).backward()
         opt.step()
         if buffer is not None:
             buffer.add(x, y)
         elif pool is not None:
-            pool.add(dreams, coherence=1.0, class_labels=y)
+            pool.add(dreams, coherence=1.0, class_label=y)
         sync(bench_device)
 
     benchmark.group = f"continual step M={MEMORY}"

@@ -5,7 +5,7 @@ Each strategy has one method, ``select(x, y, k, *, where=None)``: ``x`` the inco
 filter as in :meth:`DreamPool.retrieve` (a ``[capacity]`` bool mask or a callable of the
 metadata columns). It returns ``[k]`` int64 pool ids on the pool's device, ``-1`` where fewer
 entries qualify; gather the replay batch with ``pool.dreams(ids)`` and its labels with
-``pool.metadata(ids)["class_label"]`` (or from the returned ids' rows).
+``pool.metadata(ids, columns=("class_label",))["class_label"]`` (zeros and -1 at padding).
 
 - :class:`Uniform`: uniform draws without replacement (random replay).
 - :class:`MIR`: maximally interfered retrieval (Aljundi et al. 2019): the candidates whose loss
@@ -13,10 +13,15 @@ entries qualify; gather the replay batch with ``pool.dreams(ids)`` and its label
 - :class:`KNNShapley`: ASER-style (Shim et al. 2021) KNN-Shapley values on the learner's features.
 - :class:`Nearest`: the candidates nearest the incoming batch in the learner's feature space.
 
-Candidate draws, class-balanced draws, scoring and the final top-k run on the pool's device
-with fixed shapes: no host synchronisation (the strategies read the bank's columns under the
-pool's lock and gather rows by slot, skipping the id checks of ``pool.dreams``, which read the
-host). Entries without a class label (-1) never qualify: every strategy needs labels.
+Draws go through ``pool.sample(n, where=..., replace=False)`` (a CPU ``generator`` makes them
+reproducible), gathers through ``pool.dreams(ids)`` and ``pool.metadata(ids,
+columns=("class_label",))``, which right after the draw need no id lookup. The eligibility
+filter (labelled entries passing ``where``) reads the bank's label column directly, and a
+``where`` callable gets only the columns it reads: the pool's own ``where`` copies every column
+and computes lazy features, which a replay loop never needs. Scoring and top-k run on the
+pool's device; the host reads are the filtered draw's (it sizes its result: 2 reads), plus one
+id lookup in :class:`KNNShapley`. Entries without a class label (-1) never qualify: every
+strategy needs labels.
 """
 
 from __future__ import annotations
@@ -25,12 +30,19 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch.func import functional_call
 
 from dreampool_gpu import _validation as v
+from dreampool_gpu.columns import RENAMED, WHERE_COLUMNS, Columns, as_returned
 from dreampool_gpu.config import Metric
-from dreampool_gpu.errors import DimensionMismatchError, InvalidConfigurationError, InvalidInputError
+from dreampool_gpu.errors import (
+    DimensionMismatchError,
+    InvalidConfigurationError,
+    InvalidInputError,
+    UnknownColumnError,
+)
 from dreampool_gpu.pool import DreamPool
 from dreampool_gpu.retrieval import request
 from dreampool_gpu.search.exact import pairwise_scores
@@ -40,82 +52,115 @@ __all__ = ["KNNShapley", "MIR", "Nearest", "Uniform", "knn_shapley"]
 Features = Callable[[torch.Tensor], torch.Tensor]
 
 
-class _Snapshot:
-    """The bank's ``[capacity]`` id and class columns and the slots that qualify, read under the pool's lock."""
+class _Eligible(Columns):
+    """What a ``where`` callable of a strategy receives: the metadata columns, each read on first use.
 
-    def __init__(self, pool: DreamPool, where: Any) -> None:
-        with pool._lock:
-            bank = pool.bank
-            self.ids = bank.columns["ids"].clone()
-            self.classes = bank.columns["class_label"].long().clone()
-            keep = (self.ids >= 0) & (self.classes >= 0)
-            mask = request.where_mask(where, bank, pool.device)
-            self.keep = keep if mask is None else keep & mask
-        self.pool = pool
-        self.capacity = int(self.ids.numel())
+    The pool hands a ``where`` callable a copy of every column, the derived ones (``hue_category``)
+    included, and reading those makes the entries' lazy features be computed (``PoolConfig.features``).
+    A replay filter reads one or two columns (``class_label``); this mapping reads only those
+    (``in`` and iteration see the columns read so far). Old spellings warn as in ``Columns``.
+    """
 
-    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dreams ``[n, R, C, L, 3]`` (zeros at -1) and labels ``[n]`` (-1 at -1) of ``slots`` ``[n]``."""
-        with self.pool._lock:
-            dreams = self.pool.bank.gather("dreams", slots)
-        labels = torch.where(slots >= 0, self.classes[slots.clamp(min=0)], -1)
-        return dreams, labels
+    def __init__(self, pool: DreamPool) -> None:
+        super().__init__()
+        self._pool = pool
 
-    def present(self, num_classes: int) -> torch.Tensor:
-        """``[num_classes]`` bool: the classes of at least one qualifying entry."""
-        cls = torch.where(self.keep, self.classes, num_classes)
-        count = torch.zeros(num_classes + 1, device=cls.device).index_add_(
-            0, cls, torch.ones_like(cls, dtype=torch.float)
-        )
-        return count[:num_classes] > 0
-
-    def ids_of(self, slots: torch.Tensor) -> torch.Tensor:
-        return torch.where(slots >= 0, self.ids[slots.clamp(min=0)], -1)
+    def __missing__(self, key: str) -> torch.Tensor:
+        name = RENAMED.get(key, "inserted_at" if key == "age" else key)
+        names = (*WHERE_COLUMNS, *self._pool.bank.user_names)  # what the pool's where callables see
+        if name not in names:
+            raise UnknownColumnError(key, list(names))
+        if not dict.__contains__(self, name):
+            # the one read of pool internals: see _eligible
+            dict.__setitem__(self, name, as_returned(self._pool.bank.columns[name], copy=True))
+            if name == key:
+                return dict.__getitem__(self, name)
+        return self._legacy(key)  # an old spelling: warns at the caller's line
 
 
-def _uniform_keys(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """``[n]`` uniform keys in [0, 1) on ``device``, from ``generator`` (on any device) when given."""
-    if generator is None:
-        return torch.rand(n, device=device)
-    return torch.rand(n, generator=generator, device=generator.device).to(device, non_blocking=True)
+def _eligible(pool: DreamPool, where: Any) -> torch.Tensor:
+    """``[capacity]`` bool on the pool's device: the labelled entries passing ``where``.
+
+    Reads the bank's ``class_label`` column (and the columns a ``where`` callable asks for) under
+    the pool's lock: no public call gives a filter on labels without copying every column and
+    computing lazy features (see :class:`_Eligible`). No host read. The draws and gathers then
+    go through ``pool.sample``, ``pool.dreams`` and ``pool.metadata``.
+    """
+    with pool._lock:
+        keep = pool.bank.columns["class_label"] >= 0  # free slots hold -1 too
+        if callable(where) and not isinstance(where, (torch.Tensor, np.ndarray)):
+            try:
+                where = where(_Eligible(pool))
+            except Exception as exc:  # the caller's function: its failure is a bad argument
+                raise InvalidInputError(
+                    "where", "a callable of the metadata columns returning a bool mask", f"one that raised {exc!r}"
+                ) from exc
+        where = request.where_mask(where, pool.bank, pool.device)
+    return keep if where is None else keep & where
 
 
-def _draw(snap: _Snapshot, n: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``[n]`` slots drawn uniformly without replacement among qualifying ones, -1 padding at the end."""
-    keys = torch.where(snap.keep, _uniform_keys(snap.capacity, snap.keep.device, generator), -1.0)
-    top = keys.topk(min(n, snap.capacity))
-    slots = torch.where(top.values >= 0, top.indices, -1)
-    return _pad(slots, n)
+def _draw(pool: DreamPool, n: int, keep: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``[min(n, m)]`` distinct ids drawn uniformly among the ``m`` entries ``keep`` marks (``pool.sample``)."""
+    return pool.sample(n, where=keep, replace=False, generator=generator)
 
 
-def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    """``t`` ``[m]`` cut or padded with -1 to ``[n]``."""
-    if t.numel() >= n:
+def _gather(pool: DreamPool, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dreams ``[n, R, C, L, 3]`` and int64 labels ``[n]`` of ``ids`` ``[n]`` (right after ``_draw``: no id lookup)."""
+    return pool.dreams(ids), pool.metadata(ids, columns=("class_label",))["class_label"]
+
+
+def _pad(t: torch.Tensor, n: int, fill: float = -1) -> torch.Tensor:
+    """``t`` ``[m, ...]`` cut or padded with ``fill`` to ``[n, ...]`` (``t`` itself when ``m == n``)."""
+    if t.shape[0] == n:
+        return t  # the same tensor: pool.dreams(ids) right after pool.sample needs no lookup
+    if t.shape[0] > n:
         return t[:n]
-    return torch.cat([t, t.new_full((n - t.numel(),), -1)])
+    return torch.cat([t, t.new_full((n - t.shape[0], *t.shape[1:]), fill)])
+
+
+def _present(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[num_classes]`` bool: the classes among ``labels`` ``[n]`` (-1 ignored)."""
+    cls = torch.where(labels >= 0, labels, num_classes).clamp(max=num_classes)
+    count = torch.zeros(num_classes + 1, device=cls.device).index_add_(0, cls, torch.ones_like(cls, dtype=torch.float))
+    return count[:num_classes] > 0
+
+
+def _round_robin(labels: torch.Tensor, num_classes: int, n: int) -> torch.Tensor:
+    """``[min(n, m)]`` positions into ``labels`` ``[m]`` (in random order already), class by class in turn.
+
+    Each class's first entry, then each class's second, ...: a class-balanced draw of ``n``
+    (classes with fewer entries give their share to the others).
+    """
+    m = labels.numel()
+    cls = torch.where(labels >= 0, labels, num_classes)
+    by_class = cls.argsort(stable=True)
+    start = torch.searchsorted(cls[by_class], torch.arange(num_classes + 1, device=cls.device))
+    rank = torch.empty_like(by_class)
+    rank[by_class] = torch.arange(m, device=cls.device) - start[cls[by_class]]
+    key = rank.double() + torch.arange(m, device=cls.device, dtype=torch.double) / max(m, 1)
+    return key.topk(min(n, m), largest=False).indices
 
 
 def _balanced(
-    snap: _Snapshot, num_classes: int, width: int, first: torch.Tensor, count: torch.Tensor, generator: Any
+    labels: torch.Tensor, num_classes: int, width: int, first: torch.Tensor, count: torch.Tensor
 ) -> torch.Tensor:
-    """Class-balanced random slots ``[num_classes * width]``: per class, ranks ``first .. first+count-1``.
+    """Class-balanced positions ``[num_classes * width]`` into ``labels`` ``[m]`` (in random order already).
 
-    Qualifying slots are shuffled, grouped by class (stable), and each class contributes its
-    entries of rank ``first <= r < first + count`` (0-d device tensors) in up to ``width`` places;
-    -1 where a class has fewer.
+    Positions are grouped by class (stable), and each class contributes its entries of rank
+    ``first <= r < first + count`` (0-d device tensors) in up to ``width`` places; -1 where a
+    class has fewer.
     """
-    keys = _uniform_keys(snap.capacity, snap.keep.device, generator)
-    order = keys.argsort()
-    cls = torch.where(snap.keep, snap.classes, num_classes)[order]
+    m = labels.numel()
+    cls = torch.where(labels >= 0, labels, num_classes)
     by_class = cls.argsort(stable=True)
-    slots, sorted_cls = order[by_class], cls[by_class]
+    sorted_cls = cls[by_class]
     wanted = torch.arange(num_classes, device=cls.device)
     start = torch.searchsorted(sorted_cls, wanted)
     stop = torch.searchsorted(sorted_cls, wanted, right=True)
     rank = torch.arange(width, device=cls.device)
     pos = start[:, None] + first + rank[None, :]
     ok = (pos < stop[:, None]) & (rank[None, :] < count)
-    picked = torch.where(ok, slots[pos.clamp(max=snap.capacity - 1)], -1)
+    picked = torch.where(ok, by_class[pos.clamp(max=max(m - 1, 0))], -1) if m else pos.new_full(pos.shape, -1)
     return picked.reshape(-1)
 
 
@@ -140,21 +185,20 @@ def _check_generator(generator: Any) -> torch.Generator | None:
     return generator
 
 
-def _top(scores: torch.Tensor, slots: torch.Tensor, k: int, snap: _Snapshot) -> torch.Tensor:
-    """Ids of the ``k`` best-scoring slots (``-inf`` = not eligible), -1 padding."""
+def _top(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """``[k]``: the ids of the ``k`` best scores (``-inf`` = not eligible), -1 padding."""
     top = scores.topk(min(k, scores.numel()))
-    picked = torch.where(torch.isfinite(top.values), slots[top.indices], -1)
-    return _pad(snap.ids_of(picked), k)
+    return _pad(torch.where(torch.isfinite(top.values), ids[top.indices], -1), k)
 
 
 class Uniform:
     """Random replay: ``k`` entries drawn uniformly without replacement.
 
-    Cost per call: no forward or backward, no k-NN; one ``[capacity]`` random draw and top-k.
+    Cost per call: no forward or backward, no k-NN; one ``pool.sample`` draw.
 
     Args:
         pool: the :class:`~dreampool_gpu.pool.DreamPool` to draw from.
-        generator: a ``torch.Generator`` (on any device) for reproducible draws; None uses torch's.
+        generator: a CPU ``torch.Generator`` for reproducible draws (``pool.sample``'s); None uses torch's.
     """
 
     def __init__(self, pool: DreamPool, *, generator: torch.Generator | None = None) -> None:
@@ -164,31 +208,46 @@ class Uniform:
     def select(self, x: Any, y: Any, k: int, *, where: Any = None) -> torch.Tensor:
         """``[k]`` int64 ids on the pool's device, -1 where fewer qualify (``x``, ``y`` checked, not used)."""
         _, _, k = _check_batch(x, y, k, self.pool)
-        snap = _Snapshot(self.pool, where)
-        return snap.ids_of(_draw(snap, k, self.generator))
+        with self.pool._lock:  # the filter and the draw see the same bank
+            ids = _draw(self.pool, k, _eligible(self.pool, where), self.generator)
+        return _pad(ids, k)  # the draw's own tensor when k qualify: pool.dreams(ids) needs no lookup
 
 
 class MIR:
     """Maximally interfered retrieval (Aljundi et al. 2019) with a guard against mislabelled entries.
 
-    A call draws ``candidates`` entries uniformly, takes a virtual SGD step on the incoming batch
+    A call draws ``candidates`` entries, takes a virtual SGD step on the incoming batch
     (``torch.func.functional_call`` on updated copies of the parameters: the module, its
     ``.grad``, the optimizer and its buffers, BatchNorm statistics included, are untouched),
-    and scores each candidate by its loss after the step minus its loss before; the ``k``
-    best-scoring eligible candidates are replayed.
+    scores each candidate by its loss after that step, and replays the ``k`` best-scoring
+    eligible candidates.
 
-    Plain MIR prefers mislabelled entries (their loss change is the largest). The default guard,
-    ``drop_disputed``, leaves out a candidate the model assigns to a third class: neither the
-    candidate's label nor a class of the incoming batch, and present among the entries passing
-    ``where``. Forgetting shows as predictions of the classes being learned now (the incoming
-    ones), which stay eligible; a confident vote for another remembered class is a dispute of
-    the stored label. ``drop_high_loss`` (off by default) sets aside that fraction of the
-    candidates with the highest loss before the step: it helps under label noise but costs
-    clean streams, whose highest-loss entries are the forgotten ones (docs/benchmarks.md,
-    "Continual learning").
+    The defaults differ from the paper's rule in three places, each chosen on held-out seeds
+    (docs/benchmarks.md, "Continual learning"); ``balanced=False, score="increase",
+    drop_disputed=False`` is the paper's rule.
+
+    - ``score="after"``: the loss after the virtual step, not its increase. The increase ranks
+      an entry the learner has already forgotten (high loss before and after) below one it is
+      about to forget; in a class-incremental stream both need replay. The loss after the step
+      ranks both by how wrong the learner will be on them.
+    - ``balanced=True``: the candidates are drawn class by class in turn (each eligible class's
+      first random entry, then each one's second, ...), so every remembered class is scored
+      each step even when memory holds few of it.
+    - ``drop_disputed=True``: a high-loss rule prefers mislabelled entries. The guard leaves
+      out a candidate the model assigns to a third class: neither the candidate's label nor a
+      class of the incoming batch, and held by another candidate of the draw (a class the
+      filter leaves replayable). Forgetting shows as predictions of the classes being learned
+      now (the incoming ones), which stay eligible; a confident vote for another remembered
+      class is a dispute of the stored label.
+
+    ``drop_high_loss`` (off by default) sets aside that fraction of the candidates with the
+    highest loss before the step: it helps under label noise but costs clean streams, whose
+    highest-loss entries are the forgotten ones.
 
     Cost per call: one forward and one backward on the ``B`` incoming dreams, two forwards on
-    the ``candidates`` (one batched forward each, before and after), no k-NN.
+    the ``candidates`` (one batched forward each, before and after), no k-NN. The balanced
+    draw shuffles every eligible id and gathers their labels (one ``pool.sample`` of them all,
+    one id lookup for the candidates' dreams).
 
     Args:
         pool: the pool to draw from.
@@ -203,11 +262,13 @@ class MIR:
         drop_high_loss: fraction in [0, 1) of the candidates with the highest current loss set
             aside before scoring (0: none).
         drop_disputed: leave out candidates predicted as a third eligible class (True).
-        generator: a ``torch.Generator`` for the candidate draw.
+        balanced: draw the candidates class by class in turn (True) or uniformly (False).
+        score: ``"after"`` (loss after the virtual step) or ``"increase"`` (after minus before).
+        generator: a CPU ``torch.Generator`` for the candidate draw.
 
     Raises:
         InvalidConfigurationError: neither ``lr`` nor an ``optimizer`` with an ``lr``; a bad
-            ``candidates`` or ``drop_high_loss``.
+            ``candidates``, ``drop_high_loss`` or ``score``.
     """
 
     def __init__(
@@ -221,6 +282,8 @@ class MIR:
         candidates: int = 50,
         drop_high_loss: float = 0.0,
         drop_disputed: bool = True,
+        balanced: bool = True,
+        score: str = "after",
         generator: torch.Generator | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
@@ -239,10 +302,13 @@ class MIR:
             raise InvalidConfigurationError("drop_high_loss", drop_high_loss, "a number in [0, 1)")
         if not 0.0 <= drop_high_loss < 1.0:
             raise InvalidConfigurationError("drop_high_loss", drop_high_loss, "a number in [0, 1)")
+        if score not in ("after", "increase"):
+            raise InvalidConfigurationError("score", score, "'after' or 'increase'")
         self.pool, self.model, self.loss_fn = pool, model, loss_fn
         self.optimizer, self.lr = optimizer, lr
         self.candidates, self.drop_high_loss = candidates, float(drop_high_loss)
         self.drop_disputed = bool(drop_disputed)
+        self.balanced, self.score = bool(balanced), score
         self.generator = _check_generator(generator)
 
     def _lr(self) -> float:
@@ -270,10 +336,17 @@ class MIR:
     def scores(self, x: Any, y: Any, *, where: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate ids ``[candidates]`` (-1 padding) and their interference scores (``-inf`` where not eligible)."""
         xt, yt, _ = _check_batch(x, y, 0, self.pool)
-        with self.pool._lock:  # draw and gather see the same bank
-            snap = _Snapshot(self.pool, where)
-            slots = _draw(snap, self.candidates, self.generator)
-            dreams, labels = snap.gather(slots)
+        with self.pool._lock:  # filter, draw and gather see the same bank
+            keep = _eligible(self.pool, where)
+            if self.balanced:
+                order = _draw(self.pool, keep.numel(), keep, self.generator)  # every eligible id, shuffled
+                every = self.pool.metadata(order, columns=("class_label",))["class_label"]
+                pick = _round_robin(every, self.pool.config.num_classes, self.candidates)
+                ids, labels = order[pick], every[pick]
+                dreams = self.pool.dreams(ids)
+            else:
+                ids = _draw(self.pool, self.candidates, keep, self.generator)
+                dreams, labels = _gather(self.pool, ids)
         cand_x = dreams.to(xt.dtype)
         named = dict(self.model.named_parameters())
         trained = [n for n, p in named.items() if p.requires_grad]
@@ -293,17 +366,17 @@ class MIR:
             logits = functional_call(self.model, (params, buffers), (cand_x,))
             before = self._check_losses(self.loss_fn(logits, safe), safe)
             after = self._losses(stepped, buffers, cand_x, safe)
-        valid = slots >= 0
-        score = torch.where(valid, after - before, -math.inf)
+        valid = labels >= 0
+        score = torch.where(valid, after - before if self.score == "increase" else after, -math.inf)
         if self.drop_high_loss > 0:
             score = torch.where(self._highest(before, valid), -math.inf, score)
         if self.drop_disputed:
             pred = logits.argmax(1)
-            eligible = snap.present(self.pool.config.num_classes)
+            eligible = _present(labels, self.pool.config.num_classes)
             known = eligible[pred.clamp(max=eligible.numel() - 1)] & (pred < eligible.numel())
             disputed = (pred != labels) & known & ~torch.isin(pred, yt)
             score = torch.where(disputed, -math.inf, score)
-        return snap.ids_of(slots), score
+        return _pad(ids, self.candidates), _pad(score, self.candidates, -math.inf)
 
     def _highest(self, before: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """``[C]`` bool: the ``floor(drop_high_loss * n_valid)`` valid candidates of highest loss."""
@@ -367,7 +440,7 @@ class KNNShapley:
             features ``[N, D]``, e.g. the learner's penultimate layer; called under ``no_grad``.
         k: neighbours of the KNN utility (ASER's K).
         per_class: class-balanced sample size per class (ASER's ``n_smp_cls``).
-        generator: a ``torch.Generator`` for the samples.
+        generator: a CPU ``torch.Generator`` for the samples.
     """
 
     def __init__(
@@ -390,21 +463,24 @@ class KNNShapley:
     def select(self, x: Any, y: Any, k: int, *, where: Any = None) -> torch.Tensor:
         """``[k]`` int64 ids on the pool's device of the highest-valued candidates (-1 padding)."""
         xt, yt, k = _check_batch(x, y, k, self.pool)
-        with self.pool._lock:  # draw and gather see the same bank
-            snap = _Snapshot(self.pool, where)
-            classes = self.pool.config.num_classes
-            n_present = snap.present(classes).sum().clamp(min=1)
+        classes = self.pool.config.num_classes
+        with self.pool._lock:  # filter, draw and gather see the same bank
+            keep = _eligible(self.pool, where)
+            order = _draw(self.pool, keep.numel(), keep, self.generator)  # every eligible id, shuffled
+            order_labels = self.pool.metadata(order, columns=("class_label",))["class_label"]
+            n_present = _present(order_labels, classes).sum().clamp(min=1)
             per = torch.clamp(torch.ceil(k / n_present.float()).long(), min=self.per_class)
             width = max(self.per_class, k)
-            cand = _balanced(
-                snap, classes, width, torch.zeros((), dtype=torch.long, device=per.device), per, self.generator
-            )
-            evals = _balanced(snap, classes, self.per_class, per, torch.full_like(per, self.per_class), self.generator)
-            slots = torch.cat([cand, evals])
-            dreams, labels = snap.gather(slots)
+            zero = torch.zeros((), dtype=torch.long, device=per.device)
+            cand = _balanced(order_labels, classes, width, zero, per)
+            evals = _balanced(order_labels, classes, self.per_class, per, torch.full_like(per, self.per_class))
+            pos = torch.cat([cand, evals])
+            ids = torch.where(pos >= 0, order[pos.clamp(min=0)] if order.numel() else pos, -1)
+            dreams = self.pool.dreams(ids)
+            labels = torch.where(pos >= 0, order_labels[pos.clamp(min=0)] if order.numel() else pos, -1)
         with torch.no_grad():
             feats = self.features(torch.cat([xt, dreams.to(xt.dtype)]))
-        if feats.dim() != 2 or feats.shape[0] != xt.shape[0] + slots.numel():
+        if feats.dim() != 2 or feats.shape[0] != xt.shape[0] + ids.numel():
             raise InvalidConfigurationError("features", "its output", f"[N, D] features, got {list(feats.shape)}")
         b, c = xt.shape[0], cand.numel()
         feats = feats.float()
@@ -415,7 +491,7 @@ class KNNShapley:
         eval_valid = (evals >= 0).to(sv.dtype)
         coop = (sv[b:] * eval_valid[:, None]).sum(0) / eval_valid.sum().clamp(min=1.0)
         score = torch.where(valid, coop - adv, -math.inf)
-        return _top(score, cand, k, snap)
+        return _top(score, ids[:c], k)
 
 
 class Nearest:
@@ -432,7 +508,7 @@ class Nearest:
         pool: the pool to draw from.
         features: a callable mapping dreams ``[N, R, C, L, 3]`` to features ``[N, D]``.
         candidates: entries scored per call (None: every qualifying entry, up to ``capacity``).
-        generator: a ``torch.Generator`` for the candidate draw.
+        generator: a CPU ``torch.Generator`` for the candidate draw.
     """
 
     def __init__(
@@ -455,15 +531,17 @@ class Nearest:
     def select(self, x: Any, y: Any, k: int, *, where: Any = None) -> torch.Tensor:
         """``[k]`` int64 ids on the pool's device of the candidates nearest the batch (-1 padding)."""
         xt, _, k = _check_batch(x, y, k, self.pool)
-        with self.pool._lock:  # draw and gather see the same bank
-            snap = _Snapshot(self.pool, where)
-            slots = _draw(snap, self.candidates or snap.capacity, self.generator)
-            dreams, _ = snap.gather(slots)
+        with self.pool._lock:  # filter, draw and gather see the same bank
+            keep = _eligible(self.pool, where)
+            ids = _draw(self.pool, self.candidates or keep.numel(), keep, self.generator)
+            dreams = self.pool.dreams(ids)
         with torch.no_grad():
             feats = self.features(torch.cat([xt, dreams.to(xt.dtype)]))
-        if feats.dim() != 2 or feats.shape[0] != xt.shape[0] + slots.numel():
+        if feats.dim() != 2 or feats.shape[0] != xt.shape[0] + ids.numel():
             raise InvalidConfigurationError("features", "its output", f"[N, D] features, got {list(feats.shape)}")
         b = xt.shape[0]
         feats = feats.float()
+        if ids.numel() == 0:
+            return _pad(ids, k)
         near = pairwise_scores(feats[:b], feats[b:], Metric.EUCLIDEAN).max(0).values
-        return _top(torch.where(slots >= 0, near, -math.inf), slots, k, snap)
+        return _top(near, ids, k)

@@ -49,7 +49,7 @@ def test_stream_splits_tasks_and_noise():
 
 @needs_data
 def test_tiny_grid_reports_every_arm(tmp_path):
-    arms = list(continual.ARMS) + ["mir_plain/reservoir"]
+    arms = list(continual.ARMS) + ["mir_increase/reservoir", "mir_drop/reservoir"]
     report = continual.run_grid(arms, [0], [0.0, 0.2], [30], workers=1, batches=3)
     json.dumps(report)  # JSON-ready
     rows = report["summary"]

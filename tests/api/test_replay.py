@@ -26,7 +26,7 @@ def pool_of(
     )
     labels = torch.arange(n) % 4 if classes is None else torch.as_tensor(classes)
     ids = pool.add(
-        torch.rand(n, *SHAPE, 3, generator=torch.Generator().manual_seed(seed)), coherence=1.0, class_labels=labels
+        torch.rand(n, *SHAPE, 3, generator=torch.Generator().manual_seed(seed)), coherence=1.0, class_label=labels
     )
     return pool, ids
 
@@ -75,7 +75,7 @@ def test_shape_dtype_padding_and_where(index):
     got = s.select(x, y, 5)
     assert got.shape == (5,) and got.dtype == torch.int64 and got.device == pool.device
     assert set(got.tolist()) <= set(ids.tolist()) and len(set(got.tolist())) == 5  # no repeats
-    only = s.select(x, y, 5, where=lambda m: m["class"] == 2)  # 3 entries of class 2
+    only = s.select(x, y, 5, where=lambda m: m["class_label"] == 2)  # 3 entries of class 2
     assert sorted(only[:3].tolist()) == sorted(ids[2::4].tolist()) and only[3:].tolist() == [-1, -1]
     none = s.select(x, y, 3, where=torch.zeros(pool.capacity, dtype=torch.bool))
     assert none.tolist() == [-1, -1, -1]
@@ -112,15 +112,51 @@ def test_bad_arguments_raise_typed_errors(index):
         s.select(x, y, 2, where=torch.ones(pool.capacity))
 
 
-@pytest.mark.parametrize("index", range(4))
-def test_select_reads_no_host_value(index):
+@pytest.mark.parametrize(("index", "reads"), [(0, 2), (1, 3), (2, 3), (3, 2)])
+def test_select_reads_the_host_only_in_the_pools_draw(index, reads):
+    """A filtered ``pool.sample`` sizes its draw on the host (2 reads); class-balanced draws look ids up (1)."""
     pool, _ = pool_of(12)
     x, y = batch()
     s = strategies(pool)[index]
     mask = pool.bank.columns["class_label"] != 1
-    with forbid_host_sync():
+    with forbid_host_sync(allowed=reads):
         got = s.select(x, y, 4, where=mask)
     assert got.shape == (4,)
+
+
+def test_where_callable_reads_user_columns_and_refuses_unknown_names():
+    config = PoolConfig(
+        dream_shape=SHAPE, capacity=16, coherence_threshold=0.0, num_classes=4, columns={"task": ((), "int64")}
+    )
+    pool = DreamPool(config)
+    ids = pool.add(
+        torch.rand(8, *SHAPE, 3), coherence=1.0, class_label=torch.arange(8) % 4, columns={"task": torch.arange(8) // 4}
+    )
+    x, y = batch()
+    got = Uniform(pool).select(x, y, 6, where=lambda m: m["task"] == 1)
+    assert sorted(got[:4].tolist()) == sorted(ids[4:].tolist()) and got[4:].tolist() == [-1, -1]
+    with pytest.raises(InvalidInputError):
+        Uniform(pool).select(x, y, 2, where=lambda m: m["nope"] > 0)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_a_class_filter_computes_no_lazy_features(index, monkeypatch):
+    """A replay loop (add, select with a ``where`` on labels, gather) never featurises the entries."""
+    import dreampool_gpu.admission as admission
+
+    calls = []
+    real = admission.spectral_of_checked
+    monkeypatch.setattr(admission, "spectral_of_checked", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    pool, _ = pool_of(12)
+    s = strategies(pool)[index]
+    for step in range(3):
+        x, y = batch(seed=step)
+        ids = s.select(x, y, 4, where=lambda m: m["class_label"] != 1)
+        pool.dreams(ids), pool.metadata(ids, columns=("class_label",))
+        pool.add(x, coherence=1.0, class_label=y)
+    assert calls == []
+    pool.metadata(ids, columns=("hue_category",))  # a derived column: now the features are computed
+    assert calls
 
 
 def test_seeded_strategies_repeat():
@@ -172,12 +208,13 @@ def test_mir_leaves_model_grads_optimizer_and_buffers_untouched():
         assert torch.equal(state["momentum_buffer"], now["state"][key]["momentum_buffer"])
 
 
-def test_mir_selects_the_top_oracle_loss_change():
-    """Plain MIR over every entry returns the k largest loss increases of an explicit SGD step (oracle)."""
+@pytest.mark.parametrize(("score", "balanced"), [("increase", False), ("after", True)])
+def test_mir_selects_the_top_oracle_score(score, balanced):
+    """Unguarded MIR over every entry returns the k largest losses after (or increases by) an explicit SGD step."""
     pool, ids = pool_of(20)
     net = Net().eval()  # eval: the oracle's step and MIR's see the same BatchNorm behaviour
     x, y = batch(5)
-    mir = MIR(pool, net, per_sample, lr=0.5, candidates=20, drop_disputed=False)
+    mir = MIR(pool, net, per_sample, lr=0.5, candidates=20, drop_disputed=False, score=score, balanced=balanced)
     got = mir.select(x, y, 6)
     dreams, labels = pool.dreams(ids), pool.metadata(ids)["class_label"].long()
     stepped = copy.deepcopy(net)
@@ -186,7 +223,9 @@ def test_mir_selects_the_top_oracle_loss_change():
     with torch.no_grad():
         for p in stepped.parameters():
             p -= 0.5 * p.grad
-        change = per_sample(stepped(dreams), labels) - per_sample(net(dreams), labels)
+        change = per_sample(stepped(dreams), labels)
+        if score == "increase":
+            change = change - per_sample(net(dreams), labels)
     order = change.argsort(descending=True)
     kth = change[order[5]]
     assert set(got.tolist()) >= set(ids[change > kth + 1e-5].tolist())
@@ -199,8 +238,8 @@ def test_mir_prefers_interfered_entries_on_a_constructed_case():
     near = torch.full((6, *SHAPE, 3), 0.8)
     far = torch.zeros(6, *SHAPE, 3)
     far[..., 0] = 0.9
-    ids_near = pool.add(near, coherence=1.0, class_labels=0)
-    pool.add(far, coherence=1.0, class_labels=2)
+    ids_near = pool.add(near, coherence=1.0, class_label=0)
+    pool.add(far, coherence=1.0, class_label=2)
     net = nn.Sequential(nn.Flatten(), nn.Linear(FLAT, 4))
     with torch.no_grad():
         net[1].weight.zero_()
@@ -216,14 +255,31 @@ def test_mir_learning_rate_from_optimizer_follows_it():
     net = Net().eval()
     x, y = batch()
     opt = torch.optim.SGD(net.parameters(), lr=0.3)
-    by_opt = MIR(pool, net, per_sample, optimizer=opt, drop_disputed=False, generator=torch.Generator().manual_seed(2))
-    by_lr = MIR(pool, net, per_sample, lr=0.3, drop_disputed=False, generator=torch.Generator().manual_seed(2))
+    kw = {"drop_disputed": False, "score": "increase"}
+    by_opt = MIR(pool, net, per_sample, optimizer=opt, generator=torch.Generator().manual_seed(2), **kw)
+    by_lr = MIR(pool, net, per_sample, lr=0.3, generator=torch.Generator().manual_seed(2), **kw)
     ids_a, score_a = by_opt.scores(x, y)
     ids_b, score_b = by_lr.scores(x, y)
     assert torch.equal(ids_a, ids_b) and torch.allclose(score_a, score_b, atol=1e-6)
     opt.param_groups[0]["lr"] = 0.0  # a scheduler's change is read at the next call: no step, no change
     _, zero = by_opt.scores(x, y)
     assert torch.allclose(zero[torch.isfinite(zero)], torch.zeros(()), atol=1e-6)
+
+
+def test_mir_balanced_draw_takes_each_class_in_turn():
+    """40 entries of class 0 and 2 of each other class: 8 balanced candidates are 2 of each class."""
+    pool, ids = pool_of(46, classes=[0] * 40 + [1, 2, 3] * 2)
+    x, y = batch()
+    for seed in range(5):
+        mir = MIR(pool, Net(), per_sample, lr=0.1, candidates=8, generator=torch.Generator().manual_seed(seed))
+        cand, _ = mir.scores(x, y)
+        labels = pool.metadata(cand, columns=("class_label",))["class_label"]
+        assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3] and len(set(cand.tolist())) == 8
+    uniform = MIR(
+        pool, Net(), per_sample, lr=0.1, candidates=8, balanced=False, generator=torch.Generator().manual_seed(0)
+    )
+    draws = [pool.metadata(uniform.scores(x, y)[0], columns=("class_label",))["class_label"] for _ in range(20)]
+    assert float(torch.cat(draws).eq(0).float().mean()) > 0.6  # uniform over entries: mostly class 0 (40 of 46)
 
 
 def test_mir_drop_high_loss_sets_aside_the_highest_current_losses():
@@ -240,7 +296,7 @@ def test_mir_drop_high_loss_sets_aside_the_highest_current_losses():
 
 def test_mir_drop_disputed_skips_entries_predicted_as_another_replayable_class():
     pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=32, coherence_threshold=0.0, device="cpu", num_classes=4))
-    ids = pool.add(torch.rand(8, *SHAPE, 3), coherence=1.0, class_labels=torch.tensor([0, 0, 0, 0, 2, 2, 2, 2]))
+    ids = pool.add(torch.rand(8, *SHAPE, 3), coherence=1.0, class_label=torch.tensor([0, 0, 0, 0, 2, 2, 2, 2]))
     net = nn.Sequential(nn.Flatten(), nn.Linear(FLAT, 4))
     with torch.no_grad():
         net[1].weight.zero_()
@@ -252,7 +308,7 @@ def test_mir_drop_disputed_skips_entries_predicted_as_another_replayable_class()
     assert set(got.tolist()) - {-1} == set(ids[4:].tolist())  # class-0 entries are disputed by class 2
     got = mir.select(x, torch.tensor([2, 3, 1, 3]), 8)  # class 2 is being learned now: interference, kept
     assert set(got.tolist()) == set(ids.tolist())
-    got = mir.select(x, y, 8, where=lambda m: m["class"] == 0)  # class 2 not eligible: no dispute
+    got = mir.select(x, y, 8, where=lambda m: m["class_label"] == 0)  # class 2 not eligible: no dispute
     assert set(got.tolist()) - {-1} == set(ids[:4].tolist())
     net[1].bias.data = torch.tensor([0.0, 5.0, 0.0, 0.0])  # predicts class 1, which no entry holds
     assert set(mir.select(x, y, 8).tolist()) == set(ids.tolist())
@@ -270,6 +326,8 @@ def test_mir_refuses_bad_configuration():
         MIR(pool, net, per_sample, lr=0.1, candidates=0)
     with pytest.raises(InvalidConfigurationError):
         MIR(pool, net, per_sample, lr=0.1, drop_high_loss=1.0)
+    with pytest.raises(InvalidConfigurationError):
+        MIR(pool, net, per_sample, lr=0.1, score="before")
     with pytest.raises(InvalidConfigurationError):
         MIR(pool, lambda z: z, per_sample, lr=0.1)  # type: ignore[arg-type]
     x, y = batch()
@@ -327,9 +385,9 @@ def test_knn_shapley_prefers_entries_that_classify_memory_well():
     g = torch.Generator().manual_seed(0)
     a = 0.1 + 0.02 * torch.rand(12, *SHAPE, 3, generator=g)
     b = 0.9 - 0.02 * torch.rand(12, *SHAPE, 3, generator=g)
-    pool.add(a, coherence=1.0, class_labels=0)
-    pool.add(b, coherence=1.0, class_labels=2)
-    odd = pool.add(b[:1], coherence=1.0, class_labels=0)  # a class-0 label deep in class 2's cluster
+    pool.add(a, coherence=1.0, class_label=0)
+    pool.add(b, coherence=1.0, class_label=2)
+    odd = pool.add(b[:1], coherence=1.0, class_label=0)  # a class-0 label deep in class 2's cluster
     x, y = batch()
     y = torch.full_like(y, 3)
     picks = torch.cat(
@@ -347,7 +405,7 @@ def test_knn_shapley_prefers_entries_that_classify_memory_well():
 def test_nearest_returns_the_entries_closest_to_the_batch():
     pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=32, coherence_threshold=0.0, device="cpu", num_classes=4))
     levels = torch.linspace(0.0, 1.0, 11)
-    ids = pool.add(levels.reshape(11, 1, 1, 1, 1).expand(11, *SHAPE, 3).contiguous(), coherence=1.0, class_labels=0)
+    ids = pool.add(levels.reshape(11, 1, 1, 1, 1).expand(11, *SHAPE, 3).contiguous(), coherence=1.0, class_label=0)
     x = torch.full((2, *SHAPE, 3), 0.42)
     got = Nearest(pool, lambda d: d.flatten(1), candidates=None).select(x, torch.zeros(2, dtype=torch.long), 3)
     assert set(got.tolist()) == set(ids[[3, 4, 5]].tolist())  # levels 0.3, 0.4, 0.5
@@ -378,6 +436,6 @@ def test_strategies_on_cuda():
         KNNShapley(pool, net.features),
         Nearest(pool, net.features),
     ):
-        got = s.select(x.cuda(), y.cuda(), 4, where=lambda m: m["class"] != 0)
+        got = s.select(x.cuda(), y.cuda(), 4, where=lambda m: m["class_label"] != 0)
         assert got.device.type == "cuda" and got.shape == (4,)
         assert set(got.tolist()) - {-1} <= set(ids.tolist())
