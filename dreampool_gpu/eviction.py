@@ -296,23 +296,19 @@ class Reservoir(_Sampling):
         m = coherence.shape[0]
         size = bank.size
         free = min(m, max(0, room - size), max(0, room - self.seen))  # the first M dreams of the stream
-        with _on_host():
-            position = torch.full((m,), -1, dtype=torch.int64)
-            position[:free] = torch.arange(size, size + free)
-            if free < m:
-                n = torch.arange(self.seen + free + 1, self.seen + m + 1, dtype=torch.float64)
-                u = torch.rand(m - free, generator=self.generator, dtype=torch.float64)
-                j = torch.minimum((u * n).long(), n.long() - 1)
-                position[free:] = torch.where(j < room, j, -1)
-            hit = position >= 0
-            written, where = torch.unique(position[hit], return_inverse=True)
-            last = torch.full((written.numel(),), -1, dtype=torch.int64)
-            last.scatter_reduce_(0, where, torch.arange(m)[hit], "amax")
-            replaced = written[written < size]
-            kept = last.sort().values
+        position = list(range(size, size + free))
+        if free < m:  # one draw per dream past the room, in stream order (a batch is a few dreams: plain ints)
+            with _on_host():
+                u = torch.rand(m - free, generator=self.generator, dtype=torch.float64).tolist()
+            for count, draw in enumerate(u, start=self.seen + free + 1):
+                j = min(int(draw * count), count - 1)
+                position.append(j if j < room else -1)
+        last = {p: i for i, p in enumerate(position) if p >= 0}  # each position keeps its last writer
         self.seen += m
-        if replaced.numel():
-            self._plan = bank.slots_by_age()[_to_device(replaced, bank.device)]
+        replaced = sorted(p for p in last if p < size)
+        if replaced:
+            self._plan = bank.slots_by_age()[_to_device(torch.tensor(replaced, dtype=torch.int64), bank.device)]
+        kept = torch.tensor(sorted(last.values()), dtype=torch.int64)
         return _to_device(kept, coherence.device)
 
 
