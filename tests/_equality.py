@@ -8,7 +8,7 @@ by one whose score ties with it. The same holds for MMR orders (``diverse``, ``s
 ``hybrid``), whose rows are in pick order: two candidates whose scores tie up to the
 tolerance may be picked in either order, and of two exact duplicates either may be picked.
 Bit-equality is asserted only where the code makes it
-true by construction (a save/load round trip, the same call twice); it is never compared
+true by construction (the stored state after a save/load round trip, the same call twice); it is never compared
 with values recorded on another machine.
 """
 

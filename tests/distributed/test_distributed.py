@@ -199,20 +199,22 @@ def _check_checkpoints(pool: ShardedDreamPool, rank: int, tmp: Path) -> None:
 
     same = ShardedDreamPool.load(path)
     got = same.retrieve(queries if rank == 0 else queries[:0], k=6, mode="hybrid")
-    assert torch.equal(got.ids, expected.ids) and torch.equal(got.scores, expected.scores)
+    # the stored state comes back bit for bit; answers as docs/spec.md promises (BLAS may round
+    # differently over memory laid out anew, e.g. MKL's SSE4.2 kernels)
+    assert_same_results(got.ids, got.scores, expected.ids, expected.scores, where="load at 3")
 
     pair = dist.new_group([0, 1])
     if rank < 2:
         two = ShardedDreamPool.load(path, group=pair)
         got = two.retrieve(queries if rank == 0 else queries[:0], k=6, mode="hybrid")
         if rank == 0:
-            assert torch.equal(got.ids, expected.ids) and torch.equal(got.scores, expected.scores)
+            assert_same_results(got.ids, got.scores, expected.ids, expected.scores, where="load at 2")
         new = two.add(queries[:1], coherence=torch.ones(1))  # issues ids no other entry has
         assert int(owner_of(new, 2)) == rank
     if rank == 0:
         merged = DreamPool.load(path)
         got = merged.retrieve(queries, k=6, mode="hybrid")
-        assert torch.equal(got.ids, expected.ids) and torch.equal(got.scores, expected.scores)
+        assert_same_results(got.ids, got.scores, expected.ids, expected.scores, where="load at 1")
     dist.barrier()
 
     # a rank failing during save: every rank raises, the previous checkpoint stays loadable
@@ -229,7 +231,7 @@ def _check_checkpoints(pool: ShardedDreamPool, rank: int, tmp: Path) -> None:
     __import__("dreampool_gpu.persist", fromlist=["x"]).write_checkpoint = original
     again = ShardedDreamPool.load(path)
     got = again.retrieve(queries if rank == 0 else queries[:0], k=6, mode="hybrid")
-    assert torch.equal(got.ids, expected.ids)
+    assert_same_results(got.ids, got.scores, expected.ids, expected.scores, where="after a failed save")
 
 
 def _check_timeout(pool: ShardedDreamPool, rank: int) -> None:
