@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _equality import assert_same_results
 
 from dreampool_gpu import DreamPool, PoolConfig
 from dreampool_gpu import fitting as fitting_module
@@ -165,7 +166,7 @@ class TestAllOrNothing:
         for (ids, scores), (want_ids, want_scores) in zip(
             self.answers(pool, queries), self.answers(fresh, queries), strict=True
         ):
-            assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+            assert_same_results(ids, scores, want_ids, want_scores)  # docs/spec.md, "Equality of results"
 
     @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
     def test_interrupt_at_cache_clear_leaves_no_stale_embeddings(self, monkeypatch, error):
@@ -273,9 +274,9 @@ class TestCheckpoints:
         other.load_state_dict(pool.state_dict())
         for p in (loaded, other):
             got = p.retrieve(queries, k=5, mode="hybrid")
-            assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+            assert_same_results(got.ids, got.scores, want.ids, want.scores)
             got_chroma = p.retrieve(torch.rand(4, 3, generator=torch.Generator().manual_seed(1)), k=5, mode="nearest")
-            assert torch.equal(got_chroma.ids, want_chroma.ids)
+            assert_same_results(got_chroma.ids, got_chroma.scores, want_chroma.ids, want_chroma.scores)
 
     def test_feature_statistics_ride_in_the_checkpoint(self, tmp_path):
         d = data(n=50)
@@ -344,7 +345,7 @@ class TestUserModule:
         torch.manual_seed(1)  # another initialisation: the checkpoint's weights must win
         loaded = DreamPool.load(tmp_path / "ck", encoder=Tiny())
         got = loaded.retrieve(q, k=4, mode="nearest")
-        assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+        assert_same_results(got.ids, got.scores, want.ids, want.scores)
 
     def test_fit_trains_a_user_module(self):
         pool, _ = self.make()

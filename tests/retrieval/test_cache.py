@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _equality import assert_same_results
 
 from dreampool_gpu import DreamPool, PoolConfig
 from dreampool_gpu.cache import QueryCache, query_keys
@@ -180,8 +181,8 @@ class TestAnswersDoNotDependOnHistory:
             got = used.retrieve(b, k=10, mode=mode)
             fresh.cache.clear()
             want = fresh.retrieve(b, k=10, mode=mode)
-            assert torch.equal(got.ids, want.ids)
-            assert torch.equal(got.scores, want.scores)  # same machine, same batch: same computation
+            # a neighbour's embedding moves scores by ~1e-4: far outside the promise's tolerance
+            assert_same_results(got.ids, got.scores, want.ids, want.scores, where=f"{encoder} {mode}")
 
     def test_a_query_asked_first_in_another_batch(self):
         """Ask a batch holding ``a``, then ``a`` alone, then the batch again: each answer is a fresh pool's."""
@@ -193,7 +194,7 @@ class TestAnswersDoNotDependOnHistory:
                 got = used.retrieve(q, k=10, mode="nearest")
                 fresh.cache.clear()
                 want = fresh.retrieve(q, k=10, mode="nearest")
-                assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+                assert_same_results(got.ids, got.scores, want.ids, want.scores)
         assert used.cache.hits > 0  # the repeated batches were served from the cache
 
 
