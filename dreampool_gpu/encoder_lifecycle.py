@@ -72,6 +72,37 @@ class _HeldInterrupt:
             self._previous(signal.SIGINT, None)
 
 
+def check_fit_arguments(
+    encoder: Encoder, steps: Any, batch_size: Any, lr: Any, seed: Any, colour_jitter: Any, *, pool: str
+) -> tuple[LearnedEncoder | ModuleEncoder, int, int, float, int, float]:
+    """``fit_encoder``'s checks of its encoder and arguments (``pool`` names the class in the message).
+
+    Returns:
+        ``(encoder, steps, batch_size, lr, seed, colour_jitter)`` as checked.
+
+    Raises:
+        InvalidConfigurationError: ``encoder`` is not trainable.
+        InvalidInputError: an argument out of its range.
+    """
+    if not isinstance(encoder, (LearnedEncoder, ModuleEncoder)):
+        raise InvalidConfigurationError(
+            "encoder",
+            type(encoder).__name__,
+            f"a trainable encoder: PoolConfig(encoder='learned') or {pool}(config, encoder=<nn.Module>)",
+        )
+    counts = v.check_count(steps, "steps"), v.check_count(batch_size, "batch_size"), v.check_count(seed, "seed")
+    rate = v.check_number(lr, "lr", 0.0, 1.0)
+    jitter = v.check_number(colour_jitter, "colour_jitter", 0.0, 1.0)
+    for name, value, ok, expected in (
+        ("steps", counts[0], counts[0] >= 1, "an int >= 1"),
+        ("batch_size", counts[1], counts[1] >= 2, "an int >= 2"),
+        ("lr", rate, rate > 0.0, "a learning rate in (0, 1]"),
+    ):
+        if not ok:
+            raise InvalidInputError(name, expected, value)
+    return encoder, counts[0], counts[1], rate, counts[2], jitter
+
+
 class EncoderSlot:
     """The encoder of one pool and what depends on it (a part of :class:`~dreampool_gpu.parts.PoolParts`).
 
@@ -95,26 +126,9 @@ class EncoderSlot:
 
     def fit(self, *, steps: Any, batch_size: Any, lr: Any, seed: Any, colour_jitter: Any, progress: Any) -> FitReport:
         """:meth:`DreamPool.fit_encoder`'s work (the caller holds the pool's lock)."""
-        if not isinstance(self.encoder, (LearnedEncoder, ModuleEncoder)):
-            raise InvalidConfigurationError(
-                "encoder",
-                type(self.encoder).__name__,
-                "a trainable encoder: PoolConfig(encoder='learned') or DreamPool(config, encoder=<nn.Module>)",
-            )
-        steps, batch_size, seed = (
-            v.check_count(steps, "steps"),
-            v.check_count(batch_size, "batch_size"),
-            v.check_count(seed, "seed"),
+        trainable, steps, batch_size, lr, seed, colour_jitter = check_fit_arguments(
+            self.encoder, steps, batch_size, lr, seed, colour_jitter, pool="DreamPool"
         )
-        lr = v.check_number(lr, "lr", 0.0, 1.0)
-        colour_jitter = v.check_number(colour_jitter, "colour_jitter", 0.0, 1.0)
-        for name, value, ok, expected in (
-            ("steps", steps, steps >= 1, "an int >= 1"),
-            ("batch_size", batch_size, batch_size >= 2, "an int >= 2"),
-            ("lr", lr, lr > 0.0, "a learning rate in (0, 1]"),
-        ):
-            if not ok:
-                raise InvalidInputError(name, expected, value)
         self.check_fresh()
         slots = self.parts.bank.slots_by_age()
         if slots.numel() < 2:
@@ -123,7 +137,7 @@ class EncoderSlot:
         cols = self.parts.bank.columns
         labels = cols["class_label"].long()
         weights = 1.0 + torch.where(cols["feedback_count"] > 0, cols["util_mean"], torch.zeros_like(cols["util_mean"]))
-        candidate = copy.deepcopy(self.encoder)
+        candidate = copy.deepcopy(trainable)
         losses = train_encoder(
             candidate,
             cols["dreams"],

@@ -15,6 +15,7 @@ from dreampool_gpu import _validation as v
 from dreampool_gpu import checks
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.errors import DimensionMismatchError
+from dreampool_gpu.lookup import locate_for_write
 
 if TYPE_CHECKING:
     from dreampool_gpu.parts import PoolParts
@@ -43,21 +44,11 @@ def record_feedback(parts: PoolParts, ids: Any, utility: Any) -> int:
     if flat_ids.numel() == 0:
         flag.raise_code(int(flag.code))
         return 0
-    safe, found = bank.lookup(flat_ids)
-    # the one host read: an earlier call's fault, the ids' range, how many are stored, the checks
-    fault, low, high, stored, *extremes = checks.host_values(
-        [flag.code, *torch.aminmax(flat_ids), found.sum(dtype=torch.float64), *bounds.extremes()]
-    )
-    flag.raise_code(int(fault))
-    if not bounds.hold(extremes):
-        with checks.immediate():
-            parsed()
-    if low < -1 or high >= bank.next_id:
-        bank.check_issued(flat_ids)
+    safe, found, stored = locate_for_write(bank, flag, flat_ids, bounds, parsed)
     if stored:
         _record(bank, safe, found, values)
-    parts.counters["feedback"] += int(stored)
-    return int(stored)
+    parts.counters["feedback"] += stored
+    return stored
 
 
 def _record(bank: TensorBank, safe: torch.Tensor, found: torch.Tensor, values: torch.Tensor) -> None:

@@ -88,3 +88,27 @@ class IdLookup:
             column = self.bank.columns[name]
             out[name] = column.index_select(0, flat).reshape((*safe.shape, *column.shape[1:]))
         return out
+
+
+def locate_for_write(
+    bank: TensorBank, fault: checks.FaultFlag, flat_ids: torch.Tensor, bounds: checks.Bounds, recheck: Any
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Slots of ``flat_ids`` ``[k]`` for a write by id (feedback, update), after the call's one host read.
+
+    The read carries an earlier call's ``fault``, the ids' range, how many are stored and the
+    value checks collected in ``bounds``; a failed check runs ``recheck()`` again on the host so
+    that the error names the argument, and ids never issued raise (:meth:`TensorBank.check_issued`).
+
+    Returns:
+        ``(safe, found, stored)``: ``[k]`` int64 slots, ``[k]`` bool, and how many were found.
+    """
+    safe, found = bank.lookup(flat_ids)
+    values = [fault.code, *torch.aminmax(flat_ids), found.sum(dtype=torch.float64), *bounds.extremes()]
+    code, low, high, stored, *extremes = checks.host_values(values)
+    fault.raise_code(int(code))
+    if not bounds.hold(extremes):
+        with checks.immediate():
+            recheck()
+    if low < -1 or high >= bank.next_id:
+        bank.check_issued(flat_ids)
+    return safe, found, int(stored)

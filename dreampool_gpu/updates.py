@@ -18,6 +18,7 @@ from dreampool_gpu import checks
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import PoolConfig
 from dreampool_gpu.errors import InvalidInputError
+from dreampool_gpu.lookup import locate_for_write
 from dreampool_gpu.user_columns import checked_column
 
 if TYPE_CHECKING:
@@ -56,20 +57,12 @@ def update_columns(parts: PoolParts, ids: Any, columns: dict[str, Any]) -> int:
     if flat_ids.numel() == 0:
         flag.raise_code(int(flag.code))
         return 0
-    safe, found = bank.lookup(flat_ids)
-    # the one host read: an earlier call's fault, the ids' range, how many are stored, the checks
-    fault, low, high, stored, *extremes = checks.host_values(
-        [flag.code, *torch.aminmax(flat_ids), found.sum(dtype=torch.float64), *bounds.extremes()]
+    safe, found, stored = locate_for_write(
+        bank, flag, flat_ids, bounds, lambda: checked_update(config, ids, columns, device)
     )
-    flag.raise_code(int(fault))
-    if not bounds.hold(extremes):
-        with checks.immediate():
-            checked_update(config, ids, columns, device)
-    if low < -1 or high >= bank.next_id:
-        bank.check_issued(flat_ids)
     if stored:
         _write_rows(bank, safe, found, values)
-    return int(stored)
+    return stored
 
 
 def _write_rows(bank: TensorBank, safe: torch.Tensor, found: torch.Tensor, values: dict[str, torch.Tensor]) -> None:

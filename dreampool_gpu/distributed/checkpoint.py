@@ -18,7 +18,6 @@ from dreampool_gpu.distributed.collectives import Collectives, local
 from dreampool_gpu.distributed.ids import _ids_problem, _state_watermarks
 from dreampool_gpu.distributed.manifest import (
     _MANIFEST,
-    _as_root,
     _check_target,
     _commit_manifest,
     _Manifest,
@@ -29,6 +28,7 @@ from dreampool_gpu.distributed.manifest import (
 )
 from dreampool_gpu.distributed.shards import merged_pool, open_rank
 from dreampool_gpu.errors import CheckpointCorruptError, DreamPoolError, InvalidInputError
+from dreampool_gpu.persist.files import checked_path
 from dreampool_gpu.pool import DreamPool
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def open_shard(
 
     def check() -> tuple[Path, _Manifest, list[int]]:
         net.set_timeout(timeout)
-        root = _as_root(path)
+        root = checked_path(path)
         data = _manifest_bytes(root)
         if data is None:
             raise CheckpointCorruptError(root / _MANIFEST, "missing")

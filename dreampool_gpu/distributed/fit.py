@@ -6,14 +6,14 @@ from __future__ import annotations
 import copy
 import numbers
 import time
-from typing import Any, cast
+from typing import cast
 
 import torch
 
-from dreampool_gpu import _validation as v
 from dreampool_gpu.distributed.collectives import Collectives, _fingerprint, local
+from dreampool_gpu.encoder_lifecycle import check_fit_arguments
 from dreampool_gpu.encoders import FeatureEncoder
-from dreampool_gpu.errors import InvalidConfigurationError, InvalidInputError
+from dreampool_gpu.errors import InvalidInputError
 from dreampool_gpu.fitting import FitReport, train_encoder
 from dreampool_gpu.learned import LearnedEncoder, ModuleEncoder
 from dreampool_gpu.pool import DreamPool
@@ -88,7 +88,7 @@ def fit_encoder(
     names = ("steps", "batch_size", "lr", "seed", "colour_jitter")
 
     def check() -> list[int]:
-        _check_fit(shard, steps, batch_size, lr, seed, colour_jitter)
+        check_fit_arguments(shard.encoder, steps, batch_size, lr, seed, colour_jitter, pool="ShardedDreamPool")
         with shard.parts.lock:
             shard.parts.encoders.check_fresh()
             live = shard.bank.slots_by_age()
@@ -159,19 +159,3 @@ def _average_step(net: Collectives, encoder: torch.nn.Module, loss: torch.Tensor
             p.grad.copy_(flat[offset : offset + p.numel()].reshape(p.shape))
         offset += p.numel()
     return float(flat[0])
-
-
-def _check_fit(shard: DreamPool, steps: Any, batch_size: Any, lr: Any, seed: Any, colour_jitter: Any) -> None:
-    """:meth:`DreamPool.fit_encoder`'s checks of its encoder and arguments, on one shard."""
-    if not isinstance(shard.encoder, (LearnedEncoder, ModuleEncoder)):
-        raise InvalidConfigurationError(
-            "encoder",
-            type(shard.encoder).__name__,
-            "a trainable encoder: PoolConfig(encoder='learned') or ShardedDreamPool(config, encoder=<nn.Module>)",
-        )
-    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 2), ("seed", seed, 0)):
-        if v.check_count(value, name) < low:
-            raise InvalidInputError(name, f"an int >= {low}", value)
-    if v.check_number(lr, "lr", 0.0, 1.0) <= 0.0:
-        raise InvalidInputError("lr", "a learning rate in (0, 1]", lr)
-    v.check_number(colour_jitter, "colour_jitter", 0.0, 1.0)

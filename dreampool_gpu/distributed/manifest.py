@@ -22,7 +22,7 @@ from dreampool_gpu.config import DREAM_DTYPES, PoolConfig
 from dreampool_gpu.distributed.collectives import _fingerprint
 from dreampool_gpu.distributed.ids import _TAG, TAG_BITS, _is_int, _watermark_problem
 from dreampool_gpu.errors import CheckpointCorruptError, DreamPoolError, InvalidInputError
-from dreampool_gpu.persist.files import atomic_write, fsync_path, write_synced
+from dreampool_gpu.persist.files import atomic_write, checked_path, fsync_path, write_synced
 
 SHARDED_FORMAT = "dreampool-sharded-checkpoint"
 SHARDED_VERSION = 2  # 2: each shard listed with its rank, generation and manifest sha256 (1 is still read)
@@ -68,17 +68,8 @@ def is_sharded_checkpoint(path: Any) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == SHARDED_FORMAT
 
 
-def _as_root(path: Any) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise InvalidInputError("path", "a str or os.PathLike", type(path).__name__)
-    text = os.fspath(path)
-    if not isinstance(text, str) or not text or "\0" in text:
-        raise InvalidInputError("path", "a non-empty str path without NUL bytes", repr(text)[:80])
-    return Path(text)
-
-
 def _check_target(path: Any) -> Path:
-    root = _as_root(path)
+    root = checked_path(path)
     if root.exists() and not is_sharded_checkpoint(root) and (not root.is_dir() or any(root.iterdir())):
         raise InvalidInputError(
             "path", "a sharded checkpoint, an empty directory or a new path", f"{root}, which holds something else"

@@ -17,8 +17,9 @@ from dreampool_gpu import checkpointing, persist
 from dreampool_gpu.config import PoolConfig
 from dreampool_gpu.devices import resolve_device
 from dreampool_gpu.distributed.ids import TAG_BITS, _ids_problem
-from dreampool_gpu.distributed.manifest import _as_root, _Manifest, read_manifest
+from dreampool_gpu.distributed.manifest import _Manifest, read_manifest
 from dreampool_gpu.errors import CheckpointCorruptError
+from dreampool_gpu.persist.files import checked_path
 
 if TYPE_CHECKING:
     from dreampool_gpu.pool import DreamPool
@@ -89,7 +90,7 @@ def merged_pool(path: persist.PathArg, *, device: str | torch.device | None, poo
     Raises:
         CheckpointCorruptError: a missing, altered or inconsistent manifest or shard, naming the file.
     """
-    root = _as_root(path)
+    root = checked_path(path)
     pool, _ = _collect(root, read_manifest(root), lambda tag: True, lambda s: True, device, pool_cls, default_tag=0)
     return pool
 

@@ -105,7 +105,7 @@ def write_checkpoint(snap: PoolSnapshot, path: PathArg) -> Path:
             two renames of the portable swap) in the hidden ``.old`` sibling it
             falls back to.
     """
-    target = _as_path(path)
+    target = checked_path(path)
     with WRITE_LOCK:
         return _write_locked(snap, target)
 
@@ -138,7 +138,8 @@ def _write_locked(snap: PoolSnapshot, target: Path) -> Path:
     return target
 
 
-def _as_path(path: Any) -> Path:
+def checked_path(path: Any) -> Path:
+    """``path`` as a Path: a non-empty str or os.PathLike without NUL bytes, else InvalidInputError."""
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidInputError("path", "a str or os.PathLike", type(path).__name__)
     text = os.fspath(path)

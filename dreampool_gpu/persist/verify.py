@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from dreampool_gpu.errors import CheckpointCorruptError, CheckpointNotFoundError
-from dreampool_gpu.persist.files import _MANIFEST_MAX, _as_path, _NotRegular, _read_regular, _siblings
+from dreampool_gpu.persist.files import _MANIFEST_MAX, _NotRegular, _read_regular, _siblings, checked_path
 from dreampool_gpu.persist.format import (
     _PART_FILE,
     _REQUIRED,
@@ -62,7 +62,7 @@ def read_checkpoint(path: PathArg) -> PoolSnapshot:
             this library (the message says so). The error's ``path`` names the file.
         InvalidInputError: ``path`` is not a path.
     """
-    target = _as_path(path)
+    target = checked_path(path)
     for attempt in range(_READ_ATTEMPTS):
         before = _identity(target)
         notes: list[str] = []
@@ -113,7 +113,7 @@ def manifest_digest(path: PathArg) -> str | None:
 def checkpoint_source(path: PathArg) -> Path | None:
     """The directory a read of ``path`` reads first: ``path`` itself, else the newest copy an
     interrupted save left (``.old`` sibling); None when there is neither."""
-    target = _as_path(path)
+    target = checked_path(path)
     if target.is_dir():
         return target
     candidates = sorted(_siblings(target, "old"), key=_mtime, reverse=True)

@@ -205,7 +205,8 @@ def near_ties(scores: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _pair_scores(config: PoolConfig, queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """``[b, m]`` scores of ``queries`` ``[b, D]`` against ``vectors`` ``[b, m, D]``, one pair at a time.
+    """``[b, m]`` scores of ``queries`` ``[b, D]`` against ``vectors`` ``[b, m, D]`` (``[1, m, D]``: shared),
+    one pair at a time.
 
     Element-wise products summed per pair (cosine) or exact differences (euclidean): identical
     vectors score identically wherever they sit, which a matmul does not promise.
@@ -243,18 +244,15 @@ def _reselect_ties(
     oldest (lowest id) of the entries equal to it; in slot layout, with no age-order copy.
     Slots are -1 (scores -inf) where fewer than k entries qualify.
 
-    Cosine scores element-wise (a matmul can round identical vectors differently, which
-    would split a group of exact duplicates), euclidean by exact differences (as the
-    engines' refinement). Rows come back best first, equal scores oldest first.
+    Scored pair by pair (:func:`_pair_scores`: a matmul can round identical vectors
+    differently, which would split a group of exact duplicates), in query chunks of
+    ``search_chunk_mb``. Rows come back best first, equal scores oldest first.
     """
     extent = bank.extent
     vectors = bank.columns["embeddings"][:extent]
-    q = embedded.to(vectors.dtype)
-    if config.metric is Metric.COSINE:  # element-wise: identical vectors score identically (a matmul may not)
-        step = max(1, int(config.search_chunk_mb * 2**20) // max(1, vectors.numel() * vectors.element_size()))
-        sim = torch.cat([(q[i : i + step, None, :] * vectors[None]).sum(-1) for i in range(0, q.shape[0], step)])
-    else:
-        sim = -torch.cdist(q, vectors, compute_mode="donot_use_mm_for_euclid_dist")
+    step = max(1, int(config.search_chunk_mb * 2**20) // max(1, vectors.numel() * vectors.element_size()))
+    rows = range(0, embedded.shape[0], step)
+    sim = torch.cat([_pair_scores(config, embedded[i : i + step], vectors[None]) for i in rows])
     if keep is not None or bank.size < extent:  # else every slot up to the extent is live
         excluded = ~bank.alive()[:extent] if keep is None else ~(bank.alive()[:extent] & keep[:extent])
         sim.masked_fill_(excluded[None, :], float("-inf"))
