@@ -23,6 +23,17 @@ def cuda_available() -> bool:
 
 
 @functools.cache
+def faiss_available() -> bool:
+    """True when FAISS imports (``faiss-cpu`` or a GPU build); the ``auto`` engine uses torch alone without it."""
+    try:
+        import faiss  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+@functools.cache
 def faiss_gpu_available() -> bool:
     """True when the installed faiss was built with GPU support and sees a GPU."""
     try:

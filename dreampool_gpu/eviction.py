@@ -244,7 +244,7 @@ class _Sampling(Eviction):
             return plan
         order = self.order(bank)
         planned = torch.zeros(bank.capacity, dtype=torch.bool, device=bank.device)
-        planned[plan] = True
+        planned.index_fill_(0, plan, True)  # a scalar fill: no host-to-device copy
         rest = order[torch.sort(planned[order].to(torch.uint8), stable=True).indices[:extra]]
         return torch.cat([plan, rest])
 

@@ -352,7 +352,7 @@ def mmr_unchecked(
         ok = value > float("-inf")
         picks[:, t] = best
         kept[:, t] = ok
-        blocked[rows, best] = True
+        blocked.scatter_(1, best.unsqueeze(1), True)  # a scalar fill: no host-to-device copy
         if spread is not None:
             p = spread[best] if spread.dim() == 2 else spread[rows, best]
             if t > 0:

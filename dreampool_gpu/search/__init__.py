@@ -6,6 +6,8 @@ import torch
 
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import PoolConfig
+from dreampool_gpu.devices import faiss_available
+from dreampool_gpu.errors import InvalidConfigurationError
 from dreampool_gpu.retrieval.topk import oldest_first_ties, stable_topk
 from dreampool_gpu.search.base import SearchIndex
 from dreampool_gpu.search.exact import ExactSearch, pairwise_scores
@@ -27,12 +29,20 @@ def make_index(bank: TensorBank, config: PoolConfig) -> SearchIndex:
     ``torch`` is exact matmul + topk; ``faiss-flat`` exact FAISS brute force
     (torch where FAISS cannot serve); ``faiss-ivf`` IVF-PQ candidates re-scored
     exactly once the pool holds ``ann_threshold`` entries (torch below);
-    ``auto`` picks per call from measurements (see :mod:`dreampool_gpu.search.auto`).
+    ``auto`` picks per call from measurements (see :mod:`dreampool_gpu.search.auto`), and is
+    the torch engine where FAISS is not installed (a GPU image with torch alone).
+
+    Raises:
+        InvalidConfigurationError: a FAISS engine named where FAISS is not installed.
     """
     chunk_bytes = int(config.search_chunk_mb * 2**20)
     exact = ExactSearch(bank, config.metric, chunk_bytes=chunk_bytes)
-    if config.engine == "torch":
+    if config.engine == "torch" or (config.engine == "auto" and not faiss_available()):
         return exact
+    if not faiss_available():
+        raise InvalidConfigurationError(
+            "engine", config.engine, "'torch' or 'auto' where FAISS is not installed (pip install faiss-cpu)"
+        )
     # FAISS loads only for the engines that use it
     from dreampool_gpu.search.auto import AutoSearch, ExactAuto
     from dreampool_gpu.search.faiss_flat import FaissFlatSearch
@@ -65,9 +75,11 @@ def index_nbytes_estimate(config: PoolConfig, device: torch.device, n: int) -> i
     """Bytes the engine ``config.engine`` names holds at ``n`` entries on ``device``, at most.
 
     Exact engines scan the bank in place (0); the IVF-PQ engine (``faiss-ivf``, and ``auto``
-    on CPU) reports its own estimate (:func:`dreampool_gpu.search.faiss_ivf.estimate_nbytes`).
+    on CPU where FAISS is installed) reports its own estimate (:func:`dreampool_gpu.search.faiss_ivf.estimate_nbytes`).
     """
     if not (config.engine == "faiss-ivf" or (config.engine == "auto" and device.type == "cpu")):
+        return 0
+    if not faiss_available():  # auto is the exact torch engine then; faiss-ivf cannot be built
         return 0
     from dreampool_gpu.search import faiss_ivf  # loads FAISS: only for IVF pools
 

@@ -11,9 +11,12 @@ from dreampool_gpu.config import Metric, PoolConfig
 from dreampool_gpu.errors import InvalidConfigurationError, InvalidInputError
 from dreampool_gpu.pool import DreamPool
 from dreampool_gpu.search import ExactSearch, make_index
-from dreampool_gpu.search.auto import AutoSearch, ExactAuto, prefer_faiss_flat
-from dreampool_gpu.search.faiss_flat import FaissFlatSearch
-from dreampool_gpu.search.faiss_ivf import IVFSearch, auto_nlist, pq_subquantizers
+
+pytest.importorskip("faiss", reason="FAISS engines need faiss (a GPU image may carry torch alone)")
+
+from dreampool_gpu.search.auto import AutoSearch, ExactAuto, prefer_faiss_flat  # noqa: E402
+from dreampool_gpu.search.faiss_flat import FaissFlatSearch  # noqa: E402
+from dreampool_gpu.search.faiss_ivf import IVFSearch, auto_nlist, pq_subquantizers  # noqa: E402
 
 D = 64
 DEFAULTS = PoolConfig()
