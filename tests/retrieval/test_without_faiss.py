@@ -36,4 +36,3 @@ def test_auto_is_torch_and_faiss_engines_refuse_without_faiss():
     lines = done.stdout.splitlines()
     assert lines[0] == "engine exact-torch ids (3, 5) 15", lines
     assert lines[1:] == ["refused faiss-flat True", "refused faiss-ivf True"]
-
