@@ -51,6 +51,8 @@ def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch
         except (TypeError, ValueError, RuntimeError) as exc:
             raise InvalidInputError(name, "a tensor, array or list of numbers", type(x).__name__) from exc
     if device is not None and t.device != device:
+        if device.type == "cuda" and isinstance(x, (bool, int, float)):  # filled there: no host copy to wait for
+            return torch.full((), t.item(), dtype=t.dtype, device=device)
         try:
             t = t.to(device)
         except (RuntimeError, NotImplementedError) as exc:  # e.g. a meta tensor has no data to copy

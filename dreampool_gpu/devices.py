@@ -44,6 +44,13 @@ def faiss_gpu_available() -> bool:
         return False
 
 
+def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to CUDA through pinned memory, so the copy does not wait for the GPU."""
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
+
+
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     """Resolve ``"auto" | "cpu" | "cuda" | "cuda:N"`` to a concrete device.
 

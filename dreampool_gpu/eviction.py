@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import EvictionPolicy
+from dreampool_gpu.devices import host_to_device
 
 
 class Eviction:
@@ -199,13 +200,6 @@ def _on_host() -> Iterator[None]:
         yield
 
 
-def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``; to CUDA through pinned memory, so the copy does not wait."""
-    if device.type == "cuda":
-        return values.pin_memory().to(device, non_blocking=True)
-    return values.to(device)
-
-
 def _group_counts(labels: torch.Tensor, groups: int) -> torch.Tensor:
     """``[groups]`` int64 counts of ``labels + 1`` (a scatter: ``bincount`` reads its maximum on CUDA)."""
     group = labels.long() + 1
@@ -233,7 +227,7 @@ class _Sampling(Eviction):
         live = bank.slots_by_age()
         with _on_host():
             perm = torch.randperm(live.numel(), generator=self.generator)
-        return live[_to_device(perm, bank.device)]
+        return live[host_to_device(perm, bank.device)]
 
     def victims(self, bank: TensorBank, count: int) -> torch.Tensor:
         plan, self._plan = self._plan, None
@@ -307,9 +301,9 @@ class Reservoir(_Sampling):
         self.seen += m
         replaced = sorted(p for p in last if p < size)
         if replaced:
-            self._plan = bank.slots_by_age()[_to_device(torch.tensor(replaced, dtype=torch.int64), bank.device)]
+            self._plan = bank.slots_by_age()[host_to_device(torch.tensor(replaced, dtype=torch.int64), bank.device)]
         kept = torch.tensor(sorted(last.values()), dtype=torch.int64)
-        return _to_device(kept, coherence.device)
+        return host_to_device(kept, coherence.device)
 
 
 class ClassBalanced(_Sampling):
@@ -432,9 +426,9 @@ class ClassBalanced(_Sampling):
         if replaced:
             live = bank.slots_by_age()
             grouped = live[torch.sort(bank.columns["class_label"][live], stable=True).indices]
-            self._plan = grouped[_to_device(torch.tensor(replaced, dtype=torch.int64), bank.device)]
+            self._plan = grouped[host_to_device(torch.tensor(replaced, dtype=torch.int64), bank.device)]
         kept = torch.tensor([i for i in range(m) if i not in dropped], dtype=torch.int64)
-        return _to_device(kept, coherence.device)
+        return host_to_device(kept, coherence.device)
 
 
 _POLICIES: dict[EvictionPolicy, type[Eviction]] = {

@@ -22,6 +22,7 @@ from dreampool_gpu.budget import MemoryBudget
 from dreampool_gpu.cache import QueryCache
 from dreampool_gpu.columns import Columns, as_returned
 from dreampool_gpu.config import CheckPolicy, PoolConfig, RetrievalMode
+from dreampool_gpu.devices import host_to_device
 from dreampool_gpu.encoders import Encoder
 from dreampool_gpu.errors import DimensionMismatchError, InvalidConfigurationError, InvalidInputError
 from dreampool_gpu.eviction import Eviction
@@ -449,7 +450,7 @@ class DreamPool:
                 pick = torch.randint(live.numel(), (n,), generator=generator)
             else:
                 pick = torch.randperm(live.numel(), generator=generator)[:n]
-            pick = pick.to(live.device)
+            pick = host_to_device(pick, live.device)  # drawn on the host (seeded); no wait on CUDA
             ids = live[pick]
             # their slots too: dreams(ids) and metadata(ids) of this batch need no lookup
             self._parts.ids.remember(
