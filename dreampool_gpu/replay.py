@@ -234,9 +234,9 @@ class MIR:
       first random entry, then each one's second, ...), so every remembered class is scored
       each step even when memory holds few of it.
     - ``drop_disputed=True``: a high-loss rule prefers mislabelled entries. The guard leaves
-      out a candidate the model assigns to a third class: neither the candidate's label nor a
-      class of the incoming batch, and held by another candidate of the draw (a class the
-      filter leaves replayable). Forgetting shows as predictions of the classes being learned
+      out a candidate the model after the virtual step assigns to a third class: neither the
+      candidate's label nor a class of the incoming batch, and held by another candidate of the
+      draw (a class the filter leaves replayable). Forgetting shows as predictions of the classes being learned
       now (the incoming ones), which stay eligible; a confident vote for another remembered
       class is a dispute of the stored label.
 
@@ -244,10 +244,14 @@ class MIR:
     highest loss before the step: it helps under label noise but costs clean streams, whose
     highest-loss entries are the forgotten ones.
 
-    Cost per call: one forward and one backward on the ``B`` incoming dreams, two forwards on
-    the ``candidates`` (one batched forward each, before and after), no k-NN. The balanced
-    draw shuffles every eligible id and gathers their labels (one ``pool.sample`` of them all,
-    one id lookup for the candidates' dreams).
+    Cost per call: one forward and one backward on the ``B`` incoming dreams (the module
+    itself when it has no buffers, ``functional_call`` with copied buffers otherwise), one
+    batched forward on the ``candidates`` after the virtual step, and the guard's forward
+    before it on the ``2k`` best-scoring candidates (on every candidate for
+    ``score="increase"``, ``drop_high_loss`` or :meth:`scores`), no k-NN. The balanced draw shuffles every
+    eligible id and gathers their labels (one ``pool.sample`` of them all, one id lookup for
+    the candidates' dreams). Like an optimizer, a ``MIR`` holds the parameters the model has
+    when it is built.
 
     Args:
         pool: the pool to draw from.
@@ -305,6 +309,7 @@ class MIR:
         if score not in ("after", "increase"):
             raise InvalidConfigurationError("score", score, "'after' or 'increase'")
         self.pool, self.model, self.loss_fn = pool, model, loss_fn
+        self._named = list(model.named_parameters())
         self.optimizer, self.lr = optimizer, lr
         self.candidates, self.drop_high_loss = candidates, float(drop_high_loss)
         self.drop_disputed = bool(drop_disputed)
@@ -334,8 +339,17 @@ class MIR:
         return losses
 
     def scores(self, x: Any, y: Any, *, where: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidate ids ``[candidates]`` (-1 padding) and their interference scores (``-inf`` where not eligible)."""
+        """Candidate ids ``[candidates]`` (-1 padding) and their interference scores (``-inf`` where not eligible).
+
+        Every candidate is checked by the ``drop_disputed`` guard (``select`` checks the ``2k`` best).
+        """
         xt, yt, _ = _check_batch(x, y, 0, self.pool)
+        return self._scores(xt, yt, where, guard=None)
+
+    def _scores(
+        self, xt: torch.Tensor, yt: torch.Tensor, where: Any, guard: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``scores``; the guard checks the ``guard`` best-scoring candidates (None: all)."""
         with self.pool._lock:  # filter, draw and gather see the same bank
             keep = _eligible(self.pool, where)
             if self.balanced:
@@ -348,34 +362,49 @@ class MIR:
                 ids = _draw(self.pool, self.candidates, keep, self.generator)
                 dreams, labels = _gather(self.pool, ids)
         cand_x = dreams.to(xt.dtype)
-        named = dict(self.model.named_parameters())
-        trained = [n for n, p in named.items() if p.requires_grad]
-        params = {n: p.detach() for n, p in named.items()}
-        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        trained = [(n, p) for n, p in self._named if p.requires_grad]
+        params = {n: p.detach() for n, p in self._named}
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}  # BatchNorm statistics stay as they are
         with torch.enable_grad():
-            live = {n: (p.detach().requires_grad_() if n in trained else p) for n, p in params.items()}
-            loss = self._losses(live, buffers, xt, yt).mean()
-            grads = torch.autograd.grad(loss, [live[n] for n in trained], allow_unused=True)
+            if buffers:
+                live = {n: params[n].requires_grad_() for n, _ in trained}
+                loss = self._losses({**params, **live}, buffers, xt, yt).mean()
+                grads = torch.autograd.grad(loss, list(live.values()), allow_unused=True)
+                params = {n: p.detach() for n, p in self._named}
+            else:  # no buffers to protect: the module itself; autograd.grad leaves every .grad as it is
+                loss = self._check_losses(self.loss_fn(self.model(xt), yt), yt).mean()
+                grads = torch.autograd.grad(loss, [p for _, p in trained], allow_unused=True)
         lr = self._lr()
-        stepped = dict(params)
         with torch.no_grad():
-            for n, g in zip(trained, grads, strict=True):
+            stepped = dict(params)
+            for (n, _), g in zip(trained, grads, strict=True):
                 if g is not None:
-                    stepped[n] = params[n] - lr * g
+                    stepped[n] = torch.add(params[n], g, alpha=-lr)
             safe = labels.clamp(min=0)
-            logits = functional_call(self.model, (params, buffers), (cand_x,))
-            before = self._check_losses(self.loss_fn(logits, safe), safe)
             after = self._losses(stepped, buffers, cand_x, safe)
+            everyone = self.score == "increase" or self.drop_high_loss > 0 or (self.drop_disputed and guard is None)
+            logits = functional_call(self.model, (params, buffers), (cand_x,)) if everyone else None
+            before = None if logits is None else self._check_losses(self.loss_fn(logits, safe), safe)
         valid = labels >= 0
-        score = torch.where(valid, after - before if self.score == "increase" else after, -math.inf)
-        if self.drop_high_loss > 0:
+        rank = after - before if before is not None and self.score == "increase" else after
+        score = torch.where(valid, rank, -math.inf)
+        if before is not None and self.drop_high_loss > 0:
             score = torch.where(self._highest(before, valid), -math.inf, score)
         if self.drop_disputed:
-            pred = logits.argmax(1)
             eligible = _present(labels, self.pool.config.num_classes)
+            if logits is None:  # the guard's forward on the best ``guard`` candidates only
+                top = score.topk(min(guard or 0, score.numel())).indices
+                with torch.no_grad():
+                    pred = functional_call(self.model, (params, buffers), (cand_x[top],)).argmax(1)
+                checked = labels[top]
+            else:
+                top, pred, checked = None, logits.argmax(1), labels
             known = eligible[pred.clamp(max=eligible.numel() - 1)] & (pred < eligible.numel())
-            disputed = (pred != labels) & known & ~torch.isin(pred, yt)
-            score = torch.where(disputed, -math.inf, score)
+            disputed = (pred != checked) & known & ~torch.isin(pred, yt)
+            if top is None:
+                score = torch.where(disputed, -math.inf, score)
+            else:
+                score = score.index_put((top,), torch.where(disputed, -math.inf, score[top]))
         return _pad(ids, self.candidates), _pad(score, self.candidates, -math.inf)
 
     def _highest(self, before: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -388,8 +417,8 @@ class MIR:
 
     def select(self, x: Any, y: Any, k: int, *, where: Any = None) -> torch.Tensor:
         """``[k]`` int64 ids on the pool's device of the most interfered candidates (-1 padding)."""
-        k = v.check_count(k, "k")
-        ids, score = self.scores(x, y, where=where)
+        xt, yt, k = _check_batch(x, y, k, self.pool)
+        ids, score = self._scores(xt, yt, where, guard=2 * k)
         top = score.topk(min(k, score.numel()))
         return _pad(torch.where(torch.isfinite(top.values), ids[top.indices], -1), k)
 
