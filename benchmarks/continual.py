@@ -58,16 +58,20 @@ ARMS = (
     "uniform/reservoir",
     "uniform/balanced",
     "mir/reservoir",
+    "uniform+logits/reservoir",
+    "mir+logits/reservoir",
     "mir_plain/reservoir",
     "knn_shapley/reservoir",
     "nearest/reservoir",
 )
 DEMO = [
     "--seeds", "3", "--memories", "500", "--quiet", "--short",
-    "--arms", "er", "uniform/reservoir", "mir/reservoir", "knn_shapley/reservoir",
+    "--arms", "er", "uniform/reservoir", "mir/reservoir", "mir+logits/reservoir",
     "--out", str(ROOT / "benchmarks" / "results" / "continual_demo.json"),
 ]  # fmt: skip
 MEMORY = {"reservoir": "reservoir", "balanced": "class_balanced"}  # the pool's eviction policies
+LOGITS = "+logits"  # a strategy suffix: the entries' logits ride in a user column and are replayed as targets
+LOGIT_WEIGHT = 0.1  # the weight of the replayed-logits term (DER's alpha), chosen on held-out seeds 100-109
 
 
 # ------------------------------------------------------------------- data
@@ -181,7 +185,8 @@ class Reservoir:
 
 
 # -------------------------------------------------------------------- runs
-def make_pool(memory: int, policy: str, seed: int, device: str = "cpu") -> DreamPool:
+def make_pool(memory: int, policy: str, seed: int, device: str = "cpu", logits: bool = False) -> DreamPool:
+    """The arm's pool: digits as dreams, a label column; with ``logits``, a ``[10]`` float32 user column too."""
     config = PoolConfig(
         dream_shape=(28, 28, 1),
         capacity=memory,
@@ -193,6 +198,7 @@ def make_pool(memory: int, policy: str, seed: int, device: str = "cpu") -> Dream
         retrieval_mode="nearest",
         num_classes=CLASSES,
         encoder_seed=seed,
+        columns={"logits": ((CLASSES,), "float32")} if logits else None,
     )
     return DreamPool(config)
 
@@ -218,22 +224,87 @@ def make_strategy(name: str, pool: DreamPool, model: MLP, opt: torch.optim.Optim
 
 
 def replay_batch(
-    strategy: Any, pool: DreamPool, dreams: torch.Tensor, y: torch.Tensor, k: int, exclude: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The replay batch of one step: flat digits ``[k, 784]`` and labels ``[k]`` (-1 and zeros where fewer qualify).
+    strategy: Any,
+    pool: DreamPool,
+    dreams: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    exclude: torch.Tensor,
+    logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The replay batch of one step: flat digits ``[k, 784]``, labels ``[k]`` (-1 and zeros where fewer
+    qualify) and, with ``logits``, the logits stored with each entry ``[k, 10]`` (else None).
 
     The cheapest calls: a ``where`` reading the label column alone, the ids passed on as
-    returned (padding included: ``cross_entropy(ignore_index=-1)`` skips it), and the label
-    column alone gathered.
+    returned (padding included: ``cross_entropy(ignore_index=-1)`` skips it), and only the
+    columns the step uses gathered.
     """
     ids = strategy.select(dreams, y, k, where=lambda m: ~torch.isin(m["class_label"], exclude))
     rx = MLP.flat(pool.dreams(ids))
-    return rx, pool.metadata(ids, columns=("class_label",))["class_label"]
+    columns = pool.metadata(ids, columns=("class_label", "logits") if logits else ("class_label",))
+    return rx, columns["class_label"], columns["logits"] if logits else None
+
+
+def replay_loss(out: torch.Tensor, y: torch.Tensor, ry: torch.Tensor, stored: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy over the incoming and replayed digits; with ``stored`` logits, plus DER's term.
+
+    ``out`` ``[B + k, 10]`` the learner's logits on incoming then replayed digits; the replayed
+    logits' squared distance to the logits stored with them (valid rows only), weighted by
+    ``LOGIT_WEIGHT`` (Buzzega et al. 2020, "Dark Experience for General Continual Learning").
+    """
+    loss = nn.functional.cross_entropy(out, torch.cat([y, ry]), ignore_index=-1)
+    if stored is None:
+        return loss
+    valid = (ry >= 0).unsqueeze(1)
+    gap = torch.where(valid, out[y.shape[0] :] - stored, 0.0).square().sum(1)
+    return loss + LOGIT_WEIGHT * gap.sum() / (valid.sum() * CLASSES).clamp(min=1)
 
 
 def evaluate(model: MLP, stream: Stream) -> list[float]:
     with torch.no_grad():
         return [float((model(x).argmax(1) == y).float().mean()) for x, y in stream.test]
+
+
+def train_step(
+    model: MLP,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    exclude: torch.Tensor,
+    buffer: Reservoir | None,
+    pool: DreamPool | None,
+    strategy: Any,
+    replay: int = 10,
+    logits: bool = False,
+) -> tuple[float, float, float]:
+    """One online step: the replay batch, one SGD step on incoming + replayed digits, the write of the incoming.
+
+    Returns:
+        Seconds ``(replay, learner, add)``: drawing and gathering the replay batch (a strategy's
+        scoring included), the SGD step, writing the incoming batch (with its logits, for a
+        ``+logits`` arm) into memory.
+    """
+    t0 = time.perf_counter()
+    stored = None
+    if buffer is not None:
+        rx, ry = buffer.sample(replay, exclude)
+    elif pool is not None:
+        dreams = as_dreams(x)
+        rx, ry, stored = replay_batch(strategy, pool, dreams, y, replay, exclude, logits)
+    else:
+        rx, ry = x[:0], y[:0]
+    t1 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    out = model(torch.cat([x, rx]))
+    replay_loss(out, y, ry, stored).backward()
+    opt.step()
+    t2 = time.perf_counter()
+    if buffer is not None:
+        buffer.add(x, y)
+    elif pool is not None:
+        columns = {"logits": out[: x.shape[0]].detach()} if logits else None
+        pool.add(dreams, coherence=1.0, class_label=y, columns=columns)
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
 def run_arm(arm: str, stream: Stream, memory: int, seed: int, replay: int = 10, batch: int = 10) -> dict[str, Any]:
@@ -242,12 +313,14 @@ def run_arm(arm: str, stream: Stream, memory: int, seed: int, replay: int = 10, 
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(seed + 7919)
-    buffer, pool, strategy = None, None, None
+    buffer, pool, strategy, logits = None, None, None, False
     if arm == "er":
         buffer = Reservoir(memory, gen)
     elif arm != "finetune":
         name, policy = arm.split("/")
-        pool = make_pool(memory, policy, seed)
+        logits = name.endswith(LOGITS)
+        name = name.removesuffix(LOGITS)
+        pool = make_pool(memory, policy, seed, logits=logits)
         strategy = make_strategy(name, pool, model, opt, gen)
     times = {"learner": 0.0, "replay": 0.0, "add": 0.0}
     steps, matrix = 0, []
@@ -257,27 +330,9 @@ def run_arm(arm: str, stream: Stream, memory: int, seed: int, replay: int = 10, 
         for start in range(0, rows.numel(), batch):
             idx = rows[start : start + batch]
             x, y = stream.x[idx], stream.y[idx]
-            t0 = time.perf_counter()
-            if buffer is not None:
-                rx, ry = buffer.sample(replay, exclude)
-            elif pool is not None:
-                dreams = as_dreams(x)
-                rx, ry = replay_batch(strategy, pool, dreams, y, replay, exclude)
-            else:
-                rx, ry = x[:0], y[:0]
-            t1 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(torch.cat([x, rx])), torch.cat([y, ry]), ignore_index=-1).backward()
-            opt.step()
-            t2 = time.perf_counter()
-            if buffer is not None:
-                buffer.add(x, y)
-            elif pool is not None:
-                pool.add(dreams, coherence=1.0, class_label=y)
-            t3 = time.perf_counter()
-            times["replay"] += t1 - t0
-            times["learner"] += t2 - t1
-            times["add"] += t3 - t2
+            spent = train_step(model, opt, x, y, exclude, buffer, pool, strategy, replay, logits)
+            for key, sec in zip(("replay", "learner", "add"), spent, strict=True):
+                times[key] += sec
             steps += 1
         matrix.append(evaluate(model, stream))
     a = np.array(matrix)
@@ -556,10 +611,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     for arm in args.arms:
         if arm not in ("finetune", "er") and (
-            "/" not in arm or arm.split("/")[0] not in STRATEGIES or arm.split("/")[1] not in MEMORY
+            "/" not in arm
+            or arm.split("/")[0].removesuffix(LOGITS) not in STRATEGIES
+            or arm.split("/")[1] not in MEMORY
         ):
             parser.error(
-                f"arm {arm!r}: finetune, er, or strategy/memory (strategy in {STRATEGIES}, memory in {tuple(MEMORY)})"
+                f"arm {arm!r}: finetune, er, or strategy[{LOGITS}]/memory (strategy in {STRATEGIES}, "
+                f"memory in {tuple(MEMORY)})"
             )
     torch.set_num_threads(1)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))

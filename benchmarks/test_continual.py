@@ -31,7 +31,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@pytest.mark.parametrize("arm", ["er", "learner", "uniform", "mir", "knn_shapley", "nearest"])
+@pytest.mark.parametrize("arm", ["er", "learner", "uniform", "mir", "mir+logits", "knn_shapley", "nearest"])
 def test_step(benchmark, bench_device, record_median, arm):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -43,34 +43,27 @@ def test_step(benchmark, bench_device, record_median, arm):
     old_x = torch.rand(MEMORY, 784, generator=g)
     old_y = torch.randint(0, 8, (MEMORY,), generator=g)
     buffer = pool = strategy = None
+    logits = arm.endswith(continual.LOGITS)
     if arm == "er":
         buffer = continual.Reservoir(MEMORY, torch.Generator().manual_seed(1))
         buffer.x, buffer.y = buffer.x.to(bench_device), buffer.y.to(bench_device)
         buffer.add(old_x.to(bench_device), old_y.to(bench_device))
     elif arm != "learner":
-        pool = continual.make_pool(MEMORY, "reservoir", 0, device=str(bench_device))
+        pool = continual.make_pool(MEMORY, "reservoir", 0, device=str(bench_device), logits=logits)
         pool.add(continual.as_dreams(old_x), coherence=1.0, class_label=old_y)
         gen = torch.Generator().manual_seed(1)  # pool.sample draws with a CPU generator
-        strategy = continual.make_strategy(arm, pool, model, opt, gen)
+        strategy = continual.make_strategy(arm.removesuffix(continual.LOGITS), pool, model, opt, gen)
     state = {"i": 0}
 
     def step():
         i = state["i"] = (state["i"] + 1) % 16
         x, y = digits[i], labels[i]
-        if buffer is not None:
-            rx, ry = buffer.sample(10, exclude)
-        elif pool is not None:
-            dreams = continual.as_dreams(x)
-            rx, ry = continual.replay_batch(strategy, pool, dreams, y, 10, exclude)
+        if arm == "learner":  # the SGD step alone, on 20 digits
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(torch.cat([x, x])), torch.cat([y, y])).backward()
+            opt.step()
         else:
-            rx, ry = x, y
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(torch.cat([x, rx])), torch.cat([y, ry]), ignore_index=-1).backward()
-        opt.step()
-        if buffer is not None:
-            buffer.add(x, y)
-        elif pool is not None:
-            pool.add(dreams, coherence=1.0, class_label=y)
+            continual.train_step(model, opt, x, y, exclude, buffer, pool, strategy, 10, logits)
         sync(bench_device)
 
     benchmark.group = f"continual step M={MEMORY}"
