@@ -201,12 +201,15 @@ class TensorBank:
         never-issued ids and the padding id -1 are not found. One binary search, no host read.
         """
         self._refresh_order()
-        flat = ids.reshape(-1).contiguous()
+        flat = ids if ids.dim() == 1 and ids.is_contiguous() else ids.reshape(-1).contiguous()
         if self.size == 0:
             return torch.zeros_like(ids), torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         pos = torch.searchsorted(self._live_ids, flat).clamp_(max=self.size - 1)
         found = self._live_ids.index_select(0, pos) == flat  # live ids are >= 0: -1 is never found
-        return self._live_slots.index_select(0, pos).reshape(ids.shape), found.reshape(ids.shape)
+        safe = self._live_slots.index_select(0, pos)
+        if ids.dim() == 1:
+            return safe, found
+        return safe.reshape(ids.shape), found.reshape(ids.shape)
 
     def slots_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Slots of ``ids`` (any shape, int64, on this device); -1 where absent.
