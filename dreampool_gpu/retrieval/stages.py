@@ -176,6 +176,8 @@ def knn(
         # Rows whose k-th and (k+1)-th places are that close may hide a tied entry beyond
         # the k+1 fetched: those are re-selected over the whole bank; the others only re-score
         # their k+1 candidates.
+        if scores.numel() <= _HOST_TIE_SCAN and not host_near_ties(scores.tolist(), embedded.shape[1]):
+            return scores.narrow(1, 0, k), slots.narrow(1, 0, k)  # a few scores: scanned on the host (CPU)
         near = near_ties(scores, embedded.shape[1])
         if not bool(near.any()):
             return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
@@ -202,6 +204,19 @@ def near_ties(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """
     tol = max(1e-6, dim * 2.0**-23)
     return scores.diff(dim=1).abs() <= tol * (1.0 + scores[:, 1:].abs())
+
+
+_HOST_TIE_SCAN = 512  # up to this many scores (CPU), Python scans a row faster than the ~10 kernels of near_ties
+
+
+def host_near_ties(rows: list[list[float]], dim: int) -> bool:
+    """Whether any best-first row (read on the host) has neighbours :func:`near_ties` calls near."""
+    tol = max(1e-6, dim * 2.0**-23)
+    for row in rows:
+        for a, b in zip(row, row[1:], strict=False):
+            if abs(b - a) <= tol * (1.0 + abs(b)):  # -inf padding: NaN or inf differences, never near
+                return True
+    return False
 
 
 def _pair_scores(config: PoolConfig, queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:

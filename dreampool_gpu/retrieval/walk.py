@@ -60,9 +60,17 @@ def walk(parts: PoolParts, queries: Any, options: dict[str, Any], *, with_dreams
             ok = parts.fault.record("retrieve", deferred)
             slots = torch.where(ok, slots, -1)
             scores = torch.where(ok, scores, float("-inf"))
+    usage = bank.raw["usage"]
+    if not sync_free and slots.device.type == "cpu" and slots.numel() and int(slots.min()) >= 0:
+        # no padding (read at no transfer's cost on CPU): the gathers need no mask, usage +1 each
+        usage.index_put_((slots,), _ONE, accumulate=True)
+        dreams = bank.raw["dreams"][slots] if with_dreams else None
+        return Retrieval(ids=bank.raw["ids"][slots], scores=scores, dreams=dreams)
     safe, valid = slots.clamp(min=0), slots >= 0
     ids = bank.gather_valid("ids", safe, valid)
-    usage = bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
-    usage.index_add_(0, safe.view(-1), valid.view(-1).to(usage.dtype))
+    usage.index_add_(0, safe.view(-1), valid.view(-1).to(usage.dtype))  # +1 per returned entry; padding adds 0
     dreams = bank.gather_valid("dreams", safe, valid) if with_dreams else None
     return Retrieval(ids=ids, scores=scores, dreams=dreams)
+
+
+_ONE = torch.ones((), dtype=torch.int32)  # usage's increment on CPU

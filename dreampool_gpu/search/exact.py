@@ -100,7 +100,8 @@ class ExactSearch(SearchIndex):
         embeddings = self.bank.columns["embeddings"]
         rows_per_chunk = max(k, self.chunk_bytes // (4 * b))
         if rows_per_chunk >= extent:  # one chunk: its top-k is the answer
-            scores = pairwise_scores(queries, embeddings[:extent], self.metric)
+            rows = embeddings if extent == embeddings.shape[0] else embeddings[:extent]
+            scores = pairwise_scores(queries, rows, self.metric)
             if keep is not None:
                 scores.masked_fill_(~keep.expand_as(scores), float("-inf"))
             top_scores, top_slots = scores.topk(k, dim=1)
