@@ -176,16 +176,25 @@ def knn(
         # Rows whose k-th and (k+1)-th places are that close may hide a tied entry beyond
         # the k+1 fetched: those are re-selected over the whole bank; the others only re-score
         # their k+1 candidates.
-        if scores.numel() <= _HOST_TIE_SCAN and not host_near_ties(scores.tolist(), embedded.shape[1]):
-            return scores.narrow(1, 0, k), slots.narrow(1, 0, k)  # a few scores: scanned on the host (CPU)
-        near = near_ties(scores, embedded.shape[1])
-        if not bool(near.any()):
-            return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
-        rows = torch.nonzero(near.any(dim=1)).squeeze(1)
-        scores, slots = scores.clone(), slots.clone()
-        scores[rows], slots[rows] = _rescore_candidates(bank, config, embedded[rows], slots[rows])
+        b = scores.shape[0]
+        if scores.numel() <= _HOST_TIE_SCAN:  # a few scores: scanned on the host (CPU), row numbers as lists
+            near_rows, cut_rows = host_near_ties(scores.tolist(), embedded.shape[1], k)
+            if not near_rows:
+                return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
+            rows = None if len(near_rows) == b else torch.tensor(near_rows, device=scores.device)
+            cut = torch.tensor(cut_rows, dtype=torch.int64, device=scores.device)
+        else:
+            near = near_ties(scores, embedded.shape[1])
+            if not bool(near.any()):
+                return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
+            rows = torch.nonzero(near.any(dim=1)).squeeze(1)
+            cut = torch.nonzero(near[:, k - 1]).squeeze(1)
+        if rows is None:  # every row
+            scores, slots = _rescore_candidates(bank, config, embedded, slots)
+        else:
+            scores, slots = scores.clone(), slots.clone()
+            scores[rows], slots[rows] = _rescore_candidates(bank, config, embedded[rows], slots[rows])
         scores, slots = scores[:, :k].contiguous(), slots[:, :k].contiguous()
-        cut = torch.nonzero(near[:, k - 1]).squeeze(1)
         if cut.numel():
             scores[cut], slots[cut] = _reselect_ties(
                 bank, config, embedded[cut], k, None if categories is None else categories[cut], keep
@@ -209,14 +218,18 @@ def near_ties(scores: torch.Tensor, dim: int) -> torch.Tensor:
 _HOST_TIE_SCAN = 512  # up to this many scores (CPU), Python scans a row faster than the ~10 kernels of near_ties
 
 
-def host_near_ties(rows: list[list[float]], dim: int) -> bool:
-    """Whether any best-first row (read on the host) has neighbours :func:`near_ties` calls near."""
+def host_near_ties(rows: list[list[float]], dim: int, k: int) -> tuple[list[int], list[int]]:
+    """:func:`near_ties` of best-first rows read on the host: the rows with any near neighbours, and
+    those whose ``k``-th and ``(k+1)``-th places are near (``near[:, k - 1]``)."""
     tol = max(1e-6, dim * 2.0**-23)
-    for row in rows:
-        for a, b in zip(row, row[1:], strict=False):
-            if abs(b - a) <= tol * (1.0 + abs(b)):  # -inf padding: NaN or inf differences, never near
-                return True
-    return False
+    near, cut = [], []
+    for i, row in enumerate(rows):
+        close = [abs(b - a) <= tol * (1.0 + abs(b)) for a, b in zip(row, row[1:], strict=False)]  # -inf: never
+        if any(close):
+            near.append(i)
+            if close[k - 1]:
+                cut.append(i)
+    return near, cut
 
 
 def _pair_scores(config: PoolConfig, queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
