@@ -331,12 +331,12 @@ def mmr_unchecked(
         lam_rel.masked_fill_(rel == float("-inf"), float("-inf"))
     unit_t = _unit_columns(vectors, norms)  # [E, M] or [B, E, M]
     if vectors.dim() == 2:  # shared: pick rows of [M, E], score against [B, E, M] (expanded, not copied)
-        unit_rows, columns, at = unit_t.T, unit_t.expand(b, -1, -1), ()
+        unit_rows, columns, query_rows = unit_t.T, unit_t.expand(b, -1, -1), None
     else:
-        unit_rows, columns, at = unit_t.transpose(1, 2), unit_t, (torch.arange(b, device=device)[:, None],)
-    rows = torch.arange(b, device=device)
+        unit_rows, columns, query_rows = unit_t.transpose(1, 2), unit_t, torch.arange(b, device=device)[:, None]
     spread = points if min_dispersion > 0 else None  # the dispersion rule's points; None: rule off
     if spread is not None:
+        spread_rows = torch.arange(b, device=device)[:, None]
         chosen_points = torch.zeros(b, steps, spread.shape[-1], dtype=work, device=device)
         distance_sum = torch.zeros(b, dtype=work, device=device)
     # few kernels per step: on CUDA (and for small batches on CPU) the loop is launch-bound, so the
@@ -356,14 +356,15 @@ def mmr_unchecked(
         lam_rel.scatter_(1, best, float("-inf"))
         if spread is not None:
             ok = value[:, 0] > float("-inf")
-            p = spread[best] if spread.dim() == 2 else spread[rows[:, None], best]  # [B, 1, P]
+            p = spread[best] if spread.dim() == 2 else spread[spread_rows, best]  # [B, 1, P]
             if t > 0:
                 distance_sum += (chosen_points[:, :t] - p).norm(dim=2).sum(1)
                 stop = ok & (distance_sum / (t * (t + 1) / 2) < min_dispersion)
                 lam_rel.masked_fill_(stop[:, None], float("-inf"))
             chosen_points[:, t] = p[:, 0]
         if t + 1 < steps:  # the last pick's similarities are never used
-            sim = torch.bmm(unit_rows[(*at, best)], columns)  # [B, 1, M]: one [1, E] x [E, M] product per row
+            picked = unit_rows[best] if query_rows is None else unit_rows[query_rows, best]  # [B, 1, E]
+            sim = torch.bmm(picked, columns)  # [B, 1, M]: one [1, E] x [E, M] product per row
             maxsim = sim if t == 0 else torch.maximum(maxsim, sim)
     chosen = torch.cat(best_steps, dim=1)  # [B, steps]
     dropped = ~(torch.cat(value_steps, dim=1) > float("-inf"))  # nothing left, or the query stopped
