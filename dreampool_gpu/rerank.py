@@ -82,24 +82,23 @@ def class_match(candidate_class: torch.Tensor, query_class: torch.Tensor) -> tor
 def hybrid_scores(
     similarity: torch.Tensor,
     util_mean: torch.Tensor,
-    match: torch.Tensor,
+    match: torch.Tensor | float,
     weights: HybridWeights,
 ) -> torch.Tensor:
     """``alpha*sim_norm + beta*clamp(util_mean, 0, 1) + gamma*class_match``, ``[B, M]``.
 
     ``sim_norm`` is min-max normalised over each row's valid candidates (1 when
     the range is below 1e-6). Invalid candidates carry ``-inf`` similarity in and
-    get ``-inf`` out.
+    get ``-inf`` out. ``match``: ``[B, M]``, or one value for every candidate.
     """
-    valid = torch.isfinite(similarity)
-    low = similarity.masked_fill(~valid, float("inf")).amin(1, keepdim=True)
-    high = similarity.masked_fill(~valid, float("-inf")).amax(1, keepdim=True)
+    invalid = ~torch.isfinite(similarity)
+    low = similarity.masked_fill(invalid, float("inf")).amin(1, keepdim=True)
+    high = similarity.masked_fill(invalid, float("-inf")).amax(1, keepdim=True)
     spread = high - low
     flat = ~(spread > _FLAT_RANGE)
-    scaled = (similarity - low) / spread.clamp(min=_FLAT_RANGE)
-    sim_norm = torch.where(flat, torch.ones_like(similarity), scaled)
+    sim_norm = ((similarity - low) / spread.clamp(min=_FLAT_RANGE)).masked_fill_(flat, 1.0)
     base = weights.alpha * sim_norm + weights.beta * util_mean.clamp(0, 1) + weights.gamma * match
-    return base.masked_fill(~valid, float("-inf"))
+    return base.masked_fill_(invalid, float("-inf"))
 
 
 def mmr_row_bytes(m: int, e: int, *, shared: bool = False, itemsize: int = 4) -> int:
@@ -326,9 +325,9 @@ def mmr_unchecked(
         picks = torch.full((b, k), -1, dtype=torch.int64, device=device)
         return picks, torch.full((b, k), float("-inf"), dtype=relevance.dtype, device=device)
     rel = relevance.to(work)
-    lam_rel = mmr_lambda * rel  # [B, M]; -inf where blocked: padded, already picked, or query stopped
-    if mmr_lambda == 0:  # 0 * -inf is NaN: padding stays -inf
-        lam_rel.masked_fill_(rel == float("-inf"), float("-inf"))
+    # [B, M]; -inf where blocked: padded, already picked, or query stopped (a lambda that is 0 in
+    # the working dtype would make padding's 0 * -inf NaN)
+    lam_rel = (mmr_lambda * rel).masked_fill_(rel == float("-inf"), float("-inf"))
     unit_t = _unit_columns(vectors, norms)  # [E, M] or [B, E, M]
     if vectors.dim() == 2:  # shared: pick rows of [M, E], score against [B, E, M] (expanded, not copied)
         unit_rows, columns, query_rows = unit_t.T, unit_t.expand(b, -1, -1), None

@@ -128,7 +128,7 @@ def _hybrid(ctx: RetrievalContext, req: Request) -> Result:
         ctx.bank,
         similarity,
         candidates,
-        req.hint,
+        req.given_hint,
         req.k,
         req.lam,
         req.min_dispersion,

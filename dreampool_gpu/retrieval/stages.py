@@ -360,7 +360,7 @@ def hybrid(
     bank: TensorBank,
     similarity: torch.Tensor,
     candidates: torch.Tensor,
-    hint: torch.Tensor,
+    hint: torch.Tensor | None,
     k: int,
     lam: float,
     min_dispersion: float,
@@ -381,16 +381,20 @@ def hybrid(
     gathered = 2 * m * (d * embeddings.element_size() + p * chroma.element_size()) + 8 * 8 * m
     row_bytes = gathered + mmr_row_bytes(m, d)
     score_parts, slot_parts = [], []
-    for rows in row_chunks(candidates.shape[0], row_bytes, chunk_mb):
-        cand = candidates[rows]
+    names = ("util_mean", "embeddings", "chroma") + (() if hint is None else ("class_label",))
+    chunks = row_chunks(candidates.shape[0], row_bytes, chunk_mb)
+    for rows in chunks:
+        cand = candidates if len(chunks) == 1 else candidates[rows]
+        valid = cand >= 0
+        got = _gather_candidates(bank, names, cand, valid)
         picks, scores = hybrid_rerank(
-            similarity[rows],
-            cand >= 0,
-            bank.gather("util_mean", cand),
-            bank.gather("class_label", cand),
-            bank.gather("embeddings", cand),
-            bank.gather("chroma", cand),
-            hint[rows],
+            similarity if len(chunks) == 1 else similarity[rows],
+            valid,
+            got["util_mean"],
+            got.get("class_label"),
+            got["embeddings"],
+            got["chroma"],
+            None if hint is None else hint[rows],
             k,
             lam,
             min_dispersion,
@@ -401,14 +405,28 @@ def hybrid(
     return torch.cat(score_parts), torch.cat(slot_parts)
 
 
+def _gather_candidates(
+    bank: TensorBank, names: tuple[str, ...], cand: torch.Tensor, valid: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Columns ``names`` at candidate slots ``cand`` ``[b, m]`` (-1 padding: fill values).
+
+    Plain gathers when no candidate is padding, which CPU reads at no transfer's cost.
+    """
+    if cand.device.type == "cpu" and not checks.sync_free() and bool(valid.all()):
+        cols = bank.columns
+        return {name: cols[name][cand] for name in names}
+    safe = cand.clamp(min=0)
+    return {name: bank.gather_valid(name, safe, valid) for name in names}
+
+
 def hybrid_rerank(
     similarity: torch.Tensor,
     valid: torch.Tensor,
     util: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     vectors: torch.Tensor,
     points: torch.Tensor,
-    hint: torch.Tensor,
+    hint: torch.Tensor | None,
     k: int,
     lam: float,
     min_dispersion: float,
@@ -419,11 +437,12 @@ def hybrid_rerank(
     Args:
         similarity, valid, util, labels: ``[b, m]`` engine score, candidate present,
             ``util_mean`` and class label of each candidate. vectors: ``[b, m, D]``
-            embeddings; points: ``[b, m, 3]`` chroma. hint: ``[b]`` class hints (-1 none).
+            embeddings; points: ``[b, m, 3]`` chroma. hint: ``[b]`` class hints (-1 none);
+            None: no query has one (every class match is 0.5, and ``labels`` may be None).
 
     Used by :func:`hybrid` (one bank) and the sharded pool (candidates of every shard).
     """
-    match = class_match(labels.long(), hint)
+    match = 0.5 if hint is None or labels is None else class_match(labels.long(), hint)
     base = hybrid_scores(similarity.masked_fill(~valid, float("-inf")), util, match, weights)
     return mmr_unchecked(
         base, vectors, k, mmr_lambda=lam, delta=weights.delta, min_dispersion=min_dispersion, points=points
