@@ -84,14 +84,18 @@ def hybrid_scores(
     util_mean: torch.Tensor,
     match: torch.Tensor | float,
     weights: HybridWeights,
+    *,
+    invalid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``alpha*sim_norm + beta*clamp(util_mean, 0, 1) + gamma*class_match``, ``[B, M]``.
 
     ``sim_norm`` is min-max normalised over each row's valid candidates (1 when
     the range is below 1e-6). Invalid candidates carry ``-inf`` similarity in and
     get ``-inf`` out. ``match``: ``[B, M]``, or one value for every candidate.
+    ``invalid``: ``[B, M]`` bool, where ``similarity`` is not finite, when the caller knows it.
     """
-    invalid = ~torch.isfinite(similarity)
+    if invalid is None:
+        invalid = ~torch.isfinite(similarity)
     low = similarity.masked_fill(invalid, float("inf")).amin(1, keepdim=True)
     high = similarity.masked_fill(invalid, float("-inf")).amax(1, keepdim=True)
     spread = high - low
@@ -342,7 +346,7 @@ def mmr_unchecked(
     # state is kept [B, 1, M] (a pick's similarity row as bmm gives it), picks and their values as
     # they come, and both turn into (-1, -inf) padding once at the end
     lam_row = lam_rel[:, None]  # [B, 1, M], the same storage as lam_rel
-    objective, maxsim = rel[:, None], rel[:, None]  # the first pick is the most relevant (no NaN, no +inf)
+    objective = maxsim = rel[:, None]  # the first pick is the most relevant (no NaN, no +inf)
     best_steps, value_steps = [], []
     for t in range(steps):
         if t > 0:

@@ -402,6 +402,8 @@ def hybrid(
         )
         score_parts.append(scores)
         slot_parts.append(torch.where(picks >= 0, cand.gather(1, picks.clamp(min=0)), picks))
+    if len(chunks) == 1:
+        return score_parts[0], slot_parts[0]
     return torch.cat(score_parts), torch.cat(slot_parts)
 
 
@@ -443,7 +445,8 @@ def hybrid_rerank(
     Used by :func:`hybrid` (one bank) and the sharded pool (candidates of every shard).
     """
     match = 0.5 if hint is None or labels is None else class_match(labels.long(), hint)
-    base = hybrid_scores(similarity.masked_fill(~valid, float("-inf")), util, match, weights)
+    invalid = ~valid  # engine scores are finite at every present candidate
+    base = hybrid_scores(similarity.masked_fill(invalid, float("-inf")), util, match, weights, invalid=invalid)
     return mmr_unchecked(
         base, vectors, k, mmr_lambda=lam, delta=weights.delta, min_dispersion=min_dispersion, points=points
     )
