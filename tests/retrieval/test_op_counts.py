@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _equality import assert_same_results
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dreampool_gpu import DreamPool, PoolConfig
@@ -240,3 +241,21 @@ def test_a_gate_at_zero_passes_every_checked_dream(pool):
     ids = pool.add(dreams, coherence=torch.zeros(BATCH))
     assert ids.tolist() == list(range(next_id, next_id + BATCH))
     assert torch.equal(pool.dreams(ids), dreams)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "hybrid"])
+def test_query_rows_answer_alone_as_in_a_mixed_batch(pool, mode):
+    """Cosine queries are divided by their norms, or scaled by their peaks first when a norm is extreme:
+    a batch holding a zero row, a tiny row and a huge one answers each row as that row alone does."""
+    g = torch.Generator().manual_seed(11)
+    d = pool.config.embedding_dim
+    base = torch.randn(4, d, generator=g)
+    batch = torch.stack([base[0], torch.zeros(d), base[1] * 1e-25, base[2] * 1e25, base[3]])
+    together = pool.retrieve(batch, k=5, mode=mode)
+    for row in range(batch.shape[0]):
+        alone = pool.retrieve(batch[row : row + 1], k=5, mode=mode)
+        assert_same_results(
+            alone.ids, alone.scores, together.ids[row : row + 1], together.scores[row : row + 1], where=f"row {row}"
+        )
+    normal = pool.retrieve(base[1:3], k=5, mode=mode)  # scale never changes the answer
+    assert_same_results(normal.ids, normal.scores, together.ids[2:4], together.scores[2:4], where="scaled rows")
