@@ -278,9 +278,11 @@ class Admitter:
         evicted = 0
         freed = []
         victims = self._victims(count)  # a sampling policy's plan may name more
+        policy = type(self.eviction)
+        oldest = policy.victims is Eviction.victims and policy.order is Eviction.order and policy.key is Eviction.key
         while victims.numel():
             parts.index.remove(victims)
-            parts.bank.remove(victims)
+            parts.bank.remove(victims, oldest=oldest)  # FIFO's victims are the oldest, in age order
             freed.append(victims)
             evicted += int(victims.numel())
             count = parts.budget.eviction_count(parts.bank, parts.index, incoming) if settle else 0

@@ -259,3 +259,20 @@ def test_query_rows_answer_alone_as_in_a_mixed_batch(pool, mode):
         )
     normal = pool.retrieve(base[1:3], k=5, mode=mode)  # scale never changes the answer
     assert_same_results(normal.ids, normal.scores, together.ids[2:4], together.scores[2:4], where="scaled rows")
+
+
+def test_the_age_order_kept_across_fifo_adds_is_the_sorted_one(pool):
+    """A FIFO pool appends each add to its age order and drops the evicted oldest, with no sort: the order
+    stays what sorting the ids gives, through adds, a sample and feedback between them."""
+    g = torch.Generator().manual_seed(12)
+    for step in range(6):
+        pool.add(torch.rand(BATCH + step, *SHAPE, 3, generator=g), coherence=torch.ones(BATCH + step))
+        if step % 2:
+            batch = pool.sample(BATCH, generator=g)
+            pool.feedback(batch, torch.rand(BATCH, generator=g))
+        ids = pool.bank.raw["ids"]
+        order = torch.sort(ids, stable=True)
+        live = ids.numel() - len(pool)
+        assert torch.equal(pool.bank.ids_by_age(), order.values[live:])
+        assert torch.equal(pool.bank.slots_by_age(), order.indices[live:])
+        assert torch.equal(pool.bank.ids_by_age(), torch.arange(pool.bank.next_id - len(pool), pool.bank.next_id))
