@@ -92,10 +92,9 @@ def _record(bank: TensorBank, safe: torch.Tensor, found: torch.Tensor, every: bo
     """
     cols = bank.raw
     count, mean, column = cols["feedback_count"], cols["util_mean"], cols["utility"]
-    k = safe.numel()
-    order = torch.arange(k, device=safe.device)
+    order, ones = _steps(safe.numel(), safe.device, count.dtype)
     if every:
-        count.index_add_(0, safe, torch.ones_like(safe, dtype=count.dtype))
+        count.index_add_(0, safe, ones if ones is not None else torch.ones_like(safe, dtype=count.dtype))
         old = mean.index_select(0, safe)
         mean.index_add_(0, safe, (values - old) / count.index_select(0, safe))
         last = torch.full((bank.capacity,), -1, dtype=torch.int64, device=safe.device)
@@ -110,3 +109,23 @@ def _record(bank: TensorBank, safe: torch.Tensor, found: torch.Tensor, every: bo
     final = last.scatter_reduce_(0, torch.where(found, safe, spare), order, "amax").index_select(0, safe)
     kept = column.index_select(0, safe)
     column.index_copy_(0, safe, torch.where(final >= 0, values.index_select(0, final.clamp(min=0)), kept))
+
+
+_STEPS: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}  # CPU only: read, never written
+
+
+def _steps(k: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``arange(k)`` (int64) and ``ones(k)`` of ``dtype``, kept for the last few ``k`` on CPU.
+
+    On CUDA the positions are made each call and the ones not at all (the caller makes them
+    where it needs them): a tensor kept from a call on one stream and read on another would
+    need the stream ordering the pool's own state gets.
+    """
+    if device.type != "cpu":
+        return torch.arange(k, device=device), None
+    steps = _STEPS.get((k, dtype))
+    if steps is None:
+        if len(_STEPS) >= 16:
+            _STEPS.clear()
+        steps = _STEPS[(k, dtype)] = (torch.arange(k), torch.ones(k, dtype=dtype))
+    return steps

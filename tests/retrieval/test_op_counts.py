@@ -23,7 +23,9 @@ BATCH = 8
 
 # measured on torch 2.13 CPU when the paths were cut (before: add 214, dreams 22, metadata 90 with
 # every column, feedback 51; then add 35, dreams 14, metadata 14, feedback 35, feedback of a sample 17;
-# then add 29); "dreams"/"metadata": ids looked up, "... of a sample": the ids sample() returned
+# then add 29, then 30 (two cats keep the age order of a FIFO pool, so the next sample sorts no ids: sample
+# 7 -> 4 in a replay step), feedback 34, feedback of a sample 15); "dreams"/"metadata": ids looked up,
+# "... of a sample": the ids sample() returned
 CALL_BOUNDS = {
     "add": 32,
     "sample": 6,
@@ -31,8 +33,8 @@ CALL_BOUNDS = {
     "metadata": 16,
     "dreams of a sample": 5,
     "metadata of a sample": 5,
-    "feedback": 38,
-    "feedback of a sample": 20,
+    "feedback": 37,
+    "feedback of a sample": 17,
 }
 # B = 1, k = 5, dream queries: measured 135, 161, 207, 141, 213, 336, 336, 216, 139, then
 # 128, 155, 200, 134, 150, 231, 231, 186, 127
