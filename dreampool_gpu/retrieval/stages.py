@@ -182,7 +182,7 @@ def knn(
             if not near_rows:
                 return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
             rows = None if len(near_rows) == b else torch.tensor(near_rows, device=scores.device)
-            cut = torch.tensor(cut_rows, dtype=torch.int64, device=scores.device)
+            cut = torch.tensor(cut_rows, device=scores.device) if cut_rows else None
         else:
             near = near_ties(scores, embedded.shape[1])
             if not bool(near.any()):
@@ -195,7 +195,7 @@ def knn(
             scores, slots = scores.clone(), slots.clone()
             scores[rows], slots[rows] = _rescore_candidates(bank, config, embedded[rows], slots[rows])
         scores, slots = scores[:, :k].contiguous(), slots[:, :k].contiguous()
-        if cut.numel():
+        if cut is not None and cut.numel():
             scores[cut], slots[cut] = _reselect_ties(
                 bank, config, embedded[cut], k, None if categories is None else categories[cut], keep
             )
