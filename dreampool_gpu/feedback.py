@@ -125,7 +125,9 @@ def _steps(k: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tens
         return torch.arange(k, device=device), None
     steps = _STEPS.get((k, dtype))
     if steps is None:
-        if len(_STEPS) >= 16:
-            _STEPS.clear()
-        steps = _STEPS[(k, dtype)] = (torch.arange(k), torch.ones(k, dtype=dtype))
+        steps = (torch.arange(k), torch.ones(k, dtype=dtype))
+        if type(steps[0]) is torch.Tensor and not steps[0].is_inference():  # not a fake, traced or inference tensor
+            if len(_STEPS) >= 16:
+                _STEPS.clear()
+            _STEPS[(k, dtype)] = steps
     return steps
