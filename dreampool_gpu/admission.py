@@ -102,22 +102,24 @@ class Admitter:
             batch, coh, eng, vio, labels, user = checked()
         parts.encoders.check_fresh()
         n = batch.shape[0]
-        passed = None if force else coh >= parts.config.coherence_threshold
-        gate = torch.full((), n, dtype=torch.float64) if passed is None else passed.sum(dtype=torch.float64)
+        # coherence is checked to lie in [0, 1]: a threshold <= 0 passes every dream (the check raises below)
+        passed = None if force or parts.config.coherence_threshold <= 0.0 else coh >= parts.config.coherence_threshold
         # the call's one host read: an earlier call's fault, the gate's count, the checked values' extremes,
         # and what the eviction policy decides by (Eviction.reads)
-        head = [parts.fault.code, gate.to(parts.device), *bounds.extremes()]
+        gate = [] if passed is None else [passed.sum(dtype=torch.float64)]
+        head = [parts.fault.code, *gate, *bounds.extremes()]
         extra = None
         if type(self.eviction).reads is not Eviction.reads:
             mask = torch.ones(n, dtype=torch.bool, device=parts.device) if passed is None else passed
             extra = self.eviction.reads(parts.bank, labels, mask)
         if extra is None:
-            fault, total, *extremes = checks.host_values(head)
+            flat = checks.host_values(head)
             read: list[int] = []
         else:  # one transfer: small ints are exact in float64
             flat = torch.cat([torch.stack([t.double() for t in head]), extra.double()]).tolist()
-            fault, total, extremes = flat[0], flat[1], flat[2 : len(head)]
             read = [int(x) for x in flat[len(head) :]]
+        fault, total = flat[0], (n if passed is None else flat[1])
+        extremes = flat[1 + len(gate) : len(head)]
         parts.fault.raise_code(int(fault))
         if not bounds.hold(extremes):  # read them again on the host, to name the bad argument and its values
             with checks.immediate():
@@ -150,10 +152,13 @@ class Admitter:
             budget_room = parts.budget.room(parts.bank, parts.index)
             room = parts.bank.capacity if budget_room is None else min(parts.bank.capacity, budget_room)
         parts.counters["rejected"] += n - count
-        picked = self.eviction.admit(
-            parts.bank, coh if accepted is None else coh[accepted], room, self.eviction_need, read
-        )
-        m = int(picked.numel())
+        if count <= room and type(self.eviction).admit is Eviction.admit:
+            picked, m = None, count  # the base policy admits every dream that fits
+        else:
+            picked = self.eviction.admit(
+                parts.bank, coh if accepted is None else coh[accepted], room, self.eviction_need, read
+            )
+            m = int(picked.numel())
         if m < count:  # else every position, ascending: ``accepted`` as it is
             accepted = picked if accepted is None else accepted[picked]
         parts.counters["dropped"] += count - m
@@ -272,18 +277,26 @@ class Admitter:
         count = self.eviction_need(incoming)
         evicted = 0
         freed = []
-        victims = self.eviction.victims(parts.bank, count)  # a sampling policy's plan may name more
+        victims = self._victims(count)  # a sampling policy's plan may name more
+        policy = type(self.eviction)
+        oldest = policy.victims is Eviction.victims and policy.order is Eviction.order and policy.key is Eviction.key
         while victims.numel():
             parts.index.remove(victims)
-            parts.bank.remove(victims)
+            parts.bank.remove(victims, oldest=oldest)  # FIFO's victims are the oldest, in age order
             freed.append(victims)
             evicted += int(victims.numel())
             count = parts.budget.eviction_count(parts.bank, parts.index, incoming) if settle else 0
-            victims = self.eviction.victims(parts.bank, count)
+            victims = self._victims(count)
         if freed:
             self.victims = freed[0] if len(freed) == 1 else torch.cat(freed)
         parts.counters["evicted"] += evicted
         return evicted
+
+    def _victims(self, count: int) -> torch.Tensor:
+        """The policy's victims for ``count``; the base policy's none for ``count <= 0`` without a kernel."""
+        if count <= 0 and type(self.eviction).victims is Eviction.victims:
+            return _NO_SLOTS
+        return self.eviction.victims(self.parts.bank, count)
 
     def eviction_need(self, incoming: int) -> int:
         """How many entries must leave before ``incoming`` more fit the capacity and the budget."""
@@ -292,3 +305,6 @@ class Admitter:
             parts.bank.size + incoming - parts.bank.capacity,
             parts.budget.eviction_count(parts.bank, parts.index, incoming),
         )
+
+
+_NO_SLOTS = torch.empty(0, dtype=torch.int64)  # no victims (only its numel is read)

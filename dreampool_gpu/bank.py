@@ -162,7 +162,7 @@ class TensorBank:
         self.revision = 0
         self.extent = 0
         self._order_revision = -1
-        self._sorted_ids = self._sorted_slots = self._live_ids = self._live_slots = self.raw["ids"]
+        self._live_ids = self._live_slots = self.raw["ids"]
         self._by_slot = torch.arange(capacity, device=device)  # free_slots' keys: a slot, or past every free one
         self._taken_key = self._by_slot + capacity
 
@@ -172,16 +172,20 @@ class TensorBank:
         return self.raw["ids"] >= 0
 
     def _refresh_order(self) -> None:
-        """Sort the ids once per revision: live ids ascending are the live entries oldest first."""
+        """Sort the ids once per revision: live ids ascending are the live entries oldest first.
+
+        A write appends its entries to a current order, and a removal of the oldest entries
+        (:meth:`remove` with ``oldest``) drops them from it: a FIFO pool never sorts again.
+        """
         if self._order_revision != self.revision:
-            self._sorted_ids, self._sorted_slots = torch.sort(self.raw["ids"], stable=True)
+            sorted_ids, sorted_slots = torch.sort(self.raw["ids"], stable=True)
             free = self.capacity - self.size  # free slots hold -1: they sort first
-            self._live_ids, self._live_slots = self._sorted_ids[free:], self._sorted_slots[free:]
+            self._live_ids, self._live_slots = sorted_ids[free:], sorted_slots[free:]
             self._order_revision = self.revision
 
     def order_cache(self) -> list[torch.Tensor]:
         """The tensors of the cached age order (kept across calls until the next revision)."""
-        return [self._sorted_ids, self._sorted_slots]
+        return [self._live_ids, self._live_slots]
 
     def slots_by_age(self) -> torch.Tensor:
         """``[size]`` int64 slots of live entries, oldest first."""
@@ -201,12 +205,15 @@ class TensorBank:
         never-issued ids and the padding id -1 are not found. One binary search, no host read.
         """
         self._refresh_order()
-        flat = ids.reshape(-1).contiguous()
+        flat = ids if ids.dim() == 1 and ids.is_contiguous() else ids.reshape(-1).contiguous()
         if self.size == 0:
             return torch.zeros_like(ids), torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         pos = torch.searchsorted(self._live_ids, flat).clamp_(max=self.size - 1)
         found = self._live_ids.index_select(0, pos) == flat  # live ids are >= 0: -1 is never found
-        return self._live_slots.index_select(0, pos).reshape(ids.shape), found.reshape(ids.shape)
+        safe = self._live_slots.index_select(0, pos)
+        if ids.dim() == 1:
+            return safe, found
+        return safe.reshape(ids.shape), found.reshape(ids.shape)
 
     def slots_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Slots of ``ids`` (any shape, int64, on this device); -1 where absent.
@@ -259,6 +266,7 @@ class TensorBank:
         it to ``size + m``.
         """
         m = int(slots.numel())
+        ordered = self._order_revision == self.revision  # the age order is current: the newest go last
         ids = torch.arange(self.next_id, self.next_id + m, dtype=torch.int64, device=self.device)
         now = time.time()
         for name, spec in self.specs.items():
@@ -277,6 +285,10 @@ class TensorBank:
         self.size += m
         self.extent = max(self.extent, self.size)
         self.revision += 1
+        if ordered and m:
+            self._live_ids = torch.cat([self._live_ids, ids])
+            self._live_slots = torch.cat([self._live_slots, slots])
+            self._order_revision = self.revision
         return ids
 
     # ------------------------------------------------------- waiting entries
@@ -314,13 +326,22 @@ class TensorBank:
         """The hook wrote every waiting entry's derived columns: nothing waits now."""
         self._waiting, self._waiting_count, self.pending = [], 0, False
 
-    def remove(self, slots: torch.Tensor) -> None:
-        """Free ``slots`` ``[m]`` (live slots, no duplicates)."""
-        if slots.numel() == 0:
+    def remove(self, slots: torch.Tensor, *, oldest: bool = False) -> None:
+        """Free ``slots`` ``[m]`` (live slots, no duplicates).
+
+        ``oldest``: ``slots`` are ``slots_by_age()[:m]`` (the caller took them from there), so a
+        current age order stays current without them.
+        """
+        m = int(slots.numel())
+        if m == 0:
             return
+        ordered = oldest and self._order_revision == self.revision
         self.raw["ids"].index_fill_(0, slots, -1)
-        self.size -= int(slots.numel())
+        self.size -= m
         self.revision += 1
+        if ordered:
+            self._live_ids, self._live_slots = self._live_ids[m:], self._live_slots[m:]
+            self._order_revision = self.revision
 
     def clear(self) -> None:
         """Free every slot; ids keep increasing afterwards."""
@@ -338,7 +359,7 @@ class TensorBank:
         self.columns = _Columns(self, self.raw)
         self.device = device
         self._order_revision = -1
-        self._sorted_ids = self._sorted_slots = self._live_ids = self._live_slots = self.raw["ids"]
+        self._live_ids = self._live_slots = self.raw["ids"]
         self._by_slot = self._by_slot.to(device)
         self._taken_key = self._taken_key.to(device)
         self.revision += 1

@@ -40,9 +40,9 @@ class IdLookup:
         ``next_id``), listing the first few.
         """
         bank = self.bank
-        memo = self._memo  # dreams(ids) then metadata(ids) of one replay batch: looked up once
-        if memo is not None and memo[0] is ids and memo[1] == (ids._version, bank.revision):
-            return memo[2]
+        known = self.known(ids)  # dreams(ids) then metadata(ids) of one replay batch: looked up once
+        if known is not None:
+            return known
         t = v.as_ids(ids, "ids", device=bank.device).long()
         safe, found = bank.lookup(t)
         if t.numel() == 0:
@@ -58,6 +58,13 @@ class IdLookup:
     def remember(self, ids: torch.Tensor, result: Found) -> None:
         """Answer :meth:`find` of this ``ids`` tensor with ``result`` while it and the bank are unchanged."""
         self._memo = (ids, (ids._version, self.bank.revision), result)
+
+    def known(self, ids: Any) -> Found | None:
+        """:meth:`find`'s remembered answer for ``ids`` (the same tensor, unchanged, in an unchanged bank), or None."""
+        memo = self._memo
+        if memo is not None and memo[0] is ids and memo[1] == (ids._version, self.bank.revision):
+            return memo[2]
+        return None
 
     def slots(self, ids: Any) -> torch.Tensor:
         """Slots of ``ids`` (any shape; -1 where absent), after refusing ids never issued."""
@@ -91,20 +98,35 @@ class IdLookup:
 
 
 def locate_for_write(
-    bank: TensorBank, fault: checks.FaultFlag, flat_ids: torch.Tensor, bounds: checks.Bounds, recheck: Any
+    bank: TensorBank,
+    fault: checks.FaultFlag,
+    flat_ids: torch.Tensor,
+    bounds: checks.Bounds,
+    recheck: Any,
+    known: Found | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Slots of ``flat_ids`` ``[k]`` for a write by id (feedback, update), after the call's one host read.
 
     The read carries an earlier call's ``fault``, the ids' range, how many are stored and the
     value checks collected in ``bounds``; a failed check runs ``recheck()`` again on the host so
     that the error names the argument, and ids never issued raise (:meth:`TensorBank.check_issued`).
+    ``known``: :meth:`IdLookup.known`'s answer for these ids (already checked, not looked up again).
 
     Returns:
         ``(safe, found, stored)``: ``[k]`` int64 slots, ``[k]`` bool, and how many were found.
     """
-    safe, found = bank.lookup(flat_ids)
-    values = [fault.code, *torch.aminmax(flat_ids), found.sum(dtype=torch.float64), *bounds.extremes()]
-    code, low, high, stored, *extremes = checks.host_values(values)
+    if known is not None:
+        safe, found, every = known
+        if safe.dim() != 1:
+            safe, found = safe.reshape(-1), found.reshape(-1)
+        count = [] if every else [found.sum(dtype=torch.float64)]
+        code, *rest = checks.host_values([fault.code, *count, *bounds.extremes()])
+        low, high = -1.0, -1.0  # checked when they were looked up
+        stored, extremes = (float(flat_ids.numel()), rest) if every else (rest[0], rest[1:])
+    else:
+        safe, found = bank.lookup(flat_ids)
+        values = [fault.code, *torch.aminmax(flat_ids), found.sum(dtype=torch.float64), *bounds.extremes()]
+        code, low, high, stored, *extremes = checks.host_values(values)
     fault.raise_code(int(code))
     if not bounds.hold(extremes):
         with checks.immediate():

@@ -313,11 +313,12 @@ class DreamPool:
         start = time.perf_counter()
         options = retrieve_options(locals())
         with self._lock:
-            out = walk(self._parts, queries, options, with_dreams=with_dreams, sync_free=self.sync_free)
+            parts = self._parts
+            out = walk(parts, queries, options, with_dreams=with_dreams, sync_free=self.sync_free)
             b = out.ids.shape[0]
-            self.counters["queries"] += b
+            parts.counters["queries"] += b
             if self.metrics is not None:
-                if self.device.type == "cuda":  # latency, not launch time; only pools with metrics wait here
+                if parts.device.type == "cuda":  # latency, not launch time; only pools with metrics wait here
                     torch.cuda.synchronize(self.device)
                 self.metrics.observe_retrieve(time.perf_counter() - start, b)
             return out
@@ -373,8 +374,9 @@ class DreamPool:
     @property
     def sync_free(self) -> bool:
         """Whether value checks are deferred (``config.checks``, ``auto``: on CUDA): no host reads."""
-        policy = self.config.checks
-        return policy is CheckPolicy.DEFERRED or (policy is CheckPolicy.AUTO and self.device.type == "cuda")
+        parts = self._parts
+        policy = parts.config.checks
+        return policy is CheckPolicy.DEFERRED or (policy is CheckPolicy.AUTO and parts.device.type == "cuda")
 
     def enable_metrics(self, *, registry: Any = None) -> PoolMetrics:
         """Start Prometheus metrics for this pool (needs prometheus-client); returns them.

@@ -82,24 +82,27 @@ def class_match(candidate_class: torch.Tensor, query_class: torch.Tensor) -> tor
 def hybrid_scores(
     similarity: torch.Tensor,
     util_mean: torch.Tensor,
-    match: torch.Tensor,
+    match: torch.Tensor | float,
     weights: HybridWeights,
+    *,
+    invalid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``alpha*sim_norm + beta*clamp(util_mean, 0, 1) + gamma*class_match``, ``[B, M]``.
 
     ``sim_norm`` is min-max normalised over each row's valid candidates (1 when
     the range is below 1e-6). Invalid candidates carry ``-inf`` similarity in and
-    get ``-inf`` out.
+    get ``-inf`` out. ``match``: ``[B, M]``, or one value for every candidate.
+    ``invalid``: ``[B, M]`` bool, where ``similarity`` is not finite, when the caller knows it.
     """
-    valid = torch.isfinite(similarity)
-    low = similarity.masked_fill(~valid, float("inf")).amin(1, keepdim=True)
-    high = similarity.masked_fill(~valid, float("-inf")).amax(1, keepdim=True)
+    if invalid is None:
+        invalid = ~torch.isfinite(similarity)
+    low = similarity.masked_fill(invalid, float("inf")).amin(1, keepdim=True)
+    high = similarity.masked_fill(invalid, float("-inf")).amax(1, keepdim=True)
     spread = high - low
     flat = ~(spread > _FLAT_RANGE)
-    scaled = (similarity - low) / spread.clamp(min=_FLAT_RANGE)
-    sim_norm = torch.where(flat, torch.ones_like(similarity), scaled)
+    sim_norm = ((similarity - low) / spread.clamp(min=_FLAT_RANGE)).masked_fill_(flat, 1.0)
     base = weights.alpha * sim_norm + weights.beta * util_mean.clamp(0, 1) + weights.gamma * match
-    return base.masked_fill(~valid, float("-inf"))
+    return base.masked_fill_(invalid, float("-inf"))
 
 
 def mmr_row_bytes(m: int, e: int, *, shared: bool = False, itemsize: int = 4) -> int:
@@ -321,52 +324,58 @@ def mmr_unchecked(
     work = torch.promote_types(relevance.dtype, torch.float32)
     if norms is None:
         norms = torch.linalg.vector_norm(vectors, dim=-1, dtype=work)
-    picks = torch.full((b, k), -1, dtype=torch.int64, device=device)
-    scores = torch.full((b, k), float("-inf"), dtype=relevance.dtype, device=device)
     steps = min(k, m)
     if steps == 0 or b == 0:
-        return picks, scores
+        picks = torch.full((b, k), -1, dtype=torch.int64, device=device)
+        return picks, torch.full((b, k), float("-inf"), dtype=relevance.dtype, device=device)
     rel = relevance.to(work)
-    lam_rel = mmr_lambda * rel
-    shared = vectors.dim() == 2
+    # [B, M]; -inf where blocked: padded, already picked, or query stopped (a lambda that is 0 in
+    # the working dtype would make padding's 0 * -inf NaN)
+    lam_rel = (mmr_lambda * rel).masked_fill_(rel == float("-inf"), float("-inf"))
     unit_t = _unit_columns(vectors, norms)  # [E, M] or [B, E, M]
-    rows = torch.arange(b, device=device)
-    blocked = ~torch.isfinite(rel)  # padded, already picked, or query stopped
-    kept = torch.zeros(b, steps, dtype=torch.bool, device=device)
-    maxsim = torch.zeros_like(rel)
+    if vectors.dim() == 2:  # shared: pick rows of [M, E], score against [B, E, M] (expanded, not copied)
+        unit_rows, columns, query_rows = unit_t.T, unit_t.expand(b, -1, -1), None
+    else:
+        unit_rows, columns, query_rows = unit_t.transpose(1, 2), unit_t, torch.arange(b, device=device)[:, None]
     spread = points if min_dispersion > 0 else None  # the dispersion rule's points; None: rule off
     if spread is not None:
+        spread_rows = torch.arange(b, device=device)[:, None]
         chosen_points = torch.zeros(b, steps, spread.shape[-1], dtype=work, device=device)
         distance_sum = torch.zeros(b, dtype=work, device=device)
-    # few kernels per step: on CUDA the loop is launch-bound, so picks and their
-    # validity are stored raw and turned into (-1, -inf) padding once at the end
+    # few kernels per step: on CUDA (and for small batches on CPU) the loop is launch-bound, so the
+    # state is kept [B, 1, M] (a pick's similarity row as bmm gives it), picks and their values as
+    # they come, and both turn into (-1, -inf) padding once at the end
+    lam_row = lam_rel[:, None]  # [B, 1, M], the same storage as lam_rel
+    objective = maxsim = rel[:, None]  # the first pick is the most relevant (no NaN, no +inf)
+    best_steps, value_steps = [], []
     for t in range(steps):
-        if t == 0:
-            objective = rel.masked_fill(blocked, float("-inf"))
-        else:
-            objective = lam_rel - (1 - mmr_lambda) * maxsim
+        if t > 0:
+            objective = lam_row - (1 - mmr_lambda) * maxsim  # picked and stopped: -inf - finite
             if delta > 0:
                 objective -= delta * maxsim.clamp(min=0)
-            objective.masked_fill_(blocked, float("-inf"))
-        value, best = objective.max(dim=1)  # first maximum: lowest index wins ties
-        ok = value > float("-inf")
-        picks[:, t] = best
-        kept[:, t] = ok
-        blocked.scatter_(1, best.unsqueeze(1), True)  # a scalar fill: no host-to-device copy
+        value, best = objective.max(dim=2)  # [B, 1]; first maximum: lowest index wins ties
+        best_steps.append(best)
+        value_steps.append(value)
+        lam_rel.scatter_(1, best, float("-inf"))
         if spread is not None:
-            p = spread[best] if spread.dim() == 2 else spread[rows, best]
+            ok = value[:, 0] > float("-inf")
+            p = spread[best] if spread.dim() == 2 else spread[spread_rows, best]  # [B, 1, P]
             if t > 0:
-                distance_sum += (chosen_points[:, :t] - p[:, None]).norm(dim=2).sum(1)
+                distance_sum += (chosen_points[:, :t] - p).norm(dim=2).sum(1)
                 stop = ok & (distance_sum / (t * (t + 1) / 2) < min_dispersion)
-                blocked |= stop[:, None]
-            chosen_points[:, t] = p
+                lam_rel.masked_fill_(stop[:, None], float("-inf"))
+            chosen_points[:, t] = p[:, 0]
         if t + 1 < steps:  # the last pick's similarities are never used
-            picked = unit_t[:, best].T if shared else unit_t[rows, :, best]  # [B, E]
-            sim = _row_products(picked, unit_t)
+            picked = unit_rows[best] if query_rows is None else unit_rows[query_rows, best]  # [B, 1, E]
+            sim = torch.bmm(picked, columns)  # [B, 1, M]: one [1, E] x [E, M] product per row
             maxsim = sim if t == 0 else torch.maximum(maxsim, sim)
-    picked_rel = relevance.gather(1, picks[:, :steps])
-    picks[:, :steps].masked_fill_(~kept, -1)
-    scores[:, :steps] = picked_rel.masked_fill(~kept, float("-inf"))
+    chosen = torch.cat(best_steps, dim=1)  # [B, steps]
+    dropped = ~(torch.cat(value_steps, dim=1) > float("-inf"))  # nothing left, or the query stopped
+    picks = chosen.masked_fill(dropped, -1)
+    scores = relevance.gather(1, chosen).masked_fill(dropped, float("-inf"))
+    if steps < k:
+        picks = torch.cat([picks, picks.new_full((b, k - steps), -1)], dim=1)
+        scores = torch.cat([scores, scores.new_full((b, k - steps), float("-inf"))], dim=1)
     return picks, scores
 
 

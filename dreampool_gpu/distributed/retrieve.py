@@ -234,8 +234,8 @@ def _candidates(
         everyone = dataclasses.replace(
             r,
             q=Queries(count, chroma=q_all["chroma"]),
-            hint=q_all["hint"],
-            prior=torch.zeros(count, device=shard.device),
+            given_hint=q_all["hint"],
+            given_prior=torch.zeros(count, device=shard.device),
             categories=None,
         )
         scores, slots = MODES[r.mode].run(shard.parts, everyone)

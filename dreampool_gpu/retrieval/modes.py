@@ -108,6 +108,8 @@ def _diverse(ctx: RetrievalContext, req: Request) -> Result:
 
 def _embedded(ctx: RetrievalContext, req: Request) -> torch.Tensor:
     """``[B, D]`` query embeddings, through the query cache where it applies."""
+    if req.q.embeddings is not None:  # embedding queries: no hint or prior is read
+        return req.q.embeddings
     return ctx.encoders.query_embeddings(req.q, req.hint, req.prior)
 
 
@@ -126,7 +128,7 @@ def _hybrid(ctx: RetrievalContext, req: Request) -> Result:
         ctx.bank,
         similarity,
         candidates,
-        req.hint,
+        req.given_hint,
         req.k,
         req.lam,
         req.min_dispersion,

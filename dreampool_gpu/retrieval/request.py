@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import columns
+from dreampool_gpu import checks, columns
 from dreampool_gpu.bank import TensorBank
 from dreampool_gpu.config import Metric, PoolConfig, RetrievalMode
 from dreampool_gpu.dreams import SINGLE_DREAM_HINT, chroma_signature, hue_category, validate_dreams
@@ -62,7 +62,8 @@ class Request:
     Attributes:
         mode, k: the mode and results per query (per class for ``balanced``).
         q: the parsed queries (``[B, ...]``). hint: ``[B]`` int64 class hints (-1 none).
-        prior: ``[B]`` float32 utility priors. classes: ``balanced``'s class labels.
+        prior: ``[B]`` float32 utility priors (both made on first read when not given:
+            an embedding query in ``nearest`` reads neither). classes: ``balanced``'s class labels.
         lam: MMR trade-off (already 1.0 for ``soft`` without an explicit ``mmr_lambda``).
         min_dispersion, utility_threshold: floats. fetch: candidates re-ranked by soft/hybrid.
         categories: ``[B]`` int64 hue filter, or None. keep: ``[capacity]`` bool ``where`` mask, or None.
@@ -72,8 +73,8 @@ class Request:
     mode: RetrievalMode
     k: int
     q: Queries
-    hint: torch.Tensor
-    prior: torch.Tensor
+    given_hint: torch.Tensor | None
+    given_prior: torch.Tensor | None
     classes: list[int]
     lam: float
     min_dispersion: float
@@ -82,6 +83,21 @@ class Request:
     categories: torch.Tensor | None
     keep: torch.Tensor | None
     chroma_metric: str
+    device: torch.device
+
+    @property
+    def hint(self) -> torch.Tensor:
+        """``[B]`` int64 class hints, -1 where none."""
+        if self.given_hint is None:
+            self.given_hint = torch.full((self.q.count,), -1, dtype=torch.int64, device=self.device)
+        return self.given_hint
+
+    @property
+    def prior(self) -> torch.Tensor:
+        """``[B]`` float32 utility priors (0 where none given)."""
+        if self.given_prior is None:
+            self.given_prior = torch.zeros(self.q.count, device=self.device)
+        return self.given_prior
 
 
 def check_request(
@@ -117,13 +133,13 @@ def check_request(
     k_ = config.retrieval_limit if k is None else v.check_count(k, "k", high=max(capacity, MAX_PADDED_K))
     q = parse_queries(queries, mode_, config, ctx.device, ctx.encoders.encoder)
     b = q.count
-    hint = v.class_labels(class_hint, b, "class_hint", config.num_classes, ctx.device)
-    prior = v.per_item(utility_prior, b, "utility_prior", 0.0, 1.0, ctx.device)
+    hint = None if class_hint is None else v.class_labels(class_hint, b, "class_hint", config.num_classes, ctx.device)
+    prior = None if utility_prior is None else v.per_item(utility_prior, b, "utility_prior", 0.0, 1.0, ctx.device)
     if mode_ not in CHROMA_MODES:
         ctx.encoders.check_fresh()
     if mode_ is RetrievalMode.CLASS:
         expected = f"a class label in 0..{config.num_classes - 1} for mode 'class'"
-        if class_hint is None:
+        if hint is None:
             raise InvalidInputError("class_hint", expected, None)
         if b:
             v.require((hint >= 0).all(), "class_hint", expected, lambda: -1)
@@ -140,7 +156,20 @@ def check_request(
         raise InvalidInputError("chroma_metric", f"one of {', '.join(CHROMA_METRICS)}", repr(chroma_metric))
     keep = where_mask(where, ctx.bank, ctx.device)
     return Request(
-        mode_, k_, q, hint, prior, balanced, lam, dispersion, threshold, fetch, categories, keep, chroma_metric
+        mode_,
+        k_,
+        q,
+        hint,
+        prior,
+        balanced,
+        lam,
+        dispersion,
+        threshold,
+        fetch,
+        categories,
+        keep,
+        chroma_metric,
+        ctx.device,
     )
 
 
@@ -240,20 +269,46 @@ def parse_queries(
     raise DimensionMismatchError(expected, list(t.shape), f"queries for mode {mode.value!r}")
 
 
+_NORMS = (1e-10, 1e15)  # row norms that divide a query as they are (see embedding_queries)
+_HOST_READ = 64  # up to this many rows a column is read with tolist (no kernel); more: two extremes
+
+
+def _host_column(t: torch.Tensor) -> list[float]:
+    """The values of ``t`` ``[B, 1]`` that decide a check, read on the host: every one, or (many rows) the extremes."""
+    if t.shape[0] <= _HOST_READ:
+        return [row[0] for row in t.tolist()]
+    return [float(x) for x in torch.aminmax(t)]
+
+
 def embedding_queries(t: torch.Tensor, metric: Metric) -> torch.Tensor:
     """``[B, D]`` embedding queries, checked finite, in the bank's form (:func:`bank_form`) as float32.
 
     Under euclidean they must be small enough that squared distances to the bank stay
     finite in float32. The finiteness check reads the rows' peaks, which cosine's
-    normalisation needs anyway (a row with NaN or inf has a non-finite peak).
+    normalisation needs anyway (a row with NaN or inf has a non-finite peak). Where checks
+    are read at once (not deferred), cosine first reads the rows' norms: when every one lies in
+    ``[1e-10, 1e15]`` (finite, and no square overflows or underflows to matter) the rows are
+    divided by them (2 kernels); otherwise they are scaled by their peaks first, and a peak
+    read nonzero everywhere skips the zero-row guard.
     """
     t = t.float()  # after the cast: float64 values past float32's range are inf here
-    peak = t.abs().amax(dim=1, keepdim=True) if t.numel() else t.new_zeros(t.shape[0], 1)
-    if t.numel():
-        v.require((peak < math.inf).all(), "queries", "finite values", lambda: "NaN or inf")  # NaN < inf is False
+    if not t.numel():
+        return t if metric is Metric.EUCLIDEAN else unit_rows(t, t.new_zeros(t.shape[0], 1))
+    if metric is Metric.COSINE and checks.active() is None:
+        norms = torch.linalg.vector_norm(t, dim=1, keepdim=True)
+        if all(_NORMS[0] <= n <= _NORMS[1] for n in _host_column(norms)):  # finite too: NaN compares False
+            return t / norms
+    peak = torch.linalg.vector_norm(t, ord=math.inf, dim=1, keepdim=True)  # max |value| per row; NaN stays NaN
+    if checks.active() is None:
+        low, high = (float(x) for x in torch.aminmax(peak))
+        if not high < math.inf:  # NaN < inf is False
+            raise InvalidInputError("queries", "finite values", "NaN or inf")
+    else:
+        low, high = 0.0, math.inf
+        v.require((peak < math.inf).all(), "queries", "finite values", lambda: "NaN or inf")
     if metric is Metric.EUCLIDEAN:
-        if t.numel():
-            bound = math.sqrt(torch.finfo(torch.float32).max / (4 * t.shape[1]))
+        bound = math.sqrt(torch.finfo(torch.float32).max / (4 * t.shape[1]))
+        if high > bound:
             v.require(
                 (peak <= bound).all(),
                 "queries",
@@ -261,4 +316,7 @@ def embedding_queries(t: torch.Tensor, metric: Metric) -> torch.Tensor:
                 lambda: f"|values| up to {float(peak.max()):.3g}",
             )
         return t
+    if low > 0:  # every row nonzero: scaled rows peak at 1, so their norms are >= 1 (no zero guard)
+        scaled = t / peak
+        return scaled / torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
     return unit_rows(t, peak)

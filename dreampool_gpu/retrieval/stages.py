@@ -176,15 +176,26 @@ def knn(
         # Rows whose k-th and (k+1)-th places are that close may hide a tied entry beyond
         # the k+1 fetched: those are re-selected over the whole bank; the others only re-score
         # their k+1 candidates.
-        near = near_ties(scores, embedded.shape[1])
-        if not bool(near.any()):
-            return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
-        rows = torch.nonzero(near.any(dim=1)).squeeze(1)
-        scores, slots = scores.clone(), slots.clone()
-        scores[rows], slots[rows] = _rescore_candidates(bank, config, embedded[rows], slots[rows])
+        b = scores.shape[0]
+        if scores.numel() <= _HOST_TIE_SCAN:  # a few scores: scanned on the host (CPU), row numbers as lists
+            near_rows, cut_rows = host_near_ties(scores.tolist(), embedded.shape[1], k)
+            if not near_rows:
+                return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
+            rows = None if len(near_rows) == b else torch.tensor(near_rows, device=scores.device)
+            cut = torch.tensor(cut_rows, device=scores.device) if cut_rows else None
+        else:
+            near = near_ties(scores, embedded.shape[1])
+            if not bool(near.any()):
+                return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
+            rows = torch.nonzero(near.any(dim=1)).squeeze(1)
+            cut = torch.nonzero(near[:, k - 1]).squeeze(1)
+        if rows is None:  # every row
+            scores, slots = _rescore_candidates(bank, config, embedded, slots)
+        else:
+            scores, slots = scores.clone(), slots.clone()
+            scores[rows], slots[rows] = _rescore_candidates(bank, config, embedded[rows], slots[rows])
         scores, slots = scores[:, :k].contiguous(), slots[:, :k].contiguous()
-        cut = torch.nonzero(near[:, k - 1]).squeeze(1)
-        if cut.numel():
+        if cut is not None and cut.numel():
             scores[cut], slots[cut] = _reselect_ties(
                 bank, config, embedded[cut], k, None if categories is None else categories[cut], keep
             )
@@ -202,6 +213,23 @@ def near_ties(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """
     tol = max(1e-6, dim * 2.0**-23)
     return scores.diff(dim=1).abs() <= tol * (1.0 + scores[:, 1:].abs())
+
+
+_HOST_TIE_SCAN = 512  # up to this many scores (CPU), Python scans a row faster than the ~10 kernels of near_ties
+
+
+def host_near_ties(rows: list[list[float]], dim: int, k: int) -> tuple[list[int], list[int]]:
+    """:func:`near_ties` of best-first rows read on the host: the rows with any near neighbours, and
+    those whose ``k``-th and ``(k+1)``-th places are near (``near[:, k - 1]``)."""
+    tol = max(1e-6, dim * 2.0**-23)
+    near, cut = [], []
+    for i, row in enumerate(rows):
+        close = [abs(b - a) <= tol * (1.0 + abs(b)) for a, b in zip(row, row[1:], strict=False)]  # -inf: never
+        if any(close):
+            near.append(i)
+            if close[k - 1]:
+                cut.append(i)
+    return near, cut
 
 
 def _pair_scores(config: PoolConfig, queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -332,7 +360,7 @@ def hybrid(
     bank: TensorBank,
     similarity: torch.Tensor,
     candidates: torch.Tensor,
-    hint: torch.Tensor,
+    hint: torch.Tensor | None,
     k: int,
     lam: float,
     min_dispersion: float,
@@ -353,16 +381,20 @@ def hybrid(
     gathered = 2 * m * (d * embeddings.element_size() + p * chroma.element_size()) + 8 * 8 * m
     row_bytes = gathered + mmr_row_bytes(m, d)
     score_parts, slot_parts = [], []
-    for rows in row_chunks(candidates.shape[0], row_bytes, chunk_mb):
-        cand = candidates[rows]
+    names = ("util_mean", "embeddings", "chroma") + (() if hint is None else ("class_label",))
+    chunks = row_chunks(candidates.shape[0], row_bytes, chunk_mb)
+    for rows in chunks:
+        cand = candidates if len(chunks) == 1 else candidates[rows]
+        valid = cand >= 0
+        got = _gather_candidates(bank, names, cand, valid)
         picks, scores = hybrid_rerank(
-            similarity[rows],
-            cand >= 0,
-            bank.gather("util_mean", cand),
-            bank.gather("class_label", cand),
-            bank.gather("embeddings", cand),
-            bank.gather("chroma", cand),
-            hint[rows],
+            similarity if len(chunks) == 1 else similarity[rows],
+            valid,
+            got["util_mean"],
+            got.get("class_label"),
+            got["embeddings"],
+            got["chroma"],
+            None if hint is None else hint[rows],
             k,
             lam,
             min_dispersion,
@@ -370,17 +402,33 @@ def hybrid(
         )
         score_parts.append(scores)
         slot_parts.append(torch.where(picks >= 0, cand.gather(1, picks.clamp(min=0)), picks))
+    if len(chunks) == 1:
+        return score_parts[0], slot_parts[0]
     return torch.cat(score_parts), torch.cat(slot_parts)
+
+
+def _gather_candidates(
+    bank: TensorBank, names: tuple[str, ...], cand: torch.Tensor, valid: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Columns ``names`` at candidate slots ``cand`` ``[b, m]`` (-1 padding: fill values).
+
+    Plain gathers when no candidate is padding, which CPU reads at no transfer's cost.
+    """
+    if cand.device.type == "cpu" and not checks.sync_free() and bool(valid.all()):
+        cols = bank.columns
+        return {name: cols[name][cand] for name in names}
+    safe = cand.clamp(min=0)
+    return {name: bank.gather_valid(name, safe, valid) for name in names}
 
 
 def hybrid_rerank(
     similarity: torch.Tensor,
     valid: torch.Tensor,
     util: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     vectors: torch.Tensor,
     points: torch.Tensor,
-    hint: torch.Tensor,
+    hint: torch.Tensor | None,
     k: int,
     lam: float,
     min_dispersion: float,
@@ -391,12 +439,14 @@ def hybrid_rerank(
     Args:
         similarity, valid, util, labels: ``[b, m]`` engine score, candidate present,
             ``util_mean`` and class label of each candidate. vectors: ``[b, m, D]``
-            embeddings; points: ``[b, m, 3]`` chroma. hint: ``[b]`` class hints (-1 none).
+            embeddings; points: ``[b, m, 3]`` chroma. hint: ``[b]`` class hints (-1 none);
+            None: no query has one (every class match is 0.5, and ``labels`` may be None).
 
     Used by :func:`hybrid` (one bank) and the sharded pool (candidates of every shard).
     """
-    match = class_match(labels.long(), hint)
-    base = hybrid_scores(similarity.masked_fill(~valid, float("-inf")), util, match, weights)
+    match = 0.5 if hint is None or labels is None else class_match(labels.long(), hint)
+    invalid = ~valid  # engine scores are finite at every present candidate
+    base = hybrid_scores(similarity.masked_fill(invalid, float("-inf")), util, match, weights, invalid=invalid)
     return mmr_unchecked(
         base, vectors, k, mmr_lambda=lam, delta=weights.delta, min_dispersion=min_dispersion, points=points
     )

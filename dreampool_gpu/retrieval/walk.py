@@ -50,19 +50,36 @@ def walk(parts: PoolParts, queries: Any, options: dict[str, Any], *, with_dreams
     """One retrieve over ``parts``: ``options`` as :data:`~dreampool_gpu.retrieval.context.RETRIEVE_DEFAULTS`
     names them; ``sync_free``: value checks deferred (a failed one empties the results)."""
     bank = parts.bank
-    with checks.deferred(sync_free) as deferred:
-        req = check_request(parts, queries, **options)
-        bank.settle()  # every mode reads derived columns: waiting entries get them now, in one batch
-        if req.mode not in CHROMA_MODES:
-            parts.notices.unfitted(parts.encoder, parts.encoders.fitted)
-        scores, slots = MODES[req.mode].run(parts, req)
-        if deferred is not None and deferred.flags:  # a failed check empties the results
-            ok = parts.fault.record("retrieve", deferred)
-            slots = torch.where(ok, slots, -1)
-            scores = torch.where(ok, scores, float("-inf"))
+    if sync_free:
+        with checks.deferred() as deferred:
+            scores, slots = _ranked(parts, queries, options)
+            if deferred is not None and deferred.flags:  # a failed check empties the results
+                ok = parts.fault.record("retrieve", deferred)
+                slots = torch.where(ok, slots, -1)
+                scores = torch.where(ok, scores, float("-inf"))
+    else:
+        scores, slots = _ranked(parts, queries, options)
+    usage = bank.raw["usage"]
+    host = not sync_free and slots.device.type == "cpu" and not checks.sync_free()
+    if host and slots.numel() and int(slots.min()) >= 0:
+        # no padding (read at no transfer's cost on CPU): the gathers need no mask, usage +1 each
+        usage.index_put_((slots,), _ONE, accumulate=True)
+        dreams = bank.raw["dreams"][slots] if with_dreams else None
+        return Retrieval(ids=bank.raw["ids"].take(slots), scores=scores, dreams=dreams)
     safe, valid = slots.clamp(min=0), slots >= 0
     ids = bank.gather_valid("ids", safe, valid)
-    usage = bank.columns["usage"]  # +1 per returned entry; padding adds 0 (no host sync)
-    usage.index_add_(0, safe.view(-1), valid.view(-1).to(usage.dtype))
+    usage.index_add_(0, safe.view(-1), valid.view(-1).to(usage.dtype))  # +1 per returned entry; padding adds 0
     dreams = bank.gather_valid("dreams", safe, valid) if with_dreams else None
     return Retrieval(ids=ids, scores=scores, dreams=dreams)
+
+
+def _ranked(parts: PoolParts, queries: Any, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, width]`` (scores, slots) of the checked request's mode."""
+    req = check_request(parts, queries, **options)
+    parts.bank.settle()  # every mode reads derived columns: waiting entries get them now, in one batch
+    if req.mode not in CHROMA_MODES:
+        parts.notices.unfitted(parts.encoder, parts.encoders.fitted)
+    return MODES[req.mode].run(parts, req)
+
+
+_ONE = torch.ones((), dtype=torch.int32)  # usage's increment on CPU

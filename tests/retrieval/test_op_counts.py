@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _equality import assert_same_results
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dreampool_gpu import DreamPool, PoolConfig
@@ -21,27 +22,34 @@ SHAPE = (4, 4, 1)
 BATCH = 8
 
 # measured on torch 2.13 CPU when the paths were cut (before: add 214, dreams 22, metadata 90 with
-# every column, feedback 51); "dreams"/"metadata": ids looked up, "... of a sample": the ids sample() returned
+# every column, feedback 51; then add 35, dreams 14, metadata 14, feedback 35, feedback of a sample 17;
+# then add 29, then 30 (two cats keep the age order of a FIFO pool, so the next sample sorts no ids: sample
+# 7 -> 4 in a replay step), feedback 34, feedback of a sample 15); "dreams"/"metadata": ids looked up,
+# "... of a sample": the ids sample() returned
 CALL_BOUNDS = {
-    "add": 40,
+    "add": 32,
     "sample": 6,
-    "dreams": 19,
-    "metadata": 19,
+    "dreams": 16,
+    "metadata": 16,
     "dreams of a sample": 5,
     "metadata of a sample": 5,
-    "feedback": 46,
+    "feedback": 37,
+    "feedback of a sample": 17,
 }
-RETRIEVE_BOUNDS = {  # B = 1, k = 5; measured 135, 161, 207, 141, 213, 336, 336, 216, 139
-    RetrievalMode.SIMILAR: 150,
-    RetrievalMode.CLASS: 180,
-    RetrievalMode.BALANCED: 230,
-    RetrievalMode.UTILITY: 160,
-    RetrievalMode.DIVERSE: 235,
-    RetrievalMode.SOFT: 370,
-    RetrievalMode.HYBRID: 370,
-    RetrievalMode.CATEGORY: 240,
-    RetrievalMode.NEAREST: 155,
+# B = 1, k = 5, dream queries: measured 135, 161, 207, 141, 213, 336, 336, 216, 139, then
+# 128, 155, 200, 134, 150, 231, 231, 186, 127
+RETRIEVE_BOUNDS = {
+    RetrievalMode.SIMILAR: 140,
+    RetrievalMode.CLASS: 170,
+    RetrievalMode.BALANCED: 215,
+    RetrievalMode.UTILITY: 145,
+    RetrievalMode.DIVERSE: 165,
+    RetrievalMode.SOFT: 255,
+    RetrievalMode.HYBRID: 255,
+    RetrievalMode.CATEGORY: 205,
+    RetrievalMode.NEAREST: 140,
 }
+EMBEDDING_BOUNDS = {"nearest": 14, "hybrid": 115}  # B = 1, k = 5, an embedding query: measured 11, 103
 MODE_OPTIONS = {
     RetrievalMode.CLASS: {"class_hint": 3},
     RetrievalMode.BALANCED: {"classes": [1, 3]},
@@ -105,6 +113,7 @@ def test_call_counts(pool):
     for name, fn in {
         "dreams of a sample": lambda: pool.dreams(batch),
         "metadata of a sample": lambda: pool.metadata(batch, columns=("class_label",)),
+        "feedback of a sample": lambda: pool.feedback(batch, utility),
     }.items():
         n, ops = count(fn)
         assert n <= CALL_BOUNDS[name], f"{name}: {n} operations (bound {CALL_BOUNDS[name]}): {ops}"
@@ -141,6 +150,14 @@ def test_retrieve_counts(pool, mode):
     assert n <= RETRIEVE_BOUNDS[mode], f"{mode.value}: {n} operations (bound {RETRIEVE_BOUNDS[mode]}): {ops}"
 
 
+@pytest.mark.parametrize("mode", sorted(EMBEDDING_BOUNDS))
+def test_embedding_query_counts(pool, mode):
+    q = pool.bank.columns["embeddings"][3:4] + 0.01
+    pool.retrieve(q, k=5, mode=mode)
+    n, ops = count(lambda: pool.retrieve(q, k=5, mode=mode))
+    assert n <= EMBEDDING_BOUNDS[mode], f"{mode}: {n} operations (bound {EMBEDDING_BOUNDS[mode]}): {ops}"
+
+
 # ------------------------------------------------------ the cut paths answer as before
 def test_feedback_matches_an_oracle(pool):
     """Repeated ids, absent ids and padding in one call: running mean, count and last utility per entry."""
@@ -170,6 +187,30 @@ def test_feedback_matches_an_oracle(pool):
         assert torch.equal(every_after[name][untouched].nan_to_num(-7), every_before[name][untouched].nan_to_num(-7))
 
 
+def test_feedback_of_a_sample_and_of_a_copy_agree(pool):
+    """Ids sample() returned (their slots remembered, repeats among them) record what the same ids in a new
+    tensor record; a utility that requires grad is recorded as values, and bad utilities change nothing."""
+    g = torch.Generator().manual_seed(7)
+    batch = pool.sample(24, generator=g)  # with replacement: repeats among 24 of 64 are likely
+    utility = torch.rand(24, generator=g, requires_grad=True)
+    columns = ("util_mean", "feedback_count", "utility")
+    live = pool.bank.ids_by_age()
+    twin = DreamPool(pool.config)
+    twin.load_state_dict(pool.state_dict())
+    assert pool.feedback(batch, utility) == 24 and twin.feedback(batch.clone(), utility.detach().clone()) == 24
+    got, want = pool.metadata(live, columns=columns), twin.metadata(live, columns=columns)
+    assert not got["util_mean"].requires_grad and not pool.bank.raw["util_mean"].requires_grad
+    assert torch.equal(got["feedback_count"], want["feedback_count"])
+    torch.testing.assert_close(got["util_mean"], want["util_mean"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(got["utility"], want["utility"], equal_nan=True)
+    for bad in (torch.full((24,), float("nan")), torch.full((24,), 1.5)):
+        with pytest.raises(InvalidInputError, match="utility"):
+            pool.feedback(batch, bad)
+    after = pool.metadata(live, columns=columns)
+    for name in columns:
+        assert torch.equal(after[name].nan_to_num(-7), got[name].nan_to_num(-7))
+
+
 def test_metadata_columns_and_absent_ids(pool):
     live = pool.bank.ids_by_age()
     ids = torch.tensor([[int(live[2]), -1], [int(live[0]) - 1, int(live[9])]])
@@ -185,3 +226,55 @@ def test_metadata_columns_and_absent_ids(pool):
         pool.metadata(ids, columns=("nope",))
     with pytest.raises(InvalidInputError, match="columns"):
         pool.metadata(ids, columns="class_label")
+
+
+def test_a_gate_at_zero_passes_every_checked_dream(pool):
+    """coherence_threshold 0 (the fixture's) admits coherence 0 without a gate count, and a coherence outside
+    [0, 1] or NaN still raises with the pool unchanged."""
+    g = torch.Generator().manual_seed(9)
+    dreams = torch.rand(BATCH, *SHAPE, 3, generator=g)
+    live, next_id = pool.bank.ids_by_age().clone(), pool.bank.next_id
+    for bad in (-0.25, float("nan"), 1.5):
+        coherence = torch.zeros(BATCH)
+        coherence[2] = bad
+        with pytest.raises(InvalidInputError, match="coherence"):
+            pool.add(dreams, coherence=coherence)
+        assert torch.equal(pool.bank.ids_by_age(), live) and pool.bank.next_id == next_id
+    ids = pool.add(dreams, coherence=torch.zeros(BATCH))
+    assert ids.tolist() == list(range(next_id, next_id + BATCH))
+    assert torch.equal(pool.dreams(ids), dreams)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "hybrid"])
+def test_query_rows_answer_alone_as_in_a_mixed_batch(pool, mode):
+    """Cosine queries are divided by their norms, or scaled by their peaks first when a norm is extreme:
+    a batch holding a zero row, a tiny row and a huge one answers each row as that row alone does."""
+    g = torch.Generator().manual_seed(11)
+    d = pool.config.embedding_dim
+    base = torch.randn(4, d, generator=g)
+    batch = torch.stack([base[0], torch.zeros(d), base[1] * 1e-25, base[2] * 1e25, base[3]])
+    together = pool.retrieve(batch, k=5, mode=mode)
+    for row in range(batch.shape[0]):
+        alone = pool.retrieve(batch[row : row + 1], k=5, mode=mode)
+        assert_same_results(
+            alone.ids, alone.scores, together.ids[row : row + 1], together.scores[row : row + 1], where=f"row {row}"
+        )
+    normal = pool.retrieve(base[1:3], k=5, mode=mode)  # scale never changes the answer
+    assert_same_results(normal.ids, normal.scores, together.ids[2:4], together.scores[2:4], where="scaled rows")
+
+
+def test_the_age_order_kept_across_fifo_adds_is_the_sorted_one(pool):
+    """A FIFO pool appends each add to its age order and drops the evicted oldest, with no sort: the order
+    stays what sorting the ids gives, through adds, a sample and feedback between them."""
+    g = torch.Generator().manual_seed(12)
+    for step in range(6):
+        pool.add(torch.rand(BATCH + step, *SHAPE, 3, generator=g), coherence=torch.ones(BATCH + step))
+        if step % 2:
+            batch = pool.sample(BATCH, generator=g)
+            pool.feedback(batch, torch.rand(BATCH, generator=g))
+        ids = pool.bank.raw["ids"]
+        order = torch.sort(ids, stable=True)
+        live = ids.numel() - len(pool)
+        assert torch.equal(pool.bank.ids_by_age(), order.values[live:])
+        assert torch.equal(pool.bank.slots_by_age(), order.indices[live:])
+        assert torch.equal(pool.bank.ids_by_age(), torch.arange(pool.bank.next_id - len(pool), pool.bank.next_id))
