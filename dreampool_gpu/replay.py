@@ -394,8 +394,13 @@ class MIR:
             eligible = _present(labels, self.pool.config.num_classes)
             if logits is None:  # the guard's forward on the best ``guard`` candidates only
                 top = score.topk(min(guard or 0, score.numel())).indices
-                with torch.no_grad():
-                    pred = functional_call(self.model, (params, buffers), (cand_x[top],)).argmax(1)
+                with torch.no_grad():  # the module itself where no buffers need protecting (as above)
+                    guard_logits = (
+                        functional_call(self.model, (params, buffers), (cand_x[top],))
+                        if buffers
+                        else self.model(cand_x[top])
+                    )
+                pred = guard_logits.argmax(1)
                 checked = labels[top]
             else:
                 top, pred, checked = None, logits.argmax(1), labels
