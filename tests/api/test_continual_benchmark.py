@@ -75,3 +75,18 @@ def test_tiny_grid_reports_every_arm(tmp_path):
 def test_unknown_arm_is_refused():
     with pytest.raises(SystemExit):
         continual.main(["--arms", "bogus", "--out", "/dev/null"])
+
+
+def test_replay_loss_adds_the_stored_logits_term_on_valid_rows():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(7, 10, generator=g)
+    y, ry = torch.tensor([1, 2, 3]), torch.tensor([4, -1, 5, 6])
+    stored = torch.randn(4, 10, generator=g)
+    ce = torch.nn.functional.cross_entropy(out, torch.cat([y, ry]), ignore_index=-1)
+    assert torch.allclose(continual.replay_loss(out, y, ry, None), ce)
+    valid = ry >= 0
+    term = (out[3:][valid] - stored[valid]).square().mean()
+    got = continual.replay_loss(out, y, ry, stored)
+    assert torch.allclose(got, ce + continual.LOGIT_WEIGHT * term, rtol=1e-6, atol=1e-7)

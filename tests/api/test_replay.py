@@ -208,6 +208,41 @@ def test_mir_leaves_model_grads_optimizer_and_buffers_untouched():
         assert torch.equal(state["momentum_buffer"], now["state"][key]["momentum_buffer"])
 
 
+def test_mir_on_a_module_without_buffers_leaves_params_and_grads_untouched():
+    """The virtual step's gradient comes from the module itself here: autograd.grad writes no .grad."""
+    pool, _ = pool_of(16)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(FLAT, 4))
+    x, y = batch(6)
+    per_sample(net(x), y).mean().backward()
+    before = {name: t.clone() for name, t in net.state_dict().items()}
+    grads = [p.grad.clone() for p in net.parameters()]
+    got = MIR(pool, net, per_sample, lr=0.5).select(x, y, 4)
+    assert got.shape == (4,) and bool((got >= 0).all())
+    assert all(torch.equal(t, net.state_dict()[name]) for name, t in before.items())
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, net.parameters(), strict=True))
+    net.zero_grad(set_to_none=True)
+    MIR(pool, net, per_sample, lr=0.5).select(x, y, 4)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_select_checks_the_guard_on_its_2k_best_candidates():
+    """``scores`` guards every candidate; ``select`` the 2k best, so a disputed third-best can fill k = 1."""
+    pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=32, coherence_threshold=0.0, device="cpu", num_classes=4))
+    ids = pool.add(torch.rand(8, *SHAPE, 3), coherence=1.0, class_label=torch.tensor([0, 0, 0, 2, 2, 2, 2, 2]))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(FLAT, 4))
+    with torch.no_grad():
+        net[1].weight.zero_()
+        net[1].bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))  # every entry predicted class 2: class 0 disputed
+    x, _ = batch()
+    y = torch.tensor([1, 3, 1, 3])
+    mir = MIR(pool, net, per_sample, lr=0.1)
+    cand, score = mir.scores(x, y)
+    disputed = set(ids[:3].tolist())
+    assert {i for i, s in zip(cand.tolist(), score.tolist(), strict=True) if s == float("-inf")} - {-1} == disputed
+    assert set(mir.select(x, y, 2).tolist()) <= set(ids[3:].tolist())  # the 4 best hold 3 disputed: all checked
+    assert set(mir.select(x, y, 1).tolist()) <= disputed  # the 2 best checked and dropped; the third, not checked
+
+
 @pytest.mark.parametrize(("score", "balanced"), [("increase", False), ("after", True)])
 def test_mir_selects_the_top_oracle_score(score, balanced):
     """Unguarded MIR over every entry returns the k largest losses after (or increases by) an explicit SGD step."""
