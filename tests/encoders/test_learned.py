@@ -111,6 +111,15 @@ class TestFit:
 
 
 class TestAllOrNothing:
+    @pytest.fixture(autouse=True)
+    def default_sigint(self):
+        """Python's own SIGINT handler, as in an interactive run (a background job starts with SIGINT ignored)."""
+        import signal
+
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        yield
+        signal.signal(signal.SIGINT, previous)
+
     def test_diverged_loss_leaves_the_pool_unchanged(self, monkeypatch):
         pool = learned_pool()
         pool.retrieve(torch.rand(2, 3), k=3, mode="nearest")
