@@ -185,10 +185,15 @@ def _check_generator(generator: Any) -> torch.Generator | None:
     return generator
 
 
+def _best(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions of the ``min(n, len)`` highest ``scores``; equal scores: the lower position first."""
+    return scores.sort(descending=True, stable=True).indices[:n]
+
+
 def _top(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """``[k]``: the ids of the ``k`` best scores (``-inf`` = not eligible), -1 padding."""
-    top = scores.topk(min(k, scores.numel()))
-    return _pad(torch.where(torch.isfinite(top.values), ids[top.indices], -1), k)
+    """``[k]``: the ids of the ``k`` best scores (``-inf`` = not eligible; ties: the lower position), -1 padding."""
+    top = _best(scores, k)
+    return _pad(torch.where(torch.isfinite(scores[top]), ids[top], -1), k)
 
 
 class Uniform:
@@ -393,7 +398,7 @@ class MIR:
         if self.drop_disputed:
             eligible = _present(labels, self.pool.config.num_classes)
             if logits is None:  # the guard's forward on the best ``guard`` candidates only
-                top = score.topk(min(guard or 0, score.numel())).indices
+                top = _best(score, guard or 0)
                 with torch.no_grad():  # the module itself where no buffers need protecting (as above)
                     guard_logits = (
                         functional_call(self.model, (params, buffers), (cand_x[top],))
@@ -424,8 +429,7 @@ class MIR:
         """``[k]`` int64 ids on the pool's device of the most interfered candidates (-1 padding)."""
         xt, yt, k = _check_batch(x, y, k, self.pool)
         ids, score = self._scores(xt, yt, where, guard=2 * k)
-        top = score.topk(min(k, score.numel()))
-        return _pad(torch.where(torch.isfinite(top.values), ids[top.indices], -1), k)
+        return _top(score, ids, k)
 
 
 def knn_shapley(
