@@ -10,6 +10,11 @@ pool's calls run on the device in the order they took the lock, with no host wai
 Tensors the pool keeps from call to call (the bank's age order, the fault flag) are
 marked as used on each caller's stream, so the allocator never hands their memory to
 another stream while a call may still read them.
+
+While the caller's stream is capturing a CUDA graph (``torch.cuda.graph``), the lock orders
+the host side only: waiting on an event recorded outside a capture is not allowed inside
+it, and a replayed graph's work is ordered by the stream it is replayed on, like any
+captured work.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class StreamOrderedLock:
         self._depth += 1
         try:
             device = self._device()
-            if self._depth == 1 and device.type == "cuda":
+            if self._depth == 1 and device.type == "cuda" and not _capturing(device):
                 stream = torch.cuda.current_stream(device)
                 if self._done is not None:
                     stream.wait_event(self._done)
@@ -59,10 +64,16 @@ class StreamOrderedLock:
     ) -> None:
         try:
             device = self._device()
-            if self._depth == 1 and device.type == "cuda":
+            if self._depth == 1 and device.type == "cuda" and not _capturing(device):
                 done = torch.cuda.Event()
                 done.record(torch.cuda.current_stream(device))
                 self._done = done
         finally:
             self._depth -= 1
             self._lock.release()
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()

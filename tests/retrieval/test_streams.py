@@ -71,3 +71,31 @@ def test_lock_is_released_when_entering_fails():
     thread.start()
     thread.join(timeout=10)
     assert taken == [True]
+
+
+@pytest.mark.gpu
+def test_a_replay_gather_captures_as_a_cuda_graph():
+    """dreams + metadata of the ids sample returned, captured once and replayed, answer as eagerly."""
+    if not torch.cuda.is_available():
+        pytest.skip("gpu unavailable")
+    pool = DreamPool(PoolConfig(dream_shape=(4, 4, 1), capacity=64, device="cuda", coherence_threshold=0.0))
+    g = torch.Generator().manual_seed(0)
+    pool.add(torch.rand(48, 4, 4, 1, 3, generator=g).cuda(), coherence=1.0, class_label=torch.arange(48).cuda() % 5)
+    ids = pool.sample(8, generator=g)
+
+    def gather():
+        return pool.dreams(ids), pool.metadata(ids, columns=("class_label",))["class_label"]
+
+    eager = gather()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            gather()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = gather()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
