@@ -56,8 +56,12 @@ class IdLookup:
         return result
 
     def remember(self, ids: torch.Tensor, result: Found) -> None:
-        """Answer :meth:`find` of this ``ids`` tensor with ``result`` while it and the bank are unchanged."""
-        self._memo = (ids, (ids._version, self.bank.revision), result)
+        """Answer :meth:`find` of this ``ids`` tensor with ``result`` while it and the bank are unchanged.
+
+        An inference tensor (made under ``torch.inference_mode()``) has no version counter to
+        tell a change by: it is not remembered, and its next :meth:`find` looks it up again.
+        """
+        self._memo = None if ids.is_inference() else (ids, (ids._version, self.bank.revision), result)
 
     def known(self, ids: Any) -> Found | None:
         """:meth:`find`'s remembered answer for ``ids`` (the same tensor, unchanged, in an unchanged bank), or None."""

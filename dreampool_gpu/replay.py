@@ -355,6 +355,11 @@ class MIR:
         self, xt: torch.Tensor, yt: torch.Tensor, where: Any, guard: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``scores``; the guard checks the ``guard`` best-scoring candidates (None: all)."""
+        trained = [(n, p) for n, p in self._named if p.requires_grad]
+        if not trained:
+            raise InvalidConfigurationError("model", type(self.model).__name__, "a parameter with requires_grad")
+        if torch.is_inference_mode_enabled():
+            raise InvalidInputError("MIR", "a call outside torch.inference_mode() (it takes a gradient)", "inside")
         with self.pool._lock:  # filter, draw and gather see the same bank
             keep = _eligible(self.pool, where)
             if self.balanced:
@@ -367,7 +372,6 @@ class MIR:
                 ids = _draw(self.pool, self.candidates, keep, self.generator)
                 dreams, labels = _gather(self.pool, ids)
         cand_x = dreams.to(xt.dtype)
-        trained = [(n, p) for n, p in self._named if p.requires_grad]
         params = {n: p.detach() for n, p in self._named}
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}  # BatchNorm statistics stay as they are
         with torch.enable_grad():

@@ -644,3 +644,19 @@ class TestStats:
         assert stats["evicted"] + stats["dropped"] == 2
         assert stats["bank_bytes"] == sum(t.numel() * t.element_size() for t in pool.bank.columns.values())
         assert stats["bytes_by_column"]["embeddings"] == 8 * 64 * 4
+
+
+def test_replay_calls_work_under_inference_mode():
+    """An evaluation loop under torch.inference_mode() samples, gathers and records as outside it."""
+    pool = DreamPool(PoolConfig(dream_shape=(2, 2, 1), capacity=32, coherence_threshold=0.0, device="cpu"))
+    g = torch.Generator().manual_seed(0)
+    pool.add(torch.rand(16, 2, 2, 1, 3, generator=g), coherence=1.0, class_label=torch.arange(16) % 4)
+    outside = pool.sample(6, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ids = pool.sample(6, generator=torch.Generator().manual_seed(1))
+        dreams = pool.dreams(ids)
+        labels = pool.metadata(ids, columns=("class_label",))["class_label"]
+        assert pool.feedback(ids, torch.full((6,), 0.5)) == 6
+    assert torch.equal(ids, outside)
+    assert torch.equal(dreams, pool.dreams(outside))
+    assert torch.equal(labels, pool.metadata(outside, columns=("class_label",))["class_label"])

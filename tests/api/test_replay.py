@@ -225,6 +225,19 @@ def test_mir_on_a_module_without_buffers_leaves_params_and_grads_untouched():
     assert all(p.grad is None for p in net.parameters())
 
 
+def test_mir_refuses_a_frozen_model_and_inference_mode_with_typed_errors():
+    pool, _ = pool_of(16)
+    x, y = batch(4)
+    frozen = nn.Sequential(nn.Flatten(), nn.Linear(FLAT, 4)).requires_grad_(False)
+    with pytest.raises(InvalidConfigurationError, match="requires_grad"):
+        MIR(pool, frozen, per_sample, lr=0.1).select(x, y, 4)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(FLAT, 4))
+    with torch.inference_mode(), pytest.raises(InvalidInputError, match="inference_mode"):
+        MIR(pool, net, per_sample, lr=0.1).select(x, y, 4)
+    with torch.inference_mode():
+        assert Uniform(pool).select(x, y, 4).shape == (4,)  # no gradient: fine there
+
+
 def test_select_checks_the_guard_on_its_2k_best_candidates():
     """``scores`` guards every candidate; ``select`` the 2k best, so a disputed third-best can fill k = 1."""
     pool = DreamPool(PoolConfig(dream_shape=SHAPE, capacity=32, coherence_threshold=0.0, device="cpu", num_classes=4))
