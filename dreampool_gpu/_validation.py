@@ -38,11 +38,12 @@ def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch
 
     Every tensor argument of the public API enters here: only dense (strided) tensors
     with data are accepted, so a sparse, nested, quantized or meta tensor is refused
-    once, named, before any kernel sees it.
+    once, named, before any kernel sees it. A tensor that requires grad is taken as its
+    values (detached): the pool stores and compares values, never a caller's autograd graph.
     """
     if isinstance(x, torch.Tensor):
         check_dense(x, name)
-        t = x
+        t = x.detach() if x.requires_grad else x
     else:
         if isinstance(x, np.ndarray) and not x.dtype.isnative:  # big-endian data: torch reads native order only
             x = x.astype(x.dtype.newbyteorder("="))

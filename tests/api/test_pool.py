@@ -660,3 +660,27 @@ def test_replay_calls_work_under_inference_mode():
     assert torch.equal(ids, outside)
     assert torch.equal(dreams, pool.dreams(outside))
     assert torch.equal(labels, pool.metadata(outside, columns=("class_label",))["class_label"])
+
+
+def test_inputs_that_require_grad_are_stored_and_compared_as_values():
+    """A generator's output (requires grad) enters as its values: no autograd graph in the bank or in answers."""
+    config = PoolConfig(
+        dream_shape=(2, 2, 1), capacity=8, coherence_threshold=0.0, device="cpu", columns={"logits": ((4,), "float32")}
+    )
+    pool, plain = DreamPool(config), DreamPool(config)
+    g = torch.Generator().manual_seed(0)
+    dreams, logits = torch.rand(5, 2, 2, 1, 3, generator=g), torch.randn(5, 4, generator=g)
+    w = torch.ones(1, requires_grad=True)
+    ids = pool.add(dreams * w, coherence=torch.ones(5) * w, energy=torch.zeros(5) * w, columns={"logits": logits * w})
+    plain.add(dreams, coherence=torch.ones(5), energy=torch.zeros(5), columns={"logits": logits})
+    pool.update(ids[:2], logits=torch.zeros(2, 4) * w)
+    plain.update(ids[:2], logits=torch.zeros(2, 4))
+    assert pool.feedback(ids, torch.full((5,), 0.5) * w) == plain.feedback(ids, torch.full((5,), 0.5)) == 5
+    assert not any(t.requires_grad for t in pool.bank.columns.values())
+    got, want = pool.metadata(ids), plain.metadata(ids)
+    assert all(torch.equal(got[name], want[name]) for name in ("logits", "coherence", "utility", "class_label"))
+    query = torch.rand(2, 2, 2, 1, 3, generator=g)
+    for mode in ("nearest", "hybrid", "similar", "diverse"):
+        out = pool.retrieve(query * w, k=3, mode=mode)
+        assert not out.scores.requires_grad
+        assert torch.equal(out.ids, plain.retrieve(query, k=3, mode=mode).ids)
