@@ -261,7 +261,8 @@ class MIR:
     Args:
         pool: the pool to draw from.
         model: an ``nn.Module`` mapping dreams ``[N, R, C, L, 3]`` (the incoming batch's dtype)
-            to logits ``[N, classes]``.
+            to logits ``[N, classes]``. Under ``DistributedDataParallel`` pass the wrapped
+            module (``ddp.module``): the wrapper's forward expects a backward of its own.
         loss_fn: ``loss_fn(logits, labels)`` giving per-sample losses ``[N]``, e.g.
             ``nn.CrossEntropyLoss(reduction="none")``.
         optimizer: its first parameter group's ``lr`` is the virtual step's, read at each call
