@@ -44,8 +44,8 @@ def record_feedback(parts: PoolParts, ids: Any, utility: Any) -> int:
         v.check_range(u, "utility", 0.0, 1.0)
         return id_t.reshape(-1).long(), u.reshape(-1).float()
 
-    if _plain(ids, utility, device):
-        flat_ids, values = _flat(ids), _flat(utility)
+    if _plain(ids, utility, device):  # a utility that requires grad (a loss's output) counts as its values
+        flat_ids, values = _flat(ids), _flat(utility.detach() if utility.requires_grad else utility)
         bounds = checks.Bounds()
         if values.numel():
             bounds.limit(values, 0.0, 1.0, finite=True)
@@ -55,8 +55,6 @@ def record_feedback(parts: PoolParts, ids: Any, utility: Any) -> int:
     if flat_ids.numel() == 0:
         flag.raise_code(int(flag.code))
         return 0
-    if values.requires_grad:  # a loss's output: its values are recorded, no graph reaches the bank
-        values = values.detach()
     safe, found, stored = locate_for_write(bank, flag, flat_ids, bounds, parsed, known=parts.ids.known(ids))
     if stored:
         _record(bank, safe, found, stored == flat_ids.numel(), values)

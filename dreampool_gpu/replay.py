@@ -239,11 +239,11 @@ class MIR:
       first random entry, then each one's second, ...), so every remembered class is scored
       each step even when memory holds few of it.
     - ``drop_disputed=True``: a high-loss rule prefers mislabelled entries. The guard leaves
-      out a candidate the model after the virtual step assigns to a third class: neither the
-      candidate's label nor a class of the incoming batch, and held by another candidate of the
-      draw (a class the filter leaves replayable). Forgetting shows as predictions of the classes being learned
-      now (the incoming ones), which stay eligible; a confident vote for another remembered
-      class is a dispute of the stored label.
+      out a candidate the model (before the virtual step) assigns to a third class: neither
+      the candidate's label nor a class of the incoming batch, and held by another candidate
+      of the draw (a class the filter leaves replayable). Forgetting shows as predictions of
+      the classes being learned now (the incoming ones), which stay eligible; a confident vote
+      for another remembered class is a dispute of the stored label.
 
     ``drop_high_loss`` (off by default) sets aside that fraction of the candidates with the
     highest loss before the step: it helps under label noise but costs clean streams, whose
@@ -335,6 +335,16 @@ class MIR:
     ) -> torch.Tensor:
         return self._check_losses(self.loss_fn(functional_call(self.model, (params, buffers), (x,)), y), y)
 
+    def _current(
+        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of ``x`` under the module's own parameter values (``params``).
+
+        The module itself where it has no buffers (nothing a forward could change), else
+        ``functional_call`` on ``params`` and the buffers' clones.
+        """
+        return functional_call(self.model, (params, buffers), (x,)) if buffers else self.model(x)
+
     def _check_losses(self, losses: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if losses.shape != y.shape:
             raise InvalidConfigurationError(
@@ -375,15 +385,10 @@ class MIR:
         cand_x = dreams.to(xt.dtype)
         params = {n: p.detach() for n, p in self._named}
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}  # BatchNorm statistics stay as they are
-        with torch.enable_grad():
-            if buffers:
-                live = {n: params[n].requires_grad_() for n, _ in trained}
-                loss = self._losses({**params, **live}, buffers, xt, yt).mean()
-                grads = torch.autograd.grad(loss, list(live.values()), allow_unused=True)
-                params = {n: p.detach() for n, p in self._named}
-            else:  # no buffers to protect: the module itself; autograd.grad leaves every .grad as it is
-                loss = self._check_losses(self.loss_fn(self.model(xt), yt), yt).mean()
-                grads = torch.autograd.grad(loss, [p for _, p in trained], allow_unused=True)
+        with torch.enable_grad():  # autograd.grad leaves every .grad as it is
+            live = {n: p.detach().requires_grad_() for n, p in trained} if buffers else dict(trained)
+            loss = self._check_losses(self.loss_fn(self._current({**params, **live}, buffers, xt), yt), yt).mean()
+            grads = torch.autograd.grad(loss, list(live.values()), allow_unused=True)
         lr = self._lr()
         with torch.no_grad():
             stepped = dict(params)
@@ -393,7 +398,7 @@ class MIR:
             safe = labels.clamp(min=0)
             after = self._losses(stepped, buffers, cand_x, safe)
             everyone = self.score == "increase" or self.drop_high_loss > 0 or (self.drop_disputed and guard is None)
-            logits = functional_call(self.model, (params, buffers), (cand_x,)) if everyone else None
+            logits = self._current(params, buffers, cand_x) if everyone else None
             before = None if logits is None else self._check_losses(self.loss_fn(logits, safe), safe)
         valid = labels >= 0
         rank = after - before if before is not None and self.score == "increase" else after
@@ -404,13 +409,8 @@ class MIR:
             eligible = _present(labels, self.pool.config.num_classes)
             if logits is None:  # the guard's forward on the best ``guard`` candidates only
                 top = _best(score, guard or 0)
-                with torch.no_grad():  # the module itself where no buffers need protecting (as above)
-                    guard_logits = (
-                        functional_call(self.model, (params, buffers), (cand_x[top],))
-                        if buffers
-                        else self.model(cand_x[top])
-                    )
-                pred = guard_logits.argmax(1)
+                with torch.no_grad():
+                    pred = self._current(params, buffers, cand_x[top]).argmax(1)
                 checked = labels[top]
             else:
                 top, pred, checked = None, logits.argmax(1), labels

@@ -37,9 +37,11 @@ def make_index(bank: TensorBank, config: PoolConfig) -> SearchIndex:
     """
     chunk_bytes = int(config.search_chunk_mb * 2**20)
     exact = ExactSearch(bank, config.metric, chunk_bytes=chunk_bytes)
-    if config.engine == "torch" or (config.engine == "auto" and not faiss_available()):
+    if config.engine == "torch":
         return exact
     if not faiss_available():
+        if config.engine == "auto":
+            return exact
         raise InvalidConfigurationError(
             "engine", config.engine, "'torch' or 'auto' where FAISS is not installed (pip install faiss-cpu)"
         )
