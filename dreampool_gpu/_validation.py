@@ -183,11 +183,20 @@ def int_range_text(low: int, high: int | None = None) -> str:
 
 
 # ---------------------------------------------------------------- per-dream and per-query values
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def per_item(x: Any, n: int, name: str, low: float, high: float, device: torch.device) -> torch.Tensor:
     """``x`` (None: zeros; a scalar is broadcast) as ``[n]`` float32 in ``[low, high]`` on ``device``:
     a value per dream or per query (coherence, energy, violation, utility prior)."""
     if x is None:
         return torch.zeros(n, device=device)
+    if isinstance(x, (int, float)) and not isinstance(x, bool):  # checked on the host: no reduction, no read
+        if not math.isfinite(x) or abs(x) > _FLOAT32_MAX:  # float32 would hold it as inf
+            raise InvalidInputError(name, "finite values", repr(x))
+        if not low <= x <= high:
+            raise InvalidInputError(name, f"values in [{low}, {high}]", repr(x))
+        return torch.full((n,), float(x), device=device)
     t = as_tensor(x, name, device=device)
     if t.dtype == torch.bool or t.is_complex():
         raise InvalidInputError(name, "real numbers", f"dtype {t.dtype}")

@@ -545,6 +545,11 @@ class TestErrorsLeaveStateUnchanged:
         ({"violation": torch.tensor([float("inf"), 0.0, 0.0])}, InvalidInputError),
         ({"class_labels": torch.tensor([0, 10, 1])}, InvalidInputError),
         ({"class_labels": torch.tensor([0.5, 1.0, 1.0])}, InvalidInputError),
+        ({"coherence": 1.5}, InvalidInputError),  # Python numbers: checked on the host
+        ({"coherence": float("nan")}, InvalidInputError),
+        ({"energy": -1}, InvalidInputError),
+        ({"energy": 1e39}, InvalidInputError),  # finite as a float, inf as float32
+        ({"violation": float("inf")}, InvalidInputError),
     ]
 
     @pytest.mark.parametrize("bad,error", BAD_ADDS)
@@ -565,6 +570,17 @@ class TestErrorsLeaveStateUnchanged:
         with pytest.raises(error):
             pool.add(dreams, **kwargs)
         assert_same(before, snapshot(pool))
+
+    def test_python_numbers_store_as_tensors_do(self):
+        dreams = coloured_dreams(3, seed=43)
+        values = {"coherence": 1, "energy": 2.5, "violation": 0.25}
+        columns = tuple(values)
+        got, want = make_pool(4, capacity=10)[0], make_pool(4, capacity=10)[0]
+        a = got.add(dreams, **values)
+        b = want.add(dreams, **{k: torch.full((3,), float(x)) for k, x in values.items()})
+        assert torch.equal(a, b)
+        for name, column in got.metadata(a, columns=columns).items():
+            assert torch.equal(column, want.metadata(b, columns=columns)[name]), name
 
     @pytest.mark.parametrize(
         "kwargs,error",
