@@ -421,18 +421,23 @@ def short_table(rows: Sequence[dict[str, Any]]) -> str:
     for noise in sorted({r["noise"] for r in rows}):
         for memory in sorted({r["memory"] for r in rows}):
             out.append(f"{'clean labels' if noise == 0 else f'{noise:.0%} label noise'}, M = {memory}")
-            out.append(f"  {'arm':<22} {'accuracy %':>13} {'forgetting %':>13} {'vs ER':>14}")
+            out.append(f"  {'arm':<22} {'accuracy %':>13} {'forgetting %':>13} {'vs ER':>14} {'memory ms/step':>16}")
             for r in rows:
                 if r["noise"] != noise or r["memory"] != memory:
                     continue
                 vs = f"{r['vs_er_accuracy']:+.1f} ({r['seeds_won']}/{r['seeds']})" if r["arm"] != "er" else ""
+                t = r["seconds_per_step"]
+                work = t["replay"] + t["add"]
+                share = f"{1e3 * work:.2f} ({work / max(work + t['learner'], 1e-12):.0%})"
                 out.append(
                     f"  {r['arm']:<22} {r['accuracy_mean']:6.1f} ± {r['accuracy_std']:4.1f} "
-                    f"{r['forgetting_mean']:6.1f} ± {r['forgetting_std']:4.1f} {vs:>14}"
+                    f"{r['forgetting_mean']:6.1f} ± {r['forgetting_std']:4.1f} {vs:>14} {share:>16}"
                 )
     out.append(
         "accuracy: final average over the 5 tasks; forgetting: mean drop from each task's best; "
-        "vs ER: paired accuracy difference in points (seeds won); mean ± std over seeds"
+        "vs ER: paired accuracy difference in points (seeds won); mean ± std over seeds; memory ms/step: "
+        "choosing and gathering the replay batch (a strategy's forward passes included) and writing the incoming "
+        "batch, per step (its share of the step)"
     )
     return "\n".join(out)
 
