@@ -96,7 +96,9 @@ def _restore_index(pool: PoolParts, snap: persist.PoolSnapshot) -> None:
         logger.info("checkpoint index is %s, pool uses %s: rebuilding from the bank", snap.index_kind, pool.index.kind)
 
 
-def build_pool(cls: type[P], config: PoolConfig, capacity: int | None, *, encoder: Any = None) -> P:
+def build_pool(
+    cls: type[P], config: PoolConfig, capacity: int | None, *, encoder: Any = None, eviction: Any = None
+) -> P:
     """A new ``cls`` pool of ``config`` with ``capacity`` slots: a saved pool's resolved capacity.
 
     The bank is fitted to ``capacity`` (lowered only where the budget on the pool's device
@@ -104,9 +106,36 @@ def build_pool(cls: type[P], config: PoolConfig, capacity: int | None, *, encode
     None (a checkpoint from before the capacity was saved) fits ``config`` anew.
     """
     if capacity is None or capacity == config.capacity:
-        return cls(config, encoder=encoder)
-    pool = cls(config.replace(capacity=capacity), encoder=encoder)
+        return cls(config, encoder=encoder, eviction=eviction)
+    pool = cls(config.replace(capacity=capacity), encoder=encoder, eviction=eviction)
     pool.config = config  # the fitted capacity lives on the bank (pool.capacity), not in the config
+    return pool
+
+
+def reduce(pool: DreamPool) -> tuple[Any, tuple[Any, ...]]:
+    """:meth:`DreamPool.__reduce__`: how to rebuild the pool, from its :meth:`DreamPool.state_dict`.
+
+    A user's encoder or eviction policy rides along as the object itself (pickled by value);
+    the built-in ones are made anew from the configuration, then take their saved state.
+    """
+    from dreampool_gpu.eviction import policy_for
+
+    parts = pool.parts
+    with parts.lock:
+        state = persist.to_state_dict(snapshot(parts))
+        encoder = parts.encoder if persist.encoder_kind(parts.encoder) in ("module", "custom") else None
+        config = parts.config
+        default = type(policy_for(config.eviction_policy, seed=config.eviction_seed, num_classes=config.num_classes))
+        eviction = None if type(parts.eviction) is default else parts.eviction
+    return rebuild, (type(pool), state, encoder, eviction)
+
+
+def rebuild(cls: type[P], state: dict[str, Any], encoder: Any, eviction: Any) -> P:
+    """The pool :func:`reduce` describes: a ``cls`` pool of the saved configuration, device and capacity."""
+    snap = persist.from_state_dict(state)
+    pool = build_pool(cls, persist.config_for_load(snap, None), snap.capacity, encoder=encoder, eviction=eviction)
+    with pool.parts.lock:
+        restore(pool.parts, snap)
     return pool
 
 

@@ -8,6 +8,7 @@ checkpoints to :mod:`~dreampool_gpu.checkpointing`, ``to`` to :mod:`~dreampool_g
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from typing import Any, Generic, SupportsIndex, TypeVar, cast, overload
@@ -620,6 +621,19 @@ class DreamPool:
             (On error the pool is unchanged.)
         """
         checkpointing.load_state_dict(self._parts, state_dict)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickling (``copy.deepcopy``, ``torch.save(pool)``, a spawned worker) goes through :meth:`state_dict`.
+
+        The copy is a new, independent pool of the same configuration, device, entries, ids,
+        counters and eviction state (``copy.copy`` too: nothing is shared). A user's encoder or
+        eviction policy is pickled with it; ``metrics`` is not carried.
+        """
+        return checkpointing.reduce(self)
+
+    def __copy__(self) -> DreamPool:
+        """``copy.copy``: an independent pool, as ``copy.deepcopy`` gives (a pool shares no part)."""
+        return copy.deepcopy(self)
 
     # --------------------------------------------------------------- device
     def to(self, device: str | torch.device) -> DreamPool:
