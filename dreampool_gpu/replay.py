@@ -27,7 +27,9 @@ strategy needs labels.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -180,20 +182,46 @@ def _check_batch(x: Any, y: Any, k: Any, pool: DreamPool) -> tuple[torch.Tensor,
 
 
 def _check_generator(generator: Any) -> torch.Generator | None:
+    """A CPU ``torch.Generator`` or None (``pool.sample`` draws on the host)."""
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
+        raise InvalidInputError("generator", "a CPU torch.Generator or None", type(generator).__name__)
+    if generator is not None and generator.device.type != "cpu":
+        raise InvalidInputError("generator", "a CPU torch.Generator or None", f"a generator on {generator.device}")
     return generator
 
 
 def _best(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Positions of the ``min(n, len)`` highest ``scores``; equal scores: the lower position first."""
-    return scores.sort(descending=True, stable=True).indices[:n]
+    """Positions of the ``min(n, len)`` highest ``scores``; equal scores: the lower position first.
+
+    NaN (a model's overflow) ranks below every number but above ``-inf`` (not eligible).
+    """
+    low = torch.finfo(scores.dtype).min
+    return torch.where(scores.isnan(), low, scores).sort(descending=True, stable=True).indices[:n]
 
 
 def _top(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
     """``[k]``: the ids of the ``k`` best scores (``-inf`` = not eligible; ties: the lower position), -1 padding."""
     top = _best(scores, k)
-    return _pad(torch.where(torch.isfinite(scores[top]), ids[top], -1), k)
+    return _pad(torch.where(scores[top] != -math.inf, ids[top], -1), k)
+
+
+@contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode (dropout off, BatchNorm on its running statistics); each one's own mode after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _distances(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``[B, n]`` Euclidean distances of float32 features, in float32 even under a caller's ``torch.autocast``."""
+    with torch.autocast(queries.device.type, enabled=False):
+        return -pairwise_scores(queries.float(), rows.float(), Metric.EUCLIDEAN)
 
 
 class Uniform:
@@ -304,7 +332,7 @@ class MIR:
             raise InvalidConfigurationError(
                 "lr", lr, "a learning rate, or an optimizer whose first param group has 'lr'"
             )
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0):
             raise InvalidConfigurationError("lr", lr, "a number > 0")
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise InvalidConfigurationError("candidates", candidates, "an int >= 1")
@@ -326,7 +354,9 @@ class MIR:
         if self.lr is not None:
             return float(self.lr)
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None else None
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+        if isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.is_floating_point():
+            lr = float(lr)  # a tensor learning rate (Adam(lr=torch.tensor(...))): one read of it
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not float(lr) >= 0:
             raise InvalidConfigurationError("optimizer", lr, "a first param group whose 'lr' is a number >= 0")
         return float(lr)
 
@@ -390,7 +420,7 @@ class MIR:
             loss = self._check_losses(self.loss_fn(self._current({**params, **live}, buffers, xt), yt), yt).mean()
             grads = torch.autograd.grad(loss, list(live.values()), allow_unused=True)
         lr = self._lr()
-        with torch.no_grad():
+        with torch.no_grad(), _evaluating(self.model):  # candidates scored one by one: no dropout, no batch statistics
             stepped = dict(params)
             for (n, _), g in zip(trained, grads, strict=True):
                 if g is not None:
@@ -409,7 +439,7 @@ class MIR:
             eligible = _present(labels, self.pool.config.num_classes)
             if logits is None:  # the guard's forward on the best ``guard`` candidates only
                 top = _best(score, guard or 0)
-                with torch.no_grad():
+                with torch.no_grad(), _evaluating(self.model):
                     pred = self._current(params, buffers, cand_x[top]).argmax(1)
                 checked = labels[top]
             else:
@@ -526,11 +556,10 @@ class KNNShapley:
         if feats.dim() != 2 or feats.shape[0] != xt.shape[0] + ids.numel():
             raise InvalidConfigurationError("features", "its output", f"[N, D] features, got {list(feats.shape)}")
         b, c = xt.shape[0], cand.numel()
-        feats = feats.float()
-        dist = -pairwise_scores(torch.cat([feats[:b], feats[b + c :]]), feats[b : b + c], Metric.EUCLIDEAN)
+        dist = _distances(torch.cat([feats[:b], feats[b + c :]]), feats[b : b + c])
         valid = cand >= 0
         sv = knn_shapley(dist, torch.cat([yt, labels[c:]]), labels[:c], valid, self.k)
-        adv = sv[:b].mean(0)
+        adv = sv[:b].sum(0) / max(b, 1)  # an empty incoming batch: no adversarial term
         eval_valid = (evals >= 0).to(sv.dtype)
         coop = (sv[b:] * eval_valid[:, None]).sum(0) / eval_valid.sum().clamp(min=1.0)
         score = torch.where(valid, coop - adv, -math.inf)
@@ -583,8 +612,7 @@ class Nearest:
         if feats.dim() != 2 or feats.shape[0] != xt.shape[0] + ids.numel():
             raise InvalidConfigurationError("features", "its output", f"[N, D] features, got {list(feats.shape)}")
         b = xt.shape[0]
-        feats = feats.float()
-        if ids.numel() == 0:
-            return _pad(ids, k)
-        near = pairwise_scores(feats[:b], feats[b:], Metric.EUCLIDEAN).max(0).values
+        if ids.numel() == 0 or b == 0:  # nothing to rank, or nothing to be near: the draw's order
+            return _pad(ids[:k], k)
+        near = -_distances(feats[:b], feats[b:]).min(0).values
         return _top(near, ids, k)
