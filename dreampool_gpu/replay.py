@@ -166,6 +166,19 @@ def _balanced(
     return picked.reshape(-1)
 
 
+def _fill_level(labels: torch.Tensor, num_classes: int, width: int, need: int, least: int) -> torch.Tensor:
+    """0-d int64: the smallest per-class count ``p`` in ``[least, width]`` whose class-balanced draw fills ``need``.
+
+    A class of ``s`` entries among ``labels`` ``[m]`` (each >= 0) gives ``min(s, p)``; classes
+    with fewer entries leave their share to the others. No host read.
+    """
+    size = torch.zeros(num_classes, dtype=torch.long, device=labels.device)
+    size.index_add_(0, labels, torch.ones_like(labels))
+    levels = torch.arange(width + 1, device=labels.device)
+    filled = torch.minimum(size[:, None], levels[None, :]).sum(0)  # entries drawn at each level
+    return (filled < need).sum().clamp(min=least)
+
+
 def _check_batch(x: Any, y: Any, k: Any, pool: DreamPool) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Validate ``x`` ``[B, R, C, L, 3]`` float, ``y`` ``[B]`` int and ``k`` >= 0; move them to the pool's device."""
     k = v.check_count(k, "k")
@@ -495,8 +508,10 @@ class KNNShapley:
     """ASER-style replay (Shim et al. 2021): KNN-Shapley values on the learner's features.
 
     A call draws a class-balanced candidate sample (``per_class`` entries of each class, more
-    when needed so that at least ``k`` replay slots are filled: ``max(per_class, ceil(k / classes
-    present))``) and a disjoint class-balanced evaluation sample of ``per_class`` per class. Each
+    when needed so that ``min(k, qualifying)`` replay slots are filled: the smallest per-class
+    count that does, classes with fewer entries leaving their share to the others) and a
+    disjoint class-balanced evaluation sample of ``per_class`` per class (the entries after a
+    class's candidates). Each
     candidate's value is its mean KNN-Shapley value (``knn_shapley``, ``k`` neighbours) for the
     evaluation sample (cooperative: it helps classify memory) minus its mean value for the
     incoming batch (adversarial: a candidate near incoming points of another label gets a
@@ -541,9 +556,8 @@ class KNNShapley:
             keep = _eligible(self.pool, where)
             order = _draw(self.pool, keep.numel(), keep, self.generator)  # every eligible id, shuffled
             order_labels = self.pool.metadata(order, columns=("class_label",))["class_label"]
-            n_present = _present(order_labels, classes).sum().clamp(min=1)
-            per = torch.clamp(torch.ceil(k / n_present.float()).long(), min=self.per_class)
             width = max(self.per_class, k)
+            per = _fill_level(order_labels, classes, width, min(k, order.numel()), self.per_class)
             zero = torch.zeros((), dtype=torch.long, device=per.device)
             cand = _balanced(order_labels, classes, width, zero, per)
             evals = _balanced(order_labels, classes, self.per_class, per, torch.full_like(per, self.per_class))
