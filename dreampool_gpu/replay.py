@@ -21,7 +21,8 @@ filter (labelled entries passing ``where``) reads the bank's label column direct
 and computes lazy features, which a replay loop never needs. Scoring and top-k run on the
 pool's device; the host reads are the filtered draw's (it sizes its result: 2 reads), plus one
 id lookup in :class:`KNNShapley`. Entries without a class label (-1) never qualify: every
-strategy needs labels.
+strategy needs labels. A NaN score (a diverged model) ranks below every number and the entry
+still qualifies; ``-inf`` marks an entry left out.
 """
 
 from __future__ import annotations
@@ -290,6 +291,15 @@ class MIR:
     highest loss before the step: it helps under label noise but costs clean streams, whose
     highest-loss entries are the forgotten ones.
 
+    Modes: the virtual step's gradient runs in the module's own train/eval mode, as the
+    training step does (BatchNorm on the incoming batch's statistics, into cloned buffers;
+    dropout masks from torch's global generator, so with dropout in train mode a selection
+    repeats only under the same global seed too). The candidates are scored in eval mode
+    (every submodule's mode set back after, one by one): a candidate's score does not depend
+    on the others drawn, and a single candidate passes a BatchNorm. The virtual step is plain
+    SGD whatever the optimizer (no momentum, weight decay or Adam moments); an adaptive
+    optimizer's ``lr`` is not an SGD step size, so pass ``lr`` with one.
+
     Cost per call: one forward and one backward on the ``B`` incoming dreams (the module
     itself when it has no buffers, ``functional_call`` with copied buffers otherwise), one
     batched forward on the ``candidates`` after the virtual step, and the guard's forward
@@ -306,8 +316,8 @@ class MIR:
             module (``ddp.module``): the wrapper's forward expects a backward of its own.
         loss_fn: ``loss_fn(logits, labels)`` giving per-sample losses ``[N]``, e.g.
             ``nn.CrossEntropyLoss(reduction="none")``.
-        optimizer: its first parameter group's ``lr`` is the virtual step's, read at each call
-            (so a scheduler is followed), unless ``lr`` is given.
+        optimizer: its first parameter group's ``lr`` (a number or a one-element tensor) is the
+            virtual step's, read at each call (so a scheduler is followed), unless ``lr`` is given.
         lr: the virtual step's learning rate.
         candidates: entries scored per call (the paper's C; 50).
         drop_high_loss: fraction in [0, 1) of the candidates with the highest current loss set
@@ -525,7 +535,9 @@ class KNNShapley:
     Args:
         pool: the pool to draw from (labels 0..``pool.config.num_classes``-1).
         features: a callable mapping dreams ``[N, R, C, L, 3]`` (the incoming batch's dtype) to
-            features ``[N, D]``, e.g. the learner's penultimate layer; called under ``no_grad``.
+            features ``[N, D]``, e.g. the learner's penultimate layer; called as given under
+            ``no_grad`` (a module in train mode updates its BatchNorm statistics with the samples:
+            wrap it to run in eval mode). Distances are float32, under ``autocast`` too.
         k: neighbours of the KNN utility (ASER's K).
         per_class: class-balanced sample size per class (ASER's ``n_smp_cls``).
         generator: a CPU ``torch.Generator`` for the samples.
@@ -585,14 +597,15 @@ class Nearest:
 
     A call draws ``candidates`` entries uniformly (all qualifying entries when None) and scores
     each by its distance to the nearest incoming dream, both through ``features``; the ``k``
-    nearest are replayed.
+    nearest are replayed (an empty incoming batch: the first ``k`` of the draw).
 
     Cost per call: one forward of ``features`` over the incoming batch and the candidates
     (no backward), one ``[B, candidates]`` distance matrix with the pool's exact k-NN kernel.
 
     Args:
         pool: the pool to draw from.
-        features: a callable mapping dreams ``[N, R, C, L, 3]`` to features ``[N, D]``.
+        features: a callable mapping dreams ``[N, R, C, L, 3]`` to features ``[N, D]``, called as
+            given under ``no_grad`` (as in :class:`KNNShapley`).
         candidates: entries scored per call (None: every qualifying entry, up to ``capacity``).
         generator: a CPU ``torch.Generator`` for the candidate draw.
     """
