@@ -521,12 +521,12 @@ class KNNShapley:
     when needed so that ``min(k, qualifying)`` replay slots are filled: the smallest per-class
     count that does, classes with fewer entries leaving their share to the others) and a
     disjoint class-balanced evaluation sample of ``per_class`` per class (the entries after a
-    class's candidates). Each
-    candidate's value is its mean KNN-Shapley value (``knn_shapley``, ``k`` neighbours) for the
-    evaluation sample (cooperative: it helps classify memory) minus its mean value for the
-    incoming batch (adversarial: a candidate near incoming points of another label gets a
-    negative value there, so a higher score). The ``k`` highest are replayed. Where ``where``
-    keeps every incoming class out of the candidates, the adversarial term is 0 by construction.
+    class's candidates). Each candidate's value is its mean KNN-Shapley value (``knn_shapley``,
+    ``k`` neighbours) for the evaluation sample (cooperative: it helps classify memory) minus
+    its mean value for the incoming batch (adversarial: a candidate near incoming points of
+    another label gets a negative value there, so a higher score; 0 for an empty batch). The
+    ``k`` highest are replayed. Where ``where`` keeps every incoming class out of the
+    candidates, the adversarial term is 0 by construction.
 
     Cost per call: one forward of ``features`` over the incoming batch and the two samples
     (no backward), one batched ``[B + E, N]`` distance matrix with the pool's exact k-NN kernel
