@@ -21,13 +21,16 @@ filter (labelled entries passing ``where``) reads the bank's label column direct
 and computes lazy features, which a replay loop never needs. Scoring and top-k run on the
 pool's device; the host reads are the filtered draw's (it sizes its result: 2 reads), plus one
 id lookup in :class:`KNNShapley`. Entries without a class label (-1) never qualify: every
-strategy needs labels.
+strategy needs labels. A NaN score (a diverged model) ranks below every number and the entry
+still qualifies; ``-inf`` marks an entry left out.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -164,6 +167,19 @@ def _balanced(
     return picked.reshape(-1)
 
 
+def _fill_level(labels: torch.Tensor, num_classes: int, width: int, need: int, least: int) -> torch.Tensor:
+    """0-d int64: the smallest per-class count ``p`` in ``[least, width]`` whose class-balanced draw fills ``need``.
+
+    A class of ``s`` entries among ``labels`` ``[m]`` (each >= 0) gives ``min(s, p)``; classes
+    with fewer entries leave their share to the others. No host read.
+    """
+    size = torch.zeros(num_classes, dtype=torch.long, device=labels.device)
+    size.index_add_(0, labels, torch.ones_like(labels))
+    levels = torch.arange(width + 1, device=labels.device)
+    filled = torch.minimum(size[:, None], levels[None, :]).sum(0)  # entries drawn at each level
+    return (filled < need).sum().clamp(min=least)
+
+
 def _check_batch(x: Any, y: Any, k: Any, pool: DreamPool) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Validate ``x`` ``[B, R, C, L, 3]`` float, ``y`` ``[B]`` int and ``k`` >= 0; move them to the pool's device."""
     k = v.check_count(k, "k")
@@ -180,20 +196,46 @@ def _check_batch(x: Any, y: Any, k: Any, pool: DreamPool) -> tuple[torch.Tensor,
 
 
 def _check_generator(generator: Any) -> torch.Generator | None:
+    """A CPU ``torch.Generator`` or None (``pool.sample`` draws on the host)."""
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
+        raise InvalidInputError("generator", "a CPU torch.Generator or None", type(generator).__name__)
+    if generator is not None and generator.device.type != "cpu":
+        raise InvalidInputError("generator", "a CPU torch.Generator or None", f"a generator on {generator.device}")
     return generator
 
 
 def _best(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Positions of the ``min(n, len)`` highest ``scores``; equal scores: the lower position first."""
-    return scores.sort(descending=True, stable=True).indices[:n]
+    """Positions of the ``min(n, len)`` highest ``scores``; equal scores: the lower position first.
+
+    NaN (a model's overflow) ranks below every number but above ``-inf`` (not eligible).
+    """
+    low = torch.finfo(scores.dtype).min
+    return torch.where(scores.isnan(), low, scores).sort(descending=True, stable=True).indices[:n]
 
 
 def _top(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
     """``[k]``: the ids of the ``k`` best scores (``-inf`` = not eligible; ties: the lower position), -1 padding."""
     top = _best(scores, k)
-    return _pad(torch.where(torch.isfinite(scores[top]), ids[top], -1), k)
+    return _pad(torch.where(scores[top] != -math.inf, ids[top], -1), k)
+
+
+@contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode (dropout off, BatchNorm on its running statistics); each one's own mode after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _distances(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``[B, n]`` Euclidean distances of float32 features, in float32 even under a caller's ``torch.autocast``."""
+    with torch.autocast(queries.device.type, enabled=False):
+        return -pairwise_scores(queries.float(), rows.float(), Metric.EUCLIDEAN)
 
 
 class Uniform:
@@ -249,6 +291,15 @@ class MIR:
     highest loss before the step: it helps under label noise but costs clean streams, whose
     highest-loss entries are the forgotten ones.
 
+    Modes: the virtual step's gradient runs in the module's own train/eval mode, as the
+    training step does (BatchNorm on the incoming batch's statistics, into cloned buffers;
+    dropout masks from torch's global generator, so with dropout in train mode a selection
+    repeats only under the same global seed too). The candidates are scored in eval mode
+    (every submodule's mode set back after, one by one): a candidate's score does not depend
+    on the others drawn, and a single candidate passes a BatchNorm. The virtual step is plain
+    SGD whatever the optimizer (no momentum, weight decay or Adam moments); an adaptive
+    optimizer's ``lr`` is not an SGD step size, so pass ``lr`` with one.
+
     Cost per call: one forward and one backward on the ``B`` incoming dreams (the module
     itself when it has no buffers, ``functional_call`` with copied buffers otherwise), one
     batched forward on the ``candidates`` after the virtual step, and the guard's forward
@@ -265,8 +316,8 @@ class MIR:
             module (``ddp.module``): the wrapper's forward expects a backward of its own.
         loss_fn: ``loss_fn(logits, labels)`` giving per-sample losses ``[N]``, e.g.
             ``nn.CrossEntropyLoss(reduction="none")``.
-        optimizer: its first parameter group's ``lr`` is the virtual step's, read at each call
-            (so a scheduler is followed), unless ``lr`` is given.
+        optimizer: its first parameter group's ``lr`` (a number or a one-element tensor) is the
+            virtual step's, read at each call (so a scheduler is followed), unless ``lr`` is given.
         lr: the virtual step's learning rate.
         candidates: entries scored per call (the paper's C; 50).
         drop_high_loss: fraction in [0, 1) of the candidates with the highest current loss set
@@ -304,7 +355,7 @@ class MIR:
             raise InvalidConfigurationError(
                 "lr", lr, "a learning rate, or an optimizer whose first param group has 'lr'"
             )
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0):
             raise InvalidConfigurationError("lr", lr, "a number > 0")
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise InvalidConfigurationError("candidates", candidates, "an int >= 1")
@@ -326,7 +377,9 @@ class MIR:
         if self.lr is not None:
             return float(self.lr)
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None else None
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+        if isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.is_floating_point():
+            lr = float(lr)  # a tensor learning rate (Adam(lr=torch.tensor(...))): one read of it
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not float(lr) >= 0:
             raise InvalidConfigurationError("optimizer", lr, "a first param group whose 'lr' is a number >= 0")
         return float(lr)
 
@@ -390,7 +443,7 @@ class MIR:
             loss = self._check_losses(self.loss_fn(self._current({**params, **live}, buffers, xt), yt), yt).mean()
             grads = torch.autograd.grad(loss, list(live.values()), allow_unused=True)
         lr = self._lr()
-        with torch.no_grad():
+        with torch.no_grad(), _evaluating(self.model):  # candidates scored one by one: no dropout, no batch statistics
             stepped = dict(params)
             for (n, _), g in zip(trained, grads, strict=True):
                 if g is not None:
@@ -409,7 +462,7 @@ class MIR:
             eligible = _present(labels, self.pool.config.num_classes)
             if logits is None:  # the guard's forward on the best ``guard`` candidates only
                 top = _best(score, guard or 0)
-                with torch.no_grad():
+                with torch.no_grad(), _evaluating(self.model):
                     pred = self._current(params, buffers, cand_x[top]).argmax(1)
                 checked = labels[top]
             else:
@@ -465,13 +518,15 @@ class KNNShapley:
     """ASER-style replay (Shim et al. 2021): KNN-Shapley values on the learner's features.
 
     A call draws a class-balanced candidate sample (``per_class`` entries of each class, more
-    when needed so that at least ``k`` replay slots are filled: ``max(per_class, ceil(k / classes
-    present))``) and a disjoint class-balanced evaluation sample of ``per_class`` per class. Each
-    candidate's value is its mean KNN-Shapley value (``knn_shapley``, ``k`` neighbours) for the
-    evaluation sample (cooperative: it helps classify memory) minus its mean value for the
-    incoming batch (adversarial: a candidate near incoming points of another label gets a
-    negative value there, so a higher score). The ``k`` highest are replayed. Where ``where``
-    keeps every incoming class out of the candidates, the adversarial term is 0 by construction.
+    when needed so that ``min(k, qualifying)`` replay slots are filled: the smallest per-class
+    count that does, classes with fewer entries leaving their share to the others) and a
+    disjoint class-balanced evaluation sample of ``per_class`` per class (the entries after a
+    class's candidates). Each candidate's value is its mean KNN-Shapley value (``knn_shapley``,
+    ``k`` neighbours) for the evaluation sample (cooperative: it helps classify memory) minus
+    its mean value for the incoming batch (adversarial: a candidate near incoming points of
+    another label gets a negative value there, so a higher score; 0 for an empty batch). The
+    ``k`` highest are replayed. Where ``where`` keeps every incoming class out of the
+    candidates, the adversarial term is 0 by construction.
 
     Cost per call: one forward of ``features`` over the incoming batch and the two samples
     (no backward), one batched ``[B + E, N]`` distance matrix with the pool's exact k-NN kernel
@@ -480,7 +535,9 @@ class KNNShapley:
     Args:
         pool: the pool to draw from (labels 0..``pool.config.num_classes``-1).
         features: a callable mapping dreams ``[N, R, C, L, 3]`` (the incoming batch's dtype) to
-            features ``[N, D]``, e.g. the learner's penultimate layer; called under ``no_grad``.
+            features ``[N, D]``, e.g. the learner's penultimate layer; called as given under
+            ``no_grad`` (a module in train mode updates its BatchNorm statistics with the samples:
+            wrap it to run in eval mode). Distances are float32, under ``autocast`` too.
         k: neighbours of the KNN utility (ASER's K).
         per_class: class-balanced sample size per class (ASER's ``n_smp_cls``).
         generator: a CPU ``torch.Generator`` for the samples.
@@ -511,9 +568,8 @@ class KNNShapley:
             keep = _eligible(self.pool, where)
             order = _draw(self.pool, keep.numel(), keep, self.generator)  # every eligible id, shuffled
             order_labels = self.pool.metadata(order, columns=("class_label",))["class_label"]
-            n_present = _present(order_labels, classes).sum().clamp(min=1)
-            per = torch.clamp(torch.ceil(k / n_present.float()).long(), min=self.per_class)
             width = max(self.per_class, k)
+            per = _fill_level(order_labels, classes, width, min(k, order.numel()), self.per_class)
             zero = torch.zeros((), dtype=torch.long, device=per.device)
             cand = _balanced(order_labels, classes, width, zero, per)
             evals = _balanced(order_labels, classes, self.per_class, per, torch.full_like(per, self.per_class))
@@ -526,11 +582,10 @@ class KNNShapley:
         if feats.dim() != 2 or feats.shape[0] != xt.shape[0] + ids.numel():
             raise InvalidConfigurationError("features", "its output", f"[N, D] features, got {list(feats.shape)}")
         b, c = xt.shape[0], cand.numel()
-        feats = feats.float()
-        dist = -pairwise_scores(torch.cat([feats[:b], feats[b + c :]]), feats[b : b + c], Metric.EUCLIDEAN)
+        dist = _distances(torch.cat([feats[:b], feats[b + c :]]), feats[b : b + c])
         valid = cand >= 0
         sv = knn_shapley(dist, torch.cat([yt, labels[c:]]), labels[:c], valid, self.k)
-        adv = sv[:b].mean(0)
+        adv = sv[:b].sum(0) / max(b, 1)  # an empty incoming batch: no adversarial term
         eval_valid = (evals >= 0).to(sv.dtype)
         coop = (sv[b:] * eval_valid[:, None]).sum(0) / eval_valid.sum().clamp(min=1.0)
         score = torch.where(valid, coop - adv, -math.inf)
@@ -542,14 +597,15 @@ class Nearest:
 
     A call draws ``candidates`` entries uniformly (all qualifying entries when None) and scores
     each by its distance to the nearest incoming dream, both through ``features``; the ``k``
-    nearest are replayed.
+    nearest are replayed (an empty incoming batch: the first ``k`` of the draw).
 
     Cost per call: one forward of ``features`` over the incoming batch and the candidates
     (no backward), one ``[B, candidates]`` distance matrix with the pool's exact k-NN kernel.
 
     Args:
         pool: the pool to draw from.
-        features: a callable mapping dreams ``[N, R, C, L, 3]`` to features ``[N, D]``.
+        features: a callable mapping dreams ``[N, R, C, L, 3]`` to features ``[N, D]``, called as
+            given under ``no_grad`` (as in :class:`KNNShapley`).
         candidates: entries scored per call (None: every qualifying entry, up to ``capacity``).
         generator: a CPU ``torch.Generator`` for the candidate draw.
     """
@@ -583,8 +639,7 @@ class Nearest:
         if feats.dim() != 2 or feats.shape[0] != xt.shape[0] + ids.numel():
             raise InvalidConfigurationError("features", "its output", f"[N, D] features, got {list(feats.shape)}")
         b = xt.shape[0]
-        feats = feats.float()
-        if ids.numel() == 0:
-            return _pad(ids, k)
-        near = pairwise_scores(feats[:b], feats[b:], Metric.EUCLIDEAN).max(0).values
+        if ids.numel() == 0 or b == 0:  # nothing to rank, or nothing to be near: the draw's order
+            return _pad(ids[:k], k)
+        near = -_distances(feats[:b], feats[b:]).min(0).values
         return _top(near, ids, k)
