@@ -425,7 +425,7 @@ def short_table(rows: Sequence[dict[str, Any]]) -> str:
             for r in rows:
                 if r["noise"] != noise or r["memory"] != memory:
                     continue
-                vs = f"{r['vs_er_accuracy']:+.1f} ({r['seeds_won']}/{r['seeds']})" if r["arm"] != "er" else ""
+                vs = f"{r['vs_er_accuracy']:+.1f} ({r['seeds_won']}/{r['seeds']})" if "vs_er_accuracy" in r else ""
                 t = r["seconds_per_step"]
                 work = t["replay"] + t["add"]
                 share = f"{1e3 * work:.2f} ({work / max(work + t['learner'], 1e-12):.0%})"
@@ -451,9 +451,10 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for r in rows:
         t = r["seconds_per_step"]
-        vs = "" if r["arm"] == "er" else f"{r['vs_er_accuracy']:+.1f} ± {r['vs_er_accuracy_std']:.1f}"
-        won = "" if r["arm"] == "er" else f"{r['seeds_won']}/{r['seeds']}"
-        fg = "" if r["arm"] == "er" else f"{r['vs_er_forgetting']:+.1f}"
+        paired = "vs_er_accuracy" in r  # an arm run beside ER
+        vs = f"{r['vs_er_accuracy']:+.1f} ± {r['vs_er_accuracy_std']:.1f}" if paired else ""
+        won = f"{r['seeds_won']}/{r['seeds']}" if paired else ""
+        fg = f"{r['vs_er_forgetting']:+.1f}" if paired else ""
         out.append(
             f"| {r['noise']:.0%} | {r['memory']} | {r['arm']} | {r['accuracy_mean']:.1f} ± {r['accuracy_std']:.1f} "
             f"| {r['forgetting_mean']:.1f} ± {r['forgetting_std']:.1f} | {vs} | {won} | {fg} "
