@@ -7,6 +7,7 @@ scores oldest first, ``-inf`` / ``-1`` padding. Slots, not ids: the pool gathers
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
@@ -140,7 +141,23 @@ def knn(
     categories: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (docs/spec.md §Retrieval).
+    """The engine's k-NN ``[B, k]`` (scores, slots): :func:`neighbours` without its host flag."""
+    scores, slots, _ = neighbours(bank, index, config, embedded, k, categories, keep)
+    return scores, slots
+
+
+def neighbours(
+    bank: TensorBank,
+    index: SearchIndex,
+    config: PoolConfig,
+    embedded: torch.Tensor,
+    k: int,
+    categories: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (docs/spec.md §Retrieval),
+    and whether the CPU tie scan saw every row's k-th score finite (then no slot is padding: the
+    engines pad with ``-inf`` / -1), which spares the gathers their own check.
 
     On CPU the engine is asked for one more neighbour; rows where a tie
     straddles the k-th place (exact duplicates) are re-selected exactly in age
@@ -156,15 +173,16 @@ def knn(
     restricts every search.
     """
     if k == 0:
-        return empty_results(embedded.shape[0], bank.device)
+        return (*empty_results(embedded.shape[0], bank.device), False)
     cpu = bank.device.type == "cpu" and not checks.sync_free()
     fetch = k + 1 if cpu and 0 < k < bank.size else k
-    hue = bank.columns["hue_category"]
     if categories is None:
         scores, slots = index.search(embedded, fetch, mask=keep)
     elif not cpu and embedded.shape[0] * bank.capacity <= config.search_chunk_mb * 2**20:
+        hue = bank.columns["hue_category"]
         scores, slots = index.search(embedded, fetch, mask=both(hue[None, :] == categories[:, None], keep))
     else:
+        hue = bank.columns["hue_category"]
         scores, slots = by_value(
             categories, fetch, lambda rows, c: index.search(embedded[rows], fetch, mask=both(hue == c, keep))
         )
@@ -178,15 +196,16 @@ def knn(
         # their k+1 candidates.
         b = scores.shape[0]
         if scores.numel() <= _HOST_TIE_SCAN:  # a few scores: scanned on the host (CPU), row numbers as lists
-            near_rows, cut_rows = host_near_ties(scores.tolist(), embedded.shape[1], k)
+            host = scores.tolist()
+            near_rows, cut_rows = host_near_ties(host, embedded.shape[1], k)
             if not near_rows:
-                return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
+                return scores[:, :k], slots[:, :k], all(row[k - 1] > _MINUS_INF for row in host)
             rows = None if len(near_rows) == b else torch.tensor(near_rows, device=scores.device)
             cut = torch.tensor(cut_rows, device=scores.device) if cut_rows else None
         else:
             near = near_ties(scores, embedded.shape[1])
             if not bool(near.any()):
-                return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
+                return scores.narrow(1, 0, k), slots.narrow(1, 0, k), False
             rows = torch.nonzero(near.any(dim=1)).squeeze(1)
             cut = torch.nonzero(near[:, k - 1]).squeeze(1)
         if rows is None:  # every row
@@ -199,8 +218,8 @@ def knn(
             scores[cut], slots[cut] = _reselect_ties(
                 bank, config, embedded[cut], k, None if categories is None else categories[cut], keep
             )
-        return scores, slots
-    return oldest_first_ties(scores, slots, bank.columns["ids"])
+        return scores, slots, False
+    return (*oldest_first_ties(scores, slots, bank.columns["ids"]), False)
 
 
 def near_ties(scores: torch.Tensor, dim: int) -> torch.Tensor:
@@ -216,6 +235,7 @@ def near_ties(scores: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 _HOST_TIE_SCAN = 512  # up to this many scores (CPU), Python scans a row faster than the ~10 kernels of near_ties
+_MINUS_INF = float("-inf")
 
 
 def host_near_ties(rows: list[list[float]], dim: int, k: int) -> tuple[list[int], list[int]]:
@@ -224,6 +244,9 @@ def host_near_ties(rows: list[list[float]], dim: int, k: int) -> tuple[list[int]
     tol = max(1e-6, dim * 2.0**-23)
     near, cut = [], []
     for i, row in enumerate(rows):
+        # a descending row whose least gap beats the largest tolerance has no near pair (NaN, -inf: compare False)
+        if len(row) > 1 and min(map(operator.sub, row, row[1:])) > tol * (1.0 + max(abs(row[1]), abs(row[-1]))):
+            continue
         close = [abs(b - a) <= tol * (1.0 + abs(b)) for a, b in zip(row, row[1:], strict=False)]  # -inf: never
         if any(close):
             near.append(i)

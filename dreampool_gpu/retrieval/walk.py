@@ -16,7 +16,7 @@ import torch
 
 from dreampool_gpu import checks
 from dreampool_gpu.retrieval.modes import CHROMA_MODES, MODES
-from dreampool_gpu.retrieval.request import check_request
+from dreampool_gpu.retrieval.request import Request, check_request
 
 if TYPE_CHECKING:
     from dreampool_gpu.parts import PoolParts
@@ -52,17 +52,22 @@ def walk(parts: PoolParts, queries: Any, options: dict[str, Any], *, with_dreams
     bank = parts.bank
     if sync_free:
         with checks.deferred() as deferred:
-            scores, slots = _ranked(parts, queries, options)
+            scores, slots, req = _ranked(parts, queries, options)
             if deferred is not None and deferred.flags:  # a failed check empties the results
                 ok = parts.fault.record("retrieve", deferred)
                 slots = torch.where(ok, slots, -1)
                 scores = torch.where(ok, scores, float("-inf"))
     else:
-        scores, slots = _ranked(parts, queries, options)
+        scores, slots, req = _ranked(parts, queries, options)
     usage = bank.raw["usage"]
-    host = not sync_free and slots.device.type == "cpu" and not checks.sync_free()
-    if host and slots.numel() and int(slots.min()) >= 0:
-        # no padding (read at no transfer's cost on CPU): the gathers need no mask, usage +1 each
+    # no padding (seen by the mode's host read, or read here at no transfer's cost on CPU): no masks, usage +1 each
+    if req.full or (
+        not sync_free
+        and slots.device.type == "cpu"
+        and not checks.sync_free()
+        and slots.numel()
+        and int(slots.min()) >= 0
+    ):
         usage.index_put_((slots,), _ONE, accumulate=True)
         dreams = bank.raw["dreams"][slots] if with_dreams else None
         return Retrieval(ids=bank.raw["ids"].take(slots), scores=scores, dreams=dreams)
@@ -73,13 +78,14 @@ def walk(parts: PoolParts, queries: Any, options: dict[str, Any], *, with_dreams
     return Retrieval(ids=ids, scores=scores, dreams=dreams)
 
 
-def _ranked(parts: PoolParts, queries: Any, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, width]`` (scores, slots) of the checked request's mode."""
+def _ranked(parts: PoolParts, queries: Any, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Request]:
+    """``[B, width]`` (scores, slots) of the checked request's mode, and the request."""
     req = check_request(parts, queries, **options)
     parts.bank.settle()  # every mode reads derived columns: waiting entries get them now, in one batch
     if req.mode not in CHROMA_MODES:
         parts.notices.unfitted(parts.encoder, parts.encoders.fitted)
-    return MODES[req.mode].run(parts, req)
+    scores, slots = MODES[req.mode].run(parts, req)
+    return scores, slots, req
 
 
 _ONE = torch.ones((), dtype=torch.int32)  # usage's increment on CPU
