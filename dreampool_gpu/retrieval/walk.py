@@ -9,16 +9,20 @@ become ids (and dreams), with usage counted. The caller holds the pool's lock.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dreampool_gpu import checks
+from dreampool_gpu.config import RetrievalMode
+from dreampool_gpu.retrieval import stages
 from dreampool_gpu.retrieval.modes import CHROMA_MODES, MODES
-from dreampool_gpu.retrieval.request import Request, check_request
+from dreampool_gpu.retrieval.request import Request, check_request, no_hints, no_priors, parse_queries, plain_nearest
 
 if TYPE_CHECKING:
+    from dreampool_gpu.bank import TensorBank
     from dreampool_gpu.parts import PoolParts
 
 
@@ -49,7 +53,6 @@ class Retrieval:
 def walk(parts: PoolParts, queries: Any, options: dict[str, Any], *, with_dreams: bool, sync_free: bool) -> Retrieval:
     """One retrieve over ``parts``: ``options`` as :data:`~dreampool_gpu.retrieval.context.RETRIEVE_DEFAULTS`
     names them; ``sync_free``: value checks deferred (a failed one empties the results)."""
-    bank = parts.bank
     if sync_free:
         with checks.deferred() as deferred:
             scores, slots, req = _ranked(parts, queries, options)
@@ -57,25 +60,14 @@ def walk(parts: PoolParts, queries: Any, options: dict[str, Any], *, with_dreams
                 ok = parts.fault.record("retrieve", deferred)
                 slots = torch.where(ok, slots, -1)
                 scores = torch.where(ok, scores, float("-inf"))
+        return _gathered(parts.bank, scores, slots, with_dreams=with_dreams, full=False, host=False)
+    k = plain_nearest(parts, options)
+    if k is not None:  # the common call: the same checks and stages, no request built
+        scores, slots, full = _nearest(parts, queries, k)
     else:
         scores, slots, req = _ranked(parts, queries, options)
-    usage = bank.raw["usage"]
-    # no padding (seen by the mode's host read, or read here at no transfer's cost on CPU): no masks, usage +1 each
-    if req.full or (
-        not sync_free
-        and slots.device.type == "cpu"
-        and not checks.sync_free()
-        and slots.numel()
-        and int(slots.min()) >= 0
-    ):
-        usage.index_put_((slots,), _ONE, accumulate=True)
-        dreams = bank.raw["dreams"][slots] if with_dreams else None
-        return Retrieval(ids=bank.raw["ids"].take(slots), scores=scores, dreams=dreams)
-    safe, valid = slots.clamp(min=0), slots >= 0
-    ids = bank.gather_valid("ids", safe, valid)
-    usage.index_add_(0, safe.view(-1), valid.view(-1).to(usage.dtype))  # +1 per returned entry; padding adds 0
-    dreams = bank.gather_valid("dreams", safe, valid) if with_dreams else None
-    return Retrieval(ids=ids, scores=scores, dreams=dreams)
+        full = req.full
+    return _gathered(parts.bank, scores, slots, with_dreams=with_dreams, full=full, host=True)
 
 
 def _ranked(parts: PoolParts, queries: Any, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Request]:
@@ -88,4 +80,41 @@ def _ranked(parts: PoolParts, queries: Any, options: dict[str, Any]) -> tuple[to
     return scores, slots, req
 
 
-_ONE = torch.ones((), dtype=torch.int32)  # usage's increment on CPU
+def _nearest(parts: PoolParts, queries: Any, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """:func:`_ranked` of a :func:`~dreampool_gpu.retrieval.request.plain_nearest` call (``k`` checked), with
+    :func:`~dreampool_gpu.retrieval.stages.neighbours`' host flag: what check_request, the ``nearest``
+    row of the mode table and its stage do for it, in their order."""
+    config, encoders = parts.config, parts.encoders
+    q = parse_queries(queries, RetrievalMode.NEAREST, config, parts.device, encoders.encoder)
+    encoders.check_fresh()
+    parts.bank.settle()
+    parts.notices.unfitted(encoders.encoder, encoders.fitted)
+    embedded = q.embeddings
+    if embedded is None:  # dreams or chroma: embedded as a request without hints or priors would be
+        embedded = encoders.query_embeddings(q, no_hints(q.count, parts.device), no_priors(q.count, parts.device))
+    return stages.neighbours(parts.bank, parts.index, config, embedded, k)
+
+
+def _gathered(
+    bank: TensorBank, scores: torch.Tensor, slots: torch.Tensor, *, with_dreams: bool, full: bool, host: bool
+) -> Retrieval:
+    """The result of ``[B, k]`` (scores, slots), usage counted. ``full``: no slot is padding (a stage saw it
+    on the host); ``host``: checks are read at once, so a CPU call may read it here (at no transfer's cost)."""
+    usage = bank.raw["usage"]
+    if full or (
+        host and slots.device.type == "cpu" and not checks.sync_free() and slots.numel() and int(slots.min()) >= 0
+    ):  # no padding: no masks, usage +1 each
+        usage.put_(slots, _ones(slots.numel()), accumulate=True)
+        dreams = bank.raw["dreams"][slots] if with_dreams else None
+        return Retrieval(ids=bank.raw["ids"].take(slots), scores=scores, dreams=dreams)
+    safe, valid = slots.clamp(min=0), slots >= 0
+    ids = bank.gather_valid("ids", safe, valid)
+    usage.index_add_(0, safe.view(-1), valid.view(-1).to(usage.dtype))  # +1 per returned entry; padding adds 0
+    dreams = bank.gather_valid("dreams", safe, valid) if with_dreams else None
+    return Retrieval(ids=ids, scores=scores, dreams=dreams)
+
+
+@functools.lru_cache(maxsize=16)  # a caller asks for the same few B * k call after call
+def _ones(n: int) -> torch.Tensor:
+    """``[n]`` int32 ones on CPU: usage's increments (read only)."""
+    return torch.ones(n, dtype=torch.int32)
