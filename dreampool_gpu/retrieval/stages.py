@@ -196,10 +196,9 @@ def neighbours(
         # their k+1 candidates.
         b = scores.shape[0]
         if scores.numel() <= _HOST_TIE_SCAN:  # a few scores: scanned on the host (CPU), row numbers as lists
-            host = scores.tolist()
-            near_rows, cut_rows = host_near_ties(host, embedded.shape[1], k)
+            near_rows, cut_rows, full = host_near_ties(scores.tolist(), embedded.shape[1], k)
             if not near_rows:
-                return scores[:, :k], slots[:, :k], all(row[k - 1] > _MINUS_INF for row in host)
+                return scores[:, :k], slots[:, :k], full
             rows = None if len(near_rows) == b else torch.tensor(near_rows, device=scores.device)
             cut = torch.tensor(cut_rows, device=scores.device) if cut_rows else None
         else:
@@ -238,12 +237,14 @@ _HOST_TIE_SCAN = 512  # up to this many scores (CPU), Python scans a row faster 
 _MINUS_INF = float("-inf")
 
 
-def host_near_ties(rows: list[list[float]], dim: int, k: int) -> tuple[list[int], list[int]]:
-    """:func:`near_ties` of best-first rows read on the host: the rows with any near neighbours, and
-    those whose ``k``-th and ``(k+1)``-th places are near (``near[:, k - 1]``)."""
+def host_near_ties(rows: list[list[float]], dim: int, k: int) -> tuple[list[int], list[int], bool]:
+    """:func:`near_ties` of best-first rows read on the host: the rows with any near neighbours, those
+    whose ``k``-th and ``(k+1)``-th places are near (``near[:, k - 1]``), and whether every row's
+    ``k``-th score is finite."""
     tol = max(1e-6, dim * 2.0**-23)
-    near, cut = [], []
+    near, cut, full = [], [], bool(rows)
     for i, row in enumerate(rows):
+        full = full and row[k - 1] > _MINUS_INF
         # a descending row whose least gap beats the largest tolerance has no near pair (NaN, -inf: compare False)
         if len(row) > 1 and min(map(operator.sub, row, row[1:])) > tol * (1.0 + max(abs(row[1]), abs(row[-1]))):
             continue
@@ -252,7 +253,7 @@ def host_near_ties(rows: list[list[float]], dim: int, k: int) -> tuple[list[int]
             near.append(i)
             if close[k - 1]:
                 cut.append(i)
-    return near, cut
+    return near, cut, full
 
 
 def _pair_scores(config: PoolConfig, queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
