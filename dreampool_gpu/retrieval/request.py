@@ -319,14 +319,7 @@ def parse_queries(
 
 
 _NORMS = (1e-10, 1e15)  # row norms that divide a query as they are (see embedding_queries)
-_HOST_READ = 64  # up to this many rows a column is read with tolist (no kernel); more: two extremes
-
-
-def _host_column(t: torch.Tensor) -> list[float]:
-    """The values of ``t`` ``[B, 1]`` that decide a check, read on the host: every one, or (many rows) the extremes."""
-    if t.shape[0] <= _HOST_READ:
-        return [row[0] for row in t.tolist()]
-    return [float(x) for x in torch.aminmax(t)]
+_HOST_READ = 64  # up to this many rows the norms are read with tolist (no kernel); more: two extremes
 
 
 def embedding_queries(t: torch.Tensor, metric: Metric) -> torch.Tensor:
@@ -347,7 +340,11 @@ def embedding_queries(t: torch.Tensor, metric: Metric) -> torch.Tensor:
     if metric is Metric.COSINE and checks.active() is None:
         norms = torch.linalg.vector_norm(t, dim=1, keepdim=True)
         low, high = _NORMS
-        if all(low <= n <= high for n in _host_column(norms)):  # finite too: NaN compares False
+        if t.shape[0] <= _HOST_READ:  # every norm read (tolist: no kernel); finite too: NaN compares False
+            fit = all(low <= row[0] <= high for row in norms.tolist())
+        else:  # many rows: the two extremes
+            fit = all(low <= float(x) <= high for x in torch.aminmax(norms))
+        if fit:
             return t / norms
     peak = torch.linalg.vector_norm(t, ord=math.inf, dim=1, keepdim=True)  # max |value| per row; NaN stays NaN
     if checks.active() is None:
