@@ -194,12 +194,12 @@ def neighbours(
         # Rows whose k-th and (k+1)-th places are that close may hide a tied entry beyond
         # the k+1 fetched: those are re-selected over the whole bank; the others only re-score
         # their k+1 candidates.
-        b = scores.shape[0]
-        if scores.numel() <= _HOST_TIE_SCAN:  # a few scores: scanned on the host (CPU), row numbers as lists
-            near_rows, cut_rows, full = host_near_ties(scores.tolist(), embedded.shape[1], k)
+        if scores.numel() <= _HOST_TIE_SCAN:  # a few scores: scanned and re-ordered on the host (CPU)
+            host = scores.tolist()
+            near_rows, cut_rows, full = host_near_ties(host, embedded.shape[1], k)
             if not near_rows:
                 return scores[:, :k], slots[:, :k], full
-            rows = None if len(near_rows) == b else torch.tensor(near_rows, device=scores.device)
+            scores, slots = _host_rescored(bank, config, embedded, host, slots, near_rows, k)
             cut = torch.tensor(cut_rows, device=scores.device) if cut_rows else None
         else:
             near = near_ties(scores, embedded.shape[1])
@@ -207,12 +207,9 @@ def neighbours(
                 return scores.narrow(1, 0, k), slots.narrow(1, 0, k), False
             rows = torch.nonzero(near.any(dim=1)).squeeze(1)
             cut = torch.nonzero(near[:, k - 1]).squeeze(1)
-        if rows is None:  # every row
-            scores, slots = _rescore_candidates(bank, config, embedded, slots)
-        else:
             scores, slots = scores.clone(), slots.clone()
             scores[rows], slots[rows] = _rescore_candidates(bank, config, embedded[rows], slots[rows])
-        scores, slots = scores[:, :k].contiguous(), slots[:, :k].contiguous()
+            scores, slots = scores[:, :k].contiguous(), slots[:, :k].contiguous()
         if cut is not None and cut.numel():
             scores[cut], slots[cut] = _reselect_ties(
                 bank, config, embedded[cut], k, None if categories is None else categories[cut], keep
@@ -282,6 +279,35 @@ def _rescore_candidates(
     scores, slots = scores.gather(1, order), slots.gather(1, order)
     order = scores.sort(dim=1, descending=True, stable=True).indices
     return scores.gather(1, order), slots.gather(1, order)
+
+
+def _host_rescored(
+    bank: TensorBank,
+    config: PoolConfig,
+    embedded: torch.Tensor,
+    host: list[list[float]],
+    slots: torch.Tensor,
+    near_rows: list[int],
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, k]`` rows from the engine's ``[B, k + 1]`` (scores read on the host as ``host``), CPU: the rows
+    ``near_rows`` re-scored and ordered as :func:`_rescore_candidates` does (pair scores, best first, equal
+    scores oldest first, padding last), in Python over the values read; the others as the engine gave them."""
+    every = len(near_rows) == len(host)
+    picked = slots if every else slots[torch.tensor(near_rows)]
+    safe = picked.clamp(min=0)
+    queries = embedded if every else embedded[torch.tensor(near_rows)]
+    pair = _pair_scores(config, queries, bank.columns["embeddings"][safe]).tolist()
+    ids = bank.columns["ids"].take(safe).tolist()
+    slot_rows = slots.tolist()
+    out_scores, out_slots = [row[:k] for row in host], [row[:k] for row in slot_rows]
+    minus_inf = float("-inf")
+    for j, i in enumerate(near_rows):
+        row_slots, row_ids = slot_rows[i], ids[j]
+        row = [minus_inf if slot < 0 else score for slot, score in zip(row_slots, pair[j], strict=True)]
+        order = sorted(range(len(row)), key=lambda c: (-row[c], row_ids[c], c))[:k]
+        out_scores[i], out_slots[i] = [row[c] for c in order], [row_slots[c] for c in order]
+    return torch.tensor(out_scores, dtype=torch.float32), torch.tensor(out_slots, dtype=torch.int64)
 
 
 def _reselect_ties(
