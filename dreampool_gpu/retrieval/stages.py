@@ -231,7 +231,7 @@ def near_ties(scores: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 _HOST_TIE_SCAN = 512  # up to this many scores (CPU), Python scans a row faster than the ~10 kernels of near_ties
-_MINUS_INF = float("-inf")
+_MINUS_INF, _PLUS_INF = float("-inf"), float("inf")
 
 
 def host_near_ties(rows: list[list[float]], dim: int, k: int) -> tuple[list[int], list[int], bool]:
@@ -260,7 +260,7 @@ def _pair_scores(config: PoolConfig, queries: torch.Tensor, vectors: torch.Tenso
     Element-wise products summed per pair (cosine) or exact differences (euclidean): identical
     vectors score identically wherever they sit, which a matmul does not promise.
     """
-    q = queries.to(vectors.dtype)[:, None, :]
+    q = queries.to(vectors.dtype).unsqueeze(1)
     if config.metric is Metric.COSINE:
         return (q * vectors).sum(-1).float()
     return -(q - vectors).float().pow(2).sum(-1).sqrt()
@@ -301,12 +301,12 @@ def _host_rescored(
     ids = bank.columns["ids"].take(safe).tolist()
     slot_rows = slots.tolist()
     out_scores, out_slots = [row[:k] for row in host], [row[:k] for row in slot_rows]
-    minus_inf = float("-inf")
     for j, i in enumerate(near_rows):
-        row_slots, row_ids = slot_rows[i], ids[j]
-        row = [minus_inf if slot < 0 else score for slot, score in zip(row_slots, pair[j], strict=True)]
-        order = sorted(range(len(row)), key=lambda c: (-row[c], row_ids[c], c))[:k]
-        out_scores[i], out_slots[i] = [row[c] for c in order], [row_slots[c] for c in order]
+        row_slots = slot_rows[i]
+        # (minus score, id, slot): ascending is best first, equal scores oldest first; padding (+inf) last
+        minus = [_PLUS_INF if slot < 0 else -x for slot, x in zip(row_slots, pair[j], strict=True)]
+        keys = sorted(zip(minus, ids[j], row_slots, strict=True))
+        out_scores[i], out_slots[i] = [-key[0] for key in keys[:k]], [key[2] for key in keys[:k]]
     return torch.tensor(out_scores, dtype=torch.float32), torch.tensor(out_slots, dtype=torch.int64)
 
 
