@@ -19,7 +19,7 @@ def pairwise_scores(
 
     Cosine assumes unit vectors (inner product); euclidean returns minus the distance.
     """
-    dots = queries @ (rows.T if rows_t is None else rows_t)
+    dots = torch.mm(queries, rows.T if rows_t is None else rows_t)
     if metric is Metric.COSINE:
         return dots
     sq = (queries * queries).sum(1, keepdim=True) + (rows * rows).sum(1) - 2.0 * dots
