@@ -415,26 +415,29 @@ def _host_picks(
     Returns ``[B, steps]`` picks and their objective values.
     """
     lam = lam_rel.numpy()  # written through: picked candidates are blocked (-inf)
-    maxsim = objective = rel.numpy()  # the first pick is the most relevant
+    maxsim = rel.numpy()  # the first pick is the most relevant (read only)
     kind = lam.dtype.type
     keep, penalty = kind(1 - mmr_lambda), kind(delta)
     rows = np.arange(lam.shape[0])
     vectors = unit_rows.numpy()  # [M, E] or [B, M, E] unit vectors (a view)
-    best_steps, value_steps = [], []
+    objective, scratch = np.empty_like(lam), np.empty_like(lam)
+    best_steps = np.empty((steps, lam.shape[0]), dtype=np.int64)
+    value_steps = np.empty((steps, lam.shape[0]), dtype=lam.dtype)
     for t in range(steps):
-        if t > 0:
-            objective = lam - keep * maxsim
+        current = maxsim if t == 0 else objective
+        if t > 0:  # lam - (1 - lambda) * maxsim [- delta * max(maxsim, 0)], each rounded as torch rounds it
+            np.subtract(lam, np.multiply(keep, maxsim, out=objective), out=objective)
             if delta > 0:
-                objective -= penalty * np.maximum(maxsim, 0)
-        best = objective.argmax(axis=1)
-        best_steps.append(best)
-        value_steps.append(objective[rows, best])
+                objective -= np.multiply(penalty, np.maximum(maxsim, 0, out=scratch), out=scratch)
+        best = current.argmax(axis=1)
+        best_steps[t] = best
+        value_steps[t] = current[rows, best]
         lam[rows, best] = -np.inf
         if t + 1 < steps:  # the last pick's similarities are never used
             picked = vectors[best] if query_rows is None else vectors[rows, best]  # [B, E], the torch loop's rows
             sim = torch.bmm(torch.from_numpy(picked[:, None]), columns).numpy()[:, 0]  # [B, M]: as the torch loop's
-            maxsim = sim if t == 0 else np.maximum(maxsim, sim)
-    return torch.from_numpy(np.stack(best_steps, axis=1)), torch.from_numpy(np.stack(value_steps, axis=1))
+            maxsim = sim if t == 0 else np.maximum(maxsim, sim, out=maxsim)  # from step 1 on, the loop's own array
+    return torch.from_numpy(best_steps.T), torch.from_numpy(value_steps.T)
 
 
 def diversity_stats(points: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
