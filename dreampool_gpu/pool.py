@@ -34,7 +34,7 @@ from dreampool_gpu.parts import PoolParts, build_parts
 from dreampool_gpu.prepared import PreparedRetrieval
 from dreampool_gpu.rerank import HybridWeights, diversity_stats
 from dreampool_gpu.retrieval import request
-from dreampool_gpu.retrieval.context import RETRIEVE_DEFAULTS, retrieve_options
+from dreampool_gpu.retrieval.context import RETRIEVE_DEFAULTS
 from dreampool_gpu.retrieval.walk import Retrieval, walk
 from dreampool_gpu.search import SearchIndex
 from dreampool_gpu.stats import PoolStats, pool_stats
@@ -312,7 +312,20 @@ class DreamPool:
             InvalidInputError, DimensionMismatchError: bad input (pool unchanged).
         """
         start = time.perf_counter()
-        options = retrieve_options(locals())
+        options = {  # RETRIEVE_DEFAULTS' names (a literal: no locals() copy per call)
+            "k": k,
+            "mode": mode,
+            "class_hint": class_hint,
+            "classes": classes,
+            "category": category,
+            "utility_threshold": utility_threshold,
+            "utility_prior": utility_prior,
+            "fetch_k": fetch_k,
+            "mmr_lambda": mmr_lambda,
+            "min_dispersion": min_dispersion,
+            "where": where,
+            "chroma_metric": chroma_metric,
+        }
         with self._lock:
             parts = self._parts
             out = walk(parts, queries, options, with_dreams=with_dreams, sync_free=self.sync_free)

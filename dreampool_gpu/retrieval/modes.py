@@ -114,7 +114,10 @@ def _embedded(ctx: RetrievalContext, req: Request) -> torch.Tensor:
 
 
 def _nearest(ctx: RetrievalContext, req: Request) -> Result:
-    return stages.knn(ctx.bank, ctx.index, ctx.config, _embedded(ctx, req), req.k, req.categories, req.keep)
+    scores, slots, req.full = stages.neighbours(
+        ctx.bank, ctx.index, ctx.config, _embedded(ctx, req), req.k, req.categories, req.keep
+    )
+    return scores, slots
 
 
 def _hybrid(ctx: RetrievalContext, req: Request) -> Result:

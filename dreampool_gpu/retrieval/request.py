@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from dreampool_gpu.retrieval.context import RetrievalContext
 
 MAX_PADDED_K = 1 << 16  # k past the capacity only pads; capped so that [B, k] results stay allocatable
+_MODE_NAMES = {
+    **{m.value: m for m in RetrievalMode},
+    "hard": RetrievalMode.SIMILAR,
+}  # as RetrievalMode.parse reads them
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Request:
         min_dispersion, utility_threshold: floats. fetch: candidates re-ranked by soft/hybrid.
         categories: ``[B]`` int64 hue filter, or None. keep: ``[capacity]`` bool ``where`` mask, or None.
         chroma_metric: ``cosine`` or ``euclidean``.
+        full: set by a stage that saw on the host that no result slot is padding (the gathers skip their check).
     """
 
     mode: RetrievalMode
@@ -84,20 +89,66 @@ class Request:
     keep: torch.Tensor | None
     chroma_metric: str
     device: torch.device
+    full: bool = False
 
     @property
     def hint(self) -> torch.Tensor:
         """``[B]`` int64 class hints, -1 where none."""
         if self.given_hint is None:
-            self.given_hint = torch.full((self.q.count,), -1, dtype=torch.int64, device=self.device)
+            self.given_hint = no_hints(self.q.count, self.device)
         return self.given_hint
 
     @property
     def prior(self) -> torch.Tensor:
         """``[B]`` float32 utility priors (0 where none given)."""
         if self.given_prior is None:
-            self.given_prior = torch.zeros(self.q.count, device=self.device)
+            self.given_prior = no_priors(self.q.count, self.device)
         return self.given_prior
+
+
+def no_hints(b: int, device: torch.device) -> torch.Tensor:
+    """``[b]`` int64 class hints of queries given none: -1."""
+    return torch.full((b,), -1, dtype=torch.int64, device=device)
+
+
+def no_priors(b: int, device: torch.device) -> torch.Tensor:
+    """``[b]`` float32 utility priors of queries given none: 0."""
+    return torch.zeros(b, device=device)
+
+
+def plain_nearest(ctx: RetrievalContext, options: dict[str, Any]) -> int | None:
+    """``k`` of a ``nearest`` call that sets no option but ``k`` and ``mode`` (the common call), else None.
+
+    Every option is one :func:`check_request` accepts and ``nearest`` ignores, so the call may skip
+    the request: its queries are checked and answered as that request would be (see ``walk``).
+    """
+    o = options
+    if not (
+        o["class_hint"] is None
+        and o["classes"] is None
+        and o["category"] is None
+        and o["utility_prior"] is None
+        and o["fetch_k"] is None
+        and o["mmr_lambda"] is None
+        and o["where"] is None
+        and type(o["chroma_metric"]) is str
+        and o["chroma_metric"] in CHROMA_METRICS
+        and _plain_number(o["utility_threshold"], -math.inf)
+        and _plain_number(o["min_dispersion"], 0.0)
+    ):
+        return None
+    mode, k, config = o["mode"], o["k"], ctx.config
+    mode_ = config.default_mode if mode is None else _MODE_NAMES.get(mode) if type(mode) is str else mode
+    if mode_ is not RetrievalMode.NEAREST:
+        return None
+    if k is None:
+        return config.retrieval_limit
+    return k if type(k) is int and 0 <= k <= max(ctx.bank.capacity, MAX_PADDED_K) else None
+
+
+def _plain_number(x: Any, low: float) -> bool:
+    """Whether ``check_number`` accepts ``x`` in ``[low, inf]`` as it is (an int or a float)."""
+    return (type(x) is float or type(x) is int) and low <= x <= math.inf
 
 
 def check_request(
@@ -129,14 +180,21 @@ def check_request(
     """
     config = ctx.config
     capacity = ctx.bank.capacity if total_capacity is None else total_capacity
-    mode_ = config.default_mode if mode is None else RetrievalMode.parse(mode)
-    k_ = config.retrieval_limit if k is None else v.check_count(k, "k", high=max(capacity, MAX_PADDED_K))
-    q = parse_queries(queries, mode_, config, ctx.device, ctx.encoders.encoder)
+    mode_ = _MODE_NAMES.get(mode) if type(mode) is str else None  # a mode's name: no enum lookup
+    if mode_ is None:
+        mode_ = config.default_mode if mode is None else RetrievalMode.parse(mode)
+    high = max(capacity, MAX_PADDED_K)
+    if type(k) is int and 0 <= k <= high:  # the common k: checked in place
+        k_ = k
+    else:
+        k_ = config.retrieval_limit if k is None else v.check_count(k, "k", high=high)
+    device, encoders = ctx.device, ctx.encoders
+    q = parse_queries(queries, mode_, config, device, encoders.encoder)
     b = q.count
-    hint = None if class_hint is None else v.class_labels(class_hint, b, "class_hint", config.num_classes, ctx.device)
-    prior = None if utility_prior is None else v.per_item(utility_prior, b, "utility_prior", 0.0, 1.0, ctx.device)
+    hint = None if class_hint is None else v.class_labels(class_hint, b, "class_hint", config.num_classes, device)
+    prior = None if utility_prior is None else v.per_item(utility_prior, b, "utility_prior", 0.0, 1.0, device)
     if mode_ not in CHROMA_MODES:
-        ctx.encoders.check_fresh()
+        encoders.check_fresh()
     if mode_ is RetrievalMode.CLASS:
         expected = f"a class label in 0..{config.num_classes - 1} for mode 'class'"
         if hint is None:
@@ -147,29 +205,20 @@ def check_request(
     lam = ctx.weights.mmr_lambda if mmr_lambda is None else v.check_number(mmr_lambda, "mmr_lambda", 0.0, 1.0)
     if mode_ is RetrievalMode.SOFT and mmr_lambda is None:
         lam = 1.0
-    dispersion = v.check_number(min_dispersion, "min_dispersion", 0.0, float("inf"))
-    threshold = v.check_number(utility_threshold, "utility_threshold", float("-inf"), float("inf"))
+    dispersion = v.check_number(min_dispersion, "min_dispersion", 0.0, math.inf)
+    threshold = v.check_number(utility_threshold, "utility_threshold", -math.inf, math.inf)
     fetch = max(k_, config.fetch_factor * k_) if fetch_k is None else v.check_count(fetch_k, "fetch_k")
     fetch = min(fetch, max(k_, capacity))  # candidates beyond capacity would all be padding
-    categories = category_filter(category, q, mode_, ctx.device)
+    categories = (
+        None
+        if category is None and mode_ is not RetrievalMode.CATEGORY
+        else category_filter(category, q, mode_, device)
+    )
     if chroma_metric not in CHROMA_METRICS:
         raise InvalidInputError("chroma_metric", f"one of {', '.join(CHROMA_METRICS)}", repr(chroma_metric))
-    keep = where_mask(where, ctx.bank, ctx.device)
+    keep = None if where is None else where_mask(where, ctx.bank, device)
     return Request(
-        mode_,
-        k_,
-        q,
-        hint,
-        prior,
-        balanced,
-        lam,
-        dispersion,
-        threshold,
-        fetch,
-        categories,
-        keep,
-        chroma_metric,
-        ctx.device,
+        mode_, k_, q, hint, prior, balanced, lam, dispersion, threshold, fetch, categories, keep, chroma_metric, device
     )
 
 
@@ -248,19 +297,19 @@ def parse_queries(
     """
     t = v.as_tensor(queries, "queries", device=device)
     v.check_float(t, "queries")
-    d = config.embedding_dim
-    if t.dim() == 5:
+    d, dim = config.embedding_dim, t.dim()
+    if dim == 2 and t.shape[1] == d and mode not in CHROMA_MODES:  # embeddings (the config refuses d = 3: chroma)
+        return Queries(t.shape[0], embeddings=embedding_queries(t, config.metric))
+    if dim == 5:
         batch = validate_dreams(t, dream_shape=config.dream_shape, name="queries")
         spectral = None
         if isinstance(encoder, FeatureEncoder) and encoder.include_spectral:
             spectral = spectral_of_checked(batch, config.window)
         return Queries(batch.shape[0], chroma=chroma_signature(batch), spectral=spectral, dreams=batch)
-    if t.dim() == 2 and t.shape[1] == 3:
+    if dim == 2 and t.shape[1] == 3:
         v.check_finite(t, "queries")
         v.check_range(t, "queries", 0.0, 1.0)
         return Queries(t.shape[0], chroma=t.float())
-    if t.dim() == 2 and t.shape[1] == d and mode not in CHROMA_MODES:
-        return Queries(t.shape[0], embeddings=embedding_queries(t, config.metric))
     expected = "[B, R, C, L, 3] dreams or [B, 3] chroma"
     if mode not in CHROMA_MODES:
         expected += f" or [B, {d}] embeddings"
@@ -270,14 +319,7 @@ def parse_queries(
 
 
 _NORMS = (1e-10, 1e15)  # row norms that divide a query as they are (see embedding_queries)
-_HOST_READ = 64  # up to this many rows a column is read with tolist (no kernel); more: two extremes
-
-
-def _host_column(t: torch.Tensor) -> list[float]:
-    """The values of ``t`` ``[B, 1]`` that decide a check, read on the host: every one, or (many rows) the extremes."""
-    if t.shape[0] <= _HOST_READ:
-        return [row[0] for row in t.tolist()]
-    return [float(x) for x in torch.aminmax(t)]
+_HOST_READ = 64  # up to this many rows the norms are read with tolist (no kernel); more: two extremes
 
 
 def embedding_queries(t: torch.Tensor, metric: Metric) -> torch.Tensor:
@@ -291,12 +333,18 @@ def embedding_queries(t: torch.Tensor, metric: Metric) -> torch.Tensor:
     divided by them (2 kernels); otherwise they are scaled by their peaks first, and a peak
     read nonzero everywhere skips the zero-row guard.
     """
-    t = t.float()  # after the cast: float64 values past float32's range are inf here
+    if t.dtype != torch.float32:
+        t = t.float()  # after the cast: float64 values past float32's range are inf here
     if not t.numel():
         return t if metric is Metric.EUCLIDEAN else unit_rows(t, t.new_zeros(t.shape[0], 1))
     if metric is Metric.COSINE and checks.active() is None:
         norms = torch.linalg.vector_norm(t, dim=1, keepdim=True)
-        if all(_NORMS[0] <= n <= _NORMS[1] for n in _host_column(norms)):  # finite too: NaN compares False
+        low, high = _NORMS
+        if t.shape[0] <= _HOST_READ:  # every norm read (tolist: no kernel); finite too: NaN compares False
+            fit = all(low <= row[0] <= high for row in norms.tolist())
+        else:  # many rows: the two extremes
+            fit = all(low <= float(x) <= high for x in torch.aminmax(norms))
+        if fit:
             return t / norms
     peak = torch.linalg.vector_norm(t, ord=math.inf, dim=1, keepdim=True)  # max |value| per row; NaN stays NaN
     if checks.active() is None:

@@ -7,6 +7,7 @@ scores oldest first, ``-inf`` / ``-1`` padding. Slots, not ids: the pool gathers
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
@@ -140,7 +141,23 @@ def knn(
     categories: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (docs/spec.md §Retrieval).
+    """The engine's k-NN ``[B, k]`` (scores, slots): :func:`neighbours` without its host flag."""
+    scores, slots, _ = neighbours(bank, index, config, embedded, k, categories, keep)
+    return scores, slots
+
+
+def neighbours(
+    bank: TensorBank,
+    index: SearchIndex,
+    config: PoolConfig,
+    embedded: torch.Tensor,
+    k: int,
+    categories: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The engine's k-NN ``[B, k]`` (scores, slots), equal scores oldest first (docs/spec.md §Retrieval),
+    and whether the CPU tie scan saw every row's k-th score finite (then no slot is padding: the
+    engines pad with ``-inf`` / -1), which spares the gathers their own check.
 
     On CPU the engine is asked for one more neighbour; rows where a tie
     straddles the k-th place (exact duplicates) are re-selected exactly in age
@@ -156,15 +173,16 @@ def knn(
     restricts every search.
     """
     if k == 0:
-        return empty_results(embedded.shape[0], bank.device)
+        return (*empty_results(embedded.shape[0], bank.device), False)
     cpu = bank.device.type == "cpu" and not checks.sync_free()
     fetch = k + 1 if cpu and 0 < k < bank.size else k
-    hue = bank.columns["hue_category"]
     if categories is None:
         scores, slots = index.search(embedded, fetch, mask=keep)
     elif not cpu and embedded.shape[0] * bank.capacity <= config.search_chunk_mb * 2**20:
+        hue = bank.columns["hue_category"]
         scores, slots = index.search(embedded, fetch, mask=both(hue[None, :] == categories[:, None], keep))
     else:
+        hue = bank.columns["hue_category"]
         scores, slots = by_value(
             categories, fetch, lambda rows, c: index.search(embedded[rows], fetch, mask=both(hue == c, keep))
         )
@@ -176,31 +194,28 @@ def knn(
         # Rows whose k-th and (k+1)-th places are that close may hide a tied entry beyond
         # the k+1 fetched: those are re-selected over the whole bank; the others only re-score
         # their k+1 candidates.
-        b = scores.shape[0]
-        if scores.numel() <= _HOST_TIE_SCAN:  # a few scores: scanned on the host (CPU), row numbers as lists
-            near_rows, cut_rows = host_near_ties(scores.tolist(), embedded.shape[1], k)
+        if scores.numel() <= _HOST_TIE_SCAN:  # a few scores: scanned and re-ordered on the host (CPU)
+            host = scores.tolist()
+            near_rows, cut_rows, full = host_near_ties(host, embedded.shape[1], k)
             if not near_rows:
-                return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
-            rows = None if len(near_rows) == b else torch.tensor(near_rows, device=scores.device)
+                return scores[:, :k], slots[:, :k], full
+            scores, slots = _host_rescored(bank, config, embedded, host, slots, near_rows, k)
             cut = torch.tensor(cut_rows, device=scores.device) if cut_rows else None
         else:
             near = near_ties(scores, embedded.shape[1])
             if not bool(near.any()):
-                return scores.narrow(1, 0, k), slots.narrow(1, 0, k)
+                return scores.narrow(1, 0, k), slots.narrow(1, 0, k), False
             rows = torch.nonzero(near.any(dim=1)).squeeze(1)
             cut = torch.nonzero(near[:, k - 1]).squeeze(1)
-        if rows is None:  # every row
-            scores, slots = _rescore_candidates(bank, config, embedded, slots)
-        else:
             scores, slots = scores.clone(), slots.clone()
             scores[rows], slots[rows] = _rescore_candidates(bank, config, embedded[rows], slots[rows])
-        scores, slots = scores[:, :k].contiguous(), slots[:, :k].contiguous()
+            scores, slots = scores[:, :k].contiguous(), slots[:, :k].contiguous()
         if cut is not None and cut.numel():
             scores[cut], slots[cut] = _reselect_ties(
                 bank, config, embedded[cut], k, None if categories is None else categories[cut], keep
             )
-        return scores, slots
-    return oldest_first_ties(scores, slots, bank.columns["ids"])
+        return scores, slots, False
+    return (*oldest_first_ties(scores, slots, bank.columns["ids"]), False)
 
 
 def near_ties(scores: torch.Tensor, dim: int) -> torch.Tensor:
@@ -216,20 +231,26 @@ def near_ties(scores: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 _HOST_TIE_SCAN = 512  # up to this many scores (CPU), Python scans a row faster than the ~10 kernels of near_ties
+_MINUS_INF, _PLUS_INF = float("-inf"), float("inf")
 
 
-def host_near_ties(rows: list[list[float]], dim: int, k: int) -> tuple[list[int], list[int]]:
-    """:func:`near_ties` of best-first rows read on the host: the rows with any near neighbours, and
-    those whose ``k``-th and ``(k+1)``-th places are near (``near[:, k - 1]``)."""
+def host_near_ties(rows: list[list[float]], dim: int, k: int) -> tuple[list[int], list[int], bool]:
+    """:func:`near_ties` of best-first rows read on the host: the rows with any near neighbours, those
+    whose ``k``-th and ``(k+1)``-th places are near (``near[:, k - 1]``), and whether every row's
+    ``k``-th score is finite."""
     tol = max(1e-6, dim * 2.0**-23)
-    near, cut = [], []
+    near, cut, full = [], [], bool(rows)
     for i, row in enumerate(rows):
+        full = full and row[k - 1] > _MINUS_INF
+        # a descending row whose least gap beats the largest tolerance has no near pair (NaN, -inf: compare False)
+        if len(row) > 1 and min(map(operator.sub, row, row[1:])) > tol * (1.0 + max(abs(row[1]), abs(row[-1]))):
+            continue
         close = [abs(b - a) <= tol * (1.0 + abs(b)) for a, b in zip(row, row[1:], strict=False)]  # -inf: never
         if any(close):
             near.append(i)
             if close[k - 1]:
                 cut.append(i)
-    return near, cut
+    return near, cut, full
 
 
 def _pair_scores(config: PoolConfig, queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -239,7 +260,7 @@ def _pair_scores(config: PoolConfig, queries: torch.Tensor, vectors: torch.Tenso
     Element-wise products summed per pair (cosine) or exact differences (euclidean): identical
     vectors score identically wherever they sit, which a matmul does not promise.
     """
-    q = queries.to(vectors.dtype)[:, None, :]
+    q = queries.to(vectors.dtype).unsqueeze(1)
     if config.metric is Metric.COSINE:
         return (q * vectors).sum(-1).float()
     return -(q - vectors).float().pow(2).sum(-1).sqrt()
@@ -258,6 +279,35 @@ def _rescore_candidates(
     scores, slots = scores.gather(1, order), slots.gather(1, order)
     order = scores.sort(dim=1, descending=True, stable=True).indices
     return scores.gather(1, order), slots.gather(1, order)
+
+
+def _host_rescored(
+    bank: TensorBank,
+    config: PoolConfig,
+    embedded: torch.Tensor,
+    host: list[list[float]],
+    slots: torch.Tensor,
+    near_rows: list[int],
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, k]`` rows from the engine's ``[B, k + 1]`` (scores read on the host as ``host``), CPU: the rows
+    ``near_rows`` re-scored and ordered as :func:`_rescore_candidates` does (pair scores, best first, equal
+    scores oldest first, padding last), in Python over the values read; the others as the engine gave them."""
+    every = len(near_rows) == len(host)
+    picked = slots if every else slots[torch.tensor(near_rows)]
+    safe = picked.clamp(min=0)
+    queries = embedded if every else embedded[torch.tensor(near_rows)]
+    pair = _pair_scores(config, queries, bank.columns["embeddings"][safe]).tolist()
+    ids = bank.columns["ids"].take(safe).tolist()
+    slot_rows = slots.tolist()
+    out_scores, out_slots = [row[:k] for row in host], [row[:k] for row in slot_rows]
+    for j, i in enumerate(near_rows):
+        row_slots = slot_rows[i]
+        # (minus score, id, slot): ascending is best first, equal scores oldest first; padding (+inf) last
+        minus = [_PLUS_INF if slot < 0 else -x for slot, x in zip(row_slots, pair[j], strict=True)]
+        keys = sorted(zip(minus, ids[j], row_slots, strict=True))
+        out_scores[i], out_slots[i] = [-key[0] for key in keys[:k]], [key[2] for key in keys[:k]]
+    return torch.tensor(out_scores, dtype=torch.float32), torch.tensor(out_slots, dtype=torch.int64)
 
 
 def _reselect_ties(

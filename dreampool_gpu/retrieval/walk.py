@@ -9,16 +9,20 @@ become ids (and dreams), with usage counted. The caller holds the pool's lock.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dreampool_gpu import checks
+from dreampool_gpu.config import RetrievalMode
+from dreampool_gpu.retrieval import stages
 from dreampool_gpu.retrieval.modes import CHROMA_MODES, MODES
-from dreampool_gpu.retrieval.request import check_request
+from dreampool_gpu.retrieval.request import Request, check_request, no_hints, no_priors, parse_queries, plain_nearest
 
 if TYPE_CHECKING:
+    from dreampool_gpu.bank import TensorBank
     from dreampool_gpu.parts import PoolParts
 
 
@@ -49,21 +53,58 @@ class Retrieval:
 def walk(parts: PoolParts, queries: Any, options: dict[str, Any], *, with_dreams: bool, sync_free: bool) -> Retrieval:
     """One retrieve over ``parts``: ``options`` as :data:`~dreampool_gpu.retrieval.context.RETRIEVE_DEFAULTS`
     names them; ``sync_free``: value checks deferred (a failed one empties the results)."""
-    bank = parts.bank
     if sync_free:
         with checks.deferred() as deferred:
-            scores, slots = _ranked(parts, queries, options)
+            scores, slots, req = _ranked(parts, queries, options)
             if deferred is not None and deferred.flags:  # a failed check empties the results
                 ok = parts.fault.record("retrieve", deferred)
                 slots = torch.where(ok, slots, -1)
                 scores = torch.where(ok, scores, float("-inf"))
+        return _gathered(parts.bank, scores, slots, with_dreams=with_dreams, full=False, host=False)
+    k = plain_nearest(parts, options)
+    if k is not None:  # the common call: the same checks and stages, no request built
+        scores, slots, full = _nearest(parts, queries, k)
     else:
-        scores, slots = _ranked(parts, queries, options)
+        scores, slots, req = _ranked(parts, queries, options)
+        full = req.full
+    return _gathered(parts.bank, scores, slots, with_dreams=with_dreams, full=full, host=True)
+
+
+def _ranked(parts: PoolParts, queries: Any, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Request]:
+    """``[B, width]`` (scores, slots) of the checked request's mode, and the request."""
+    req = check_request(parts, queries, **options)
+    parts.bank.settle()  # every mode reads derived columns: waiting entries get them now, in one batch
+    if req.mode not in CHROMA_MODES:
+        parts.notices.unfitted(parts.encoder, parts.encoders.fitted)
+    scores, slots = MODES[req.mode].run(parts, req)
+    return scores, slots, req
+
+
+def _nearest(parts: PoolParts, queries: Any, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """:func:`_ranked` of a :func:`~dreampool_gpu.retrieval.request.plain_nearest` call (``k`` checked), with
+    :func:`~dreampool_gpu.retrieval.stages.neighbours`' host flag: what check_request, the ``nearest``
+    row of the mode table and its stage do for it, in their order."""
+    config, encoders = parts.config, parts.encoders
+    q = parse_queries(queries, RetrievalMode.NEAREST, config, parts.device, encoders.encoder)
+    encoders.check_fresh()
+    parts.bank.settle()
+    parts.notices.unfitted(encoders.encoder, encoders.fitted)
+    embedded = q.embeddings
+    if embedded is None:  # dreams or chroma: embedded as a request without hints or priors would be
+        embedded = encoders.query_embeddings(q, no_hints(q.count, parts.device), no_priors(q.count, parts.device))
+    return stages.neighbours(parts.bank, parts.index, config, embedded, k)
+
+
+def _gathered(
+    bank: TensorBank, scores: torch.Tensor, slots: torch.Tensor, *, with_dreams: bool, full: bool, host: bool
+) -> Retrieval:
+    """The result of ``[B, k]`` (scores, slots), usage counted. ``full``: no slot is padding (a stage saw it
+    on the host); ``host``: checks are read at once, so a CPU call may read it here (at no transfer's cost)."""
     usage = bank.raw["usage"]
-    host = not sync_free and slots.device.type == "cpu" and not checks.sync_free()
-    if host and slots.numel() and int(slots.min()) >= 0:
-        # no padding (read at no transfer's cost on CPU): the gathers need no mask, usage +1 each
-        usage.index_put_((slots,), _ONE, accumulate=True)
+    if full or (
+        host and slots.device.type == "cpu" and not checks.sync_free() and slots.numel() and int(slots.min()) >= 0
+    ):  # no padding: no masks, usage +1 each
+        usage.put_(slots, _ones(slots.numel()), accumulate=True)
         dreams = bank.raw["dreams"][slots] if with_dreams else None
         return Retrieval(ids=bank.raw["ids"].take(slots), scores=scores, dreams=dreams)
     safe, valid = slots.clamp(min=0), slots >= 0
@@ -73,13 +114,7 @@ def walk(parts: PoolParts, queries: Any, options: dict[str, Any], *, with_dreams
     return Retrieval(ids=ids, scores=scores, dreams=dreams)
 
 
-def _ranked(parts: PoolParts, queries: Any, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, width]`` (scores, slots) of the checked request's mode."""
-    req = check_request(parts, queries, **options)
-    parts.bank.settle()  # every mode reads derived columns: waiting entries get them now, in one batch
-    if req.mode not in CHROMA_MODES:
-        parts.notices.unfitted(parts.encoder, parts.encoders.fitted)
-    return MODES[req.mode].run(parts, req)
-
-
-_ONE = torch.ones((), dtype=torch.int32)  # usage's increment on CPU
+@functools.lru_cache(maxsize=16)  # a caller asks for the same few B * k call after call
+def _ones(n: int) -> torch.Tensor:
+    """``[n]`` int32 ones on CPU: usage's increments (read only)."""
+    return torch.ones(n, dtype=torch.int32)

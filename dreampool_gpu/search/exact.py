@@ -12,12 +12,14 @@ from dreampool_gpu.config import Metric
 from dreampool_gpu.search.base import SearchIndex
 
 
-def pairwise_scores(queries: torch.Tensor, rows: torch.Tensor, metric: Metric) -> torch.Tensor:
-    """``[B, n]`` similarity of ``queries`` ``[B, D]`` to ``rows`` ``[n, D]``.
+def pairwise_scores(
+    queries: torch.Tensor, rows: torch.Tensor, metric: Metric, rows_t: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, n]`` similarity of ``queries`` ``[B, D]`` to ``rows`` ``[n, D]`` (``rows_t``: ``rows.T``, if held).
 
     Cosine assumes unit vectors (inner product); euclidean returns minus the distance.
     """
-    dots = queries @ rows.T
+    dots = torch.mm(queries, rows.T if rows_t is None else rows_t)
     if metric is Metric.COSINE:
         return dots
     sq = (queries * queries).sum(1, keepdim=True) + (rows * rows).sum(1) - 2.0 * dots
@@ -58,6 +60,21 @@ class ExactSearch(SearchIndex):
         self.bank = bank
         self.metric = metric
         self.chunk_bytes = chunk_bytes
+        self._rows: tuple[torch.Tensor, int, int, torch.Tensor, torch.Tensor] | None = None  # see _scanned
+
+    def _scanned(self, embeddings: torch.Tensor, extent: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embeddings[:extent]`` and its transpose: views kept while the bank holds the same column
+        tensor (same storage) and extent, so a search makes neither again."""
+        kept = self._rows
+        pointer = embeddings.data_ptr()
+        if kept is None or kept[0] is not embeddings or kept[1] != extent or kept[2] != pointer:
+            rows = embeddings if extent == embeddings.shape[0] else embeddings[:extent]
+            kept = self._rows = (embeddings, extent, pointer, rows, rows.T)
+        return kept[3], kept[4]
+
+    def reset(self) -> None:
+        """Drop the kept views (the bank was cleared or reloaded)."""
+        self._rows = None
 
     def search(
         self, queries: torch.Tensor, k: int, *, mask: torch.Tensor | None = None
@@ -69,17 +86,20 @@ class ExactSearch(SearchIndex):
         slots) exceeds ``chunk_bytes``.
         """
         self.last_engine = self.kind
-        queries = queries.to(self.bank.columns["embeddings"].dtype)  # e.g. float64 queries
+        bank = self.bank
+        embeddings = bank.columns["embeddings"]
+        if queries.dtype != embeddings.dtype:  # e.g. float64 queries
+            queries = queries.to(embeddings.dtype)
         b = queries.shape[0]
-        extent = self.bank.extent
+        extent = bank.extent
         k_eff = min(k, extent)
         keep: torch.Tensor | None = None  # None: every row up to the extent qualifies
-        if k_eff and (mask is not None or self.bank.size < extent):
-            alive = self.bank.alive()[:extent]
+        if k_eff and (mask is not None or bank.size < extent):
+            alive = bank.alive()[:extent]
             keep = alive if mask is None else alive & mask[..., :extent]
+        if 0 < b and k_eff == k > 0 and b <= _query_block(self.chunk_bytes, extent, k):
+            return self._search_block(queries, k, keep, embeddings)  # one block filling all k columns: the answer
         block = _query_block(self.chunk_bytes, extent, max(k_eff, 1))
-        if 0 < b <= block and k_eff == k > 0:  # one block filling all k columns: its result is the answer
-            return self._search_block(queries, k, keep)
         best_scores = queries.new_full((b, k), float("-inf"))
         best_slots = torch.full((b, k), -1, dtype=torch.int64, device=queries.device)
         if k_eff == 0 or b == 0:
@@ -87,22 +107,21 @@ class ExactSearch(SearchIndex):
         for start in range(0, b, block):
             rows = slice(start, min(start + block, b))
             part_keep = keep if keep is None or keep.dim() == 1 or keep.shape[0] == 1 else keep[rows]
-            scores, slots = self._search_block(queries[rows], k_eff, part_keep)
+            scores, slots = self._search_block(queries[rows], k_eff, part_keep, embeddings)
             best_scores[rows, :k_eff] = scores
             best_slots[rows, :k_eff] = slots
         return best_scores, best_slots
 
     def _search_block(
-        self, queries: torch.Tensor, k: int, keep: torch.Tensor | None
+        self, queries: torch.Tensor, k: int, keep: torch.Tensor | None, embeddings: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[b, k]`` best scores and slots (-1 = none) of one query block."""
+        """``[b, k]`` best scores and slots (-1 = none) of one query block over ``embeddings`` (the bank's)."""
         b = queries.shape[0]
         extent = self.bank.extent
-        embeddings = self.bank.columns["embeddings"]
         rows_per_chunk = max(k, self.chunk_bytes // (4 * b))
         if rows_per_chunk >= extent:  # one chunk: its top-k is the answer
-            rows = embeddings if extent == embeddings.shape[0] else embeddings[:extent]
-            scores = pairwise_scores(queries, rows, self.metric)
+            rows, rows_t = self._scanned(embeddings, extent)
+            scores = pairwise_scores(queries, rows, self.metric, rows_t)
             if keep is not None:
                 scores.masked_fill_(~keep.expand_as(scores), float("-inf"))
             top_scores, top_slots = scores.topk(k, dim=1)

@@ -9,6 +9,8 @@ The second half checks that the cut paths still answer as before (against plain-
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from _equality import assert_same_results
@@ -16,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dreampool_gpu import DreamPool, PoolConfig
 from dreampool_gpu.config import RetrievalMode
-from dreampool_gpu.errors import InvalidInputError
+from dreampool_gpu.errors import DimensionMismatchError, InvalidInputError
+from dreampool_gpu.retrieval.context import RETRIEVE_DEFAULTS
 
 SHAPE = (4, 4, 1)
 BATCH = 8
@@ -37,19 +40,22 @@ CALL_BOUNDS = {
     "feedback of a sample": 17,
 }
 # B = 1, k = 5, dream queries: measured 135, 161, 207, 141, 213, 336, 336, 216, 139, then
-# 128, 155, 200, 134, 150, 231, 231, 186, 127
+# 128, 155, 200, 134, 150, 231, 231, 186, 127, then (the plain nearest call, the kept transposed view of
+# the exact search, no padding read, MMR's pick loop on the host with one bmm a step, near-tie rows
+# re-ordered on the host) 128, 155, 200, 134, 134, 202, 202, 183, 124
 RETRIEVE_BOUNDS = {
     RetrievalMode.SIMILAR: 140,
     RetrievalMode.CLASS: 170,
     RetrievalMode.BALANCED: 215,
     RetrievalMode.UTILITY: 145,
-    RetrievalMode.DIVERSE: 165,
-    RetrievalMode.SOFT: 255,
-    RetrievalMode.HYBRID: 255,
-    RetrievalMode.CATEGORY: 205,
-    RetrievalMode.NEAREST: 140,
+    RetrievalMode.DIVERSE: 150,
+    RetrievalMode.SOFT: 225,
+    RetrievalMode.HYBRID: 225,
+    RetrievalMode.CATEGORY: 200,
+    RetrievalMode.NEAREST: 135,
 }
-EMBEDDING_BOUNDS = {"nearest": 14, "hybrid": 115}  # B = 1, k = 5, an embedding query: measured 11, 103
+# B = 1, k = 5, an embedding query: measured 11, 103, then 8 (norm, div, mm, topk, 2 slices, put_, take), 74
+EMBEDDING_BOUNDS = {"nearest": 10, "hybrid": 85}
 MODE_OPTIONS = {
     RetrievalMode.CLASS: {"class_hint": 3},
     RetrievalMode.BALANCED: {"classes": [1, 3]},
@@ -278,3 +284,67 @@ def test_the_age_order_kept_across_fifo_adds_is_the_sorted_one(pool):
         assert torch.equal(pool.bank.ids_by_age(), order.values[live:])
         assert torch.equal(pool.bank.slots_by_age(), order.indices[live:])
         assert torch.equal(pool.bank.ids_by_age(), torch.arange(pool.bank.next_id - len(pool), pool.bank.next_id))
+
+
+def test_retrieve_options_are_the_declared_ones():
+    """``retrieve`` hands its walk every option of RETRIEVE_DEFAULTS (a literal dict), with the declared defaults."""
+    params = inspect.signature(DreamPool.retrieve).parameters
+    options = {name: p.default for name, p in params.items() if name not in ("self", "queries", "with_dreams")}
+    assert options == RETRIEVE_DEFAULTS
+
+
+def _usage(pool: DreamPool) -> torch.Tensor:
+    return pool.bank.raw["usage"].clone()
+
+
+@pytest.mark.parametrize("k", [1, 5, 63, 64, 80])
+@pytest.mark.parametrize("query", ["embeddings", "dreams", "chroma"])
+def test_plain_nearest_answers_as_the_request(pool, k, query):
+    """A nearest call with no option but k and mode skips the request; it answers (ids, scores, usage, ties
+    oldest first, padding past the pool) exactly as a call that builds it (an option nearest ignores)."""
+    g = torch.Generator().manual_seed(13)
+    live = pool.bank.ids_by_age()
+    pool.add(pool.dreams(live[:6]), coherence=torch.ones(6))  # exact duplicates: ties at and across the cut
+    if query == "embeddings":
+        q = torch.cat([pool.bank.columns["embeddings"][:2], torch.randn(2, pool.config.embedding_dim, generator=g)])
+    elif query == "dreams":
+        q = torch.cat([pool.dreams(pool.bank.ids_by_age()[-2:]), torch.rand(2, *SHAPE, 3, generator=g)])
+    else:
+        q = torch.rand(4, 3, generator=g)
+    for mode in ("nearest", RetrievalMode.NEAREST):
+        before = _usage(pool)
+        plain = pool.retrieve(q, k=k, mode=mode)
+        plain_usage = _usage(pool) - before
+        before = _usage(pool)
+        full = pool.retrieve(q, k=k, mode="nearest", mmr_lambda=0.3, min_dispersion=2.0, chroma_metric="euclidean")
+        full_usage = _usage(pool) - before
+        assert torch.equal(plain.ids, full.ids) and torch.equal(plain.scores, full.scores)
+        assert torch.equal(plain_usage, full_usage)
+    for bad, error in ((q[:, :2], DimensionMismatchError), (q.long(), InvalidInputError)):
+        for options in ({}, {"mmr_lambda": 0.3}):
+            with pytest.raises(error):
+                pool.retrieve(bad, k=k, mode="nearest", **options)
+
+
+def test_plain_nearest_checks_its_options():
+    """The options a plain call sees are checked as a request checks them: bad ones raise, named."""
+    config = PoolConfig(dream_shape=SHAPE, capacity=16, device="cpu", coherence_threshold=0.0, retrieval_mode="nearest")
+    pool = DreamPool(config)
+    pool.add(torch.rand(8, *SHAPE, 3, generator=torch.Generator().manual_seed(2)), coherence=torch.ones(8))
+    q = pool.bank.columns["embeddings"][:1]
+    for options, name in (
+        ({"k": True}, "k"),
+        ({"k": -1}, "k"),
+        ({"k": 1 << 17}, "k"),
+        ({"k": 2.0}, "k"),
+        ({"mode": "nope"}, "mode"),
+        ({"utility_threshold": float("nan")}, "utility_threshold"),
+        ({"utility_threshold": False}, "utility_threshold"),
+        ({"min_dispersion": -1.0}, "min_dispersion"),
+        ({"chroma_metric": "manhattan"}, "chroma_metric"),
+    ):
+        with pytest.raises(InvalidInputError, match=name):
+            pool.retrieve(q, **{"k": 3, "mode": "nearest", **options})
+    assert pool.retrieve(q, k=3, mode="nearest", utility_threshold=float("inf")).ids.shape == (1, 3)
+    default, explicit = pool.retrieve(q), pool.retrieve(q, k=config.retrieval_limit, mode="nearest", mmr_lambda=0.3)
+    assert torch.equal(default.ids, explicit.ids) and torch.equal(default.scores, explicit.scores)
