@@ -7,10 +7,7 @@ is ``O(k * B * M * E)`` and the memory ``O(B * M * E)``; no ``[M, M]`` block is
 formed. Measured on a 2-core CPU, one thread, B = 64, E = 64, the incremental
 form took 28 / 9 ms at M = 1000, k = 50 / 10 against 189 / 213 ms for one
 ``[B, M, M]`` bmm followed by row gathers; at M = 100 both took a few ms (4.2 vs
-3.7 ms at k = 50, 1.0 vs 1.6 ms at k = 10), so one path is kept. On CPU a small batch
-(``B * M`` up to 4096, no dispersion rule, checks read at once) runs the same loop with its
-``[B, M]`` objective in numpy: the same float operations, and one kernel (the bmm) a step
-instead of about eight, which a one-query hybrid call is made of.
+3.7 ms at k = 50, 1.0 vs 1.6 ms at k = 10), so one path is kept.
 Tie rule: among equal objectives the lowest candidate index wins.
 """
 
@@ -18,11 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from dreampool_gpu import _validation as v
-from dreampool_gpu import checks
 from dreampool_gpu.errors import (
     DimensionMismatchError,
     InvalidConfigurationError,
@@ -343,9 +338,6 @@ def mmr_unchecked(
     else:
         unit_rows, columns, query_rows = unit_t.transpose(1, 2), unit_t, torch.arange(b, device=device)[:, None]
     spread = points if min_dispersion > 0 else None  # the dispersion rule's points; None: rule off
-    if spread is None and device.type == "cpu" and b * m <= _HOST_MMR and not checks.sync_free():
-        chosen, values = _host_picks(lam_rel, rel, unit_rows, columns, query_rows, steps, mmr_lambda, delta)
-        return _picked(relevance, chosen, values, k)
     if spread is not None:
         spread_rows = torch.arange(b, device=device)[:, None]
         chosen_points = torch.zeros(b, steps, spread.shape[-1], dtype=work, device=device)
@@ -377,67 +369,14 @@ def mmr_unchecked(
             picked = unit_rows[best] if query_rows is None else unit_rows[query_rows, best]  # [B, 1, E]
             sim = torch.bmm(picked, columns)  # [B, 1, M]: one [1, E] x [E, M] product per row
             maxsim = sim if t == 0 else torch.maximum(maxsim, sim)
-    return _picked(relevance, torch.cat(best_steps, dim=1), torch.cat(value_steps, dim=1), k)
-
-
-def _picked(
-    relevance: torch.Tensor, chosen: torch.Tensor, values: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`mmr`'s ``(picks, scores)`` ``[B, k]`` from the ``[B, steps]`` picks and their objective values."""
-    b, steps = chosen.shape
-    dropped = ~(values > float("-inf"))  # nothing left, or the query stopped
+    chosen = torch.cat(best_steps, dim=1)  # [B, steps]
+    dropped = ~(torch.cat(value_steps, dim=1) > float("-inf"))  # nothing left, or the query stopped
     picks = chosen.masked_fill(dropped, -1)
     scores = relevance.gather(1, chosen).masked_fill(dropped, float("-inf"))
     if steps < k:
         picks = torch.cat([picks, picks.new_full((b, k - steps), -1)], dim=1)
         scores = torch.cat([scores, scores.new_full((b, k - steps), float("-inf"))], dim=1)
     return picks, scores
-
-
-_HOST_MMR = 4096  # up to this many [B, M] candidates (CPU), the pick loop's objective runs on the host
-
-
-def _host_picks(
-    lam_rel: torch.Tensor,
-    rel: torch.Tensor,
-    unit_rows: torch.Tensor,
-    columns: torch.Tensor,
-    query_rows: torch.Tensor | None,
-    steps: int,
-    mmr_lambda: float,
-    delta: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`mmr_unchecked`'s pick loop (no dispersion rule) with its ``[B, M]`` objective in numpy, on CPU.
-
-    The same IEEE operations in the same order and dtype (a multiply, a subtract, a max per
-    element; the first maximum wins), so the same picks; a step then costs two kernels (the
-    picked rows and their similarity rows, by the same bmm) instead of about eight.
-    Returns ``[B, steps]`` picks and their objective values.
-    """
-    lam = lam_rel.numpy()  # written through: picked candidates are blocked (-inf)
-    maxsim = rel.numpy()  # the first pick is the most relevant (read only)
-    kind = lam.dtype.type
-    keep, penalty = kind(1 - mmr_lambda), kind(delta)
-    rows = np.arange(lam.shape[0])
-    vectors = unit_rows.numpy()  # [M, E] or [B, M, E] unit vectors (a view)
-    objective, scratch = np.empty_like(lam), np.empty_like(lam)
-    best_steps = np.empty((steps, lam.shape[0]), dtype=np.int64)
-    value_steps = np.empty((steps, lam.shape[0]), dtype=lam.dtype)
-    for t in range(steps):
-        current = maxsim if t == 0 else objective
-        if t > 0:  # lam - (1 - lambda) * maxsim [- delta * max(maxsim, 0)], each rounded as torch rounds it
-            np.subtract(lam, np.multiply(keep, maxsim, out=objective), out=objective)
-            if delta > 0:
-                objective -= np.multiply(penalty, np.maximum(maxsim, 0, out=scratch), out=scratch)
-        best = current.argmax(axis=1)
-        best_steps[t] = best
-        value_steps[t] = current[rows, best]
-        lam[rows, best] = -np.inf
-        if t + 1 < steps:  # the last pick's similarities are never used
-            picked = vectors[best] if query_rows is None else vectors[rows, best]  # [B, E], the torch loop's rows
-            sim = torch.bmm(torch.from_numpy(picked[:, None]), columns).numpy()[:, 0]  # [B, M]: as the torch loop's
-            maxsim = sim if t == 0 else np.maximum(maxsim, sim, out=maxsim)  # from step 1 on, the loop's own array
-    return torch.from_numpy(best_steps.T), torch.from_numpy(value_steps.T)
 
 
 def diversity_stats(points: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -42,20 +42,21 @@ CALL_BOUNDS = {
 # B = 1, k = 5, dream queries: measured 135, 161, 207, 141, 213, 336, 336, 216, 139, then
 # 128, 155, 200, 134, 150, 231, 231, 186, 127, then (the plain nearest call, the kept transposed view of
 # the exact search, no padding read, MMR's pick loop on the host with one bmm a step, near-tie rows
-# re-ordered on the host) 128, 155, 200, 134, 134, 202, 202, 183, 124
+# re-ordered on the host) 128, 155, 200, 134, 134, 202, 202, 183, 124; then with MMR's pick loop back in torch
+# (batched torch matrix ops on every device) diverse 150, soft and hybrid 230
 RETRIEVE_BOUNDS = {
     RetrievalMode.SIMILAR: 140,
     RetrievalMode.CLASS: 170,
     RetrievalMode.BALANCED: 215,
     RetrievalMode.UTILITY: 145,
-    RetrievalMode.DIVERSE: 150,
-    RetrievalMode.SOFT: 225,
-    RetrievalMode.HYBRID: 225,
+    RetrievalMode.DIVERSE: 160,
+    RetrievalMode.SOFT: 240,
+    RetrievalMode.HYBRID: 240,
     RetrievalMode.CATEGORY: 200,
     RetrievalMode.NEAREST: 135,
 }
-# B = 1, k = 5, an embedding query: measured 11, 103, then 8 (norm, div, mm, topk, 2 slices, put_, take), 74
-EMBEDDING_BOUNDS = {"nearest": 10, "hybrid": 85}
+# B = 1, k = 5, an embedding query: measured 11, 103, then 8 (norm, div, mm, topk, 2 slices, put_, take), 102
+EMBEDDING_BOUNDS = {"nearest": 10, "hybrid": 110}
 MODE_OPTIONS = {
     RetrievalMode.CLASS: {"class_hint": 3},
     RetrievalMode.BALANCED: {"classes": [1, 3]},

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from dreampool_gpu import DreamPool, PoolConfig, checks
+from dreampool_gpu import DreamPool, PoolConfig
 from dreampool_gpu.errors import (
     DimensionMismatchError,
     InvalidConfigurationError,
@@ -183,58 +183,6 @@ class TestMMRAgainstLoop:
             want, margin = reference_mmr(rel[row].tolist(), vectors[row].double().tolist(), 9, lam, 0.05)
             assert margin > _MARGIN
             assert picks[row].tolist() == padded(want, 9)
-
-
-class TestHostPickLoop:
-    """On CPU a small batch's pick loop runs its objective on the host (numpy, the same float operations):
-    its picks and scores equal the torch loop's (forced by deferred checks, which allow no host read)."""
-
-    @staticmethod
-    def both(rel, vectors, k, **options):
-        host = mmr_unchecked(rel, vectors, k, **options)
-        with checks.deferred():
-            device = mmr_unchecked(rel, vectors, k, **options)
-        return host, device
-
-    @settings(max_examples=300, deadline=None)
-    @given(
-        seed=st.integers(0, 2**31 - 1),
-        b=st.integers(0, 4),
-        m=st.integers(0, 40),
-        e=st.integers(1, 70),
-        k=st.integers(0, 45),
-        lam=st.one_of(st.just(0.0), st.just(1.0), st.floats(0, 1)),
-        delta=st.one_of(st.just(0.0), st.floats(0, 1)),
-        shared=st.booleans(),
-        pad_fraction=st.sampled_from([0.0, 0.3, 1.0]),
-        ties=st.booleans(),
-        double=st.booleans(),
-    )
-    def test_same_as_the_torch_loop(self, seed, b, m, e, k, lam, delta, shared, pad_fraction, ties, double):
-        rel, vectors, _ = random_case(seed, b, m, e, shared=shared, pad_fraction=pad_fraction)
-        if ties and m > 1:  # duplicate candidates and equal relevance: the first maximum must win in both
-            rel = rel.clamp(min=0).mul(4).round().div(4).masked_fill(rel == NEG_INF, NEG_INF)
-            vectors = vectors.clone()
-            vectors[..., 1::2, :] = vectors[..., ::2, :][..., : m // 2, :]
-            vectors[..., -1, :] = 0.0  # a zero vector: cosine 0 with everything
-        if double:
-            rel, vectors = rel.double(), vectors.double()
-        (picks, scores), (want_picks, want_scores) = self.both(rel, vectors, k, mmr_lambda=lam, delta=delta)
-        assert torch.equal(picks, want_picks) and torch.equal(scores, want_scores)
-        assert scores.dtype == rel.dtype
-
-    def test_large_batches_and_the_dispersion_rule_stay_in_torch(self, monkeypatch):
-        """Past the host size and with min_dispersion the torch loop runs (numpy never called)."""
-        import dreampool_gpu.rerank as rerank
-
-        rel, vectors, points = random_case(3, 2, 40, 8, shared=False, pad_fraction=0.2)
-        monkeypatch.setattr(rerank, "_host_picks", None)  # calling it would raise
-        mmr_unchecked(rel, vectors, 5, mmr_lambda=0.5, min_dispersion=0.1, points=points)
-        monkeypatch.setattr(rerank, "_HOST_MMR", 79)
-        mmr_unchecked(rel, vectors, 5, mmr_lambda=0.5)
-        monkeypatch.setattr(rerank, "_HOST_MMR", 80)
-        with pytest.raises(TypeError):
-            mmr_unchecked(rel, vectors, 5, mmr_lambda=0.5)
 
 
 class TestMMRCases:
