@@ -104,7 +104,13 @@ def fit_capacity(
             high = mid - 1
     if low == 0 and isinstance(config.memory_budget_mb, str):  # "N%" of what is left here: not there
         raise InsufficientMemoryError(
-            "memory_budget_mb", config.memory_budget_mb, math.ceil(entry_bytes / threshold), budget_bytes, device
+            "memory_budget_mb",
+            config.memory_budget_mb,
+            math.ceil(entry_bytes / threshold),
+            budget_bytes,
+            device,
+            advice=f"that share of {device} cannot hold one entry: free memory there, give a larger share, "
+            "or make entries smaller (dream_shape, embedding_dim, dream_dtype)",
         )
     if low == 0:
         need = math.ceil(entry_bytes / threshold) / MIB

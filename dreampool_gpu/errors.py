@@ -167,14 +167,16 @@ class InsufficientMemoryError(DreamPoolError, MemoryError):
         available_bytes: bytes available on the device now.
     """
 
-    def __init__(self, field: str, value: Any, needed_bytes: int, available_bytes: int, device: Any) -> None:
+    def __init__(
+        self, field: str, value: Any, needed_bytes: int, available_bytes: int, device: Any, advice: str | None = None
+    ) -> None:
         self.field = field
         self.value = value
         self.needed_bytes = needed_bytes
         self.available_bytes = available_bytes
         super().__init__(
             f"{field}={value!r} needs {needed_bytes:,} bytes on {device}, but {available_bytes:,} bytes "
-            f"are available: lower {field}"
+            f"are available: {advice or f'lower {field}'}"
         )
 
 

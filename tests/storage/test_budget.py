@@ -763,6 +763,7 @@ class TestProcessLimits:
         with pytest.raises(InsufficientMemoryError) as info:
             make_pool(capacity=None, memory_budget_mb="50%")
         assert info.value.field == "memory_budget_mb" and info.value.available_bytes == 50
+        assert "larger share" in str(info.value) and "lower" not in str(info.value)  # lowering "50%" cannot help
 
     def test_a_real_rlimit_as(self):
         """A subprocess under ``setrlimit(RLIMIT_AS)``: "50%" fits the limit, a bank beyond it is a typed error."""
