@@ -134,6 +134,8 @@ def check_int_range(t: torch.Tensor, name: str, low: int, high: int, expected: s
 def check_count(k: Any, name: str, *, high: int | None = None) -> int:
     """Require a non-negative Python int (bools refused), at most ``high`` if given, and return it."""
     expected = "a non-negative int" if high is None else f"an int in [0, {high}]"
+    if isinstance(k, np.integer):  # numpy's ints (a size read from an array) are ints too
+        k = int(k)
     if isinstance(k, bool) or not isinstance(k, int):
         if isinstance(k, torch.Tensor) and k.dim() == 0 and not k.is_floating_point() and k.dtype != torch.bool:
             check_dense(k, name)

@@ -533,6 +533,19 @@ class TestArgumentTypes:
         assert torch.equal(plain.ids, other.ids)
 
 
+def test_numpy_integer_counts_are_ints():
+    """``k`` and ``n`` read from a numpy array (np.int64, np.int32) answer as Python ints do; np.bool_ is refused."""
+    pool, dreams, _ = make_pool(20)
+    for k in (np.int64(3), np.int32(3)):
+        assert torch.equal(pool.retrieve(dreams[:2], k=k).ids, pool.retrieve(dreams[:2], k=3).ids)
+        g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        assert torch.equal(pool.sample(k, generator=g1), pool.sample(3, generator=g2))
+    with pytest.raises(InvalidInputError, match="k"):
+        pool.retrieve(dreams[:2], k=np.bool_(True))
+    with pytest.raises(InvalidInputError, match="k"):
+        pool.retrieve(dreams[:2], k=np.int64(-1))
+
+
 class TestErrorsLeaveStateUnchanged:
     BAD_ADDS = [
         ({"dreams": "nan"}, InvalidInputError),
