@@ -425,7 +425,8 @@ def short_table(rows: Sequence[dict[str, Any]]) -> str:
             for r in rows:
                 if r["noise"] != noise or r["memory"] != memory:
                     continue
-                vs = f"{r['vs_er_accuracy']:+.1f} ({r['seeds_won']}/{r['seeds']})" if "vs_er_accuracy" in r else ""
+                paired = r["arm"] != "er" and "vs_er_accuracy" in r  # an arm run beside ER
+                vs = f"{r['vs_er_accuracy']:+.1f} ({r['seeds_won']}/{r['seeds']})" if paired else ""
                 t = r["seconds_per_step"]
                 work = t["replay"] + t["add"]
                 share = f"{1e3 * work:.2f} ({work / max(work + t['learner'], 1e-12):.0%})"
@@ -451,7 +452,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for r in rows:
         t = r["seconds_per_step"]
-        paired = "vs_er_accuracy" in r  # an arm run beside ER
+        paired = r["arm"] != "er" and "vs_er_accuracy" in r  # an arm run beside ER
         vs = f"{r['vs_er_accuracy']:+.1f} ± {r['vs_er_accuracy_std']:.1f}" if paired else ""
         won = f"{r['seeds_won']}/{r['seeds']}" if paired else ""
         fg = f"{r['vs_er_forgetting']:+.1f}" if paired else ""
