@@ -118,22 +118,26 @@ def reduce(pool: DreamPool) -> tuple[Any, tuple[Any, ...]]:
     A user's encoder or eviction policy rides along as the object itself (pickled by value);
     the built-in ones are made anew from the configuration, then take their saved state.
     """
-    from dreampool_gpu.eviction import policy_for
+    from dreampool_gpu.eviction import policy_type
 
     parts = pool.parts
     with parts.lock:
         state = persist.to_state_dict(snapshot(parts))
         encoder = parts.encoder if persist.encoder_kind(parts.encoder) in ("module", "custom") else None
-        config = parts.config
-        default = type(policy_for(config.eviction_policy, seed=config.eviction_seed, num_classes=config.num_classes))
-        eviction = None if type(parts.eviction) is default else parts.eviction
+        eviction = None if type(parts.eviction) is policy_type(parts.config.eviction_policy) else parts.eviction
     return rebuild, (type(pool), state, encoder, eviction)
 
 
 def rebuild(cls: type[P], state: dict[str, Any], encoder: Any, eviction: Any) -> P:
     """The pool :func:`reduce` describes: a ``cls`` pool of the saved configuration, device and capacity."""
-    snap = persist.from_state_dict(state)
-    pool = build_pool(cls, persist.config_for_load(snap, None), snap.capacity, encoder=encoder, eviction=eviction)
+    return _restored(cls, persist.from_state_dict(state), None, encoder=encoder, eviction=eviction)
+
+
+def _restored(
+    cls: type[P], snap: persist.PoolSnapshot, device: str | torch.device | None, *, encoder: Any, eviction: Any = None
+) -> P:
+    """A new ``cls`` pool holding ``snap`` on ``device`` (None: the saved one)."""
+    pool = build_pool(cls, persist.config_for_load(snap, device), snap.capacity, encoder=encoder, eviction=eviction)
     with pool.parts.lock:
         restore(pool.parts, snap)
     return pool
@@ -149,11 +153,7 @@ def save(pool: PoolParts, path: persist.PathArg) -> None:
 
 def load(cls: type[P], path: persist.PathArg, *, device: str | torch.device | None, encoder: Any) -> P:
     """:meth:`DreamPool.load` of a single pool's checkpoint, as a ``cls``."""
-    snap = persist.read_checkpoint(path)
-    pool = build_pool(cls, persist.config_for_load(snap, device), snap.capacity, encoder=encoder)
-    with pool.parts.lock:
-        restore(pool.parts, snap)
-    return pool
+    return _restored(cls, persist.read_checkpoint(path), device, encoder=encoder)
 
 
 def state_dict(pool: PoolParts) -> dict[str, Any]:

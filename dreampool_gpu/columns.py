@@ -18,23 +18,11 @@ from typing import Any
 
 import torch
 
-from dreampool_gpu.bank import TensorBank
+from dreampool_gpu.bank import TensorBank, column_specs
 from dreampool_gpu.errors import InvalidInputError, UnknownColumnError
 
-# the columns a ``where=`` callable receives, ``[capacity]`` each (the bank's scalar columns)
-WHERE_COLUMNS = (
-    "ids",
-    "coherence",
-    "energy",
-    "violation",
-    "utility",
-    "util_mean",
-    "feedback_count",
-    "usage",
-    "class_label",
-    "hue_category",
-    "inserted_at",
-)
+# the columns a ``where=`` callable receives, ``[capacity]`` each: the bank's scalar columns, in its order
+WHERE_COLUMNS = tuple(name for name, spec in column_specs((1, 1, 1), 1, torch.float32).items() if spec.shape == ())
 # old spelling -> the column's name (one release of DeprecationWarning)
 RENAMED = {"id": "ids", "class": "class_label", "hue": "hue_category"}
 

@@ -436,6 +436,11 @@ _POLICIES: dict[EvictionPolicy, type[Eviction]] = {
 }
 
 
+def policy_type(policy: EvictionPolicy) -> type[Eviction]:
+    """The class that implements a configured :class:`EvictionPolicy`."""
+    return _POLICIES[policy]
+
+
 def policy_for(policy: EvictionPolicy, *, seed: int = 0, num_classes: int = 10) -> Eviction:
     """The policy object of a configured :class:`EvictionPolicy` (``seed``: of its generator, if it draws)."""
-    return _POLICIES[policy](seed=seed, num_classes=num_classes)
+    return policy_type(policy)(seed=seed, num_classes=num_classes)

@@ -95,60 +95,15 @@ class Request:
     def hint(self) -> torch.Tensor:
         """``[B]`` int64 class hints, -1 where none."""
         if self.given_hint is None:
-            self.given_hint = no_hints(self.q.count, self.device)
+            self.given_hint = torch.full((self.q.count,), -1, dtype=torch.int64, device=self.device)
         return self.given_hint
 
     @property
     def prior(self) -> torch.Tensor:
         """``[B]`` float32 utility priors (0 where none given)."""
         if self.given_prior is None:
-            self.given_prior = no_priors(self.q.count, self.device)
+            self.given_prior = torch.zeros(self.q.count, device=self.device)
         return self.given_prior
-
-
-def no_hints(b: int, device: torch.device) -> torch.Tensor:
-    """``[b]`` int64 class hints of queries given none: -1."""
-    return torch.full((b,), -1, dtype=torch.int64, device=device)
-
-
-def no_priors(b: int, device: torch.device) -> torch.Tensor:
-    """``[b]`` float32 utility priors of queries given none: 0."""
-    return torch.zeros(b, device=device)
-
-
-def plain_nearest(ctx: RetrievalContext, options: dict[str, Any]) -> int | None:
-    """``k`` of a ``nearest`` call that sets no option but ``k`` and ``mode`` (the common call), else None.
-
-    Every option is one :func:`check_request` accepts and ``nearest`` ignores, so the call may skip
-    the request: its queries are checked and answered as that request would be (see ``walk``).
-    """
-    o = options
-    if not (
-        o["class_hint"] is None
-        and o["classes"] is None
-        and o["category"] is None
-        and o["utility_prior"] is None
-        and o["fetch_k"] is None
-        and o["mmr_lambda"] is None
-        and o["where"] is None
-        and type(o["chroma_metric"]) is str
-        and o["chroma_metric"] in CHROMA_METRICS
-        and _plain_number(o["utility_threshold"], -math.inf)
-        and _plain_number(o["min_dispersion"], 0.0)
-    ):
-        return None
-    mode, k, config = o["mode"], o["k"], ctx.config
-    mode_ = config.default_mode if mode is None else _MODE_NAMES.get(mode) if type(mode) is str else mode
-    if mode_ is not RetrievalMode.NEAREST:
-        return None
-    if k is None:
-        return config.retrieval_limit
-    return k if type(k) is int and 0 <= k <= max(ctx.bank.capacity, MAX_PADDED_K) else None
-
-
-def _plain_number(x: Any, low: float) -> bool:
-    """Whether ``check_number`` accepts ``x`` in ``[low, inf]`` as it is (an int or a float)."""
-    return (type(x) is float or type(x) is int) and low <= x <= math.inf
 
 
 def check_request(

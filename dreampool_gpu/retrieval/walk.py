@@ -16,10 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dreampool_gpu import checks
-from dreampool_gpu.config import RetrievalMode
-from dreampool_gpu.retrieval import stages
 from dreampool_gpu.retrieval.modes import CHROMA_MODES, MODES
-from dreampool_gpu.retrieval.request import Request, check_request, no_hints, no_priors, parse_queries, plain_nearest
+from dreampool_gpu.retrieval.request import Request, check_request
 
 if TYPE_CHECKING:
     from dreampool_gpu.bank import TensorBank
@@ -61,13 +59,8 @@ def walk(parts: PoolParts, queries: Any, options: dict[str, Any], *, with_dreams
                 slots = torch.where(ok, slots, -1)
                 scores = torch.where(ok, scores, float("-inf"))
         return _gathered(parts.bank, scores, slots, with_dreams=with_dreams, full=False, host=False)
-    k = plain_nearest(parts, options)
-    if k is not None:  # the common call: the same checks and stages, no request built
-        scores, slots, full = _nearest(parts, queries, k)
-    else:
-        scores, slots, req = _ranked(parts, queries, options)
-        full = req.full
-    return _gathered(parts.bank, scores, slots, with_dreams=with_dreams, full=full, host=True)
+    scores, slots, req = _ranked(parts, queries, options)
+    return _gathered(parts.bank, scores, slots, with_dreams=with_dreams, full=req.full, host=True)
 
 
 def _ranked(parts: PoolParts, queries: Any, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Request]:
@@ -78,21 +71,6 @@ def _ranked(parts: PoolParts, queries: Any, options: dict[str, Any]) -> tuple[to
         parts.notices.unfitted(parts.encoder, parts.encoders.fitted)
     scores, slots = MODES[req.mode].run(parts, req)
     return scores, slots, req
-
-
-def _nearest(parts: PoolParts, queries: Any, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """:func:`_ranked` of a :func:`~dreampool_gpu.retrieval.request.plain_nearest` call (``k`` checked), with
-    :func:`~dreampool_gpu.retrieval.stages.neighbours`' host flag: what check_request, the ``nearest``
-    row of the mode table and its stage do for it, in their order."""
-    config, encoders = parts.config, parts.encoders
-    q = parse_queries(queries, RetrievalMode.NEAREST, config, parts.device, encoders.encoder)
-    encoders.check_fresh()
-    parts.bank.settle()
-    parts.notices.unfitted(encoders.encoder, encoders.fitted)
-    embedded = q.embeddings
-    if embedded is None:  # dreams or chroma: embedded as a request without hints or priors would be
-        embedded = encoders.query_embeddings(q, no_hints(q.count, parts.device), no_priors(q.count, parts.device))
-    return stages.neighbours(parts.bank, parts.index, config, embedded, k)
 
 
 def _gathered(

@@ -300,9 +300,9 @@ def _usage(pool: DreamPool) -> torch.Tensor:
 
 @pytest.mark.parametrize("k", [1, 5, 63, 64, 80])
 @pytest.mark.parametrize("query", ["embeddings", "dreams", "chroma"])
-def test_plain_nearest_answers_as_the_request(pool, k, query):
-    """A nearest call with no option but k and mode skips the request; it answers (ids, scores, usage, ties
-    oldest first, padding past the pool) exactly as a call that builds it (an option nearest ignores)."""
+def test_plain_nearest_answers_as_with_ignored_options(pool, k, query):
+    """A nearest call with no option but k and mode answers (ids, scores, usage, ties oldest first, padding
+    past the pool) exactly as a call that also sets options nearest ignores."""
     g = torch.Generator().manual_seed(13)
     live = pool.bank.ids_by_age()
     pool.add(pool.dreams(live[:6]), coherence=torch.ones(6))  # exact duplicates: ties at and across the cut
@@ -328,7 +328,7 @@ def test_plain_nearest_answers_as_the_request(pool, k, query):
 
 
 def test_plain_nearest_checks_its_options():
-    """The options a plain call sees are checked as a request checks them: bad ones raise, named."""
+    """The options of a nearest call are checked whether nearest reads them or not: bad ones raise, named."""
     config = PoolConfig(dream_shape=SHAPE, capacity=16, device="cpu", coherence_threshold=0.0, retrieval_mode="nearest")
     pool = DreamPool(config)
     pool.add(torch.rand(8, *SHAPE, 3, generator=torch.Generator().manual_seed(2)), coherence=torch.ones(8))
